@@ -1,0 +1,135 @@
+"""Token-level rewards, GAE and whitening.  Imports only torch.
+
+All tensors are right-padded [B, T] with a float ``mask`` [B, T] that is 1 on real response tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """Σ mask·x / Σ mask (over ``dim``, or everything)."""
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1.0)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased variance of the masked entries: Σ mask·(x − μ)² / (Σ mask − 1)."""
+    mean = masked_mean(values, mask)
+    count = mask.sum()
+    return ((values - mean) ** 2 * mask).sum() / (count - 1).clamp(min=1.0)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x − μ) / sqrt(σ² + eps) over the masked entries; with shift_mean=False the mean is added back.
+
+    Padded positions are returned as 0.
+    """
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """r_t = −β·kl_t at every response token, plus the sequence score on the last response token.
+
+    scores: [B]; kl, mask: [B, T] -> rewards [B, T] (0 on padding).
+    """
+    rewards = -kl_coef * kl * mask
+    last = (mask.sum(-1).long() - 1).clamp(min=0)
+    rewards[torch.arange(rewards.shape[0]), last] += scores
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation (Schulman et al. 2016) on right-padded sequences:
+
+        δ_t = r_t + γ·V(s_{t+1}) − V(s_t),     with V(s_T) = 0 after the last response token
+        A_t = δ_t + γλ·A_{t+1}                  (= Σ_l (γλ)^l δ_{t+l})
+        R_t = A_t + V(s_t)                      (the value target)
+
+    rewards, values, mask: [B, T] -> (advantages [B, T], returns [B, T]), 0 on padding.
+    """
+    batch, steps = rewards.shape
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros(batch, dtype=rewards.dtype, device=rewards.device)
+    next_value = torch.zeros(batch, dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(steps)):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = advantage * m
+        # On padding, carry nothing backwards: the next real token sees V = 0 and A = 0 after it.
+        next_advantage = advantage * m
+        next_value = values[:, t] * m
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def explained_variance(predictions: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 − Var[target − prediction] / Var[target] over masked entries (1 is perfect, ≤ 0 is useless)."""
+    var_target = masked_var(targets, mask)
+    if var_target.item() == 0.0:
+        return 0.0
+    return float(1.0 - masked_var(targets - predictions, mask) / var_target)
+
+
+def pad_sequences(sequences, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad a list of 1-D arrays into [B, T] values and a [B, T] float mask."""
+    width = max(1, max(len(s) for s in sequences))
+    values = torch.zeros((len(sequences), width), dtype=dtype)
+    mask = torch.zeros((len(sequences), width), dtype=torch.float32)
+    for row, sequence in enumerate(sequences):
+        values[row, :len(sequence)] = torch.tensor(list(sequence), dtype=dtype)
+        mask[row, :len(sequence)] = 1.0
+    return values, mask
+
+
+def round_advantages(logprobs, ref_logprobs, values, scores, *, kl_coef: float, kl_estimator: str, gamma: float,
+                     lam: float, whiten_rewards: bool, whiten_advantages: bool) -> tuple[dict, dict]:
+    """The advantages step of one round, on ragged per-response arrays.
+
+    logprobs, ref_logprobs, values: lists of [T_i] arrays; scores: [B].
+    Returns ({'kl', 'rewards', 'advantages', 'returns'}: lists of float32 arrays, metrics dict).
+    """
+    from rlhf_core.kl import kl_estimate
+
+    logprobs_t, mask = pad_sequences(logprobs)
+    ref_t, _ = pad_sequences(ref_logprobs)
+    values_t, _ = pad_sequences(values)
+    scores_t = torch.as_tensor(scores, dtype=torch.float32)
+    kl = kl_estimate(kl_estimator, logprobs_t, ref_t) * mask
+    rewards = token_rewards(scores_t, kl, mask, kl_coef)
+    if whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = gae(rewards, values_t, mask, gamma, lam)
+    if whiten_advantages:
+        advantages = masked_whiten(advantages, mask, shift_mean=True)
+    for name, tensor in (("rewards", rewards), ("advantages", advantages), ("returns", returns)):
+        if not torch.isfinite(tensor).all():
+            row = int((~torch.isfinite(tensor)).any(-1).nonzero()[0])
+            raise FloatingPointError(f"{name} are not finite at response {row}")
+    lengths = mask.sum(-1).long().tolist()
+    sequence_kl = kl.sum(-1)
+
+    def ragged(tensor):
+        return [tensor[row, :length].numpy().astype("float32") for row, length in enumerate(lengths)]
+
+    metrics = {
+        "kl_coef": float(kl_coef),
+        "kl_sequence_mean": float(sequence_kl.mean()),
+        "kl_k1_sequence_mean": float(((logprobs_t - ref_t) * mask).sum(-1).mean()),
+        "score_mean": float(scores_t.mean()),
+        "score_std": float(scores_t.std(unbiased=False)),
+        "non_score_reward_mean": float((-kl_coef * sequence_kl).mean()),
+        "advantage_mean": float(masked_mean(advantages, mask)),
+        "return_mean": float(masked_mean(returns, mask)),
+        "value_mean": float(masked_mean(values_t, mask)),
+        "value_explained_variance": explained_variance(values_t, returns, mask),
+    }
+    return {"kl": ragged(kl), "rewards": ragged(rewards), "advantages": ragged(advantages),
+            "returns": ragged(returns)}, metrics

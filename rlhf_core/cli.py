@@ -1,0 +1,39 @@
+"""What every stage script shares: argument parsing, validated params, and errors for people.
+
+A stage is ``run_stage(main, needs_round=...)`` where ``main(params, args)`` does the work.  Any
+RLHFError (bad param, missing file, NaN) ends the stage with one line on stderr and exit code 2;
+because outputs are written atomically, nothing partial is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from rlhf_core.errors import RLHFError
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_stage(main, *, name: str, needs_round: bool = False, argv: list[str] | None = None) -> None:
+    from rlhf_core.config import load_params
+
+    parser = argparse.ArgumentParser(prog=f"stages/{name}.py", description=(main.__doc__ or "").strip().splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    if needs_round:
+        parser.add_argument("--round", required=True, help="round key from params.yaml `rounds`, e.g. r1")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    try:
+        params = load_params(args.params)
+        if needs_round:
+            params.round_index(args.round)  # validates the key
+        main(params, args)
+    except RLHFError as exc:
+        where = f"{name}@{args.round}" if needs_round else name
+        print(f"error: {where}: {exc}", file=sys.stderr)
+        sys.exit(2)
+    log(f"{name}{'@' + args.round if needs_round else ''}: done in {time.perf_counter() - started:.1f}s")

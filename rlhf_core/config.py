@@ -1,0 +1,415 @@
+"""The typed params tree: the only reader of params.yaml.
+
+Every knob of the pipeline is a field of a dataclass below, with its type, its
+default, its allowed range and one line of documentation.  ``load_params``
+parses params.yaml, rejects unknown keys, wrong types and out-of-range values
+with one line that names the key and what is allowed, and returns a frozen
+``Params`` tree.  It imports nothing heavy, so a stage validates its params
+before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from rlhf_core.errors import ConfigError
+
+
+def param(default: Any, doc: str, *, ge=None, gt=None, le=None, lt=None, pattern: str | None = None):
+    """A documented field with optional numeric bounds (ge/gt/le/lt) or a regex for strings."""
+    meta = {"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt, "pattern": pattern}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def section(cls, doc: str):
+    return field(default_factory=cls, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    source: Literal["builtin", "file", "hf"] = param(
+        "builtin", "where prompts come from: the task's built-in generator, a local jsonl/parquet/csv file, or a `datasets` dataset")
+    path: str = param("", "file path (source: file) or dataset name or local dataset directory (source: hf)")
+    dataset_config: str = param("", "`datasets` configuration name (source: hf); empty for none")
+    split: str = param("train", "`datasets` split to read (source: hf)")
+    prompt_field: str = param("prompt", "column holding the prompt text (source: file or hf)")
+    answer_field: str = param("", "optional column with a reference answer, kept for verifiable scorers; empty for none")
+    num_builtin_prompts: int = param(1200, "how many prompts the built-in generator draws before deduplication", ge=2)
+    max_prompt_chars: int = param(200, "prompts longer than this many characters are dropped or truncated", ge=1)
+    too_long: Literal["drop", "truncate"] = param("drop", "what to do with a prompt longer than max_prompt_chars")
+    eval_fraction: float = param(0.1, "fraction of the deduplicated prompts held out for evaluation", gt=0.0, lt=1.0)
+
+
+@dataclass(frozen=True)
+class TinyModelParams:
+    architecture: Literal["llama", "gpt2"] = param("llama", "transformers architecture of the from-scratch model")
+    vocab_size: int = param(768, "byte-level BPE vocabulary size, special tokens included", ge=300)
+    hidden_size: int = param(128, "width of the residual stream", ge=8)
+    num_layers: int = param(4, "number of transformer blocks", ge=1)
+    num_heads: int = param(4, "attention heads per block (must divide hidden_size)", ge=1)
+    intermediate_size: int = param(384, "width of the MLP", ge=8)
+    max_positions: int = param(128, "longest sequence the model can see", ge=16)
+
+
+@dataclass(frozen=True)
+class SFTParams:
+    model: str = param("builtin", "`builtin` trains a tiny model and tokenizer from scratch; otherwise any AutoModelForCausalLM hub id or local directory")
+    tiny: TinyModelParams = section(TinyModelParams, "shape of the from-scratch model (model: builtin)")
+    demonstrations: Literal["builtin", "file", "hf"] = param(
+        "builtin", "where demonstrations come from: the task's generator, a local jsonl/parquet/csv file, or a `datasets` dataset")
+    demo_path: str = param("", "file path or dataset name of the demonstrations (demonstrations: file or hf)")
+    demo_dataset_config: str = param("", "`datasets` configuration name of the demonstrations; empty for none")
+    demo_split: str = param("train", "`datasets` split of the demonstrations")
+    demo_prompt_field: str = param("prompt", "column with the demonstration prompt")
+    demo_response_field: str = param("response", "column with the demonstration response")
+    num_builtin_demonstrations: int = param(6000, "how many demonstrations the built-in generator writes", ge=10)
+    heldout_fraction: float = param(0.05, "fraction of demonstrations held out for the perplexity metric", gt=0.0, lt=1.0)
+    epochs: int = param(3, "passes over the demonstrations; 0 snapshots the model as it is", ge=0)
+    lr: float = param(3e-3, "peak AdamW learning rate", gt=0.0)
+    weight_decay: float = param(0.01, "AdamW weight decay", ge=0.0)
+    warmup_ratio: float = param(0.05, "fraction of steps spent warming the learning rate up", ge=0.0, lt=1.0)
+    batch_size: int = param(64, "sequences per optimizer step", ge=1)
+    max_length: int = param(64, "demonstrations are truncated to this many tokens", ge=4)
+    completion_only_loss: bool = param(False, "train only on response tokens instead of the whole text")
+
+
+@dataclass(frozen=True)
+class RolloutParams:
+    prompts_per_round: int = param(64, "train prompts sampled per round", ge=1)
+    samples_per_prompt: int = param(4, "responses generated per prompt", ge=1)
+    temperature: float = param(1.0, "sampling temperature; log-probs everywhere use the same scaling", gt=0.0)
+    top_p: float = param(1.0, "nucleus sampling mass; 1.0 samples the plain softmax (below 1 the data is off-policy)", gt=0.0, le=1.0)
+    top_k: int = param(0, "top-k sampling; 0 disables (non-zero makes the data off-policy)", ge=0)
+    max_new_tokens: int = param(24, "longest response in tokens; generation stops earlier at EOS", ge=1)
+    batch_size: int = param(128, "sequences generated per batch", ge=1)
+    forward_batch_size: int = param(64, "sequences per forward pass when recording log-probs and values", ge=1)
+
+
+@dataclass(frozen=True)
+class ScoreParams:
+    scorer: Literal["vader"] = param("vader", "reward model: `vader` is VADER's compound sentiment score of the response")
+    missing_eos_penalty: float = param(0.0, "subtracted from the score of a response that hit max_new_tokens without EOS", ge=0.0)
+
+
+@dataclass(frozen=True)
+class AdvantagesParams:
+    gamma: float = param(1.0, "discount γ of the token-level MDP", ge=0.0, le=1.0)
+    lam: float = param(0.95, "GAE λ", ge=0.0, le=1.0)
+    kl_estimator: Literal["k1", "k3"] = param("k1", "per-token KL(π_old‖π_ref) estimator in the reward: k1 = log π − log π_ref, k3 = (r−1) − log r with r = π_ref/π")
+    kl_coef: float = param(0.05, "β: initial (or fixed) weight of the KL penalty", ge=0.0)
+    adaptive_kl: bool = param(False, "adapt β each round towards kl_target (Ziegler et al. 2019)")
+    kl_target: float = param(6.0, "target sequence KL of the adaptive controller", gt=0.0)
+    kl_horizon: int = param(10000, "horizon of the adaptive controller, in samples", ge=1)
+    whiten_rewards: bool = param(False, "whiten the per-token rewards over the round before GAE")
+    whiten_advantages: bool = param(True, "whiten the advantages over the round")
+
+
+@dataclass(frozen=True)
+class PPOParams:
+    epochs: int = param(4, "passes over the round's data", ge=1)
+    minibatch_size: int = param(64, "responses per optimizer step", ge=1)
+    micro_batch_size: int = param(16, "responses per forward/backward pass (gradient accumulation); sets peak memory", ge=1)
+    lr: float = param(1e-4, "peak AdamW learning rate", gt=0.0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = param("linear", "learning-rate schedule over the round's optimizer steps")
+    warmup_steps: int = param(0, "linear warm-up steps at the start of each round", ge=0)
+    adam_eps: float = param(1e-5, "AdamW epsilon", gt=0.0)
+    weight_decay: float = param(0.0, "AdamW weight decay", ge=0.0)
+    clip_range: float = param(0.2, "ε of the clipped surrogate: ratio kept in [1−ε, 1+ε]", gt=0.0)
+    value_clip_range: float = param(0.2, "clip of the value prediction around the old values", gt=0.0)
+    vf_coef: float = param(0.1, "weight of the value loss", ge=0.0)
+    ent_coef: float = param(0.0, "weight of the entropy bonus", ge=0.0)
+    max_grad_norm: float = param(1.0, "gradient-norm clipping threshold", gt=0.0)
+    target_kl: Optional[float] = param(0.1, "stop the round's updates early when approx-KL to π_old passes this; null disables", gt=0.0)
+    critic: Literal["value_head", "separate"] = param("value_head", "critic: a value head on the policy backbone, or a separate backbone with its own head")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    num_prompts: int = param(64, "held-out eval prompts used (all if fewer)", ge=1)
+    samples_per_prompt: int = param(2, "responses per eval prompt", ge=1)
+    seed: int = param(1234, "sampling seed, the same for every checkpoint", ge=0)
+    temperature: float = param(1.0, "sampling temperature of the evaluation", gt=0.0)
+    max_new_tokens: int = param(24, "longest eval response in tokens", ge=1)
+    num_perplexity_texts: int = param(200, "held-out demonstrations used for perplexity", ge=1)
+    num_logged_samples: int = param(4, "sample responses written per checkpoint", ge=0)
+    batch_size: int = param(128, "sequences per generation batch", ge=1)
+
+
+@dataclass(frozen=True)
+class TrackingParams:
+    experiment: str = param("rlhf", "MLflow experiment name")
+    tracking_uri: str = param("", "MLflow tracking URI; empty means sqlite:///<repo root>/mlflow.db. MLFLOW_TRACKING_URI overrides it")
+
+
+_ROUND_KEY = r"^[A-Za-z][A-Za-z0-9_-]*$"
+
+
+@dataclass(frozen=True)
+class RoundParams:
+    # `from` is a Python keyword, so the YAML key `from` maps to `start_from`.
+    start_from: str = param("sft", "checkpoint this round starts from: `sft` or an earlier round's key", pattern=_ROUND_KEY)
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = param(0, "global seed; every stage derives its own from it", ge=0)
+    task: Literal["sentiment"] = param("sentiment", "built-in task: prompt generator, demonstrations and default scorer")
+    device: str = param("auto", "`auto` (CUDA when available), `cpu`, `cuda`, `cuda:N` or `mps`", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    prepare: PrepareParams = section(PrepareParams, "prompt preparation")
+    sft: SFTParams = section(SFTParams, "the reference snapshot")
+    rollout: RolloutParams = section(RolloutParams, "generation of each round")
+    score: ScoreParams = section(ScoreParams, "reward scoring")
+    advantages: AdvantagesParams = section(AdvantagesParams, "KL-penalised rewards and GAE")
+    ppo: PPOParams = section(PPOParams, "policy optimisation")
+    evaluate: EvaluateParams = section(EvaluateParams, "held-out evaluation")
+    tracking: TrackingParams = section(TrackingParams, "MLflow")
+    rounds: dict = field(
+        default_factory=lambda: {"r1": RoundParams("sft")},
+        metadata={"doc": "ordered mapping of round key → {from: checkpoint}; adding a line adds a round"})
+
+    def validate(self) -> "Params":
+        """Cross-field checks that one field alone cannot express."""
+        tiny = self.sft.tiny
+        if tiny.hidden_size % tiny.num_heads:
+            raise ConfigError(f"sft.tiny.num_heads = {tiny.num_heads}: must divide sft.tiny.hidden_size ({tiny.hidden_size})")
+        if self.ppo.micro_batch_size > self.ppo.minibatch_size:
+            raise ConfigError(f"ppo.micro_batch_size = {self.ppo.micro_batch_size}: must be <= ppo.minibatch_size ({self.ppo.minibatch_size})")
+        if self.prepare.source != "builtin" and not self.prepare.path:
+            raise ConfigError(f"prepare.path is empty: required when prepare.source is {self.prepare.source!r}")
+        if self.sft.demonstrations != "builtin" and not self.sft.demo_path:
+            raise ConfigError(f"sft.demo_path is empty: required when sft.demonstrations is {self.sft.demonstrations!r}")
+        if self.sft.model == "builtin" and self.sft.epochs == 0:
+            raise ConfigError("sft.epochs = 0: a builtin model trained from scratch needs sft.epochs >= 1")
+        if not self.rounds:
+            raise ConfigError("rounds is empty: at least one round is required, e.g. rounds: {r1: {from: sft}}")
+        seen = {"sft"}
+        for key, spec in self.rounds.items():
+            if key == "sft":
+                raise ConfigError("rounds.sft: `sft` names the reference snapshot and cannot be a round key")
+            if spec.start_from not in seen:
+                raise ConfigError(f"rounds.{key}.from = {spec.start_from!r}: must be `sft` or a round listed before it ({sorted(seen)})")
+            seen.add(key)
+        return self
+
+    # -- derived values ---------------------------------------------------------------------------
+    def round_index(self, round_key: str) -> int:
+        """1-based depth of a round in its `from` chain (sft is 0): the MLflow step of the round."""
+        if round_key == "sft":
+            return 0
+        if round_key not in self.rounds:
+            raise ConfigError(f"--round {round_key!r}: not in params rounds ({', '.join(self.rounds)})")
+        return 1 + self.round_index(self.rounds[round_key].start_from)
+
+    def round_seed(self, round_key: str, stage: str) -> int:
+        """A seed for one stage of one round, derived from the global seed."""
+        digest = hashlib.sha256(f"{self.seed}/{round_key}/{stage}".encode()).hexdigest()
+        return int(digest[:8], 16)
+
+    def to_dict(self) -> dict:
+        return _to_plain(self)
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parsing and validation
+
+
+def _to_plain(value):
+    if dataclasses.is_dataclass(value):
+        out = {}
+        for f in dataclasses.fields(value):
+            key = "from" if f.name == "start_from" else f.name
+            out[key] = _to_plain(getattr(value, f.name))
+        return out
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    return value
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in typing.get_args(tp))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value, tp, key: str, meta: dict):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, meta)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key} = {value!r}: must be {_describe(tp)}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r}: must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} = {value!r}: must be an integer")
+    elif tp is float:
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads `1e-5` as a string; accept it as the number it obviously is.
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key} = {value!r}: must be a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} = {value!r}: must be a number")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} = {value!r}: must be a finite number")
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} = {value!r}: must be a string")
+        if meta.get("pattern") and not re.match(meta["pattern"], value):
+            raise ConfigError(f"{key} = {value!r}: must match {meta['pattern']}")
+        return value
+    else:  # pragma: no cover - schema error, not a user error
+        raise TypeError(f"unsupported field type {tp} for {key}")
+    for bound, ok, words in (
+        ("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+        ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<"),
+    ):
+        limit = meta.get(bound)
+        if limit is not None and not ok(value, limit):
+            raise ConfigError(f"{key} = {value!r}: must be {words} {limit}")
+    return value
+
+
+def _build(cls, raw, prefix: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'params.yaml'}: must be a mapping of keys to values, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    by_yaml_key = {("from" if f.name == "start_from" else f.name): f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(by_yaml_key))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"{where}{unknown[0]}: unknown key; allowed keys are {', '.join(sorted(by_yaml_key))}")
+    kwargs = {}
+    for yaml_key, f in by_yaml_key.items():
+        key = f"{prefix}.{yaml_key}" if prefix else yaml_key
+        if yaml_key not in raw:
+            continue
+        value, tp = raw[yaml_key], hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, value, key)
+        elif f.name == "rounds":
+            kwargs[f.name] = _build_rounds(value, key)
+        else:
+            kwargs[f.name] = _coerce(value, tp, key, dict(f.metadata))
+    return cls(**kwargs)
+
+
+def _build_rounds(raw, key: str) -> dict:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key}: must be a mapping like {{r1: {{from: sft}}, r2: {{from: r1}}}}")
+    rounds = {}
+    for round_key, spec in raw.items():
+        if not isinstance(round_key, str) or not re.match(_ROUND_KEY, round_key):
+            raise ConfigError(f"{key}.{round_key}: a round key must be a name like r1 (letters, digits, _ or -)")
+        rounds[round_key] = _build(RoundParams, spec, f"{key}.{round_key}")
+    return rounds
+
+
+def params_from_dict(raw: dict) -> Params:
+    return _build(Params, raw, "").validate()
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; raise ConfigError with one readable line on any problem."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    return params_from_dict(raw or {})
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'ppo': {'lr': 1}} -> {'ppo.lr': 1}."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _yaml_scalar(value) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+
+def schema_rows(cls=Params, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, doc) for every leaf field, depth first: the params reference."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{'from' if f.name == 'start_from' else f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += schema_rows(tp, key + ".")
+        elif f.name == "rounds":
+            rows.append((key, "mapping", {"r1": {"from": "sft"}}, f.metadata["doc"]))
+        else:
+            rows.append((key, _describe(tp), getattr(defaults, f.name), f.metadata["doc"]))
+    return rows
+
+
+def render_params_yaml(params: Params | None = None) -> str:
+    """params.yaml text for ``params`` (defaults if None), every key documented in a comment."""
+    params = params or Params()
+    lines: list[str] = []
+
+    def emit(obj, indent: int):
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            pad = "  " * indent
+            value, tp = getattr(obj, f.name), hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                lines.append(f"{pad}{f.name}:  # {f.metadata['doc']}")
+                emit(value, indent + 1)
+            elif f.name == "rounds":
+                lines.append(f"{pad}# {f.metadata['doc']}")
+                lines.append(f"{pad}rounds:")
+                for key, spec in value.items():
+                    lines.append(f"{pad}  {key}: {{from: {spec.start_from}}}")
+            else:
+                lines.append(f"{pad}{f.name}: {_yaml_scalar(value)}  # {f.metadata['doc']}")
+        if indent == 0:
+            lines.append("")
+
+    emit(params, 0)
+    return "\n".join(lines)

@@ -1,0 +1,169 @@
+"""Prompt and demonstration sets: load from a built-in task, a local file or a `datasets` dataset;
+deduplicate, filter by length and split with a seed.  Tables are pandas DataFrames."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhf_core.errors import DataError
+
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def read_table_file(path: str | Path):
+    """A local jsonl/json/parquet/csv file as a DataFrame."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (allowed: a {'/'.join(FILE_SUFFIXES)} file)")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            return pd.read_json(path, lines=True)
+        if suffix == ".json":
+            return pd.read_json(path)
+        if suffix == ".parquet":
+            return pd.read_parquet(path)
+        if suffix == ".csv":
+            return pd.read_csv(path, keep_default_na=False)
+    except ValueError as exc:
+        raise DataError(f"{path}: cannot be read as {suffix[1:]} ({str(exc).splitlines()[0]})") from None
+    raise DataError(f"{path}: unsupported file type {suffix!r}; allowed: {', '.join(FILE_SUFFIXES)}")
+
+
+def read_hf_dataset(name: str, config: str, split: str):
+    """A `datasets` dataset (hub id, or local directory / script) as a DataFrame."""
+    import datasets
+
+    try:
+        if Path(name).is_dir() and (Path(name) / "dataset_info.json").exists():
+            dataset = datasets.load_from_disk(name)
+            if isinstance(dataset, datasets.DatasetDict):
+                dataset = dataset[split]
+        else:
+            dataset = datasets.load_dataset(name, config or None, split=split)
+    except Exception as exc:  # datasets raises many types; the user needs the one line
+        raise DataError(f"dataset {name!r} (config {config or 'default'}, split {split}): cannot be loaded: "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return dataset.to_pandas()
+
+
+def load_table(source: str, path: str, config: str, split: str):
+    if source == "file":
+        return read_table_file(path)
+    if source == "hf":
+        return read_hf_dataset(path, config, split)
+    raise ValueError(f"unknown source {source!r}")
+
+
+def text_column(frame, field: str, where: str) -> list[str]:
+    if field not in frame.columns:
+        raise DataError(f"{where}: no column {field!r}; columns are {', '.join(map(str, frame.columns))}")
+    values = frame[field].tolist()
+    for row, value in enumerate(values):
+        if not isinstance(value, str):
+            raise DataError(f"{where}: column {field!r} row {row} is {type(value).__name__}, expected text")
+    return values
+
+
+@dataclass
+class PromptSets:
+    train: object  # DataFrame with columns prompt[, answer]
+    eval: object
+    stats: dict
+
+
+def prepare_prompts(records: list[dict], *, max_chars: int, too_long: str, eval_fraction: float, seed: int) -> PromptSets:
+    """Deduplicate (first occurrence wins), drop or truncate long prompts, then split with a seed.
+
+    ``records`` are dicts with a ``prompt`` key and optionally ``answer``.
+    """
+    import pandas as pd
+
+    total = len(records)
+    seen, unique = set(), []
+    dropped_empty = 0
+    for record in records:
+        prompt = record["prompt"].strip()
+        if not prompt:
+            dropped_empty += 1
+            continue
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        unique.append({**record, "prompt": prompt})
+    duplicates = total - dropped_empty - len(unique)
+
+    kept, too_long_count = [], 0
+    for record in unique:
+        if len(record["prompt"]) > max_chars:
+            too_long_count += 1
+            if too_long == "drop":
+                continue
+            record = {**record, "prompt": record["prompt"][:max_chars]}
+        kept.append(record)
+    if too_long == "truncate":  # truncation can create new duplicates
+        kept = list({r["prompt"]: r for r in kept}.values())
+    if len(kept) < 2:
+        raise DataError(f"only {len(kept)} usable prompt(s) after deduplication and length filtering "
+                        f"(of {total}); need at least 2 to split train and eval")
+
+    order = list(range(len(kept)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(max(1, round(eval_fraction * len(kept))), len(kept) - 1)
+    eval_rows = [kept[i] for i in order[:n_eval]]
+    train_rows = [kept[i] for i in order[n_eval:]]
+    stats = {
+        "prompts_read": total, "empty_dropped": dropped_empty, "duplicates_removed": duplicates,
+        "too_long": too_long_count, "too_long_action": too_long,
+        "train_prompts": len(train_rows), "eval_prompts": len(eval_rows),
+    }
+    return PromptSets(pd.DataFrame(train_rows), pd.DataFrame(eval_rows), stats)
+
+
+def read_prompt_records(params) -> list[dict]:
+    """Prompt records from the source named in ``params.prepare``."""
+    prep = params.prepare
+    if prep.source == "builtin":
+        from rlhf_core.tasks import get_task
+
+        return [{"prompt": p} for p in get_task(params.task).prompts(prep.num_builtin_prompts, params.seed)]
+    where = f"prepare.path {prep.path}"
+    frame = load_table(prep.source, prep.path, prep.dataset_config, prep.split)
+    prompts = text_column(frame, prep.prompt_field, where)
+    if prep.answer_field:
+        answers = [str(a) for a in frame[prep.answer_field].tolist()] if prep.answer_field in frame.columns else None
+        if answers is None:
+            raise DataError(f"{where}: no column {prep.answer_field!r} (prepare.answer_field); columns are "
+                            f"{', '.join(map(str, frame.columns))}")
+        return [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)]
+    return [{"prompt": p} for p in prompts]
+
+
+def read_demonstrations(params) -> list[dict]:
+    """(prompt, response) demonstration records from the source named in ``params.sft``."""
+    sft = params.sft
+    if sft.demonstrations == "builtin":
+        from rlhf_core.tasks import get_task
+
+        rows = get_task(params.task).demonstrations(sft.num_builtin_demonstrations, params.seed)
+        return [{"prompt": r["prompt"], "response": r["response"]} for r in rows]
+    where = f"sft.demo_path {sft.demo_path}"
+    frame = load_table(sft.demonstrations, sft.demo_path, sft.demo_dataset_config, sft.demo_split)
+    prompts = text_column(frame, sft.demo_prompt_field, where)
+    responses = text_column(frame, sft.demo_response_field, where)
+    rows = [{"prompt": p, "response": r} for p, r in zip(prompts, responses) if r.strip()]
+    if len(rows) < 2:
+        raise DataError(f"{where}: {len(rows)} non-empty demonstration(s); need at least 2")
+    return rows
+
+
+def split_heldout(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Seeded split of demonstrations into (train, held-out); both non-empty."""
+    order = list(range(len(rows)))
+    random.Random(f"heldout-{seed}").shuffle(order)
+    n_heldout = min(max(1, round(fraction * len(rows))), len(rows) - 1)
+    return [rows[i] for i in order[n_heldout:]], [rows[i] for i in order[:n_heldout]]

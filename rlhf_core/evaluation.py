@@ -1,0 +1,66 @@
+"""Held-out evaluation of a checkpoint: reward (each component), KL to π_ref, perplexity on held-out
+demonstrations, distinct-1/2 and mean response length, with fixed sampling seeds so every checkpoint
+answers the same prompts under the same random stream."""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_core.models import collate, policy_logprobs
+from rlhf_core.rollout import generate_samples, length_buckets
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Unique word n-grams / total word n-grams over all texts (Li et al. 2016); 0 if there are none."""
+    total, unique = 0, set()
+    for text in texts:
+        words = text.split()
+        grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+        total += len(grams)
+        unique.update(grams)
+    return len(unique) / total if total else 0.0
+
+
+@torch.inference_mode()
+def sequence_kl(policy, reference, samples, *, pad_id: int, temperature: float, batch_size: int, device) -> list[float]:
+    """Σ_t (log π − log π_ref) per sampled response: the k1 estimate of KL(π‖π_ref), unbiased under π."""
+    kls = [0.0] * len(samples)
+    for members in length_buckets([len(s.prompt_ids) + len(s.response_ids) for s in samples], batch_size):
+        batch = collate([samples[i].prompt_ids for i in members], [samples[i].response_ids for i in members],
+                        pad_id).to(device)
+        difference = (policy_logprobs(policy, batch, temperature) - policy_logprobs(reference, batch, temperature))
+        per_sequence = (difference * batch.response_mask).sum(-1).tolist()
+        for row, index in enumerate(members):
+            kls[index] = per_sequence[row]
+    return kls
+
+
+def evaluate_checkpoint(policy, reference, tokenizer, prompts: list[str], heldout_encoded, params, device) -> tuple[dict, list[dict]]:
+    """Metrics of one checkpoint, and its sample responses (prompt, response, reward)."""
+    from rlhf_core.rewards import score_responses
+    from rlhf_core.sft import perplexity
+
+    ev = params.evaluate
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    samples = generate_samples(policy, tokenizer, prompt_ids, samples_per_prompt=ev.samples_per_prompt,
+                               temperature=ev.temperature, top_p=1.0, top_k=0, max_new_tokens=ev.max_new_tokens,
+                               batch_size=ev.batch_size, seed=ev.seed, device=device)
+    responses = [tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
+    ended = [s.ended_with_eos for s in samples]
+    components = score_responses(params.score.scorer, responses, ended, params.score.missing_eos_penalty,
+                                 where="evaluate")
+    kls = sequence_kl(policy, reference, samples, pad_id=tokenizer.pad_token_id, temperature=ev.temperature,
+                      batch_size=ev.batch_size, device=device)
+    metrics = {
+        "reward": sum(components["total"]) / len(samples),
+        **{f"reward_{name}": sum(values) / len(samples) for name, values in components.items() if name != "total"},
+        "kl": sum(kls) / len(kls),
+        "perplexity": perplexity(policy, tokenizer, heldout_encoded, device),
+        "distinct_1": distinct_n(responses, 1),
+        "distinct_2": distinct_n(responses, 2),
+        "length": sum(len(s.response_ids) for s in samples) / len(samples),
+        "eos_fraction": sum(ended) / len(samples),
+    }
+    examples = [{"prompt": prompts[s.prompt_index], "response": responses[i], "reward": components["total"][i]}
+                for i, s in enumerate(samples)]
+    return metrics, examples

@@ -1,0 +1,149 @@
+"""The one way to write an artifact: into a temporary sibling, renamed into place only on success.
+
+A stage that crashes, or is killed, leaves at most a ``.tmp-*`` sibling behind, never a
+half-written file or directory under the real name that DVC could take for a finished output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from rlhf_core.errors import DataError
+
+
+def _tmp_sibling(path: Path, is_dir: bool) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if is_dir:
+        return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory; on success it replaces ``path`` whole, on error it is deleted."""
+    path = Path(path)
+    tmp = _tmp_sibling(path, is_dir=True)
+    try:
+        yield tmp
+        _remove(path)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary file path; on success it replaces ``path``, on error it is deleted."""
+    path = Path(path)
+    tmp = _tmp_sibling(path, is_dir=False)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _check_finite(value, where: str = "") -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DataError(f"{where or 'value'} is {value}: metrics must be finite numbers")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{where}.{key}" if where else str(key))
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_finite(item, f"{where}[{index}]")
+
+
+def to_json_text(obj) -> str:
+    """Deterministic JSON (sorted keys, fixed float repr) so that equal results give equal bytes."""
+    _check_finite(obj)
+    return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Write JSON atomically, refusing NaN and inf."""
+    text = to_json_text(obj)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_into(directory: Path, name: str, obj) -> None:
+    """Write JSON inside a directory that is itself being written atomically."""
+    (directory / name).write_text(to_json_text(obj))
+
+
+def read_json(path: str | Path):
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; run the stage that produces it first (dvc repro)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def write_parquet(frame, path: str | Path) -> None:
+    """Write a pandas DataFrame as Parquet atomically (deterministic bytes: no pandas index, no stats timestamps)."""
+    with atomic_file(path) as tmp:
+        frame.to_parquet(tmp, index=False, engine="pyarrow")
+
+
+def read_parquet(path: str | Path, required_columns: tuple[str, ...] = ()):
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; run the stage that produces it first (dvc repro)")
+    frame = pd.read_parquet(path)
+    missing = [c for c in required_columns if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(frame.columns)}")
+    return frame
+
+
+def repo_root(start: str | Path | None = None) -> Path:
+    """The user's repository root, also from inside ``dvc exp run --temp``/``--queue`` copies.
+
+    Those run in ``<root>/.dvc/tmp/exps/<tmpdir>``; results that must outlive the copy, such as the
+    MLflow store, belong to ``<root>``.
+    """
+    here = Path(start or os.getcwd()).resolve()
+    parts = here.parts
+    for index in range(len(parts) - 3):
+        if parts[index:index + 4] == (".dvc", "tmp", "exps", parts[index + 3]) and index > 0:
+            return Path(*parts[:index])
+    for candidate in (here, *here.parents):
+        if (candidate / "dvc.yaml").is_file() or (candidate / ".dvc").is_dir():
+            return candidate
+    return here

@@ -1,0 +1,319 @@
+"""Tokenizers, policies, critics and the one forward pass that both rollout and training use.
+
+Sequence layout (both for recording log-probs during rollout and for training):
+
+    [pad … pad  prompt tokens | response tokens  pad … pad]
+     <-------- P columns ---->  <------ R columns ------->
+
+Prompts are left-padded to a common width P, responses right-padded to R.  Position ids are the
+cumulative sum of the attention mask minus one, so a row's logits do not depend on how much padding
+its batch has.  Logits at columns P-1 … P+R-2 predict the response tokens; they are divided by the
+sampling temperature before the log-softmax, exactly as the sampler did.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from rlhf_core.errors import ConfigError, DataError
+
+PAD_TOKEN = "<|pad|>"
+EOS_TOKEN = "<|endoftext|>"
+VALUE_HEAD_FILE = "value_head.safetensors"
+CRITIC_DIR = "critic"
+STATE_FILE = "rlhf_state.json"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Runtime
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` → CUDA if available, else MPS if available, else CPU; explicit names are checked."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device = {name!r}: CUDA is not available on this machine; use auto or cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) for one process."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizers and models
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on ``texts``, wrapped for transformers.
+
+    The pad token is distinct from EOS, and padding is on the left (for generation).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[PAD_TOKEN, EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
+                                      padding_side="left", clean_up_tokenization_spaces=False)
+    return wrapped
+
+
+def build_tiny_model(tiny, tokenizer):
+    """A from-scratch causal LM of a standard transformers architecture (dropout off)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    common = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+    if tiny.architecture == "llama":
+        config = LlamaConfig(hidden_size=tiny.hidden_size, num_hidden_layers=tiny.num_layers,
+                             num_attention_heads=tiny.num_heads, num_key_value_heads=tiny.num_heads,
+                             intermediate_size=tiny.intermediate_size, max_position_embeddings=tiny.max_positions,
+                             tie_word_embeddings=True, attention_dropout=0.0, **common)
+        return LlamaForCausalLM(config)
+    config = GPT2Config(n_embd=tiny.hidden_size, n_layer=tiny.num_layers, n_head=tiny.num_heads,
+                        n_inner=tiny.intermediate_size, n_positions=tiny.max_positions,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
+    return GPT2LMHeadModel(config)
+
+
+def load_tokenizer(path: str):
+    """Load a tokenizer, making sure it has a pad token distinct from EOS and pads on the left."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        raise DataError(f"tokenizer {path!r}: cannot be loaded ({str(exc).splitlines()[0]})") from None
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"tokenizer {path!r}: has no EOS token; responses could never end")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Dropout off everywhere, so that a forward pass is a deterministic function of the weights."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    model.eval()
+    return model
+
+
+def load_causal_lm(path: str, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except OSError as exc:
+        raise DataError(f"model {path!r}: cannot be loaded ({str(exc).splitlines()[0]})") from None
+    return disable_dropout(model).to(device)
+
+
+def match_vocab(model, tokenizer) -> None:
+    """Grow the embedding matrix when the tokenizer gained a pad token."""
+    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+
+
+def hidden_size_of(config) -> int:
+    for name in ("hidden_size", "n_embd", "d_model"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    raise DataError(f"model config {type(config).__name__}: cannot tell its hidden size")
+
+
+class ValueHead(nn.Module):
+    """V(s) = w·h + b on the last hidden state; zero-initialised so the first values are 0."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.summary.weight)
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, T]
+        return self.summary(hidden.float()).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batches
+
+
+@dataclass
+class TokenBatch:
+    """A collated batch.  input_ids/attention_mask/position_ids: [B, P+R]; response_mask: [B, R]."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    response_mask: torch.Tensor
+    prompt_width: int
+
+    @property
+    def response_ids(self) -> torch.Tensor:  # [B, R]
+        return self.input_ids[:, self.prompt_width:]
+
+    def to(self, device) -> "TokenBatch":
+        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
+                          self.response_mask.to(device), self.prompt_width)
+
+
+def collate(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> TokenBatch:
+    """Left-pad prompts to the batch's longest prompt and right-pad responses to its longest response."""
+    if not prompt_ids or len(prompt_ids) != len(response_ids):
+        raise ValueError("collate needs equally many (>0) prompts and responses")
+    width_p = max(len(p) for p in prompt_ids)
+    width_r = max(1, max(len(r) for r in response_ids))
+    batch = len(prompt_ids)
+    input_ids = torch.full((batch, width_p + width_r), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, width_p + width_r), dtype=torch.long)
+    response_mask = torch.zeros((batch, width_r), dtype=torch.float32)
+    for row, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
+        if not prompt:
+            raise DataError(f"row {row}: empty prompt (zero tokens)")
+        start = width_p - len(prompt)
+        input_ids[row, start:width_p] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, start:width_p] = 1
+        if response:
+            input_ids[row, width_p:width_p + len(response)] = torch.tensor(response, dtype=torch.long)
+            attention_mask[row, width_p:width_p + len(response)] = 1
+            response_mask[row, :len(response)] = 1.0
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return TokenBatch(input_ids, attention_mask, position_ids, response_mask, width_p)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The shared forward pass
+
+
+@dataclass
+class ForwardOutput:
+    logprobs: torch.Tensor  # [B, R] log π(a_t | s_t) at temperature T
+    entropy: torch.Tensor | None  # [B, R]
+    values: torch.Tensor | None  # [B, R] V(s_t)
+
+
+def response_logits(model, batch: TokenBatch, *, output_hidden: bool = False):
+    """Logits (and last hidden states) at the positions that predict the response tokens: [B, R, V]."""
+    width_r = batch.response_mask.shape[1]
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                output_hidden_states=output_hidden, use_cache=False)
+    start = batch.prompt_width - 1
+    logits = out.logits[:, start:start + width_r, :]
+    hidden = out.hidden_states[-1][:, start:start + width_r, :] if output_hidden else None
+    return logits, hidden
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(logits / T) gathered at ``tokens``, and the per-token entropy.  [B,R,V],[B,R] -> [B,R],[B,R]."""
+    log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    picked = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return picked, entropy
+
+
+class ActorCritic(nn.Module):
+    """A causal-LM policy with a critic: a value head on the policy's backbone, or a separate backbone."""
+
+    def __init__(self, policy, value_head: ValueHead, critic_backbone=None):
+        super().__init__()
+        self.policy = policy
+        self.value_head = value_head
+        self.critic_backbone = critic_backbone
+
+    def forward(self, batch: TokenBatch, temperature: float, *, with_values: bool = True) -> ForwardOutput:
+        shared = with_values and self.critic_backbone is None
+        logits, hidden = response_logits(self.policy, batch, output_hidden=shared)
+        logprobs, entropy = token_logprobs(logits, batch.response_ids, temperature)
+        values = None
+        if with_values:
+            if self.critic_backbone is not None:
+                width_r = batch.response_mask.shape[1]
+                out = self.critic_backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                           position_ids=batch.position_ids, use_cache=False)
+                start = batch.prompt_width - 1
+                hidden = out.last_hidden_state[:, start:start + width_r, :]
+            values = self.value_head(hidden)
+        return ForwardOutput(logprobs, entropy, values)
+
+
+def policy_logprobs(policy, batch: TokenBatch, temperature: float) -> torch.Tensor:
+    """log π(response | prompt) per token, [B, R]: the same computation ``ActorCritic`` does."""
+    logits, _ = response_logits(policy, batch)
+    return token_logprobs(logits, batch.response_ids, temperature)[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def load_actor_critic(path: str, critic: str, device: torch.device) -> ActorCritic:
+    """Policy and critic from a checkpoint directory (or any causal LM, whose critic starts at V=0)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    policy = load_causal_lm(path, device)
+    hidden_size = hidden_size_of(policy.config)
+    value_head = ValueHead(hidden_size)
+    critic_backbone = None
+    if critic == "separate":
+        critic_dir = Path(path) / CRITIC_DIR
+        source = str(critic_dir) if critic_dir.is_dir() else path
+        critic_backbone = disable_dropout(AutoModel.from_pretrained(source, dtype=torch.float32)).to(device)
+        head_file = critic_dir / VALUE_HEAD_FILE
+    else:
+        head_file = Path(path) / VALUE_HEAD_FILE
+    if head_file.is_file():
+        value_head.load_state_dict(load_file(str(head_file)))
+    return ActorCritic(policy, value_head.to(device), critic_backbone)
+
+
+def save_checkpoint(directory: Path, model: ActorCritic, tokenizer, state: dict) -> None:
+    """save_pretrained policy + tokenizer (plain transformers loads them), the critic, and the RL state."""
+    from safetensors.torch import save_file
+
+    model.policy.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    head_dir = directory
+    if model.critic_backbone is not None:
+        head_dir = directory / CRITIC_DIR
+        model.critic_backbone.save_pretrained(head_dir)
+    head_state = {k: v.detach().cpu().contiguous() for k, v in model.value_head.state_dict().items()}
+    save_file(head_state, str(head_dir / VALUE_HEAD_FILE))
+    (directory / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+
+
+def read_state(path: str) -> dict:
+    """The RL state carried from round to round in the checkpoint (e.g. the adaptive KL coefficient)."""
+    state_file = Path(path) / STATE_FILE
+    return json.loads(state_file.read_text()) if state_file.is_file() else {}
+
+
+def checkpoint_dir(name: str) -> str:
+    """models/<name>: `sft` is the reference snapshot, every other name a round's output."""
+    return f"models/{name}"

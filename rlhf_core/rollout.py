@@ -1,0 +1,131 @@
+"""Rollout generation: sample responses with the round's policy and record, per response token, the
+sampling policy's log-probs, the reference's log-probs and the critic's values.
+
+Generation is HF ``generate``: batched, KV-cached, left-padded (position ids from the attention mask),
+stopping when every sequence has emitted EOS.  Prompts are bucketed by token length so batches carry
+little padding.  Log-probs are then recomputed by ``rlhf_core.models`` with the same collation and
+temperature scaling that training uses, so the first PPO ratio on an unchanged policy is exactly 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rlhf_core.models import collate, policy_logprobs
+
+
+@dataclass
+class Sample:
+    prompt_index: int
+    sample_index: int
+    prompt_ids: list[int]
+    response_ids: list[int]  # up to and including the first EOS
+    ended_with_eos: bool
+
+
+def generation_config(tokenizer, *, temperature: float, top_p: float, top_k: int, max_new_tokens: int):
+    """A complete GenerationConfig, so no default of the checkpoint (top_k=50, repetition penalty, …)
+    silently changes the sampling distribution away from softmax(logits / T)."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k,
+                            max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id, repetition_penalty=1.0, num_beams=1)
+
+
+def truncate_at_eos(tokens: list[int], eos_id: int) -> tuple[list[int], bool]:
+    """Cut a generated sequence after its first EOS (EOS kept); report whether there was one."""
+    if eos_id in tokens:
+        return tokens[: tokens.index(eos_id) + 1], True
+    return tokens, False
+
+
+def length_buckets(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (stable order within a length)."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.inference_mode()
+def generate_samples(policy, tokenizer, prompt_ids: list[list[int]], *, samples_per_prompt: int, temperature: float,
+                     top_p: float, top_k: int, max_new_tokens: int, batch_size: int, seed: int,
+                     device: torch.device) -> list[Sample]:
+    """``samples_per_prompt`` sampled responses for each prompt, in (prompt, sample) order.
+
+    Each batch is seeded with ``seed + batch number``, so the result does not depend on what ran before.
+    """
+    config = generation_config(tokenizer, temperature=temperature, top_p=top_p, top_k=top_k,
+                               max_new_tokens=max_new_tokens)
+    jobs = [(p, s) for p in range(len(prompt_ids)) for s in range(samples_per_prompt)]
+    results: dict[tuple[int, int], Sample] = {}
+    for batch_number, members in enumerate(length_buckets([len(prompt_ids[p]) for p, _ in jobs], batch_size)):
+        batch_jobs = [jobs[i] for i in members]
+        prompts = [prompt_ids[p] for p, _ in batch_jobs]
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, width - len(prompt):] = torch.tensor(prompt)
+            attention_mask[row, width - len(prompt):] = 1
+        torch.manual_seed(seed + batch_number)
+        output = policy.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                 generation_config=config)
+        for row, (p, s) in enumerate(batch_jobs):
+            response, ended = truncate_at_eos(output[row, width:].tolist(), tokenizer.eos_token_id)
+            results[(p, s)] = Sample(p, s, prompt_ids[p], response, ended)
+    return [results[job] for job in jobs]
+
+
+@torch.inference_mode()
+def record_token_stats(actor_critic, reference, samples: list[Sample], *, pad_id: int, temperature: float,
+                       batch_size: int, device: torch.device, reference_is_policy: bool = False) -> dict[str, list]:
+    """Per-sample float32 arrays: ``logprobs``, ``ref_logprobs`` and ``values``, each [len(response)].
+
+    ``reference_is_policy`` (round 1 starts at π_ref) reuses the policy's log-probs for the reference:
+    the same weights through the same code give the same numbers, at half the cost.
+    """
+    stats = {"logprobs": [None] * len(samples), "ref_logprobs": [None] * len(samples), "values": [None] * len(samples)}
+    for members in length_buckets([len(s.prompt_ids) + len(s.response_ids) for s in samples], batch_size):
+        batch = collate([samples[i].prompt_ids for i in members], [samples[i].response_ids for i in members],
+                        pad_id).to(device)
+        out = actor_critic(batch, temperature, with_values=True)
+        ref = out.logprobs if reference_is_policy else policy_logprobs(reference, batch, temperature)
+        for row, index in enumerate(members):
+            length = len(samples[index].response_ids)
+            stats["logprobs"][index] = out.logprobs[row, :length].float().cpu().numpy().astype(np.float32)
+            stats["ref_logprobs"][index] = ref[row, :length].float().cpu().numpy().astype(np.float32)
+            stats["values"][index] = out.values[row, :length].float().cpu().numpy().astype(np.float32)
+    return stats
+
+
+def rollout_table(prompts: list[str], samples: list[Sample], stats: dict[str, list], tokenizer):
+    """One row per response: text, token ids and per-token arrays (Parquet list columns)."""
+    import pandas as pd
+
+    rows = []
+    for index, sample in enumerate(samples):
+        rows.append({
+            "prompt_index": sample.prompt_index,
+            "sample_index": sample.sample_index,
+            "prompt": prompts[sample.prompt_index],
+            "response": tokenizer.decode(sample.response_ids, skip_special_tokens=True),
+            "prompt_ids": np.asarray(sample.prompt_ids, dtype=np.int32),
+            "response_ids": np.asarray(sample.response_ids, dtype=np.int32),
+            "ended_with_eos": sample.ended_with_eos,
+            "response_length": len(sample.response_ids),
+            "logprobs": stats["logprobs"][index],
+            "ref_logprobs": stats["ref_logprobs"][index],
+            "values": stats["values"][index],
+        })
+    return pd.DataFrame(rows)
+
+
+def sample_prompt_indices(num_prompts: int, count: int, seed: int) -> list[int]:
+    """``count`` distinct prompt indices (with replacement only when count > num_prompts), seeded."""
+    generator = np.random.default_rng(seed)
+    if count <= num_prompts:
+        return sorted(generator.choice(num_prompts, size=count, replace=False).tolist())
+    return sorted(generator.choice(num_prompts, size=count, replace=True).tolist())

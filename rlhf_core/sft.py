@@ -1,0 +1,107 @@
+"""Supervised fine-tuning of the reference snapshot π_ref (the start of round 1).
+
+``builtin``: a byte-level BPE tokenizer and a tiny causal LM are trained from scratch on the task's
+demonstrations.  Otherwise an AutoModelForCausalLM is fine-tuned, or with ``epochs: 0`` snapshotted.
+Loss: mean next-token cross-entropy over the trained tokens (the whole text + EOS, or only the
+response + EOS when ``completion_only_loss``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rlhf_core.models import (build_tiny_model, collate, disable_dropout, load_causal_lm, load_tokenizer,
+                              match_vocab, train_tokenizer)
+
+
+def encode_demonstrations(tokenizer, rows: list[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt_ids, response_ids + [eos]) per row, truncated so that the total fits max_length."""
+    encoded = []
+    for row in rows:
+        prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        response = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        prompt = prompt[-max(1, max_length // 2):]
+        response = response[: max(1, max_length - len(prompt))]
+        if prompt:
+            encoded.append((prompt, response))
+    return encoded
+
+
+def build_reference(params, train_rows: list[dict], device: torch.device):
+    """Return (model, tokenizer) for the SFT stage: from scratch, or loaded from ``params.sft.model``."""
+    sft = params.sft
+    if sft.model == "builtin":
+        texts = [row["prompt"] + row["response"] for row in train_rows]
+        tokenizer = train_tokenizer(texts, sft.tiny.vocab_size)
+        model = disable_dropout(build_tiny_model(sft.tiny, tokenizer)).to(device)
+    else:
+        tokenizer = load_tokenizer(sft.model)
+        model = load_causal_lm(sft.model, device)
+        match_vocab(model, tokenizer)
+    return model, tokenizer
+
+
+def sequence_nll(model, batch, completion_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed negative log-likelihood of the trained tokens, and their count.
+
+    With the left-padded layout the prompt tokens are trained too (unless ``completion_only``):
+    position j predicts token j+1 wherever both are real tokens.
+    """
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                use_cache=False)
+    logits = out.logits[:, :-1, :].float()
+    targets = batch.input_ids[:, 1:]
+    mask = (batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).float()
+    if completion_only:
+        mask[:, : batch.prompt_width - 1] = 0.0
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return (nll.view_as(mask) * mask).sum(), mask.sum()
+
+
+def train_sft(model, tokenizer, encoded, params, device: torch.device, seed: int, log=print) -> dict:
+    """Fine-tune ``model`` in place on ``encoded`` demonstrations; returns training metrics."""
+    from transformers import get_scheduler
+
+    sft = params.sft
+    steps_per_epoch = math.ceil(len(encoded) / sft.batch_size)
+    total_steps = steps_per_epoch * sft.epochs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=sft.lr, weight_decay=sft.weight_decay, betas=(0.9, 0.95))
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=int(sft.warmup_ratio * total_steps),
+                              num_training_steps=max(1, total_steps))
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    for epoch in range(sft.epochs):
+        order = torch.randperm(len(encoded), generator=generator).tolist()
+        epoch_loss, epoch_tokens = 0.0, 0.0
+        for start in range(0, len(order), sft.batch_size):
+            rows = [encoded[i] for i in order[start:start + sft.batch_size]]
+            batch = collate([p for p, _ in rows], [r for _, r in rows], tokenizer.pad_token_id).to(device)
+            nll_sum, count = sequence_nll(model, batch, sft.completion_only_loss)
+            loss = nll_sum / count.clamp(min=1)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"sft epoch {epoch + 1}: loss is {loss.item()}; lower sft.lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            epoch_loss += nll_sum.item()
+            epoch_tokens += count.item()
+        losses.append(epoch_loss / max(1.0, epoch_tokens))
+        log(f"sft epoch {epoch + 1}/{sft.epochs}: loss {losses[-1]:.4f}")
+    return {"train_loss": losses[-1] if losses else None, "epochs": sft.epochs, "steps": total_steps}
+
+
+@torch.inference_mode()
+def perplexity(model, tokenizer, encoded, device: torch.device, batch_size: int = 64) -> float:
+    """exp(mean NLL per response token, EOS included) of held-out (prompt, response) pairs at T = 1."""
+    total_nll, total_tokens = 0.0, 0.0
+    for start in range(0, len(encoded), batch_size):
+        rows = encoded[start:start + batch_size]
+        batch = collate([p for p, _ in rows], [r for _, r in rows], tokenizer.pad_token_id).to(device)
+        nll_sum, count = sequence_nll(model, batch, completion_only=True)
+        total_nll += nll_sum.item()
+        total_tokens += count.item()
+    return math.exp(total_nll / max(1.0, total_tokens))

@@ -1,0 +1,43 @@
+"""Evaluate the SFT snapshot and every round's policy on held-out prompts with fixed sampling seeds."""
+
+from rlhf_core.cli import log, run_stage
+from rlhf_core.io import atomic_file, read_parquet, write_json
+
+
+def main(params, args):
+    """Write metrics/eval.json, plots/eval_by_round.csv and samples/eval.jsonl."""
+    import json
+
+    import pandas as pd
+
+    from rlhf_core.evaluation import evaluate_checkpoint
+    from rlhf_core.models import checkpoint_dir, load_causal_lm, load_tokenizer, resolve_device, seed_everything
+    from rlhf_core.sft import encode_demonstrations
+
+    seed_everything(params.evaluate.seed)
+    device = resolve_device(params.device)
+    prompts = read_parquet("prompts/eval.parquet", ("prompt",))["prompt"].tolist()[: params.evaluate.num_prompts]
+    heldout = read_parquet("demos/heldout.parquet", ("prompt", "response")).to_dict("records")
+    heldout = heldout[: params.evaluate.num_perplexity_texts]
+    reference = load_causal_lm(checkpoint_dir("sft"), device)
+
+    results, rows, samples = {}, [], []
+    for name in ["sft", *params.rounds]:
+        tokenizer = load_tokenizer(checkpoint_dir(name))
+        policy = reference if name == "sft" else load_causal_lm(checkpoint_dir(name), device)
+        encoded = encode_demonstrations(tokenizer, heldout, params.sft.max_length)
+        metrics, examples = evaluate_checkpoint(policy, reference, tokenizer, prompts, encoded, params, device)
+        results[name] = metrics
+        rows.append({"round": name, "step": params.round_index(name), **metrics})
+        samples += [{"round": name, **example} for example in examples[: params.evaluate.num_logged_samples]]
+        log(f"evaluate {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    with atomic_file("plots/eval_by_round.csv") as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False, float_format="%.6g")
+    with atomic_file("samples/eval.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(s, sort_keys=True) + "\n" for s in samples))
+    write_json("metrics/eval.json", results)
+
+
+if __name__ == "__main__":
+    run_stage(main, name="evaluate")

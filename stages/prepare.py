@@ -1,0 +1,21 @@
+"""Build the train and eval prompt sets: read, deduplicate, filter by length, split with a seed."""
+
+from rlhf_core.cli import log, run_stage
+from rlhf_core.data import prepare_prompts, read_prompt_records
+from rlhf_core.io import atomic_dir, write_json
+
+
+def main(params, args):
+    """Build the prompt sets (prompts/train.parquet, prompts/eval.parquet)."""
+    records = read_prompt_records(params)
+    sets = prepare_prompts(records, max_chars=params.prepare.max_prompt_chars, too_long=params.prepare.too_long,
+                           eval_fraction=params.prepare.eval_fraction, seed=params.seed)
+    log(f"prepare: {sets.stats}")
+    with atomic_dir("prompts") as out:
+        sets.train.to_parquet(out / "train.parquet", index=False)
+        sets.eval.to_parquet(out / "eval.parquet", index=False)
+    write_json("metrics/prepare.json", sets.stats)
+
+
+if __name__ == "__main__":
+    run_stage(main, name="prepare")

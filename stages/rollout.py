@@ -1,0 +1,51 @@
+"""Generate the round's responses and record the policy's log-probs, the reference's log-probs and values."""
+
+from rlhf_core.cli import log, run_stage
+from rlhf_core.io import atomic_dir, read_parquet, write_json
+
+
+def main(params, args):
+    """Sample responses for round --round into rollouts/<round>/rollouts.parquet."""
+    from rlhf_core.models import checkpoint_dir, load_actor_critic, load_causal_lm, load_tokenizer, resolve_device, \
+        seed_everything
+    from rlhf_core.rollout import generate_samples, record_token_stats, rollout_table, sample_prompt_indices
+
+    ro, round_key = params.rollout, args.round
+    start_from = params.rounds[round_key].start_from
+    seed = params.round_seed(round_key, "rollout")
+    seed_everything(seed)
+    device = resolve_device(params.device)
+
+    train = read_parquet("prompts/train.parquet", ("prompt",))
+    indices = sample_prompt_indices(len(train), ro.prompts_per_round, seed)
+    prompts = [train["prompt"].iloc[i] for i in indices]
+
+    tokenizer = load_tokenizer(checkpoint_dir(start_from))
+    actor_critic = load_actor_critic(checkpoint_dir(start_from), params.ppo.critic, device)
+    reference_is_policy = start_from == "sft"
+    reference = None if reference_is_policy else load_causal_lm(checkpoint_dir("sft"), device)
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    samples = generate_samples(actor_critic.policy, tokenizer, prompt_ids, samples_per_prompt=ro.samples_per_prompt,
+                               temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
+                               max_new_tokens=ro.max_new_tokens, batch_size=ro.batch_size, seed=seed, device=device)
+    stats = record_token_stats(actor_critic, reference, samples, pad_id=tokenizer.pad_token_id,
+                               temperature=ro.temperature, batch_size=ro.forward_batch_size, device=device,
+                               reference_is_policy=reference_is_policy)
+    table = rollout_table(prompts, samples, stats, tokenizer)
+    metrics = {
+        "responses": len(table),
+        "response_length_mean": float(table["response_length"].mean()),
+        "eos_fraction": float(table["ended_with_eos"].mean()),
+        "kl_k1_mean": float(sum(float((lp - rl).sum()) for lp, rl in zip(table["logprobs"], table["ref_logprobs"]))
+                            / len(table)),
+    }
+    log(f"rollout@{round_key}: {metrics}")
+    for text in table["prompt"].head(2) + table["response"].head(2):
+        log(f"  sample: {text!r}")
+    with atomic_dir(f"rollouts/{round_key}") as out:
+        table.to_parquet(out / "rollouts.parquet", index=False)
+    write_json(f"metrics/{round_key}/rollout.json", metrics)
+
+
+if __name__ == "__main__":
+    run_stage(main, name="rollout", needs_round=True)

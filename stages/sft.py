@@ -1,0 +1,36 @@
+"""The reference snapshot π_ref: train a tiny model from scratch, fine-tune an HF model, or snapshot it."""
+
+from rlhf_core.cli import log, run_stage
+from rlhf_core.data import read_demonstrations, split_heldout
+from rlhf_core.io import atomic_dir, write_json
+
+
+def main(params, args):
+    """Train (or snapshot) the SFT reference into models/sft."""
+    import pandas as pd
+
+    from rlhf_core.models import resolve_device, seed_everything
+    from rlhf_core.sft import build_reference, encode_demonstrations, perplexity, train_sft
+
+    seed = params.round_seed("sft", "sft")
+    seed_everything(seed)
+    device = resolve_device(params.device)
+    train_rows, heldout_rows = split_heldout(read_demonstrations(params), params.sft.heldout_fraction, params.seed)
+    model, tokenizer = build_reference(params, train_rows, device)
+    log(f"sft: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train_rows)} demonstrations, "
+        f"device {device}")
+    encoded = encode_demonstrations(tokenizer, train_rows, params.sft.max_length)
+    metrics = train_sft(model, tokenizer, encoded, params, device, seed, log=log)
+    metrics["heldout_perplexity"] = perplexity(model, tokenizer, encode_demonstrations(
+        tokenizer, heldout_rows, params.sft.max_length), device)
+    metrics["parameters"] = sum(p.numel() for p in model.parameters())
+    with atomic_dir("models/sft") as out:
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    with atomic_dir("demos") as out:
+        pd.DataFrame(heldout_rows).to_parquet(out / "heldout.parquet", index=False)
+    write_json("metrics/sft.json", metrics)
+
+
+if __name__ == "__main__":
+    run_stage(main, name="sft")

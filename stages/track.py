@@ -1,0 +1,23 @@
+"""Log this pipeline state to MLflow: all params, per-round metrics (step = round), samples and plots."""
+
+from pathlib import Path
+
+from rlhf_core.cli import run_stage
+
+
+def main(params, args):
+    """Log one MLflow run per reproduced pipeline state."""
+    import tempfile
+
+    from rlhf_core.tracking import log_pipeline_run, render_plots
+    from rlhf_core.cli import log
+
+    workdir = Path.cwd()
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = [workdir / "samples/eval.jsonl", workdir / "plots/eval_by_round.csv",
+                     *render_plots(workdir / "plots/eval_by_round.csv", Path(tmp))]
+        log_pipeline_run(params, workdir=workdir, artifacts=artifacts, log=log)
+
+
+if __name__ == "__main__":
+    run_stage(main, name="track")
