@@ -105,8 +105,14 @@ def prepare_prompts(records: list[dict], *, max_chars: int, too_long: str, eval_
                 continue
             record = {**record, "prompt": record["prompt"][:max_chars]}
         kept.append(record)
-    if too_long == "truncate":  # truncation can create new duplicates
-        kept = list({r["prompt"]: r for r in kept}.values())
+    if too_long == "truncate":  # truncation can create new duplicates; the first occurrence wins again
+        truncated_seen, deduplicated = set(), []
+        for record in kept:
+            if record["prompt"] not in truncated_seen:
+                truncated_seen.add(record["prompt"])
+                deduplicated.append(record)
+        duplicates += len(kept) - len(deduplicated)
+        kept = deduplicated
     if len(kept) < 2:
         raise DataError(f"only {len(kept)} usable prompt(s) after deduplication and length filtering "
                         f"(of {total}); need at least 2 to split train and eval")

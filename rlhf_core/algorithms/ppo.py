@@ -72,7 +72,7 @@ def train_ppo(model, experience: Experience, ppo, *, temperature: float, pad_id:
     history: dict[str, list[float]] = {k: [] for k in (
         "policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction", "value_clip_fraction", "ratio_mean",
         "ratio_max", "grad_norm", "learning_rate")}
-    first_ratio_deviation = None
+    first_ratio_deviation, first_approx_kl = None, None
     early_stopped, steps = False, 0
 
     for epoch in range(ppo.epochs):
@@ -109,8 +109,8 @@ def train_ppo(model, experience: Experience, ppo, *, temperature: float, pad_id:
                     ratio_max = max(ratio_max, ratio[real].max().item())
                     ratio_deviation = max(ratio_deviation, (ratio[real] - 1.0).abs().max().item())
             means = {k: v / minibatch_tokens for k, v in sums.items()}
-            if first_ratio_deviation is None:
-                first_ratio_deviation = ratio_deviation
+            if first_ratio_deviation is None:  # on an unchanged policy: ratio 1 and approx-KL 0
+                first_ratio_deviation, first_approx_kl = ratio_deviation, means["approx_kl"]
             if ppo.target_kl is not None and means["approx_kl"] > ppo.target_kl:
                 log(f"ppo: early stop at epoch {epoch + 1}, step {steps + 1}: approx-KL {means['approx_kl']:.4f} > "
                     f"target_kl {ppo.target_kl}")
@@ -141,6 +141,7 @@ def train_ppo(model, experience: Experience, ppo, *, temperature: float, pad_id:
         "planned_steps": total_steps,
         "early_stopped": early_stopped,
         "first_minibatch_ratio_max_deviation": float(first_ratio_deviation or 0.0),
+        "first_minibatch_approx_kl": float(first_approx_kl or 0.0),
     })
     return metrics
 

@@ -1,0 +1,205 @@
+"""Unit tests of rlhf_core.advantages: token rewards, GAE, whitening and the round's advantages step."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rlhf_core.advantages import (explained_variance, gae, masked_mean, masked_var, masked_whiten, pad_sequences,
+                                  round_advantages, token_rewards)
+
+GAMMA, LAM = 0.9, 0.8
+
+
+def _t(rows):
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def test_gae_one_row_three_tokens_by_hand():
+    rewards = _t([[1.0, 0.5, 2.0]])
+    values = _t([[0.5, 1.0, 1.5]])
+    mask = _t([[1.0, 1.0, 1.0]])
+    # γ = 0.9, λ = 0.8, γλ = 0.72, V(s_3) = 0 after the last token
+    # δ_2 = r_2 + γ·0   − V_2 = 2.0 − 1.5              = 0.5
+    # δ_1 = r_1 + γ·V_2 − V_1 = 0.5 + 0.9·1.5 − 1.0    = 0.85
+    # δ_0 = r_0 + γ·V_1 − V_0 = 1.0 + 0.9·1.0 − 0.5    = 1.4
+    # A_2 = δ_2                   = 0.5
+    # A_1 = δ_1 + γλ·A_2 = 0.85 + 0.72·0.5  = 1.21
+    # A_0 = δ_0 + γλ·A_1 = 1.4  + 0.72·1.21 = 2.2712
+    # R_t = A_t + V_t = [2.7712, 2.21, 2.0]
+    advantages, returns = gae(rewards, values, mask, GAMMA, LAM)
+    assert torch.allclose(advantages, _t([[2.2712, 1.21, 0.5]]), atol=1e-12)
+    assert torch.allclose(returns, _t([[2.7712, 2.21, 2.0]]), atol=1e-12)
+
+
+def test_gae_gamma_one_lambda_one_is_reward_to_go_minus_value():
+    rewards = _t([[1.0, 0.5, 2.0]])
+    values = _t([[0.5, 1.0, 1.5]])
+    advantages, returns = gae(rewards, values, torch.ones_like(rewards), 1.0, 1.0)
+    # with γ = λ = 1: A_t = Σ_{l≥t} r_l − V_t, R_t = Σ_{l≥t} r_l
+    assert torch.allclose(returns, _t([[3.5, 2.5, 2.0]]), atol=1e-12)
+    assert torch.allclose(advantages, _t([[3.0, 1.5, 0.5]]), atol=1e-12)
+
+
+def test_gae_padding_matches_unpadded_rows():
+    gen = torch.Generator().manual_seed(0)
+    long_r, long_v = torch.randn(5, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen, dtype=torch.float64)
+    short_r, short_v = torch.randn(3, generator=gen, dtype=torch.float64), torch.randn(3, generator=gen, dtype=torch.float64)
+    # garbage on the padded positions must not leak into the real ones
+    rewards = torch.stack([long_r, torch.cat([short_r, _t([7.0, -9.0])])])
+    values = torch.stack([long_v, torch.cat([short_v, _t([3.0, 11.0])])])
+    mask = _t([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    advantages, returns = gae(rewards, values, mask, GAMMA, LAM)
+
+    for row, (r, v) in enumerate([(long_r, long_v), (short_r, short_v)]):
+        a1, ret1 = gae(r[None], v[None], torch.ones(1, len(r), dtype=torch.float64), GAMMA, LAM)
+        n = len(r)
+        assert torch.allclose(advantages[row, :n], a1[0], atol=1e-12)
+        assert torch.allclose(returns[row, :n], ret1[0], atol=1e-12)
+    assert torch.equal(advantages[1, 3:], torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(returns[1, 3:], torch.zeros(2, dtype=torch.float64))
+
+
+def test_token_rewards_score_on_last_real_token_and_kl_penalty_everywhere():
+    scores = _t([1.0, -2.0])
+    kl = _t([[0.1, 0.2, 0.3], [0.4, 0.5, 0.9]])  # 0.9 sits on padding
+    mask = _t([[1, 1, 1], [1, 1, 0]])
+    rewards = token_rewards(scores, kl, mask, kl_coef=0.5)
+    # row 0: −0.5·[0.1, 0.2, 0.3] + [0, 0, 1]  = [−0.05, −0.1, 0.85]
+    # row 1: −0.5·[0.4, 0.5, ·]   + [0, −2, ·] = [−0.2, −2.25, 0]
+    assert torch.allclose(rewards, _t([[-0.05, -0.1, 0.85], [-0.2, -2.25, 0.0]]), atol=1e-12)
+
+
+def test_token_rewards_zero_kl_coef_gives_only_the_score():
+    scores = _t([0.7, 0.3])
+    kl = _t([[5.0, 5.0], [5.0, 5.0]])
+    mask = _t([[1, 0], [1, 1]])
+    rewards = token_rewards(scores, kl, mask, kl_coef=0.0)
+    assert torch.allclose(rewards, _t([[0.7, 0.0], [0.0, 0.3]]), atol=1e-12)
+
+
+def test_masked_mean_and_var():
+    values = _t([[1.0, 2.0, 3.0], [4.0, 100.0, -100.0]])
+    mask = _t([[1, 1, 1], [1, 0, 0]])
+    assert masked_mean(values, mask).item() == pytest.approx(2.5)
+    # unbiased: ((1.5² + 0.5² + 0.5² + 1.5²) / 3) = 5/3
+    assert masked_var(values, mask).item() == pytest.approx(5.0 / 3.0)
+    assert torch.allclose(masked_mean(values, mask, dim=1), _t([2.0, 4.0]))
+
+
+def test_masked_whiten_mean_zero_var_one_and_zero_on_padding():
+    values = _t([[1.0, 2.0, 3.0], [4.0, 100.0, -100.0]])
+    mask = _t([[1, 1, 1], [1, 0, 0]])
+    white = masked_whiten(values, mask)
+    assert masked_mean(white, mask).item() == pytest.approx(0.0, abs=1e-9)
+    assert masked_var(white, mask).item() == pytest.approx(1.0, abs=1e-6)
+    assert torch.equal(white[1, 1:], torch.zeros(2, dtype=torch.float64))
+    # (x − 2.5) / sqrt(5/3)
+    scale = math.sqrt(5.0 / 3.0)
+    assert torch.allclose(white[0], _t([-1.5, -0.5, 0.5]) / scale, atol=1e-6)
+
+
+def test_masked_whiten_without_shift_keeps_the_mean():
+    values = _t([[1.0, 2.0, 3.0], [4.0, 100.0, -100.0]])
+    mask = _t([[1, 1, 1], [1, 0, 0]])
+    white = masked_whiten(values, mask, shift_mean=False)
+    assert masked_mean(white, mask).item() == pytest.approx(2.5, abs=1e-9)
+    assert masked_var(white, mask).item() == pytest.approx(1.0, abs=1e-6)
+    assert torch.equal(white[1, 1:], torch.zeros(2, dtype=torch.float64))
+
+
+def test_explained_variance():
+    targets = _t([[1.0, 2.0, 3.0], [4.0, 50.0, 0.0]])
+    mask = _t([[1, 1, 1], [1, 0, 0]])
+    assert explained_variance(targets.clone(), targets, mask) == pytest.approx(1.0)
+    # var(target) = 5/3; residual [0, 0, 0, −1] has unbiased var 0.25 -> 1 − 0.25/(5/3) = 0.85
+    predictions = _t([[1.0, 2.0, 3.0], [5.0, 0.0, 0.0]])
+    assert explained_variance(predictions, targets, mask) == pytest.approx(0.85)
+    # a constant target has no variance to explain
+    constant = _t([[2.0, 2.0, 2.0], [2.0, 9.0, 9.0]])
+    assert explained_variance(predictions, constant, mask) == 0.0
+
+
+def test_pad_sequences():
+    values, mask = pad_sequences([[1.0, 2.0], [3.0], [4.0, 5.0, 6.0]])
+    assert values.tolist() == [[1.0, 2.0, 0.0], [3.0, 0.0, 0.0], [4.0, 5.0, 6.0]]
+    assert mask.tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1]]
+
+
+def _ragged_inputs():
+    logprobs = [np.array([-1.0, -2.0, -0.5]), np.array([-0.3]), np.array([-1.5, -0.2])]
+    ref = [np.array([-1.2, -1.0, -0.5]), np.array([-0.1]), np.array([-1.0, -0.7])]
+    values = [np.array([0.1, 0.2, 0.3]), np.array([-0.4]), np.array([0.5, 0.0])]
+    scores = [1.0, -0.5, 0.25]
+    return logprobs, ref, values, scores
+
+
+def test_round_advantages_without_whitening_matches_hand_pieces():
+    logprobs, ref, values, scores = _ragged_inputs()
+    out, metrics = round_advantages(logprobs, ref, values, scores, kl_coef=0.1, kl_estimator="k1", gamma=1.0,
+                                    lam=1.0, whiten_rewards=False, whiten_advantages=False)
+    assert set(out) == {"kl", "rewards", "advantages", "returns"}
+    for name in out:
+        assert [len(a) for a in out[name]] == [3, 1, 2]
+        assert all(a.dtype == np.float32 for a in out[name])
+    # k1 per token
+    np.testing.assert_allclose(out["kl"][0], [0.2, -1.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(out["kl"][1], [-0.2], atol=1e-6)
+    np.testing.assert_allclose(out["kl"][2], [-0.5, 0.5], atol=1e-6)
+    # rewards = −0.1·kl, plus the score on the last token
+    np.testing.assert_allclose(out["rewards"][0], [-0.02, 0.1, 1.0], atol=1e-6)
+    np.testing.assert_allclose(out["rewards"][1], [0.02 - 0.5], atol=1e-6)
+    np.testing.assert_allclose(out["rewards"][2], [0.05, -0.05 + 0.25], atol=1e-6)
+    # γ = λ = 1: returns are rewards-to-go, advantages = returns − values
+    np.testing.assert_allclose(out["returns"][0], [1.08, 1.1, 1.0], atol=1e-6)
+    np.testing.assert_allclose(out["advantages"][0], [0.98, 0.9, 0.7], atol=1e-6)
+    np.testing.assert_allclose(out["returns"][2], [0.25, 0.2], atol=1e-6)
+    np.testing.assert_allclose(out["advantages"][2], [-0.25, 0.2], atol=1e-6)
+
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert metrics["kl_coef"] == pytest.approx(0.1)
+    # sequence KLs: −0.8, −0.2, 0.0 -> mean −1/3
+    assert metrics["kl_sequence_mean"] == pytest.approx(-1.0 / 3.0, abs=1e-6)
+    assert metrics["kl_k1_sequence_mean"] == pytest.approx(-1.0 / 3.0, abs=1e-6)
+    assert metrics["non_score_reward_mean"] == pytest.approx(0.1 / 3.0, abs=1e-6)
+    assert metrics["score_mean"] == pytest.approx(0.25)
+    assert metrics["score_std"] == pytest.approx(float(np.std(scores)), abs=1e-6)
+    assert metrics["value_mean"] == pytest.approx(0.7 / 6.0, abs=1e-6)
+
+
+def test_round_advantages_k3_estimator():
+    logprobs, ref, values, scores = _ragged_inputs()
+    out, metrics = round_advantages(logprobs, ref, values, scores, kl_coef=0.1, kl_estimator="k3", gamma=1.0,
+                                    lam=0.95, whiten_rewards=False, whiten_advantages=False)
+    for lp, rf, kl in zip(logprobs, ref, out["kl"]):
+        log_r = rf - lp
+        np.testing.assert_allclose(kl, np.expm1(log_r) - log_r, atol=1e-6)
+        assert (kl >= 0).all()
+    # the k1 metric is reported whatever the estimator
+    assert metrics["kl_k1_sequence_mean"] == pytest.approx(-1.0 / 3.0, abs=1e-6)
+
+
+def test_round_advantages_with_whitening():
+    logprobs, ref, values, scores = _ragged_inputs()
+    out, metrics = round_advantages(logprobs, ref, values, scores, kl_coef=0.05, kl_estimator="k1", gamma=0.9,
+                                    lam=0.95, whiten_rewards=True, whiten_advantages=True)
+    assert [len(a) for a in out["advantages"]] == [3, 1, 2]
+    flat = np.concatenate(out["advantages"]).astype(np.float64)
+    assert flat.mean() == pytest.approx(0.0, abs=1e-6)
+    assert flat.var(ddof=1) == pytest.approx(1.0, abs=1e-5)
+    assert metrics["advantage_mean"] == pytest.approx(0.0, abs=1e-6)
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert set(metrics) >= {"kl_coef", "kl_sequence_mean", "score_mean", "advantage_mean", "return_mean",
+                            "value_mean", "value_explained_variance"}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_round_advantages_raises_on_non_finite_score(bad):
+    logprobs, ref, values, scores = _ragged_inputs()
+    scores[1] = bad
+    with pytest.raises(FloatingPointError, match="response 1"):
+        round_advantages(logprobs, ref, values, scores, kl_coef=0.1, kl_estimator="k1", gamma=1.0, lam=0.95,
+                         whiten_rewards=False, whiten_advantages=True)

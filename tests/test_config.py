@@ -1,0 +1,322 @@
+"""Unit tests of rlhf_core.config: loading, validation messages, derived values and the schema."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhf_core.config import (Params, PPOParams, RoundParams, flatten, load_params, params_from_dict,
+                              render_params_yaml, schema_rows)
+from rlhf_core.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS_YAML = REPO / "params.yaml"
+
+
+def _error(raw) -> str:
+    with pytest.raises(ConfigError) as info:
+        params_from_dict(raw)
+    message = str(info.value)
+    assert "\n" not in message and message.strip() == message and message
+    return message
+
+
+# -- loading ----------------------------------------------------------------------------------------
+
+def test_repo_params_yaml_loads():
+    params = load_params(PARAMS_YAML)
+    assert isinstance(params, Params)
+    raw = yaml.safe_load(PARAMS_YAML.read_text())
+    assert params.seed == raw["seed"]
+    assert params.ppo.clip_range == pytest.approx(float(raw["ppo"]["clip_range"]))
+    assert list(params.rounds) == list(raw["rounds"])
+    assert all(isinstance(spec, RoundParams) for spec in params.rounds.values())
+
+
+def test_defaults_round_trip_through_render():
+    text = render_params_yaml()
+    parsed = params_from_dict(yaml.safe_load(text))
+    assert parsed == Params()
+    assert parsed.hash() == Params().hash()
+
+
+def test_repo_params_round_trip_through_render():
+    params = load_params(PARAMS_YAML)
+    assert params_from_dict(yaml.safe_load(render_params_yaml(params))) == params
+
+
+def test_render_documents_every_key():
+    text = render_params_yaml()
+    for line in text.splitlines():
+        if line.strip() and not line.strip().startswith("#") and not line.strip().startswith("rounds:") \
+                and "{from:" not in line:
+            assert "  # " in line, line
+
+
+def test_empty_mapping_gives_defaults():
+    assert params_from_dict({}) == Params()
+
+
+def test_non_default_values_are_read():
+    params = params_from_dict({"seed": 7, "ppo": {"epochs": 2, "target_kl": None, "critic": "separate"},
+                               "sft": {"tiny": {"hidden_size": 64, "num_heads": 8}}})
+    assert params.seed == 7
+    assert params.ppo.epochs == 2 and params.ppo.target_kl is None and params.ppo.critic == "separate"
+    assert params.sft.tiny.hidden_size == 64 and params.sft.tiny.num_heads == 8
+    # an int where a float is expected becomes a float
+    assert params_from_dict({"ppo": {"clip_range": 1}}).ppo.clip_range == 1.0
+    assert isinstance(params_from_dict({"ppo": {"clip_range": 1}}).ppo.clip_range, float)
+
+
+def test_float_from_string_is_accepted():
+    assert params_from_dict({"ppo": {"lr": "1e-5"}}).ppo.lr == pytest.approx(1e-5)
+    assert params_from_dict({"ppo": {"adam_eps": "1e-8"}}).ppo.adam_eps == pytest.approx(1e-8)
+
+
+def test_yaml_exponent_without_dot_is_accepted(tmp_path):
+    # YAML 1.1 reads `1e-5` as a string
+    path = tmp_path / "params.yaml"
+    path.write_text("ppo:\n  lr: 1e-5\n")
+    assert yaml.safe_load(path.read_text())["ppo"]["lr"] == "1e-5"
+    assert load_params(path).ppo.lr == pytest.approx(1e-5)
+
+
+# -- errors -----------------------------------------------------------------------------------------
+
+def test_unknown_top_level_key():
+    message = _error({"sede": 1})
+    assert message.startswith("sede: unknown key")
+    assert "seed" in message
+
+
+def test_unknown_nested_key():
+    message = _error({"ppo": {"clip_rang": 0.1}})
+    assert message.startswith("ppo.clip_rang: unknown key")
+    assert "clip_range" in message
+
+
+def test_unknown_deeply_nested_key():
+    assert _error({"sft": {"tiny": {"hiden_size": 64}}}).startswith("sft.tiny.hiden_size: unknown key")
+
+
+def test_unknown_key_inside_a_round():
+    assert _error({"rounds": {"r1": {"form": "sft"}}}).startswith("rounds.r1.form: unknown key")
+
+
+@pytest.mark.parametrize("raw, key, words", [
+    ({"ppo": {"epochs": "four"}}, "ppo.epochs", "integer"),
+    ({"ppo": {"epochs": True}}, "ppo.epochs", "integer"),
+    ({"ppo": {"epochs": 4.0}}, "ppo.epochs", "integer"),
+    ({"ppo": {"lr": "fast"}}, "ppo.lr", "number"),
+    ({"ppo": {"lr": True}}, "ppo.lr", "number"),
+    ({"ppo": {"lr": float("nan")}}, "ppo.lr", "finite"),
+    ({"advantages": {"adaptive_kl": "yes"}}, "advantages.adaptive_kl", "true or false"),
+    ({"advantages": {"adaptive_kl": 1}}, "advantages.adaptive_kl", "true or false"),
+    ({"tracking": {"experiment": 5}}, "tracking.experiment", "string"),
+    ({"seed": "0"}, "seed", "integer"),
+])
+def test_wrong_type(raw, key, words):
+    message = _error(raw)
+    assert message.startswith(f"{key} = ")
+    assert words in message
+
+
+@pytest.mark.parametrize("raw, key, words", [
+    ({"ppo": {"clip_range": -0.1}}, "ppo.clip_range", "> 0"),
+    ({"ppo": {"clip_range": 0}}, "ppo.clip_range", "> 0"),
+    ({"rollout": {"top_p": 1.5}}, "rollout.top_p", "<= 1"),
+    ({"rollout": {"top_k": -1}}, "rollout.top_k", ">= 0"),
+    ({"prepare": {"eval_fraction": 1.0}}, "prepare.eval_fraction", "< 1"),
+    ({"advantages": {"gamma": 1.01}}, "advantages.gamma", "<= 1"),
+    ({"seed": -1}, "seed", ">= 0"),
+    ({"sft": {"tiny": {"vocab_size": 100}}}, "sft.tiny.vocab_size", ">= 300"),
+    ({"ppo": {"target_kl": 0.0}}, "ppo.target_kl", "> 0"),
+])
+def test_out_of_range(raw, key, words):
+    message = _error(raw)
+    assert message.startswith(f"{key} = ")
+    assert words in message
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"ppo": {"critic": "foo"}}, "ppo.critic"),
+    ({"ppo": {"lr_schedule": "exponential"}}, "ppo.lr_schedule"),
+    ({"advantages": {"kl_estimator": "k2"}}, "advantages.kl_estimator"),
+    ({"prepare": {"too_long": "cut"}}, "prepare.too_long"),
+    ({"task": "math"}, "task"),
+])
+def test_bad_literal(raw, key):
+    message = _error(raw)
+    assert message.startswith(f"{key} = ")
+    assert "must be one of" in message
+
+
+def test_bad_literal_lists_the_allowed_values():
+    message = _error({"ppo": {"critic": "foo"}})
+    assert "'value_head'" in message and "'separate'" in message and "'foo'" in message
+
+
+def test_pattern_field():
+    assert params_from_dict({"device": "cuda:1"}).device == "cuda:1"
+    assert _error({"device": "gpu"}).startswith("device = 'gpu'")
+
+
+def test_section_must_be_a_mapping():
+    assert _error({"ppo": 3}).startswith("ppo: must be a mapping")
+
+
+def test_round_from_a_later_round():
+    message = _error({"rounds": {"r1": {"from": "r2"}, "r2": {"from": "sft"}}})
+    assert message.startswith("rounds.r1.from = 'r2'")
+
+
+def test_round_from_an_unknown_round():
+    message = _error({"rounds": {"r1": {"from": "sft"}, "r2": {"from": "r9"}}})
+    assert message.startswith("rounds.r2.from = 'r9'")
+
+
+@pytest.mark.parametrize("rounds, start", [
+    ({}, "rounds is empty"),
+    ({"sft": {"from": "sft"}}, "rounds.sft"),
+    ({"r 1": {"from": "sft"}}, "rounds.r 1"),
+    ([["r1", "sft"]], "rounds: must be a mapping"),
+])
+def test_bad_rounds(rounds, start):
+    assert _error({"rounds": rounds}).startswith(start)
+
+
+def test_micro_batch_larger_than_minibatch():
+    message = _error({"ppo": {"micro_batch_size": 32, "minibatch_size": 16}})
+    assert message.startswith("ppo.micro_batch_size = 32")
+    assert "ppo.minibatch_size" in message
+    # equal is fine
+    assert params_from_dict({"ppo": {"micro_batch_size": 16, "minibatch_size": 16}}).ppo.micro_batch_size == 16
+
+
+def test_heads_must_divide_hidden_size():
+    message = _error({"sft": {"tiny": {"hidden_size": 130, "num_heads": 4}}})
+    assert message.startswith("sft.tiny.num_heads = 4")
+    assert "sft.tiny.hidden_size" in message and "130" in message
+
+
+def test_path_required_for_file_sources():
+    assert _error({"prepare": {"source": "file"}}).startswith("prepare.path is empty")
+    assert _error({"sft": {"demonstrations": "hf"}}).startswith("sft.demo_path is empty")
+
+
+def test_builtin_model_needs_sft_epochs():
+    assert _error({"sft": {"epochs": 0}}).startswith("sft.epochs = 0")
+
+
+def test_bad_yaml(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("ppo:\n  lr: [0.1\n  epochs: 2\n")
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(path) in message and "not valid YAML" in message
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(path) in message and "not found" in message
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("")
+    assert load_params(path) == Params()
+
+
+def test_config_error_is_raised_for_a_file_error(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("ppo:\n  clip_range: -0.1\n")
+    with pytest.raises(ConfigError, match=r"^ppo\.clip_range = -0\.1: must be > 0"):
+        load_params(path)
+
+
+# -- derived values ---------------------------------------------------------------------------------
+
+def _chained() -> Params:
+    return params_from_dict({"rounds": {"r1": {"from": "sft"}, "r2": {"from": "r1"}, "b1": {"from": "r1"},
+                                        "r3": {"from": "r2"}}})
+
+
+def test_round_index():
+    params = _chained()
+    assert params.round_index("sft") == 0
+    assert params.round_index("r1") == 1
+    assert params.round_index("r2") == 2
+    assert params.round_index("b1") == 2
+    assert params.round_index("r3") == 3
+    with pytest.raises(ConfigError, match="r9"):
+        params.round_index("r9")
+
+
+def test_round_seed_differs_by_round_and_stage_and_is_stable():
+    params = _chained()
+    seeds = {(r, s): params.round_seed(r, s) for r in ("r1", "r2", "r3") for s in ("rollout", "optimize")}
+    assert len(set(seeds.values())) == len(seeds)
+    assert all(isinstance(v, int) and 0 <= v < 2 ** 32 for v in seeds.values())
+    # the same on a fresh instance, and pinned: it must not depend on the process (e.g. hash randomisation)
+    assert _chained().round_seed("r1", "rollout") == seeds[("r1", "rollout")]
+    assert params.round_seed("r1", "rollout") == 2577043068
+    assert params.round_seed("r2", "rollout") == 911937127
+    assert params.round_seed("r1", "optimize") == 1378720533
+    # and it follows the global seed
+    other = dataclasses.replace(params, seed=1)
+    assert other.round_seed("r1", "rollout") != seeds[("r1", "rollout")]
+
+
+def test_to_dict_uses_yaml_key_from():
+    tree = _chained().to_dict()
+    assert tree["rounds"]["r2"] == {"from": "r1"}
+    assert tree["ppo"]["clip_range"] == 0.2
+    assert params_from_dict(tree) == _chained()
+
+
+def test_hash_changes_with_a_param():
+    assert Params().hash() != params_from_dict({"ppo": {"lr": 2e-4}}).hash()
+    assert Params().hash() == Params().hash()
+
+
+def test_flatten():
+    tree = {"ppo": {"lr": 1, "x": {"y": 2}}, "a": {}, "seed": 0}
+    assert flatten(tree) == {"ppo.lr": 1, "ppo.x.y": 2, "a": {}, "seed": 0}
+    assert flatten({"a": 1}, prefix="p.") == {"p.a": 1}
+
+
+# -- schema -----------------------------------------------------------------------------------------
+
+def test_schema_rows_cover_every_leaf():
+    rows = schema_rows()
+    keys = [row[0] for row in rows]
+    assert len(keys) == len(set(keys))
+    assert "ppo.clip_range" in keys and "sft.tiny.num_heads" in keys and "rounds" in keys
+    by_key = {row[0]: row for row in rows}
+    assert by_key["ppo.clip_range"][2] == 0.2
+    assert by_key["ppo.critic"][1] == "one of 'value_head', 'separate'"
+    assert by_key["ppo.target_kl"][1] == "a number or null"
+    assert all(row[3] for row in rows)
+    assert len([k for k in keys if k.startswith("ppo.")]) == len(dataclasses.fields(PPOParams))
+
+
+def test_params_yaml_keys_are_exactly_the_schema_keys():
+    raw = yaml.safe_load(PARAMS_YAML.read_text())
+    schema_keys = {row[0] for row in schema_rows()}
+    assert set(raw) == {key.split(".")[0] for key in schema_keys}
+    flat = flatten(raw)
+    yaml_keys = {key for key in flat if not key.startswith("rounds.")}
+    assert yaml_keys == schema_keys - {"rounds"}
+    # every round is exactly {from: ...}
+    assert isinstance(raw["rounds"], dict) and raw["rounds"]
+    for key, spec in raw["rounds"].items():
+        assert set(spec) == {"from"}, key

@@ -1,0 +1,78 @@
+"""Unit tests of rlhf_core.losses: the clipped PPO surrogate, the clipped value loss and approx-KL."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf_core.losses import approx_kl, clipped_surrogate, clipped_value_loss, masked_sum
+
+
+def _t(*values):
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def test_clipped_surrogate_by_hand():
+    # ε = 0.2, so the ratio is kept in [0.8, 1.2]
+    ratios = _t(1.1, 1.5, 0.5, 0.5, 1.5, 0.9)
+    advantages = _t(1.0, 1.0, 1.0, -1.0, -1.0, -2.0)
+    old = _t(-1.0, -2.0, -0.5, -3.0, -1.5, -0.7)
+    logprobs = old + ratios.log()
+    loss, ratio, clipped = clipped_surrogate(logprobs, old, advantages, 0.2)
+    assert torch.allclose(ratio, ratios, atol=1e-12)
+    # L = max(−A·ρ, −A·clip(ρ, 0.8, 1.2))
+    # A=+1, ρ=1.1 (inside)       : max(−1.1, −1.1) = −1.1   unclipped
+    # A=+1, ρ=1.5 (above)        : max(−1.5, −1.2) = −1.2   clipped (no gain beyond 1+ε)
+    # A=+1, ρ=0.5 (below)        : max(−0.5, −0.8) = −0.5   unclipped (pessimistic branch)
+    # A=−1, ρ=0.5 (below)        : max( 0.5,  0.8) =  0.8   clipped
+    # A=−1, ρ=1.5 (above)        : max( 1.5,  1.2) =  1.5   unclipped
+    # A=−2, ρ=0.9 (inside)       : max( 1.8,  1.8) =  1.8   unclipped
+    assert torch.allclose(loss, _t(-1.1, -1.2, -0.5, 0.8, 1.5, 1.8), atol=1e-12)
+    assert clipped.tolist() == [0.0, 1.0, 0.0, 1.0, 0.0, 0.0]
+
+
+def test_clipped_surrogate_shapes_and_gradient_zero_when_clipped():
+    old = torch.zeros(2, 2)
+    logprobs = torch.tensor([[math.log(1.5), 0.0], [0.0, math.log(0.5)]], requires_grad=True)
+    advantages = torch.tensor([[1.0, 2.0], [-1.0, -1.0]])
+    loss, ratio, clipped = clipped_surrogate(logprobs, old, advantages, 0.2)
+    assert loss.shape == ratio.shape == clipped.shape == (2, 2)
+    loss.sum().backward()
+    # clipped tokens (ρ=1.5, A>0) and (ρ=0.5, A<0) give no gradient; at ρ=1 the gradient is −A·ρ = −A
+    assert clipped.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    assert torch.allclose(logprobs.grad, torch.tensor([[0.0, -2.0], [1.0, 0.0]]), atol=1e-6)
+
+
+def test_clipped_value_loss_by_hand():
+    # ε_v = 0.2: V_clip = V_old + clip(V − V_old, −0.2, 0.2); L = ½ max((V − R)², (V_clip − R)²)
+    values = _t(1.5, 1.1, 0.5, 0.5)
+    old_values = _t(1.0, 1.0, 1.0, 1.0)
+    returns = _t(2.0, 0.0, 0.0, 1.0)
+    loss, clipped = clipped_value_loss(values, old_values, returns, 0.2)
+    # V=1.5, R=2: V_clip=1.2; (−0.5)²=0.25, (−0.8)²=0.64 -> 0.32, clipped
+    # V=1.1, R=0: V_clip=1.1; 1.21, 1.21               -> 0.605, not clipped
+    # V=0.5, R=0: V_clip=0.8; 0.25, 0.64               -> 0.32, clipped
+    # V=0.5, R=1: V_clip=0.8; 0.25, 0.04               -> 0.125, not clipped
+    assert torch.allclose(loss, _t(0.32, 0.605, 0.32, 0.125), atol=1e-12)
+    assert clipped.tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_approx_kl():
+    logprobs = _t(-0.5, -1.0, -3.0)
+    assert torch.equal(approx_kl(logprobs, logprobs.clone()), torch.zeros(3, dtype=torch.float64))
+    # log ρ = log 2: (2 − 1) − log 2 = 0.3069; log ρ = −log 2: (0.5 − 1) + log 2 = 0.1931
+    old = _t(-0.5, -1.0)
+    new = old + _t(math.log(2.0), -math.log(2.0))
+    kl = approx_kl(new, old)
+    assert torch.allclose(kl, _t(1.0 - math.log(2.0), math.log(2.0) - 0.5), atol=1e-12)
+    assert (kl > 0).all()
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1000, generator=gen), torch.randn(1000, generator=gen)
+    assert (approx_kl(a, b) >= 0).all() and (approx_kl(a, b) > 0).any()
+
+
+def test_masked_sum():
+    values = _t(1.0, 2.0, 4.0)
+    assert masked_sum(values, _t(1.0, 0.0, 1.0)).item() == pytest.approx(5.0)

@@ -1,0 +1,89 @@
+import json
+
+import pytest
+import torch
+
+from rlhf_core.models import (ActorCritic, ValueHead, collate, load_actor_critic, load_causal_lm, load_tokenizer,
+                              policy_logprobs, read_state, save_checkpoint, token_logprobs)
+
+CPU = torch.device("cpu")
+
+
+def test_tokenizer_pad_is_not_eos_and_pads_left(tiny_checkpoint):
+    tokenizer = load_tokenizer(str(tiny_checkpoint))
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer.padding_side == "left"
+
+
+def test_load_tokenizer_adds_pad_when_it_equals_eos(tiny_checkpoint, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = load_tokenizer(str(tmp_path))
+    assert reloaded.pad_token_id != reloaded.eos_token_id
+
+
+def test_collate_layout():
+    batch = collate([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], pad_id=0)
+    assert batch.prompt_width == 3
+    assert batch.input_ids.tolist() == [[5, 6, 7, 1, 2, 0], [0, 0, 8, 3, 4, 9]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 4], [0, 0, 0, 1, 2, 3]]
+    assert batch.response_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert batch.response_ids.tolist() == [[1, 2, 0], [3, 4, 9]]
+
+
+def test_token_logprobs_by_hand():
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25]]]))
+    picked, entropy = token_logprobs(logits, torch.tensor([[1]]), temperature=1.0)
+    assert picked.item() == pytest.approx(torch.log(torch.tensor(0.25)).item(), abs=1e-6)
+    expected_entropy = -(0.5 * torch.log(torch.tensor(0.5)) + 0.5 * torch.log(torch.tensor(0.25))).item()
+    assert entropy.item() == pytest.approx(expected_entropy, abs=1e-6)
+    # temperature 2 divides the logits: softmax([log .5, log .25, log .25] / 2) ∝ [√.5, √.25, √.25]
+    picked_t2, _ = token_logprobs(logits, torch.tensor([[0]]), temperature=2.0)
+    weights = torch.tensor([0.5, 0.25, 0.25]).sqrt()
+    assert picked_t2.item() == pytest.approx(torch.log(weights[0] / weights.sum()).item(), abs=1e-6)
+
+
+def test_logprobs_do_not_depend_on_padding(tiny_checkpoint):
+    """Left padding with position ids from the attention mask: padded and unpadded rows agree."""
+    policy = load_causal_lm(str(tiny_checkpoint), CPU)
+    prompt, response = [10, 11, 12], [13, 14]
+    alone = policy_logprobs(policy, collate([prompt], [response], 0), 1.0)
+    padded = policy_logprobs(policy, collate([prompt, [20, 21, 22, 23, 24, 25, 26]], [response, [1, 2, 3, 4, 5]], 0), 1.0)
+    assert torch.allclose(alone[0], padded[0, :2], atol=1e-5)
+
+
+def test_value_head_starts_at_zero_and_checkpoint_round_trips(tiny_checkpoint, tmp_path):
+    tokenizer = load_tokenizer(str(tiny_checkpoint))
+    for critic in ("value_head", "separate"):
+        model = load_actor_critic(str(tiny_checkpoint), critic, CPU)
+        batch = collate([[10, 11]], [[12, 13, 14]], tokenizer.pad_token_id)
+        out = model(batch, 1.0)
+        assert out.values.abs().max().item() == 0.0
+        with torch.no_grad():
+            model.value_head.summary.bias.fill_(0.5)
+        save_checkpoint(tmp_path / critic, model, tokenizer, {"kl_coef": 0.07})
+        reloaded = load_actor_critic(str(tmp_path / critic), critic, CPU)
+        assert torch.allclose(reloaded(batch, 1.0).values, torch.full((1, 3), 0.5), atol=1e-6)
+        assert read_state(str(tmp_path / critic)) == {"kl_coef": 0.07}
+        assert (tmp_path / critic / "critic").is_dir() == (critic == "separate")
+
+
+def test_checkpoint_loads_with_plain_transformers(tiny_checkpoint, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = load_tokenizer(str(tiny_checkpoint))
+    save_checkpoint(tmp_path, load_actor_critic(str(tiny_checkpoint), "value_head", CPU), tokenizer, {})
+    assert (tmp_path / "model.safetensors").is_file()
+    AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path).pad_token_id == tokenizer.pad_token_id
+
+
+def test_missing_model_is_a_one_line_error(tmp_path):
+    from rlhf_core.errors import DataError
+
+    with pytest.raises(DataError, match="cannot be loaded"):
+        load_causal_lm(str(tmp_path / "nope"), CPU)

@@ -1,0 +1,77 @@
+import torch
+
+from rlhf_core.models import load_actor_critic, load_causal_lm, load_tokenizer
+from rlhf_core.rollout import (generate_samples, length_buckets, record_token_stats, rollout_table,
+                               sample_prompt_indices, truncate_at_eos)
+
+CPU = torch.device("cpu")
+PROMPTS = ["The pizza was", "Honestly, the laptop seemed", "So far the movie is", "The room"]
+
+
+def _generate(tiny_checkpoint, seed=7, samples_per_prompt=3, batch_size=5, max_new_tokens=12):
+    tokenizer = load_tokenizer(str(tiny_checkpoint))
+    model = load_actor_critic(str(tiny_checkpoint), "value_head", CPU)
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    samples = generate_samples(model.policy, tokenizer, prompt_ids, samples_per_prompt=samples_per_prompt,
+                               temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, seed=seed, device=CPU)
+    return tokenizer, model, samples
+
+
+def test_truncate_at_eos_keeps_eos():
+    assert truncate_at_eos([4, 5, 1, 0, 0], eos_id=1) == ([4, 5, 1], True)
+    assert truncate_at_eos([4, 5, 6], eos_id=1) == ([4, 5, 6], False)
+
+
+def test_length_buckets_group_similar_lengths():
+    assert length_buckets([5, 1, 3, 1, 5], 2) == [[1, 3], [2, 0], [4]]
+
+
+def test_sample_prompt_indices_seeded_and_distinct():
+    first = sample_prompt_indices(100, 10, seed=3)
+    assert first == sample_prompt_indices(100, 10, seed=3)
+    assert first != sample_prompt_indices(100, 10, seed=4)
+    assert len(set(first)) == 10
+
+
+def test_generation_shapes_eos_and_determinism(tiny_checkpoint):
+    tokenizer, _, samples = _generate(tiny_checkpoint)
+    assert [(s.prompt_index, s.sample_index) for s in samples] == [(p, s) for p in range(4) for s in range(3)]
+    for sample in samples:
+        assert 1 <= len(sample.response_ids) <= 12
+        if sample.ended_with_eos:
+            assert sample.response_ids[-1] == tokenizer.eos_token_id
+            assert sample.response_ids.count(tokenizer.eos_token_id) == 1
+        else:
+            assert len(sample.response_ids) == 12
+    assert any(s.ended_with_eos for s in samples)
+    again = _generate(tiny_checkpoint)[2]
+    assert [s.response_ids for s in again] == [s.response_ids for s in samples]
+    other_seed = _generate(tiny_checkpoint, seed=8)[2]
+    assert [s.response_ids for s in other_seed] != [s.response_ids for s in samples]
+
+
+def test_recorded_logprobs_match_a_recomputation_in_other_batches(tiny_checkpoint):
+    """The same code path in rollout and training: regrouping the batch changes nothing (ratio = 1)."""
+    tokenizer, model, samples = _generate(tiny_checkpoint)
+    stats_small = record_token_stats(model, None, samples, pad_id=tokenizer.pad_token_id, temperature=0.7,
+                                     batch_size=2, device=CPU, reference_is_policy=True)
+    stats_big = record_token_stats(model, load_causal_lm(str(tiny_checkpoint), CPU), samples,
+                                   pad_id=tokenizer.pad_token_id, temperature=0.7, batch_size=64, device=CPU)
+    for small, big, ref in zip(stats_small["logprobs"], stats_big["logprobs"], stats_big["ref_logprobs"]):
+        assert small.shape == big.shape
+        assert abs(small - big).max() < 1e-5
+        assert abs(big - ref).max() < 1e-5  # policy == reference before any update
+    assert all(abs(v).max() == 0.0 for v in stats_big["values"])  # zero-initialised value head
+
+
+def test_rollout_table_columns(tiny_checkpoint):
+    tokenizer, model, samples = _generate(tiny_checkpoint)
+    stats = record_token_stats(model, None, samples, pad_id=tokenizer.pad_token_id, temperature=1.0, batch_size=4,
+                               device=CPU, reference_is_policy=True)
+    table = rollout_table(PROMPTS, samples, stats, tokenizer)
+    assert len(table) == 12
+    assert (table["response_length"] == table["response_ids"].map(len)).all()
+    assert (table["logprobs"].map(len) == table["response_length"]).all()
+    assert table["prompt"].iloc[0] == PROMPTS[0]
+    assert "<|endoftext|>" not in "".join(table["response"])
