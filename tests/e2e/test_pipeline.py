@@ -1,0 +1,161 @@
+"""End to end: the real `dvc repro` / `dvc exp run` on a reduced pipeline in a temporary copy of the repo.
+
+One module-scoped copy runs, in order: `dvc repro` (2 rounds, tiny model), a no-op `dvc repro`,
+`dvc exp run -S ppo.clip_range=0.1` and `dvc exp run -S advantages.lam=0.9`; the tests then check
+what re-ran, the metrics, the artifacts and the MLflow runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhf_core.config import params_from_dict, render_params_yaml
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.e2e
+
+REDUCED = {
+    "prepare": {"num_builtin_prompts": 300},
+    "sft": {"tiny": {"vocab_size": 400, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128},
+            "num_builtin_demonstrations": 1200, "epochs": 2, "lr": 1e-2, "batch_size": 32, "max_length": 48},
+    "rollout": {"prompts_per_round": 16, "samples_per_prompt": 2, "max_new_tokens": 12},
+    "ppo": {"epochs": 1, "minibatch_size": 16, "micro_batch_size": 8},
+    "evaluate": {"num_prompts": 16, "samples_per_prompt": 1, "max_new_tokens": 12, "num_perplexity_texts": 40},
+    "rounds": {"r1": {"from": "sft"}, "r2": {"from": "r1"}},
+}
+
+
+def deep_update(base: dict, changes: dict) -> dict:
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "rounds":
+            deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def dvc(args: list[str], cwd: Path) -> str:
+    """Run a dvc command; return its combined output (fail the test with it on error)."""
+    exe = shutil.which("dvc")
+    command = [exe, *args] if exe else [sys.executable, "-m", "dvc", *args]
+    result = subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{output[-5000:]}"
+    return output
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(GIT_AUTHOR_NAME="e2e", GIT_AUTHOR_EMAIL="e2e@example.com", GIT_COMMITTER_NAME="e2e",
+               GIT_COMMITTER_EMAIL="e2e@example.com", DVC_NO_ANALYTICS="1")
+    return env
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("pipeline")
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        source = REPO / name
+        if name == "dvc.lock" or name.startswith(("metrics/", "plots/", "samples/")) or not source.is_file():
+            continue
+        (workdir / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, workdir / name)
+    raw = deep_update(yaml.safe_load((REPO / "params.yaml").read_text()), REDUCED)
+    (workdir / "params.yaml").write_text(render_params_yaml(params_from_dict(raw)))
+    for git_args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "reduced pipeline"]):
+        subprocess.run(["git", *git_args], cwd=workdir, env=_env(), check=True)
+
+    outputs = {"repro": dvc(["repro"], workdir)}
+    outputs["eval_after_repro"] = json.loads((workdir / "metrics/eval.json").read_text())
+    outputs["noop"] = dvc(["repro"], workdir)
+    outputs["clip"] = dvc(["exp", "run", "-S", "ppo.clip_range=0.1"], workdir)
+    outputs["lam"] = dvc(["exp", "run", "-S", "advantages.lam=0.9"], workdir)
+    return workdir, outputs
+
+
+ALL_STAGES = {"prepare", "sft", "rollout@r1", "score@r1", "advantages@r1", "optimize@r1", "rollout@r2", "score@r2",
+              "advantages@r2", "optimize@r2", "evaluate", "track"}
+
+
+def test_repro_runs_every_stage_once_then_nothing(pipeline):
+    _, outputs = pipeline
+    assert ran_stages(outputs["repro"]) == ALL_STAGES
+    assert ran_stages(outputs["noop"]) == set()
+
+
+def test_clip_range_reruns_optimize_r1_and_what_follows_only(pipeline):
+    _, outputs = pipeline
+    assert ran_stages(outputs["clip"]) == {"optimize@r1", "rollout@r2", "score@r2", "advantages@r2", "optimize@r2",
+                                           "evaluate", "track"}
+
+
+def test_lam_reuses_round_one_rollout_and_score(pipeline):
+    _, outputs = pipeline
+    ran = ran_stages(outputs["lam"])
+    assert "rollout@r1" not in ran and "score@r1" not in ran
+    assert {"advantages@r1", "optimize@r1", "advantages@r2", "evaluate", "track"} <= ran
+
+
+def test_eval_metrics_shape_and_values(pipeline):
+    _, outputs = pipeline
+    evaluation = outputs["eval_after_repro"]
+    assert list(evaluation) == ["r1", "r2", "sft"]  # sorted keys; one entry per checkpoint
+    for name, metrics in evaluation.items():
+        for key in ("reward", "kl", "perplexity", "distinct_1", "distinct_2", "length"):
+            assert math.isfinite(metrics[key]), (name, key)
+    assert evaluation["sft"]["kl"] == 0.0
+    assert evaluation["r1"]["perplexity"] > 1.0
+
+
+def test_outputs_are_versioned_artifacts(pipeline):
+    workdir, _ = pipeline
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for name in ("sft", "r1", "r2"):
+        AutoModelForCausalLM.from_pretrained(workdir / "models" / name)
+        tokenizer = AutoTokenizer.from_pretrained(workdir / "models" / name)
+        assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    optimize = json.loads((workdir / "metrics/r1/optimize.json").read_text())
+    assert optimize["first_minibatch_ratio_max_deviation"] < 1e-5
+    assert abs(optimize["first_minibatch_approx_kl"]) < 1e-7
+    table = (workdir / "plots/eval_by_round.csv").read_text().splitlines()
+    assert table[0].startswith("round,step,reward") and len(table) == 4
+    lock = yaml.safe_load((workdir / "dvc.lock").read_text())
+    assert {"rollout@r1", "optimize@r2", "evaluate"} <= set(lock["stages"])
+
+
+def test_one_mlflow_run_per_pipeline_state(pipeline):
+    workdir, _ = pipeline
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["rlhf"])
+    assert len(runs) == 3, runs[["run_id", "tags.dvc_exp_name"]]
+    assert sorted(runs["params.ppo.clip_range"]) == ["0.1", "0.1", "0.2"]
+    assert sorted(runs["params.advantages.lam"]) == ["0.9", "0.95", "0.95"]
+    assert runs["tags.pipeline_state"].nunique() == 3
+    assert set(runs["tags.dvc_exp_name"]) - {"workspace"}  # the exp runs carry their experiment names
+    assert runs["tags.git_commit"].str.len().eq(40).all()
+    client = mlflow.MlflowClient()
+    for run_id in runs["run_id"]:
+        history = client.get_metric_history(run_id, "eval.reward")
+        assert sorted(m.step for m in history) == [0, 1, 2]
+        assert [m.step for m in client.get_metric_history(run_id, "optimize.policy_loss")] in ([1, 2], [2, 1])
+        artifacts = {a.path for a in client.list_artifacts(run_id)}
+        assert {"eval.jsonl", "eval_by_round.csv", "reward_vs_round.png"} <= artifacts
