@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the stage scripts (stages/) are imported by tests as a package
+    sys.path.insert(0, str(REPO))
 
 
 @pytest.fixture(scope="session")

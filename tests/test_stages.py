@@ -1,0 +1,104 @@
+"""Stage scripts as a user runs them: bad params fail in one line, and the Hugging Face paths
+(local model directory, local files) work with nothing but params changed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO
+from rlhf_core.config import load_params
+
+
+def run_stage_process(stage: str, cwd, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=cwd, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=300)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"ppo": {"clip_range": -1}}, "error: rollout@r1: ppo.clip_range = -1.0: must be > 0.0"),
+    ({"rollout": {"tempreature": 1}}, "error: rollout@r1: rollout.tempreature: unknown key; allowed keys are"),
+    ({"rollout": {"max_new_tokens": "many"}}, "error: rollout@r1: rollout.max_new_tokens = 'many': must be an integer"),
+    ({"rounds": {"r1": {"from": "r2"}, "r2": {"from": "r1"}}}, "error: rollout@r1: rounds.r1.from = 'r2': must be `sft`"),
+])
+def test_bad_params_stop_the_stage_with_one_line(tmp_path, change, message):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in change.items():
+        if section == "rounds":
+            raw["rounds"] = values
+        else:
+            raw[section].update(values)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    result = run_stage_process("rollout", tmp_path, "--round", "r1")
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(message), result.stderr
+    assert not (tmp_path / "rollouts").exists()
+
+
+def test_unknown_round_is_one_line(tmp_path):
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    result = run_stage_process("score", tmp_path, "--round", "r9")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: score@r9: --round 'r9': not in params rounds")
+
+
+def test_missing_input_is_one_line(tmp_path):
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    result = run_stage_process("score", tmp_path, "--round", "r1")
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: score@r1: rollouts/r1/rollouts.parquet: file not found; "
+                                     "run the stage that produces it first (dvc repro)")
+
+
+def test_hf_model_directory_and_local_files_through_every_stage(tmp_path, tiny_checkpoint, monkeypatch):
+    """sft.model = a local HF directory (as a hub id would be), snapshotted with epochs 0; prompts and
+    demonstrations from local files.  The tokenizer's pad == EOS, so the snapshot must add a pad token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages import advantages, evaluate, optimize, prepare, rollout, score, sft
+    from rlhf_core.tasks import sentiment
+
+    model_dir = tmp_path / "hf-model"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.save_pretrained(model_dir)
+    AutoModelForCausalLM.from_pretrained(tiny_checkpoint).save_pretrained(model_dir)
+
+    work = tmp_path / "work"
+    work.mkdir()
+    pd.DataFrame({"question": sentiment.prompts(60, seed=5)}).to_json(work / "prompts.jsonl", orient="records",
+                                                                       lines=True)
+    pd.DataFrame(sentiment.demonstrations(40, seed=5)).rename(columns={"response": "answer"}).to_csv(
+        work / "demos.csv", index=False)
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["prepare"].update(source="file", path="prompts.jsonl", prompt_field="question")
+    raw["sft"].update(model=str(model_dir), epochs=0, demonstrations="file", demo_path="demos.csv",
+                      demo_response_field="answer")
+    raw["rollout"].update(prompts_per_round=8, samples_per_prompt=2, max_new_tokens=8)
+    raw["ppo"].update(epochs=1, minibatch_size=8, micro_batch_size=4, critic="separate")
+    raw["evaluate"].update(num_prompts=4, samples_per_prompt=1, max_new_tokens=8, num_perplexity_texts=5)
+    raw["rounds"] = {"r1": {"from": "sft"}}
+    (work / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(work)
+    params = load_params("params.yaml")
+    no_round, round_one = argparse.Namespace(), argparse.Namespace(round="r1")
+
+    prepare.main(params, no_round)
+    assert json.loads((work / "metrics/prepare.json").read_text())["prompts_read"] == 60
+    sft.main(params, no_round)
+    snapshot = AutoTokenizer.from_pretrained(work / "models/sft")
+    assert snapshot.pad_token_id != snapshot.eos_token_id
+    for stage in (rollout, score, advantages, optimize):
+        stage.main(params, round_one)
+    evaluate.main(params, no_round)
+    assert (work / "models/r1/critic/value_head.safetensors").is_file()
+    evaluation = json.loads((work / "metrics/eval.json").read_text())
+    assert set(evaluation) == {"sft", "r1"}
+    assert evaluation["sft"]["kl"] == 0.0
