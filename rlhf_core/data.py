@@ -69,6 +69,14 @@ def text_column(frame, field: str, where: str) -> list[str]:
     return values
 
 
+def truncate_text(text: str, max_chars: int) -> str:
+    """The first ``max_chars`` characters, cut back to a word boundary when the cut splits a word."""
+    cut = text[:max_chars]
+    if len(text) > max_chars and not text[max_chars].isspace() and any(c.isspace() for c in cut):
+        cut = cut[: max(i for i, c in enumerate(cut) if c.isspace())]
+    return cut.rstrip()
+
+
 @dataclass
 class PromptSets:
     train: object  # DataFrame with columns prompt[, answer]
@@ -103,7 +111,7 @@ def prepare_prompts(records: list[dict], *, max_chars: int, too_long: str, eval_
             too_long_count += 1
             if too_long == "drop":
                 continue
-            record = {**record, "prompt": record["prompt"][:max_chars]}
+            record = {**record, "prompt": truncate_text(record["prompt"], max_chars)}
         kept.append(record)
     if too_long == "truncate":  # truncation can create new duplicates; the first occurrence wins again
         truncated_seen, deduplicated = set(), []
@@ -159,9 +167,13 @@ def read_demonstrations(params) -> list[dict]:
         return [{"prompt": r["prompt"], "response": r["response"]} for r in rows]
     where = f"sft.demo_path {sft.demo_path}"
     frame = load_table(sft.demonstrations, sft.demo_path, sft.demo_dataset_config, sft.demo_split)
-    prompts = text_column(frame, sft.demo_prompt_field, where)
     responses = text_column(frame, sft.demo_response_field, where)
-    rows = [{"prompt": p, "response": r} for p, r in zip(prompts, responses) if r.strip()]
+    if sft.demo_prompt_field:
+        prompts = text_column(frame, sft.demo_prompt_field, where)
+    else:  # plain text: its opening is the prompt, the rest the response (continuation tasks)
+        prompts = [truncate_text(text, sft.demo_prompt_chars) for text in responses]
+        responses = [text[len(prompt):] for prompt, text in zip(prompts, responses)]
+    rows = [{"prompt": p, "response": r} for p, r in zip(prompts, responses) if p.strip() and r.strip()]
     if len(rows) < 2:
         raise DataError(f"{where}: {len(rows)} non-empty demonstration(s); need at least 2")
     return rows

@@ -97,6 +97,13 @@ def build_tiny_model(tiny, tokenizer):
     return GPT2LMHeadModel(config)
 
 
+def quiet_transformers() -> None:
+    """No per-load progress bars in stage logs (they are noise for tiny models and in CI)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_tokenizer(path: str):
     """Load a tokenizer, making sure it has a pad token distinct from EOS and pads on the left."""
     from transformers import AutoTokenizer
@@ -125,6 +132,7 @@ def disable_dropout(model: nn.Module) -> nn.Module:
 def load_causal_lm(path: str, device: torch.device):
     from transformers import AutoModelForCausalLM
 
+    quiet_transformers()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except OSError as exc:
@@ -297,6 +305,7 @@ def save_checkpoint(directory: Path, model: ActorCritic, tokenizer, state: dict)
     """save_pretrained policy + tokenizer (plain transformers loads them), the critic, and the RL state."""
     from safetensors.torch import save_file
 
+    quiet_transformers()
     model.policy.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     head_dir = directory

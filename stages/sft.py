@@ -9,9 +9,10 @@ def main(params, args):
     """Train (or snapshot) the SFT reference into models/sft."""
     import pandas as pd
 
-    from rlhf_core.models import resolve_device, seed_everything
+    from rlhf_core.models import quiet_transformers, resolve_device, seed_everything
     from rlhf_core.sft import build_reference, encode_demonstrations, perplexity, train_sft
 
+    quiet_transformers()
     seed = params.round_seed("sft", "sft")
     seed_everything(seed)
     device = resolve_device(params.device)

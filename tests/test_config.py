@@ -320,3 +320,12 @@ def test_params_yaml_keys_are_exactly_the_schema_keys():
     assert isinstance(raw["rounds"], dict) and raw["rounds"]
     for key, spec in raw["rounds"].items():
         assert set(spec) == {"from"}, key
+
+
+def test_every_example_params_file_validates():
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).resolve().parents[1] / "examples").glob("params*.yaml"))
+    assert examples
+    for path in examples:
+        load_params(path)

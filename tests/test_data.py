@@ -254,3 +254,28 @@ def test_split_heldout_is_seeded():
     rows = [{"i": i} for i in range(50)]
     assert split_heldout(rows, 0.2, seed=1) == split_heldout(rows, 0.2, seed=1)
     assert split_heldout(rows, 0.2, seed=1) != split_heldout(rows, 0.2, seed=2)
+
+
+def test_truncation_cuts_at_a_word_boundary():
+    from rlhf_core.data import truncate_text
+
+    assert truncate_text("I loved this movie so much", 10) == "I loved"
+    assert truncate_text("same start AAA", 10) == "same start"
+    assert truncate_text("abcdefghijKLM", 10) == "abcdefghij"
+    assert truncate_text("short", 10) == "short"
+
+
+def test_plain_text_demonstrations_split_into_prompt_and_response(tmp_path):
+    from dataclasses import replace
+
+    from rlhf_core.config import Params, SFTParams
+    from rlhf_core.data import read_demonstrations
+
+    pd.DataFrame({"text": ["This film was a total joy from start to end.", "Bad.", "Dull plot, weak cast, long."]}).to_csv(
+        tmp_path / "reviews.csv", index=False)
+    sft = replace(SFTParams(), demonstrations="file", demo_path=str(tmp_path / "reviews.csv"), demo_prompt_field="",
+                  demo_response_field="text", demo_prompt_chars=12)
+    rows = read_demonstrations(replace(Params(), sft=sft))
+    # "Bad." fits entirely in the prompt and leaves no response: dropped.
+    assert rows == [{"prompt": "This film", "response": " was a total joy from start to end."},
+                    {"prompt": "Dull plot,", "response": " weak cast, long."}]
