@@ -84,7 +84,8 @@ def test_hf_model_directory_and_local_files_through_every_stage(tmp_path, tiny_c
     raw["rollout"].update(prompts_per_round=8, samples_per_prompt=2, max_new_tokens=8)
     raw["ppo"].update(epochs=1, minibatch_size=8, micro_batch_size=4, critic="separate")
     raw["evaluate"].update(num_prompts=4, samples_per_prompt=1, max_new_tokens=8, num_perplexity_texts=5)
-    raw["rounds"] = {"r1": {"from": "sft"}}
+    raw["advantages"].update(adaptive_kl=True, kl_coef=0.2, kl_target=0.01, kl_horizon=100)
+    raw["rounds"] = {"r1": {"from": "sft"}, "r2": {"from": "r1"}}
     (work / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(work)
     params = load_params("params.yaml")
@@ -97,8 +98,21 @@ def test_hf_model_directory_and_local_files_through_every_stage(tmp_path, tiny_c
     assert snapshot.pad_token_id != snapshot.eos_token_id
     for stage in (rollout, score, advantages, optimize):
         stage.main(params, round_one)
-    evaluate.main(params, no_round)
     assert (work / "models/r1/critic/value_head.safetensors").is_file()
+
+    # The adaptive KL controller's state travels r1 → models/r1 → r2.
+    r1_advantages = json.loads((work / "metrics/r1/advantages.json").read_text())
+    assert r1_advantages["kl_coef"] == 0.2  # round 1 starts from the param (sft has no state)
+    # round 1's KL is 0 (π = π_ref), far below the target: the clipped error −0.2 shrinks β by 16/100·0.2
+    assert r1_advantages["kl_coef_next"] == pytest.approx(0.2 * (1 - 0.2 * 16 / 100))
+    carried = json.loads((work / "models/r1/rlhf_state.json").read_text())["kl_coef"]
+    assert carried == r1_advantages["kl_coef_next"]
+    round_two = argparse.Namespace(round="r2")
+    for stage in (rollout, score, advantages, optimize):
+        stage.main(params, round_two)
+    assert json.loads((work / "metrics/r2/advantages.json").read_text())["kl_coef"] == carried
+
+    evaluate.main(params, no_round)
     evaluation = json.loads((work / "metrics/eval.json").read_text())
-    assert set(evaluation) == {"sft", "r1"}
+    assert set(evaluation) == {"sft", "r1", "r2"}
     assert evaluation["sft"]["kl"] == 0.0

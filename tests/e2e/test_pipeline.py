@@ -86,6 +86,8 @@ def pipeline(tmp_path_factory):
     outputs["noop"] = dvc(["repro"], workdir)
     outputs["clip"] = dvc(["exp", "run", "-S", "ppo.clip_range=0.1"], workdir)
     outputs["lam"] = dvc(["exp", "run", "-S", "advantages.lam=0.9"], workdir)
+    # --temp runs in <root>/.dvc/tmp/exps/<tmp>; its MLflow run must still land in <root>/mlflow.db.
+    outputs["temp"] = dvc(["exp", "run", "--temp", "-S", "evaluate.seed=7"], workdir)
     return workdir, outputs
 
 
@@ -110,6 +112,11 @@ def test_lam_reuses_round_one_rollout_and_score(pipeline):
     ran = ran_stages(outputs["lam"])
     assert "rollout@r1" not in ran and "score@r1" not in ran
     assert {"advantages@r1", "optimize@r1", "advantages@r2", "evaluate", "track"} <= ran
+
+
+def test_temp_experiment_reruns_only_evaluation(pipeline):
+    _, outputs = pipeline
+    assert ran_stages(outputs["temp"]) == {"evaluate", "track"}
 
 
 def test_eval_metrics_shape_and_values(pipeline):
@@ -146,10 +153,13 @@ def test_one_mlflow_run_per_pipeline_state(pipeline):
 
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["rlhf"])
-    assert len(runs) == 3, runs[["run_id", "tags.dvc_exp_name"]]
-    assert sorted(runs["params.ppo.clip_range"]) == ["0.1", "0.1", "0.2"]
-    assert sorted(runs["params.advantages.lam"]) == ["0.9", "0.95", "0.95"]
-    assert runs["tags.pipeline_state"].nunique() == 3
+    # repro, clip_range, lam, and the --temp run (logged to the root database, not the temp copy)
+    assert len(runs) == 4, runs[["run_id", "tags.dvc_exp_name"]]
+    assert sorted(runs["params.ppo.clip_range"]) == ["0.1", "0.1", "0.1", "0.2"]
+    assert sorted(runs["params.advantages.lam"]) == ["0.9", "0.9", "0.95", "0.95"]
+    assert sorted(runs["params.evaluate.seed"]) == ["1234", "1234", "1234", "7"]
+    assert runs["tags.pipeline_state"].nunique() == 4
+    assert not list((workdir / ".dvc" / "tmp").rglob("mlflow.db"))
     assert set(runs["tags.dvc_exp_name"]) - {"workspace"}  # the exp runs carry their experiment names
     assert runs["tags.git_commit"].str.len().eq(40).all()
     client = mlflow.MlflowClient()

@@ -1,0 +1,55 @@
+import math
+
+import torch
+
+from rlhf_core.models import collate
+from rlhf_core.sft import encode_demonstrations, perplexity, sequence_nll, train_sft
+
+CPU = torch.device("cpu")
+
+
+class _Tokenizer:
+    """Characters as tokens: enough to check truncation and masking by hand."""
+
+    eos_token_id = 1
+    pad_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_encode_demonstrations_appends_eos_and_truncates():
+    encoded = encode_demonstrations(_Tokenizer(), [{"prompt": "abcdef", "response": "xyz"}], max_length=6)
+    prompt, response = encoded[0]
+    assert prompt == [ord(c) for c in "def"]  # prompt keeps its last max_length // 2 tokens
+    assert response == [ord("x"), ord("y"), ord("z")]  # the EOS did not fit in 6 tokens
+    prompt, response = encode_demonstrations(_Tokenizer(), [{"prompt": "ab", "response": "x"}], max_length=6)[0]
+    assert response == [ord("x"), 1]
+
+
+def test_completion_only_mask_counts_response_tokens_only(tiny_checkpoint):
+    from rlhf_core.models import load_causal_lm
+
+    model = load_causal_lm(str(tiny_checkpoint), CPU)
+    batch = collate([[10, 11, 12], [13]], [[14, 15], [16, 17, 18]], pad_id=0)
+    _, all_tokens = sequence_nll(model, batch, completion_only=False)
+    _, response_tokens = sequence_nll(model, batch, completion_only=True)
+    assert all_tokens.item() == (3 + 2 - 1) + (1 + 3 - 1)
+    assert response_tokens.item() == 2 + 3
+
+
+def test_training_lowers_heldout_perplexity(tiny_params):
+    from rlhf_core.models import seed_everything
+    from rlhf_core.sft import build_reference
+    from rlhf_core.tasks import sentiment
+
+    seed_everything(0)
+    rows = sentiment.demonstrations(200, seed=1)
+    model, tokenizer = build_reference(tiny_params, rows, CPU)
+    heldout = encode_demonstrations(tokenizer, sentiment.demonstrations(30, seed=2), 48)
+    before = perplexity(model, tokenizer, heldout, CPU)
+    metrics = train_sft(model, tokenizer, encode_demonstrations(tokenizer, rows, 48), tiny_params, CPU, seed=0,
+                        log=lambda *_: None)
+    after = perplexity(model, tokenizer, heldout, CPU)
+    assert math.isfinite(metrics["train_loss"])
+    assert after < 0.5 * before, (before, after)
