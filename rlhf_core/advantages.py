@@ -89,26 +89,115 @@ def pad_sequences(sequences, dtype=torch.float32) -> tuple[torch.Tensor, torch.T
     return values, mask
 
 
+def reward_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """G_t = Σ_{t' ≥ t} γ^{t'−t} r_t' on right-padded sequences.  [B, T] -> [B, T], 0 on padding."""
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(rewards.shape[1])):
+        running = (rewards[:, t] + gamma * running) * mask[:, t]
+        returns[:, t] = running
+    return returns
+
+
+def leave_one_out_baseline(values: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """b_i = (Σ_{j ∈ g(i)} v_j − v_i) / (n_g − 1): the mean of the *other* samples of i's group.  [B] -> [B].
+
+    Every group needs at least 2 members.
+    """
+    groups, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    if (counts < 2).any():
+        raise ValueError("leave-one-out needs at least 2 samples per prompt")
+    sums = torch.zeros(len(groups), dtype=values.dtype).index_add_(0, inverse, values)
+    return (sums[inverse] - values) / (counts[inverse] - 1).to(values.dtype)
+
+
+def group_normalize(scores: torch.Tensor, group_ids: torch.Tensor, scale_by_std: bool, eps: float) -> torch.Tensor:
+    """GRPO advantages (Shao et al. 2024): Â_i = (r_i − mean_g(r)) / (std_g(r) + ε), std unbiased.
+
+    With scale_by_std=False (Dr. GRPO, Liu et al. 2025): Â_i = r_i − mean_g(r).  [B] -> [B].
+    """
+    groups, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    sums = torch.zeros(len(groups), dtype=scores.dtype).index_add_(0, inverse, scores)
+    means = sums / counts.to(scores.dtype)
+    centred = scores - means[inverse]
+    if not scale_by_std:
+        return centred
+    squares = torch.zeros(len(groups), dtype=scores.dtype).index_add_(0, inverse, centred ** 2)
+    std = (squares / (counts - 1).clamp(min=1).to(scores.dtype)).sqrt()
+    return centred / (std[inverse] + eps)
+
+
+ESTIMATORS = ("gae", "reinforce", "grpo", "rloo")
+
+
+def estimator_for(algorithm: str, reinforce_baseline: str) -> str:
+    """Which advantage estimator an algorithm uses."""
+    if algorithm in ("ppo", "a2c", "trpo", "npg") or (algorithm == "reinforce" and reinforce_baseline == "value"):
+        return "gae"
+    return {"reinforce": "reinforce", "grpo": "grpo", "rloo": "rloo"}[algorithm]
+
+
 def round_advantages(logprobs, ref_logprobs, values, scores, *, kl_coef: float, kl_estimator: str, gamma: float,
-                     lam: float, whiten_rewards: bool, whiten_advantages: bool) -> tuple[dict, dict]:
+                     lam: float, whiten_rewards: bool, whiten_advantages: bool, estimator: str = "gae",
+                     group_ids=None, return_type: str = "sequence", baseline: str = "none",
+                     moving_baseline: float = 0.0, scale_by_std: bool = True, eps: float = 1e-6) -> tuple[dict, dict]:
     """The advantages step of one round, on ragged per-response arrays.
 
-    logprobs, ref_logprobs, values: lists of [T_i] arrays; scores: [B].
-    Returns ({'kl', 'rewards', 'advantages', 'returns'}: lists of float32 arrays, metrics dict).
+    logprobs, ref_logprobs, values: lists of [T_i] arrays; scores: [B]; group_ids: [B] (the prompt of
+    each response) for the group estimators.  Token rewards are r_t = −β·kl_t plus the score on the
+    last token (β = 0 for grpo, which puts its KL in the loss).  Then, by estimator:
+
+        gae        A = GAE(γ, λ) with the critic's values; R = A + V   (ppo, a2c, trpo, npg)
+        reinforce  A_t = G − b, with G the sequence return Σ_t γ^t r_t or the reward-to-go G_t, and b
+                   none (0), the moving average of past mean returns, or the leave-one-out group mean
+        rloo       A_i = G_i − mean_{j≠i in the prompt's group} G_j, for every token of response i
+        grpo       A_i = (s_i − mean_g s) / (std_g s + ε) from the scores alone, for every token of i
+
+    Returns ({'kl', 'rewards', 'advantages', 'returns'}: lists of float32 arrays, metrics dict).  For the
+    critic-free estimators ``returns`` is the reward-to-go, so a critic can still be fitted.
     """
     from rlhf_core.kl import kl_estimate
 
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {estimator!r}")
     logprobs_t, mask = pad_sequences(logprobs)
     ref_t, _ = pad_sequences(ref_logprobs)
     values_t, _ = pad_sequences(values)
     scores_t = torch.as_tensor(scores, dtype=torch.float32)
+    groups = None if group_ids is None else torch.as_tensor(group_ids, dtype=torch.long)
+    if estimator in ("grpo", "rloo") or baseline == "leave_one_out":
+        if groups is None:
+            raise ValueError(f"{estimator} advantages need the prompt group of every response")
     kl = kl_estimate(kl_estimator, logprobs_t, ref_t) * mask
-    rewards = token_rewards(scores_t, kl, mask, kl_coef)
+    reward_kl_coef = 0.0 if estimator == "grpo" else kl_coef
+    rewards = token_rewards(scores_t, kl, mask, reward_kl_coef)
     if whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
-    advantages, returns = gae(rewards, values_t, mask, gamma, lam)
-    if whiten_advantages:
-        advantages = masked_whiten(advantages, mask, shift_mean=True)
+    to_go = reward_to_go(rewards, mask, gamma)
+    sequence_return = to_go[:, 0]
+
+    if estimator == "gae":
+        advantages, returns = gae(rewards, values_t, mask, gamma, lam)
+        if whiten_advantages:
+            advantages = masked_whiten(advantages, mask, shift_mean=True)
+    else:
+        returns = to_go
+        if estimator == "grpo":
+            per_sequence = group_normalize(scores_t, groups, scale_by_std, eps)
+            advantages = per_sequence.unsqueeze(-1) * mask
+        elif estimator == "rloo":
+            per_sequence = sequence_return - leave_one_out_baseline(sequence_return, groups)
+            advantages = per_sequence.unsqueeze(-1) * mask
+        else:  # reinforce
+            signal = to_go if return_type == "reward_to_go" else sequence_return.unsqueeze(-1).expand_as(to_go)
+            if baseline == "moving_average":
+                baseline_t = torch.full_like(sequence_return, moving_baseline)
+            elif baseline == "leave_one_out":
+                baseline_t = leave_one_out_baseline(sequence_return, groups)
+            else:
+                baseline_t = torch.zeros_like(sequence_return)
+            advantages = (signal - baseline_t.unsqueeze(-1)) * mask
+
     for name, tensor in (("rewards", rewards), ("advantages", advantages), ("returns", returns)):
         if not torch.isfinite(tensor).all():
             row = int((~torch.isfinite(tensor)).any(-1).nonzero()[0])
@@ -120,13 +209,15 @@ def round_advantages(logprobs, ref_logprobs, values, scores, *, kl_coef: float, 
         return [tensor[row, :length].numpy().astype("float32") for row, length in enumerate(lengths)]
 
     metrics = {
-        "kl_coef": float(kl_coef),
+        "kl_coef": float(reward_kl_coef),
         "kl_sequence_mean": float(sequence_kl.mean()),
         "kl_k1_sequence_mean": float(((logprobs_t - ref_t) * mask).sum(-1).mean()),
         "score_mean": float(scores_t.mean()),
         "score_std": float(scores_t.std(unbiased=False)),
-        "non_score_reward_mean": float((-kl_coef * sequence_kl).mean()),
+        "return_sequence_mean": float(sequence_return.mean()),
+        "non_score_reward_mean": float((-reward_kl_coef * sequence_kl).mean()),
         "advantage_mean": float(masked_mean(advantages, mask)),
+        "advantage_std": float(masked_var(advantages, mask).sqrt()),
         "return_mean": float(masked_mean(returns, mask)),
         "value_mean": float(masked_mean(values_t, mask)),
         "value_explained_variance": explained_variance(values_t, returns, mask),

@@ -116,6 +116,26 @@ class AdvantagesParams:
     whiten_advantages: bool = param(True, "whiten the advantages over the round")
 
 
+ALGORITHMS = ("reinforce", "a2c", "ppo", "trpo", "npg", "grpo", "rloo")
+
+
+@dataclass(frozen=True)
+class AlgorithmParams:
+    name: Literal["reinforce", "a2c", "ppo", "trpo", "npg", "grpo", "rloo"] = param(
+        "ppo", "policy optimizer: reinforce, a2c (REINFORCE with a learned value and GAE), ppo, trpo, npg (natural gradient), grpo or rloo")
+    critic: Literal["value_head", "separate"] = param(
+        "value_head", "critic: a value head on the policy backbone, or a separate backbone with its own head")
+
+
+@dataclass(frozen=True)
+class ReinforceParams:
+    return_type: Literal["sequence", "reward_to_go"] = param(
+        "sequence", "G for every token: the whole sequence's return, or the token-level reward-to-go Σ_{t'≥t} γ^{t'−t} r_t'")
+    baseline: Literal["none", "moving_average", "leave_one_out", "value"] = param(
+        "moving_average", "b subtracted from G: none, a moving average of past mean returns (carried across rounds), the mean of the other samples of the prompt, or a learned value (= a2c, GAE advantages)")
+    baseline_momentum: float = param(0.9, "moving-average baseline: b ← m·b + (1−m)·mean(G) after each round", ge=0.0, lt=1.0)
+
+
 @dataclass(frozen=True)
 class PPOParams:
     epochs: int = param(4, "passes over the round's data", ge=1)
@@ -132,7 +152,38 @@ class PPOParams:
     ent_coef: float = param(0.0, "weight of the entropy bonus", ge=0.0)
     max_grad_norm: float = param(1.0, "gradient-norm clipping threshold", gt=0.0)
     target_kl: Optional[float] = param(0.1, "stop the round's updates early when approx-KL to π_old passes this; null disables", gt=0.0)
-    critic: Literal["value_head", "separate"] = param("value_head", "critic: a value head on the policy backbone, or a separate backbone with its own head")
+    dual_clip: Optional[float] = param(None, "dual-clip constant c > 1 bounding the loss of negative-advantage tokens at −c·A (Ye et al. 2020); null disables", gt=1.0)
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = param(
+        "token_mean", "how token losses become a scalar: mean over all tokens, mean over sequences of per-sequence token means, or of token sums")
+    kl_loss_coef: float = param(0.0, "weight of KL(π_θ‖π_ref) as a loss term (an alternative to advantages.kl_coef in the reward)", ge=0.0)
+    kl_loss_estimator: Literal["k1", "k2", "k3"] = param("k3", "estimator of the KL loss term")
+    ratio_level: Literal["token", "sequence"] = param("token", "importance ratio per token, or one per sequence: exp(mean_t log ρ_t) (GSPO-style)")
+
+
+@dataclass(frozen=True)
+class TRPOParams:
+    max_kl: float = param(0.01, "trust region δ: mean KL(π_old‖π_θ) per token allowed for a step (trpo and npg)", gt=0.0)
+    cg_iters: int = param(10, "conjugate-gradient iterations", ge=1)
+    cg_damping: float = param(0.1, "damping λ added to the Fisher: (F + λI)·v", ge=0.0)
+    cg_residual_tol: float = param(1e-10, "stop conjugate gradient when the squared residual falls below this", gt=0.0)
+    backtrack_fraction: float = param(0.5, "line search: the step is multiplied by this after each rejection (trpo)", gt=0.0, lt=1.0)
+    max_backtracks: int = param(10, "line search: rejections before giving up; then no update is made (trpo)", ge=0)
+    steps: int = param(1, "trust-region steps per round, each on the full round's data", ge=1)
+    trainable_last_n_blocks: Optional[int] = param(None, "restrict the policy update to the last N transformer blocks plus the final norm and LM head; null trains all", ge=0)
+    critic_lr: float = param(1e-3, "learning rate of the critic's own Adam optimizer", gt=0.0)
+    critic_epochs: int = param(4, "passes of value regression over the round's data", ge=0)
+
+
+@dataclass(frozen=True)
+class GRPOParams:
+    scale_by_std: bool = param(True, "divide group-centred rewards by the group's std (false = Dr. GRPO)")
+    eps: float = param(1e-6, "ε in (r − mean) / (std + ε)", gt=0.0)
+    kl_coef: float = param(0.04, "β of the k3 KL(π_θ‖π_ref) loss term; GRPO puts no KL in the reward", ge=0.0)
+
+
+@dataclass(frozen=True)
+class RLOOParams:
+    objective: Literal["reinforce", "clipped"] = param("reinforce", "loss on the leave-one-out advantages: the plain policy gradient, or PPO's clipped surrogate (ppo.*)")
 
 
 @dataclass(frozen=True)
@@ -172,7 +223,12 @@ class Params:
     rollout: RolloutParams = section(RolloutParams, "generation of each round")
     score: ScoreParams = section(ScoreParams, "reward scoring")
     advantages: AdvantagesParams = section(AdvantagesParams, "KL-penalised rewards and GAE")
-    ppo: PPOParams = section(PPOParams, "policy optimisation")
+    algorithm: AlgorithmParams = section(AlgorithmParams, "which policy optimizer, and the critic")
+    reinforce: ReinforceParams = section(ReinforceParams, "REINFORCE returns and baselines (reinforce)")
+    ppo: PPOParams = section(PPOParams, "clipped policy optimisation; epochs, batching and optimizer settings are shared by reinforce, a2c, grpo and rloo")
+    trpo: TRPOParams = section(TRPOParams, "trust-region methods (trpo, npg)")
+    grpo: GRPOParams = section(GRPOParams, "group-relative advantages (grpo)")
+    rloo: RLOOParams = section(RLOOParams, "REINFORCE leave-one-out (rloo)")
     evaluate: EvaluateParams = section(EvaluateParams, "held-out evaluation")
     tracking: TrackingParams = section(TrackingParams, "MLflow")
     rounds: dict = field(
@@ -184,8 +240,13 @@ class Params:
         tiny = self.sft.tiny
         if tiny.hidden_size % tiny.num_heads:
             raise ConfigError(f"sft.tiny.num_heads = {tiny.num_heads}: must divide sft.tiny.hidden_size ({tiny.hidden_size})")
-        if self.ppo.micro_batch_size > self.ppo.minibatch_size:
-            raise ConfigError(f"ppo.micro_batch_size = {self.ppo.micro_batch_size}: must be <= ppo.minibatch_size ({self.ppo.minibatch_size})")
+        if self.ppo.minibatch_size % self.ppo.micro_batch_size:
+            raise ConfigError(f"ppo.micro_batch_size = {self.ppo.micro_batch_size}: must divide ppo.minibatch_size ({self.ppo.minibatch_size})")
+        group_based = self.algorithm.name in ("grpo", "rloo") or (
+            self.algorithm.name == "reinforce" and self.reinforce.baseline == "leave_one_out")
+        if group_based and self.rollout.samples_per_prompt < 2:
+            raise ConfigError(f"rollout.samples_per_prompt = {self.rollout.samples_per_prompt}: {self.algorithm.name} compares "
+                              "the samples of a prompt and needs at least 2")
         if self.prepare.source != "builtin" and not self.prepare.path:
             raise ConfigError(f"prepare.path is empty: required when prepare.source is {self.prepare.source!r}")
         if self.sft.demonstrations != "builtin" and not self.sft.demo_path:

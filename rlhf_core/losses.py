@@ -49,3 +49,53 @@ def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tenso
 
 def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum()
+
+
+def dual_clip(loss: torch.Tensor, advantages: torch.Tensor, clip_c: float | None) -> torch.Tensor:
+    """Dual-clip PPO (Ye et al. 2020): for A_t < 0 the clipped loss is further bounded by −c·A_t,
+
+        L_t = min(L_t^clip, −c·A_t)   if A_t < 0,     L_t^clip otherwise      (c > 1)
+
+    so a very large ratio on a bad action cannot produce an unbounded update.  [B,T] -> [B,T].
+    """
+    if clip_c is None:
+        return loss
+    return torch.where(advantages < 0, torch.minimum(loss, -clip_c * advantages), loss)
+
+
+def sequence_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One log-ratio per sequence, broadcast to its tokens (GSPO-style, length-normalised):
+
+        log ρ_i = (1/|y_i|) Σ_t (log π_θ(y_i,t) − log π_old(y_i,t))
+
+    [B,T] -> [B,T] (every token of row i carries log ρ_i).
+    """
+    per_token = (logprobs - old_logprobs) * mask
+    per_sequence = per_token.sum(-1) / mask.sum(-1).clamp(min=1.0)
+    return per_sequence.unsqueeze(-1).expand_as(logprobs)
+
+
+def policy_gradient_loss(logprobs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """The REINFORCE / actor-critic loss per token: L_t = −A_t · log π_θ(a_t|s_t).  [B,T] -> [B,T]."""
+    return -advantages * logprobs
+
+
+def aggregate(loss: torch.Tensor, mask: torch.Tensor, mode: str, *, total_tokens: float,
+              total_sequences: float) -> torch.Tensor:
+    """Reduce per-token losses of a micro-batch to its share of the minibatch loss.
+
+    token_mean:          Σ_i Σ_t L_it / (tokens in the minibatch)
+    seq_mean_token_mean: Σ_i [(1/|y_i|) Σ_t L_it] / (sequences in the minibatch)
+    seq_mean_token_sum:  Σ_i [Σ_t L_it] / (sequences in the minibatch)
+
+    Summing the returned values over the micro-batches of a minibatch gives the minibatch loss, so
+    gradient accumulation is exact.  loss, mask: [B,T] -> scalar.
+    """
+    masked = loss * mask
+    if mode == "token_mean":
+        return masked.sum() / total_tokens
+    if mode == "seq_mean_token_mean":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / total_sequences
+    if mode == "seq_mean_token_sum":
+        return masked.sum() / total_sequences
+    raise ValueError(f"unknown loss aggregation {mode!r}")

@@ -1,4 +1,4 @@
-"""KL-penalised token rewards, GAE advantages and returns, and the KL controller's next state."""
+"""Token rewards (score − β·KL), the algorithm's advantages and returns, and the state for the next round."""
 
 from pathlib import Path
 
@@ -8,38 +8,48 @@ from rlhf_core.io import atomic_dir, read_json, read_parquet, write_json, write_
 
 
 def main(params, args):
-    """Compute advantages/<round>/advantages.parquet and the KL coefficient for the next round."""
+    """Compute advantages/<round>/advantages.parquet and state.json (KL coefficient, reward baseline)."""
     import pandas as pd
 
-    from rlhf_core.advantages import round_advantages
+    from rlhf_core.advantages import estimator_for, round_advantages
     from rlhf_core.kl import AdaptiveKLController, FixedKLController
     from rlhf_core.models import STATE_FILE, checkpoint_dir
 
     adv, round_key = params.advantages, args.round
-    rollouts = read_parquet(f"rollouts/{round_key}/rollouts.parquet", ("logprobs", "ref_logprobs", "values"))
+    rollouts = read_parquet(f"rollouts/{round_key}/rollouts.parquet",
+                            ("prompt_index", "logprobs", "ref_logprobs", "values"))
     scores = read_parquet(f"scores/{round_key}/scores.parquet", ("total",))
     if len(scores) != len(rollouts):
         raise DataError(f"scores/{round_key} has {len(scores)} rows for {len(rollouts)} rollouts; re-run score@{round_key}")
 
-    # The controller's state travels inside the checkpoint this round starts from (none for sft).
+    # State carried across rounds travels inside the checkpoint this round starts from (none for sft).
     state_file = Path(checkpoint_dir(params.rounds[round_key].start_from)) / STATE_FILE
     carried = read_json(state_file) if state_file.is_file() else {}
     if adv.adaptive_kl:
         controller = AdaptiveKLController(carried.get("kl_coef", adv.kl_coef), adv.kl_target, adv.kl_horizon)
     else:
         controller = FixedKLController(adv.kl_coef)
-    kl_coef = controller.value
+    baseline = carried.get("reward_baseline", 0.0)
 
+    estimator = estimator_for(params.algorithm.name, params.reinforce.baseline)
     arrays, metrics = round_advantages(
         rollouts["logprobs"].tolist(), rollouts["ref_logprobs"].tolist(), rollouts["values"].tolist(),
-        scores["total"].tolist(), kl_coef=kl_coef, kl_estimator=adv.kl_estimator, gamma=adv.gamma, lam=adv.lam,
-        whiten_rewards=adv.whiten_rewards, whiten_advantages=adv.whiten_advantages)
-    metrics["kl_coef_next"] = controller.update(metrics["kl_sequence_mean"], len(rollouts))
+        scores["total"].tolist(), kl_coef=controller.value, kl_estimator=adv.kl_estimator, gamma=adv.gamma,
+        lam=adv.lam, whiten_rewards=adv.whiten_rewards, whiten_advantages=adv.whiten_advantages,
+        estimator=estimator, group_ids=rollouts["prompt_index"].tolist(), return_type=params.reinforce.return_type,
+        baseline=params.reinforce.baseline, moving_baseline=baseline, scale_by_std=params.grpo.scale_by_std,
+        eps=params.grpo.eps)
+    momentum = params.reinforce.baseline_momentum
+    state = {
+        "kl_coef": controller.update(metrics["kl_sequence_mean"], len(rollouts)),
+        "reward_baseline": momentum * baseline + (1.0 - momentum) * metrics["return_sequence_mean"],
+    }
+    metrics.update(estimator=estimator, kl_coef_next=state["kl_coef"], reward_baseline=baseline)
     log(f"advantages@{round_key}: {metrics}")
     with atomic_dir(f"advantages/{round_key}") as out:
         pd.DataFrame(arrays).to_parquet(out / "advantages.parquet", index=False)
-        write_json_into(out, "kl_controller.json", {"kl_coef": metrics["kl_coef_next"], "adaptive": adv.adaptive_kl})
-    write_json(f"metrics/{round_key}/advantages.json", metrics)
+        write_json_into(out, "state.json", state)
+    write_json(f"metrics/{round_key}/advantages.json", {k: v for k, v in metrics.items() if k != "estimator"})
 
 
 if __name__ == "__main__":

@@ -1,39 +1,43 @@
-"""Update the policy and critic on the round's experience (PPO) and write the next checkpoint."""
+"""Update the policy (and critic) on the round's experience with the chosen algorithm; write the next checkpoint."""
 
 from rlhf_core.cli import log, run_stage
 from rlhf_core.io import atomic_dir, read_json, read_parquet, write_json
 
 
 def main(params, args):
-    """Train on rollouts/<round> + advantages/<round>; write models/<round>."""
+    """Train on rollouts/<round> + advantages/<round> with algorithm.name; write models/<round>."""
     from rlhf_core.algorithms import get_algorithm
-    from rlhf_core.algorithms.ppo import Experience, old_value_explained_variance
+    from rlhf_core.algorithms.common import Experience
     from rlhf_core.models import checkpoint_dir, load_actor_critic, load_tokenizer, resolve_device, save_checkpoint, \
         seed_everything
 
     round_key = args.round
     start_from = params.rounds[round_key].start_from
+    train = get_algorithm(params.algorithm.name)
     seed = params.round_seed(round_key, "optimize")
     seed_everything(seed)
     device = resolve_device(params.device)
 
-    rollouts = read_parquet(f"rollouts/{round_key}/rollouts.parquet", ("prompt_ids", "response_ids", "logprobs", "values"))
+    rollouts = read_parquet(f"rollouts/{round_key}/rollouts.parquet",
+                            ("prompt_ids", "response_ids", "logprobs", "ref_logprobs", "values"))
     advantages = read_parquet(f"advantages/{round_key}/advantages.parquet", ("advantages", "returns"))
-    kl_state = read_json(f"advantages/{round_key}/kl_controller.json")
+    state = read_json(f"advantages/{round_key}/state.json")
     experience = Experience(rollouts["prompt_ids"].tolist(), rollouts["response_ids"].tolist(),
-                            rollouts["logprobs"].tolist(), rollouts["values"].tolist(),
-                            advantages["advantages"].tolist(), advantages["returns"].tolist())
+                            rollouts["logprobs"].tolist(), rollouts["ref_logprobs"].tolist(),
+                            rollouts["values"].tolist(), advantages["advantages"].tolist(),
+                            advantages["returns"].tolist())
 
     tokenizer = load_tokenizer(checkpoint_dir(start_from))
-    model = load_actor_critic(checkpoint_dir(start_from), params.ppo.critic, device)
-    train = get_algorithm("ppo")
-    metrics = train(model, experience, params.ppo, temperature=params.rollout.temperature,
+    model = load_actor_critic(checkpoint_dir(start_from), params.algorithm.critic, device)
+    metrics = train(model, experience, params, temperature=params.rollout.temperature,
                     pad_id=tokenizer.pad_token_id, device=device, seed=seed, log=log)
-    metrics["value_explained_variance"] = old_value_explained_variance(experience)
-    metrics["kl_coef"] = read_json(f"metrics/{round_key}/advantages.json")["kl_coef"]
-    log(f"optimize@{round_key}: {metrics}")
+    advantages_metrics = read_json(f"metrics/{round_key}/advantages.json")
+    metrics.update(kl_coef=advantages_metrics["kl_coef"],
+                   value_explained_variance=advantages_metrics["value_explained_variance"],
+                   score_mean=advantages_metrics["score_mean"])
+    log(f"optimize@{round_key} ({params.algorithm.name}): {metrics}")
     with atomic_dir(checkpoint_dir(round_key)) as out:
-        save_checkpoint(out, model, tokenizer, {"kl_coef": kl_state["kl_coef"], "round": round_key})
+        save_checkpoint(out, model, tokenizer, {**state, "round": round_key, "algorithm": params.algorithm.name})
     write_json(f"metrics/{round_key}/optimize.json", metrics)
 
 

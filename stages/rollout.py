@@ -21,7 +21,7 @@ def main(params, args):
     prompts = [train["prompt"].iloc[i] for i in indices]
 
     tokenizer = load_tokenizer(checkpoint_dir(start_from))
-    actor_critic = load_actor_critic(checkpoint_dir(start_from), params.ppo.critic, device)
+    actor_critic = load_actor_critic(checkpoint_dir(start_from), params.algorithm.critic, device)
     reference_is_policy = start_from == "sft"
     reference = None if reference_is_policy else load_causal_lm(checkpoint_dir("sft"), device)
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]

@@ -13,6 +13,17 @@ if str(REPO) not in sys.path:  # the stage scripts (stages/) are imported by tes
     sys.path.insert(0, str(REPO))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models on a 2-core machine: intra-op threads only contend and run ~10x slower; use one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_params():
     from rlhf_core.config import Params, TinyModelParams, SFTParams

@@ -61,10 +61,10 @@ def test_empty_mapping_gives_defaults():
 
 
 def test_non_default_values_are_read():
-    params = params_from_dict({"seed": 7, "ppo": {"epochs": 2, "target_kl": None, "critic": "separate"},
+    params = params_from_dict({"seed": 7, "ppo": {"epochs": 2, "target_kl": None}, "algorithm": {"critic": "separate"},
                                "sft": {"tiny": {"hidden_size": 64, "num_heads": 8}}})
     assert params.seed == 7
-    assert params.ppo.epochs == 2 and params.ppo.target_kl is None and params.ppo.critic == "separate"
+    assert params.ppo.epochs == 2 and params.ppo.target_kl is None and params.algorithm.critic == "separate"
     assert params.sft.tiny.hidden_size == 64 and params.sft.tiny.num_heads == 8
     # an int where a float is expected becomes a float
     assert params_from_dict({"ppo": {"clip_range": 1}}).ppo.clip_range == 1.0
@@ -142,7 +142,10 @@ def test_out_of_range(raw, key, words):
 
 
 @pytest.mark.parametrize("raw, key", [
-    ({"ppo": {"critic": "foo"}}, "ppo.critic"),
+    ({"algorithm": {"critic": "foo"}}, "algorithm.critic"),
+    ({"algorithm": {"name": "sac"}}, "algorithm.name"),
+    ({"ppo": {"loss_aggregation": "sum"}}, "ppo.loss_aggregation"),
+    ({"rloo": {"objective": "dpo"}}, "rloo.objective"),
     ({"ppo": {"lr_schedule": "exponential"}}, "ppo.lr_schedule"),
     ({"advantages": {"kl_estimator": "k2"}}, "advantages.kl_estimator"),
     ({"prepare": {"too_long": "cut"}}, "prepare.too_long"),
@@ -155,7 +158,7 @@ def test_bad_literal(raw, key):
 
 
 def test_bad_literal_lists_the_allowed_values():
-    message = _error({"ppo": {"critic": "foo"}})
+    message = _error({"algorithm": {"critic": "foo"}})
     assert "'value_head'" in message and "'separate'" in message and "'foo'" in message
 
 
@@ -303,7 +306,7 @@ def test_schema_rows_cover_every_leaf():
     assert "ppo.clip_range" in keys and "sft.tiny.num_heads" in keys and "rounds" in keys
     by_key = {row[0]: row for row in rows}
     assert by_key["ppo.clip_range"][2] == 0.2
-    assert by_key["ppo.critic"][1] == "one of 'value_head', 'separate'"
+    assert by_key["algorithm.critic"][1] == "one of 'value_head', 'separate'"
     assert by_key["ppo.target_kl"][1] == "a number or null"
     assert all(row[3] for row in rows)
     assert len([k for k in keys if k.startswith("ppo.")]) == len(dataclasses.fields(PPOParams))
@@ -329,3 +332,25 @@ def test_every_example_params_file_validates():
     assert examples
     for path in examples:
         load_params(path)
+
+
+def test_micro_batch_must_divide_minibatch():
+    message = _error({"ppo": {"micro_batch_size": 24, "minibatch_size": 64}})
+    assert message == "ppo.micro_batch_size = 24: must divide ppo.minibatch_size (64)"
+
+
+@pytest.mark.parametrize("name", ["grpo", "rloo"])
+def test_group_methods_need_two_samples_per_prompt(name):
+    message = _error({"algorithm": {"name": name}, "rollout": {"samples_per_prompt": 1}})
+    assert message.startswith("rollout.samples_per_prompt = 1: ") and "at least 2" in message
+
+
+@pytest.mark.parametrize(("raw", "words"), [
+    ({"ppo": {"dual_clip": 1.0}}, "must be > 1.0"),
+    ({"trpo": {"max_kl": 0}}, "must be > 0.0"),
+    ({"trpo": {"backtrack_fraction": 1.0}}, "must be < 1.0"),
+    ({"grpo": {"kl_coef": -0.1}}, "must be >= 0.0"),
+    ({"reinforce": {"baseline_momentum": 1.0}}, "must be < 1.0"),
+])
+def test_algorithm_params_are_range_checked(raw, words):
+    assert words in _error(raw)

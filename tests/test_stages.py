@@ -82,7 +82,8 @@ def test_hf_model_directory_and_local_files_through_every_stage(tmp_path, tiny_c
     raw["sft"].update(model=str(model_dir), epochs=0, demonstrations="file", demo_path="demos.csv",
                       demo_response_field="answer")
     raw["rollout"].update(prompts_per_round=8, samples_per_prompt=2, max_new_tokens=8)
-    raw["ppo"].update(epochs=1, minibatch_size=8, micro_batch_size=4, critic="separate")
+    raw["ppo"].update(epochs=1, minibatch_size=8, micro_batch_size=4)
+    raw["algorithm"]["critic"] = "separate"
     raw["evaluate"].update(num_prompts=4, samples_per_prompt=1, max_new_tokens=8, num_perplexity_texts=5)
     raw["advantages"].update(adaptive_kl=True, kl_coef=0.2, kl_target=0.01, kl_horizon=100)
     raw["rounds"] = {"r1": {"from": "sft"}, "r2": {"from": "r1"}}
@@ -116,3 +117,38 @@ def test_hf_model_directory_and_local_files_through_every_stage(tmp_path, tiny_c
     evaluation = json.loads((work / "metrics/eval.json").read_text())
     assert set(evaluation) == {"sft", "r1", "r2"}
     assert evaluation["sft"]["kl"] == 0.0
+
+
+@pytest.mark.parametrize("algorithm", ["reinforce", "a2c", "ppo", "trpo", "npg", "grpo", "rloo"])
+def test_every_algorithm_runs_the_round_stages(tmp_path, tiny_checkpoint, monkeypatch, algorithm):
+    """advantages → optimize → rollout of the next round → evaluate, for each algorithm.name."""
+    from rlhf_core.tasks import sentiment
+    from stages import advantages, evaluate, optimize, prepare, rollout, score, sft
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["sft"].update(model=str(tiny_checkpoint), epochs=0, num_builtin_demonstrations=40)
+    raw["prepare"].update(num_builtin_prompts=60)
+    raw["rollout"].update(prompts_per_round=4, samples_per_prompt=4, max_new_tokens=6)
+    raw["ppo"].update(epochs=1, minibatch_size=8, micro_batch_size=4)
+    raw["trpo"].update(critic_epochs=1)
+    raw["evaluate"].update(num_prompts=4, samples_per_prompt=1, max_new_tokens=6, num_perplexity_texts=5)
+    raw["algorithm"]["name"] = algorithm
+    raw["rounds"] = {"r1": {"from": "sft"}, "r2": {"from": "r1"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    params = load_params("params.yaml")
+    for stage in (prepare, sft):
+        stage.main(params, argparse.Namespace())
+    for round_key in ("r1", "r2"):
+        for stage in (rollout, score, advantages, optimize):
+            stage.main(params, argparse.Namespace(round=round_key))
+    evaluate.main(params, argparse.Namespace())
+    optimize_metrics = json.loads((tmp_path / "metrics/r1/optimize.json").read_text())
+    assert json.loads((tmp_path / "models/r1/rlhf_state.json").read_text())["algorithm"] == algorithm
+    if algorithm in ("trpo", "npg"):
+        assert {"step_size", "kl_after_step", "backtracks", "cg_residual", "surrogate_improvement"} <= set(optimize_metrics)
+    else:
+        assert {"policy_loss", "entropy", "approx_kl", "optimizer_steps"} <= set(optimize_metrics)
+    if algorithm in ("ppo", "grpo"):
+        assert optimize_metrics["first_minibatch_ratio_max_deviation"] < 1e-5
+    assert set(json.loads((tmp_path / "metrics/eval.json").read_text())) == {"sft", "r1", "r2"}

@@ -1,19 +1,38 @@
-"""Policy optimizers behind one interface: ``optimize(name)(model, experience, params, ...) -> metrics``.
+"""Policy optimizers behind one interface.
 
-Each algorithm is a small module with one training function for one round of data.
+    train = get_algorithm(params.algorithm.name)
+    metrics = train(model, experience, params, temperature=…, pad_id=…, device=…, seed=…, log=…)
+
+Each algorithm is a small module with one training function for one round of data:
+
+    reinforce, a2c   algorithms/reinforce.py   policy gradient (+ learned value and GAE for a2c)
+    ppo              algorithms/ppo.py         clipped surrogate, clipped value loss, dual clip, KL loss
+    trpo, npg        algorithms/trpo.py        conjugate gradient on Fisher-vector products, KL trust region
+    grpo             algorithms/grpo.py        group-normalised advantages, clipped ratio, k3 KL loss
+    rloo             algorithms/rloo.py        leave-one-out baseline, plain or clipped objective
 """
 
 from __future__ import annotations
 
+from rlhf_core.config import ALGORITHMS
 from rlhf_core.errors import ConfigError
-
-ALGORITHMS = ("ppo",)
 
 
 def get_algorithm(name: str):
     """The training function of algorithm ``name``."""
     if name == "ppo":
         from rlhf_core.algorithms.ppo import train_ppo
-
         return train_ppo
-    raise ConfigError(f"algorithm {name!r}: unknown; allowed: {', '.join(ALGORITHMS)}")
+    if name in ("reinforce", "a2c"):
+        from rlhf_core.algorithms.reinforce import train_reinforce
+        return train_reinforce
+    if name in ("trpo", "npg"):
+        from rlhf_core.algorithms.trpo import train_trpo
+        return train_trpo
+    if name == "grpo":
+        from rlhf_core.algorithms.grpo import train_grpo
+        return train_grpo
+    if name == "rloo":
+        from rlhf_core.algorithms.rloo import train_rloo
+        return train_rloo
+    raise ConfigError(f"algorithm.name = {name!r}: must be one of {', '.join(ALGORITHMS)}")

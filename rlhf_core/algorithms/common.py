@@ -1,0 +1,208 @@
+"""What every policy optimizer shares: the round's experience, micro-batching, and parameter groups.
+
+Every algorithm module exposes one function with the same signature,
+
+    train(model, experience, params, *, temperature, pad_id, device, seed, log) -> metrics dict
+
+which updates ``model`` (an ``rlhf_core.models.ActorCritic``) in place on one round of data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from rlhf_core.advantages import pad_sequences
+from rlhf_core.models import TokenBatch, collate
+
+
+@dataclass
+class MicroBatch:
+    """A collated micro-batch: the token batch plus [B, R] tensors aligned with its response columns."""
+
+    batch: TokenBatch
+    old_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.batch.response_mask
+
+
+@dataclass
+class Experience:
+    """The round's data, one entry per response (ragged token arrays)."""
+
+    prompt_ids: list
+    response_ids: list
+    old_logprobs: list
+    ref_logprobs: list
+    old_values: list
+    advantages: list
+    returns: list
+
+    def __len__(self) -> int:
+        return len(self.response_ids)
+
+    def tokens(self, indices) -> int:
+        return int(sum(len(self.response_ids[i]) for i in indices))
+
+    def micro_batch(self, indices: list[int], pad_id: int, device) -> MicroBatch:
+        """Collate ``indices``: left-padded prompts, right-padded responses, aligned per-token arrays."""
+        batch = collate([list(self.prompt_ids[i]) for i in indices], [list(self.response_ids[i]) for i in indices],
+                        pad_id)
+        width = batch.response_mask.shape[1]
+
+        def padded(arrays):
+            values, _ = pad_sequences([arrays[i] for i in indices])
+            if values.shape[1] < width:
+                values = torch.nn.functional.pad(values, (0, width - values.shape[1]))
+            return values.to(device)
+
+        return MicroBatch(batch.to(device), padded(self.old_logprobs), padded(self.ref_logprobs),
+                          padded(self.old_values), padded(self.advantages), padded(self.returns))
+
+
+def split(indices: list[int], size: int) -> list[list[int]]:
+    """Consecutive chunks of at most ``size``."""
+    return [indices[i:i + size] for i in range(0, len(indices), size)]
+
+
+def make_optimizer(parameters, lr: float, eps: float, weight_decay: float, schedule: str, warmup_steps: int,
+                   total_steps: int):
+    """AdamW with a transformers LR schedule (constant, linear or cosine decay to 0)."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW(parameters, lr=lr, eps=eps, weight_decay=weight_decay)
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps,
+                              num_training_steps=max(1, total_steps))
+    return optimizer, scheduler
+
+
+def critic_parameters(model) -> list[torch.nn.Parameter]:
+    """The critic's own parameters: the value head, plus the separate backbone when there is one."""
+    params = list(model.value_head.parameters())
+    if model.critic_backbone is not None:
+        params += list(model.critic_backbone.parameters())
+    return params
+
+
+def policy_parameters(model, last_n_blocks: int | None = None) -> list[torch.nn.Parameter]:
+    """The policy's parameters, or only its last N transformer blocks + final norm + LM head.
+
+    Blocks are found as the longest ``nn.ModuleList`` in the policy (``model.layers`` in Llama/Qwen2,
+    ``transformer.h`` in GPT-2). With a restriction, every other policy parameter is frozen
+    (``requires_grad = False``) so autograd skips it.
+    """
+    policy = model.policy
+    if last_n_blocks is None:
+        return [p for p in policy.parameters()]
+    block_lists = [m for m in policy.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not block_lists:
+        raise ValueError(f"{type(policy).__name__}: no list of transformer blocks found")
+    blocks = max(block_lists, key=len)
+    chosen = {id(p) for block in list(blocks)[len(blocks) - last_n_blocks:] for p in block.parameters()}
+    head = policy.get_output_embeddings()
+    chosen |= {id(p) for p in head.parameters()}
+    in_blocks = {id(p) for p in blocks.parameters()}
+    embeddings = {id(p) for p in policy.get_input_embeddings().parameters()}
+    for name, p in policy.named_parameters():  # the final norm: not in a block, not an embedding
+        outside_blocks = id(p) not in in_blocks and id(p) not in embeddings
+        if outside_blocks and ("norm" in name.lower() or ".ln_f." in name):
+            chosen.add(id(p))
+    selected = []
+    for p in policy.parameters():
+        p.requires_grad_(id(p) in chosen)
+        if id(p) in chosen:
+            selected.append(p)
+    return selected
+
+
+def finite_or_raise(value: float, what: str, hint: str) -> float:
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{what} is {value}; {hint}")
+    return value
+
+
+def minibatch_updates(model, experience: Experience, params, *, epochs: int, loss_fn, temperature: float, pad_id: int,
+                      device, seed: int, log=print, stop_fn=None, name: str = "update") -> dict:
+    """The gradient-step loop shared by the first-order optimizers (ppo, grpo, reinforce, a2c, rloo):
+
+        for epoch in 1..epochs:
+            shuffle the responses; cut them into minibatches of ppo.minibatch_size
+            for each minibatch:
+                for each micro-batch of ppo.micro_batch_size:            # gradient accumulation
+                    loss, sums = loss_fn(model(micro-batch), micro-batch, totals)
+                    loss.backward()                                      # loss already normalised by totals
+                stats = sums / tokens of the minibatch
+                if stop_fn(stats): drop this step and stop                # e.g. approx-KL > target_kl
+                clip grad norm; AdamW step; LR schedule step
+
+    ``loss_fn(out, micro, totals)`` gets the forward output, the MicroBatch and
+    ``{"tokens": …, "sequences": …}`` of the whole minibatch, and returns (scalar loss, {stat: masked sum});
+    stats named ``max_*`` are maxima and are combined by max instead.
+    Returns the mean of every stat over the optimizer steps, plus grad_norm, learning_rate,
+    optimizer_steps, planned_steps, early_stopped and the first minibatch's stats (``first_*``).
+    """
+    import numpy as np
+
+    ppo = params.ppo
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    per_epoch = math.ceil(len(experience) / ppo.minibatch_size)
+    total_steps = epochs * per_epoch
+    optimizer, scheduler = make_optimizer(trainable, ppo.lr, ppo.adam_eps, ppo.weight_decay, ppo.lr_schedule,
+                                          ppo.warmup_steps, total_steps)
+    generator = np.random.default_rng(seed)
+    history: dict[str, list[float]] = {}
+    first: dict[str, float] | None = None
+    steps, early_stopped = 0, False
+    for epoch in range(epochs):
+        order = generator.permutation(len(experience)).tolist()
+        for minibatch in split(order, ppo.minibatch_size):
+            totals = {"tokens": float(experience.tokens(minibatch)), "sequences": float(len(minibatch))}
+            sums: dict[str, float] = {}
+            optimizer.zero_grad(set_to_none=True)
+            for indices in split(minibatch, ppo.micro_batch_size):
+                micro = experience.micro_batch(indices, pad_id, device)
+                out = model(micro.batch, temperature, with_values=True)
+                loss, micro_sums = loss_fn(out, micro, totals)
+                finite_or_raise(loss.item(), f"{name} loss (epoch {epoch + 1}, step {steps + 1})",
+                                "lower ppo.lr or check the rewards")
+                loss.backward()
+                for key, value in micro_sums.items():
+                    value = value.item() if torch.is_tensor(value) else float(value)
+                    if key.startswith("max_"):  # maxima are combined by max, not summed
+                        sums[key] = max(sums.get(key, value), value)
+                    else:
+                        sums[key] = sums.get(key, 0.0) + value
+            stats = {key: value if key.startswith("max_") else value / totals["tokens"] for key, value in sums.items()}
+            if first is None:
+                first = dict(stats)
+            if stop_fn is not None and stop_fn(stats):
+                log(f"{name}: early stop at epoch {epoch + 1}, step {steps + 1}: {stop_fn.__doc__ or ''} {stats}")
+                optimizer.zero_grad(set_to_none=True)
+                early_stopped = True
+                break
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, ppo.max_grad_norm).item()
+            finite_or_raise(grad_norm, f"{name} gradient norm (epoch {epoch + 1})", "lower ppo.lr")
+            stats.update(grad_norm=grad_norm, learning_rate=scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+            steps += 1
+            for key, value in stats.items():
+                history.setdefault(key, []).append(value)
+        if history:
+            log(f"{name} epoch {epoch + 1}/{epochs}: " + ", ".join(
+                f"{k} {np.mean(v[-per_epoch:]):.4f}" for k, v in history.items()))
+        if early_stopped:
+            break
+    optimizer.zero_grad(set_to_none=True)
+    metrics = {key: float(np.mean(values)) for key, values in history.items()}
+    metrics.update(optimizer_steps=steps, planned_steps=total_steps, early_stopped=early_stopped)
+    metrics.update({f"first_minibatch_{key}": float(value) for key, value in (first or {}).items()})
+    return metrics

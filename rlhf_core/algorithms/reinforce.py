@@ -1,0 +1,45 @@
+"""REINFORCE (Williams 1992) and advantage actor-critic on language models.
+
+The advantages come from the advantages stage: G − b for reinforce (sequence return or reward-to-go,
+with no baseline, a moving-average baseline or a leave-one-out baseline), GAE(γ, λ) with a learned
+value for a2c.  One on-policy pass over the round's data in ppo.minibatch_size minibatches:
+
+    L^π_t = −A_t · log π_θ(a_t | s_t)                    (the score-function gradient estimator)
+    L^V_t = ½ (V_θ(s_t) − R_t)²                          (a2c only)
+    loss  = agg(L^π) + vf_coef·agg(L^V) − ent_coef·agg(H)
+"""
+
+from __future__ import annotations
+
+from rlhf_core.algorithms.common import minibatch_updates
+from rlhf_core.losses import aggregate, approx_kl, masked_sum, policy_gradient_loss
+
+
+def reinforce_loss(out, micro, totals, ppo, *, use_critic: bool):
+    mask = micro.mask
+
+    def agg(values):
+        return aggregate(values, mask, ppo.loss_aggregation, total_tokens=totals["tokens"],
+                         total_sequences=totals["sequences"])
+
+    pg_loss = policy_gradient_loss(out.logprobs, micro.advantages)
+    loss = agg(pg_loss) - ppo.ent_coef * agg(out.entropy)
+    stats = {"policy_loss": masked_sum(pg_loss, mask), "entropy": masked_sum(out.entropy, mask),
+             "approx_kl": masked_sum(approx_kl(out.logprobs, micro.old_logprobs), mask)}
+    if use_critic:
+        vf_loss = 0.5 * (out.values - micro.returns) ** 2
+        loss = loss + ppo.vf_coef * agg(vf_loss)
+        stats["value_loss"] = masked_sum(vf_loss, mask)
+    return loss, stats
+
+
+def train_reinforce(model, experience, params, *, temperature: float, pad_id: int, device, seed: int, log=print,
+                    use_critic: bool | None = None, name: str | None = None) -> dict:
+    """One on-policy pass of REINFORCE (or a2c when the baseline is a learned value)."""
+    if use_critic is None:
+        use_critic = params.algorithm.name == "a2c" or params.reinforce.baseline == "value"
+    name = name or ("a2c" if use_critic else "reinforce")
+    return minibatch_updates(
+        model, experience, params, epochs=1, temperature=temperature, pad_id=pad_id, device=device, seed=seed,
+        log=log, name=name,
+        loss_fn=lambda out, micro, totals: reinforce_loss(out, micro, totals, params.ppo, use_critic=use_critic))
