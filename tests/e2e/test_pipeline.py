@@ -86,6 +86,7 @@ def pipeline(tmp_path_factory):
     outputs["noop"] = dvc(["repro"], workdir)
     outputs["clip"] = dvc(["exp", "run", "-S", "ppo.clip_range=0.1"], workdir)
     outputs["lam"] = dvc(["exp", "run", "-S", "advantages.lam=0.9"], workdir)
+    outputs["grpo"] = dvc(["exp", "run", "-S", "algorithm.name=grpo"], workdir)
     # --temp runs in <root>/.dvc/tmp/exps/<tmp>; its MLflow run must still land in <root>/mlflow.db.
     outputs["temp"] = dvc(["exp", "run", "--temp", "-S", "evaluate.seed=7"], workdir)
     return workdir, outputs
@@ -112,6 +113,15 @@ def test_lam_reuses_round_one_rollout_and_score(pipeline):
     ran = ran_stages(outputs["lam"])
     assert "rollout@r1" not in ran and "score@r1" not in ran
     assert {"advantages@r1", "optimize@r1", "advantages@r2", "evaluate", "track"} <= ran
+
+
+def test_switching_algorithm_keeps_round_one_rollout_and_score(pipeline):
+    workdir, outputs = pipeline
+    ran = ran_stages(outputs["grpo"])
+    assert "rollout@r1" not in ran and "score@r1" not in ran
+    assert {"advantages@r1", "optimize@r1", "rollout@r2", "optimize@r2", "evaluate", "track"} <= ran
+    state = json.loads((workdir / "models/r2/rlhf_state.json").read_text())
+    assert state["algorithm"] == "grpo"
 
 
 def test_temp_experiment_reruns_only_evaluation(pipeline):
@@ -153,12 +163,12 @@ def test_one_mlflow_run_per_pipeline_state(pipeline):
 
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["rlhf"])
-    # repro, clip_range, lam, and the --temp run (logged to the root database, not the temp copy)
-    assert len(runs) == 4, runs[["run_id", "tags.dvc_exp_name"]]
-    assert sorted(runs["params.ppo.clip_range"]) == ["0.1", "0.1", "0.1", "0.2"]
-    assert sorted(runs["params.advantages.lam"]) == ["0.9", "0.9", "0.95", "0.95"]
-    assert sorted(runs["params.evaluate.seed"]) == ["1234", "1234", "1234", "7"]
-    assert runs["tags.pipeline_state"].nunique() == 4
+    # repro, clip_range, lam, grpo and the --temp run (logged to the root database, not the temp copy)
+    assert len(runs) == 5, runs[["run_id", "tags.dvc_exp_name"]]
+    assert sorted(runs["params.ppo.clip_range"]) == ["0.1", "0.1", "0.1", "0.1", "0.2"]
+    assert sorted(runs["params.algorithm.name"]) == ["grpo", "grpo", "ppo", "ppo", "ppo"]
+    assert sorted(runs["params.evaluate.seed"]) == ["1234", "1234", "1234", "1234", "7"]
+    assert runs["tags.pipeline_state"].nunique() == 5
     assert not list((workdir / ".dvc" / "tmp").rglob("mlflow.db"))
     assert set(runs["tags.dvc_exp_name"]) - {"workspace"}  # the exp runs carry their experiment names
     assert runs["tags.git_commit"].str.len().eq(40).all()
