@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from rlhf_core.docs import render_algorithms  # noqa: E402  (after the path set-up)
 ALGORITHMS = ("ppo", "reinforce", "a2c", "trpo", "npg", "grpo", "rloo")
 
 
@@ -92,21 +94,9 @@ def main() -> None:
               "command": "python benchmarks/algorithms.py", "shared_stage_seconds": shared, "results": results}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "algorithms.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "algorithms.md").write_text(markdown(report) + "\n")
-    print(markdown(report))
-
-
-def markdown(report: dict) -> str:
-    lines = ["| algorithm | final eval reward | gain over SFT | KL to π_ref | distinct-2 | wall time (s) |",
-             "|---|---|---|---|---|---|"]
-    for row in report["results"]:
-        lines.append(f"| {row['algorithm']} | {row['final_reward']:.3f} | {row['reward_gain']:+.3f} | "
-                     f"{row['final_kl']:.3f} | {row['final_distinct_2']:.3f} | {row['wall_seconds']:.0f} |")
-    shared = report["shared_stage_seconds"]
-    lines += ["", f"Measured on {report['machine']} with `{report['command']}`. Wall time counts the stages that "
-                  f"depend on the algorithm; the shared stages ({', '.join(shared)}) took "
-                  f"{sum(shared.values()):.0f} s once."]
-    return "\n".join(lines)
+    table = render_algorithms(args.out / "algorithms.json")
+    (args.out / "algorithms.md").write_text(table + "\n")
+    print(table)
 
 
 if __name__ == "__main__":

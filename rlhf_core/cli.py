@@ -1,8 +1,9 @@
 """What every stage script shares: argument parsing, validated params, and errors for people.
 
 A stage is ``run_stage(main, needs_round=...)`` where ``main(params, args)`` does the work.  Any
-RLHFError (bad param, missing file, NaN) ends the stage with one line on stderr and exit code 2;
-because outputs are written atomically, nothing partial is left behind.
+RLHFError (bad param, missing or corrupt file) or FloatingPointError (a NaN/inf guard) ends the stage
+with one line on stderr and exit code 2; because outputs are written atomically, nothing partial is
+left behind.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def run_stage(main, *, name: str, needs_round: bool = False, argv: list[str] | N
         if needs_round:
             params.round_index(args.round)  # validates the key
         main(params, args)
-    except RLHFError as exc:
+    except (RLHFError, FloatingPointError) as exc:  # FloatingPointError: a NaN/inf guard tripped
         where = f"{name}@{args.round}" if needs_round else name
         print(f"error: {where}: {exc}", file=sys.stderr)
         sys.exit(2)

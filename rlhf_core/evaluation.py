@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from rlhf_core.models import collate, policy_logprobs
-from rlhf_core.rollout import generate_samples, length_buckets
+from rlhf_core.rollout import check_context, context_length, generate_samples, length_buckets
 
 
 def distinct_n(texts: list[str], n: int) -> float:
@@ -42,6 +42,7 @@ def evaluate_checkpoint(policy, reference, tokenizer, prompts: list[str], heldou
 
     ev = params.evaluate
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    check_context(prompt_ids, ev.max_new_tokens, context_length(policy.config), "eval prompts")
     samples = generate_samples(policy, tokenizer, prompt_ids, samples_per_prompt=ev.samples_per_prompt,
                                temperature=ev.temperature, top_p=1.0, top_k=0, max_new_tokens=ev.max_new_tokens,
                                batch_size=ev.batch_size, seed=ev.seed, device=device)

@@ -19,7 +19,10 @@ from rlhf_core.errors import DataError
 
 
 def _tmp_sibling(path: Path, is_dir: bool) -> Path:
+    """A fresh temporary sibling of ``path``; stale ones left by a killed earlier run are removed first."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        _remove(stale)
     if is_dir:
         return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
@@ -122,10 +125,16 @@ def write_parquet(frame, path: str | Path) -> None:
 def read_parquet(path: str | Path, required_columns: tuple[str, ...] = ()):
     import pandas as pd
 
+    import pyarrow
+
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found; run the stage that produces it first (dvc repro)")
-    frame = pd.read_parquet(path)
+    try:
+        frame = pd.read_parquet(path)
+    except (pyarrow.ArrowException, OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0][:200]}); "
+                        "re-run the stage that produces it (dvc repro -f <stage>)") from None
     missing = [c for c in required_columns if c not in frame.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(frame.columns)}")

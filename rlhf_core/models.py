@@ -49,10 +49,19 @@ def resolve_device(name: str) -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices) for one process."""
+    """Seed Python, NumPy and torch (all devices) for one process, and ask torch for deterministic kernels.
+
+    On CPU this makes a stage's outputs a function of its inputs and params.  On CUDA, cuBLAS needs
+    CUBLAS_WORKSPACE_CONFIG (set here unless already set); ops without a deterministic kernel only
+    warn, so GPU runs are repeatable on the same hardware and software stack, not across them.
+    """
+    import os
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -104,12 +113,12 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, trust_remote_code: bool = False):
     """Load a tokenizer, making sure it has a pad token distinct from EOS and pads on the left."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise DataError(f"tokenizer {path!r}: cannot be loaded ({str(exc).splitlines()[0]})") from None
     if tokenizer.eos_token_id is None:
@@ -129,14 +138,23 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_causal_lm(path: str, device: torch.device):
-    from transformers import AutoModelForCausalLM
-
+def safe_from_pretrained(auto_class, path: str, trust_remote_code: bool = False):
+    """``auto_class.from_pretrained`` that loads weights only from safetensors (never pickle) and runs
+    no code from the checkpoint unless ``trust_remote_code`` is on."""
     quiet_transformers()
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except OSError as exc:
-        raise DataError(f"model {path!r}: cannot be loaded ({str(exc).splitlines()[0]})") from None
+        return auto_class.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
+                                          trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"model {path!r}: cannot be loaded from safetensors weights ({first_line}); "
+                        "pickle checkpoints (.bin/.pt) are refused: convert them with save_pretrained") from None
+
+
+def load_causal_lm(path: str, device: torch.device, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    model = safe_from_pretrained(AutoModelForCausalLM, path, trust_remote_code)
     return disable_dropout(model).to(device)
 
 
@@ -280,19 +298,19 @@ def policy_logprobs(policy, batch: TokenBatch, temperature: float) -> torch.Tens
 # Checkpoints
 
 
-def load_actor_critic(path: str, critic: str, device: torch.device) -> ActorCritic:
+def load_actor_critic(path: str, critic: str, device: torch.device, trust_remote_code: bool = False) -> ActorCritic:
     """Policy and critic from a checkpoint directory (or any causal LM, whose critic starts at V=0)."""
     from safetensors.torch import load_file
     from transformers import AutoModel
 
-    policy = load_causal_lm(path, device)
+    policy = load_causal_lm(path, device, trust_remote_code)
     hidden_size = hidden_size_of(policy.config)
     value_head = ValueHead(hidden_size)
     critic_backbone = None
     if critic == "separate":
         critic_dir = Path(path) / CRITIC_DIR
         source = str(critic_dir) if critic_dir.is_dir() else path
-        critic_backbone = disable_dropout(AutoModel.from_pretrained(source, dtype=torch.float32)).to(device)
+        critic_backbone = disable_dropout(safe_from_pretrained(AutoModel, source, trust_remote_code)).to(device)
         head_file = critic_dir / VALUE_HEAD_FILE
     else:
         head_file = Path(path) / VALUE_HEAD_FILE

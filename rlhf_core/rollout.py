@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rlhf_core.errors import DataError
 from rlhf_core.models import collate, policy_logprobs
 
 
@@ -41,6 +42,34 @@ def truncate_at_eos(tokens: list[int], eos_id: int) -> tuple[list[int], bool]:
     if eos_id in tokens:
         return tokens[: tokens.index(eos_id) + 1], True
     return tokens, False
+
+
+def check_context(prompt_ids: list[list[int]], max_new_tokens: int, context: int | None, where: str) -> None:
+    """Every prompt plus max_new_tokens must fit the model's context window."""
+    if context is None:
+        return
+    for row, ids in enumerate(prompt_ids):
+        if len(ids) + max_new_tokens > context:
+            raise DataError(f"{where}: prompt row {row} has {len(ids)} tokens; with max_new_tokens {max_new_tokens} it "
+                            f"exceeds the model's context of {context} tokens; lower prepare.max_prompt_chars "
+                            "or the max_new_tokens")
+
+
+def context_length(config) -> int | None:
+    """The model's context window from its config (None if it does not say)."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    return None
+
+
+def check_finite(stats: dict[str, list], where: str) -> None:
+    """Refuse NaN/inf log-probs or values before they reach the advantages."""
+    for name, arrays in stats.items():
+        for row, array in enumerate(arrays):
+            if not np.isfinite(array).all():
+                raise FloatingPointError(f"{where}: {name} of response {row} are not finite; the checkpoint may be "
+                                         "corrupted by a diverged update (lower ppo.lr)")
 
 
 def length_buckets(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -71,8 +100,14 @@ def generate_samples(policy, tokenizer, prompt_ids: list[list[int]], *, samples_
             input_ids[row, width - len(prompt):] = torch.tensor(prompt)
             attention_mask[row, width - len(prompt):] = 1
         torch.manual_seed(seed + batch_number)
-        output = policy.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                 generation_config=config)
+        try:
+            output = policy.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                     generation_config=config)
+        except RuntimeError as exc:  # torch.multinomial on NaN/inf probabilities
+            if "inf" in str(exc) or "nan" in str(exc):
+                raise FloatingPointError("the policy gave NaN/inf probabilities while generating; its weights are "
+                                         "corrupt (a diverged update? lower ppo.lr)") from None
+            raise
         for row, (p, s) in enumerate(batch_jobs):
             response, ended = truncate_at_eos(output[row, width:].tolist(), tokenizer.eos_token_id)
             results[(p, s)] = Sample(p, s, prompt_ids[p], response, ended)

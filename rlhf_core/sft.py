@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from rlhf_core.errors import DataError
 from rlhf_core.models import (build_tiny_model, collate, disable_dropout, load_causal_lm, load_tokenizer,
                               match_vocab, train_tokenizer)
 
@@ -37,9 +38,14 @@ def build_reference(params, train_rows: list[dict], device: torch.device):
         tokenizer = train_tokenizer(texts, sft.tiny.vocab_size)
         model = disable_dropout(build_tiny_model(sft.tiny, tokenizer)).to(device)
     else:
-        tokenizer = load_tokenizer(sft.model)
-        model = load_causal_lm(sft.model, device)
+        tokenizer = load_tokenizer(sft.model, params.trust_remote_code)
+        model = load_causal_lm(sft.model, device, params.trust_remote_code)
         match_vocab(model, tokenizer)
+    from rlhf_core.rollout import context_length
+
+    context = context_length(model.config)
+    if context is not None and sft.max_length > context:
+        raise DataError(f"sft.max_length = {sft.max_length}: longer than the model's context of {context} tokens")
     return model, tokenizer
 
 

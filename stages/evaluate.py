@@ -19,12 +19,12 @@ def main(params, args):
     prompts = read_parquet("prompts/eval.parquet", ("prompt",))["prompt"].tolist()[: params.evaluate.num_prompts]
     heldout = read_parquet("demos/heldout.parquet", ("prompt", "response")).to_dict("records")
     heldout = heldout[: params.evaluate.num_perplexity_texts]
-    reference = load_causal_lm(checkpoint_dir("sft"), device)
+    reference = load_causal_lm(checkpoint_dir("sft"), device, params.trust_remote_code)
 
     results, rows, samples = {}, [], []
     for name in ["sft", *params.rounds]:
-        tokenizer = load_tokenizer(checkpoint_dir(name))
-        policy = reference if name == "sft" else load_causal_lm(checkpoint_dir(name), device)
+        tokenizer = load_tokenizer(checkpoint_dir(name), params.trust_remote_code)
+        policy = reference if name == "sft" else load_causal_lm(checkpoint_dir(name), device, params.trust_remote_code)
         encoded = encode_demonstrations(tokenizer, heldout, params.sft.max_length)
         metrics, examples = evaluate_checkpoint(policy, reference, tokenizer, prompts, encoded, params, device)
         results[name] = metrics

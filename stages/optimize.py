@@ -27,8 +27,9 @@ def main(params, args):
                             rollouts["values"].tolist(), advantages["advantages"].tolist(),
                             advantages["returns"].tolist())
 
-    tokenizer = load_tokenizer(checkpoint_dir(start_from))
-    model = load_actor_critic(checkpoint_dir(start_from), params.algorithm.critic, device)
+    tokenizer = load_tokenizer(checkpoint_dir(start_from), params.trust_remote_code)
+    model = load_actor_critic(checkpoint_dir(start_from), params.algorithm.critic, device,
+                              params.trust_remote_code)
     metrics = train(model, experience, params, temperature=params.rollout.temperature,
                     pad_id=tokenizer.pad_token_id, device=device, seed=seed, log=log)
     advantages_metrics = read_json(f"metrics/{round_key}/advantages.json")

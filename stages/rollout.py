@@ -8,7 +8,8 @@ def main(params, args):
     """Sample responses for round --round into rollouts/<round>/rollouts.parquet."""
     from rlhf_core.models import checkpoint_dir, load_actor_critic, load_causal_lm, load_tokenizer, resolve_device, \
         seed_everything
-    from rlhf_core.rollout import generate_samples, record_token_stats, rollout_table, sample_prompt_indices
+    from rlhf_core.rollout import (check_context, check_finite, context_length, generate_samples, record_token_stats,
+                                   rollout_table, sample_prompt_indices)
 
     ro, round_key = params.rollout, args.round
     start_from = params.rounds[round_key].start_from
@@ -20,17 +21,20 @@ def main(params, args):
     indices = sample_prompt_indices(len(train), ro.prompts_per_round, seed)
     prompts = [train["prompt"].iloc[i] for i in indices]
 
-    tokenizer = load_tokenizer(checkpoint_dir(start_from))
-    actor_critic = load_actor_critic(checkpoint_dir(start_from), params.algorithm.critic, device)
+    tokenizer = load_tokenizer(checkpoint_dir(start_from), params.trust_remote_code)
+    actor_critic = load_actor_critic(checkpoint_dir(start_from), params.algorithm.critic, device,
+                                     params.trust_remote_code)
     reference_is_policy = start_from == "sft"
-    reference = None if reference_is_policy else load_causal_lm(checkpoint_dir("sft"), device)
+    reference = None if reference_is_policy else load_causal_lm(checkpoint_dir("sft"), device, params.trust_remote_code)
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    check_context(prompt_ids, ro.max_new_tokens, context_length(actor_critic.policy.config), "train prompts")
     samples = generate_samples(actor_critic.policy, tokenizer, prompt_ids, samples_per_prompt=ro.samples_per_prompt,
                                temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
                                max_new_tokens=ro.max_new_tokens, batch_size=ro.batch_size, seed=seed, device=device)
     stats = record_token_stats(actor_critic, reference, samples, pad_id=tokenizer.pad_token_id,
                                temperature=ro.temperature, batch_size=ro.forward_batch_size, device=device,
                                reference_is_policy=reference_is_policy)
+    check_finite(stats, f"rollout@{round_key}")
     table = rollout_table(prompts, samples, stats, tokenizer)
     metrics = {
         "responses": len(table),

@@ -30,3 +30,11 @@ def test_readme_quick_start_installs_cpu_torch_first_and_ci_runs_the_test_comman
     assert "pip install torch==2.13.0 && pip install -e . && dvc repro" in readme
     ci = (REPO / ".ci/run").read_text()
     assert 'pip install -q torch==2.13.0 && pip install -q -e ".[dev]" && python -m pytest -q' in ci
+
+
+def test_readme_algorithm_table_matches_the_benchmark_results():
+    from rlhf_core.docs import ALGORITHMS_END, ALGORITHMS_START, render_algorithms
+
+    block = current_block((REPO / "README.md").read_text(), ALGORITHMS_START, ALGORITHMS_END)
+    assert block == render_algorithms(REPO / "benchmarks" / "results" / "algorithms.json"), \
+        "run `python -m rlhf_core.docs` after benchmarks/algorithms.py"

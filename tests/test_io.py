@@ -210,3 +210,16 @@ def test_repo_root_defaults_to_cwd(tmp_path, monkeypatch):
     (root / "dvc.yaml").write_text("stages: {}\n")
     monkeypatch.chdir(root / "s")
     assert repo_root() == root
+
+
+def test_stale_temporary_siblings_of_a_killed_run_are_removed(tmp_path):
+    from rlhf_core.io import atomic_dir, atomic_file
+
+    (tmp_path / ".out.tmp-abc123").mkdir()
+    (tmp_path / ".out.tmp-abc123" / "half-written").write_text("x")
+    (tmp_path / ".m.json.tmp-zz").write_text("{")
+    with atomic_dir(tmp_path / "out") as out:
+        (out / "done").write_text("ok")
+    with atomic_file(tmp_path / "m.json") as tmp:
+        tmp.write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "out"]

@@ -97,7 +97,9 @@ def policy_parameters(model, last_n_blocks: int | None = None) -> list[torch.nn.
 
     Blocks are found as the longest ``nn.ModuleList`` in the policy (``model.layers`` in Llama/Qwen2,
     ``transformer.h`` in GPT-2). With a restriction, every other policy parameter is frozen
-    (``requires_grad = False``) so autograd skips it.
+    (``requires_grad = False``) so autograd skips it.  When the LM head is tied to the input
+    embeddings (``tie_word_embeddings``), training the head also changes the embeddings: they are one
+    tensor.
     """
     policy = model.policy
     if last_n_blocks is None:

@@ -65,9 +65,9 @@ def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("pipeline")
+def make_reduced_repo(workdir: Path) -> Path:
+    """A git + DVC copy of this repository with the reduced params (no outputs, no dvc.lock)."""
+    workdir.mkdir(parents=True, exist_ok=True)
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout.split()
     for name in files:
@@ -80,10 +80,19 @@ def pipeline(tmp_path_factory):
     (workdir / "params.yaml").write_text(render_params_yaml(params_from_dict(raw)))
     for git_args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "reduced pipeline"]):
         subprocess.run(["git", *git_args], cwd=workdir, env=_env(), check=True)
+    return workdir
 
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    workdir = make_reduced_repo(tmp_path_factory.mktemp("pipeline"))
     outputs = {"repro": dvc(["repro"], workdir)}
     outputs["eval_after_repro"] = json.loads((workdir / "metrics/eval.json").read_text())
     outputs["noop"] = dvc(["repro"], workdir)
+    outputs["lock_first"] = yaml.safe_load((workdir / "dvc.lock").read_text())
+    # Same params and seed, every stage again from scratch: outputs must be byte-identical.
+    outputs["forced"] = dvc(["repro", "-f"], workdir)
+    outputs["lock_forced"] = yaml.safe_load((workdir / "dvc.lock").read_text())
     outputs["clip"] = dvc(["exp", "run", "-S", "ppo.clip_range=0.1"], workdir)
     outputs["lam"] = dvc(["exp", "run", "-S", "advantages.lam=0.9"], workdir)
     outputs["grpo"] = dvc(["exp", "run", "-S", "algorithm.name=grpo"], workdir)
@@ -100,6 +109,18 @@ def test_repro_runs_every_stage_once_then_nothing(pipeline):
     _, outputs = pipeline
     assert ran_stages(outputs["repro"]) == ALL_STAGES
     assert ran_stages(outputs["noop"]) == set()
+
+
+def output_md5s(lock: dict) -> dict[str, str]:
+    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
+
+
+def test_from_scratch_runs_are_byte_identical(pipeline):
+    """`dvc repro -f` with the same params and seed reproduces every output bit for bit (CPU)."""
+    _, outputs = pipeline
+    assert ran_stages(outputs["forced"]) == ALL_STAGES
+    first, forced = output_md5s(outputs["lock_first"]), output_md5s(outputs["lock_forced"])
+    assert len(first) >= 15 and first == forced
 
 
 def test_clip_range_reruns_optimize_r1_and_what_follows_only(pipeline):

@@ -1,0 +1,71 @@
+"""SIGKILL at seeded random moments: `dvc repro` then completes, and the outputs equal those of an
+uninterrupted run, byte for byte.
+
+`dvc repro` of the reduced pipeline runs in its own process group.  Each stage, when it starts, is
+given a seeded random moment (0.2–4 s after its start); if it is still running then, the whole group
+(DVC and the stage) is killed with SIGKILL and `dvc repro` is started again.  Every kind of stage is
+hit, at least 10 times in all.  When a run finally completes, `dvc repro -f` re-runs everything
+uninterrupted, and the md5 of every output in dvc.lock must be unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+import yaml
+
+from .test_pipeline import ALL_STAGES, _env, dvc, make_reduced_repo, output_md5s
+
+pytestmark = pytest.mark.e2e
+MIN_KILLS = 10
+
+
+def repro_with_kills(workdir, kill_after: dict[str, float], log_path) -> tuple[list[str], bool]:
+    """One `dvc repro`; SIGKILL its process group when a pending stage has run for its kill delay.
+
+    Returns (stages killed in this attempt, whether the repro completed).
+    """
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(["dvc", "repro"], cwd=workdir, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    current, started = None, 0.0
+    while process.poll() is None:
+        running = re.findall(r"Running stage '([^']+)'", log_path.read_text())
+        if running and running[-1] != current:
+            current, started = running[-1], time.monotonic()
+        if current in kill_after and time.monotonic() - started >= kill_after[current]:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            del kill_after[current]
+            return [current], False
+        time.sleep(0.02)
+    assert process.returncode == 0, log_path.read_text()[-4000:]
+    return [], True
+
+
+def test_sigkill_at_random_moments_then_repro_matches_an_uninterrupted_run(tmp_path):
+    workdir = make_reduced_repo(tmp_path / "repo")
+    rng = random.Random(20261121)
+    kill_after = {stage: rng.uniform(0.2, 4.0) for stage in sorted(ALL_STAGES)}
+    killed: list[str] = []
+    for _ in range(len(ALL_STAGES) + 1):
+        newly_killed, completed = repro_with_kills(workdir, kill_after, tmp_path / "repro.log")
+        killed += newly_killed
+        if completed:
+            break
+    assert completed
+    assert len(killed) >= MIN_KILLS, killed
+    assert {name.split("@")[0] for name in killed} >= {"sft", "rollout", "advantages", "optimize", "evaluate"}, killed
+    leftovers = [p for p in workdir.rglob(".*.tmp-*") if ".dvc" not in p.parts and ".git" not in p.parts]
+    assert not leftovers, leftovers  # a re-run stage clears the temporary siblings its killed run left
+
+    resumed = output_md5s(yaml.safe_load((workdir / "dvc.lock").read_text()))
+    dvc(["repro", "-f"], workdir)
+    uninterrupted = output_md5s(yaml.safe_load((workdir / "dvc.lock").read_text()))
+    assert resumed == uninterrupted, killed
