@@ -1,10 +1,11 @@
 """SIGKILL at seeded random moments: `dvc repro` then completes, and the outputs equal those of an
 uninterrupted run, byte for byte.
 
-`dvc repro` of the reduced pipeline runs in its own process group.  Each stage, when it starts, is
-given a seeded random moment (0.2–4 s after its start); if it is still running then, the whole group
-(DVC and the stage) is killed with SIGKILL and `dvc repro` is started again.  Every kind of stage is
-hit, at least 10 times in all.  When a run finally completes, `dvc repro -f` re-runs everything
+`dvc repro` of the reduced pipeline runs in its own process group.  Every stage gets a seeded random
+kill moment early in its run (0.1–1 s after it starts: interpreter start-up and imports), and the
+stages with real work (sft, rollout, optimize, evaluate) a second, later one (1–6 s: loading,
+generating, training, writing).  When a stage is still running at its moment, the whole group (DVC
+and the stage) is killed with SIGKILL and `dvc repro` is started again.  At least 10 kills land.  When a run finally completes, `dvc repro -f` re-runs everything
 uninterrupted, and the md5 of every output in dvc.lock must be unchanged.
 """
 
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.e2e
 MIN_KILLS = 10
 
 
-def repro_with_kills(workdir, kill_after: dict[str, float], log_path) -> tuple[list[str], bool]:
+def repro_with_kills(workdir, kill_after: dict[str, list[float]], log_path) -> tuple[list[str], bool]:
     """One `dvc repro`; SIGKILL its process group when a pending stage has run for its kill delay.
 
     Returns (stages killed in this attempt, whether the repro completed).
@@ -39,10 +40,10 @@ def repro_with_kills(workdir, kill_after: dict[str, float], log_path) -> tuple[l
         running = re.findall(r"Running stage '([^']+)'", log_path.read_text())
         if running and running[-1] != current:
             current, started = running[-1], time.monotonic()
-        if current in kill_after and time.monotonic() - started >= kill_after[current]:
+        if kill_after.get(current) and time.monotonic() - started >= kill_after[current][0]:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-            del kill_after[current]
+            kill_after[current].pop(0)
             return [current], False
         time.sleep(0.02)
     assert process.returncode == 0, log_path.read_text()[-4000:]
@@ -52,9 +53,12 @@ def repro_with_kills(workdir, kill_after: dict[str, float], log_path) -> tuple[l
 def test_sigkill_at_random_moments_then_repro_matches_an_uninterrupted_run(tmp_path):
     workdir = make_reduced_repo(tmp_path / "repo")
     rng = random.Random(20261121)
-    kill_after = {stage: rng.uniform(0.2, 4.0) for stage in sorted(ALL_STAGES)}
+    kill_after = {stage: [rng.uniform(0.1, 1.0)] for stage in sorted(ALL_STAGES)}
+    for stage in sorted(ALL_STAGES):
+        if stage.split("@")[0] in ("sft", "rollout", "optimize", "evaluate"):
+            kill_after[stage].append(rng.uniform(1.0, 6.0))
     killed: list[str] = []
-    for _ in range(len(ALL_STAGES) + 1):
+    for _ in range(sum(len(moments) for moments in kill_after.values()) + 1):
         newly_killed, completed = repro_with_kills(workdir, kill_after, tmp_path / "repro.log")
         killed += newly_killed
         if completed:
