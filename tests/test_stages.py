@@ -10,6 +10,7 @@ import sys
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from conftest import REPO
@@ -152,3 +153,25 @@ def test_every_algorithm_runs_the_round_stages(tmp_path, tiny_checkpoint, monkey
     if algorithm in ("ppo", "grpo"):
         assert optimize_metrics["first_minibatch_ratio_max_deviation"] < 1e-5
     assert set(json.loads((tmp_path / "metrics/eval.json").read_text())) == {"sft", "r1", "r2"}
+
+
+def test_sft_fine_tunes_a_local_hf_model_on_file_demonstrations(tmp_path, tiny_checkpoint, monkeypatch):
+    """sft.model = a local HF directory with sft.epochs > 0: the snapshot is a fine-tuned copy."""
+    from safetensors.torch import load_file
+
+    from rlhf_core.tasks import sentiment
+    from stages import sft
+
+    pd.DataFrame(sentiment.demonstrations(60, seed=9)).to_json(tmp_path / "demos.jsonl", orient="records", lines=True)
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["sft"].update(model=str(tiny_checkpoint), epochs=1, demonstrations="file", demo_path="demos.jsonl",
+                      batch_size=16, lr=1e-3, max_length=48)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    sft.main(load_params("params.yaml"), argparse.Namespace())
+    metrics = json.loads((tmp_path / "metrics/sft.json").read_text())
+    assert metrics["epochs"] == 1 and metrics["steps"] == 4  # 57 training demonstrations / 16 per step
+    before = load_file(str(tiny_checkpoint / "model.safetensors"))
+    after = load_file(str(tmp_path / "models/sft/model.safetensors"))
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -17,7 +17,8 @@ PROMPTS = ["The pizza was", "Honestly, the laptop seemed", "So far the movie is"
 
 
 def quiet(*_):
-    pass
+    """A log function that discards the training log."""
+    return None
 
 
 def collect(model, tokenizer, reward_fn, seed, samples_per_prompt=4):
