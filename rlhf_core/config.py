@@ -97,10 +97,32 @@ class RolloutParams:
     forward_batch_size: int = param(64, "sequences per forward pass when recording log-probs and values", ge=1)
 
 
+SCORER_KINDS = ("vader", "length", "verifiable", "python")
+_IDENTIFIER = r"^[A-Za-z][A-Za-z0-9_]*$"
+
+
+@dataclass(frozen=True)
+class ScorerParams:
+    name: str = param("sentiment", "component name: its column in scores/<round>, its eval metric reward_<name>", pattern=_IDENTIFIER)
+    kind: Literal["vader", "length", "verifiable", "python"] = param(
+        "vader", "vader: VADER compound sentiment of the response; length: −|tokens − target_length| / target_length; verifiable: 1 if the response matches the prompt's reference answer, else 0; python: your function")
+    weight: float = param(1.0, "weight of this component in the total reward")
+    normalize: Literal["none", "batch", "running"] = param(
+        "none", "per-component normalisation before weighting: none, whitening over the round, or a running mean/std across rounds")
+    clip: Optional[float] = param(None, "clip the (normalised) component to [−clip, clip]; null disables", gt=0.0)
+    target_length: int = param(16, "length: the response length in tokens that scores 0 (the maximum)", ge=1)
+    match: Literal["exact", "numeric", "regex"] = param(
+        "exact", "verifiable: exact (stripped) string match, numeric match within tolerance, or the reference answer as a regex searched in the response")
+    tolerance: float = param(1e-6, "verifiable numeric: largest accepted |response number − answer|", ge=0.0)
+    function: str = param("", "python: `module:function` called as f(prompts, responses, metadata) -> one float per response")
+
+
 @dataclass(frozen=True)
 class ScoreParams:
-    scorer: Literal["vader"] = param("vader", "reward model: `vader` is VADER's compound sentiment score of the response")
-    missing_eos_penalty: float = param(0.0, "subtracted from the score of a response that hit max_new_tokens without EOS", ge=0.0)
+    scorers: tuple = field(
+        default_factory=lambda: (ScorerParams(),),
+        metadata={"doc": "reward components; the total is Σ weight · normalise(component), plus the missing-EOS penalty"})
+    missing_eos_penalty: float = param(0.0, "subtracted from the total of a response that hit max_new_tokens without EOS", ge=0.0)
 
 
 @dataclass(frozen=True)
@@ -254,6 +276,17 @@ class Params:
             raise ConfigError(f"sft.demo_path is empty: required when sft.demonstrations is {self.sft.demonstrations!r}")
         if self.sft.model == "builtin" and self.sft.epochs == 0:
             raise ConfigError("sft.epochs = 0: a builtin model trained from scratch needs sft.epochs >= 1")
+        names = [scorer.name for scorer in self.score.scorers]
+        if not names:
+            raise ConfigError("score.scorers is empty: at least one scorer is required, e.g. [{name: sentiment, kind: vader}]")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"score.scorers: names must be unique, got {names}")
+        for index, scorer in enumerate(self.score.scorers):
+            where = f"score.scorers[{index}] ({scorer.name})"
+            if scorer.kind == "python" and not re.match(r"^[\w.]+:[\w]+$", scorer.function):
+                raise ConfigError(f"{where}.function = {scorer.function!r}: must be `module:function`")
+            if scorer.kind == "verifiable" and not self.prepare.answer_field:
+                raise ConfigError(f"{where}: a verifiable scorer needs prepare.answer_field (the reference-answer column)")
         if not self.rounds:
             raise ConfigError("rounds is empty: at least one round is required, e.g. rounds: {r1: {from: sft}}")
         seen = {"sft"}
@@ -299,6 +332,8 @@ def _to_plain(value):
         return out
     if isinstance(value, dict):
         return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
     return value
 
 
@@ -380,9 +415,17 @@ def _build(cls, raw, prefix: str):
             kwargs[f.name] = _build(tp, value, key)
         elif f.name == "rounds":
             kwargs[f.name] = _build_rounds(value, key)
+        elif f.name == "scorers":
+            kwargs[f.name] = _build_scorers(value, key)
         else:
             kwargs[f.name] = _coerce(value, tp, key, dict(f.metadata))
     return cls(**kwargs)
+
+
+def _build_scorers(raw, key: str) -> tuple:
+    if not isinstance(raw, list):
+        raise ConfigError(f"{key}: must be a list like [{{name: sentiment, kind: vader, weight: 1.0}}]")
+    return tuple(_build(ScorerParams, spec, f"{key}[{index}]") for index, spec in enumerate(raw))
 
 
 def _build_rounds(raw, key: str) -> dict:
@@ -431,7 +474,7 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 def _yaml_scalar(value) -> str:
     import yaml
 
-    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000, sort_keys=False).strip().removesuffix("...").strip()
 
 
 def schema_rows(cls=Params, prefix: str = "") -> list[tuple[str, str, Any, str]]:
@@ -446,9 +489,19 @@ def schema_rows(cls=Params, prefix: str = "") -> list[tuple[str, str, Any, str]]
             rows += schema_rows(tp, key + ".")
         elif f.name == "rounds":
             rows.append((key, "mapping", {"r1": {"from": "sft"}}, f.metadata["doc"]))
+        elif f.name == "scorers":
+            rows.append((key, "list", [{"name": "sentiment", "kind": "vader"}], f.metadata["doc"]))
+            rows += schema_rows(ScorerParams, key + "[].")
         else:
             rows.append((key, _describe(tp), getattr(defaults, f.name), f.metadata["doc"]))
     return rows
+
+
+def _scorer_fields(scorer: "ScorerParams") -> dict:
+    """The scorer's keys that matter for its kind (defaults of other kinds are left out)."""
+    kind_keys = {"length": ("target_length",), "verifiable": ("match", "tolerance"), "python": ("function",)}
+    keys = ("name", "kind", "weight", "normalize", "clip", *kind_keys.get(scorer.kind, ()))
+    return {key: getattr(scorer, key) for key in keys}
 
 
 def render_params_yaml(params: Params | None = None) -> str:
@@ -469,6 +522,10 @@ def render_params_yaml(params: Params | None = None) -> str:
                 lines.append(f"{pad}rounds:")
                 for key, spec in value.items():
                     lines.append(f"{pad}  {key}: {{from: {spec.start_from}}}")
+            elif f.name == "scorers":
+                lines.append(f"{pad}{f.name}:  # {f.metadata['doc']} (every scorer key: README, params reference)")
+                for scorer in value:
+                    lines.append(f"{pad}  - {_yaml_scalar(_scorer_fields(scorer))}")
             else:
                 lines.append(f"{pad}{f.name}: {_yaml_scalar(value)}  # {f.metadata['doc']}")
         if indent == 0:

@@ -35,8 +35,13 @@ def sequence_kl(policy, reference, samples, *, pad_id: int, temperature: float, 
     return kls
 
 
-def evaluate_checkpoint(policy, reference, tokenizer, prompts: list[str], heldout_encoded, params, device) -> tuple[dict, list[dict]]:
-    """Metrics of one checkpoint, and its sample responses (prompt, response, reward)."""
+def evaluate_checkpoint(policy, reference, tokenizer, prompts: list[str], heldout_encoded, params, device,
+                        answers: list[str] | None = None) -> tuple[dict, list[dict]]:
+    """Metrics of one checkpoint, and its sample responses (prompt, response, reward).
+
+    ``reward`` is Σ weight · clip(raw component) − EOS penalty: the raw components, not normalised
+    (a running normaliser's state belongs to training, and whitening a fixed eval set says nothing).
+    """
     from rlhf_core.rewards import score_responses
     from rlhf_core.sft import perplexity
 
@@ -48,8 +53,11 @@ def evaluate_checkpoint(policy, reference, tokenizer, prompts: list[str], heldou
                                batch_size=ev.batch_size, seed=ev.seed, device=device)
     responses = [tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
     ended = [s.ended_with_eos for s in samples]
-    components = score_responses(params.score.scorer, responses, ended, params.score.missing_eos_penalty,
-                                 where="evaluate")
+    metadata = [{"answer": answers[s.prompt_index]} if answers else {} for s in samples]
+    components, _ = score_responses(params.score.scorers, prompts=[prompts[s.prompt_index] for s in samples],
+                                    responses=responses, lengths=[len(s.response_ids) for s in samples],
+                                    ended=ended, metadata=metadata, missing_eos_penalty=params.score.missing_eos_penalty,
+                                    where="evaluate", normalise_components=False)
     kls = sequence_kl(policy, reference, samples, pad_id=tokenizer.pad_token_id, temperature=ev.temperature,
                       batch_size=ev.batch_size, device=device)
     metrics = {

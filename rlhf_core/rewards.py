@@ -1,16 +1,30 @@
-"""Reward scoring: the reward components of each response and their total.
+"""Reward scoring: the components of each response's reward, their normalisation, and the total.
 
-The default scorer is VADER's compound sentiment score (vaderSentiment), in [−1, 1].  Scoring needs
-neither torch nor transformers.  Any non-finite score stops the stage with the offending row.
+Every scorer in ``score.scorers`` yields one raw value per response.  Each component is then
+normalised (none; whitening over the round; or a running mean/std carried across rounds), clipped
+to [−clip, clip] if asked, and weighted:
+
+    total_i = Σ_k weight_k · clip(normalise_k(component_k,i)) − missing_eos_penalty · [no EOS in i]
+
+Scorers (none of them needs torch or transformers):
+    vader       VADER's compound sentiment score of the response, in [−1, 1]
+    length      −|tokens − target_length| / target_length   (0 at the target, lower either side)
+    verifiable  1 if the response matches the prompt's reference answer (exact, numeric or regex), else 0
+    python      a user function ``module:function`` called as f(prompts, responses, metadata)
+
+Any raw value that is NaN or inf, a wrong count, or a scorer that raises stops the stage with the
+scorer's name and the offending row.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+import re
 
 from rlhf_core.errors import DataError
 
-SCORERS = ("vader",)
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def vader_scores(texts: list[str]) -> list[float]:
@@ -21,23 +35,132 @@ def vader_scores(texts: list[str]) -> list[float]:
     return [float(analyzer.polarity_scores(text)["compound"]) for text in texts]
 
 
+def length_scores(lengths: list[int], target: int) -> list[float]:
+    """−|L − target| / target for each response length L (tokens): 0 at the target, −1 at 0 or 2·target."""
+    return [-abs(length - target) / target for length in lengths]
+
+
+def verifiable_scores(responses: list[str], answers: list[str], match: str, tolerance: float) -> list[float]:
+    """1.0 where the response matches its reference answer, else 0.0.
+
+    exact:   response.strip() == answer.strip()
+    numeric: the first number in the response is within ``tolerance`` of the answer (as a number)
+    regex:   the answer, read as a regular expression, is found in the response
+    """
+    scores = []
+    for response, answer in zip(responses, answers):
+        if match == "exact":
+            hit = response.strip() == str(answer).strip()
+        elif match == "numeric":
+            found = NUMBER.search(response)
+            try:
+                hit = found is not None and abs(float(found.group()) - float(answer)) <= tolerance
+            except ValueError:
+                hit = False
+        else:
+            hit = re.search(str(answer), response) is not None
+        scores.append(1.0 if hit else 0.0)
+    return scores
+
+
+def python_scores(function: str, prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]:
+    """Call the user function ``module:function`` (importable from the repo root or the environment)."""
+    module_name, attribute = function.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise DataError(f"python scorer {function!r}: cannot import {module_name!r} ({exc})") from None
+    scorer = getattr(module, attribute, None)
+    if not callable(scorer):
+        raise DataError(f"python scorer {function!r}: {module_name} has no function {attribute!r}")
+    return list(scorer(prompts, responses, metadata))
+
+
 def missing_eos_penalties(ended_with_eos: list[bool], penalty: float) -> list[float]:
     """−penalty for each response that ran out of tokens before EOS, 0 otherwise."""
     return [0.0 if ended else -penalty for ended in ended_with_eos]
 
 
-def score_responses(scorer: str, responses: list[str], ended_with_eos: list[bool], missing_eos_penalty: float,
-                    where: str = "score") -> dict[str, list[float]]:
-    """Reward components and their total: {scorer: [...], 'eos_penalty': [...], 'total': [...]}."""
-    if scorer != "vader":
-        raise DataError(f"scorer {scorer!r}: unknown; allowed: {', '.join(SCORERS)}")
-    components = {scorer: vader_scores(responses),
-                  "eos_penalty": missing_eos_penalties(ended_with_eos, missing_eos_penalty)}
-    for name, values in components.items():
-        if len(values) != len(responses):
-            raise DataError(f"{where}: scorer {name} returned {len(values)} values for {len(responses)} responses")
-        for row, value in enumerate(values):
+def merge_running(state: dict | None, values: list[float]) -> dict:
+    """Running count/mean/M2 (Chan et al. parallel update) after adding ``values`` to ``state``.
+
+        n = n_a + n_b,  δ = μ_b − μ_a,  μ = μ_a + δ·n_b/n,  M2 = M2_a + M2_b + δ²·n_a·n_b/n
+    """
+    count_b = len(values)
+    mean_b = sum(values) / count_b
+    m2_b = sum((v - mean_b) ** 2 for v in values)
+    if not state or state.get("count", 0) == 0:
+        return {"count": count_b, "mean": mean_b, "m2": m2_b}
+    count_a, mean_a, m2_a = state["count"], state["mean"], state["m2"]
+    count = count_a + count_b
+    delta = mean_b - mean_a
+    return {"count": count, "mean": mean_a + delta * count_b / count,
+            "m2": m2_a + m2_b + delta ** 2 * count_a * count_b / count}
+
+
+def normalise(values: list[float], mode: str, state: dict | None, eps: float = 1e-8) -> tuple[list[float], dict | None]:
+    """(x − μ) / sqrt(σ² + eps) with μ, σ² of this batch (batch) or of all rounds so far (running).
+
+    Returns the normalised values and the new running state (None unless mode is running).
+    """
+    if mode == "none":
+        return list(values), None
+    if mode == "batch":
+        mean = sum(values) / len(values)
+        var = sum((v - mean) ** 2 for v in values) / len(values)
+        return [(v - mean) / math.sqrt(var + eps) for v in values], None
+    new_state = merge_running(state, values)
+    var = new_state["m2"] / new_state["count"]
+    return [(v - new_state["mean"]) / math.sqrt(var + eps) for v in values], new_state
+
+
+def raw_component(scorer, prompts, responses, lengths, ended, metadata) -> list[float]:
+    if scorer.kind == "vader":
+        return vader_scores(responses)
+    if scorer.kind == "length":
+        return length_scores(lengths, scorer.target_length)
+    if scorer.kind == "verifiable":
+        answers = [m.get("answer") for m in metadata]
+        if any(a is None for a in answers):
+            raise DataError(f"scorer {scorer.name}: the prompts have no reference answers (prepare.answer_field)")
+        return verifiable_scores(responses, answers, scorer.match, scorer.tolerance)
+    return python_scores(scorer.function, prompts, responses, metadata)
+
+
+def score_responses(scorers, *, prompts: list[str], responses: list[str], lengths: list[int], ended: list[bool],
+                    metadata: list[dict], missing_eos_penalty: float, state: dict | None = None,
+                    where: str = "score", normalise_components: bool = True) -> tuple[dict[str, list[float]], dict]:
+    """Every component (raw, and normalised where asked), the EOS penalty and the total.
+
+    ``state`` holds each running normaliser ({name: {count, mean, m2}}); the updated state is
+    returned for the next round.  With ``normalise_components=False`` (evaluation) the total is the
+    weighted sum of the raw components, clipped.
+    """
+    state = dict(state or {})
+    columns: dict[str, list[float]] = {}
+    total = missing_eos_penalties(ended, missing_eos_penalty)
+    columns["eos_penalty"] = list(total)
+    for scorer in scorers:
+        try:
+            raw = [float(v) for v in raw_component(scorer, prompts, responses, lengths, ended, metadata)]
+        except DataError:
+            raise
+        except Exception as exc:  # a user's scorer may raise anything; report it as data, in one line
+            raise DataError(f"{where}: scorer {scorer.name} raised {type(exc).__name__}: {exc}") from None
+        if len(raw) != len(responses):
+            raise DataError(f"{where}: scorer {scorer.name} returned {len(raw)} values for {len(responses)} responses")
+        for row, value in enumerate(raw):
             if not math.isfinite(value):
-                raise DataError(f"{where}: scorer {name} returned {value} for row {row} ({responses[row][:60]!r})")
-    components["total"] = [sum(parts) for parts in zip(*components.values())]
-    return components
+                raise DataError(f"{where}: scorer {scorer.name} returned {value} for row {row} ({responses[row][:60]!r})")
+        columns[scorer.name] = raw
+        values = raw
+        if normalise_components and scorer.normalize != "none":
+            values, running = normalise(raw, scorer.normalize, state.get(scorer.name))
+            if running is not None:
+                state[scorer.name] = running
+            columns[f"{scorer.name}_normalized"] = values
+        if scorer.clip is not None:
+            values = [min(max(v, -scorer.clip), scorer.clip) for v in values]
+        total = [t + scorer.weight * v for t, v in zip(total, values)]
+    columns["total"] = total
+    return columns, state

@@ -16,7 +16,9 @@ def main(params, args):
 
     seed_everything(params.evaluate.seed)
     device = resolve_device(params.device)
-    prompts = read_parquet("prompts/eval.parquet", ("prompt",))["prompt"].tolist()[: params.evaluate.num_prompts]
+    eval_prompts = read_parquet("prompts/eval.parquet", ("prompt",)).head(params.evaluate.num_prompts)
+    prompts = eval_prompts["prompt"].tolist()
+    answers = [str(a) for a in eval_prompts["answer"]] if "answer" in eval_prompts else None
     heldout = read_parquet("demos/heldout.parquet", ("prompt", "response")).to_dict("records")
     heldout = heldout[: params.evaluate.num_perplexity_texts]
     reference = load_causal_lm(checkpoint_dir("sft"), device, params.trust_remote_code)
@@ -26,7 +28,8 @@ def main(params, args):
         tokenizer = load_tokenizer(checkpoint_dir(name), params.trust_remote_code)
         policy = reference if name == "sft" else load_causal_lm(checkpoint_dir(name), device, params.trust_remote_code)
         encoded = encode_demonstrations(tokenizer, heldout, params.sft.max_length)
-        metrics, examples = evaluate_checkpoint(policy, reference, tokenizer, prompts, encoded, params, device)
+        metrics, examples = evaluate_checkpoint(policy, reference, tokenizer, prompts, encoded, params, device,
+                                                answers)
         results[name] = metrics
         rows.append({"round": name, "step": params.round_index(name), **metrics})
         samples += [{"round": name, **example} for example in examples[: params.evaluate.num_logged_samples]]

@@ -21,7 +21,7 @@ def main(params, args):
     rollouts = read_parquet(f"rollouts/{round_key}/rollouts.parquet",
                             ("prompt_ids", "response_ids", "logprobs", "ref_logprobs", "values"))
     advantages = read_parquet(f"advantages/{round_key}/advantages.parquet", ("advantages", "returns"))
-    state = read_json(f"advantages/{round_key}/state.json")
+    state = {**read_json(f"scores/{round_key}/state.json"), **read_json(f"advantages/{round_key}/state.json")}
     experience = Experience(rollouts["prompt_ids"].tolist(), rollouts["response_ids"].tolist(),
                             rollouts["logprobs"].tolist(), rollouts["ref_logprobs"].tolist(),
                             rollouts["values"].tolist(), advantages["advantages"].tolist(),

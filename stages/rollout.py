@@ -36,6 +36,8 @@ def main(params, args):
                                reference_is_policy=reference_is_policy)
     check_finite(stats, f"rollout@{round_key}")
     table = rollout_table(prompts, samples, stats, tokenizer)
+    if "answer" in train:  # reference answers travel with the responses, for verifiable scorers
+        table["answer"] = [str(train["answer"].iloc[indices[p]]) for p in table["prompt_index"]]
     metrics = {
         "responses": len(table),
         "response_length_mean": float(table["response_length"].mean()),

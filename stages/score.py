@@ -1,20 +1,30 @@
-"""Score the round's responses: one column per reward component, plus the total."""
+"""Score the round's responses: one column per reward component (raw and normalised), plus the total."""
+
+from pathlib import Path
 
 from rlhf_core.cli import log, run_stage
-from rlhf_core.io import atomic_dir, read_parquet, write_json
+from rlhf_core.io import atomic_dir, read_json, read_parquet, write_json, write_json_into
 
 
 def main(params, args):
-    """Score rollouts/<round> into scores/<round>/scores.parquet."""
+    """Score rollouts/<round> into scores/<round>/scores.parquet and the normalisers' state."""
     import pandas as pd
 
+    from rlhf_core.models import STATE_FILE, checkpoint_dir
     from rlhf_core.rewards import score_responses
 
     round_key = args.round
-    rollouts = read_parquet(f"rollouts/{round_key}/rollouts.parquet", ("response", "ended_with_eos"))
-    components = score_responses(params.score.scorer, rollouts["response"].tolist(),
-                                 rollouts["ended_with_eos"].astype(bool).tolist(), params.score.missing_eos_penalty,
-                                 where=f"score@{round_key}")
+    rollouts = read_parquet(f"rollouts/{round_key}/rollouts.parquet",
+                            ("prompt", "response", "response_length", "ended_with_eos"))
+    # Running normalisers travel inside the checkpoint this round starts from (none for sft).
+    state_file = Path(checkpoint_dir(params.rounds[round_key].start_from)) / STATE_FILE
+    carried = read_json(state_file).get("reward_normalizers", {}) if state_file.is_file() else {}
+    metadata = [{"answer": a} for a in rollouts["answer"]] if "answer" in rollouts else [{} for _ in range(len(rollouts))]
+    components, normalizers = score_responses(
+        params.score.scorers, prompts=rollouts["prompt"].tolist(), responses=rollouts["response"].tolist(),
+        lengths=rollouts["response_length"].tolist(), ended=rollouts["ended_with_eos"].astype(bool).tolist(),
+        metadata=metadata, missing_eos_penalty=params.score.missing_eos_penalty, state=carried,
+        where=f"score@{round_key}")
     table = pd.DataFrame({"prompt_index": rollouts["prompt_index"], "sample_index": rollouts["sample_index"],
                           **components})
     metrics = {f"{name}_mean": float(table[name].mean()) for name in components}
@@ -22,6 +32,7 @@ def main(params, args):
     log(f"score@{round_key}: {metrics}")
     with atomic_dir(f"scores/{round_key}") as out:
         table.to_parquet(out / "scores.parquet", index=False)
+        write_json_into(out, "state.json", {"reward_normalizers": normalizers})
     write_json(f"metrics/{round_key}/score.json", metrics)
 
 

@@ -30,27 +30,89 @@ def test_missing_eos_penalties():
     assert missing_eos_penalties([], 1.0) == []
 
 
-def test_score_responses_total_is_vader_plus_penalty():
+def _scorer(**fields):
+    from dataclasses import replace
+
+    from rlhf_core.config import ScorerParams
+
+    return replace(ScorerParams(), **fields)
+
+
+def _score(scorers, responses, ended=None, penalty=0.0, state=None, metadata=None, lengths=None, **kwargs):
+    ended = ended if ended is not None else [True] * len(responses)
+    return score_responses(scorers, prompts=["p"] * len(responses), responses=responses,
+                           lengths=lengths or [len(r.split()) for r in responses], ended=ended,
+                           metadata=metadata or [{} for _ in responses], missing_eos_penalty=penalty, state=state,
+                           where="score@r1", **kwargs)
+
+
+def test_total_is_sentiment_plus_penalty():
     responses = ["", POSITIVE, NEGATIVE]
-    ended = [False, True, False]
-    out = score_responses("vader", responses, ended, 0.25)
-    assert set(out) == {"vader", "eos_penalty", "total"}
+    out, _ = _score([_scorer()], responses, ended=[False, True, False], penalty=0.25)
+    assert set(out) == {"sentiment", "eos_penalty", "total"}
     vader = vader_scores(responses)
-    assert out["vader"] == vader
+    assert out["sentiment"] == vader
     assert out["eos_penalty"] == [-0.25, 0.0, -0.25]
-    # "" scores 0 under VADER and missed EOS: 0 − 0.25
-    assert out["total"][0] == pytest.approx(-0.25, abs=1e-12)
-    assert out["total"][1] == pytest.approx(vader[1], abs=1e-12)
-    assert out["total"][2] == pytest.approx(vader[2] - 0.25, abs=1e-12)
-    assert out["total"][1] > 0.5 and out["total"][2] < -0.75
+    assert out["total"] == pytest.approx([-0.25, vader[1], vader[2] - 0.25], abs=1e-12)
 
 
-def test_score_responses_without_penalty():
-    out = score_responses("vader", [POSITIVE], [False], 0.0)
-    assert out["total"] == pytest.approx(out["vader"])
+def test_weighted_sum_with_clip_by_hand():
+    # length: −|L − 4| / 4 for L = 2, 4, 10 → [−0.5, 0, −1.5], clipped to [−1, 1] → [−0.5, 0, −1]
+    scorers = [_scorer(name="len", kind="length", target_length=4, weight=2.0, clip=1.0),
+               _scorer(name="exact", kind="verifiable", weight=0.5)]
+    out, _ = _score(scorers, ["a", "b", "c"], lengths=[2, 4, 10],
+                    metadata=[{"answer": "a"}, {"answer": "x"}, {"answer": " c "}])
+    assert out["len"] == [-0.5, 0.0, -1.5]
+    assert out["exact"] == [1.0, 0.0, 1.0]
+    # total = 2·clip(len) + 0.5·exact = [−1 + 0.5, 0, −2 + 0.5]
+    assert out["total"] == pytest.approx([-0.5, 0.0, -1.5])
 
 
-def test_unknown_scorer_raises():
-    with pytest.raises(DataError) as info:
-        score_responses("rm-7b", ["x"], [True], 0.0)
-    assert "'rm-7b'" in str(info.value) and "vader" in str(info.value)
+def test_verifiable_match_modes():
+    from rlhf_core.rewards import verifiable_scores
+
+    assert verifiable_scores(["42", " 42 ", "41"], ["42", "42", "42"], "exact", 0.0) == [1.0, 1.0, 0.0]
+    assert verifiable_scores(["= 42.0005 ok", "no number", "-3"], ["42", "1", "-3"], "numeric", 1e-3) == [1.0, 0.0, 1.0]
+    assert verifiable_scores(["The answer is 17.", "17"], [r"answer is \d+", r"^\d{3}$"], "regex", 0.0) == [1.0, 0.0]
+
+
+def test_batch_and_running_normalisation_by_hand():
+    # batch: [1, 3] → mean 2, var 1 → [−1, 1]
+    scorers = [_scorer(name="len", kind="length", target_length=1, normalize="batch")]
+    out, _ = _score(scorers, ["x", "y"], lengths=[2, 4])  # raw −|L − 1| = [−1, −3]
+    assert out["len_normalized"] == pytest.approx([1.0, -1.0], abs=1e-6)
+
+    running = [_scorer(name="len", kind="length", target_length=1, normalize="running")]
+    out1, state1 = _score(running, ["x", "y"], lengths=[2, 4])  # raw [−1, −3]: n 2, mean −2, M2 2
+    assert state1 == {"len": {"count": 2, "mean": -2.0, "m2": 2.0}}
+    assert out1["len_normalized"] == pytest.approx([1.0, -1.0], abs=1e-6)
+    # round 2, raw [−5, −7] merged: n 4, mean −4, M2 = 2 + 2 + (−6 − −2)²·2·2/4 = 20, var 5
+    out2, state2 = _score(running, ["x", "y"], lengths=[6, 8], state=state1)
+    assert state2["len"] == {"count": 4, "mean": -4.0, "m2": 20.0}
+    assert out2["len_normalized"] == pytest.approx([-1 / 5 ** 0.5, -3 / 5 ** 0.5], abs=1e-6)
+
+
+def test_python_scorer(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(
+        "def shout(prompts, responses, metadata):\n    return [float(r.count('!')) for r in responses]\n"
+        "def wrong_count(prompts, responses, metadata):\n    return [1.0]\n"
+        "def boom(prompts, responses, metadata):\n    raise ValueError('bad row 3')\n"
+        "def nan(prompts, responses, metadata):\n    return [0.0, float('nan')]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out, _ = _score([_scorer(name="bang", kind="python", function="my_rewards:shout")], ["a!", "b!!"])
+    assert out["bang"] == [1.0, 2.0]
+    with pytest.raises(DataError, match=r"^score@r1: scorer bad returned 1 values for 2 responses$"):
+        _score([_scorer(name="bad", kind="python", function="my_rewards:wrong_count")], ["a", "b"])
+    with pytest.raises(DataError, match=r"^score@r1: scorer bad raised ValueError: bad row 3$"):
+        _score([_scorer(name="bad", kind="python", function="my_rewards:boom")], ["a", "b"])
+    with pytest.raises(DataError, match=r"^score@r1: scorer bad returned nan for row 1"):
+        _score([_scorer(name="bad", kind="python", function="my_rewards:nan")], ["a", "b"])
+    with pytest.raises(DataError, match="cannot import 'no_such_module'"):
+        _score([_scorer(name="bad", kind="python", function="no_such_module:f")], ["a"])
+
+
+def test_evaluation_totals_skip_normalisation():
+    scorers = [_scorer(name="len", kind="length", target_length=1, normalize="batch", weight=2.0)]
+    out, state = _score(scorers, ["x", "y"], lengths=[2, 4], normalise_components=False)
+    assert "len_normalized" not in out and state == {}
+    assert out["total"] == [-2.0, -6.0]
