@@ -240,6 +240,7 @@ class Params:
     seed: int = param(0, "global seed; every stage derives its own from it", ge=0)
     task: Literal["sentiment"] = param("sentiment", "built-in task: prompt generator, demonstrations and default scorer")
     device: str = param("auto", "`auto` (CUDA when available), `cpu`, `cuda`, `cuda:N` or `mps`", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    cpu_threads: int = param(1, "torch intra-op threads when running on CPU; 1 keeps CPU runs bit-for-bit reproducible under any machine load, 0 uses torch's default (all cores: faster for large models, but float reductions may differ run to run)", ge=0)
     trust_remote_code: bool = param(False, "let transformers run Python code shipped with a hub model or tokenizer; off unless you trust its author")
     prepare: PrepareParams = section(PrepareParams, "prompt preparation")
     sft: SFTParams = section(SFTParams, "the reference snapshot")

@@ -35,8 +35,19 @@ STATE_FILE = "rlhf_state.json"
 # Runtime
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` → CUDA if available, else MPS if available, else CPU; explicit names are checked."""
+def resolve_device(name: str, cpu_threads: int = 0) -> torch.device:
+    """`auto` → CUDA if available, else MPS if available, else CPU; explicit names are checked.
+
+    On CPU, ``cpu_threads`` > 0 fixes torch's intra-op threads (1: single-threaded kernels, whose float
+    reductions cannot be reordered by thread scheduling).
+    """
+    device = _pick_device(name)
+    if device.type == "cpu" and cpu_threads > 0:
+        torch.set_num_threads(cpu_threads)
+    return device
+
+
+def _pick_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

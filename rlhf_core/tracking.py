@@ -75,8 +75,11 @@ def pipeline_state(params, git_rev: str, metrics_dir: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def log_pipeline_run(params, *, workdir: Path, artifacts: list[Path], log=print) -> str | None:
-    """Log one MLflow run for the pipeline state in ``workdir``; return its id (None if it already existed)."""
+def log_pipeline_run(params, *, workdir: Path, artifacts: list[Path], log=print) -> dict:
+    """Log one MLflow run for the pipeline state in ``workdir`` (unless that state is already logged).
+
+    Returns {run_id, experiment_id, tracking_uri, pipeline_state, created}.
+    """
     import mlflow
     from mlflow.entities import Metric, Param, RunTag
 
@@ -94,9 +97,10 @@ def log_pipeline_run(params, *, workdir: Path, artifacts: list[Path], log=print)
     git_rev = git_revision(workdir)
     state = pipeline_state(params, git_rev, metrics_dir)
     existing = client.search_runs([experiment_id], filter_string=f"tags.pipeline_state = '{state}'", max_results=1)
+    summary = {"experiment_id": experiment_id, "tracking_uri": uri, "pipeline_state": state}
     if existing:
         log(f"track: pipeline state {state} already logged as run {existing[0].info.run_id}; nothing to do")
-        return None
+        return {**summary, "run_id": existing[0].info.run_id, "created": False}
 
     exp_name = os.environ.get("DVC_EXP_NAME", "")
     tags = {"pipeline_state": state, "params_hash": params.hash(), "git_commit": git_rev,
@@ -123,7 +127,7 @@ def log_pipeline_run(params, *, workdir: Path, artifacts: list[Path], log=print)
         client.set_terminated(run_id, "FAILED")
         raise
     log(f"track: logged run {run_id} ({tags['mlflow.runName']}) to {uri}")
-    return run_id
+    return {**summary, "run_id": run_id, "created": True}
 
 
 def render_plots(csv_path: Path, out_dir: Path) -> list[Path]:

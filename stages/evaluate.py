@@ -15,7 +15,7 @@ def main(params, args):
     from rlhf_core.sft import encode_demonstrations
 
     seed_everything(params.evaluate.seed)
-    device = resolve_device(params.device)
+    device = resolve_device(params.device, params.cpu_threads)
     eval_prompts = read_parquet("prompts/eval.parquet", ("prompt",)).head(params.evaluate.num_prompts)
     prompts = eval_prompts["prompt"].tolist()
     answers = [str(a) for a in eval_prompts["answer"]] if "answer" in eval_prompts else None

@@ -16,7 +16,7 @@ def main(params, args):
     train = get_algorithm(params.algorithm.name)
     seed = params.round_seed(round_key, "optimize")
     seed_everything(seed)
-    device = resolve_device(params.device)
+    device = resolve_device(params.device, params.cpu_threads)
 
     rollouts = read_parquet(f"rollouts/{round_key}/rollouts.parquet",
                             ("prompt_ids", "response_ids", "logprobs", "ref_logprobs", "values"))

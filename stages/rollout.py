@@ -15,7 +15,7 @@ def main(params, args):
     start_from = params.rounds[round_key].start_from
     seed = params.round_seed(round_key, "rollout")
     seed_everything(seed)
-    device = resolve_device(params.device)
+    device = resolve_device(params.device, params.cpu_threads)
 
     train = read_parquet("prompts/train.parquet", ("prompt",))
     indices = sample_prompt_indices(len(train), ro.prompts_per_round, seed)

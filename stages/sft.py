@@ -15,7 +15,7 @@ def main(params, args):
     quiet_transformers()
     seed = params.round_seed("sft", "sft")
     seed_everything(seed)
-    device = resolve_device(params.device)
+    device = resolve_device(params.device, params.cpu_threads)
     train_rows, heldout_rows = split_heldout(read_demonstrations(params), params.sft.heldout_fraction, params.seed)
     model, tokenizer = build_reference(params, train_rows, device)
     log(f"sft: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train_rows)} demonstrations, "

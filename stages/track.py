@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from rlhf_core.cli import run_stage
+from rlhf_core.io import write_json
 
 
 def main(params, args):
@@ -16,7 +17,9 @@ def main(params, args):
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = [workdir / "samples/eval.jsonl", workdir / "plots/eval_by_round.csv",
                      *render_plots(workdir / "plots/eval_by_round.csv", Path(tmp))]
-        log_pipeline_run(params, workdir=workdir, artifacts=artifacts, log=log)
+        run = log_pipeline_run(params, workdir=workdir, artifacts=artifacts, log=log)
+    # Not in git (.gitignore): a fresh clone has no such file, so `dvc repro` logs the state to its own store.
+    write_json("tracking/run.json", run)
 
 
 if __name__ == "__main__":

@@ -60,11 +60,13 @@ def test_log_pipeline_run_logs_once_per_state(tmp_path, monkeypatch):
     _metrics(tmp_path / "metrics", 0.4)
     sample = tmp_path / "samples.jsonl"
     sample.write_text('{"response": "great"}\n')
-    first = log_pipeline_run(PARAMS, workdir=tmp_path, artifacts=[sample], log=lambda *_: None)
+    first_run = log_pipeline_run(PARAMS, workdir=tmp_path, artifacts=[sample], log=lambda *_: None)
     again = log_pipeline_run(PARAMS, workdir=tmp_path, artifacts=[sample], log=lambda *_: None)
-    assert first and again is None
+    assert first_run["created"] and not again["created"]
+    assert again["run_id"] == first_run["run_id"] and again["pipeline_state"] == first_run["pipeline_state"]
+    first = first_run["run_id"]
     monkeypatch.setenv("DVC_EXP_NAME", "brave-newt")
-    other = log_pipeline_run(replace(PARAMS, seed=3), workdir=tmp_path, artifacts=[], log=lambda *_: None)
+    other = log_pipeline_run(replace(PARAMS, seed=3), workdir=tmp_path, artifacts=[], log=lambda *_: None)["run_id"]
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["rlhf"])
     assert set(runs["run_id"]) == {first, other}

@@ -89,6 +89,11 @@ def pipeline(tmp_path_factory):
     outputs = {"repro": dvc(["repro"], workdir)}
     outputs["eval_after_repro"] = json.loads((workdir / "metrics/eval.json").read_text())
     outputs["noop"] = dvc(["repro"], workdir)
+    # A fresh clone has no tracking/run.json (it is not in git): `dvc repro` must log to the clone's
+    # own MLflow store even when every other stage is up to date.
+    outputs["run_json"] = json.loads((workdir / "tracking/run.json").read_text())
+    (workdir / "tracking/run.json").unlink()
+    outputs["clone_like"] = dvc(["repro"], workdir)
     outputs["lock_first"] = yaml.safe_load((workdir / "dvc.lock").read_text())
     # Same params and seed, every stage again from scratch: outputs must be byte-identical.
     outputs["forced"] = dvc(["repro", "-f"], workdir)
@@ -111,8 +116,17 @@ def test_repro_runs_every_stage_once_then_nothing(pipeline):
     assert ran_stages(outputs["noop"]) == set()
 
 
+def test_without_tracking_record_only_track_reruns(pipeline):
+    _, outputs = pipeline
+    assert outputs["run_json"]["created"] is True and len(outputs["run_json"]["run_id"]) == 32
+    assert ran_stages(outputs["clone_like"]) == {"track"}
+    assert "already logged as run " + outputs["run_json"]["run_id"] in outputs["clone_like"]
+
+
 def output_md5s(lock: dict) -> dict[str, str]:
-    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
+    """md5 of every output in dvc.lock, except the MLflow run record (it names the run it created)."""
+    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])
+            if out["path"] != "tracking/run.json"}
 
 
 def test_from_scratch_runs_are_byte_identical(pipeline):
