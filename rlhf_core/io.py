@@ -156,3 +156,18 @@ def repo_root(start: str | Path | None = None) -> Path:
         if (candidate / "dvc.yaml").is_file() or (candidate / ".dvc").is_dir():
             return candidate
     return here
+
+
+STATE_FILE = "rlhf_state.json"
+
+
+def checkpoint_dir(name: str) -> str:
+    """models/<name>: `sft` is the reference snapshot, every other name a round's output."""
+    return f"models/{name}"
+
+
+def read_state(path: str | Path) -> dict:
+    """The RL state carried from round to round in a checkpoint (KL coefficient, reward baseline,
+    reward normalisers); {} for a checkpoint without one (sft, or any plain HF model)."""
+    state_file = Path(path) / STATE_FILE
+    return read_json(state_file) if state_file.is_file() else {}

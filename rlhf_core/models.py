@@ -23,12 +23,12 @@ import torch
 from torch import nn
 
 from rlhf_core.errors import ConfigError, DataError
+from rlhf_core.io import STATE_FILE, checkpoint_dir, read_state  # noqa: F401  (re-exported)
 
 PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|endoftext|>"
 VALUE_HEAD_FILE = "value_head.safetensors"
 CRITIC_DIR = "critic"
-STATE_FILE = "rlhf_state.json"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -344,14 +344,3 @@ def save_checkpoint(directory: Path, model: ActorCritic, tokenizer, state: dict)
     head_state = {k: v.detach().cpu().contiguous() for k, v in model.value_head.state_dict().items()}
     save_file(head_state, str(head_dir / VALUE_HEAD_FILE))
     (directory / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-
-
-def read_state(path: str) -> dict:
-    """The RL state carried from round to round in the checkpoint (e.g. the adaptive KL coefficient)."""
-    state_file = Path(path) / STATE_FILE
-    return json.loads(state_file.read_text()) if state_file.is_file() else {}
-
-
-def checkpoint_dir(name: str) -> str:
-    """models/<name>: `sft` is the reference snapshot, every other name a round's output."""
-    return f"models/{name}"

@@ -1,10 +1,8 @@
 """Token rewards (score − β·KL), the algorithm's advantages and returns, and the state for the next round."""
 
-from pathlib import Path
-
 from rlhf_core.cli import log, run_stage
 from rlhf_core.errors import DataError
-from rlhf_core.io import atomic_dir, read_json, read_parquet, write_json, write_json_into
+from rlhf_core.io import atomic_dir, checkpoint_dir, read_parquet, read_state, write_json, write_json_into
 
 
 def main(params, args):
@@ -13,7 +11,6 @@ def main(params, args):
 
     from rlhf_core.advantages import estimator_for, round_advantages
     from rlhf_core.kl import AdaptiveKLController, FixedKLController
-    from rlhf_core.models import STATE_FILE, checkpoint_dir
 
     adv, round_key = params.advantages, args.round
     rollouts = read_parquet(f"rollouts/{round_key}/rollouts.parquet",
@@ -23,8 +20,7 @@ def main(params, args):
         raise DataError(f"scores/{round_key} has {len(scores)} rows for {len(rollouts)} rollouts; re-run score@{round_key}")
 
     # State carried across rounds travels inside the checkpoint this round starts from (none for sft).
-    state_file = Path(checkpoint_dir(params.rounds[round_key].start_from)) / STATE_FILE
-    carried = read_json(state_file) if state_file.is_file() else {}
+    carried = read_state(checkpoint_dir(params.rounds[round_key].start_from))
     if adv.adaptive_kl:
         controller = AdaptiveKLController(carried.get("kl_coef", adv.kl_coef), adv.kl_target, adv.kl_horizon)
     else:

@@ -1,24 +1,20 @@
 """Score the round's responses: one column per reward component (raw and normalised), plus the total."""
 
-from pathlib import Path
-
 from rlhf_core.cli import log, run_stage
-from rlhf_core.io import atomic_dir, read_json, read_parquet, write_json, write_json_into
+from rlhf_core.io import atomic_dir, checkpoint_dir, read_parquet, read_state, write_json, write_json_into
 
 
 def main(params, args):
     """Score rollouts/<round> into scores/<round>/scores.parquet and the normalisers' state."""
     import pandas as pd
 
-    from rlhf_core.models import STATE_FILE, checkpoint_dir
     from rlhf_core.rewards import score_responses
 
     round_key = args.round
     rollouts = read_parquet(f"rollouts/{round_key}/rollouts.parquet",
                             ("prompt", "response", "response_length", "ended_with_eos"))
     # Running normalisers travel inside the checkpoint this round starts from (none for sft).
-    state_file = Path(checkpoint_dir(params.rounds[round_key].start_from)) / STATE_FILE
-    carried = read_json(state_file).get("reward_normalizers", {}) if state_file.is_file() else {}
+    carried = read_state(checkpoint_dir(params.rounds[round_key].start_from)).get("reward_normalizers", {})
     metadata = [{"answer": a} for a in rollouts["answer"]] if "answer" in rollouts else [{} for _ in range(len(rollouts))]
     components, normalizers = score_responses(
         params.score.scorers, prompts=rollouts["prompt"].tolist(), responses=rollouts["response"].tolist(),
