@@ -97,16 +97,17 @@ class RolloutParams:
     forward_batch_size: int = param(64, "sequences per forward pass when recording log-probs and values", ge=1)
 
 
-SCORER_KINDS = ("vader", "length", "verifiable", "python")
+SCORER_KINDS = ("task", "vader", "length", "verifiable", "python", "hf_classifier")
 _IDENTIFIER = r"^[A-Za-z][A-Za-z0-9_]*$"
+_DEVICE = r"^(auto|cpu|cuda(:\d+)?|mps)$"
 
 
 @dataclass(frozen=True)
 class ScorerParams:
-    name: str = param("sentiment", "component name: its column in scores/<round>, its eval metric reward_<name>", pattern=_IDENTIFIER)
-    kind: Literal["vader", "length", "verifiable", "python"] = param(
-        "vader", "vader: VADER compound sentiment of the response; length: −|tokens − target_length| / target_length; verifiable: 1 if the response matches the prompt's reference answer, else 0; python: your function")
-    weight: float = param(1.0, "weight of this component in the total reward")
+    name: str = param("task", "component name: its column in scores/<round>, its eval metric reward_<name>", pattern=_IDENTIFIER)
+    kind: Literal["task", "vader", "length", "verifiable", "python", "hf_classifier"] = param(
+        "task", "task: the built-in task's own reward (sentiment: VADER; arithmetic: exact match with the answer); vader: VADER compound sentiment of the response; length: −|tokens − target_length| / target_length; verifiable: 1 if the response matches the prompt's reference answer, else 0; python: your function; hf_classifier: an AutoModelForSequenceClassification (reward model)")
+    weight: float = param(1.0, "weight of this component in the total reward; 0 keeps it as a monitored column only")
     normalize: Literal["none", "batch", "running"] = param(
         "none", "per-component normalisation before weighting: none, whitening over the round, or a running mean/std across rounds")
     clip: Optional[float] = param(None, "clip the (normalised) component to [−clip, clip]; null disables", gt=0.0)
@@ -115,6 +116,15 @@ class ScorerParams:
         "exact", "verifiable: exact (stripped) string match, numeric match within tolerance, or the reference answer as a regex searched in the response")
     tolerance: float = param(1e-6, "verifiable numeric: largest accepted |response number − answer|", ge=0.0)
     function: str = param("", "python: `module:function` called as f(prompts, responses, metadata) -> one float per response")
+    model: tuple = param(
+        (), "hf_classifier: hub id or local directory of an AutoModelForSequenceClassification (e.g. reward_models/<name>); a list of several is an ensemble")
+    ensemble: Literal["mean", "min"] = param("mean", "hf_classifier with several models: combine their scores by mean, or by min (pessimistic, curbs reward hacking)")
+    label: str = param("", "hf_classifier: the output scored: empty for a one-output reward model, else a label name of the model's id2label or an index")
+    output: Literal["logit", "probability"] = param("logit", "hf_classifier: the label's raw logit, or its softmax probability")
+    text: Literal["prompt_and_response", "response"] = param("prompt_and_response", "hf_classifier: what the classifier reads, re-tokenised with its own tokenizer")
+    batch_size: int = param(32, "hf_classifier: texts per forward pass", ge=1)
+    max_length: int = param(512, "hf_classifier: longest input in the classifier's tokens; longer texts keep their end", ge=2)
+    device: str = param("auto", "hf_classifier: `auto`, `cpu`, `cuda`, `cuda:N` or `mps`", pattern=_DEVICE)
 
 
 @dataclass(frozen=True)
@@ -230,6 +240,28 @@ _ROUND_KEY = r"^[A-Za-z][A-Za-z0-9_-]*$"
 
 
 @dataclass(frozen=True)
+class RewardModelParams:
+    base: str = param("builtin", "`builtin`: a tiny classifier and its own tokenizer trained from scratch (shape: sft.tiny, vocabulary reward_vocab_size); `sft`: starts from models/sft; otherwise any hub id or local directory of a transformers model")
+    reward_vocab_size: int = param(512, "builtin: vocabulary size of the reward model's own byte-level BPE tokenizer", ge=300)
+    preferences: Literal["builtin", "file", "hf"] = param(
+        "builtin", "where (prompt, chosen, rejected) pairs come from: the task's generator, a local jsonl/parquet/csv file, or a `datasets` dataset")
+    path: str = param("", "file path or dataset name of the preference pairs (preferences: file or hf)")
+    dataset_config: str = param("", "`datasets` configuration name; empty for none")
+    split: str = param("train", "`datasets` split to read")
+    prompt_field: str = param("prompt", "column with the prompt; empty when chosen/rejected hold the whole text")
+    chosen_field: str = param("chosen", "column with the preferred response")
+    rejected_field: str = param("rejected", "column with the dispreferred response")
+    num_builtin_pairs: int = param(4000, "how many pairs the built-in generator writes", ge=10)
+    heldout_fraction: float = param(0.1, "fraction of pairs held out for the pair-accuracy metric", gt=0.0, lt=1.0)
+    epochs: int = param(2, "passes over the training pairs", ge=1)
+    lr: float = param(1e-3, "peak AdamW learning rate", gt=0.0)
+    weight_decay: float = param(0.0, "AdamW weight decay", ge=0.0)
+    warmup_ratio: float = param(0.05, "fraction of steps spent warming the learning rate up", ge=0.0, lt=1.0)
+    batch_size: int = param(32, "pairs per optimizer step", ge=1)
+    max_length: int = param(64, "prompt + response truncated to this many tokens (the end is kept)", ge=4)
+
+
+@dataclass(frozen=True)
 class RoundParams:
     # `from` is a Python keyword, so the YAML key `from` maps to `start_from`.
     start_from: str = param("sft", "checkpoint this round starts from: `sft` or an earlier round's key", pattern=_ROUND_KEY)
@@ -238,8 +270,9 @@ class RoundParams:
 @dataclass(frozen=True)
 class Params:
     seed: int = param(0, "global seed; every stage derives its own from it", ge=0)
-    task: Literal["sentiment"] = param("sentiment", "built-in task: prompt generator, demonstrations and default scorer")
-    device: str = param("auto", "`auto` (CUDA when available), `cpu`, `cuda`, `cuda:N` or `mps`", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    task: Literal["sentiment", "arithmetic"] = param(
+        "sentiment", "built-in task: its prompt generator, demonstrations, preference pairs and `kind: task` reward (sentiment: review openings, VADER; arithmetic: `17+25=`, exact match)")
+    device: str = param("auto", "`auto` (CUDA when available), `cpu`, `cuda`, `cuda:N` or `mps`", pattern=_DEVICE)
     cpu_threads: int = param(1, "torch intra-op threads when running on CPU; 1 keeps CPU runs bit-for-bit reproducible under any machine load, 0 uses torch's default (all cores: faster for large models, but float reductions may differ run to run)", ge=0)
     trust_remote_code: bool = param(False, "let transformers run Python code shipped with a hub model or tokenizer; off unless you trust its author")
     prepare: PrepareParams = section(PrepareParams, "prompt preparation")
@@ -255,6 +288,9 @@ class Params:
     rloo: RLOOParams = section(RLOOParams, "REINFORCE leave-one-out (rloo)")
     evaluate: EvaluateParams = section(EvaluateParams, "held-out evaluation")
     tracking: TrackingParams = section(TrackingParams, "MLflow")
+    reward_models: dict = field(
+        default_factory=dict,
+        metadata={"doc": "reward models to train (stage train_reward@<name> → reward_models/<name>, usable as an hf_classifier model); empty: none"})
     rounds: dict = field(
         default_factory=lambda: {"r1": RoundParams("sft")},
         metadata={"doc": "ordered mapping of round key → {from: checkpoint}; adding a line adds a round"})
@@ -286,8 +322,12 @@ class Params:
             where = f"score.scorers[{index}] ({scorer.name})"
             if scorer.kind == "python" and not re.match(r"^[\w.]+:[\w]+$", scorer.function):
                 raise ConfigError(f"{where}.function = {scorer.function!r}: must be `module:function`")
-            if scorer.kind == "verifiable" and not self.prepare.answer_field:
-                raise ConfigError(f"{where}: a verifiable scorer needs prepare.answer_field (the reference-answer column)")
+            if (scorer.kind == "verifiable" or (scorer.kind == "task" and self.task == "arithmetic")) and not self.has_answers:
+                what = "a verifiable scorer" if scorer.kind == "verifiable" else f"the {self.task} task's scorer"
+                raise ConfigError(f"{where}: {what} needs reference answers: "
+                                  "prepare.answer_field (the reference-answer column), or the builtin arithmetic prompts")
+            if scorer.kind == "hf_classifier" and not scorer.model:
+                raise ConfigError(f"{where}.model is empty: an hf_classifier needs a hub id or local directory, e.g. reward_models/bt")
         if not self.rounds:
             raise ConfigError("rounds is empty: at least one round is required, e.g. rounds: {r1: {from: sft}}")
         seen = {"sft"}
@@ -300,6 +340,13 @@ class Params:
         return self
 
     # -- derived values ---------------------------------------------------------------------------
+    @property
+    def has_answers(self) -> bool:
+        """Whether the prompt sets carry a reference-answer column."""
+        if self.prepare.source == "builtin":
+            return self.task == "arithmetic"
+        return bool(self.prepare.answer_field)
+
     def round_index(self, round_key: str) -> int:
         """1-based depth of a round in its `from` chain (sft is 0): the MLflow step of the round."""
         if round_key == "sft":
@@ -344,7 +391,8 @@ def _describe(tp) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
         return " or ".join("null" if a is type(None) else _describe(a) for a in typing.get_args(tp))
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            tuple: "a string or a list of strings"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _coerce(value, tp, key: str, meta: dict):
@@ -359,6 +407,11 @@ def _coerce(value, tp, key: str, meta: dict):
         if value not in typing.get_args(tp):
             raise ConfigError(f"{key} = {value!r}: must be {_describe(tp)}")
         return value
+    if tp is tuple:  # a string, or a list of strings
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(item, str) and item for item in items):
+            raise ConfigError(f"{key} = {value!r}: must be a non-empty string or a list of them")
+        return tuple(items)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key} = {value!r}: must be true or false")
@@ -418,6 +471,8 @@ def _build(cls, raw, prefix: str):
             kwargs[f.name] = _build_rounds(value, key)
         elif f.name == "scorers":
             kwargs[f.name] = _build_scorers(value, key)
+        elif f.name == "reward_models":
+            kwargs[f.name] = _build_reward_models(value, key)
         else:
             kwargs[f.name] = _coerce(value, tp, key, dict(f.metadata))
     return cls(**kwargs)
@@ -427,6 +482,19 @@ def _build_scorers(raw, key: str) -> tuple:
     if not isinstance(raw, list):
         raise ConfigError(f"{key}: must be a list like [{{name: sentiment, kind: vader, weight: 1.0}}]")
     return tuple(_build(ScorerParams, spec, f"{key}[{index}]") for index, spec in enumerate(raw))
+
+
+def _build_reward_models(raw, key: str) -> dict:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key}: must be a mapping like {{bt: {{base: builtin}}}}, or {{}} for none")
+    models = {}
+    for name, spec in raw.items():
+        if not isinstance(name, str) or not re.match(_IDENTIFIER, name):
+            raise ConfigError(f"{key}.{name}: a reward model name must be an identifier like bt (letters, digits, _)")
+        models[name] = _build(RewardModelParams, spec, f"{key}.{name}")
+    return models
 
 
 def _build_rounds(raw, key: str) -> dict:
@@ -491,8 +559,11 @@ def schema_rows(cls=Params, prefix: str = "") -> list[tuple[str, str, Any, str]]
         elif f.name == "rounds":
             rows.append((key, "mapping", {"r1": {"from": "sft"}}, f.metadata["doc"]))
         elif f.name == "scorers":
-            rows.append((key, "list", [{"name": "sentiment", "kind": "vader"}], f.metadata["doc"]))
+            rows.append((key, "list", [{"name": "task", "kind": "task"}], f.metadata["doc"]))
             rows += schema_rows(ScorerParams, key + "[].")
+        elif f.name == "reward_models":
+            rows.append((key, "mapping", {}, f.metadata["doc"]))
+            rows += schema_rows(RewardModelParams, key + ".<name>.")
         else:
             rows.append((key, _describe(tp), getattr(defaults, f.name), f.metadata["doc"]))
     return rows
@@ -500,9 +571,10 @@ def schema_rows(cls=Params, prefix: str = "") -> list[tuple[str, str, Any, str]]
 
 def _scorer_fields(scorer: "ScorerParams") -> dict:
     """The scorer's keys that matter for its kind (defaults of other kinds are left out)."""
-    kind_keys = {"length": ("target_length",), "verifiable": ("match", "tolerance"), "python": ("function",)}
+    kind_keys = {"length": ("target_length",), "verifiable": ("match", "tolerance"), "python": ("function",),
+                 "hf_classifier": ("model", "ensemble", "label", "output", "text", "batch_size", "max_length", "device")}
     keys = ("name", "kind", "weight", "normalize", "clip", *kind_keys.get(scorer.kind, ()))
-    return {key: getattr(scorer, key) for key in keys}
+    return {key: list(value) if isinstance(value := getattr(scorer, key), tuple) else value for key in keys}
 
 
 def render_params_yaml(params: Params | None = None) -> str:
@@ -518,6 +590,14 @@ def render_params_yaml(params: Params | None = None) -> str:
             if dataclasses.is_dataclass(tp):
                 lines.append(f"{pad}{f.name}:  # {f.metadata['doc']}")
                 emit(value, indent + 1)
+            elif f.name == "reward_models":
+                if not value:
+                    lines.append(f"{pad}reward_models: {{}}  # {f.metadata['doc']}")
+                else:
+                    lines.append(f"{pad}reward_models:  # {f.metadata['doc']}")
+                    for key, spec in value.items():
+                        changed = {k: v for k, v in _to_plain(spec).items() if v != getattr(RewardModelParams(), k)}
+                        lines.append(f"{pad}  {key}: {_yaml_scalar(changed)}")
             elif f.name == "rounds":
                 lines.append(f"{pad}# {f.metadata['doc']}")
                 lines.append(f"{pad}rounds:")

@@ -144,7 +144,7 @@ def read_prompt_records(params) -> list[dict]:
     if prep.source == "builtin":
         from rlhf_core.tasks import get_task
 
-        return [{"prompt": p} for p in get_task(params.task).prompts(prep.num_builtin_prompts, params.seed)]
+        return get_task(params.task).prompts(prep.num_builtin_prompts, params.seed)
     where = f"prepare.path {prep.path}"
     frame = load_table(prep.source, prep.path, prep.dataset_config, prep.split)
     prompts = text_column(frame, prep.prompt_field, where)

@@ -57,7 +57,7 @@ def evaluate_checkpoint(policy, reference, tokenizer, prompts: list[str], heldou
     components, _ = score_responses(params.score.scorers, prompts=[prompts[s.prompt_index] for s in samples],
                                     responses=responses, lengths=[len(s.response_ids) for s in samples],
                                     ended=ended, metadata=metadata, missing_eos_penalty=params.score.missing_eos_penalty,
-                                    where="evaluate", normalise_components=False)
+                                    task=params.task, where="eval responses", normalise_components=False)
     kls = sequence_kl(policy, reference, samples, pad_id=tokenizer.pad_token_id, temperature=ev.temperature,
                       batch_size=ev.batch_size, device=device)
     metrics = {

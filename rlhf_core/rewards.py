@@ -6,11 +6,14 @@ to [−clip, clip] if asked, and weighted:
 
     total_i = Σ_k weight_k · clip(normalise_k(component_k,i)) − missing_eos_penalty · [no EOS in i]
 
-Scorers (none of them needs torch or transformers):
+Scorers (only hf_classifier needs torch and transformers, and imports them only when used):
+    task        the built-in task's own reward (rlhf_core.tasks: sentiment → VADER, arithmetic → exact match)
     vader       VADER's compound sentiment score of the response, in [−1, 1]
     length      −|tokens − target_length| / target_length   (0 at the target, lower either side)
     verifiable  1 if the response matches the prompt's reference answer (exact, numeric or regex), else 0
     python      a user function ``module:function`` called as f(prompts, responses, metadata)
+    hf_classifier  an AutoModelForSequenceClassification (a reward model) reading prompt + response with
+                its own tokenizer; several models form an ensemble (mean or min)
 
 Any raw value that is NaN or inf, a wrong count, or a scorer that raises stops the stage with the
 scorer's name and the offending row.
@@ -114,7 +117,11 @@ def normalise(values: list[float], mode: str, state: dict | None, eps: float = 1
     return [(v - new_state["mean"]) / math.sqrt(var + eps) for v in values], new_state
 
 
-def raw_component(scorer, prompts, responses, lengths, ended, metadata) -> list[float]:
+def raw_component(scorer, prompts, responses, lengths, ended, metadata, task: str) -> list[float]:
+    if scorer.kind == "task":
+        from rlhf_core.tasks import get_task
+
+        return get_task(task).reward(prompts, responses, metadata)
     if scorer.kind == "vader":
         return vader_scores(responses)
     if scorer.kind == "length":
@@ -128,8 +135,8 @@ def raw_component(scorer, prompts, responses, lengths, ended, metadata) -> list[
 
 
 def score_responses(scorers, *, prompts: list[str], responses: list[str], lengths: list[int], ended: list[bool],
-                    metadata: list[dict], missing_eos_penalty: float, state: dict | None = None,
-                    where: str = "score", normalise_components: bool = True) -> tuple[dict[str, list[float]], dict]:
+                    metadata: list[dict], missing_eos_penalty: float, task: str = "sentiment", state: dict | None = None,
+                    where: str = "", normalise_components: bool = True) -> tuple[dict[str, list[float]], dict]:
     """Every component (raw, and normalised where asked), the EOS penalty and the total.
 
     ``state`` holds each running normaliser ({name: {count, mean, m2}}); the updated state is
@@ -137,21 +144,22 @@ def score_responses(scorers, *, prompts: list[str], responses: list[str], length
     weighted sum of the raw components, clipped.
     """
     state = dict(state or {})
+    where = f"{where}: " if where else ""  # the stage's own error prefix already names stage and round
     columns: dict[str, list[float]] = {}
     total = missing_eos_penalties(ended, missing_eos_penalty)
     columns["eos_penalty"] = list(total)
     for scorer in scorers:
         try:
-            raw = [float(v) for v in raw_component(scorer, prompts, responses, lengths, ended, metadata)]
+            raw = [float(v) for v in raw_component(scorer, prompts, responses, lengths, ended, metadata, task)]
         except DataError:
             raise
         except Exception as exc:  # a user's scorer may raise anything; report it as data, in one line
-            raise DataError(f"{where}: scorer {scorer.name} raised {type(exc).__name__}: {exc}") from None
+            raise DataError(f"{where}scorer {scorer.name} raised {type(exc).__name__}: {exc}") from None
         if len(raw) != len(responses):
-            raise DataError(f"{where}: scorer {scorer.name} returned {len(raw)} values for {len(responses)} responses")
+            raise DataError(f"{where}scorer {scorer.name} returned {len(raw)} values for {len(responses)} responses")
         for row, value in enumerate(raw):
             if not math.isfinite(value):
-                raise DataError(f"{where}: scorer {scorer.name} returned {value} for row {row} ({responses[row][:60]!r})")
+                raise DataError(f"{where}scorer {scorer.name} returned {value} for row {row} ({responses[row][:60]!r})")
         columns[scorer.name] = raw
         values = raw
         if normalise_components and scorer.normalize != "none":

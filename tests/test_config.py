@@ -314,7 +314,8 @@ def test_schema_rows_cover_every_leaf():
 
 def test_params_yaml_keys_are_exactly_the_schema_keys():
     raw = yaml.safe_load(PARAMS_YAML.read_text())
-    schema_keys = {row[0] for row in schema_rows() if "[]." not in row[0]}  # list items: their own rows
+    # list items and mapping entries (scorers[], reward_models.<name>) have their own rows
+    schema_keys = {row[0] for row in schema_rows() if "[]." not in row[0] and ".<name>." not in row[0]}
     assert set(raw) == {key.split(".")[0] for key in schema_keys}
     flat = flatten(raw)
     yaml_keys = {key for key in flat if not key.startswith("rounds.")}
@@ -361,7 +362,7 @@ def test_algorithm_params_are_range_checked(raw, words):
     ({"name": "x"}, {}, "score.scorers: must be a list"),
     ([{"name": "a"}, {"name": "a", "kind": "length"}], {}, "score.scorers: names must be unique"),
     ([{"name": "f", "kind": "python", "function": "just_a_module"}], {}, "score.scorers[0] (f).function = 'just_a_module'"),
-    ([{"name": "v", "kind": "verifiable"}], {}, "score.scorers[0] (v): a verifiable scorer needs prepare.answer_field"),
+    ([{"name": "v", "kind": "verifiable"}], {}, "score.scorers[0] (v): a verifiable scorer needs reference answers: prepare.answer_field"),
     ([{"name": "s", "kind": "bleu"}], {}, "score.scorers[0].kind = 'bleu': must be one of"),
     ([{"name": "s", "wieght": 2}], {}, "score.scorers[0].wieght: unknown key"),
     ([{"name": "s", "clip": 0}], {}, "score.scorers[0].clip = 0.0: must be > 0.0"),
@@ -372,6 +373,6 @@ def test_bad_scorers(scorers, extra, start):
 
 
 def test_verifiable_scorer_with_an_answer_field_is_accepted():
-    params = params_from_dict({"prepare": {"answer_field": "answer"},
+    params = params_from_dict({"prepare": {"source": "file", "path": "p.jsonl", "answer_field": "answer"},
                                "score": {"scorers": [{"name": "acc", "kind": "verifiable", "match": "numeric"}]}})
     assert params.score.scorers[0].match == "numeric"

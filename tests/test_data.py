@@ -218,10 +218,10 @@ def test_get_task():
 
 
 def test_sentiment_prompts_are_deterministic_per_seed():
-    first = sentiment.prompts(60, seed=3)
+    first = [record["prompt"] for record in sentiment.prompts(60, seed=3)]
     assert len(first) == 60 and all(isinstance(p, str) and p for p in first)
-    assert first == sentiment.prompts(60, seed=3)
-    assert first != sentiment.prompts(60, seed=4)
+    assert first == [record["prompt"] for record in sentiment.prompts(60, seed=3)]
+    assert first != [record["prompt"] for record in sentiment.prompts(60, seed=4)]
     assert all(p.split()[-1] in sentiment.VERBS for p in first)
 
 

@@ -49,9 +49,9 @@ def _score(scorers, responses, ended=None, penalty=0.0, state=None, metadata=Non
 def test_total_is_sentiment_plus_penalty():
     responses = ["", POSITIVE, NEGATIVE]
     out, _ = _score([_scorer()], responses, ended=[False, True, False], penalty=0.25)
-    assert set(out) == {"sentiment", "eos_penalty", "total"}
+    assert set(out) == {"task", "eos_penalty", "total"}
     vader = vader_scores(responses)
-    assert out["sentiment"] == vader
+    assert out["task"] == vader
     assert out["eos_penalty"] == [-0.25, 0.0, -0.25]
     assert out["total"] == pytest.approx([-0.25, vader[1], vader[2] - 0.25], abs=1e-12)
 

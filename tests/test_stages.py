@@ -74,7 +74,7 @@ def test_hf_model_directory_and_local_files_through_every_stage(tmp_path, tiny_c
 
     work = tmp_path / "work"
     work.mkdir()
-    pd.DataFrame({"question": sentiment.prompts(60, seed=5)}).to_json(work / "prompts.jsonl", orient="records",
+    pd.DataFrame({"question": [r["prompt"] for r in sentiment.prompts(60, seed=5)]}).to_json(work / "prompts.jsonl", orient="records",
                                                                        lines=True)
     pd.DataFrame(sentiment.demonstrations(40, seed=5)).rename(columns={"response": "answer"}).to_csv(
         work / "demos.csv", index=False)

@@ -1,4 +1,13 @@
-"""Built-in tasks: each provides ``prompts(count, seed)`` and ``demonstrations(count, seed)``."""
+"""Built-in tasks.  Each task module provides
+
+    prompts(count, seed)        -> [{"prompt": str[, "answer": str]}]   (duplicates allowed)
+    demonstrations(count, seed) -> [{"prompt": str, "response": str, ...}]
+    preferences(count, seed)    -> [{"prompt": str, "chosen": str, "rejected": str}]
+    reward(prompts, responses, metadata) -> one float per response   (the `kind: task` scorer)
+
+and ``HAS_ANSWERS`` (whether its prompts carry a reference answer).  Everything is drawn from a seeded
+``random.Random``, so the same seed always gives the same corpus.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +15,7 @@ from types import ModuleType
 
 from rlhf_core.errors import ConfigError
 
-TASKS = ("sentiment",)
+TASKS = ("sentiment", "arithmetic")
 
 
 def get_task(name: str) -> ModuleType:
@@ -14,4 +23,8 @@ def get_task(name: str) -> ModuleType:
         from rlhf_core.tasks import sentiment
 
         return sentiment
+    if name == "arithmetic":
+        from rlhf_core.tasks import arithmetic
+
+        return arithmetic
     raise ConfigError(f"task = {name!r}: must be one of {', '.join(TASKS)}")

@@ -72,10 +72,15 @@ def make_response(rng: random.Random, label: str) -> str:
     return f"{body} {rng.choice(tails)}"
 
 
-def prompts(count: int, seed: int) -> list[str]:
-    """``count`` prompts (duplicates possible; the prepare stage deduplicates)."""
+HAS_ANSWERS = False
+# Preference order of the labels: a positive continuation beats a neutral one, which beats a negative one.
+RANK = {"positive": 2, "neutral": 1, "negative": 0}
+
+
+def prompts(count: int, seed: int) -> list[dict]:
+    """``count`` prompt records (duplicates possible; the prepare stage deduplicates)."""
     rng = random.Random(f"sentiment-prompts-{seed}")
-    return [make_prompt(rng) for _ in range(count)]
+    return [{"prompt": make_prompt(rng)} for _ in range(count)]
 
 
 def demonstrations(count: int, seed: int) -> list[dict]:
@@ -87,3 +92,24 @@ def demonstrations(count: int, seed: int) -> list[dict]:
         rows.append({"prompt": make_prompt(rng), "response": make_response(rng, label), "label": label})
     rng.shuffle(rows)
     return rows
+
+
+def preferences(count: int, seed: int) -> list[dict]:
+    """``count`` (prompt, chosen, rejected) pairs: two continuations of one prompt with different labels,
+    the more positive one chosen (positive > neutral > negative), label pairs in equal shares."""
+    rng = random.Random(f"sentiment-preferences-{seed}")
+    label_pairs = [("positive", "negative"), ("positive", "neutral"), ("neutral", "negative")]
+    rows = []
+    for index in range(count):
+        better, worse = label_pairs[index % len(label_pairs)]
+        prompt = make_prompt(rng)
+        rows.append({"prompt": prompt, "chosen": make_response(rng, better), "rejected": make_response(rng, worse)})
+    rng.shuffle(rows)
+    return rows
+
+
+def reward(prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]:
+    """VADER's compound sentiment score of each response, in [−1, 1]."""
+    from rlhf_core.rewards import vader_scores
+
+    return vader_scores(responses)
