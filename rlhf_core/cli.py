@@ -19,14 +19,19 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_stage(main, *, name: str, needs_round: bool = False, argv: list[str] | None = None) -> None:
+def run_stage(main, *, name: str, needs_round: bool = False, argv: list[str] | None = None,
+              add_arguments=None) -> None:
     from rlhf_core.config import load_params
 
     parser = argparse.ArgumentParser(prog=f"stages/{name}.py", description=(main.__doc__ or "").strip().splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     if needs_round:
         parser.add_argument("--round", required=True, help="round key from params.yaml `rounds`, e.g. r1")
+    if add_arguments is not None:  # a stage's own options, e.g. train_reward --name
+        add_arguments(parser)
     args = parser.parse_args(argv)
+    tag = args.round if needs_round else getattr(args, "name", None)  # round key, or e.g. the reward model's name
+    where = f"{name}@{tag}" if tag else name
     started = time.perf_counter()
     try:
         params = load_params(args.params)
@@ -34,7 +39,6 @@ def run_stage(main, *, name: str, needs_round: bool = False, argv: list[str] | N
             params.round_index(args.round)  # validates the key
         main(params, args)
     except (RLHFError, FloatingPointError) as exc:  # FloatingPointError: a NaN/inf guard tripped
-        where = f"{name}@{args.round}" if needs_round else name
         print(f"error: {where}: {exc}", file=sys.stderr)
         sys.exit(2)
-    log(f"{name}{'@' + args.round if needs_round else ''}: done in {time.perf_counter() - started:.1f}s")
+    log(f"{where}: done in {time.perf_counter() - started:.1f}s")

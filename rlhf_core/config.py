@@ -253,7 +253,7 @@ class RewardModelParams:
     rejected_field: str = param("rejected", "column with the dispreferred response")
     num_builtin_pairs: int = param(4000, "how many pairs the built-in generator writes", ge=10)
     heldout_fraction: float = param(0.1, "fraction of pairs held out for the pair-accuracy metric", gt=0.0, lt=1.0)
-    epochs: int = param(2, "passes over the training pairs", ge=1)
+    epochs: int = param(1, "passes over the training pairs", ge=1)
     lr: float = param(1e-3, "peak AdamW learning rate", gt=0.0)
     weight_decay: float = param(0.0, "AdamW weight decay", ge=0.0)
     warmup_ratio: float = param(0.05, "fraction of steps spent warming the learning rate up", ge=0.0, lt=1.0)

@@ -149,13 +149,13 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
-def safe_from_pretrained(auto_class, path: str, trust_remote_code: bool = False):
+def safe_from_pretrained(auto_class, path: str, trust_remote_code: bool = False, **kwargs):
     """``auto_class.from_pretrained`` that loads weights only from safetensors (never pickle) and runs
-    no code from the checkpoint unless ``trust_remote_code`` is on."""
+    no code from the checkpoint unless ``trust_remote_code`` is on; ``kwargs`` go to from_pretrained."""
     quiet_transformers()
     try:
         return auto_class.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
-                                          trust_remote_code=trust_remote_code)
+                                          trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"model {path!r}: cannot be loaded from safetensors weights ({first_line}); "

@@ -117,25 +117,42 @@ def normalise(values: list[float], mode: str, state: dict | None, eps: float = 1
     return [(v - new_state["mean"]) / math.sqrt(var + eps) for v in values], new_state
 
 
-def raw_component(scorer, prompts, responses, lengths, ended, metadata, task: str) -> list[float]:
+def hf_classifier_scores(scorer, prompts, responses, cpu_threads: int, trust_remote_code: bool
+                         ) -> tuple[list[float], dict[str, list[float]]]:
+    """The classifier (or ensemble) score of each text, and each member's column when there are several."""
+    from rlhf_core.models import resolve_device
+    from rlhf_core.reward_model import classifier_scores
+
+    texts = [p + r for p, r in zip(prompts, responses)] if scorer.text == "prompt_and_response" else list(responses)
+    combined, members = classifier_scores(texts, scorer, resolve_device(scorer.device, cpu_threads), trust_remote_code)
+    extra = {f"{scorer.name}_member{k}": values for k, values in enumerate(members)} if len(members) > 1 else {}
+    return combined, extra
+
+
+def raw_component(scorer, prompts, responses, lengths, ended, metadata, task: str, cpu_threads: int = 1,
+                  trust_remote_code: bool = False) -> tuple[list[float], dict[str, list[float]]]:
+    """One scorer's raw value per response, and any extra columns it reports (ensemble members)."""
     if scorer.kind == "task":
         from rlhf_core.tasks import get_task
 
-        return get_task(task).reward(prompts, responses, metadata)
+        return get_task(task).reward(prompts, responses, metadata), {}
     if scorer.kind == "vader":
-        return vader_scores(responses)
+        return vader_scores(responses), {}
     if scorer.kind == "length":
-        return length_scores(lengths, scorer.target_length)
+        return length_scores(lengths, scorer.target_length), {}
     if scorer.kind == "verifiable":
         answers = [m.get("answer") for m in metadata]
         if any(a is None for a in answers):
             raise DataError(f"scorer {scorer.name}: the prompts have no reference answers (prepare.answer_field)")
-        return verifiable_scores(responses, answers, scorer.match, scorer.tolerance)
-    return python_scores(scorer.function, prompts, responses, metadata)
+        return verifiable_scores(responses, answers, scorer.match, scorer.tolerance), {}
+    if scorer.kind == "hf_classifier":
+        return hf_classifier_scores(scorer, prompts, responses, cpu_threads, trust_remote_code)
+    return python_scores(scorer.function, prompts, responses, metadata), {}
 
 
 def score_responses(scorers, *, prompts: list[str], responses: list[str], lengths: list[int], ended: list[bool],
                     metadata: list[dict], missing_eos_penalty: float, task: str = "sentiment", state: dict | None = None,
+                    cpu_threads: int = 1, trust_remote_code: bool = False,
                     where: str = "", normalise_components: bool = True) -> tuple[dict[str, list[float]], dict]:
     """Every component (raw, and normalised where asked), the EOS penalty and the total.
 
@@ -150,7 +167,9 @@ def score_responses(scorers, *, prompts: list[str], responses: list[str], length
     columns["eos_penalty"] = list(total)
     for scorer in scorers:
         try:
-            raw = [float(v) for v in raw_component(scorer, prompts, responses, lengths, ended, metadata, task)]
+            raw, extra = raw_component(scorer, prompts, responses, lengths, ended, metadata, task, cpu_threads,
+                                       trust_remote_code)
+            raw = [float(v) for v in raw]
         except DataError:
             raise
         except Exception as exc:  # a user's scorer may raise anything; report it as data, in one line
@@ -161,6 +180,7 @@ def score_responses(scorers, *, prompts: list[str], responses: list[str], length
             if not math.isfinite(value):
                 raise DataError(f"{where}scorer {scorer.name} returned {value} for row {row} ({responses[row][:60]!r})")
         columns[scorer.name] = raw
+        columns.update(extra)
         values = raw
         if normalise_components and scorer.normalize != "none":
             values, running = normalise(raw, scorer.normalize, state.get(scorer.name))

@@ -65,8 +65,8 @@ def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-def make_reduced_repo(workdir: Path) -> Path:
-    """A git + DVC copy of this repository with the reduced params (no outputs, no dvc.lock)."""
+def make_reduced_repo(workdir: Path, changes: dict | None = None) -> Path:
+    """A git + DVC copy of this repository with the reduced params, then ``changes`` (no outputs, no dvc.lock)."""
     workdir.mkdir(parents=True, exist_ok=True)
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout.split()
@@ -76,7 +76,7 @@ def make_reduced_repo(workdir: Path) -> Path:
             continue
         (workdir / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, workdir / name)
-    raw = deep_update(yaml.safe_load((REPO / "params.yaml").read_text()), REDUCED)
+    raw = deep_update(deep_update(yaml.safe_load((REPO / "params.yaml").read_text()), REDUCED), changes or {})
     (workdir / "params.yaml").write_text(render_params_yaml(params_from_dict(raw)))
     for git_args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "reduced pipeline"]):
         subprocess.run(["git", *git_args], cwd=workdir, env=_env(), check=True)
