@@ -48,12 +48,17 @@ def git_revision(cwd: Path) -> str:
 
 
 def collect_history(params, metrics_dir: Path) -> dict[int, dict[str, float]]:
-    """{step: {metric: value}}: eval metrics of every checkpoint (sft = step 0) and each round's diagnostics."""
+    """{step: {metric: value}}: eval metrics of every checkpoint (sft = step 0), each round's diagnostics,
+    and each trained reward model's metrics (step 0, as reward_model/<name>/<metric>)."""
     history: dict[int, dict[str, float]] = {}
     evaluation = json.loads((metrics_dir / "eval.json").read_text())
     for name, values in evaluation.items():
         step = params.round_index(name)
         history.setdefault(step, {}).update({f"eval/{k}": float(v) for k, v in values.items()})
+    for path in sorted((metrics_dir / "reward_models").glob("*.json")):
+        values = json.loads(path.read_text())
+        history.setdefault(0, {}).update({f"reward_model/{path.stem}/{k}": float(v) for k, v in values.items()
+                                          if isinstance(v, (int, float))})
     for round_key in params.rounds:
         step = params.round_index(round_key)
         for stage in ROUND_METRIC_FILES:

@@ -197,6 +197,20 @@ def test_bradley_terry_reaches_090_heldout_pair_accuracy_on_builtin_preferences(
     assert before < 0.75 and after >= 0.9, (before, after)
 
 
+def test_reward_model_from_a_causal_lm_directory(tiny_checkpoint):
+    """base: <directory of a causal LM> (as `sft` is): its backbone gains a fresh one-output head."""
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    spec = replace(RewardModelParams(), base=str(tiny_checkpoint))
+    model, tokenizer = build_reward_model(spec, TinyModelParams(), [], torch.device("cpu"))
+    assert isinstance(model, LlamaForSequenceClassification) and model.config.num_labels == 1
+    assert len(tokenizer) == len(AutoTokenizer.from_pretrained(tiny_checkpoint))  # the policy's own tokenizer
+    assert tokenizer.padding_side == "right" and model.config.pad_token_id == tokenizer.pad_token_id
+    rows = sentiment.preferences(40, seed=1)
+    train_bradley_terry(model, tokenizer, rows, replace(spec, batch_size=8), seed=0, log=lambda *_: None)
+    assert 0.0 <= pair_accuracy(model, tokenizer, rows, 48)["pair_accuracy"] <= 1.0
+
+
 def test_preferences_from_a_file(tmp_path):
     import pandas as pd
 

@@ -33,8 +33,11 @@ def _metrics(directory: Path, reward: float) -> Path:
 
 
 def test_history_is_keyed_by_round_number(tmp_path):
+    (tmp_path / "reward_models").mkdir()
+    (tmp_path / "reward_models" / "bt.json").write_text(json.dumps({"heldout_pair_accuracy": 0.95, "epochs": 1}))
     history = collect_history(PARAMS, _metrics(tmp_path, 0.4))
-    assert history[0] == {"eval/reward": 0.1}
+    assert history[0] == {"eval/reward": 0.1, "reward_model/bt/heldout_pair_accuracy": 0.95,
+                          "reward_model/bt/epochs": 1.0}
     assert history[1] == {"eval/reward": 0.4, "optimize/policy_loss": -0.5, "optimize/early_stopped": 0.0}
     assert history[2] == {"eval/reward": pytest.approx(0.5)}
 
