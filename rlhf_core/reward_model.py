@@ -26,6 +26,7 @@ import random
 import torch
 
 from rlhf_core.errors import DataError
+from rlhf_core.progress import Progress
 
 REWARD_LABEL = "reward"
 _LOADED: dict[tuple[str, str, bool], tuple] = {}  # (path, device, trust_remote_code) -> (model, tokenizer)
@@ -232,6 +233,7 @@ def train_bradley_terry(model, tokenizer, train_rows: list[dict], spec, seed: in
                               num_training_steps=total_steps)
     generator = torch.Generator().manual_seed(seed)
     model.train()
+    progress = Progress(total_steps, "reward model", unit="step")
     for epoch in range(spec.epochs):
         order = torch.randperm(len(train_rows), generator=generator).tolist()
         loss_sum, correct = 0.0, 0
@@ -250,8 +252,10 @@ def train_bradley_terry(model, tokenizer, train_rows: list[dict], spec, seed: in
             scheduler.step()
             loss_sum += loss.item() * len(rows)
             correct += int((chosen_rewards > rejected_rewards).sum())
+            progress.update(epoch=f"{epoch + 1}/{spec.epochs}", loss=loss.item())
         log(f"reward model epoch {epoch + 1}/{spec.epochs}: loss {loss_sum / len(train_rows):.4f}, "
             f"train pair accuracy {correct / len(train_rows):.3f}")
+    progress.close()
     model.eval()
     return {"train_loss": loss_sum / len(train_rows), "train_pair_accuracy": correct / len(train_rows),
             "steps": total_steps, "epochs": spec.epochs}

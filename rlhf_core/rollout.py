@@ -16,6 +16,7 @@ import torch
 
 from rlhf_core.errors import DataError
 from rlhf_core.models import collate, policy_logprobs
+from rlhf_core.progress import Progress
 
 
 @dataclass
@@ -90,6 +91,7 @@ def generate_samples(policy, tokenizer, prompt_ids: list[list[int]], *, samples_
                                max_new_tokens=max_new_tokens)
     jobs = [(p, s) for p in range(len(prompt_ids)) for s in range(samples_per_prompt)]
     results: dict[tuple[int, int], Sample] = {}
+    progress = Progress(len(jobs), "generate", unit="sequence")
     for batch_number, members in enumerate(length_buckets([len(prompt_ids[p]) for p, _ in jobs], batch_size)):
         batch_jobs = [jobs[i] for i in members]
         prompts = [prompt_ids[p] for p, _ in batch_jobs]
@@ -111,6 +113,8 @@ def generate_samples(policy, tokenizer, prompt_ids: list[list[int]], *, samples_
         for row, (p, s) in enumerate(batch_jobs):
             response, ended = truncate_at_eos(output[row, width:].tolist(), tokenizer.eos_token_id)
             results[(p, s)] = Sample(p, s, prompt_ids[p], response, ended)
+        progress.update(len(batch_jobs))
+    progress.close()
     return [results[job] for job in jobs]
 
 

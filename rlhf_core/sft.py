@@ -15,6 +15,7 @@ import torch
 from rlhf_core.errors import DataError
 from rlhf_core.models import (build_tiny_model, collate, disable_dropout, load_causal_lm, load_tokenizer,
                               match_vocab, train_tokenizer)
+from rlhf_core.progress import Progress
 
 
 def encode_demonstrations(tokenizer, rows: list[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
@@ -78,6 +79,7 @@ def train_sft(model, tokenizer, encoded, params, device: torch.device, seed: int
                               num_training_steps=max(1, total_steps))
     generator = torch.Generator().manual_seed(seed)
     losses = []
+    progress = Progress(total_steps, "sft", unit="step")
     for epoch in range(sft.epochs):
         order = torch.randperm(len(encoded), generator=generator).tolist()
         epoch_loss, epoch_tokens = 0.0, 0.0
@@ -95,8 +97,10 @@ def train_sft(model, tokenizer, encoded, params, device: torch.device, seed: int
             scheduler.step()
             epoch_loss += nll_sum.item()
             epoch_tokens += count.item()
+            progress.update(epoch=f"{epoch + 1}/{sft.epochs}", loss=loss.item())
         losses.append(epoch_loss / max(1.0, epoch_tokens))
         log(f"sft epoch {epoch + 1}/{sft.epochs}: loss {losses[-1]:.4f}")
+    progress.close()
     return {"train_loss": losses[-1] if losses else None, "epochs": sft.epochs, "steps": total_steps}
 
 

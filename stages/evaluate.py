@@ -2,6 +2,7 @@
 
 from rlhf_core.cli import log, run_stage
 from rlhf_core.io import atomic_file, read_parquet, write_json
+from rlhf_core.progress import Progress
 
 
 def main(params, args):
@@ -24,6 +25,7 @@ def main(params, args):
     reference = load_causal_lm(checkpoint_dir("sft"), device, params.trust_remote_code)
 
     results, rows, samples = {}, [], []
+    progress = Progress(1 + len(params.rounds), "evaluate", unit="checkpoint")
     for name in ["sft", *params.rounds]:
         tokenizer = load_tokenizer(checkpoint_dir(name), params.trust_remote_code)
         policy = reference if name == "sft" else load_causal_lm(checkpoint_dir(name), device, params.trust_remote_code)
@@ -34,6 +36,8 @@ def main(params, args):
         rows.append({"round": name, "step": params.round_index(name), **metrics})
         samples += [{"round": name, **example} for example in examples[: params.evaluate.num_logged_samples]]
         log(f"evaluate {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        progress.update(checkpoint=name, reward=metrics["reward"], kl=metrics["kl"])
+    progress.close()
 
     with atomic_file("plots/eval_by_round.csv") as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False, float_format="%.6g")

@@ -16,6 +16,7 @@ import torch
 
 from rlhf_core.advantages import pad_sequences
 from rlhf_core.models import TokenBatch, collate
+from rlhf_core.progress import Progress
 
 
 @dataclass
@@ -131,6 +132,9 @@ def finite_or_raise(value: float, what: str, hint: str) -> float:
     return value
 
 
+PROGRESS_STATS = ("policy_loss", "approx_kl", "clip_fraction")  # shown live next to the step count
+
+
 def minibatch_updates(model, experience: Experience, params, *, epochs: int, loss_fn, temperature: float, pad_id: int,
                       device, seed: int, log=print, stop_fn=None, name: str = "update") -> dict:
     """The gradient-step loop shared by the first-order optimizers (ppo, grpo, reinforce, a2c, rloo):
@@ -163,6 +167,7 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
     history: dict[str, list[float]] = {}
     first: dict[str, float] | None = None
     steps, early_stopped = 0, False
+    progress = Progress(total_steps, name, unit="step")
     for epoch in range(epochs):
         order = generator.permutation(len(experience)).tolist()
         for minibatch in split(order, ppo.minibatch_size):
@@ -198,11 +203,13 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
             steps += 1
             for key, value in stats.items():
                 history.setdefault(key, []).append(value)
+            progress.update(epoch=f"{epoch + 1}/{epochs}", **{k: stats[k] for k in PROGRESS_STATS if k in stats})
         if history:
             log(f"{name} epoch {epoch + 1}/{epochs}: " + ", ".join(
                 f"{k} {np.mean(v[-per_epoch:]):.4f}" for k, v in history.items()))
         if early_stopped:
             break
+    progress.close()
     optimizer.zero_grad(set_to_none=True)
     metrics = {key: float(np.mean(values)) for key, values in history.items()}
     metrics.update(optimizer_steps=steps, planned_steps=total_steps, early_stopped=early_stopped)
