@@ -6,12 +6,12 @@ from rlhf_core.progress import Progress
 
 
 def main(params, args):
-    """Write metrics/eval.json, plots/eval_by_round.csv and samples/eval.jsonl."""
+    """Write metrics/eval.json, metrics/summary.json, plots/eval_by_round.csv and samples/eval.jsonl."""
     import json
 
     import pandas as pd
 
-    from rlhf_core.evaluation import evaluate_checkpoint
+    from rlhf_core.evaluation import evaluate_checkpoint, summarize
     from rlhf_core.models import checkpoint_dir, load_causal_lm, load_tokenizer, resolve_device, seed_everything
     from rlhf_core.sft import encode_demonstrations
 
@@ -44,6 +44,7 @@ def main(params, args):
     with atomic_file("samples/eval.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(s, sort_keys=True) + "\n" for s in samples))
     write_json("metrics/eval.json", results)
+    write_json("metrics/summary.json", summarize(results, final=list(params.rounds)[-1]))
 
 
 if __name__ == "__main__":

@@ -118,6 +118,9 @@ def test_hf_model_directory_and_local_files_through_every_stage(tmp_path, tiny_c
     evaluation = json.loads((work / "metrics/eval.json").read_text())
     assert set(evaluation) == {"sft", "r1", "r2"}
     assert evaluation["sft"]["kl"] == 0.0
+    summary = json.loads((work / "metrics/summary.json").read_text())
+    assert summary == {"checkpoint": "r2", **evaluation["r2"],
+                       "reward_gain": pytest.approx(evaluation["r2"]["reward"] - evaluation["sft"]["reward"])}
 
 
 @pytest.mark.parametrize("algorithm", ["reinforce", "a2c", "ppo", "trpo", "npg", "grpo", "rloo"])

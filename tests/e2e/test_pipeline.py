@@ -175,6 +175,19 @@ def test_eval_metrics_shape_and_values(pipeline):
     assert evaluation["r1"]["perplexity"] > 1.0
 
 
+def test_dvc_exp_show_is_a_readable_table(pipeline):
+    """One DVC metric file (the summary) and, with --only-changed, only the params that differ."""
+    import csv
+    import io
+
+    workdir, _ = pipeline
+    rows = list(csv.DictReader(io.StringIO(dvc(["exp", "show", "--csv", "--only-changed"], workdir))))
+    columns = list(rows[0])
+    assert len(columns) <= 25, columns
+    assert {"reward", "reward_gain", "kl", "perplexity", "ppo.clip_range", "advantages.lam", "algorithm.name"} <= set(columns)
+    assert not [c for c in columns if c.startswith("metrics/")], columns  # no per-round diagnostics columns
+
+
 def test_outputs_are_versioned_artifacts(pipeline):
     workdir, _ = pipeline
     from transformers import AutoModelForCausalLM, AutoTokenizer
