@@ -21,6 +21,12 @@ def distinct_n(texts: list[str], n: int) -> float:
     return len(unique) / total if total else 0.0
 
 
+def exact_match(responses: list[str], answers: list[str]) -> float:
+    """Fraction of responses whose stripped text equals their stripped reference answer; 0 if there are none."""
+    hits = sum(str(r).strip() == str(a).strip() for r, a in zip(responses, answers, strict=True))
+    return hits / len(responses) if responses else 0.0
+
+
 @torch.inference_mode()
 def sequence_kl(policy, reference, samples, *, pad_id: int, temperature: float, batch_size: int, device) -> list[float]:
     """Σ_t (log π − log π_ref) per sampled response: the k1 estimate of KL(π‖π_ref), unbiased under π."""
@@ -57,7 +63,8 @@ def evaluate_checkpoint(policy, reference, tokenizer, prompts: list[str], heldou
     components, _ = score_responses(params.score.scorers, prompts=[prompts[s.prompt_index] for s in samples],
                                     responses=responses, lengths=[len(s.response_ids) for s in samples],
                                     ended=ended, metadata=metadata, missing_eos_penalty=params.score.missing_eos_penalty,
-                                    task=params.task, where="eval responses", normalise_components=False)
+                                    task=params.task, cpu_threads=params.cpu_threads,
+                                    trust_remote_code=params.trust_remote_code, where="eval responses", normalise_components=False)
     kls = sequence_kl(policy, reference, samples, pad_id=tokenizer.pad_token_id, temperature=ev.temperature,
                       batch_size=ev.batch_size, device=device)
     metrics = {
@@ -70,6 +77,15 @@ def evaluate_checkpoint(policy, reference, tokenizer, prompts: list[str], heldou
         "length": sum(len(s.response_ids) for s in samples) / len(samples),
         "eos_fraction": sum(ended) / len(samples),
     }
+    if answers:  # exact-match accuracy: the stripped response equals the stripped reference answer
+        metrics["exact_match"] = exact_match(responses, [answers[s.prompt_index] for s in samples])
     examples = [{"prompt": prompts[s.prompt_index], "response": responses[i], "reward": components["total"][i]}
                 for i, s in enumerate(samples)]
     return metrics, examples
+
+
+def summarize(results: dict[str, dict], final: str) -> dict:
+    """The final checkpoint's eval metrics, plus its reward gain over SFT: the one DVC metric file."""
+    summary = {"checkpoint": final, **results[final]}
+    summary["reward_gain"] = results[final]["reward"] - results["sft"]["reward"]
+    return summary
