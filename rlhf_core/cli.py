@@ -38,6 +38,9 @@ def run_stage(main, *, name: str, needs_round: bool = False, argv: list[str] | N
         if needs_round:
             params.round_index(args.round)  # validates the key
         main(params, args)
+        from rlhf_core.stage_times import record
+
+        record(where, time.perf_counter() - started)  # under DVC only: the run's wall time (track logs it)
     except (RLHFError, FloatingPointError) as exc:  # FloatingPointError: a NaN/inf guard tripped
         print(f"error: {where}: {exc}", file=sys.stderr)
         sys.exit(2)

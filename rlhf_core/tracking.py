@@ -80,8 +80,12 @@ def pipeline_state(params, git_rev: str, metrics_dir: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def log_pipeline_run(params, *, workdir: Path, artifacts: list[Path], log=print) -> dict:
+def log_pipeline_run(params, *, workdir: Path, artifacts: list[Path], log=print,
+                     stage_seconds: dict[str, float] | None = None) -> dict:
     """Log one MLflow run for the pipeline state in ``workdir`` (unless that state is already logged).
+
+    ``stage_seconds`` ({stage: wall seconds} of the stages that ran for this state, see stage_times)
+    are logged as ``time.total_s`` and ``time.<stage>_s`` at step 0.
 
     Returns {run_id, experiment_id, tracking_uri, pipeline_state, created}.
     """
@@ -119,6 +123,11 @@ def log_pipeline_run(params, *, workdir: Path, artifacts: list[Path], log=print)
         timestamp = int(run.info.start_time)
         metrics = [Metric(key.replace("/", "."), value, timestamp, step)
                    for step, values in sorted(history.items()) for key, value in sorted(values.items())]
+        if stage_seconds:
+            from rlhf_core.stage_times import metric_name
+
+            metrics += [Metric("time.total_s", float(sum(stage_seconds.values())), timestamp, 0)]
+            metrics += [Metric(metric_name(stage), float(s), timestamp, 0) for stage, s in sorted(stage_seconds.items())]
         for start in range(0, len(flat_params), 100):
             client.log_batch(run_id, params=flat_params[start:start + 100])
         for start in range(0, len(metrics), 1000):

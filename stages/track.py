@@ -10,6 +10,7 @@ def main(params, args):
     """Log one MLflow run per reproduced pipeline state."""
     import tempfile
 
+    from rlhf_core import stage_times
     from rlhf_core.tracking import log_pipeline_run, render_plots
     from rlhf_core.cli import log
 
@@ -17,7 +18,9 @@ def main(params, args):
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = [workdir / "samples/eval.jsonl", workdir / "plots/eval_by_round.csv",
                      *render_plots(workdir / "plots/eval_by_round.csv", Path(tmp))]
-        run = log_pipeline_run(params, workdir=workdir, artifacts=artifacts, log=log)
+        run = log_pipeline_run(params, workdir=workdir, artifacts=artifacts, log=log,
+                               stage_seconds=stage_times.read(workdir))
+    stage_times.clear(workdir)  # logged (or the state was already logged): the next run starts from 0
     # Not in git (.gitignore): a fresh clone has no such file, so `dvc repro` logs the state to its own store.
     write_json("tracking/run.json", run)
 

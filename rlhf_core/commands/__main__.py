@@ -1,0 +1,5 @@
+import sys
+
+from rlhf_core.commands import main
+
+sys.exit(main())
