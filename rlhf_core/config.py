@@ -37,6 +37,18 @@ def section(cls, doc: str):
 
 
 @dataclass(frozen=True)
+class ComputeParams:
+    num_processes: int = param(
+        1, "processes of the rollout and optimize stages: 1 runs them in process as plain python; more go through "
+        "`accelerate launch` (one process per GPU, or gloo processes on CPU): prompts are sharded, gradients summed", ge=1)
+    mixed_precision: Literal["no", "bf16", "fp16"] = param(
+        "no", "autocast dtype of the forward passes: no (float32), bf16, or fp16 (GPU only; the loss is scaled)")
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = param(
+        "ddp", "how processes hold the model when num_processes > 1: ddp (a replica each), fsdp or deepspeed (sharded, GPU only); "
+        "the accelerate config configs/accelerate/<strategy>.yaml")
+
+
+@dataclass(frozen=True)
 class PrepareParams:
     source: Literal["builtin", "file", "hf"] = param(
         "builtin", "where prompts come from: the task's built-in generator, a local jsonl/parquet/csv file, or a `datasets` dataset")
@@ -275,6 +287,7 @@ class Params:
     device: str = param("auto", "`auto` (CUDA when available), `cpu`, `cuda`, `cuda:N` or `mps`", pattern=_DEVICE)
     cpu_threads: int = param(1, "torch intra-op threads when running on CPU; 1 keeps CPU runs bit-for-bit reproducible under any machine load, 0 uses torch's default (all cores: faster for large models, but float reductions may differ run to run)", ge=0)
     trust_remote_code: bool = param(False, "let transformers run Python code shipped with a hub model or tokenizer; off unless you trust its author")
+    compute: ComputeParams = section(ComputeParams, "processes, mixed precision and the distributed strategy (stages rollout and optimize)")
     prepare: PrepareParams = section(PrepareParams, "prompt preparation")
     sft: SFTParams = section(SFTParams, "the reference snapshot")
     rollout: RolloutParams = section(RolloutParams, "generation of each round")
@@ -328,6 +341,14 @@ class Params:
                                   "prepare.answer_field (the reference-answer column), or the builtin arithmetic prompts")
             if scorer.kind == "hf_classifier" and not scorer.model:
                 raise ConfigError(f"{where}.model is empty: an hf_classifier needs a hub id or local directory, e.g. reward_models/bt")
+        compute = self.compute
+        if compute.mixed_precision == "fp16" and self.device == "cpu":
+            raise ConfigError("compute.mixed_precision = 'fp16': not supported on CPU (device: cpu); must be 'no' or 'bf16' on CPU")
+        if compute.num_processes > 1 and compute.strategy != "ddp" and self.device == "cpu":
+            raise ConfigError(f"compute.strategy = {compute.strategy!r}: needs GPUs; on CPU (device: cpu) it must be 'ddp'")
+        if compute.num_processes > 1 and self.algorithm.name in ("trpo", "npg"):
+            raise ConfigError(f"compute.num_processes = {compute.num_processes}: {self.algorithm.name} runs in one process; "
+                              "set compute.num_processes: 1 or choose ppo, grpo, rloo, reinforce or a2c")
         if not self.rounds:
             raise ConfigError("rounds is empty: at least one round is required, e.g. rounds: {r1: {from: sft}}")
         seen = {"sft"}

@@ -330,17 +330,24 @@ def load_actor_critic(path: str, critic: str, device: torch.device, trust_remote
     return ActorCritic(policy, value_head.to(device), critic_backbone)
 
 
-def save_checkpoint(directory: Path, model: ActorCritic, tokenizer, state: dict) -> None:
-    """save_pretrained policy + tokenizer (plain transformers loads them), the critic, and the RL state."""
+def save_checkpoint(directory: Path, model: ActorCritic, tokenizer, state: dict, state_dict: dict | None = None) -> None:
+    """save_pretrained policy + tokenizer (plain transformers loads them), the critic, and the RL state.
+
+    ``state_dict``: the ActorCritic's full state dict when the weights of ``model`` are sharded across
+    processes (fsdp, deepspeed: gathered by ``Runtime.full_state_dict``); None saves ``model``'s own."""
     from safetensors.torch import save_file
 
+    def part(prefix):
+        return None if state_dict is None else {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
     quiet_transformers()
-    model.policy.save_pretrained(directory)
+    model.policy.save_pretrained(directory, state_dict=part("policy."))
     tokenizer.save_pretrained(directory)
     head_dir = directory
     if model.critic_backbone is not None:
         head_dir = directory / CRITIC_DIR
-        model.critic_backbone.save_pretrained(head_dir)
-    head_state = {k: v.detach().cpu().contiguous() for k, v in model.value_head.state_dict().items()}
+        model.critic_backbone.save_pretrained(head_dir, state_dict=part("critic_backbone."))
+    head_state = part("value_head.") or model.value_head.state_dict()
+    head_state = {k: v.detach().cpu().contiguous() for k, v in head_state.items()}
     save_file(head_state, str(head_dir / VALUE_HEAD_FILE))
     (directory / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")

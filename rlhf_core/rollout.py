@@ -82,17 +82,24 @@ def length_buckets(lengths: list[int], batch_size: int) -> list[list[int]]:
 @torch.inference_mode()
 def generate_samples(policy, tokenizer, prompt_ids: list[list[int]], *, samples_per_prompt: int, temperature: float,
                      top_p: float, top_k: int, max_new_tokens: int, batch_size: int, seed: int,
-                     device: torch.device) -> list[Sample]:
+                     device: torch.device, runtime=None) -> list[Sample]:
     """``samples_per_prompt`` sampled responses for each prompt, in (prompt, sample) order.
 
     Each batch is seeded with ``seed + batch number``, so the result does not depend on what ran before.
+    With several processes (``runtime``), the batch plan is the same on every rank and whole batches go
+    to ranks round-robin, each seeded as in one process; every rank gets all the samples back, so the
+    result does not depend on the process count.
     """
+    from rlhf_core.distributed import Runtime
+
+    runtime = runtime or Runtime(device=device)  # plain: one process, no autocast
     config = generation_config(tokenizer, temperature=temperature, top_p=top_p, top_k=top_k,
                                max_new_tokens=max_new_tokens)
     jobs = [(p, s) for p in range(len(prompt_ids)) for s in range(samples_per_prompt)]
     results: dict[tuple[int, int], Sample] = {}
-    progress = Progress(len(jobs), "generate", unit="sequence")
-    for batch_number, members in enumerate(length_buckets([len(prompt_ids[p]) for p, _ in jobs], batch_size)):
+    plan = runtime.shard(list(enumerate(length_buckets([len(prompt_ids[p]) for p, _ in jobs], batch_size))))
+    progress = Progress(sum(len(members) for _, members in plan), "generate", unit="sequence")
+    for batch_number, members in plan:
         batch_jobs = [jobs[i] for i in members]
         prompts = [prompt_ids[p] for p, _ in batch_jobs]
         width = max(len(p) for p in prompts)
@@ -103,8 +110,9 @@ def generate_samples(policy, tokenizer, prompt_ids: list[list[int]], *, samples_
             attention_mask[row, width - len(prompt):] = 1
         torch.manual_seed(seed + batch_number)
         try:
-            output = policy.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                     generation_config=config)
+            with runtime.autocast():
+                output = policy.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                         generation_config=config)
         except RuntimeError as exc:  # torch.multinomial on NaN/inf probabilities
             if "inf" in str(exc) or "nan" in str(exc):
                 raise FloatingPointError("the policy gave NaN/inf probabilities while generating; its weights are "
@@ -115,29 +123,56 @@ def generate_samples(policy, tokenizer, prompt_ids: list[list[int]], *, samples_
             results[(p, s)] = Sample(p, s, prompt_ids[p], response, ended)
         progress.update(len(batch_jobs))
     progress.close()
+    for shard in runtime.all_gather(results) if runtime.distributed else ():
+        results.update(shard)
     return [results[job] for job in jobs]
 
 
 @torch.inference_mode()
 def record_token_stats(actor_critic, reference, samples: list[Sample], *, pad_id: int, temperature: float,
-                       batch_size: int, device: torch.device, reference_is_policy: bool = False) -> dict[str, list]:
+                       batch_size: int, device: torch.device, reference_is_policy: bool = False,
+                       runtime=None) -> dict[str, list]:
     """Per-sample float32 arrays: ``logprobs``, ``ref_logprobs`` and ``values``, each [len(response)].
 
     ``reference_is_policy`` (round 1 starts at π_ref) reuses the policy's log-probs for the reference:
-    the same weights through the same code give the same numbers, at half the cost.
+    the same weights through the same code give the same numbers, at half the cost.  ``reference`` None
+    with a LoRA policy: the reference is the same model with its adapters disabled.
+    With several processes, the forward batches go to ranks round-robin as in ``generate_samples``,
+    and every rank gets all the arrays back.
     """
+    from rlhf_core.distributed import Runtime
+
+    runtime = runtime or Runtime(device=device)  # plain: one process, no autocast
     stats = {"logprobs": [None] * len(samples), "ref_logprobs": [None] * len(samples), "values": [None] * len(samples)}
-    for members in length_buckets([len(s.prompt_ids) + len(s.response_ids) for s in samples], batch_size):
+    plan = length_buckets([len(s.prompt_ids) + len(s.response_ids) for s in samples], batch_size)
+    for members in runtime.shard(plan):
         batch = collate([samples[i].prompt_ids for i in members], [samples[i].response_ids for i in members],
                         pad_id).to(device)
-        out = actor_critic(batch, temperature, with_values=True)
-        ref = out.logprobs if reference_is_policy else policy_logprobs(reference, batch, temperature)
+        with runtime.autocast():
+            out = actor_critic(batch, temperature, with_values=True)
+            ref = out.logprobs if reference_is_policy else reference_logprobs(actor_critic, reference, batch,
+                                                                              temperature)
         for row, index in enumerate(members):
             length = len(samples[index].response_ids)
             stats["logprobs"][index] = out.logprobs[row, :length].float().cpu().numpy().astype(np.float32)
             stats["ref_logprobs"][index] = ref[row, :length].float().cpu().numpy().astype(np.float32)
             stats["values"][index] = out.values[row, :length].float().cpu().numpy().astype(np.float32)
+    if runtime.distributed:
+        for shard in runtime.all_gather(stats):
+            for name, arrays in shard.items():
+                for index, array in enumerate(arrays):
+                    if array is not None:
+                        stats[name][index] = array
     return stats
+
+
+def reference_logprobs(actor_critic, reference, batch, temperature: float):
+    """π_ref's log-probs: a separate reference model, or (``reference`` None) the policy's base model with
+    its LoRA adapters disabled, so the reference costs no second copy of the weights."""
+    if reference is not None:
+        return policy_logprobs(reference, batch, temperature)
+    with actor_critic.policy.disable_adapter():
+        return policy_logprobs(actor_critic.policy, batch, temperature)
 
 
 def rollout_table(prompts: list[str], samples: list[Sample], stats: dict[str, list], tokenizer):

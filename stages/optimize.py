@@ -7,16 +7,26 @@ from rlhf_core.io import atomic_dir, read_json, read_parquet, write_json
 def main(params, args):
     """Train on rollouts/<round> + advantages/<round> with algorithm.name; write models/<round>."""
     from rlhf_core.algorithms import get_algorithm
-    from rlhf_core.algorithms.common import Experience
-    from rlhf_core.models import checkpoint_dir, load_actor_critic, load_tokenizer, resolve_device, save_checkpoint, \
-        seed_everything
+    from rlhf_core.distributed import start_runtime
+    from rlhf_core.models import seed_everything
 
     round_key = args.round
     start_from = params.rounds[round_key].start_from
     train = get_algorithm(params.algorithm.name)
     seed = params.round_seed(round_key, "optimize")
-    seed_everything(seed)
-    device = resolve_device(params.device, params.cpu_threads)
+    seed_everything(seed)  # the same seed on every rank: the same shuffles, the same steps
+    runtime = start_runtime(params)  # one process, or one rank of `accelerate launch` (compute.num_processes)
+    try:
+        _train_and_save(params, round_key, start_from, train, seed, runtime)
+    finally:
+        runtime.close()
+
+
+def _train_and_save(params, round_key, start_from, train, seed, runtime):
+    from rlhf_core.algorithms.common import Experience
+    from rlhf_core.models import checkpoint_dir, load_actor_critic, load_tokenizer, save_checkpoint
+
+    device = runtime.device
 
     rollouts = read_parquet(f"rollouts/{round_key}/rollouts.parquet",
                             ("prompt_ids", "response_ids", "logprobs", "ref_logprobs", "values"))
@@ -31,14 +41,19 @@ def main(params, args):
     model = load_actor_critic(checkpoint_dir(start_from), params.algorithm.critic, device,
                               params.trust_remote_code)
     metrics = train(model, experience, params, temperature=params.rollout.temperature,
-                    pad_id=tokenizer.pad_token_id, device=device, seed=seed, log=log)
+                    pad_id=tokenizer.pad_token_id, device=device, seed=seed,
+                    log=log if runtime.is_main else (lambda *_: None))
+    full_state = runtime.full_state_dict(model)  # fsdp / deepspeed: gathered from the shards (every rank joins)
+    if not runtime.is_main:  # rank 0 alone writes the checkpoint and the metrics
+        return
     advantages_metrics = read_json(f"metrics/{round_key}/advantages.json")
     metrics.update(kl_coef=advantages_metrics["kl_coef"],
                    value_explained_variance=advantages_metrics["value_explained_variance"],
                    score_mean=advantages_metrics["score_mean"])
     log(f"optimize@{round_key} ({params.algorithm.name}): {metrics}")
     with atomic_dir(checkpoint_dir(round_key)) as out:
-        save_checkpoint(out, model, tokenizer, {**state, "round": round_key, "algorithm": params.algorithm.name})
+        save_checkpoint(out, model, tokenizer, {**state, "round": round_key, "algorithm": params.algorithm.name},
+                        state_dict=full_state)
     write_json(f"metrics/{round_key}/optimize.json", metrics)
 
 

@@ -6,8 +6,8 @@ from rlhf_core.io import atomic_dir, read_parquet, write_json
 
 def main(params, args):
     """Sample responses for round --round into rollouts/<round>/rollouts.parquet."""
-    from rlhf_core.models import checkpoint_dir, load_actor_critic, load_causal_lm, load_tokenizer, resolve_device, \
-        seed_everything
+    from rlhf_core.distributed import start_runtime
+    from rlhf_core.models import checkpoint_dir, load_actor_critic, load_causal_lm, load_tokenizer, seed_everything
     from rlhf_core.rollout import (check_context, check_finite, context_length, generate_samples, record_token_stats,
                                    rollout_table, sample_prompt_indices)
 
@@ -15,7 +15,8 @@ def main(params, args):
     start_from = params.rounds[round_key].start_from
     seed = params.round_seed(round_key, "rollout")
     seed_everything(seed)
-    device = resolve_device(params.device, params.cpu_threads)
+    runtime = start_runtime(params)  # one process, or one rank of `accelerate launch` (compute.num_processes)
+    device = runtime.device
 
     train = read_parquet("prompts/train.parquet", ("prompt",))
     indices = sample_prompt_indices(len(train), ro.prompts_per_round, seed)
@@ -30,10 +31,14 @@ def main(params, args):
     check_context(prompt_ids, ro.max_new_tokens, context_length(actor_critic.policy.config), "train prompts")
     samples = generate_samples(actor_critic.policy, tokenizer, prompt_ids, samples_per_prompt=ro.samples_per_prompt,
                                temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
-                               max_new_tokens=ro.max_new_tokens, batch_size=ro.batch_size, seed=seed, device=device)
+                               max_new_tokens=ro.max_new_tokens, batch_size=ro.batch_size, seed=seed, device=device,
+                               runtime=runtime)
     stats = record_token_stats(actor_critic, reference, samples, pad_id=tokenizer.pad_token_id,
                                temperature=ro.temperature, batch_size=ro.forward_batch_size, device=device,
-                               reference_is_policy=reference_is_policy)
+                               reference_is_policy=reference_is_policy, runtime=runtime)
+    if not runtime.is_main:  # rank 0 alone writes the one Parquet file and the metrics
+        runtime.close()
+        return
     check_finite(stats, f"rollout@{round_key}")
     table = rollout_table(prompts, samples, stats, tokenizer)
     if "answer" in train:  # reference answers travel with the responses, for verifiable scorers
@@ -51,6 +56,7 @@ def main(params, args):
     with atomic_dir(f"rollouts/{round_key}") as out:
         table.to_parquet(out / "rollouts.parquet", index=False)
     write_json(f"metrics/{round_key}/rollout.json", metrics)
+    runtime.close()
 
 
 if __name__ == "__main__":

@@ -154,15 +154,25 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
     stats named ``max_*`` are maxima and are combined by max instead.
     Returns the mean of every stat over the optimizer steps, plus grad_norm, learning_rate,
     optimizer_steps, planned_steps, early_stopped and the first minibatch's stats (``first_*``).
+
+    Under several processes (``rlhf_core.distributed.current()``), rank k runs micro-batches k, k+W, …
+    of each minibatch (a rank with fewer runs a zero-weight one, so all ranks sync once per step), the
+    gradients are summed across ranks at each rank's last backward, and the stat sums are gathered and
+    added in the global micro-batch order: every rank takes the same step and the same early stop, and
+    the minibatch (the gradient) does not depend on the process count.
     """
     import numpy as np
 
+    from rlhf_core.distributed import current
+
+    runtime = current()
     ppo = params.ppo
     trainable = [p for p in model.parameters() if p.requires_grad]
     per_epoch = math.ceil(len(experience) / ppo.minibatch_size)
     total_steps = epochs * per_epoch
     optimizer, scheduler = make_optimizer(trainable, ppo.lr, ppo.adam_eps, ppo.weight_decay, ppo.lr_schedule,
                                           ppo.warmup_steps, total_steps)
+    forward_model, optimizer = runtime.prepare(model, optimizer)
     generator = np.random.default_rng(seed)
     history: dict[str, list[float]] = {}
     first: dict[str, float] | None = None
@@ -174,15 +184,28 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
             totals = {"tokens": float(experience.tokens(minibatch)), "sequences": float(len(minibatch))}
             sums: dict[str, float] = {}
             optimizer.zero_grad(set_to_none=True)
-            for indices in split(minibatch, ppo.micro_batch_size):
+            micro_batches = list(enumerate(split(minibatch, ppo.micro_batch_size)))
+            mine = runtime.shard(micro_batches)
+            slots = math.ceil(len(micro_batches) / runtime.world_size)
+            rank_sums = []  # (global micro-batch number, its stat sums)
+            for slot in range(slots):
+                # a rank short of micro-batches runs a zero-weight one, so every rank joins the gradient sync
+                number, indices = mine[slot] if slot < len(mine) else (None, micro_batches[0][1])
                 micro = experience.micro_batch(indices, pad_id, device)
-                out = model(micro.batch, temperature, with_values=True)
-                loss, micro_sums = loss_fn(out, micro, totals)
-                finite_or_raise(loss.item(), f"{name} loss (epoch {epoch + 1}, step {steps + 1})",
-                                "lower ppo.lr or check the rewards")
-                loss.backward()
+                with runtime.no_sync(forward_model, sync=slot == slots - 1):
+                    with runtime.autocast():
+                        out = forward_model(micro.batch, temperature, with_values=True)
+                    loss, micro_sums = loss_fn(out, micro, totals)
+                    finite_or_raise(loss.item(), f"{name} loss (epoch {epoch + 1}, step {steps + 1})",
+                                    "lower ppo.lr or check the rewards")
+                    runtime.backward(loss if number is not None else loss * 0.0)
+                if number is not None:
+                    rank_sums.append((number, {key: value.item() if torch.is_tensor(value) else float(value)
+                                               for key, value in micro_sums.items()}))
+            if runtime.distributed:
+                rank_sums = sorted(item for shard in runtime.all_gather(rank_sums) for item in shard)
+            for _, micro_sums in rank_sums:
                 for key, value in micro_sums.items():
-                    value = value.item() if torch.is_tensor(value) else float(value)
                     if key.startswith("max_"):  # maxima are combined by max, not summed
                         sums[key] = max(sums.get(key, value), value)
                     else:
@@ -195,7 +218,7 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
                 optimizer.zero_grad(set_to_none=True)
                 early_stopped = True
                 break
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, ppo.max_grad_norm).item()
+            grad_norm = runtime.clip_grad_norm_(trainable, ppo.max_grad_norm)
             finite_or_raise(grad_norm, f"{name} gradient norm (epoch {epoch + 1})", "lower ppo.lr")
             stats.update(grad_norm=grad_norm, learning_rate=scheduler.get_last_lr()[0])
             optimizer.step()

@@ -1,0 +1,83 @@
+"""Start a stage the way params.yaml asks: in process as plain python, or under ``accelerate launch``.
+
+    python -m rlhf_core.launch stages.rollout --round r1 [--params params.yaml]
+
+dvc.yaml runs the rollout and optimize stages through this launcher, so ``compute.*`` in params.yaml
+decides how they run and nobody edits dvc.yaml:
+
+- ``compute.num_processes: 1``: the stage module runs in this very process (no extra interpreter);
+- more: this process becomes ``accelerate launch --config_file configs/accelerate/<strategy>.yaml
+  --num_processes N --mixed_precision M --main_process_port P -m stages.rollout --round r1``.
+
+When params.yaml cannot be read or is invalid, the stage runs in process and reports the error in its
+usual one line.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import socket
+import sys
+
+from rlhf_core.distributed import accelerate_config
+from rlhf_core.errors import RLHFError
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for the rendezvous of one single-node launch."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def params_path(stage_args: list[str]) -> str:
+    for index, arg in enumerate(stage_args):
+        if arg == "--params" and index + 1 < len(stage_args):
+            return stage_args[index + 1]
+        if arg.startswith("--params="):
+            return arg.split("=", 1)[1]
+    return "params.yaml"
+
+
+def build_command(module: str, stage_args: list[str], compute, *, port: int | None = None) -> list[str] | None:
+    """The `accelerate launch` command line for ``compute``; None when the stage runs in process."""
+    if compute.num_processes == 1:
+        return None
+    port = port or int(os.environ.get("RLHF_MAIN_PROCESS_PORT") or 0) or free_port()
+    return [sys.executable, "-m", "accelerate.commands.launch",
+            "--config_file", str(accelerate_config(compute.strategy)),
+            "--num_processes", str(compute.num_processes),
+            "--mixed_precision", compute.mixed_precision,
+            "--main_process_port", str(port),
+            "-m", module, *stage_args]
+
+
+def run_in_process(module: str, stage_args: list[str]) -> None:
+    sys.argv = [module, *stage_args]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-"):
+        print("usage: python -m rlhf_core.launch <stage module, e.g. stages.rollout> [stage arguments]", file=sys.stderr)
+        sys.exit(2)
+    module, stage_args = argv[0], argv[1:]
+    from rlhf_core.config import load_params
+
+    try:
+        compute = load_params(params_path(stage_args)).compute
+    except RLHFError:  # the stage itself reports it, in its own words
+        run_in_process(module, stage_args)
+        return
+    command = build_command(module, stage_args, compute)
+    if command is None:
+        run_in_process(module, stage_args)
+        return
+    print("launch: " + " ".join(command), file=sys.stderr, flush=True)
+    os.execv(command[0], command)
+
+
+if __name__ == "__main__":
+    main()

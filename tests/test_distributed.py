@@ -1,0 +1,188 @@
+"""Several processes on CPU (gloo): the rollout and optimize stages launched with compute.num_processes 2
+through `python -m rlhf_core.launch` (accelerate launch, torchrun underneath) give what one process gives.
+
+One reduced workspace is built in process (prepare, sft snapshot of the tiny checkpoint, round r1 in
+full, rollout of r2): r2's rollout has a separate reference model, so both log-prob recordings are
+sharded.  Then a copy of the workspace re-runs a stage with 2 processes and the outputs are compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO
+from rlhf_core.config import load_params
+
+
+def _reduced_params(tiny_checkpoint) -> dict:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["sft"].update(model=str(tiny_checkpoint), epochs=0, num_builtin_demonstrations=40)
+    raw["prepare"].update(num_builtin_prompts=60)
+    # 16 responses in 4 generation batches and 4 forward batches: 2 of each per rank
+    raw["rollout"].update(prompts_per_round=8, samples_per_prompt=2, max_new_tokens=8, batch_size=4,
+                          forward_batch_size=4)
+    # minibatches of 6, 6 and 4 responses = 3, 3 and 2 micro-batches: with 2 ranks, rank 1 is one short
+    # in the first two steps and runs a zero-weight micro-batch to join the gradient sync
+    raw["ppo"].update(epochs=1, minibatch_size=6, micro_batch_size=2, target_kl=None)
+    raw["rounds"] = {"r1": {"from": "sft"}, "r2": {"from": "r1"}}
+    return raw
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_checkpoint):
+    """Stages run in process with 1 process: prepare, sft, r1 (rollout → optimize) and r2's rollout."""
+    from stages import advantages, optimize, prepare, rollout, score, sft
+
+    work = tmp_path_factory.mktemp("dist") / "one"
+    work.mkdir()
+    (work / "params.yaml").write_text(yaml.safe_dump(_reduced_params(tiny_checkpoint)))
+    cwd = Path.cwd()
+    os.chdir(work)
+    try:
+        params = load_params("params.yaml")
+        for stage in (prepare, sft):
+            stage.main(params, argparse.Namespace())
+        for stage in (rollout, score, advantages, optimize):
+            stage.main(params, argparse.Namespace(round="r1"))
+        rollout.main(params, argparse.Namespace(round="r2"))
+    finally:
+        os.chdir(cwd)
+    return work
+
+
+def _copy_with(work: Path, dest: Path, num_processes: int, drop: tuple[str, ...]) -> Path:
+    shutil.copytree(work, dest)
+    for name in drop:
+        shutil.rmtree(dest / name)
+    raw = yaml.safe_load((dest / "params.yaml").read_text())
+    raw["compute"]["num_processes"] = num_processes
+    (dest / "params.yaml").write_text(yaml.safe_dump(raw))
+    return dest
+
+
+def _launch(cwd: Path, *stage: str) -> subprocess.CompletedProcess:
+    from rlhf_core.launch import free_port
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1",
+           "RLHF_MAIN_PROCESS_PORT": str(free_port()), "RLHF_PROGRESS": "off"}
+    result = subprocess.run([sys.executable, "-m", "rlhf_core.launch", *stage], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def test_two_process_rollout_writes_the_same_bytes(workspace, tmp_path):
+    two = _copy_with(workspace, tmp_path / "two", 2, drop=("rollouts/r2",))
+    result = _launch(two, "stages.rollout", "--round", "r2")
+    assert "accelerate.commands.launch" in result.stderr and "--num_processes 2" in result.stderr
+    one_bytes = (workspace / "rollouts/r2/rollouts.parquet").read_bytes()
+    assert (two / "rollouts/r2/rollouts.parquet").read_bytes() == one_bytes
+    assert (two / "metrics/r2/rollout.json").read_text() == (workspace / "metrics/r2/rollout.json").read_text()
+    assert not list((two / "rollouts").glob(".*tmp*"))  # rank 0 wrote it atomically, nobody else wrote
+
+
+def _max_relative_difference(a: dict, b: dict) -> float:
+    """max over tensors of |a − b|_max / |a|_max (a zero tensor compares by |b|_max)."""
+    assert a.keys() == b.keys()
+    worst = 0.0
+    for key in a:
+        scale = a[key].abs().max().item() or 1.0
+        worst = max(worst, (a[key] - b[key]).abs().max().item() / scale)
+    return worst
+
+
+def test_two_process_optimize_matches_one_process(workspace, tmp_path):
+    from safetensors.torch import load_file
+
+    two = _copy_with(workspace, tmp_path / "two", 2, drop=("models/r1",))
+    _launch(two, "stages.optimize", "--round", "r1")
+    before = load_file(str(workspace / "models/sft/model.safetensors"))
+    one = load_file(str(workspace / "models/r1/model.safetensors"))
+    got = load_file(str(two / "models/r1/model.safetensors"))
+    assert _max_relative_difference(one, before) > 1e-4  # the update did move the weights
+    assert _max_relative_difference(one, got) < 1e-4
+    heads = [load_file(str(path / "models/r1/value_head.safetensors")) for path in (workspace, two)]
+    assert _max_relative_difference(*heads) < 1e-4
+    import json
+
+    metrics = [json.loads((path / "metrics/r1/optimize.json").read_text()) for path in (workspace, two)]
+    assert metrics[0]["optimizer_steps"] == metrics[1]["optimizer_steps"] == 3
+    assert metrics[1]["policy_loss"] == pytest.approx(metrics[0]["policy_loss"], rel=1e-4, abs=1e-6)
+
+
+def test_launcher_runs_one_process_in_process_and_builds_the_accelerate_command(monkeypatch, tmp_path):
+    from rlhf_core import launch
+    from rlhf_core.config import ComputeParams
+
+    assert launch.build_command("stages.rollout", ["--round", "r1"], ComputeParams()) is None
+    command = launch.build_command("stages.optimize", ["--round", "r2"],
+                                   ComputeParams(num_processes=2, mixed_precision="bf16", strategy="fsdp"), port=29612)
+    assert command == [sys.executable, "-m", "accelerate.commands.launch",
+                       "--config_file", str(REPO / "configs/accelerate/fsdp.yaml"),
+                       "--num_processes", "2", "--mixed_precision", "bf16", "--main_process_port", "29612",
+                       "-m", "stages.optimize", "--round", "r2"]
+    for strategy in ("ddp", "fsdp", "deepspeed"):
+        config = yaml.safe_load((REPO / f"configs/accelerate/{strategy}.yaml").read_text())
+        assert config["distributed_type"] == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed": "DEEPSPEED"}[strategy]
+
+    calls = []
+    monkeypatch.setattr(launch, "run_in_process", lambda module, args: calls.append(("in process", module, args)))
+    monkeypatch.setattr(launch.os, "execv", lambda path, argv: calls.append(("exec", argv)))
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump(raw))
+    raw["compute"]["num_processes"] = 2
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(raw))
+    launch.main(["stages.rollout", "--round", "r1", "--params", str(tmp_path / "one.yaml")])
+    assert calls == [("in process", "stages.rollout", ["--round", "r1", "--params", str(tmp_path / "one.yaml")])]
+    launch.main(["stages.optimize", "--round", "r1", "--params", str(tmp_path / "two.yaml")])
+    kind, argv = calls[-1]
+    assert kind == "exec" and argv[3:5] == ["--config_file", str(REPO / "configs/accelerate/ddp.yaml")]
+    assert argv[argv.index("--num_processes") + 1] == "2" and argv[-5:] == [
+        "stages.optimize", "--round", "r1", "--params", str(tmp_path / "two.yaml")]
+    (tmp_path / "bad.yaml").write_text("compute: {num_processes: 0}\n")  # invalid: the stage reports it itself
+    launch.main(["stages.rollout", "--round", "r1", "--params", str(tmp_path / "bad.yaml")])
+    assert calls[-1][0] == "in process"
+
+
+def test_compute_params_are_checked(tmp_path):
+    from rlhf_core.config import params_from_dict
+    from rlhf_core.distributed import check_compute
+    from rlhf_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^compute.mixed_precision = 'fp16': not supported on CPU \(device: cpu\); "
+                                          r"must be 'no' or 'bf16' on CPU$"):
+        params_from_dict({"device": "cpu", "compute": {"mixed_precision": "fp16"}})
+    with pytest.raises(ConfigError, match=r"^compute.mixed_precision = 'fp16': not supported on CPU"):
+        check_compute(params_from_dict({"compute": {"mixed_precision": "fp16"}}).compute, "cpu")
+    with pytest.raises(ConfigError, match=r"^compute.strategy = 'fsdp': needs GPUs"):
+        params_from_dict({"device": "cpu", "compute": {"num_processes": 2, "strategy": "fsdp"}})
+    with pytest.raises(ConfigError, match=r"^compute.num_processes = 2: trpo runs in one process"):
+        params_from_dict({"algorithm": {"name": "trpo"}, "compute": {"num_processes": 2}})
+    with pytest.raises(ConfigError, match=r"^compute.mixed_precision = 'fp32': must be one of 'no', 'bf16', 'fp16'$"):
+        params_from_dict({"compute": {"mixed_precision": "fp32"}})
+
+
+def test_bf16_autocast_rollout_runs_in_process(workspace, tmp_path, monkeypatch):
+    """compute.mixed_precision: bf16 on CPU goes through accelerate's autocast in one process."""
+    from stages import rollout
+
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(workspace, bf16)
+    raw = yaml.safe_load((bf16 / "params.yaml").read_text())
+    raw["compute"]["mixed_precision"] = "bf16"
+    (bf16 / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(bf16)
+    rollout.main(load_params("params.yaml"), argparse.Namespace(round="r2"))
+    import pandas as pd
+
+    table = pd.read_parquet(bf16 / "rollouts/r2/rollouts.parquet")
+    assert len(table) == 16 and all(torch.isfinite(torch.tensor(v)).all() for v in table["logprobs"])
