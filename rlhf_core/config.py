@@ -172,6 +172,15 @@ class AlgorithmParams:
 
 
 @dataclass(frozen=True)
+class LoraParams:
+    enabled: bool = param(False, "optimize trains LoRA adapters (peft) instead of every weight: checkpoints hold the adapters, pointing at models/sft as their base, plus the value head; the reference is the base with the adapters disabled (no second copy)")
+    r: int = param(8, "rank of the adapters", ge=1)
+    alpha: float = param(16.0, "LoRA scaling numerator: the update is (alpha / r)·B·A", gt=0.0)
+    dropout: float = param(0.0, "dropout on the adapters' input during optimize's updates (rollout and π_old log-probs have none, so above 0 the first PPO ratio is no longer exactly 1)", ge=0.0, lt=1.0)
+    target_modules: str = param("all-linear", "modules that get adapters: `all-linear` (every linear layer but the LM head) or comma-separated module names, e.g. q_proj,v_proj")
+
+
+@dataclass(frozen=True)
 class ReinforceParams:
     return_type: Literal["sequence", "reward_to_go"] = param(
         "sequence", "G for every token: the whole sequence's return, or the token-level reward-to-go Σ_{t'≥t} γ^{t'−t} r_t'")
@@ -294,6 +303,7 @@ class Params:
     score: ScoreParams = section(ScoreParams, "reward scoring")
     advantages: AdvantagesParams = section(AdvantagesParams, "KL-penalised rewards and GAE")
     algorithm: AlgorithmParams = section(AlgorithmParams, "which policy optimizer, and the critic")
+    lora: LoraParams = section(LoraParams, "low-rank adapters (peft) instead of full fine-tuning of the policy")
     reinforce: ReinforceParams = section(ReinforceParams, "REINFORCE returns and baselines (reinforce)")
     ppo: PPOParams = section(PPOParams, "clipped policy optimisation; epochs, batching and optimizer settings are shared by reinforce, a2c, grpo and rloo")
     trpo: TRPOParams = section(TRPOParams, "trust-region methods (trpo, npg)")
@@ -346,6 +356,12 @@ class Params:
             raise ConfigError("compute.mixed_precision = 'fp16': not supported on CPU (device: cpu); must be 'no' or 'bf16' on CPU")
         if compute.num_processes > 1 and compute.strategy != "ddp" and self.device == "cpu":
             raise ConfigError(f"compute.strategy = {compute.strategy!r}: needs GPUs; on CPU (device: cpu) it must be 'ddp'")
+        if self.lora.enabled and self.algorithm.critic == "separate":
+            raise ConfigError("lora.enabled: the LoRA policy needs algorithm.critic = 'value_head' (a separate critic "
+                              "backbone would be a second full model)")
+        if self.lora.enabled and self.trpo.trainable_last_n_blocks is not None:
+            raise ConfigError("trpo.trainable_last_n_blocks: must be null with lora.enabled (LoRA already chooses "
+                              "what trains: lora.target_modules)")
         if compute.num_processes > 1 and self.algorithm.name in ("trpo", "npg"):
             raise ConfigError(f"compute.num_processes = {compute.num_processes}: {self.algorithm.name} runs in one process; "
                               "set compute.num_processes: 1 or choose ppo, grpo, rloo, reinforce or a2c")

@@ -29,6 +29,7 @@ PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|endoftext|>"
 VALUE_HEAD_FILE = "value_head.safetensors"
 CRITIC_DIR = "critic"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -162,11 +163,77 @@ def safe_from_pretrained(auto_class, path: str, trust_remote_code: bool = False,
                         "pickle checkpoints (.bin/.pt) are refused: convert them with save_pretrained") from None
 
 
-def load_causal_lm(path: str, device: torch.device, trust_remote_code: bool = False):
+def load_causal_lm(path: str, device: torch.device, trust_remote_code: bool = False, *, merge_adapters: bool = False):
+    """A causal LM from a model directory, or from a LoRA checkpoint (adapters + their base, as a peft model
+    whose ``disable_adapter()`` gives the base back; ``merge_adapters``: one plain merged model)."""
     from transformers import AutoModelForCausalLM
 
+    if is_adapter_checkpoint(path):
+        from peft import PeftModel
+
+        base = disable_dropout(safe_from_pretrained(AutoModelForCausalLM, adapter_base(path), trust_remote_code))
+        model = PeftModel.from_pretrained(base, path)
+        if merge_adapters:
+            model = model.merge_and_unload()
+        return disable_dropout(model).to(device)
     model = safe_from_pretrained(AutoModelForCausalLM, path, trust_remote_code)
     return disable_dropout(model).to(device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# LoRA (peft)
+
+
+def is_adapter_checkpoint(path: str | Path) -> bool:
+    """Whether a checkpoint directory holds LoRA adapters (adapter_config.json) rather than full weights."""
+    return (Path(path) / ADAPTER_CONFIG_FILE).is_file()
+
+
+def adapter_base(path: str | Path) -> str:
+    """The base model directory an adapter checkpoint points at (base_model_name_or_path, e.g. models/sft).
+
+    A relative base is looked up from the working directory (the repository root, where stages run),
+    then next to the checkpoint (models/r2 → models/sft)."""
+    config = json.loads((Path(path) / ADAPTER_CONFIG_FILE).read_text())
+    base = config.get("base_model_name_or_path") or ""
+    candidates = [Path(base), Path(path).parent / Path(base).name] if base else []
+    for candidate in candidates:
+        if candidate.is_dir():
+            return str(candidate)
+    raise DataError(f"{path}: its LoRA adapters point at base model {base!r}, which is not found "
+                    "(run from the repository root, where models/sft is)")
+
+
+def lora_config(lora):
+    """peft LoraConfig from the ``lora`` params (causal LM task, no bias training)."""
+    from peft import LoraConfig
+
+    targets = lora.target_modules.strip()
+    target_modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target_modules,
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def trainable_lora_policy(path: str, lora, device: torch.device, trust_remote_code: bool = False):
+    """The policy of a LoRA round: the adapters of ``path`` (an adapter checkpoint: they keep training, on the
+    same base) or new zero-initialised adapters on the full model at ``path``.  Only the adapters train."""
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    if is_adapter_checkpoint(path):
+        base_path = adapter_base(path)
+        base = disable_dropout(safe_from_pretrained(AutoModelForCausalLM, base_path, trust_remote_code))
+        policy = PeftModel.from_pretrained(base, path, is_trainable=True)
+    else:
+        base_path = path
+        base = disable_dropout(safe_from_pretrained(AutoModelForCausalLM, path, trust_remote_code))
+        policy = get_peft_model(base, lora_config(lora))
+    policy.peft_config["default"].base_model_name_or_path = str(base_path)  # the checkpoint points at its base
+    policy.eval()  # dropout off, as everywhere; only the adapters' own dropout (lora.dropout) acts in updates
+    for name, module in policy.named_modules():
+        if name.endswith("lora_dropout.default") and isinstance(module, nn.Dropout) and module.p > 0:
+            module.train()
+    return policy.to(device)
 
 
 def match_vocab(model, tokenizer) -> None:
@@ -309,18 +376,26 @@ def policy_logprobs(policy, batch: TokenBatch, temperature: float) -> torch.Tens
 # Checkpoints
 
 
-def load_actor_critic(path: str, critic: str, device: torch.device, trust_remote_code: bool = False) -> ActorCritic:
-    """Policy and critic from a checkpoint directory (or any causal LM, whose critic starts at V=0)."""
+def load_actor_critic(path: str, critic: str, device: torch.device, trust_remote_code: bool = False,
+                      lora=None) -> ActorCritic:
+    """Policy and critic from a checkpoint directory (or any causal LM, whose critic starts at V=0).
+
+    ``lora`` (the lora params, for training): enabled → the policy trains LoRA adapters only
+    (``trainable_lora_policy``); disabled → an adapter checkpoint is merged into a full model that trains
+    whole.  None (rollout, evaluation): the checkpoint as it is, adapters unmerged."""
     from safetensors.torch import load_file
     from transformers import AutoModel
 
-    policy = load_causal_lm(path, device, trust_remote_code)
+    if lora is not None and lora.enabled:
+        policy = trainable_lora_policy(path, lora, device, trust_remote_code)
+    else:
+        policy = load_causal_lm(path, device, trust_remote_code, merge_adapters=lora is not None)
     hidden_size = hidden_size_of(policy.config)
     value_head = ValueHead(hidden_size)
     critic_backbone = None
     if critic == "separate":
         critic_dir = Path(path) / CRITIC_DIR
-        source = str(critic_dir) if critic_dir.is_dir() else path
+        source = str(critic_dir) if critic_dir.is_dir() else adapter_base(path) if is_adapter_checkpoint(path) else path
         critic_backbone = disable_dropout(safe_from_pretrained(AutoModel, source, trust_remote_code)).to(device)
         head_file = critic_dir / VALUE_HEAD_FILE
     else:
@@ -342,6 +417,8 @@ def save_checkpoint(directory: Path, model: ActorCritic, tokenizer, state: dict,
 
     quiet_transformers()
     model.policy.save_pretrained(directory, state_dict=part("policy."))
+    if (directory / ADAPTER_CONFIG_FILE).is_file():  # LoRA: adapters only; drop the model card peft writes
+        (directory / "README.md").unlink(missing_ok=True)
     tokenizer.save_pretrained(directory)
     head_dir = directory
     if model.critic_backbone is not None:

@@ -39,7 +39,7 @@ def _train_and_save(params, round_key, start_from, train, seed, runtime):
 
     tokenizer = load_tokenizer(checkpoint_dir(start_from), params.trust_remote_code)
     model = load_actor_critic(checkpoint_dir(start_from), params.algorithm.critic, device,
-                              params.trust_remote_code)
+                              params.trust_remote_code, lora=params.lora)
     metrics = train(model, experience, params, temperature=params.rollout.temperature,
                     pad_id=tokenizer.pad_token_id, device=device, seed=seed,
                     log=log if runtime.is_main else (lambda *_: None))

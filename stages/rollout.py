@@ -6,8 +6,11 @@ from rlhf_core.io import atomic_dir, read_parquet, write_json
 
 def main(params, args):
     """Sample responses for round --round into rollouts/<round>/rollouts.parquet."""
+    from pathlib import Path
+
     from rlhf_core.distributed import start_runtime
-    from rlhf_core.models import checkpoint_dir, load_actor_critic, load_causal_lm, load_tokenizer, seed_everything
+    from rlhf_core.models import (adapter_base, checkpoint_dir, is_adapter_checkpoint, load_actor_critic, load_causal_lm,
+                                  load_tokenizer, seed_everything)
     from rlhf_core.rollout import (check_context, check_finite, context_length, generate_samples, record_token_stats,
                                    rollout_table, sample_prompt_indices)
 
@@ -26,7 +29,11 @@ def main(params, args):
     actor_critic = load_actor_critic(checkpoint_dir(start_from), params.algorithm.critic, device,
                                      params.trust_remote_code)
     reference_is_policy = start_from == "sft"
-    reference = None if reference_is_policy else load_causal_lm(checkpoint_dir("sft"), device, params.trust_remote_code)
+    # A LoRA policy on models/sft: π_ref is that very model with its adapters disabled (reference None), no copy.
+    adapters_on_sft = is_adapter_checkpoint(checkpoint_dir(start_from)) and (
+        Path(adapter_base(checkpoint_dir(start_from))).resolve() == Path(checkpoint_dir("sft")).resolve())
+    reference = None if reference_is_policy or adapters_on_sft else load_causal_lm(
+        checkpoint_dir("sft"), device, params.trust_remote_code)
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     check_context(prompt_ids, ro.max_new_tokens, context_length(actor_critic.policy.config), "train prompts")
     samples = generate_samples(actor_critic.policy, tokenizer, prompt_ids, samples_per_prompt=ro.samples_per_prompt,

@@ -103,8 +103,8 @@ def policy_parameters(model, last_n_blocks: int | None = None) -> list[torch.nn.
     tensor.
     """
     policy = model.policy
-    if last_n_blocks is None:
-        return [p for p in policy.parameters()]
+    if last_n_blocks is None:  # all of them; with LoRA, the adapters (the base weights are frozen)
+        return [p for p in policy.parameters() if p.requires_grad]
     block_lists = [m for m in policy.modules() if isinstance(m, torch.nn.ModuleList)]
     if not block_lists:
         raise ValueError(f"{type(policy).__name__}: no list of transformer blocks found")

@@ -111,12 +111,13 @@ def train_trpo(model, experience: Experience, params, *, temperature: float, pad
     """
     if params.algorithm.name not in ("trpo", "npg"):
         raise ValueError(f"train_trpo runs trpo or npg, not {params.algorithm.name!r}")
+    trainable = [p.requires_grad for p in model.parameters()]  # all, or the LoRA adapters and the critic
     try:
         return _train_round(model, experience, params, temperature=temperature, pad_id=pad_id, device=device,
                             seed=seed, log=log)
     finally:
-        for p in model.parameters():  # policy_parameters froze the blocks it did not choose
-            p.requires_grad_(True)
+        for p, flag in zip(model.parameters(), trainable):  # policy_parameters froze the blocks it did not choose
+            p.requires_grad_(flag)
 
 
 def _train_round(model, experience: Experience, params, *, temperature, pad_id, device, seed, log) -> dict:
