@@ -441,6 +441,10 @@ def _coerce(value, tp, key: str, meta: dict):
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key, meta)
     if origin is Literal:
+        if value is False and "no" in typing.get_args(tp):
+            # YAML 1.1 reads an unquoted `no` as false, and `dvc exp run -S` rewrites params.yaml
+            # with a YAML 1.2 dumper that drops the quotes of 'no': read it back as the string.
+            value = "no"
         if value not in typing.get_args(tp):
             raise ConfigError(f"{key} = {value!r}: must be {_describe(tp)}")
         return value

@@ -376,3 +376,12 @@ def test_verifiable_scorer_with_an_answer_field_is_accepted():
     params = params_from_dict({"prepare": {"source": "file", "path": "p.jsonl", "answer_field": "answer"},
                                "score": {"scorers": [{"name": "acc", "kind": "verifiable", "match": "numeric"}]}})
     assert params.score.scorers[0].match == "numeric"
+
+
+def test_unquoted_no_survives_dvc_rewriting_params_yaml():
+    """`dvc exp run -S …` writes `mixed_precision: no` without quotes; YAML 1.1 reads that as false."""
+    raw = yaml.safe_load("compute:\n  mixed_precision: no\n")
+    assert raw["compute"]["mixed_precision"] is False
+    assert params_from_dict(raw).compute.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="must be one of 'no', 'bf16', 'fp16'"):
+        params_from_dict({"compute": {"mixed_precision": True}})
