@@ -84,6 +84,17 @@ def test_lora_pipeline_runs_end_to_end_and_exports_a_merged_model(tmp_path, tiny
     assert torch.allclose(a, m, atol=1e-4), (a - m).abs().max()
     assert not torch.allclose(a, base, atol=1e-4)  # the adapters do change the model
 
+    # LoRA turned off in a later round: that round starts from the merged model and trains it whole.
+    raw["lora"]["enabled"] = False
+    raw["rounds"]["r3"] = {"from": "r2"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    params = load_params("params.yaml")
+    for stage in (rollout, score, advantages, optimize):
+        stage.main(params, argparse.Namespace(round="r3"))
+    assert (tmp_path / "models/r3/model.safetensors").is_file()
+    assert not (tmp_path / "models/r3/adapter_config.json").exists()
+    assert json.loads((tmp_path / "metrics/r3/optimize.json").read_text())["first_minibatch_ratio_max_deviation"] < 1e-5
+
 
 def test_lora_params_are_checked():
     with pytest.raises(ConfigError, match=r"^lora.enabled: the LoRA policy needs algorithm.critic = 'value_head'"):
