@@ -153,17 +153,21 @@ def render_plots(csv_path: Path, out_dir: Path) -> list[Path]:
     import pandas as pd
 
     table = pd.read_csv(csv_path)
-    specs = [("reward_vs_round.png", "step", "reward", "round (0 = SFT)", "eval reward"),
-             ("kl_vs_round.png", "step", "kl", "round (0 = SFT)", "KL(π‖π_ref), nats"),
-             ("reward_vs_kl.png", "kl", "reward", "KL(π‖π_ref), nats", "eval reward")]
+    specs = [("reward_vs_round.png", "step", "reward", "round (0 = SFT)", "eval reward", "Eval reward by round"),
+             ("kl_vs_round.png", "step", "kl", "round (0 = SFT)", "KL(π‖π_ref), nats", "KL to the reference by round"),
+             ("reward_vs_kl.png", "kl", "reward", "KL(π‖π_ref), nats", "eval reward", "Reward against KL to the reference")]
     paths = []
-    for name, x, y, xlabel, ylabel in specs:
+    for name, x, y, xlabel, ylabel, title in specs:
         figure, axes = plt.subplots(figsize=(5, 3.5), dpi=100)
         axes.plot(table[x], table[y], marker="o")
         for _, row in table.iterrows():
             axes.annotate(str(row["round"]), (row[x], row[y]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         axes.set_xlabel(xlabel)
         axes.set_ylabel(ylabel)
+        axes.set_title(title, fontsize=10)
+        axes.margins(x=0.08, y=0.12)  # room for the point labels at the edges
+        if x == "step":
+            axes.set_xticks(table["step"].tolist())
         axes.grid(alpha=0.3)
         figure.tight_layout()
         path = out_dir / name
