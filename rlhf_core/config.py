@@ -292,7 +292,7 @@ class RoundParams:
 class Params:
     seed: int = param(0, "global seed; every stage derives its own from it", ge=0)
     task: Literal["sentiment", "arithmetic"] = param(
-        "sentiment", "built-in task: its prompt generator, demonstrations, preference pairs and `kind: task` reward (sentiment: review openings, VADER; arithmetic: `17+25=`, exact match)")
+        "sentiment", "built-in task: its prompt generator, demonstrations, preference pairs and `kind: task` reward (sentiment: review openings, VADER; arithmetic: two-digit sums `2 3 + 1 4 =`, exact match)")
     device: str = param("auto", "`auto` (CUDA when available), `cpu`, `cuda`, `cuda:N` or `mps`", pattern=_DEVICE)
     cpu_threads: int = param(1, "torch intra-op threads when running on CPU; 1 keeps CPU runs bit-for-bit reproducible under any machine load, 0 uses torch's default (all cores: faster for large models, but float reductions may differ run to run)", ge=0)
     trust_remote_code: bool = param(False, "let transformers run Python code shipped with a hub model or tokenizer; off unless you trust its author")

@@ -68,6 +68,31 @@ def render_algorithms(results_json: Path) -> str:
     return f"{ALGORITHMS_START}\n" + "\n".join(lines) + f"\n{ALGORITHMS_END}"
 
 
+ARITHMETIC_START = "<!-- arithmetic:start (generated from benchmarks/results/arithmetic.json by `python -m rlhf_core.docs`) -->"
+ARITHMETIC_END = "<!-- arithmetic:end -->"
+
+
+def render_arithmetic(results_json: Path) -> str:
+    """The arithmetic-task runs written by benchmarks/arithmetic.py: eval exact match per checkpoint and seed."""
+    report = json.loads(results_json.read_text())
+    runs = report["runs"]
+    lines = ["| checkpoint | " + " | ".join(f"eval exact match (seed {r['seed']})" for r in runs) + " | KL to π_ref "
+             f"(seed {runs[0]['seed']}) |", "|---" * (len(runs) + 2) + "|"]
+    for index, row in enumerate(runs[0]["checkpoints"]):
+        lines.append(f"| {row['checkpoint']} | " + " | ".join(f"{r['checkpoints'][index]['exact_match']:.3f}" for r in runs)
+                     + f" | {row['kl']:.3f} |")
+    first, others = runs[0], runs[1:]
+    gains = f"{first['exact_match_gain']:+.3f} (seed {first['seed']})"
+    if others:
+        mean = sum(r["exact_match_gain"] for r in runs) / len(runs)
+        gains += "; " + ", ".join(f"{r['exact_match_gain']:+.3f} (seed {r['seed']})" for r in others) + f"; mean {mean:+.3f}"
+    lines += ["", f"Gain in eval exact-match accuracy of {first['final_round']} over SFT: {gains}. Each column is one "
+                  f"`dvc repro` of the default params with `task: arithmetic` (and that seed): {first['eval_prompts']} "
+                  f"held-out prompts, {first['eval_samples_per_prompt']} samples each at temperature {first['eval_temperature']:g}. Measured on {report['machine']} with "
+                  f"`{report['command']}`, {first['wall_seconds']:.0f} s per run."]
+    return f"{ARITHMETIC_START}\n" + "\n".join(lines) + f"\n{ARITHMETIC_END}"
+
+
 def current_block(readme_text: str, start_marker: str = START, end_marker: str = END) -> str | None:
     if start_marker not in readme_text or end_marker not in readme_text:
         return None
@@ -80,6 +105,8 @@ def update_readme(path: Path, eval_json: Path, algorithms_json: Path) -> bool:
     text = new_text = path.read_text()
     blocks = ((START, END, render_block()), (RESULTS_START, RESULTS_END, render_results(eval_json)),
               (ALGORITHMS_START, ALGORITHMS_END, render_algorithms(algorithms_json)))
+    blocks += ((ARITHMETIC_START, ARITHMETIC_END,
+                render_arithmetic(path.parent / "benchmarks" / "results" / "arithmetic.json")),)
     for start, end, block in blocks:
         current = current_block(new_text, start, end)
         if current is None:

@@ -38,3 +38,33 @@ def test_readme_algorithm_table_matches_the_benchmark_results():
     block = current_block((REPO / "README.md").read_text(), ALGORITHMS_START, ALGORITHMS_END)
     assert block == render_algorithms(REPO / "benchmarks" / "results" / "algorithms.json"), \
         "run `python -m rlhf_core.docs` after benchmarks/algorithms.py"
+
+
+def test_readme_arithmetic_block_matches_the_benchmark_results():
+    from rlhf_core.docs import ARITHMETIC_END, ARITHMETIC_START, render_arithmetic
+
+    block = current_block((REPO / "README.md").read_text(), ARITHMETIC_START, ARITHMETIC_END)
+    assert block == render_arithmetic(REPO / "benchmarks" / "results" / "arithmetic.json"), \
+        "run `python -m rlhf_core.docs` after benchmarks/arithmetic.py"
+
+
+def test_arithmetic_block_by_hand(tmp_path):
+    import json
+
+    from rlhf_core.docs import render_arithmetic
+
+    def run(seed, exact):
+        names = ["sft", "r1", "r2"]
+        return {"seed": seed, "final_round": "r2", "exact_match_gain": exact[-1] - exact[0], "eval_prompts": 64,
+                "eval_samples_per_prompt": 2, "eval_temperature": 1.0, "wall_seconds": 120.4,
+                "checkpoints": [{"checkpoint": n, "exact_match": e, "kl": 0.1 * i} for i, (n, e) in enumerate(zip(names, exact))]}
+
+    path = tmp_path / "arithmetic.json"
+    path.write_text(json.dumps({"machine": "m", "command": "python benchmarks/arithmetic.py --seeds 0,5",
+                                "runs": [run(0, [0.25, 0.5, 0.75]), run(5, [0.5, 0.5, 0.625])]}))
+    lines = render_arithmetic(path).splitlines()
+    assert lines[1] == "| checkpoint | eval exact match (seed 0) | eval exact match (seed 5) | KL to π_ref (seed 0) |"
+    assert lines[2] == "|---|---|---|---|"
+    assert lines[3:6] == ["| sft | 0.250 | 0.500 | 0.000 |", "| r1 | 0.500 | 0.500 | 0.100 |", "| r2 | 0.750 | 0.625 | 0.200 |"]
+    assert "Gain in eval exact-match accuracy of r2 over SFT: +0.500 (seed 0); +0.125 (seed 5); mean +0.312." in lines[7]
+    assert "`python benchmarks/arithmetic.py --seeds 0,5`, 120 s per run." in lines[7]
