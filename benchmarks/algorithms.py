@@ -14,47 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import re
-import shutil
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from rlhf_core.docs import render_algorithms  # noqa: E402  (after the path set-up)
+from common import REPO, copy_repo, dvc_executable, machine, round_keys, run, stage_seconds
+
+from rlhf_core.docs import render_algorithms
+
 ALGORITHMS = ("ppo", "reinforce", "a2c", "trpo", "npg", "grpo", "rloo")
-
-
-def run(command: list[str], cwd: Path) -> tuple[str, float]:
-    started = time.perf_counter()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@example.com", GIT_COMMITTER_NAME="bench",
-               GIT_COMMITTER_EMAIL="bench@example.com")
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed:\n{(result.stdout + result.stderr)[-3000:]}")
-    return result.stdout + result.stderr, time.perf_counter() - started
-
-
-def copy_repo(target: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        if name == "dvc.lock" or name.startswith(("metrics/", "plots/", "samples/")) or not (REPO / name).is_file():
-            continue
-        (target / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, target / name)
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "benchmark"]):
-        run(["git", *args], target)
-
-
-def stage_seconds(output: str) -> dict[str, float]:
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\S+): done in ([\d.]+)s$", output, re.M)}
 
 
 def main() -> None:
@@ -63,7 +30,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     names = [n for n in args.algorithms.split(",") if n]
-    dvc = shutil.which("dvc") or sys.exit("dvc is not installed")
+    dvc = dvc_executable()
 
     results = []
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as tmp:
@@ -78,7 +45,7 @@ def main() -> None:
             else:
                 out, wall = run([dvc, "exp", "run", "-S", f"algorithm.name={name}"], work)
                 evaluation, stages = json.loads((work / "metrics/eval.json").read_text()), stage_seconds(out)
-            rounds = sorted((k for k in evaluation if k != "sft"), key=lambda k: (len(k), k))
+            rounds = round_keys(evaluation)
             final = evaluation[rounds[-1]]
             results.append({
                 "algorithm": name, "final_round": rounds[-1], "sft_reward": evaluation["sft"]["reward"],
@@ -89,9 +56,7 @@ def main() -> None:
             })
             print(json.dumps(results[-1]), flush=True)
 
-    report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-                         f"Python {platform.python_version()}",
-              "command": "python benchmarks/algorithms.py", "shared_stage_seconds": shared, "results": results}
+    report = {"machine": machine(), "command": "python benchmarks/algorithms.py", "shared_stage_seconds": shared, "results": results}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "algorithms.json").write_text(json.dumps(report, indent=2) + "\n")
     table = render_algorithms(args.out / "algorithms.json")

@@ -14,54 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import re
-import shutil
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from rlhf_core.docs import render_arithmetic  # noqa: E402  (after the path set-up)
+from common import REPO, copy_repo, dvc_executable, machine, round_keys, run, stage_seconds
 
-
-def run(command: list[str], cwd: Path) -> tuple[str, float]:
-    started = time.perf_counter()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@example.com", GIT_COMMITTER_NAME="bench",
-               GIT_COMMITTER_EMAIL="bench@example.com")
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed:\n{(result.stdout + result.stderr)[-3000:]}")
-    return result.stdout + result.stderr, time.perf_counter() - started
-
-
-def copy_repo(target: Path, changes: dict) -> None:
-    """A git repository at ``target`` with this repo's files (minus results) and ``changes`` in params.yaml."""
-    import yaml
-
-    from rlhf_core.config import params_from_dict, render_params_yaml
-
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        if name == "dvc.lock" or name.startswith(("metrics/", "plots/", "samples/")) or not (REPO / name).is_file():
-            continue
-        (target / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, target / name)
-    raw = yaml.safe_load((target / "params.yaml").read_text())
-    raw.update(changes)
-    (target / "params.yaml").write_text(render_params_yaml(params_from_dict(raw)))
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "benchmark"]):
-        run(["git", *args], target)
-
-
-def stage_seconds(output: str) -> dict[str, float]:
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\S+): done in ([\d.]+)s$", output, re.M)}
+from rlhf_core.docs import render_arithmetic
 
 
 def measure(seed: int, dvc: str) -> dict:
@@ -75,7 +33,7 @@ def measure(seed: int, dvc: str) -> dict:
         from rlhf_core.config import load_params
 
         ev = load_params(work / "params.yaml").evaluate
-    names = ["sft", *sorted((k for k in evaluation if k != "sft"), key=lambda k: (len(k), k))]
+    names = ["sft", *round_keys(evaluation)]
     checkpoints = [{"checkpoint": name, "exact_match": evaluation[name]["exact_match"],
                     "reward": evaluation[name]["reward"], "kl": evaluation[name]["kl"],
                     "eos_fraction": evaluation[name]["eos_fraction"]} for name in names]
@@ -93,7 +51,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    dvc = shutil.which("dvc") or sys.exit("dvc is not installed")
+    dvc = dvc_executable()
 
     runs = []
     for seed in seeds:
@@ -101,9 +59,7 @@ def main() -> None:
         print(json.dumps({k: v for k, v in runs[-1].items() if k not in ("checkpoints", "stage_seconds")}), flush=True)
 
     command = "python benchmarks/arithmetic.py" + (f" --seeds {args.seeds}" if args.seeds != "0" else "")
-    report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-                         f"Python {platform.python_version()}",
-              "command": command, "params_changed": {"task": "arithmetic"}, "runs": runs}
+    report = {"machine": machine(), "command": command, "params_changed": {"task": "arithmetic"}, "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "arithmetic.json").write_text(json.dumps(report, indent=2) + "\n")
     table = render_arithmetic(args.out / "arithmetic.json")

@@ -68,3 +68,12 @@ def test_arithmetic_block_by_hand(tmp_path):
     assert lines[3:6] == ["| sft | 0.250 | 0.500 | 0.000 |", "| r1 | 0.500 | 0.500 | 0.100 |", "| r2 | 0.750 | 0.625 | 0.200 |"]
     assert "Gain in eval exact-match accuracy of r2 over SFT: +0.500 (seed 0); +0.125 (seed 5); mean +0.312." in lines[7]
     assert "`python benchmarks/arithmetic.py --seeds 0,5`, 120 s per run." in lines[7]
+
+
+def test_readme_reward_model_block_matches_the_benchmark_results():
+    from rlhf_core.docs import REWARD_MODEL_END, REWARD_MODEL_START, render_reward_model
+
+    block = current_block((REPO / "README.md").read_text(), REWARD_MODEL_START, REWARD_MODEL_END)
+    assert block == render_reward_model(REPO / "benchmarks" / "results" / "reward_model.json"), \
+        "run `python -m rlhf_core.docs` after benchmarks/reward_model.py"
+    assert "VADER sentiment of r3 over SFT: +" in block

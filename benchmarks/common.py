@@ -1,0 +1,67 @@
+"""What the benchmark scripts share: a clean copy of the repository to run DVC in, and timed commands."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def run(command: list[str], cwd: Path) -> tuple[str, float]:
+    """Run a command (exit with its output on failure); return (stdout + stderr, wall seconds)."""
+    started = time.perf_counter()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@example.com", GIT_COMMITTER_NAME="bench",
+               GIT_COMMITTER_EMAIL="bench@example.com")
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed:\n{(result.stdout + result.stderr)[-3000:]}")
+    return result.stdout + result.stderr, time.perf_counter() - started
+
+
+def copy_repo(target: Path, params_changes: dict | None = None) -> None:
+    """A git repository at ``target`` with this repo's files, minus results, plus ``params_changes``."""
+    import yaml
+
+    from rlhf_core.config import params_from_dict, render_params_yaml
+
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if name == "dvc.lock" or name.startswith(("metrics/", "plots/", "samples/")) or not (REPO / name).is_file():
+            continue
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, target / name)
+    if params_changes:
+        raw = yaml.safe_load((target / "params.yaml").read_text())
+        raw.update(params_changes)
+        (target / "params.yaml").write_text(render_params_yaml(params_from_dict(raw)))
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "benchmark"]):
+        run(["git", *args], target)
+
+
+def stage_seconds(output: str) -> dict[str, float]:
+    """{stage: seconds} from the stages' own `<stage>: done in <s>s` lines."""
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\S+): done in ([\d.]+)s$", output, re.M)}
+
+
+def dvc_executable() -> str:
+    return shutil.which("dvc") or sys.exit("dvc is not installed")
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
+
+
+def round_keys(evaluation: dict) -> list[str]:
+    """The round keys of metrics/eval.json in round order (sft excluded)."""
+    return sorted((k for k in evaluation if k != "sft"), key=lambda k: (len(k), k))
