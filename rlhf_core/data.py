@@ -179,9 +179,9 @@ def read_demonstrations(params) -> list[dict]:
     return rows
 
 
-def split_heldout(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Seeded split of demonstrations into (train, held-out); both non-empty."""
+def split_heldout(rows: list[dict], fraction: float, seed: int, salt: str = "heldout") -> tuple[list[dict], list[dict]]:
+    """Seeded split of records (demonstrations, preference pairs) into (train, held-out); both non-empty."""
     order = list(range(len(rows)))
-    random.Random(f"heldout-{seed}").shuffle(order)
+    random.Random(f"{salt}-{seed}").shuffle(order)
     n_heldout = min(max(1, round(fraction * len(rows))), len(rows) - 1)
     return [rows[i] for i in order[n_heldout:]], [rows[i] for i in order[:n_heldout]]

@@ -158,11 +158,10 @@ def read_preferences(spec, task: str, seed: int) -> list[dict]:
 
 
 def split_pairs(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Seeded split into (train, held-out), both non-empty."""
-    order = list(range(len(rows)))
-    random.Random(f"preferences-{seed}").shuffle(order)
-    n_heldout = min(max(1, round(fraction * len(rows))), len(rows) - 1)
-    return [rows[i] for i in order[n_heldout:]], [rows[i] for i in order[:n_heldout]]
+    """Seeded split of preference pairs into (train, held-out), both non-empty."""
+    from rlhf_core.data import split_heldout
+
+    return split_heldout(rows, fraction, seed, salt="preferences")
 
 
 # ---------------------------------------------------------------------------------------------------
