@@ -30,9 +30,7 @@ def run(command: list[str], cwd: Path) -> tuple[str, float]:
 
 def copy_repo(target: Path, params_changes: dict | None = None) -> None:
     """A git repository at ``target`` with this repo's files, minus results, plus ``params_changes``."""
-    import yaml
-
-    from rlhf_core.config import params_from_dict, render_params_yaml
+    from rlhf_core.config import params_from_dict, render_params_yaml, yaml_load
 
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout.split()
@@ -42,7 +40,7 @@ def copy_repo(target: Path, params_changes: dict | None = None) -> None:
         (target / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, target / name)
     if params_changes:
-        raw = yaml.safe_load((target / "params.yaml").read_text())
+        raw = yaml_load((target / "params.yaml").read_text())
         raw.update(params_changes)
         (target / "params.yaml").write_text(render_params_yaml(params_from_dict(raw)))
     for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "benchmark"]):

@@ -11,6 +11,7 @@ before any model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -441,10 +442,6 @@ def _coerce(value, tp, key: str, meta: dict):
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key, meta)
     if origin is Literal:
-        if value is False and "no" in typing.get_args(tp):
-            # YAML 1.1 reads an unquoted `no` as false, and `dvc exp run -S` rewrites params.yaml
-            # with a YAML 1.2 dumper that drops the quotes of 'no': read it back as the string.
-            value = "no"
         if value not in typing.get_args(tp):
             raise ConfigError(f"{key} = {value!r}: must be {_describe(tp)}")
         return value
@@ -553,6 +550,37 @@ def params_from_dict(raw: dict) -> Params:
     return _build(Params, raw, "").validate()
 
 
+def yaml_load(text: str):
+    """Parse YAML as DVC does (YAML 1.2 core schema): only true/false are booleans, so `no`, `on` or
+    `yes` stay strings, and `1e-5` is a number.  PyYAML's safe_load follows YAML 1.1, which reads an
+    unquoted `no` as false; `dvc exp run -S` rewrites params.yaml with a YAML 1.2 dumper that drops
+    the quotes of 'no', so safe_load would read back a different value than DVC wrote."""
+    import yaml
+
+    return yaml.load(text, Loader=_yaml12_loader())
+
+
+@functools.cache
+def _yaml12_loader():
+    import yaml
+
+    class Yaml12Loader(yaml.SafeLoader):
+        pass
+
+    Yaml12Loader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_BOOL_TAG, _FLOAT_TAG)]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Yaml12Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                       list("tTfF"))
+    Yaml12Loader.add_implicit_resolver(
+        _FLOAT_TAG, re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+    return Yaml12Loader
+
+
+_BOOL_TAG, _FLOAT_TAG = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate params.yaml; raise ConfigError with one readable line on any problem."""
     import yaml
@@ -561,7 +589,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_core.config import (Params, PPOParams, RoundParams, flatten, load_params, params_from_dict,
+from rlhf_core.config import (Params, PPOParams, RoundParams, flatten, load_params, params_from_dict, yaml_load,
                               render_params_yaml, schema_rows)
 from rlhf_core.errors import ConfigError
 
@@ -378,10 +378,13 @@ def test_verifiable_scorer_with_an_answer_field_is_accepted():
     assert params.score.scorers[0].match == "numeric"
 
 
-def test_unquoted_no_survives_dvc_rewriting_params_yaml():
+def test_unquoted_no_survives_dvc_rewriting_params_yaml(tmp_path):
     """`dvc exp run -S …` writes `mixed_precision: no` without quotes; YAML 1.1 reads that as false."""
-    raw = yaml.safe_load("compute:\n  mixed_precision: no\n")
-    assert raw["compute"]["mixed_precision"] is False
-    assert params_from_dict(raw).compute.mixed_precision == "no"
+    assert yaml.safe_load("compute:\n  mixed_precision: no\n")["compute"]["mixed_precision"] is False
+    (tmp_path / "params.yaml").write_text("compute:\n  mixed_precision: no\nppo:\n  lr: 1e-5\n")
+    params = load_params(tmp_path / "params.yaml")
+    assert params.compute.mixed_precision == "no" and params.ppo.lr == 1e-5
+    assert yaml_load("a: no\nb: yes\nc: off\nd: true\ne: False\nf: 1e-5\ng: 3\n") == {
+        "a": "no", "b": "yes", "c": "off", "d": True, "e": False, "f": 1e-5, "g": 3}
     with pytest.raises(ConfigError, match="must be one of 'no', 'bf16', 'fp16'"):
         params_from_dict({"compute": {"mixed_precision": True}})

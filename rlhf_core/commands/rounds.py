@@ -110,9 +110,9 @@ def rewrite_rounds(text: str, n: int) -> str:
 
 
 def _check_unchanged_elsewhere(old: str, new: str, n: int) -> None:
-    import yaml
+    from rlhf_core.config import yaml_load
 
-    old_raw, new_raw = yaml.safe_load(old) or {}, yaml.safe_load(new) or {}
+    old_raw, new_raw = yaml_load(old) or {}, yaml_load(new) or {}
     old_raw.pop("rounds", None)
     rounds = new_raw.pop("rounds", None)
     if old_raw != new_raw or rounds != chained(n):  # a bug here, never the user's: refuse to write
@@ -131,9 +131,11 @@ def run(args) -> None:
                           "and params.yaml) or pass --params PATH")
     import yaml
 
+    from rlhf_core.config import yaml_load
+
     old = path.read_bytes().decode()
     try:
-        raw = yaml.safe_load(old) or {}
+        raw = yaml_load(old) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise ConfigError(f"{path}: not valid YAML{f' at line {mark.line + 1}' if mark else ''}; fix it first") from None
