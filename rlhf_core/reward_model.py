@@ -29,6 +29,7 @@ from rlhf_core.errors import DataError
 from rlhf_core.progress import Progress
 
 REWARD_LABEL = "reward"
+ADAMW_EPS = 1e-8  # torch's AdamW default
 _LOADED: dict[tuple[str, str, bool], tuple] = {}  # (path, device, trust_remote_code) -> (model, tokenizer)
 
 
@@ -223,13 +224,12 @@ def pair_accuracy(model, tokenizer, rows: list[dict], max_length: int, batch_siz
 
 def train_bradley_terry(model, tokenizer, train_rows: list[dict], spec, seed: int, log=print) -> dict:
     """Fit ``model`` in place with the Bradley–Terry loss; returns training metrics."""
-    from transformers import get_scheduler
+    from rlhf_core.algorithms.common import make_optimizer
 
     steps_per_epoch = math.ceil(len(train_rows) / spec.batch_size)
     total_steps = steps_per_epoch * spec.epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
-    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=int(spec.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
+    optimizer, scheduler = make_optimizer(model.parameters(), spec.lr, ADAMW_EPS, spec.weight_decay, "cosine",
+                                          int(spec.warmup_ratio * total_steps), total_steps)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     progress = Progress(total_steps, "reward model", unit="step")

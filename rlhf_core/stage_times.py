@@ -10,6 +10,7 @@ from its cache count 0.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -24,12 +25,10 @@ def record(stage: str, seconds: float, workdir: Path | None = None) -> None:
     if not os.environ.get("DVC_STAGE") or stage == "track":
         return
     path = (workdir or Path.cwd()) / FILE
-    try:
+    with contextlib.suppress(OSError):  # a read-only or full disk must not fail a finished stage
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as handle:
             handle.write(json.dumps({"stage": stage, "seconds": round(seconds, 3)}) + "\n")
-    except OSError:
-        pass
 
 
 def read(workdir: Path) -> dict[str, float]:
