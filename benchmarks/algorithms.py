@@ -17,7 +17,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import REPO, copy_repo, dvc_executable, machine, round_keys, run, stage_seconds
+from common import REPO, copy_repo, dvc_executable, machine, round_keys, run, stage_seconds, write_report
 
 from rlhf_core.docs import render_algorithms
 
@@ -57,11 +57,7 @@ def main() -> None:
             print(json.dumps(results[-1]), flush=True)
 
     report = {"machine": machine(), "command": "python benchmarks/algorithms.py", "shared_stage_seconds": shared, "results": results}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "algorithms.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = render_algorithms(args.out / "algorithms.json")
-    (args.out / "algorithms.md").write_text(table + "\n")
-    print(table)
+    write_report(args.out, "algorithms", report, render_algorithms)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import REPO, copy_repo, dvc_executable, machine, round_keys, run, stage_seconds
+from common import REPO, copy_repo, dvc_executable, machine, round_keys, run, stage_seconds, write_report
 
 from rlhf_core.docs import render_arithmetic
 
@@ -60,11 +60,7 @@ def main() -> None:
 
     command = "python benchmarks/arithmetic.py" + (f" --seeds {args.seeds}" if args.seeds != "0" else "")
     report = {"machine": machine(), "command": command, "params_changed": {"task": "arithmetic"}, "runs": runs}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "arithmetic.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = render_arithmetic(args.out / "arithmetic.json")
-    (args.out / "arithmetic.md").write_text(table + "\n")
-    print(table)
+    write_report(args.out, "arithmetic", report, render_arithmetic)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,17 @@ def copy_repo(target: Path, params_changes: dict | None = None) -> None:
         run(["git", *args], target)
 
 
+def write_report(out_dir: Path, name: str, report: dict, render) -> None:
+    """Write <name>.json, then the README block ``render`` makes of it as <name>.md, and print the block."""
+    import json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    block = render(out_dir / f"{name}.json")
+    (out_dir / f"{name}.md").write_text(block + "\n")
+    print(block)
+
+
 def stage_seconds(output: str) -> dict[str, float]:
     """{stage: seconds} from the stages' own `<stage>: done in <s>s` lines."""
     return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\S+): done in ([\d.]+)s$", output, re.M)}

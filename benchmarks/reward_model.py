@@ -18,7 +18,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import REPO, copy_repo, dvc_executable, machine, round_keys, run, stage_seconds
+from common import REPO, copy_repo, dvc_executable, machine, round_keys, run, stage_seconds, write_report
 
 from rlhf_core.docs import render_reward_model
 
@@ -52,11 +52,7 @@ def main() -> None:
                          "vader": evaluation[name]["reward_sentiment"], "kl": evaluation[name]["kl"],
                          "distinct_2": evaluation[name]["distinct_2"]} for name in checkpoints],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "reward_model.json").write_text(json.dumps(report, indent=2) + "\n")
-    block = render_reward_model(args.out / "reward_model.json")
-    (args.out / "reward_model.md").write_text(block + "\n")
-    print(block)
+    write_report(args.out, "reward_model", report, render_reward_model)
 
 
 if __name__ == "__main__":

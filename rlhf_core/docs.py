@@ -45,12 +45,17 @@ def results_table(evaluation: dict) -> str:
     return "\n".join(lines)
 
 
+def wrap(start: str, end: str, lines: list[str]) -> str:
+    """A generated README block: its lines between its start and end markers."""
+    return "\n".join([start, *lines, end])
+
+
 def render_block() -> str:
-    return f"{START}\n{params_reference()}\n{END}"
+    return wrap(START, END, [params_reference()])
 
 
 def render_results(eval_json: Path) -> str:
-    return f"{RESULTS_START}\n{results_table(json.loads(eval_json.read_text()))}\n{RESULTS_END}"
+    return wrap(RESULTS_START, RESULTS_END, [results_table(json.loads(eval_json.read_text()))])
 
 
 def render_algorithms(results_json: Path) -> str:
@@ -65,7 +70,7 @@ def render_algorithms(results_json: Path) -> str:
     lines += ["", f"Measured on {report['machine']} with `{report['command']}`. Wall time counts the stages that "
                   f"depend on the algorithm; the shared stages ({', '.join(shared)}) took "
                   f"{sum(shared.values()):.0f} s once."]
-    return f"{ALGORITHMS_START}\n" + "\n".join(lines) + f"\n{ALGORITHMS_END}"
+    return wrap(ALGORITHMS_START, ALGORITHMS_END, lines)
 
 
 REWARD_MODEL_START = "<!-- reward-model:start (generated from benchmarks/results/reward_model.json by `python -m rlhf_core.docs`) -->"
@@ -86,7 +91,7 @@ def render_reward_model(results_json: Path) -> str:
                   f"training), trained in {report['train_reward_seconds']:.0f} s. VADER sentiment of "
                   f"{last['checkpoint']} over SFT: {last['vader'] - first['vader']:+.3f}. Measured on "
                   f"{report['machine']} with `{report['command']}` ({report['wall_seconds']:.0f} s in all)."]
-    return f"{REWARD_MODEL_START}\n" + "\n".join(lines) + f"\n{REWARD_MODEL_END}"
+    return wrap(REWARD_MODEL_START, REWARD_MODEL_END, lines)
 
 
 ARITHMETIC_START = "<!-- arithmetic:start (generated from benchmarks/results/arithmetic.json by `python -m rlhf_core.docs`) -->"
@@ -111,7 +116,7 @@ def render_arithmetic(results_json: Path) -> str:
                   f"`dvc repro` of the default params with `task: arithmetic` (and that seed): {first['eval_prompts']} "
                   f"held-out prompts, {first['eval_samples_per_prompt']} samples each at temperature {first['eval_temperature']:g}. Measured on {report['machine']} with "
                   f"`{report['command']}`, {first['wall_seconds']:.0f} s per run."]
-    return f"{ARITHMETIC_START}\n" + "\n".join(lines) + f"\n{ARITHMETIC_END}"
+    return wrap(ARITHMETIC_START, ARITHMETIC_END, lines)
 
 
 def current_block(readme_text: str, start_marker: str = START, end_marker: str = END) -> str | None:
@@ -121,15 +126,15 @@ def current_block(readme_text: str, start_marker: str = START, end_marker: str =
     return readme_text[start:readme_text.index(end_marker, start) + len(end_marker)]
 
 
-def update_readme(path: Path, eval_json: Path, algorithms_json: Path) -> bool:
-    """Rewrite the generated blocks; return True if the file changed."""
+def update_readme(path: Path) -> bool:
+    """Rewrite the generated blocks of the README at ``path`` from the files beside it; True if it changed."""
     text = new_text = path.read_text()
-    blocks = ((START, END, render_block()), (RESULTS_START, RESULTS_END, render_results(eval_json)),
-              (ALGORITHMS_START, ALGORITHMS_END, render_algorithms(algorithms_json)))
-    blocks += ((ARITHMETIC_START, ARITHMETIC_END,
-                render_arithmetic(path.parent / "benchmarks" / "results" / "arithmetic.json")),
-               (REWARD_MODEL_START, REWARD_MODEL_END,
-                render_reward_model(path.parent / "benchmarks" / "results" / "reward_model.json")))
+    results = path.parent / "benchmarks" / "results"
+    blocks = ((START, END, render_block()),
+              (RESULTS_START, RESULTS_END, render_results(path.parent / "metrics" / "eval.json")),
+              (ALGORITHMS_START, ALGORITHMS_END, render_algorithms(results / "algorithms.json")),
+              (ARITHMETIC_START, ARITHMETIC_END, render_arithmetic(results / "arithmetic.json")),
+              (REWARD_MODEL_START, REWARD_MODEL_END, render_reward_model(results / "reward_model.json")))
     for start, end, block in blocks:
         current = current_block(new_text, start, end)
         if current is None:
@@ -142,6 +147,5 @@ def update_readme(path: Path, eval_json: Path, algorithms_json: Path) -> bool:
 
 if __name__ == "__main__":
     readme = Path(sys.argv[1] if len(sys.argv) > 1 else "README.md")
-    changed = update_readme(readme, readme.parent / "metrics" / "eval.json",
-                            readme.parent / "benchmarks" / "results" / "algorithms.json")
+    changed = update_readme(readme)
     print("README.md generated blocks " + ("updated" if changed else "already up to date"))
