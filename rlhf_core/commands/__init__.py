@@ -22,6 +22,14 @@ DEFAULT_LATEST = 5
 DEFAULT_SAMPLES = 5
 
 
+def add_run_selection(parser: argparse.ArgumentParser) -> None:
+    """RUN ... and -n/--latest: the MLflow runs a command works on (compare, plot)."""
+    parser.add_argument("runs", nargs="*", metavar="RUN", help="MLflow run id, id prefix (e.g. the 8 characters "
+                        "`compare` shows) or run name; default: the latest runs")
+    parser.add_argument("-n", "--latest", type=int, default=DEFAULT_LATEST,
+                        help=f"without RUN: how many of the latest runs (default {DEFAULT_LATEST})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlhf", description="Daily commands for the RLHF pipeline: run it with `dvc repro`, then look with these.")
@@ -36,15 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "that already match are kept. Then `dvc repro` trains only the new rounds.")
     rounds.add_argument("n", type=int, metavar="N", help="number of rounds (>= 1)")
 
-    runs_help = "MLflow run id, id prefix (e.g. the 8 characters `compare` shows) or run name; default: the latest runs"
     compare = commands.add_parser(
         "compare", help="compare MLflow runs: differing params, final reward, KL, perplexity, wall time",
         description="Print a table of MLflow runs of the experiment in params.yaml (tracking.experiment): short run "
                     "id, name, start time, only the params that differ between the runs, the eval reward, KL and "
                     "perplexity of each run's last round, and the wall time of the stages that ran for it.")
-    compare.add_argument("runs", nargs="*", metavar="RUN", help=runs_help)
-    compare.add_argument("-n", "--latest", type=int, default=DEFAULT_LATEST,
-                         help=f"without RUN: how many of the latest runs (default {DEFAULT_LATEST})")
+    add_run_selection(compare)
 
     samples = commands.add_parser(
         "samples", help="print a round's prompts, responses and reward components",
@@ -64,9 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write reward_vs_round.png, kl_vs_round.png and reward_vs_kl.png (one line per run, the "
                     "reward-vs-KL frontier across the runs) and log each to every chosen run as an MLflow artifact "
                     "under rlhf_plot/.")
-    plot.add_argument("runs", nargs="*", metavar="RUN", help=runs_help)
-    plot.add_argument("-n", "--latest", type=int, default=DEFAULT_LATEST,
-                      help=f"without RUN: how many of the latest runs (default {DEFAULT_LATEST})")
+    add_run_selection(plot)
     plot.add_argument("--out", default=None, help="folder for the PNGs (default: plots/png at the repository root)")
     plot.add_argument("--no-log", action="store_true", help="only write the PNGs; log nothing to MLflow")
     return parser
