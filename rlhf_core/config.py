@@ -47,6 +47,9 @@ class ComputeParams:
     strategy: Literal["ddp", "fsdp", "deepspeed"] = param(
         "ddp", "how processes hold the model when num_processes > 1: ddp (a replica each), fsdp or deepspeed (sharded, GPU only); "
         "the accelerate config configs/accelerate/<strategy>.yaml")
+    warm_start: bool = param(
+        True, "fork one-process CPU stages from a local server that has already imported torch and transformers "
+        "(rlhf_core/warm.py), instead of paying ~7 s of imports in every stage; false starts each stage cold")
 
 
 @dataclass(frozen=True)
@@ -295,9 +298,9 @@ class Params:
     task: Literal["sentiment", "arithmetic"] = param(
         "sentiment", "built-in task: its prompt generator, demonstrations, preference pairs and `kind: task` reward (sentiment: review openings, VADER; arithmetic: two-digit sums `2 3 + 1 4 =`, exact match)")
     device: str = param("auto", "`auto` (CUDA when available), `cpu`, `cuda`, `cuda:N` or `mps`", pattern=_DEVICE)
-    cpu_threads: int = param(1, "torch intra-op threads when running on CPU; 1 keeps CPU runs bit-for-bit reproducible under any machine load, 0 uses torch's default (all cores: faster for large models, but float reductions may differ run to run)", ge=0)
+    cpu_threads: int = param(2, "torch intra-op threads when running on CPU; a fixed count keeps CPU runs bit-for-bit reproducible under any machine load (the same count splits every float reduction the same way), 0 uses torch's default (one per physical core, so the bits depend on the machine)", ge=0)
     trust_remote_code: bool = param(False, "let transformers run Python code shipped with a hub model or tokenizer; off unless you trust its author")
-    compute: ComputeParams = section(ComputeParams, "processes, mixed precision and the distributed strategy (stages rollout and optimize)")
+    compute: ComputeParams = section(ComputeParams, "how stages run: processes, mixed precision and the distributed strategy (rollout and optimize), and warm start (every stage)")
     prepare: PrepareParams = section(PrepareParams, "prompt preparation")
     sft: SFTParams = section(SFTParams, "the reference snapshot")
     rollout: RolloutParams = section(RolloutParams, "generation of each round")

@@ -67,12 +67,20 @@ def main(argv: list[str] | None = None) -> None:
     from rlhf_core.config import load_params
 
     try:
-        compute = load_params(params_path(stage_args)).compute
+        params = load_params(params_path(stage_args))
     except RLHFError:  # the stage itself reports it, in its own words
         run_in_process(module, stage_args)
         return
+    compute = params.compute
     command = build_command(module, stage_args, compute)
     if command is None:
+        if compute.warm_start:
+            from rlhf_core import warm
+
+            if warm.supported(params.device, compute.num_processes):
+                code = warm.run_stage(module, stage_args)
+                if code is not None:
+                    sys.exit(code)
         run_in_process(module, stage_args)
         return
     print("launch: " + " ".join(command), file=sys.stderr, flush=True)

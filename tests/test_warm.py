@@ -1,0 +1,173 @@
+"""Warm start (rlhf_core/warm.py): stages forked from a server that has already done the imports.
+
+The server tests run real servers in a temporary repository holding a copy of rlhf_core and a probe
+stage.  They preload only ``json`` (RLHF_WARM_PRELOAD) so that each server starts in well under a
+second; one test preloads torch, as the default does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rlhf_core import warm
+
+REPO = Path(__file__).resolve().parents[1]
+PROBE = '''
+import json, os, sys, time
+print(json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "argv": sys.argv[1:], "cwd": os.getcwd(),
+                  "probe": os.environ.get("PROBE"), "torch_loaded": "torch" in sys.modules,
+                  "stdout_tty": sys.stdout.isatty()}), flush=True)
+print("probe on stderr", file=sys.stderr)
+if "--sleep" in sys.argv:
+    open("started", "w").write(str(os.getpid()))
+    time.sleep(60)
+sys.exit(int(os.environ.get("PROBE_EXIT", "0")))
+'''
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="warm start is Linux-only")
+
+
+@pytest.fixture()
+def probe_repo(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO / "rlhf_core", repo / "rlhf_core", ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / "stages").mkdir()
+    (repo / "stages" / "__init__.py").write_text("")
+    (repo / "stages" / "probe.py").write_text(PROBE)
+    (repo / "params.yaml").write_text("device: cpu\n")
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    monkeypatch.setenv("RLHF_WARM_PRELOAD", "json")
+    monkeypatch.setenv("RLHF_WARM_IDLE_SECONDS", "20")
+    monkeypatch.delenv("RLHF_WARM_START", raising=False)
+    yield repo
+    shutil.rmtree(repo)  # the servers exit within a second once their repository is gone
+
+
+def launch(repo, *args, env=None, **kwargs):
+    return subprocess.run([sys.executable, "-m", "rlhf_core.launch", "stages.probe", *args], cwd=repo,
+                          env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=60, **kwargs)
+
+
+def probe_output(result) -> dict:
+    return json.loads(result.stdout.splitlines()[0])
+
+
+def test_stage_runs_in_a_child_of_the_server_with_the_clients_args_env_streams_and_exit_code(probe_repo):
+    first = launch(probe_repo, "--round", "r1", env={"PROBE": "one", "PROBE_EXIT": "3"})
+    second = launch(probe_repo, "--round", "r2", env={"PROBE": "two"})
+    assert first.returncode == 3 and second.returncode == 0
+    one, two = probe_output(first), probe_output(second)
+    assert one["argv"] == ["--round", "r1"] and two["argv"] == ["--round", "r2"]
+    assert one["probe"] == "one" and two["probe"] == "two"
+    assert one["cwd"] == two["cwd"] == str(probe_repo)
+    assert "probe on stderr" in first.stderr and "probe on stderr" in second.stderr
+    assert not one["stdout_tty"]  # the client's stdout (a pipe here), not the server's
+    # Both stages were forked by the same server: the same parent, which is not the client.
+    assert one["ppid"] == two["ppid"] and one["pid"] != two["pid"]
+
+
+def test_without_warm_start_the_stage_runs_in_the_clients_own_process(probe_repo):
+    result = launch(probe_repo, env={"RLHF_WARM_START": "0"})
+    (probe_repo / "cold.yaml").write_text("device: cpu\ncompute: {warm_start: false}\n")
+    off = launch(probe_repo, "--params", "cold.yaml")
+    assert result.returncode == 0 and off.returncode == 0
+    for output in (probe_output(result), probe_output(off)):
+        assert output["ppid"] == os.getpid()  # the test started it: no server in between
+    assert not list((probe_repo.parent / "runtime").glob("rlhf-warm-*/*.log"))  # no server was started
+
+
+def test_a_changed_source_file_gets_a_new_server(probe_repo):
+    before = probe_output(launch(probe_repo))
+    (probe_repo / "rlhf_core" / "errors.py").write_text((probe_repo / "rlhf_core" / "errors.py").read_text() + "\n# edit\n")
+    after = probe_output(launch(probe_repo))
+    assert before["ppid"] != after["ppid"]
+
+
+def test_server_key_follows_code_and_import_time_environment_but_not_dvc_variables(probe_repo, monkeypatch):
+    key = warm.server_key(probe_repo)
+    monkeypatch.setenv("DVC_STAGE", "rollout@r1")
+    assert warm.server_key(probe_repo) == key
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    assert warm.server_key(probe_repo) != key
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    (probe_repo / "stages" / "probe.py").write_text(PROBE + "\n")
+    assert warm.server_key(probe_repo) != key
+
+
+def test_killing_the_client_kills_the_stage(probe_repo):
+    client = subprocess.Popen([sys.executable, "-m", "rlhf_core.launch", "stages.probe", "--sleep"], cwd=probe_repo,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stage_pid = wait_for_stage(probe_repo)
+    assert stage_pid != client.pid
+    client.send_signal(signal.SIGKILL)
+    client.wait()
+    assert wait_until_gone(stage_pid)
+
+
+def test_sigterm_to_the_client_reaches_the_stage(probe_repo):
+    client = subprocess.Popen([sys.executable, "-m", "rlhf_core.launch", "stages.probe", "--sleep"], cwd=probe_repo,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stage_pid = wait_for_stage(probe_repo)
+    client.send_signal(signal.SIGTERM)
+    assert client.wait(timeout=20) == 1
+    assert "ended without an exit status" in client.stderr.read()
+    assert wait_until_gone(stage_pid)
+
+
+def test_when_no_server_can_start_the_stage_runs_cold(probe_repo, tmp_path):
+    result = launch(probe_repo, env={"XDG_RUNTIME_DIR": str(tmp_path / "missing" / "dir")})
+    assert result.returncode == 0
+    assert probe_output(result)["ppid"] == os.getpid()
+
+
+def test_default_preload_gives_the_stage_torch_already_imported(probe_repo):
+    env = {name: value for name, value in os.environ.items() if name != "RLHF_WARM_PRELOAD"}
+    env["RLHF_WARM_PRELOAD"] = "torch,rlhf_core.models"
+    output = probe_output(subprocess.run([sys.executable, "-m", "rlhf_core.launch", "stages.probe"], cwd=probe_repo,
+                                         env=env, capture_output=True, text=True, timeout=120))
+    assert output["torch_loaded"]
+    cold = probe_output(launch(probe_repo, env={"RLHF_WARM_START": "0"}))
+    assert not cold["torch_loaded"]  # the client itself imports no torch before the stage
+
+
+def test_supported_only_for_one_process_cpu_runs(monkeypatch):
+    monkeypatch.delenv("RLHF_WARM_START", raising=False)
+    assert warm.supported("cpu", 1)
+    assert not warm.supported("cpu", 2)
+    assert not warm.supported("cuda", 1) and not warm.supported("mps", 1)
+    monkeypatch.setenv("RLHF_WARM_START", "0")
+    assert not warm.supported("cpu", 1)
+
+
+def wait_for_stage(repo: Path) -> int:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if (repo / "started").is_file() and (repo / "started").read_text():
+            return int((repo / "started").read_text())
+        time.sleep(0.05)
+    raise AssertionError("the stage did not start")
+
+
+def wait_until_gone(pid: int, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        with open(f"/proc/{pid}/stat") as stat:  # a zombie awaiting its parent's wait counts as gone
+            if stat.read().split(") ")[1].startswith("Z"):
+                return True
+        time.sleep(0.05)
+    return False
