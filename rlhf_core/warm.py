@@ -92,9 +92,11 @@ def server_key(repo: Path) -> str:
     for package in ("rlhf_core", "stages"):
         for path in sorted((repo / package).rglob("*.py")):
             digest.update(str(path.relative_to(repo)).encode() + b"\0" + path.read_bytes() + b"\0")
-    for entry in sys.path:
+    for entry in sys.path:  # installed packages: a `pip install` changes their directory's mtime
         with contextlib.suppress(OSError):
-            digest.update(f"{entry}:{os.stat(entry or '.').st_mtime_ns}\0".encode())
+            path = Path(entry or ".").resolve()
+            if path != repo.resolve() and repo.resolve() not in path.parents:  # the stages write into the repo
+                digest.update(f"{entry}:{path.stat().st_mtime_ns}\0".encode())
     for name in sorted(os.environ):
         if name.startswith(IMPORT_TIME_ENV_PREFIXES):
             digest.update(f"{name}={os.environ[name]}\0".encode())
