@@ -15,8 +15,23 @@ import time
 from rlhf_core.errors import RLHFError
 
 
+_CURRENT = {"stage": None, "ready": False}
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def ready() -> None:
+    """Called by a stage once its inputs and models are loaded: logs its start-up time (interpreter,
+    imports, loading), from the process start (the launcher's, under warm start), once."""
+    from rlhf_core.stage_times import process_started
+
+    started = process_started()
+    if started is None or _CURRENT["ready"]:
+        return
+    _CURRENT["ready"] = True
+    log(f"{_CURRENT['stage']}: started up in {time.time() - started:.2f}s (interpreter, imports, loading)")
 
 
 def run_stage(main, *, name: str, needs_round: bool = False, argv: list[str] | None = None,
@@ -32,6 +47,7 @@ def run_stage(main, *, name: str, needs_round: bool = False, argv: list[str] | N
     args = parser.parse_args(argv)
     tag = args.round if needs_round else getattr(args, "name", None)  # round key, or e.g. the reward model's name
     where = f"{name}@{tag}" if tag else name
+    _CURRENT.update(stage=where, ready=False)
     started = time.perf_counter()
     try:
         params = load_params(args.params)

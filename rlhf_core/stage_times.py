@@ -14,9 +14,26 @@ import contextlib
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 FILE = Path("tracking/stage_times.jsonl")
+STARTED_ENV = "RLHF_STAGE_STARTED"  # set by the warm-start client for the stage it hands over
+
+
+def process_started() -> float | None:
+    """Epoch seconds at which this stage's process started; under warm start, the launching client's.
+
+    Linux: /proc/self/stat (start time in clock ticks since boot) against /proc/uptime, both to 10 ms;
+    None elsewhere."""
+    if os.environ.get(STARTED_ENV):
+        return float(os.environ[STARTED_ENV])
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.time() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def record(stage: str, seconds: float, workdir: Path | None = None) -> None:

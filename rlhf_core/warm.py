@@ -144,7 +144,13 @@ def run_stage(module: str, stage_args: list[str], repo: Path | None = None) -> i
     if connection is None:
         return None
     with connection:
-        request = {"module": module, "args": stage_args, "cwd": os.getcwd(), "env": dict(os.environ)}
+        from rlhf_core.stage_times import STARTED_ENV, process_started
+
+        env = dict(os.environ)
+        started = process_started()
+        if started is not None and STARTED_ENV not in env:  # the stage's start-up counts from this process's start
+            env[STARTED_ENV] = repr(started)
+        request = {"module": module, "args": stage_args, "cwd": os.getcwd(), "env": env}
         fds = [fd if _is_open(fd) else os.open(os.devnull, os.O_RDWR) for fd in (0, 1, 2)]
         try:
             socket.send_fds(connection, [json.dumps(request).encode()], fds)

@@ -1,6 +1,6 @@
 """Token rewards (score − β·KL), the algorithm's advantages and returns, and the state for the next round."""
 
-from rlhf_core.cli import log, run_stage
+from rlhf_core.cli import log, ready, run_stage
 from rlhf_core.errors import DataError
 from rlhf_core.io import atomic_dir, checkpoint_dir, read_parquet, read_state, write_json, write_json_into
 
@@ -19,6 +19,7 @@ def main(params, args):
     if len(scores) != len(rollouts):
         raise DataError(f"scores/{round_key} has {len(scores)} rows for {len(rollouts)} rollouts; re-run score@{round_key}")
 
+    ready()
     # State carried across rounds travels inside the checkpoint this round starts from (none for sft).
     carried = read_state(checkpoint_dir(params.rounds[round_key].start_from))
     if adv.adaptive_kl:

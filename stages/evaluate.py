@@ -1,6 +1,6 @@
 """Evaluate the SFT snapshot and every round's policy on held-out prompts with fixed sampling seeds."""
 
-from rlhf_core.cli import log, run_stage
+from rlhf_core.cli import log, ready, run_stage
 from rlhf_core.io import atomic_file, read_parquet, write_json
 from rlhf_core.progress import Progress
 
@@ -23,6 +23,7 @@ def main(params, args):
     heldout = read_parquet("demos/heldout.parquet", ("prompt", "response")).to_dict("records")
     heldout = heldout[: params.evaluate.num_perplexity_texts]
     reference = load_causal_lm(checkpoint_dir("sft"), device, params.trust_remote_code)
+    ready()
 
     results, rows, samples = {}, [], []
     progress = Progress(1 + len(params.rounds), "evaluate", unit="checkpoint")

@@ -1,6 +1,6 @@
 """Update the policy (and critic) on the round's experience with the chosen algorithm; write the next checkpoint."""
 
-from rlhf_core.cli import log, run_stage
+from rlhf_core.cli import log, ready, run_stage
 from rlhf_core.io import atomic_dir, read_json, read_parquet, write_json
 
 
@@ -40,6 +40,7 @@ def _train_and_save(params, round_key, start_from, train, seed, runtime):
     tokenizer = load_tokenizer(checkpoint_dir(start_from), params.trust_remote_code)
     model = load_actor_critic(checkpoint_dir(start_from), params.algorithm.critic, device,
                               params.trust_remote_code, lora=params.lora)
+    ready()
     metrics = train(model, experience, params, temperature=params.rollout.temperature,
                     pad_id=tokenizer.pad_token_id, device=device, seed=seed,
                     log=log if runtime.is_main else (lambda *_: None))

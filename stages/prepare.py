@@ -1,6 +1,6 @@
 """Build the train and eval prompt sets: read, deduplicate, filter by length, split with a seed."""
 
-from rlhf_core.cli import log, run_stage
+from rlhf_core.cli import log, ready, run_stage
 from rlhf_core.data import prepare_prompts, read_prompt_records
 from rlhf_core.io import atomic_dir, write_json
 
@@ -8,6 +8,7 @@ from rlhf_core.io import atomic_dir, write_json
 def main(params, args):
     """Build the prompt sets (prompts/train.parquet, prompts/eval.parquet)."""
     records = read_prompt_records(params)
+    ready()
     sets = prepare_prompts(records, max_chars=params.prepare.max_prompt_chars, too_long=params.prepare.too_long,
                            eval_fraction=params.prepare.eval_fraction, seed=params.seed)
     log(f"prepare: {sets.stats}")

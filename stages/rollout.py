@@ -1,6 +1,6 @@
 """Generate the round's responses and record the policy's log-probs, the reference's log-probs and values."""
 
-from rlhf_core.cli import log, run_stage
+from rlhf_core.cli import log, ready, run_stage
 from rlhf_core.io import atomic_dir, read_parquet, write_json
 
 
@@ -34,6 +34,7 @@ def main(params, args):
         Path(adapter_base(checkpoint_dir(start_from))).resolve() == Path(checkpoint_dir("sft")).resolve())
     reference = None if reference_is_policy or adapters_on_sft else load_causal_lm(
         checkpoint_dir("sft"), device, params.trust_remote_code)
+    ready()
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     check_context(prompt_ids, ro.max_new_tokens, context_length(actor_critic.policy.config), "train prompts")
     samples = generate_samples(actor_critic.policy, tokenizer, prompt_ids, samples_per_prompt=ro.samples_per_prompt,

@@ -1,6 +1,6 @@
 """Score the round's responses: one column per reward component (raw and normalised), plus the total."""
 
-from rlhf_core.cli import log, run_stage
+from rlhf_core.cli import log, ready, run_stage
 from rlhf_core.io import atomic_dir, checkpoint_dir, read_parquet, read_state, write_json, write_json_into
 
 
@@ -15,6 +15,7 @@ def main(params, args):
                             ("prompt", "response", "response_length", "ended_with_eos"))
     # Running normalisers travel inside the checkpoint this round starts from (none for sft).
     carried = read_state(checkpoint_dir(params.rounds[round_key].start_from)).get("reward_normalizers", {})
+    ready()
     metadata = [{"answer": a} for a in rollouts["answer"]] if "answer" in rollouts else [{} for _ in range(len(rollouts))]
     components, normalizers = score_responses(
         params.score.scorers, prompts=rollouts["prompt"].tolist(), responses=rollouts["response"].tolist(),

@@ -1,6 +1,6 @@
 """The reference snapshot π_ref: train a tiny model from scratch, fine-tune an HF model, or snapshot it."""
 
-from rlhf_core.cli import log, run_stage
+from rlhf_core.cli import log, ready, run_stage
 from rlhf_core.data import read_demonstrations, split_heldout
 from rlhf_core.io import atomic_dir, write_json
 
@@ -18,6 +18,7 @@ def main(params, args):
     device = resolve_device(params.device, params.cpu_threads)
     train_rows, heldout_rows = split_heldout(read_demonstrations(params), params.sft.heldout_fraction, params.seed)
     model, tokenizer = build_reference(params, train_rows, device)
+    ready()
     log(f"sft: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train_rows)} demonstrations, "
         f"device {device}")
     encoded = encode_demonstrations(tokenizer, train_rows, params.sft.max_length)

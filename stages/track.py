@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from rlhf_core.cli import run_stage
+from rlhf_core.cli import ready, run_stage
 from rlhf_core.io import write_json
 
 
@@ -14,7 +14,10 @@ def main(params, args):
     from rlhf_core.tracking import log_pipeline_run, render_plots
     from rlhf_core.cli import log
 
+    import mlflow  # noqa: F401  (imported here, so that the start-up time counts it)
+
     workdir = Path.cwd()
+    ready()
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = [workdir / "samples/eval.jsonl", workdir / "plots/eval_by_round.csv",
                      *render_plots(workdir / "plots/eval_by_round.csv", Path(tmp))]

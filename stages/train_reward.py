@@ -1,6 +1,6 @@
 """Train a Bradley–Terry reward model on preference pairs into reward_models/<name>."""
 
-from rlhf_core.cli import log, run_stage
+from rlhf_core.cli import log, ready, run_stage
 from rlhf_core.errors import ConfigError
 from rlhf_core.io import atomic_dir, write_json
 
@@ -22,6 +22,7 @@ def main(params, args):
                                            params.seed)
     chosen, rejected = pair_texts(train_rows)
     model, tokenizer = build_reward_model(spec, params.sft.tiny, chosen + rejected, device, params.trust_remote_code)
+    ready()
     log(f"train_reward@{args.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"{len(train_rows)} train / {len(heldout_rows)} held-out pairs, device {device}")
     before = pair_accuracy(model, tokenizer, heldout_rows, spec.max_length)["pair_accuracy"]

@@ -171,3 +171,31 @@ def wait_until_gone(pid: int, seconds: float = 10) -> bool:
                 return True
         time.sleep(0.05)
     return False
+
+
+def test_process_started_is_this_process_start_or_the_launchers():
+    code = ("import time; from rlhf_core.stage_times import process_started; "
+            "print(time.time() - process_started())")
+    since_start = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                       cwd=REPO).stdout)
+    assert 0.0 < since_start < 10.0
+    launched = time.time() - 42.0
+    env = {**os.environ, "RLHF_STAGE_STARTED": repr(launched)}
+    since_launch = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                        cwd=REPO, env=env).stdout)
+    assert 42.0 <= since_launch < 52.0
+
+
+def test_warm_stage_logs_its_start_up_from_the_clients_start(probe_repo):
+    (probe_repo / "stages" / "ready_probe.py").write_text(
+        "import time\nfrom rlhf_core.cli import ready, run_stage\n\n"
+        "def main(params, args):\n    \"\"\"Probe.\"\"\"\n    ready()\n    ready()\n\n"
+        "if __name__ == '__main__':\n    run_stage(main, name='probe')\n")
+    # exec keeps the process (and its start time) of the shell, which slept 0.5 s before python started
+    result = subprocess.run(["sh", "-c", f"sleep 0.5; exec {sys.executable} -m rlhf_core.launch stages.ready_probe"],
+                            cwd=probe_repo, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "started up in" in line]
+    assert len(lines) == 1  # once per stage
+    seconds = float(lines[0].split("started up in ")[1].split("s")[0])
+    assert 0.5 <= seconds < 10.0  # counted from the client's start, not from the fork
