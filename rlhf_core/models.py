@@ -323,14 +323,41 @@ class ForwardOutput:
 
 
 def response_logits(model, batch: TokenBatch, *, output_hidden: bool = False):
-    """Logits (and last hidden states) at the positions that predict the response tokens: [B, R, V]."""
+    """Logits (and last hidden states) at the positions that predict the response tokens: [B, R, V].
+
+    Models that take ``logits_to_keep`` (most transformers causal LMs) compute the LM head only on the
+    last R+1 positions instead of all P+R: the prompt's logits are never needed, and with a large
+    vocabulary they are most of the pass's memory."""
     width_r = batch.response_mask.shape[1]
+    kwargs = {"logits_to_keep": width_r + 1} if accepts_logits_to_keep(model) else {}
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                output_hidden_states=output_hidden, use_cache=False)
+                output_hidden_states=output_hidden, use_cache=False, **kwargs)
     start = batch.prompt_width - 1
-    logits = out.logits[:, start:start + width_r, :]
+    # Kept logits are those of the last R+1 positions, P-1 … P+R-1; the first R predict the response.
+    logits = out.logits[:, :width_r, :] if kwargs else out.logits[:, start:start + width_r, :]
     hidden = out.hidden_states[-1][:, start:start + width_r, :] if output_hidden else None
     return logits, hidden
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the causal LM's forward takes ``logits_to_keep`` (looked up through peft/DDP wrappers)."""
+    import inspect
+
+    inner = model
+    for _ in range(4):  # DDP/FSDP .module, peft get_base_model()
+        if hasattr(inner, "get_base_model"):
+            inner = inner.get_base_model()
+        elif hasattr(inner, "module") and isinstance(inner.module, nn.Module):
+            inner = inner.module
+        else:
+            break
+    cached = _LOGITS_TO_KEEP.get(type(inner))
+    if cached is None:
+        cached = _LOGITS_TO_KEEP[type(inner)] = "logits_to_keep" in inspect.signature(inner.forward).parameters
+    return cached
+
+
+_LOGITS_TO_KEEP: dict[type, bool] = {}
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

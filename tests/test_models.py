@@ -87,3 +87,23 @@ def test_missing_model_is_a_one_line_error(tmp_path):
 
     with pytest.raises(DataError, match="cannot be loaded"):
         load_causal_lm(str(tmp_path / "nope"), CPU)
+
+
+def test_response_logits_with_logits_to_keep_equal_the_full_pass(tiny_checkpoint, monkeypatch):
+    """The LM head on the last R+1 positions only gives the same response logits as slicing all P+R."""
+    import rlhf_core.models as models
+    from peft import LoraConfig, get_peft_model
+
+    policy = load_causal_lm(str(tiny_checkpoint), CPU)
+    lora_policy = get_peft_model(load_causal_lm(str(tiny_checkpoint), CPU),
+                                 LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    batch = collate([[10, 11, 12], [20, 21, 22, 23, 24]], [[13, 14, 15, 16], [25]], 0)
+    for model in (policy, lora_policy):
+        assert models.accepts_logits_to_keep(model)  # also through the peft wrapper
+        with torch.no_grad():
+            kept, _ = models.response_logits(model, batch)
+            monkeypatch.setattr(models, "accepts_logits_to_keep", lambda _: False)
+            full, _ = models.response_logits(model, batch)
+            monkeypatch.undo()
+        assert kept.shape == full.shape == (2, 4, model.config.vocab_size)
+        assert torch.allclose(kept, full, atol=1e-6)
