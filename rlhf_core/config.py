@@ -111,6 +111,10 @@ class RolloutParams:
     max_new_tokens: int = param(24, "longest response in tokens; generation stops earlier at EOS", ge=1)
     batch_size: int = param(128, "sequences generated per batch", ge=1)
     forward_batch_size: int = param(64, "sequences per forward pass when recording log-probs and values", ge=1)
+    engine: Literal["hf", "vllm"] = param(
+        "hf", "generation engine: hf = transformers generate (batched, KV-cached); vllm = vLLM's engine on GPU "
+        "(pip install vllm), loading the round's checkpoint from disk; log-probs and values are still recomputed "
+        "by the training forward pass")
 
 
 SCORER_KINDS = ("task", "vader", "length", "verifiable", "python", "hf_classifier")
@@ -360,6 +364,12 @@ class Params:
             raise ConfigError("compute.mixed_precision = 'fp16': not supported on CPU (device: cpu); must be 'no' or 'bf16' on CPU")
         if compute.num_processes > 1 and compute.strategy != "ddp" and self.device == "cpu":
             raise ConfigError(f"compute.strategy = {compute.strategy!r}: needs GPUs; on CPU (device: cpu) it must be 'ddp'")
+        if self.rollout.engine == "vllm" and compute.num_processes != 1:
+            raise ConfigError(f"rollout.engine = 'vllm': needs compute.num_processes = 1, got {compute.num_processes} "
+                              "(vLLM runs the whole round in one process); use engine: hf for several processes")
+        if self.rollout.engine == "vllm" and self.device in ("cpu", "mps"):
+            raise ConfigError(f"rollout.engine = 'vllm': needs a CUDA GPU, not device: {self.device}; "
+                              "set device: auto, cuda or cuda:N, or use engine: hf")
         if self.lora.enabled and self.algorithm.critic == "separate":
             raise ConfigError("lora.enabled: the LoRA policy needs algorithm.critic = 'value_head' (a separate critic "
                               "backbone would be a second full model)")

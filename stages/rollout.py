@@ -26,6 +26,16 @@ def main(params, args):
     prompts = [train["prompt"].iloc[i] for i in indices]
 
     tokenizer = load_tokenizer(checkpoint_dir(start_from), params.trust_remote_code)
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    if ro.engine == "vllm":  # before the HF models load: vLLM holds most of the GPU until it shuts down
+        from rlhf_core.vllm_engine import generate_samples_vllm
+
+        samples = generate_samples_vllm(
+            checkpoint_dir(start_from), prompt_ids, samples_per_prompt=ro.samples_per_prompt,
+            temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, max_new_tokens=ro.max_new_tokens, seed=seed,
+            eos_id=tokenizer.eos_token_id,
+            dtype={"no": "float32", "bf16": "bfloat16", "fp16": "float16"}[params.compute.mixed_precision],
+            trust_remote_code=params.trust_remote_code)
     actor_critic = load_actor_critic(checkpoint_dir(start_from), params.algorithm.critic, device,
                                      params.trust_remote_code)
     reference_is_policy = start_from == "sft"
@@ -35,12 +45,12 @@ def main(params, args):
     reference = None if reference_is_policy or adapters_on_sft else load_causal_lm(
         checkpoint_dir("sft"), device, params.trust_remote_code)
     ready()
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     check_context(prompt_ids, ro.max_new_tokens, context_length(actor_critic.policy.config), "train prompts")
-    samples = generate_samples(actor_critic.policy, tokenizer, prompt_ids, samples_per_prompt=ro.samples_per_prompt,
-                               temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
-                               max_new_tokens=ro.max_new_tokens, batch_size=ro.batch_size, seed=seed, device=device,
-                               runtime=runtime)
+    if ro.engine == "hf":
+        samples = generate_samples(actor_critic.policy, tokenizer, prompt_ids, samples_per_prompt=ro.samples_per_prompt,
+                                   temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
+                                   max_new_tokens=ro.max_new_tokens, batch_size=ro.batch_size, seed=seed,
+                                   device=device, runtime=runtime)
     stats = record_token_stats(actor_critic, reference, samples, pad_id=tokenizer.pad_token_id,
                                temperature=ro.temperature, batch_size=ro.forward_batch_size, device=device,
                                reference_is_policy=reference_is_policy, runtime=runtime)

@@ -1,0 +1,160 @@
+"""Rollout generation with vLLM (``rollout.engine: vllm``): GPU only, ``pip install vllm``.
+
+Status: this module has NOT been run against a real vLLM engine in this repository (the machine it was
+written on has no GPU and no vLLM).  ``tests/test_vllm_engine.py`` checks it against a fake ``vllm``
+module shaped like vLLM's documented API (``LLM``, ``SamplingParams``, ``RequestOutput.outputs`` of
+``CompletionOutput``), which proves the plumbing, not vLLM's behaviour.
+
+Why vLLM loads the checkpoint from disk.  The pipeline is staged: each round's ``rollout`` is its own
+process that reads ``models/<from>`` and writes a Parquet table; no trainer is alive at the same time.
+So vLLM simply starts on the checkpoint directory, and there is no weight synchronisation between a
+training and an inference engine to get wrong.  A LoRA checkpoint is first merged into a plain model in
+a temporary directory (``rlhf_core.export.export_merged``), which vLLM then loads like any other.
+
+Same distribution as the HF path.  ``SamplingParams`` get the round's temperature, top_p, top_k (0 is
+passed as -1, "disabled", which every vLLM version accepts), max_new_tokens and EOS as the only extra
+stop token, with no repetition/presence/frequency penalty and min_p 0, so responses are drawn from
+softmax(logits / T) exactly as ``rlhf_core.rollout.generate_samples`` draws them.  Responses are cut
+after their first EOS (EOS kept) like ``truncate_at_eos``.
+
+vLLM's own log-probs are not used.  ``record_token_stats`` recomputes the policy's log-probs, the
+reference's and the values with the training code's forward pass, so the first PPO ratio on an
+unchanged policy is exactly 1, whatever vLLM's kernels or dtype.  If vLLM's numerics differ from the
+training model's (bf16, other attention kernels), the samples are very slightly off-policy; the
+recorded log-probs are still those of the policy being trained.
+
+Seeds.  One ``SamplingParams`` per prompt, seeded ``seed + prompt_index * samples_per_prompt``; vLLM
+(V1) seeds the n samples of a request ``seed + sample_index``, so every (prompt, sample) has its own
+seed.  That makes a rollout repeatable on the same GPU, driver and vLLM/torch versions only; it is not
+bit-identical to the HF engine's samples, nor across hardware or software versions.
+
+GPU memory.  vLLM reserves ``gpu_memory_utilization`` of the GPU.  The stage generates before it loads
+the HF models for the log-probs, and this function shuts the engine down and empties the CUDA cache
+before returning.  Freeing all of vLLM's memory inside a process has varied across vLLM versions;
+if the HF models then run out of memory, lower ``gpu_memory_utilization``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import tempfile
+from pathlib import Path
+
+from rlhf_core.errors import ConfigError, DataError
+from rlhf_core.rollout import Sample, check_context, context_length, truncate_at_eos
+
+NOT_INSTALLED = "rollout.engine = 'vllm': vLLM is not installed (pip install vllm; GPU only); use engine: hf"
+
+
+def generate_samples_vllm(model_dir: str | Path, prompt_ids: list[list[int]], *, samples_per_prompt: int,
+                          temperature: float, top_p: float, top_k: int, max_new_tokens: int, seed: int, eos_id: int,
+                          dtype: str = "auto", gpu_memory_utilization: float = 0.6, enforce_eager: bool = True,
+                          trust_remote_code: bool = False) -> list[Sample]:
+    """``samples_per_prompt`` sampled responses for each prompt, in (prompt, sample) order, by vLLM.
+
+    ``model_dir`` is a checkpoint directory (full model, or LoRA adapters, merged here first).  ``dtype``
+    goes to ``vllm.LLM``: note that ``auto`` turns a float32 checkpoint into float16 in vLLM, so pass
+    ``float32`` to sample from the same precision as a float32 HF policy.  ``enforce_eager`` skips CUDA
+    graph capture, which costs more than it saves for one round of generation on a small model.
+    """
+    try:
+        import vllm
+    except ImportError:
+        raise ConfigError(NOT_INSTALLED) from None
+    import torch
+
+    _require_cuda()
+    from rlhf_core.models import is_adapter_checkpoint
+
+    with contextlib.ExitStack() as stack:
+        model_dir = str(model_dir)
+        if is_adapter_checkpoint(model_dir):  # vLLM loads one plain model: merge the adapters into a temporary copy
+            from rlhf_core.export import export_merged
+
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="rlhf-vllm-merged-"))
+            model_dir = str(export_merged(model_dir, Path(tmp) / "model", trust_remote_code))
+        from transformers import AutoConfig
+
+        check_context(prompt_ids, max_new_tokens,
+                      context_length(AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)),
+                      "train prompts")
+        try:
+            per_prompt = [vllm.SamplingParams(
+                n=samples_per_prompt, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1,
+                min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+                max_tokens=max_new_tokens, seed=seed + p * samples_per_prompt, stop_token_ids=[eos_id],
+                ignore_eos=False, detokenize=False) for p in range(len(prompt_ids))]
+        except ValueError as exc:  # e.g. newer vLLM refuses temperature > 2
+            raise ConfigError(f"rollout: vLLM refuses these sampling params ({str(exc).splitlines()[0]}); "
+                              "change them or use engine: hf") from None
+        llm = vllm.LLM(model=model_dir, tokenizer=model_dir, seed=seed, dtype=dtype,
+                       gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
+                       trust_remote_code=trust_remote_code)
+        try:
+            outputs = llm.generate([{"prompt_token_ids": list(ids)} for ids in prompt_ids], per_prompt, use_tqdm=False)
+        finally:
+            _shutdown(llm)
+            del llm
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    if len(outputs) != len(prompt_ids):
+        raise DataError(f"vLLM returned {len(outputs)} outputs for {len(prompt_ids)} prompts")
+    samples = []
+    for p, output in enumerate(outputs):  # LLM.generate returns outputs in prompt order
+        completions = sorted(output.outputs, key=lambda c: c.index)
+        if len(completions) != samples_per_prompt:
+            raise DataError(f"vLLM returned {len(completions)} responses for prompt row {p}, "
+                            f"expected {samples_per_prompt}")
+        for s, completion in enumerate(completions):
+            response, ended = response_ids(completion, eos_id)
+            samples.append(Sample(p, s, list(prompt_ids[p]), response, ended))
+    return samples
+
+
+def _require_cuda() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("rollout.engine = 'vllm': needs a CUDA GPU and none is visible; use engine: hf")
+
+
+def response_ids(completion, eos_id: int) -> tuple[list[int], bool]:
+    """A vLLM CompletionOutput's token ids cut after the first EOS (EOS kept), and whether it ended with EOS.
+
+    vLLM keeps the stop token in ``token_ids`` (only the text drops it), so EOS is normally found there.
+    A completion that finished with ``finish_reason == "stop"`` on EOS (``stop_reason`` None: the
+    tokenizer's EOS; or ``eos_id``: our stop token) but lacks it in ``token_ids`` gets it appended, so
+    ``response_ids`` match the HF path, whose training log-probs include the EOS token.  A stop on any
+    other token (an extra EOS id from the checkpoint's generation_config.json) is refused: the HF path
+    would not have stopped there.
+    """
+    tokens = list(completion.token_ids)
+    if eos_id in tokens:
+        return truncate_at_eos(tokens, eos_id)
+    if completion.finish_reason == "stop":
+        reason = getattr(completion, "stop_reason", None)
+        if reason is not None and reason != eos_id:
+            raise DataError(f"vLLM stopped a response on {reason!r}, not on the tokenizer's EOS ({eos_id}); the "
+                            "checkpoint's generation_config.json lists other EOS ids: remove them, or use engine: hf")
+        return tokens + [eos_id], True
+    return tokens, False  # finish_reason "length": hit max_new_tokens
+
+
+def _shutdown(llm) -> None:
+    """Best effort: stop vLLM's engine (its V1 engine-core process holds the GPU memory) and tear down the
+    distributed state it set up, so the HF models loaded next in this process get the GPU back."""
+    engine = getattr(llm, "llm_engine", None)
+    core = getattr(engine, "engine_core", None)
+    for target in (core, engine, llm):
+        shutdown = getattr(target, "shutdown", None)
+        if callable(shutdown):
+            with contextlib.suppress(Exception):
+                shutdown()
+            break
+    with contextlib.suppress(Exception):
+        from vllm.distributed import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
