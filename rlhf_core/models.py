@@ -2,13 +2,16 @@
 
 Sequence layout (both for recording log-probs during rollout and for training):
 
-    [pad … pad  prompt tokens | response tokens  pad … pad]
-     <-------- P columns ---->  <------ R columns ------->
+    [pad … pad  prompt tokens  response tokens]        every row ends at the last column
+     <------------------ W columns ------------>        W = the batch's longest prompt + response
 
-Prompts are left-padded to a common width P, responses right-padded to R.  Position ids are the
-cumulative sum of the attention mask minus one, so a row's logits do not depend on how much padding
-its batch has.  Logits at columns P-1 … P+R-2 predict the response tokens; they are divided by the
-sampling temperature before the log-softmax, exactly as the sampler did.
+Each row is its prompt followed by its response, left-padded, so a batch is exactly as wide as its
+longest sequence (no padding between prompt and response).  Position ids are the cumulative sum of
+the attention mask minus one, so a row's logits do not depend on how much padding its batch has.
+The response of row i occupies its last r_i columns; the logits one column earlier predict each
+response token.  They are gathered into [B, R] arrays aligned with ``response_ids`` (response token t
+of every row in column t, R = the longest response) and divided by the sampling temperature before
+the log-softmax, exactly as the sampler did.
 """
 
 from __future__ import annotations
@@ -270,45 +273,62 @@ class ValueHead(nn.Module):
 
 @dataclass
 class TokenBatch:
-    """A collated batch.  input_ids/attention_mask/position_ids: [B, P+R]; response_mask: [B, R]."""
+    """A collated batch (layout in the module docstring).
+
+    input_ids/attention_mask/position_ids: [B, W]; response_ids/response_mask: [B, R], response token t
+    of each row in column t; response_start: [B], the column of each row's first response token."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
+    response_ids: torch.Tensor
     response_mask: torch.Tensor
-    prompt_width: int
+    response_start: torch.Tensor
 
     @property
-    def response_ids(self) -> torch.Tensor:  # [B, R]
-        return self.input_ids[:, self.prompt_width:]
+    def response_width(self) -> int:  # R
+        return self.response_mask.shape[1]
+
+    def gather_response(self, window: torch.Tensor) -> torch.Tensor:
+        """[B, R+1, ...] values of the last R+1 columns -> [B, R, ...]: those of the columns that predict
+        each response token (column response_start + t − 1); padding columns t ≥ r_i repeat a valid one."""
+        batch, width_r = self.response_mask.shape
+        first = self.input_ids.shape[1] - (width_r + 1)  # column of window[:, 0]
+        offsets = torch.arange(width_r, device=window.device)
+        index = (self.response_start.to(window.device).unsqueeze(1) - 1 - first + offsets).clamp(0, width_r - 1)
+        index = index.view(batch, width_r, *([1] * (window.dim() - 2))).expand(-1, -1, *window.shape[2:])
+        return window.gather(1, index)
 
     def to(self, device) -> "TokenBatch":
         return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
-                          self.response_mask.to(device), self.prompt_width)
+                          self.response_ids.to(device), self.response_mask.to(device), self.response_start.to(device))
 
 
 def collate(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> TokenBatch:
-    """Left-pad prompts to the batch's longest prompt and right-pad responses to its longest response."""
+    """Each row = prompt + response, left-padded to the batch's longest sequence (module docstring)."""
     if not prompt_ids or len(prompt_ids) != len(response_ids):
         raise ValueError("collate needs equally many (>0) prompts and responses")
-    width_p = max(len(p) for p in prompt_ids)
     width_r = max(1, max(len(r) for r in response_ids))
+    # At least R+1 columns, so that the R+1 logits of gather_response exist even when every response is empty.
+    width = max(width_r + 1, max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids)))
     batch = len(prompt_ids)
-    input_ids = torch.full((batch, width_p + width_r), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((batch, width_p + width_r), dtype=torch.long)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    response = torch.full((batch, width_r), pad_id, dtype=torch.long)
     response_mask = torch.zeros((batch, width_r), dtype=torch.float32)
-    for row, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
-        if not prompt:
+    response_start = torch.zeros(batch, dtype=torch.long)
+    for row, (prompt_row, response_row) in enumerate(zip(prompt_ids, response_ids)):
+        if not prompt_row:
             raise DataError(f"row {row}: empty prompt (zero tokens)")
-        start = width_p - len(prompt)
-        input_ids[row, start:width_p] = torch.tensor(prompt, dtype=torch.long)
-        attention_mask[row, start:width_p] = 1
-        if response:
-            input_ids[row, width_p:width_p + len(response)] = torch.tensor(response, dtype=torch.long)
-            attention_mask[row, width_p:width_p + len(response)] = 1
-            response_mask[row, :len(response)] = 1.0
+        start = width - len(prompt_row) - len(response_row)
+        input_ids[row, start:] = torch.tensor(list(prompt_row) + list(response_row), dtype=torch.long)
+        attention_mask[row, start:] = 1
+        response_start[row] = width - len(response_row)
+        if len(response_row):
+            response[row, :len(response_row)] = torch.tensor(response_row, dtype=torch.long)
+            response_mask[row, :len(response_row)] = 1.0
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return TokenBatch(input_ids, attention_mask, position_ids, response_mask, width_p)
+    return TokenBatch(input_ids, attention_mask, position_ids, response, response_mask, response_start)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -328,14 +348,12 @@ def response_logits(model, batch: TokenBatch, *, output_hidden: bool = False):
     Models that take ``logits_to_keep`` (most transformers causal LMs) compute the LM head only on the
     last R+1 positions instead of all P+R: the prompt's logits are never needed, and with a large
     vocabulary they are most of the pass's memory."""
-    width_r = batch.response_mask.shape[1]
-    kwargs = {"logits_to_keep": width_r + 1} if accepts_logits_to_keep(model) else {}
+    window = batch.response_width + 1
+    kwargs = {"logits_to_keep": window} if accepts_logits_to_keep(model) else {}
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                 output_hidden_states=output_hidden, use_cache=False, **kwargs)
-    start = batch.prompt_width - 1
-    # Kept logits are those of the last R+1 positions, P-1 … P+R-1; the first R predict the response.
-    logits = out.logits[:, :width_r, :] if kwargs else out.logits[:, start:start + width_r, :]
-    hidden = out.hidden_states[-1][:, start:start + width_r, :] if output_hidden else None
+    logits = batch.gather_response(out.logits[:, -window:, :])
+    hidden = batch.gather_response(out.hidden_states[-1][:, -window:, :]) if output_hidden else None
     return logits, hidden
 
 
@@ -384,11 +402,9 @@ class ActorCritic(nn.Module):
         values = None
         if with_values:
             if self.critic_backbone is not None:
-                width_r = batch.response_mask.shape[1]
                 out = self.critic_backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                            position_ids=batch.position_ids, use_cache=False)
-                start = batch.prompt_width - 1
-                hidden = out.last_hidden_state[:, start:start + width_r, :]
+                hidden = batch.gather_response(out.last_hidden_state[:, -(batch.response_width + 1):, :])
             values = self.value_head(hidden)
         return ForwardOutput(logprobs, entropy, values)
 

@@ -61,8 +61,9 @@ def sequence_nll(model, batch, completion_only: bool) -> tuple[torch.Tensor, tor
     logits = out.logits[:, :-1, :].float()
     targets = batch.input_ids[:, 1:]
     mask = (batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).float()
-    if completion_only:
-        mask[:, : batch.prompt_width - 1] = 0.0
+    if completion_only:  # position j predicts token j+1: keep those whose target is a response token
+        columns = torch.arange(1, batch.input_ids.shape[1], device=mask.device)
+        mask = mask * (columns.unsqueeze(0) >= batch.response_start.unsqueeze(1)).float()
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     return (nll.view_as(mask) * mask).sum(), mask.sum()
 

@@ -90,11 +90,14 @@ BASE = replace(Params(), advantages=replace(AdvantagesParams(), kl_coef=0.0, gam
 ONE_PASS = replace(BASE.ppo, minibatch_size=16, micro_batch_size=16)  # reinforce, a2c, rloo: 8 steps per round
 
 # (label, params, budget): the stated number of rounds within which the return must reach 90%.
+# The leave-one-out REINFORCE cases use lr 1.5e-3: at 2e-3 approx-KL reached 1–7 per round and the policy
+# could collapse onto a deterministic two-of-three answer, where every leave-one-out advantage is 0 and
+# learning stops; whether it got out first depended on float-level noise (a change of batch layout flipped it).
 CASES = [
     ("reinforce/moving-average", replace(BASE, algorithm=AlgorithmParams("reinforce"), ppo=replace(ONE_PASS, lr=5e-3),
                                          reinforce=ReinforceParams("sequence", "moving_average", 0.5)), 14),
     ("reinforce/reward-to-go/leave-one-out", replace(BASE, algorithm=AlgorithmParams("reinforce"),
-                                                     ppo=replace(ONE_PASS, lr=2e-3),
+                                                     ppo=replace(ONE_PASS, lr=1.5e-3),
                                                      reinforce=ReinforceParams("reward_to_go", "leave_one_out")), 26),
     ("a2c", replace(BASE, algorithm=AlgorithmParams("a2c"), ppo=replace(ONE_PASS, lr=1e-3)), 34),
     ("ppo", replace(BASE, algorithm=AlgorithmParams("ppo")), 15),
@@ -105,7 +108,7 @@ CASES = [
     ("grpo", replace(BASE, algorithm=AlgorithmParams("grpo"), grpo=replace(GRPOParams(), kl_coef=0.0)), 16),
     ("grpo/dr-grpo", replace(BASE, algorithm=AlgorithmParams("grpo"),
                              grpo=replace(GRPOParams(), kl_coef=0.0, scale_by_std=False)), 16),
-    ("rloo/reinforce", replace(BASE, algorithm=AlgorithmParams("rloo"), ppo=replace(ONE_PASS, lr=2e-3)), 24),
+    ("rloo/reinforce", replace(BASE, algorithm=AlgorithmParams("rloo"), ppo=replace(ONE_PASS, lr=1.5e-3)), 24),
     ("rloo/clipped", replace(BASE, algorithm=AlgorithmParams("rloo"), rloo=RLOOParams("clipped")), 16),
 ]
 

@@ -26,13 +26,24 @@ def test_load_tokenizer_adds_pad_when_it_equals_eos(tiny_checkpoint, tmp_path):
 
 
 def test_collate_layout():
+    """Rows packed to the right: as wide as the longest sequence (5), not longest prompt + longest response (6)."""
     batch = collate([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], pad_id=0)
-    assert batch.prompt_width == 3
-    assert batch.input_ids.tolist() == [[5, 6, 7, 1, 2, 0], [0, 0, 8, 3, 4, 9]]
-    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
-    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 4], [0, 0, 0, 1, 2, 3]]
+    assert batch.input_ids.tolist() == [[5, 6, 7, 1, 2], [0, 8, 3, 4, 9]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 0, 1, 2, 3]]
+    assert batch.response_start.tolist() == [3, 2]
     assert batch.response_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
     assert batch.response_ids.tolist() == [[1, 2, 0], [3, 4, 9]]
+    # The last R+1 = 4 columns (1…4) hold the predictors: row 0's response tokens 1, 2 are predicted by
+    # columns 2 and 3 (tokens 7, 1), row 1's 3, 4, 9 by columns 1, 2, 3 (tokens 8, 3, 4).
+    window = batch.input_ids[:, -4:]
+    assert batch.gather_response(window).tolist() == [[7, 1, 1], [8, 3, 4]]  # row 0's padding column repeats one
+
+
+def test_collate_with_empty_responses_keeps_a_predictor_column():
+    batch = collate([[5], [6]], [[], []], pad_id=0)
+    assert batch.input_ids.shape == (2, 2) and batch.response_mask.tolist() == [[0], [0]]
+    assert batch.gather_response(batch.input_ids[:, -2:]).shape == (2, 1)
 
 
 def test_token_logprobs_by_hand():

@@ -53,6 +53,11 @@ class Experience:
     def tokens(self, indices) -> int:
         return int(sum(len(self.response_ids[i]) for i in indices))
 
+    def by_length(self, indices: list[int]) -> list[int]:
+        """``indices`` sorted by sequence length (prompt + response), stable: micro-batches cut from it
+        are nearly uniform in length, so they carry almost no padding."""
+        return sorted(indices, key=lambda i: len(self.prompt_ids[i]) + len(self.response_ids[i]))
+
     def micro_batch(self, indices: list[int], pad_id: int, device) -> MicroBatch:
         """Collate ``indices``: left-padded prompts, right-padded responses, aligned per-token arrays."""
         batch = collate([list(self.prompt_ids[i]) for i in indices], [list(self.response_ids[i]) for i in indices],
@@ -184,7 +189,9 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
             totals = {"tokens": float(experience.tokens(minibatch)), "sequences": float(len(minibatch))}
             sums: dict[str, float] = {}
             optimizer.zero_grad(set_to_none=True)
-            micro_batches = list(enumerate(split(minibatch, ppo.micro_batch_size)))
+            # The minibatch's gradient is the sum over its micro-batches (each loss is normalised by the whole
+            # minibatch's totals), so which rows share a micro-batch changes nothing but padding: group by length.
+            micro_batches = list(enumerate(split(experience.by_length(minibatch), ppo.micro_batch_size)))
             mine = runtime.shard(micro_batches)
             slots = math.ceil(len(micro_batches) / runtime.world_size)
             rank_sums = []  # (global micro-batch number, its stat sums)

@@ -69,11 +69,9 @@ def critic_values(model, batch) -> torch.Tensor:
         with torch.no_grad():
             _, hidden = response_logits(model.policy, batch, output_hidden=True)
         return model.value_head(hidden.detach())
-    width_r = batch.response_mask.shape[1]
     out = model.critic_backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                 position_ids=batch.position_ids, use_cache=False)
-    start = batch.prompt_width - 1
-    return model.value_head(out.last_hidden_state[:, start:start + width_r, :])
+    return model.value_head(batch.gather_response(out.last_hidden_state[:, -(batch.response_width + 1):, :]))
 
 
 @torch.no_grad()
@@ -129,8 +127,8 @@ def _train_round(model, experience: Experience, params, *, temperature, pad_id, 
     theta = policy_parameters(model, trpo.trainable_last_n_blocks)
     for p in theta:
         p.requires_grad_(True)
-    # The whole round, in a fixed order, cut into micro-batches; N = tokens in the round.
-    round_order = list(range(len(experience)))
+    # The whole round, in a fixed order (by length: least padding), cut into micro-batches; N = tokens in the round.
+    round_order = experience.by_length(list(range(len(experience))))
     micro_batches = [experience.micro_batch(indices, pad_id, device) for indices in split(round_order, micro)]
     total_tokens = float(experience.tokens(round_order))
     if total_tokens == 0:
