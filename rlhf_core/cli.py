@@ -15,7 +15,7 @@ import time
 from rlhf_core.errors import RLHFError
 
 
-_CURRENT = {"stage": None, "ready": False}
+_CURRENT: dict = {"stage": None, "process_started": None, "ready_at": None}
 
 
 def log(message: str) -> None:
@@ -23,15 +23,19 @@ def log(message: str) -> None:
 
 
 def ready() -> None:
-    """Called by a stage once its inputs and models are loaded: logs its start-up time (interpreter,
-    imports, loading), from the process start (the launcher's, under warm start), once."""
-    from rlhf_core.stage_times import process_started
+    """Called by a stage once its inputs and models are loaded: the end of its start-up (interpreter,
+    imports, loading), which the stage's last line reports next to its work."""
+    if _CURRENT["ready_at"] is None:
+        _CURRENT["ready_at"] = time.time()
 
-    started = process_started()
-    if started is None or _CURRENT["ready"]:
-        return
-    _CURRENT["ready"] = True
-    log(f"{_CURRENT['stage']}: started up in {time.time() - started:.2f}s (interpreter, imports, loading)")
+
+def timing_summary(elapsed: float) -> str:
+    """`done in 2.1s` plus, for a stage that is its process's program, `(start-up 0.41s + work 1.65s)`:
+    start-up from the process start (the launcher's, under warm start) to ``ready()``, work from there."""
+    started, ready_at = _CURRENT["process_started"], _CURRENT["ready_at"]
+    if started is None or ready_at is None:
+        return f"done in {elapsed:.1f}s"
+    return f"done in {elapsed:.1f}s (start-up {ready_at - started:.2f}s + work {time.time() - ready_at:.2f}s)"
 
 
 def run_stage(main, *, name: str, needs_round: bool = False, argv: list[str] | None = None,
@@ -47,7 +51,11 @@ def run_stage(main, *, name: str, needs_round: bool = False, argv: list[str] | N
     args = parser.parse_args(argv)
     tag = args.round if needs_round else getattr(args, "name", None)  # round key, or e.g. the reward model's name
     where = f"{name}@{tag}" if tag else name
-    _CURRENT.update(stage=where, ready=False)
+    # Start-up is measured for a stage that is its process's program (argv from the command line), not for
+    # one called in process (tests, notebooks), whose process started long before the stage.
+    from rlhf_core.stage_times import process_started
+
+    _CURRENT.update(stage=where, ready_at=None, process_started=process_started() if argv is None else None)
     started = time.perf_counter()
     try:
         params = load_params(args.params)
@@ -60,4 +68,4 @@ def run_stage(main, *, name: str, needs_round: bool = False, argv: list[str] | N
     except (RLHFError, FloatingPointError) as exc:  # FloatingPointError: a NaN/inf guard tripped
         print(f"error: {where}: {exc}", file=sys.stderr)
         sys.exit(2)
-    log(f"{where}: done in {time.perf_counter() - started:.1f}s")
+    log(f"{where}: {timing_summary(time.perf_counter() - started)}")

@@ -1,11 +1,14 @@
-"""Start a stage the way params.yaml asks: in process as plain python, or under ``accelerate launch``.
+"""Start a stage the way params.yaml asks: warm, in process as plain python, or under ``accelerate launch``.
 
     python -m rlhf_core.launch stages.rollout --round r1 [--params params.yaml]
 
-dvc.yaml runs the rollout and optimize stages through this launcher, so ``compute.*`` in params.yaml
-decides how they run and nobody edits dvc.yaml:
+dvc.yaml runs every stage through this launcher, so ``compute.*`` in params.yaml decides how they run
+and nobody edits dvc.yaml:
 
-- ``compute.num_processes: 1``: the stage module runs in this very process (no extra interpreter);
+- ``compute.num_processes: 1`` with ``compute.warm_start`` on a CPU (Linux): a child of the warm-start
+  server, which has already imported torch and transformers, runs the stage (rlhf_core/warm.py);
+- ``compute.num_processes: 1`` otherwise, or when no server can be reached: the stage module runs in
+  this very process (no extra interpreter);
 - more: this process becomes ``accelerate launch --config_file configs/accelerate/<strategy>.yaml
   --num_processes N --mixed_precision M --main_process_port P -m stages.rollout --round r1``.
 

@@ -134,15 +134,26 @@ def test_launcher_runs_one_process_in_process_and_builds_the_accelerate_command(
         config = yaml.safe_load((REPO / f"configs/accelerate/{strategy}.yaml").read_text())
         assert config["distributed_type"] == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed": "DEEPSPEED"}[strategy]
 
+    from rlhf_core import warm
+
     calls = []
     monkeypatch.setattr(launch, "run_in_process", lambda module, args: calls.append(("in process", module, args)))
     monkeypatch.setattr(launch.os, "execv", lambda path, argv: calls.append(("exec", argv)))
+    monkeypatch.setattr(warm, "run_stage", lambda module, args: calls.append(("warm", module, args)) or 0)
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["device"] = "cpu"
     (tmp_path / "one.yaml").write_text(yaml.safe_dump(raw))
+    raw["compute"]["warm_start"] = False
+    (tmp_path / "cold.yaml").write_text(yaml.safe_dump(raw))
     raw["compute"]["num_processes"] = 2
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(raw))
-    launch.main(["stages.rollout", "--round", "r1", "--params", str(tmp_path / "one.yaml")])
-    assert calls == [("in process", "stages.rollout", ["--round", "r1", "--params", str(tmp_path / "one.yaml")])]
+    with pytest.raises(SystemExit) as exit_info:  # warm start: the stage's exit code is the launcher's
+        launch.main(["stages.rollout", "--round", "r1", "--params", str(tmp_path / "one.yaml")])
+    assert exit_info.value.code == 0 and calls == [("warm", "stages.rollout", ["--round", "r1", "--params",
+                                                                               str(tmp_path / "one.yaml")])]
+    calls.clear()
+    launch.main(["stages.rollout", "--round", "r1", "--params", str(tmp_path / "cold.yaml")])
+    assert calls == [("in process", "stages.rollout", ["--round", "r1", "--params", str(tmp_path / "cold.yaml")])]
     launch.main(["stages.optimize", "--round", "r1", "--params", str(tmp_path / "two.yaml")])
     kind, argv = calls[-1]
     assert kind == "exec" and argv[3:5] == ["--config_file", str(REPO / "configs/accelerate/ddp.yaml")]

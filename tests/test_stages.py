@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -113,6 +114,16 @@ def test_hf_model_directory_and_local_files_through_every_stage(tmp_path, tiny_c
     for stage in (rollout, score, advantages, optimize):
         stage.main(params, round_two)
     assert json.loads((work / "metrics/r2/advantages.json").read_text())["kl_coef"] == carried
+
+    # A stage imports only what it needs: score (built-in VADER scorer) neither torch nor transformers,
+    # advantages no transformers, and neither loads MLflow (only track does).
+    for stage, absent in (("score", {"torch", "transformers", "mlflow"}), ("advantages", {"transformers", "mlflow"})):
+        code = (f"import runpy, sys; sys.argv = ['{stage}', '--round', 'r2']; "
+                f"runpy.run_module('stages.{stage}', run_name='__main__'); print(' '.join(sorted(sys.modules)))")
+        result = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert result.returncode == 0, result.stderr
+        assert "pandas" in result.stdout.split() and not absent & set(result.stdout.split()), (stage, result.stdout)
 
     evaluate.main(params, no_round)
     evaluation = json.loads((work / "metrics/eval.json").read_text())

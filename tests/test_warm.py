@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -186,16 +187,31 @@ def test_process_started_is_this_process_start_or_the_launchers():
     assert 42.0 <= since_launch < 52.0
 
 
-def test_warm_stage_logs_its_start_up_from_the_clients_start(probe_repo):
+def test_warm_stage_reports_its_start_up_from_the_clients_start(probe_repo):
     (probe_repo / "stages" / "ready_probe.py").write_text(
         "import time\nfrom rlhf_core.cli import ready, run_stage\n\n"
-        "def main(params, args):\n    \"\"\"Probe.\"\"\"\n    ready()\n    ready()\n\n"
+        "def main(params, args):\n    \"\"\"Probe.\"\"\"\n    ready()\n    time.sleep(0.3)\n    ready()\n\n"
         "if __name__ == '__main__':\n    run_stage(main, name='probe')\n")
     # exec keeps the process (and its start time) of the shell, which slept 0.5 s before python started
     result = subprocess.run(["sh", "-c", f"sleep 0.5; exec {sys.executable} -m rlhf_core.launch stages.ready_probe"],
                             cwd=probe_repo, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    lines = [line for line in result.stderr.splitlines() if "started up in" in line]
-    assert len(lines) == 1  # once per stage
-    seconds = float(lines[0].split("started up in ")[1].split("s")[0])
-    assert 0.5 <= seconds < 10.0  # counted from the client's start, not from the fork
+    match = re.search(r"^probe: done in [\d.]+s \(start-up ([\d.]+)s \+ work ([\d.]+)s\)$", result.stderr, re.M)
+    assert match, result.stderr
+    startup, work = float(match.group(1)), float(match.group(2))
+    assert 0.5 <= startup < 10.0  # counted from the client's start, not from the fork
+    assert 0.3 <= work < 5.0  # from the first ready(): the second one does not move it
+
+
+def test_a_stage_called_in_process_reports_no_start_up(capsys, tmp_path, monkeypatch):
+    from rlhf_core.cli import ready, run_stage
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("device: cpu\n")
+
+    def main(params, args):
+        """Probe."""
+        ready()
+
+    run_stage(main, name="probe", argv=[])  # e.g. from a test: the process started long before the stage
+    assert re.search(r"^probe: done in [\d.]+s$", capsys.readouterr().err, re.M)
