@@ -59,8 +59,14 @@ def write_report(out_dir: Path, name: str, report: dict, render) -> None:
 
 
 def stage_seconds(output: str) -> dict[str, float]:
-    """{stage: seconds} from the stages' own `<stage>: done in <s>s` lines."""
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\S+): done in ([\d.]+)s$", output, re.M)}
+    """{stage: seconds} from the stages' own `<stage>: done in <s>s …` lines."""
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\S+): done in ([\d.]+)s", output, re.M)}
+
+
+def stage_startup(output: str) -> dict[str, tuple[float, float]]:
+    """{stage: (start-up seconds, work seconds)} from the `… (start-up <s>s + work <s>s)` of the stages' last lines."""
+    return {m.group(1): (float(m.group(2)), float(m.group(3))) for m in
+            re.finditer(r"^(\S+): done in [\d.]+s \(start-up ([\d.]+)s \+ work ([\d.]+)s\)", output, re.M)}
 
 
 def dvc_executable() -> str:

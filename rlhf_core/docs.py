@@ -119,6 +119,85 @@ def render_arithmetic(results_json: Path) -> str:
     return wrap(ARITHMETIC_START, ARITHMETIC_END, lines)
 
 
+PERF_START = "<!-- perf:start (generated from benchmarks/results/perf_*.json and repro_speedup.json by `python -m rlhf_core.docs`) -->"
+PERF_END = "<!-- perf:end -->"
+
+
+def _spread(cell: dict, digits: int = 2, unit: str = "") -> str:
+    """median (min–max) of a benchmarks/perf.py summary."""
+    return f"{cell['median']:.{digits}f}{unit} ({cell['min']:.{digits}f}–{cell['max']:.{digits}f})"
+
+
+def perf_tables(report: dict) -> list[str]:
+    """Markdown of one benchmarks/perf.py report (the sections it measured)."""
+    lines = [f"**Model size `{report['size']}`** (params changes: `{json.dumps(report['params_changes'])}`). Measured "
+             f"on {report['machine']} with `{report['command']}`; each cell: median (min–max) of {report['repeats']} runs."]
+    if "startup" in report:
+        lines += ["", "| stage | floor: its imports alone (s) | cold start-up (s) | cold ÷ floor | warm start-up (s) |",
+                  "|---|---|---|---|---|"]
+        for stage, row in report["startup"].items():
+            lines.append(f"| {stage} | {_spread(row['floor_s'])} | {_spread(row['cold_s'])} | {row['cold_over_floor']:.2f} "
+                         f"| {_spread(row['warm_s'])} |")
+    if "rollout" in report:
+        rollout = report["rollout"]
+        lines += ["", f"| rollout generation, batch size | tokens/s |", "|---|---|",
+                  f"| one prompt at a time, plain HF `generate` | {_spread(rollout['one_at_a_time_tokens_per_s'], 0)} |"]
+        for size, cell in rollout["by_batch_size"].items():
+            default = " (default)" if int(size) == rollout["default_batch_size"] else ""
+            lines.append(f"| {size}{default} | {_spread(cell, 0)} |")
+        if "speedup_at_default_batch" in rollout:
+            lines += ["", f"At the default batch generation runs {rollout['speedup_at_default_batch']:.1f}× faster than "
+                          f"one prompt at a time. The whole in-process rollout of {rollout['sequences']} responses "
+                          f"(generation, log-probs, values) takes {_spread(rollout['generate_and_record_s'])} s."]
+    if "optimize" in report:
+        optimize = report["optimize"]
+        lines += ["", f"| optimize micro-batch (one PPO epoch, {optimize['sequences']} responses) | forward + backward "
+                      "tokens/s |", "|---|---|"]
+        for size, cell in optimize["by_micro_batch_size"].items():
+            default = " (default)" if int(size) == optimize["default_micro_batch_size"] else ""
+            lines.append(f"| {size}{default} | {_spread(cell, 0)} |")
+    if "memory" in report:
+        memory = report["memory"]
+        lines += ["", f"| rollout.prompts_per_round (micro-batch {memory['micro_batch_size']}) | rollout peak RSS (MB) | "
+                      "optimize peak RSS (MB) |", "|---|---|---|"]
+        for prompts, row in memory["by_prompts_per_round"].items():
+            lines.append(f"| {prompts} | {_spread(row['rollout_mb'], 0)} | {_spread(row['optimize_mb'], 0)} |")
+        factor = max(int(p) for p in memory["by_prompts_per_round"]) // min(int(p) for p in memory["by_prompts_per_round"])
+        lines += ["", f"At {factor}× the prompts, optimize's peak RSS grows {memory[f'optimize_growth_at_x{factor}']:+.1%}, "
+                      f"rollout's {memory[f'rollout_growth_at_x{factor}']:+.1%}."]
+    if "round" in report:
+        lines += ["", "| one round via `dvc repro` | wall (s) | start-up of its 4 stages (s) | overhead share | "
+                      "rollout / score / advantages / optimize: start-up + work (s) |", "|---|---|---|---|---|"]
+        for mode, row in report["round"].items():
+            split = " / ".join(f"{cell['startup_s']:.1f} + {cell['work_s']:.1f}" for cell in row["split_of_median_run"].values())
+            lines.append(f"| {mode} start | {_spread(row['wall_s'], 1)} | {_spread(row['startup_s'], 1)} | "
+                         f"{row['overhead_share']:.0%} | {split} |")
+    return lines
+
+
+def speedup_lines(report: dict) -> list[str]:
+    """Markdown of benchmarks/repro_speedup.py: `dvc repro` of two revisions, side by side."""
+    lines = ["| revision | `dvc repro` wall (s) | speed-up over the first |", "|---|---|---|"]
+    base = report["runs"][0]["wall_s"]["median"]
+    for run in report["runs"]:
+        lines.append(f"| {run['label']} | {_spread(run['wall_s'], 0)} | {base / run['wall_s']['median']:.2f}× |")
+    lines += ["", f"Same work in every run ({report['work']}). Measured on {report['machine']} with `{report['command']}`, "
+                  f"runs interleaved; each cell: median (min–max) of {report['repeats']} runs from a fresh clone."]
+    return lines
+
+
+def render_perf(results_json: Path) -> str:
+    """The README performance block: every benchmarks/results/perf_<size>.json, then repro_speedup.json."""
+    directory = results_json.parent
+    lines: list[str] = []
+    speedup = directory / "repro_speedup.json"
+    if speedup.is_file():
+        lines += speedup_lines(json.loads(speedup.read_text())) + [""]
+    for path in sorted(directory.glob("perf_*.json"), key=lambda p: (p.stem != "perf_tiny", p.stem)):
+        lines += perf_tables(json.loads(path.read_text())) + [""]
+    return wrap(PERF_START, PERF_END, lines[:-1] if lines else ["(no benchmark results yet)"])
+
+
 def current_block(readme_text: str, start_marker: str = START, end_marker: str = END) -> str | None:
     if start_marker not in readme_text or end_marker not in readme_text:
         return None
@@ -134,7 +213,8 @@ def update_readme(path: Path) -> bool:
               (RESULTS_START, RESULTS_END, render_results(path.parent / "metrics" / "eval.json")),
               (ALGORITHMS_START, ALGORITHMS_END, render_algorithms(results / "algorithms.json")),
               (ARITHMETIC_START, ARITHMETIC_END, render_arithmetic(results / "arithmetic.json")),
-              (REWARD_MODEL_START, REWARD_MODEL_END, render_reward_model(results / "reward_model.json")))
+              (REWARD_MODEL_START, REWARD_MODEL_END, render_reward_model(results / "reward_model.json")),
+              (PERF_START, PERF_END, render_perf(results / "perf_tiny.json")))
     for start, end, block in blocks:
         current = current_block(new_text, start, end)
         if current is None:
