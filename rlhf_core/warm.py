@@ -61,6 +61,7 @@ PRELOAD = (
     "rlhf_core.sft", "rlhf_core.advantages", "rlhf_core.rewards", "rlhf_core.evaluation", "rlhf_core.algorithms.ppo",
     "rlhf_core.algorithms.reinforce", "rlhf_core.algorithms.trpo", "rlhf_core.algorithms.grpo", "rlhf_core.algorithms.rloo",
     "rlhf_core.tasks.sentiment", "rlhf_core.tasks.arithmetic", "rlhf_core.tracking", "vaderSentiment.vaderSentiment", "mlflow",
+    "matplotlib.pyplot",
 )
 # Environment variables that libraries read when they are imported: a server imported with other values
 # must not serve the stage.
