@@ -107,10 +107,10 @@ def floor_seconds(imports: str) -> float:
 def bench_startup(work: Path, repeats: int) -> dict:
     from rlhf_core.config import params_from_dict, render_params_yaml, yaml_load
 
-    # sft's start-up (tokenizer trained, model built) does not depend on its epochs: time it with none,
-    # last, and then restore every output of the pipeline from DVC's cache.
+    # sft's start-up (tokenizer trained, model built) does not depend on its epochs: time it with one
+    # (a from-scratch model needs at least one), last, then restore every output from DVC's cache.
     raw = yaml_load((work / "params.yaml").read_text())
-    raw["sft"]["epochs"] = 0
+    raw["sft"]["epochs"] = 1
     (work / "params.startup.yaml").write_text(render_params_yaml(params_from_dict(raw)))
     results = {}
     for stage, (_, imports) in sorted(STAGES.items(), key=lambda item: item[0] == "sft"):
@@ -123,7 +123,7 @@ def bench_startup(work: Path, repeats: int) -> dict:
                           "cold_over_floor": round(statistics.median(cold) / statistics.median(floors), 2),
                           "warm_over_floor": round(statistics.median(warm) / statistics.median(floors), 2)}
         print(f"startup {stage}: {results[stage]}", flush=True)
-    run([dvc_executable(), "checkout", "-f"], work)  # the epochs-0 SFT overwrote models/sft
+    run([dvc_executable(), "checkout", "-f"], work)  # the one-epoch SFT overwrote models/sft
     return results
 
 
