@@ -1,7 +1,7 @@
 """Where the time of a round goes: stage start-up, generation, updates, memory and the round's split.
 
     python benchmarks/perf.py                       # the default tiny model (about 10 min on 2 CPU cores)
-    python benchmarks/perf.py --size small          # a larger model: 512 wide, 8 blocks (about 25M parameters)
+    python benchmarks/perf.py --size small --only rollout,optimize,round   # 7× the parameters: 256 wide, 6 blocks
     python benchmarks/perf.py --only startup,round  # some sections only
 
 Copies the repository (default params, plus the size's model shape) into a temporary directory, runs
@@ -43,7 +43,7 @@ from common import REPO, copy_repo, dvc_executable, machine, run, stage_startup,
 
 SIZES = {
     "tiny": {},  # the default params
-    "small": {"sft": {"tiny": {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "intermediate_size": 1536},
+    "small": {"sft": {"tiny": {"hidden_size": 256, "num_layers": 6, "num_heads": 8, "intermediate_size": 1024},
                       "epochs": 1}},
 }
 SECTIONS = ("startup", "rollout", "optimize", "memory", "round")
@@ -96,9 +96,13 @@ def run_stage(work: Path, stage: str, *, warm: bool, params_file: str | None = N
 
 
 def floor_seconds(imports: str) -> float:
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", imports], check=True, env=env(False))
-    return time.perf_counter() - started
+    """A bare interpreter importing ``imports``: seconds from its process start to the end of the imports,
+    on the same clock as the stages' start-up (not counting the interpreter's exit)."""
+    code = (f"{imports}\nimport time\nfrom rlhf_core.stage_times import process_started\n"
+            "print(time.time() - process_started())")
+    result = subprocess.run([sys.executable, "-c", code], check=True, env=env(False), cwd=REPO, capture_output=True,
+                            text=True)
+    return float(result.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -234,15 +238,24 @@ def bench_optimize(work: Path, repeats: int, micro_sizes: list[int]) -> dict:
 
 
 def peak_rss_mb(work: Path, stage: str, params_file: str) -> float:
-    """Peak resident memory of one cold stage process (its own, via wait4)."""
+    """Peak resident memory of one cold stage process: VmHWM of /proc/<pid>/status, read every 20 ms.
+
+    Not getrusage/wait4: Linux carries ru_maxrss over fork and exec, so a child of this (large)
+    benchmark process would report this process's peak."""
     arguments = [*STAGES[stage][0], "--params", params_file]
     process = subprocess.Popen([sys.executable, "-m", "rlhf_core.launch", *arguments], cwd=work, env=env(False),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak_kb = 0
+    while process.poll() is None:
+        try:
+            status = Path(f"/proc/{process.pid}/status").read_text()
+            peak_kb = max(peak_kb, int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M).group(1)))
+        except (OSError, AttributeError):
+            pass
+        time.sleep(0.02)
     if process.returncode != 0:
-        sys.exit(f"{stage} failed:\n{process.stderr.read()[-3000:]}")
-    return usage.ru_maxrss / 1024  # KiB on Linux
+        sys.exit(f"{stage} failed with exit code {process.returncode}")
+    return peak_kb / 1024
 
 
 def bench_memory(work: Path, repeats: int, factors: list[int]) -> dict:
@@ -313,6 +326,12 @@ def main() -> None:
         sys.exit(f"--only: unknown sections {unknown}; allowed: {', '.join(SECTIONS)}")
     report = {"machine": machine(), "size": args.size, "params_changes": SIZES[args.size], "repeats": args.repeats,
               "command": f"python benchmarks/perf.py --size {args.size} --repeats {args.repeats}"}
+    previous = args.out / f"perf_{args.size}.json"
+    if set(sections) != set(SECTIONS):
+        report["command"] += f" --only {','.join(sections)}"
+        if previous.is_file():  # keep the other sections, measured before
+            earlier = json.loads(previous.read_text())
+            report = {**earlier, **report, "command": f"{earlier['command']}; then {report['command']}"}
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-perf-") as tmp:
         work = Path(tmp)
         copy_repo(work, SIZES[args.size])
