@@ -97,6 +97,7 @@ class SFTParams:
     weight_decay: float = param(0.01, "AdamW weight decay", ge=0.0)
     warmup_ratio: float = param(0.05, "fraction of steps spent warming the learning rate up", ge=0.0, lt=1.0)
     batch_size: int = param(64, "sequences per optimizer step", ge=1)
+    micro_batch_size: int = param(64, "sequences per forward/backward pass (gradient accumulation over a step's rows, grouped by length): sets peak memory, not the update; lower it for large models (on the tiny default one pass is fastest)", ge=1)
     max_length: int = param(64, "demonstrations are truncated to this many tokens", ge=4)
     completion_only_loss: bool = param(False, "train only on response tokens instead of the whole text")
 

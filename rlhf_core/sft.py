@@ -50,6 +50,11 @@ def build_reference(params, train_rows: list[dict], device: torch.device):
     return model, tokenizer
 
 
+def trained_tokens(prompt: list[int], response: list[int], completion_only: bool) -> int:
+    """How many tokens of one (prompt, response) the loss trains: every token after the first, or the response's."""
+    return len(response) if completion_only else len(prompt) + len(response) - 1
+
+
 def sequence_nll(model, batch, completion_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed negative log-likelihood of the trained tokens, and their count.
 
@@ -66,6 +71,23 @@ def sequence_nll(model, batch, completion_only: bool) -> tuple[torch.Tensor, tor
         mask = mask * (columns.unsqueeze(0) >= batch.response_start.unsqueeze(1)).float()
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     return (nll.view_as(mask) * mask).sum(), mask.sum()
+
+
+def accumulate_gradients(model, rows: list[tuple[list[int], list[int]]], micro_batch_size: int, pad_id: int,
+                         completion_only: bool, device: torch.device) -> tuple[float, int]:
+    """Backward of one step's loss  L = Σ_rows nll / N  (N = the step's trained tokens) into ``.grad``, in
+    micro-batches of ``micro_batch_size`` rows grouped by length: the gradient of one pass over all rows,
+    with little padding and memory bounded by the micro-batch.  Returns (Σ nll, N)."""
+    step_tokens = sum(trained_tokens(prompt, response, completion_only) for prompt, response in rows)
+    by_length = sorted(rows, key=lambda row: len(row[0]) + len(row[1]))
+    step_nll = 0.0
+    for start in range(0, len(by_length), micro_batch_size):
+        micro = by_length[start:start + micro_batch_size]
+        batch = collate([p for p, _ in micro], [r for _, r in micro], pad_id).to(device)
+        nll_sum, _ = sequence_nll(model, batch, completion_only)
+        (nll_sum / max(1, step_tokens)).backward()
+        step_nll += nll_sum.item()
+    return step_nll, step_tokens
 
 
 def train_sft(model, tokenizer, encoded, params, device: torch.device, seed: int, log=print) -> dict:
@@ -85,20 +107,19 @@ def train_sft(model, tokenizer, encoded, params, device: torch.device, seed: int
         order = torch.randperm(len(encoded), generator=generator).tolist()
         epoch_loss, epoch_tokens = 0.0, 0.0
         for start in range(0, len(order), sft.batch_size):
-            rows = [encoded[i] for i in order[start:start + sft.batch_size]]
-            batch = collate([p for p, _ in rows], [r for _, r in rows], tokenizer.pad_token_id).to(device)
-            nll_sum, count = sequence_nll(model, batch, sft.completion_only_loss)
-            loss = nll_sum / count.clamp(min=1)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"sft epoch {epoch + 1}: loss is {loss.item()}; lower sft.lr")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            step_nll, step_tokens = accumulate_gradients(model, [encoded[i] for i in order[start:start + sft.batch_size]],
+                                                         sft.micro_batch_size, tokenizer.pad_token_id,
+                                                         sft.completion_only_loss, device)
+            loss = step_nll / max(1, step_tokens)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"sft epoch {epoch + 1}: loss is {loss}; lower sft.lr")
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
-            epoch_loss += nll_sum.item()
-            epoch_tokens += count.item()
-            progress.update(epoch=f"{epoch + 1}/{sft.epochs}", loss=loss.item())
+            epoch_loss += step_nll
+            epoch_tokens += step_tokens
+            progress.update(epoch=f"{epoch + 1}/{sft.epochs}", loss=loss)
         losses.append(epoch_loss / max(1.0, epoch_tokens))
         log(f"sft epoch {epoch + 1}/{sft.epochs}: loss {losses[-1]:.4f}")
     progress.close()

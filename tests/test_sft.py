@@ -53,3 +53,27 @@ def test_training_lowers_heldout_perplexity(tiny_params):
     after = perplexity(model, tokenizer, heldout, CPU)
     assert math.isfinite(metrics["train_loss"])
     assert after < 0.5 * before, (before, after)
+
+
+def test_micro_batches_give_the_gradient_of_one_pass(tiny_checkpoint):
+    """sft.micro_batch_size splits a step's rows (grouped by length) without changing its gradient."""
+    from rlhf_core.models import load_causal_lm
+    from rlhf_core.sft import accumulate_gradients, trained_tokens
+    from rlhf_core.tasks import sentiment
+    from rlhf_core.models import load_tokenizer
+
+    model = load_causal_lm(str(tiny_checkpoint), CPU)
+    tokenizer = load_tokenizer(str(tiny_checkpoint))
+    rows = encode_demonstrations(tokenizer, sentiment.demonstrations(24, seed=3), 48)
+    for completion_only in (False, True):
+        batch = collate([p for p, _ in rows], [r for _, r in rows], tokenizer.pad_token_id)
+        one_pass_nll, one_pass_tokens = sequence_nll(model, batch, completion_only)
+        assert one_pass_tokens.item() == sum(trained_tokens(p, r, completion_only) for p, r in rows)
+        model.zero_grad()
+        (one_pass_nll / one_pass_tokens).backward()
+        expected = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        nll, tokens = accumulate_gradients(model, rows, 5, tokenizer.pad_token_id, completion_only, CPU)
+        assert tokens == one_pass_tokens.item() and abs(nll - one_pass_nll.item()) < 1e-3
+        for grad, want in zip((p.grad for p in model.parameters()), expected):
+            assert torch.allclose(grad, want, atol=1e-6, rtol=1e-4)
