@@ -117,7 +117,7 @@ def server_paths(key: str) -> dict[str, str | Path]:
     both ends check that the other runs as the same user) and its lock and log files."""
     directory = runtime_dir()
     return {"sock": f"\0rlhf-warm-{os.getuid()}-{key}", "lock": directory / f"{key}.lock",
-            "log": directory / f"{key}.log"}
+            "log": directory / f"{key}.log", "refused": directory / f"{key}.refused"}
 
 
 def same_user(connection: socket.socket) -> bool:
@@ -179,6 +179,8 @@ def connect_or_start(paths: dict[str, Path], repo: Path) -> socket.socket | None
     connection = _connect(paths["sock"])
     if connection is not None:
         return connection
+    if paths["refused"].exists():  # a server for this key found it could not fork safely: do not retry
+        return None
     server = None
     with open(paths["lock"], "a") as lock:
         try:  # the lock is held by a live server for its whole life
@@ -191,7 +193,8 @@ def connect_or_start(paths: dict[str, Path], repo: Path) -> socket.socket | None
         env = {name: value for name, value in os.environ.items() if not name.startswith("DVC_")}
         with open(paths["log"], "ab") as log:
             server = subprocess.Popen(
-                [sys.executable, "-m", "rlhf_core.warm", paths["sock"][1:], str(paths["lock"]), str(repo)],
+                [sys.executable, "-m", "rlhf_core.warm", paths["sock"][1:], str(paths["lock"]), str(repo),
+                 str(paths["refused"])],
                 cwd=repo, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, close_fds=True)
     deadline = time.monotonic() + BOOT_TIMEOUT_SECONDS
@@ -255,7 +258,8 @@ def preload(log) -> None:
     log(f"preload: {len(sys.modules)} modules in {time.perf_counter() - started:.1f}s")
 
 
-def serve(address: str, lock_path: Path, repo: Path, idle_seconds: float = IDLE_SECONDS) -> None:
+def serve(address: str, lock_path: Path, repo: Path, idle_seconds: float = IDLE_SECONDS,
+          refused_path: Path | None = None) -> None:
     """Listen on the abstract socket ``address`` and fork one child per stage request, until idle or ``repo`` is gone."""
     def log(message: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} [{os.getpid()}] {message}", flush=True)
@@ -272,7 +276,9 @@ def serve(address: str, lock_path: Path, repo: Path, idle_seconds: float = IDLE_
     log(f"serving {repo}")
     preload(log)
     if threading.active_count() > 1:  # forking a process with threads is unsafe: refuse, clients run cold
-        log(f"preload started threads {[t.name for t in threading.enumerate()]}; exiting")
+        log(f"preload started threads {[t.name for t in threading.enumerate()]}; refusing to fork, exiting")
+        if refused_path is not None:  # clients of this key now run cold without trying again
+            refused_path.write_text("a preloaded module started a thread; forking is unsafe\n")
         return
     listener.settimeout(1.0)
     last_request = time.monotonic()
@@ -377,4 +383,4 @@ def _die_with_client(connection: socket.socket) -> None:
 
 if __name__ == "__main__":
     serve("\0" + sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]),
-          float(os.environ.get("RLHF_WARM_IDLE_SECONDS") or IDLE_SECONDS))
+          float(os.environ.get("RLHF_WARM_IDLE_SECONDS") or IDLE_SECONDS), Path(sys.argv[4]))

@@ -215,3 +215,14 @@ def test_a_stage_called_in_process_reports_no_start_up(capsys, tmp_path, monkeyp
 
     run_stage(main, name="probe", argv=[])  # e.g. from a test: the process started long before the stage
     assert re.search(r"^probe: done in [\d.]+s$", capsys.readouterr().err, re.M)
+
+
+def test_a_preload_that_starts_a_thread_makes_the_server_refuse_and_stages_run_cold(probe_repo, monkeypatch):
+    (probe_repo / "stages" / "threader.py").write_text(
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n")
+    monkeypatch.setenv("RLHF_WARM_PRELOAD", "stages.threader")
+    first, second = probe_output(launch(probe_repo)), probe_output(launch(probe_repo))
+    assert first["ppid"] == second["ppid"] == os.getpid()  # both ran in their own process, cold
+    runtime = probe_repo.parent / "runtime"
+    assert len(list(runtime.glob("rlhf-warm-*/*.refused"))) == 1
+    assert len(list(runtime.glob("rlhf-warm-*/*.log"))) == 1  # the second stage did not start another server
