@@ -140,7 +140,7 @@ def perf_tables(report: dict) -> list[str]:
                          f"| {_spread(row['warm_s'])} |")
     if "rollout" in report:
         rollout = report["rollout"]
-        lines += ["", f"| rollout generation, batch size | tokens/s |", "|---|---|",
+        lines += ["", "| rollout generation, batch size | tokens/s |", "|---|---|",
                   f"| one prompt at a time, plain HF `generate` | {_spread(rollout['one_at_a_time_tokens_per_s'], 0)} |"]
         for size, cell in rollout["by_batch_size"].items():
             default = " (default)" if int(size) == rollout["default_batch_size"] else ""
