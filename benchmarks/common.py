@@ -30,8 +30,6 @@ def run(command: list[str], cwd: Path) -> tuple[str, float]:
 
 def copy_repo(target: Path, params_changes: dict | None = None) -> None:
     """A git repository at ``target`` with this repo's files, minus results, plus ``params_changes``."""
-    from rlhf_core.config import params_from_dict, render_params_yaml, yaml_load
-
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout.split()
     for name in files:
@@ -40,11 +38,27 @@ def copy_repo(target: Path, params_changes: dict | None = None) -> None:
         (target / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, target / name)
     if params_changes:
-        raw = yaml_load((target / "params.yaml").read_text())
-        raw.update(params_changes)
-        (target / "params.yaml").write_text(render_params_yaml(params_from_dict(raw)))
+        write_params(target / "params.yaml", target / "params.yaml", lambda raw: raw.update(params_changes))
     for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "benchmark"]):
         run(["git", *args], target)
+
+
+def write_params(source: Path, target: Path, edit) -> None:
+    """Read the params file ``source`` as DVC does, let ``edit(raw dict)`` change it in place, validate,
+    and write the result to ``target``."""
+    from rlhf_core.config import params_from_dict, render_params_yaml, yaml_load
+
+    raw = yaml_load(source.read_text())
+    edit(raw)
+    target.write_text(render_params_yaml(params_from_dict(raw)))
+
+
+def summary(values: list[float], digits: int = 3) -> dict:
+    """Median and min–max spread of repeated measurements."""
+    import statistics
+
+    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
+            "max": round(max(values), digits), "runs": len(values)}
 
 
 def write_report(out_dir: Path, name: str, report: dict, render) -> None:

@@ -29,6 +29,7 @@ machine: another busy process makes every number slower and noisier.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -39,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, copy_repo, dvc_executable, machine, run, stage_startup, write_report
+from common import REPO, copy_repo, dvc_executable, machine, run, stage_startup, summary, write_params, write_report
 
 SIZES = {
     "tiny": {},  # the default params
@@ -69,26 +70,22 @@ ROUND_STAGES = ("rollout", "score", "advantages", "optimize")
 STAGE_NAMES = {stage: f"{stage}@r1" if "--round" in arguments else stage for stage, (arguments, _) in STAGES.items()}
 
 
-def summary(values: list[float], digits: int = 3) -> dict:
-    """Median and min–max spread of repeated measurements."""
-    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
-            "max": round(max(values), digits), "runs": len(values)}
-
-
 def env(warm: bool) -> dict:
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "RLHF_STAGE"))}
     environment["RLHF_WARM_START"] = "1" if warm else "0"
     return environment
 
 
+def stage_command(stage: str, params_file: str | None = None) -> list[str]:
+    """The stage's command as dvc.yaml runs it, with another params file if given."""
+    extra = ["--params", params_file] if params_file else []
+    return [sys.executable, "-m", "rlhf_core.launch", *STAGES[stage][0], *extra]
+
+
 def run_stage(work: Path, stage: str, *, warm: bool, params_file: str | None = None) -> tuple[float, float]:
     """One stage as DVC runs it; (start-up seconds the stage logged, wall seconds of its process)."""
-    arguments = list(STAGES[stage][0])
-    if params_file:
-        arguments += ["--params", params_file]
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "rlhf_core.launch", *arguments], cwd=work, env=env(warm),
-                            capture_output=True, text=True)
+    result = subprocess.run(stage_command(stage, params_file), cwd=work, env=env(warm), capture_output=True, text=True)
     wall = time.perf_counter() - started
     if result.returncode != 0:
         sys.exit(f"{stage} failed:\n{result.stderr[-3000:]}")
@@ -109,13 +106,9 @@ def floor_seconds(imports: str) -> float:
 
 
 def bench_startup(work: Path, repeats: int) -> dict:
-    from rlhf_core.config import params_from_dict, render_params_yaml, yaml_load
-
     # sft's start-up (tokenizer trained, model built) does not depend on its epochs: time it with one
     # (a from-scratch model needs at least one), last, then restore every output from DVC's cache.
-    raw = yaml_load((work / "params.yaml").read_text())
-    raw["sft"]["epochs"] = 1
-    (work / "params.startup.yaml").write_text(render_params_yaml(params_from_dict(raw)))
+    write_params(work / "params.yaml", work / "params.startup.yaml", lambda raw: raw["sft"].update(epochs=1))
     results = {}
     for stage, (_, imports) in sorted(STAGES.items(), key=lambda item: item[0] == "sft"):
         floors = [floor_seconds(imports) for _ in range(repeats)]
@@ -242,16 +235,13 @@ def peak_rss_mb(work: Path, stage: str, params_file: str) -> float:
 
     Not getrusage/wait4: Linux carries ru_maxrss over fork and exec, so a child of this (large)
     benchmark process would report this process's peak."""
-    arguments = [*STAGES[stage][0], "--params", params_file]
-    process = subprocess.Popen([sys.executable, "-m", "rlhf_core.launch", *arguments], cwd=work, env=env(False),
+    process = subprocess.Popen(stage_command(stage, params_file), cwd=work, env=env(False),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     peak_kb = 0
     while process.poll() is None:
-        try:
+        with contextlib.suppress(OSError, AttributeError):  # the process may end between poll and read
             status = Path(f"/proc/{process.pid}/status").read_text()
             peak_kb = max(peak_kb, int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M).group(1)))
-        except (OSError, AttributeError):
-            pass
         time.sleep(0.02)
     if process.returncode != 0:
         sys.exit(f"{stage} failed with exit code {process.returncode}")
@@ -259,15 +249,15 @@ def peak_rss_mb(work: Path, stage: str, params_file: str) -> float:
 
 
 def bench_memory(work: Path, repeats: int, factors: list[int]) -> dict:
-    from rlhf_core.config import params_from_dict, render_params_yaml, yaml_load
+    from rlhf_core.config import load_params
 
-    raw = yaml_load((work / "params.yaml").read_text())
-    base = raw["rollout"]["prompts_per_round"]
-    results = {"micro_batch_size": raw["ppo"]["micro_batch_size"], "by_prompts_per_round": {}}
+    params = load_params(work / "params.yaml")
+    base = params.rollout.prompts_per_round
+    results = {"micro_batch_size": params.ppo.micro_batch_size, "by_prompts_per_round": {}}
     for factor in factors:
-        raw["rollout"]["prompts_per_round"] = base * factor
         name = f"params.memory{factor}.yaml"
-        (work / name).write_text(render_params_yaml(params_from_dict(raw)))
+        write_params(work / "params.yaml", work / name,
+                     lambda raw, count=base * factor: raw["rollout"].update(prompts_per_round=count))
         rollout_mb, optimize_mb = [], []
         for _ in range(repeats):
             rollout_mb.append(peak_rss_mb(work, "rollout", name))

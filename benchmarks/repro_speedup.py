@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, dvc_executable, machine, run, write_report
+from common import REPO, dvc_executable, machine, run, summary, write_report
 
 # The params that set the amount of work of a default `dvc repro`.
 WORK_KEYS = ("task", "seed", "prepare.num_builtin_prompts", "prepare.eval_fraction", "sft.tiny", "sft.epochs",
@@ -125,16 +124,12 @@ def main() -> None:
             walls[label].append(seconds)
             print(f"run {repeat + 1}/{args.repeats} {label}: {seconds:.1f} s", flush=True)
 
-    def summary(values):
-        return {"median": round(statistics.median(values), 1), "min": round(min(values), 1),
-                "max": round(max(values), 1), "runs": len(values)}
-
     command = "python benchmarks/repro_speedup.py" + "".join(f' --variant "{v}"' for v in args.variant)
     report = {"machine": machine(), "command": command, "repeats": args.repeats,
               "work": ", ".join(f"{key} {json.dumps(first[key])}" for key in ("rollout.prompts_per_round",
                                 "rollout.samples_per_prompt", "rollout.max_new_tokens", "sft.epochs", "ppo.epochs"))
               + f", {len(first['rounds'])} rounds",
-              "runs": [{"label": label, "revision": revision, "params_changes": changes, "wall_s": summary(walls[label]),
+              "runs": [{"label": label, "revision": revision, "params_changes": changes, "wall_s": summary(walls[label], 1),
                         "walls_s": [round(w, 1) for w in walls[label]]} for label, revision, changes in runs]}
     from rlhf_core.docs import speedup_lines
 

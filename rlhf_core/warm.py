@@ -210,12 +210,10 @@ def connect_or_start(paths: dict[str, Path], repo: Path) -> socket.socket | None
 
 def _connect(address: str) -> socket.socket | None:
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
+    with contextlib.suppress(OSError):  # no server listening (yet)
         connection.connect(address)
         if same_user(connection):
             return connection
-    except OSError:
-        pass
     connection.close()
     return None
 
