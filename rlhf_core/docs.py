@@ -23,22 +23,25 @@ ALGORITHMS_START = "<!-- algorithms:start (generated from benchmarks/results/alg
 ALGORITHMS_END = "<!-- algorithms:end -->"
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a markdown table: the header, its separator, one line per row of cells."""
+    return ["| " + " | ".join(header) + " |", "|---" * len(header) + "|",
+            *("| " + " | ".join(cells) + " |" for cells in rows)]
+
+
 def params_reference() -> str:
-    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
-    for key, kind, default, doc in schema_rows():
-        cell = _yaml_scalar(default).replace("|", "\\|")
-        lines.append(f"| `{key}` | {kind.replace('|', '/')} | `{cell}` | {doc.replace('|', '/')} |")
-    return "\n".join(lines)
+    rows = [[f"`{key}`", kind.replace("|", "/"), f"`{_yaml_scalar(default).replace('|', chr(92) + '|')}`",
+             doc.replace("|", "/")] for key, kind, default, doc in schema_rows()]
+    return "\n".join(markdown_table(["key", "type", "default", "meaning"], rows))
 
 
 def results_table(evaluation: dict) -> str:
     """Markdown table of eval metrics per checkpoint, plus the reward gain of the last round over SFT."""
     names = ["sft", *sorted((k for k in evaluation if k != "sft"), key=lambda k: (len(k), k))]
-    lines = ["| checkpoint | reward (VADER) | KL to π_ref | perplexity | distinct-2 | length |", "|---|---|---|---|---|---|"]
-    for name in names:
-        m = evaluation[name]
-        lines.append(f"| {name} | {m['reward']:.3f} | {m['kl']:.3f} | {m['perplexity']:.2f} | {m['distinct_2']:.3f} "
-                     f"| {m['length']:.1f} |")
+    lines = markdown_table(["checkpoint", "reward (VADER)", "KL to π_ref", "perplexity", "distinct-2", "length"],
+                           [[name, f"{m['reward']:.3f}", f"{m['kl']:.3f}", f"{m['perplexity']:.2f}",
+                             f"{m['distinct_2']:.3f}", f"{m['length']:.1f}"]
+                            for name, m in ((name, evaluation[name]) for name in names)])
     last, sft = evaluation[names[-1]], evaluation["sft"]
     lines += ["", f"Reward gain of {names[-1]} over SFT: {last['reward'] - sft['reward']:+.3f}; distinct-2 kept: "
                   f"{last['distinct_2'] / sft['distinct_2']:.0%} of SFT's; KL to π_ref: {last['kl']:.3f} nats."]
@@ -61,11 +64,10 @@ def render_results(eval_json: Path) -> str:
 def render_algorithms(results_json: Path) -> str:
     """The algorithm comparison table written by benchmarks/algorithms.py (its markdown, from the JSON)."""
     report = json.loads(results_json.read_text())
-    lines = ["| algorithm | final eval reward | gain over SFT | KL to π_ref | distinct-2 | wall time (s) |",
-             "|---|---|---|---|---|---|"]
-    for row in report["results"]:
-        lines.append(f"| {row['algorithm']} | {row['final_reward']:.3f} | {row['reward_gain']:+.3f} | "
-                     f"{row['final_kl']:.3f} | {row['final_distinct_2']:.3f} | {row['wall_seconds']:.0f} |")
+    lines = markdown_table(
+        ["algorithm", "final eval reward", "gain over SFT", "KL to π_ref", "distinct-2", "wall time (s)"],
+        [[row["algorithm"], f"{row['final_reward']:.3f}", f"{row['reward_gain']:+.3f}", f"{row['final_kl']:.3f}",
+          f"{row['final_distinct_2']:.3f}", f"{row['wall_seconds']:.0f}"] for row in report["results"]])
     shared = report["shared_stage_seconds"]
     lines += ["", f"Measured on {report['machine']} with `{report['command']}`. Wall time counts the stages that "
                   f"depend on the algorithm; the shared stages ({', '.join(shared)}) took "
@@ -80,11 +82,10 @@ REWARD_MODEL_END = "<!-- reward-model:end -->"
 def render_reward_model(results_json: Path) -> str:
     """The reward-model-only run written by benchmarks/reward_model.py: pair accuracy and VADER per checkpoint."""
     report = json.loads(results_json.read_text())
-    lines = ["| checkpoint | reward-model score (the reward) | VADER sentiment (not rewarded) | KL to π_ref | distinct-2 |",
-             "|---|---|---|---|---|"]
-    for row in report["checkpoints"]:
-        lines.append(f"| {row['checkpoint']} | {row['reward_rm']:.3f} | {row['vader']:.3f} | {row['kl']:.3f} | "
-                     f"{row['distinct_2']:.3f} |")
+    lines = markdown_table(
+        ["checkpoint", "reward-model score (the reward)", "VADER sentiment (not rewarded)", "KL to π_ref", "distinct-2"],
+        [[row["checkpoint"], f"{row['reward_rm']:.3f}", f"{row['vader']:.3f}", f"{row['kl']:.3f}",
+          f"{row['distinct_2']:.3f}"] for row in report["checkpoints"]])
     first, last = report["checkpoints"][0], report["checkpoints"][-1]
     lines += ["", f"Reward model `train_reward@bt`: held-out pair accuracy {report['heldout_pair_accuracy']:.3f} on "
                   f"{report['heldout_pairs']} built-in pairs ({report['heldout_pair_accuracy_before']:.3f} before "
@@ -102,11 +103,10 @@ def render_arithmetic(results_json: Path) -> str:
     """The arithmetic-task runs written by benchmarks/arithmetic.py: eval exact match per checkpoint and seed."""
     report = json.loads(results_json.read_text())
     runs = report["runs"]
-    lines = ["| checkpoint | " + " | ".join(f"eval exact match (seed {r['seed']})" for r in runs) + " | KL to π_ref "
-             f"(seed {runs[0]['seed']}) |", "|---" * (len(runs) + 2) + "|"]
-    for index, row in enumerate(runs[0]["checkpoints"]):
-        lines.append(f"| {row['checkpoint']} | " + " | ".join(f"{r['checkpoints'][index]['exact_match']:.3f}" for r in runs)
-                     + f" | {row['kl']:.3f} |")
+    lines = markdown_table(
+        ["checkpoint", *(f"eval exact match (seed {r['seed']})" for r in runs), f"KL to π_ref (seed {runs[0]['seed']})"],
+        [[row["checkpoint"], *(f"{r['checkpoints'][index]['exact_match']:.3f}" for r in runs), f"{row['kl']:.3f}"]
+         for index, row in enumerate(runs[0]["checkpoints"])])
     first, others = runs[0], runs[1:]
     gains = f"{first['exact_match_gain']:+.3f} (seed {first['seed']})"
     if others:
@@ -123,9 +123,13 @@ PERF_START = "<!-- perf:start (generated from benchmarks/results/perf_*.json and
 PERF_END = "<!-- perf:end -->"
 
 
-def _spread(cell: dict, digits: int = 2, unit: str = "") -> str:
-    """median (min–max) of a benchmarks/perf.py summary."""
-    return f"{cell['median']:.{digits}f}{unit} ({cell['min']:.{digits}f}–{cell['max']:.{digits}f})"
+def _spread(cell: dict, digits: int = 2) -> str:
+    """median (min–max) of a benchmarks/common.summary."""
+    return f"{cell['median']:.{digits}f} ({cell['min']:.{digits}f}–{cell['max']:.{digits}f})"
+
+
+def _default_marked(size: str, default: int) -> str:
+    return f"{size} (default)" if int(size) == default else size
 
 
 def perf_tables(report: dict) -> list[str]:
@@ -133,48 +137,48 @@ def perf_tables(report: dict) -> list[str]:
     lines = [f"**Model size `{report['size']}`** (params changes: `{json.dumps(report['params_changes'])}`). Measured "
              f"on {report['machine']} with `{report['command']}`; each cell: median (min–max) of {report['repeats']} runs."]
     if "startup" in report:
-        lines += ["", "| stage | floor: its imports alone (s) | cold start-up (s) | cold ÷ floor | warm start-up (s) |",
-                  "|---|---|---|---|---|"]
-        for stage, row in report["startup"].items():
-            lines.append(f"| {stage} | {_spread(row['floor_s'])} | {_spread(row['cold_s'])} | {row['cold_over_floor']:.2f} "
-                         f"| {_spread(row['warm_s'])} |")
+        lines += ["", *markdown_table(
+            ["stage", "floor: its imports alone (s)", "cold start-up (s)", "cold ÷ floor", "warm start-up (s)"],
+            [[stage, _spread(row["floor_s"]), _spread(row["cold_s"]), f"{row['cold_over_floor']:.2f}",
+              _spread(row["warm_s"])] for stage, row in report["startup"].items()])]
     if "rollout" in report:
         rollout = report["rollout"]
-        lines += ["", "| rollout generation, batch size | tokens/s |", "|---|---|",
-                  f"| one prompt at a time, plain HF `generate` | {_spread(rollout['one_at_a_time_tokens_per_s'], 0)} |"]
-        for size, cell in rollout["by_batch_size"].items():
-            default = " (default)" if int(size) == rollout["default_batch_size"] else ""
-            lines.append(f"| {size}{default} | {_spread(cell, 0)} |")
+        lines += ["", *markdown_table(
+            ["rollout generation, batch size", "tokens/s"],
+            [["one prompt at a time, plain HF `generate`", _spread(rollout["one_at_a_time_tokens_per_s"], 0)],
+             *([_default_marked(size, rollout["default_batch_size"]), _spread(cell, 0)]
+               for size, cell in rollout["by_batch_size"].items())])]
         if "speedup_at_default_batch" in rollout:
             lines += ["", f"At the default batch generation runs {rollout['speedup_at_default_batch']:.1f}× faster than "
                           f"one prompt at a time. The whole in-process rollout of {rollout['sequences']} responses "
                           f"(generation, log-probs, values) takes {_spread(rollout['generate_and_record_s'])} s."]
     if "optimize" in report:
         optimize = report["optimize"]
-        lines += ["", f"| optimize micro-batch (one PPO epoch, {optimize['sequences']} responses) | forward + backward "
-                      "tokens/s |", "|---|---|"]
-        for size, cell in optimize["by_micro_batch_size"].items():
-            default = " (default)" if int(size) == optimize["default_micro_batch_size"] else ""
-            lines.append(f"| {size}{default} | {_spread(cell, 0)} |")
+        lines += ["", *markdown_table(
+            [f"optimize micro-batch (one PPO epoch, {optimize['sequences']} responses)", "forward + backward tokens/s"],
+            [[_default_marked(size, optimize["default_micro_batch_size"]), _spread(cell, 0)]
+             for size, cell in optimize["by_micro_batch_size"].items()])]
     if "memory" in report:
         memory = report["memory"]
-        lines += ["", f"| rollout.prompts_per_round (micro-batch {memory['micro_batch_size']}) | rollout peak RSS (MB) | "
-                      "optimize peak RSS (MB) |", "|---|---|---|"]
-        for prompts, row in memory["by_prompts_per_round"].items():
-            lines.append(f"| {prompts} | {_spread(row['rollout_mb'], 0)} | {_spread(row['optimize_mb'], 0)} |")
+        lines += ["", *markdown_table(
+            [f"rollout.prompts_per_round (micro-batch {memory['micro_batch_size']})", "rollout peak RSS (MB)",
+             "optimize peak RSS (MB)"],
+            [[prompts, _spread(row["rollout_mb"], 0), _spread(row["optimize_mb"], 0)]
+             for prompts, row in memory["by_prompts_per_round"].items()])]
         factor = max(int(p) for p in memory["by_prompts_per_round"]) // min(int(p) for p in memory["by_prompts_per_round"])
         lines += ["", f"At {factor}× the prompts, optimize's peak RSS grows {memory[f'optimize_growth_at_x{factor}']:+.1%}, "
                       f"rollout's {memory[f'rollout_growth_at_x{factor}']:+.1%}."]
     if "round" in report:
-        lines += ["", "| one round via `dvc repro` | wall (s) | start-up of its 4 stages (s) | overhead share | "
-                      "rollout / score / advantages / optimize: start-up + work (s) | DVC's own time (s) |",
-                  "|---|---|---|---|---|---|"]
+        rows = []
         for mode, row in report["round"].items():
             cells = row["split_of_median_run"].values()
             split = " / ".join(f"{cell['startup_s']:.1f} + {cell['work_s']:.1f}" for cell in cells)
             dvc_own = row["wall_s"]["median"] - sum(cell["startup_s"] + cell["work_s"] for cell in cells)
-            lines.append(f"| {mode} start | {_spread(row['wall_s'], 1)} | {_spread(row['startup_s'], 1)} | "
-                         f"{row['overhead_share']:.0%} | {split} | {dvc_own:.1f} |")
+            rows.append([f"{mode} start", _spread(row["wall_s"], 1), _spread(row["startup_s"], 1),
+                         f"{row['overhead_share']:.0%}", split, f"{dvc_own:.1f}"])
+        lines += ["", *markdown_table(["one round via `dvc repro`", "wall (s)", "start-up of its 4 stages (s)",
+                                       "overhead share", "rollout / score / advantages / optimize: start-up + work (s)",
+                                       "DVC's own time (s)"], rows)]
         lines += ["", "Overhead share = the start-up of the round's stages ÷ the round's wall time. DVC's own time "
                       "(hashing, run cache, dvc.lock, between stages) is the median run's wall minus its stages' "
                       "start-up and work."]
@@ -183,10 +187,10 @@ def perf_tables(report: dict) -> list[str]:
 
 def speedup_lines(report: dict) -> list[str]:
     """Markdown of benchmarks/repro_speedup.py: `dvc repro` of two revisions, side by side."""
-    lines = ["| revision | `dvc repro` wall (s) | speed-up over the first |", "|---|---|---|"]
     base = report["runs"][0]["wall_s"]["median"]
-    for run in report["runs"]:
-        lines.append(f"| {run['label']} | {_spread(run['wall_s'], 0)} | {base / run['wall_s']['median']:.2f}× |")
+    lines = markdown_table(["revision", "`dvc repro` wall (s)", "speed-up over the first"],
+                           [[run["label"], _spread(run["wall_s"], 0), f"{base / run['wall_s']['median']:.2f}×"]
+                            for run in report["runs"]])
     lines += ["", f"Same work in every run ({report['work']}). Measured on {report['machine']} with `{report['command']}`, "
                   f"runs interleaved; each cell: median (min–max) of {report['repeats']} runs from a fresh clone."]
     return lines
