@@ -15,7 +15,7 @@ import time
 from rlhf_core.errors import RLHFError
 
 
-_CURRENT: dict = {"stage": None, "process_started": None, "ready_at": None}
+_CURRENT: dict = {"process_started": None, "ready_at": None}
 
 
 def log(message: str) -> None:
@@ -55,7 +55,7 @@ def run_stage(main, *, name: str, needs_round: bool = False, argv: list[str] | N
     # one called in process (tests, notebooks), whose process started long before the stage.
     from rlhf_core.stage_times import process_started
 
-    _CURRENT.update(stage=where, ready_at=None, process_started=process_started() if argv is None else None)
+    _CURRENT.update(ready_at=None, process_started=process_started() if argv is None else None)
     started = time.perf_counter()
     try:
         params = load_params(args.params)

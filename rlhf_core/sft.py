@@ -78,11 +78,12 @@ def accumulate_gradients(model, rows: list[tuple[list[int], list[int]]], micro_b
     """Backward of one step's loss  L = Σ_rows nll / N  (N = the step's trained tokens) into ``.grad``, in
     micro-batches of ``micro_batch_size`` rows grouped by length: the gradient of one pass over all rows,
     with little padding and memory bounded by the micro-batch.  Returns (Σ nll, N)."""
+    from rlhf_core.rollout import length_buckets
+
     step_tokens = sum(trained_tokens(prompt, response, completion_only) for prompt, response in rows)
-    by_length = sorted(rows, key=lambda row: len(row[0]) + len(row[1]))
     step_nll = 0.0
-    for start in range(0, len(by_length), micro_batch_size):
-        micro = by_length[start:start + micro_batch_size]
+    for members in length_buckets([len(prompt) + len(response) for prompt, response in rows], micro_batch_size):
+        micro = [rows[i] for i in members]
         batch = collate([p for p, _ in micro], [r for _, r in micro], pad_id).to(device)
         nll_sum, _ = sequence_nll(model, batch, completion_only)
         (nll_sum / max(1, step_tokens)).backward()

@@ -17,6 +17,7 @@ import torch
 from rlhf_core.advantages import pad_sequences
 from rlhf_core.models import TokenBatch, collate
 from rlhf_core.progress import Progress
+from rlhf_core.rollout import length_buckets
 
 
 @dataclass
@@ -53,10 +54,11 @@ class Experience:
     def tokens(self, indices) -> int:
         return int(sum(len(self.response_ids[i]) for i in indices))
 
-    def by_length(self, indices: list[int]) -> list[int]:
-        """``indices`` sorted by sequence length (prompt + response), stable: micro-batches cut from it
-        are nearly uniform in length, so they carry almost no padding."""
-        return sorted(indices, key=lambda i: len(self.prompt_ids[i]) + len(self.response_ids[i]))
+    def length_groups(self, indices: list[int], size: int) -> list[list[int]]:
+        """``indices`` cut into groups of at most ``size`` rows of similar sequence length (prompt + response),
+        so micro-batches collated from them carry almost no padding (``rollout.length_buckets``)."""
+        lengths = [len(self.prompt_ids[i]) + len(self.response_ids[i]) for i in indices]
+        return [[indices[j] for j in group] for group in length_buckets(lengths, size)]
 
     def micro_batch(self, indices: list[int], pad_id: int, device) -> MicroBatch:
         """Collate ``indices``: left-padded prompts, right-padded responses, aligned per-token arrays."""
@@ -191,7 +193,7 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
             optimizer.zero_grad(set_to_none=True)
             # The minibatch's gradient is the sum over its micro-batches (each loss is normalised by the whole
             # minibatch's totals), so which rows share a micro-batch changes nothing but padding: group by length.
-            micro_batches = list(enumerate(split(experience.by_length(minibatch), ppo.micro_batch_size)))
+            micro_batches = list(enumerate(experience.length_groups(minibatch, ppo.micro_batch_size)))
             mine = runtime.shard(micro_batches)
             slots = math.ceil(len(micro_batches) / runtime.world_size)
             rank_sums = []  # (global micro-batch number, its stat sums)

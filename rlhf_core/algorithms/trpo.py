@@ -127,9 +127,10 @@ def _train_round(model, experience: Experience, params, *, temperature, pad_id, 
     theta = policy_parameters(model, trpo.trainable_last_n_blocks)
     for p in theta:
         p.requires_grad_(True)
-    # The whole round, in a fixed order (by length: least padding), cut into micro-batches; N = tokens in the round.
-    round_order = experience.by_length(list(range(len(experience))))
-    micro_batches = [experience.micro_batch(indices, pad_id, device) for indices in split(round_order, micro)]
+    # The whole round, cut into micro-batches of similar length (least padding); N = tokens in the round.
+    round_order = list(range(len(experience)))
+    micro_batches = [experience.micro_batch(indices, pad_id, device)
+                     for indices in experience.length_groups(round_order, micro)]
     total_tokens = float(experience.tokens(round_order))
     if total_tokens == 0:
         raise ValueError("train_trpo: the round has no response tokens")
