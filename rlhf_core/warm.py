@@ -93,10 +93,11 @@ def server_key(repo: Path) -> str:
     for package in ("rlhf_core", "stages"):
         for path in sorted((repo / package).rglob("*.py")):
             digest.update(str(path.relative_to(repo)).encode() + b"\0" + path.read_bytes() + b"\0")
+    root = repo.resolve()
     for entry in sys.path:  # installed packages: a `pip install` changes their directory's mtime
         with contextlib.suppress(OSError):
             path = Path(entry or ".").resolve()
-            if path != repo.resolve() and repo.resolve() not in path.parents:  # the stages write into the repo
+            if path != root and root not in path.parents:  # not the repo itself: the stages write into it
                 digest.update(f"{entry}:{path.stat().st_mtime_ns}\0".encode())
     for name in sorted(os.environ):
         if name.startswith(IMPORT_TIME_ENV_PREFIXES):
@@ -155,12 +156,12 @@ def run_stage(module: str, stage_args: list[str], repo: Path | None = None) -> i
         fds = [fd if _is_open(fd) else os.open(os.devnull, os.O_RDWR) for fd in (0, 1, 2)]
         try:
             socket.send_fds(connection, [json.dumps(request).encode()], fds)
-            started = _receive(connection)
+            forked = _receive(connection)
         except OSError:
             return None
-        if started is None or "pid" not in started:
+        if forked is None or "pid" not in forked:
             return None  # the server went away before forking: nothing ran
-        child = int(started["pid"])
+        child = int(forked["pid"])
         for signum in FORWARDED_SIGNALS:
             signal.signal(signum, lambda received, frame: _forward(child, received))
         try:
