@@ -346,7 +346,7 @@ def response_logits(model, batch: TokenBatch, *, output_hidden: bool = False):
     """Logits (and last hidden states) at the positions that predict the response tokens: [B, R, V].
 
     Models that take ``logits_to_keep`` (most transformers causal LMs) compute the LM head only on the
-    last R+1 positions instead of all P+R: the prompt's logits are never needed, and with a large
+    last R+1 positions instead of all W: the prompt's logits are never needed, and with a large
     vocabulary they are most of the pass's memory."""
     window = batch.response_width + 1
     kwargs = {"logits_to_keep": window} if accepts_logits_to_keep(model) else {}

@@ -101,7 +101,7 @@ def test_missing_model_is_a_one_line_error(tmp_path):
 
 
 def test_response_logits_with_logits_to_keep_equal_the_full_pass(tiny_checkpoint, monkeypatch):
-    """The LM head on the last R+1 positions only gives the same response logits as slicing all P+R."""
+    """The LM head on the last R+1 positions only gives the same response logits as the full pass over all W."""
     import rlhf_core.models as models
     from peft import LoraConfig, get_peft_model
 

@@ -61,7 +61,8 @@ class Experience:
         return [[indices[j] for j in group] for group in length_buckets(lengths, size)]
 
     def micro_batch(self, indices: list[int], pad_id: int, device) -> MicroBatch:
-        """Collate ``indices``: left-padded prompts, right-padded responses, aligned per-token arrays."""
+        """Collate ``indices`` (``models.collate``: each row prompt + response, left-padded) with the per-token
+        arrays right-padded to the batch's longest response, aligned with its ``response_ids``."""
         batch = collate([list(self.prompt_ids[i]) for i in indices], [list(self.response_ids[i]) for i in indices],
                         pad_id)
         width = batch.response_mask.shape[1]
