@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -13,15 +14,35 @@ if str(REPO) not in sys.path:  # the stage scripts (stages/) are imported by tes
     sys.path.insert(0, str(REPO))
 
 
-@pytest.fixture(scope="session", autouse=True)
-def one_torch_thread():
-    """Tiny models on a 2-core machine: intra-op threads only contend and run ~10x slower; use one."""
+TEST_THREADS = int(os.environ.get("RLHF_TEST_THREADS", "1"))
+
+
+def _use_test_threads() -> None:
     import torch
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_torch_threads():
+    """The thread count of session fixtures too (the tiny checkpoint), whichever test builds them first."""
+    _use_test_threads()
+
+
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """Tiny models on a 2-core machine: intra-op threads only contend and run ~10x slower; use one.
+
+    Set before and after every test: a stage run in process sets params.cpu_threads (2 by default) and
+    would leave it for the tests that follow, so a test's float path would depend on what ran before it.
+
+    RLHF_TEST_THREADS=N runs the tests with N intra-op threads instead: another float path (the order of
+    reductions changes), to check that no test hinges on particular float bits.  ATEN_CPU_CAPABILITY
+    (default, avx2, avx512) does the same for the SIMD kernels, stage subprocesses included.  Stages keep
+    params.cpu_threads of the params they are given."""
+    _use_test_threads()
     yield
-    torch.set_num_threads(threads)
+    _use_test_threads()
 
 
 @pytest.fixture(scope="session")
