@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -19,15 +20,43 @@ from rlhf_core.errors import DataError
 
 
 def _tmp_sibling(path: Path, is_dir: bool) -> Path:
-    """A fresh temporary sibling of ``path``; stale ones left by a killed earlier run are removed first."""
+    """A fresh temporary sibling of ``path``, named ``.<name>.tmp-<host>-<pid>-…``.
+
+    Stale siblings left by a killed earlier run are removed first: those of a process of this machine that
+    no longer runs, and unnamed ones of older versions.  A live writer's sibling, and one of another machine
+    (a shared filesystem), is left alone: removing it would break that writer's rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.tmp-*"):
-        _remove(stale)
+        if _owner_is_gone(stale.name[len(f".{path.name}.tmp-"):]):
+            _remove(stale)
+    prefix = f".{path.name}.tmp-{_HOST}-{os.getpid()}-"
     if is_dir:
-        return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+    fd, name = tempfile.mkstemp(prefix=prefix, dir=path.parent)
     os.close(fd)
     return Path(name)
+
+
+_HOST = socket.gethostname().replace("-", "_") or "host"
+
+
+def _owner_is_gone(suffix: str) -> bool:
+    """Whether the writer named in a temporary sibling's ``<host>-<pid>-<random>`` suffix is gone for sure."""
+    parts = suffix.split("-")
+    if len(parts) != 3 or not parts[1].isdigit():
+        return True  # an older, unnamed temporary: its writer cannot be told, and it predates this scheme
+    host, pid = parts[0], int(parts[1])
+    if host != _HOST:
+        return False  # another machine's writer: its liveness cannot be checked from here
+    if pid == os.getpid():
+        return True  # an earlier write of this very process that did not clean up
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _remove(path: Path) -> None:

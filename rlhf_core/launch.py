@@ -9,8 +9,11 @@ and nobody edits dvc.yaml:
   server, which has already imported torch and transformers, runs the stage (rlhf_core/warm.py);
 - ``compute.num_processes: 1`` otherwise, or when no server can be reached: the stage module runs in
   this very process (no extra interpreter);
-- more: this process becomes ``accelerate launch --config_file configs/accelerate/<strategy>.yaml
-  --num_processes N --mixed_precision M --main_process_port P -m stages.rollout --round r1``.
+- more, for a distributed stage (``DISTRIBUTED_STAGES``: rollout and optimize): this process becomes
+  ``accelerate launch --config_file configs/accelerate/<strategy>.yaml --num_processes N
+  --mixed_precision M --main_process_port P -m stages.rollout --round r1``.  Every other stage
+  (prepare, sft, score, advantages, evaluate, track, train_reward) runs as one process whatever
+  ``compute.num_processes`` says: N copies of it would only race on the same outputs.
 
 When params.yaml cannot be read or is invalid, the stage runs in process and reports the error in its
 usual one line.
@@ -43,9 +46,18 @@ def params_path(stage_args: list[str]) -> str:
     return "params.yaml"
 
 
+# The stages that join a process group (rlhf_core.distributed.start_runtime) and share their work across ranks.
+DISTRIBUTED_STAGES = ("stages.rollout", "stages.optimize")
+
+
+def processes_for(module: str, compute) -> int:
+    """How many processes ``module`` runs as: compute.num_processes for a distributed stage, else 1."""
+    return compute.num_processes if module in DISTRIBUTED_STAGES else 1
+
+
 def build_command(module: str, stage_args: list[str], compute, *, port: int | None = None) -> list[str] | None:
-    """The `accelerate launch` command line for ``compute``; None when the stage runs in process."""
-    if compute.num_processes == 1:
+    """The `accelerate launch` command line for ``compute``; None when the stage runs in one process."""
+    if processes_for(module, compute) == 1:
         return None
     port = port or int(os.environ.get("RLHF_MAIN_PROCESS_PORT") or 0) or free_port()
     return [sys.executable, "-m", "accelerate.commands.launch",
@@ -80,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         if compute.warm_start:
             from rlhf_core import warm
 
-            if warm.supported(params.device, compute.num_processes):
+            if warm.supported(params.device, processes_for(module, compute)):
                 code = warm.run_stage(module, stage_args)
                 if code is not None:
                     sys.exit(code)

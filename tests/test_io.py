@@ -223,3 +223,27 @@ def test_stale_temporary_siblings_of_a_killed_run_are_removed(tmp_path):
     with atomic_file(tmp_path / "m.json") as tmp:
         tmp.write_text("{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "out"]
+
+
+def test_a_live_writers_temporary_sibling_is_left_alone(tmp_path):
+    """Two processes writing the same output (a 2-process stage did): each one's temporary directory survives
+    the other's start, so neither rename fails; a dead process's leftover of this machine is still removed."""
+    import subprocess
+    import sys
+
+    from rlhf_core.io import _HOST, atomic_dir
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    try:
+        live = tmp_path / f".out.tmp-{_HOST}-{sleeper.pid}-abc"
+        gone = tmp_path / f".out.tmp-{_HOST}-{int(dead.stdout)}-def"
+        elsewhere = tmp_path / ".out.tmp-otherhost-1-ghi"  # another machine on a shared filesystem
+        for sibling in (live, gone, elsewhere):
+            sibling.mkdir()
+        with atomic_dir(tmp_path / "out") as out:
+            (out / "done").write_text("ok")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name, elsewhere.name])
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -1,0 +1,46 @@
+"""End to end: the reduced pipeline under `dvc repro` with compute.num_processes: 2 (gloo on CPU).
+
+Only rollout and optimize run as 2 processes; every other stage runs once.  Before that was so, every
+stage ran twice, and the two copies of prepare or score deleted each other's temporary outputs: the
+pipeline failed in about half the runs.  So it runs five times in a row here (once, then `dvc repro -f`
+four times), and every run must succeed and give the same outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from tests.e2e.test_pipeline import dvc, make_reduced_repo, ran_stages
+
+pytestmark = pytest.mark.e2e
+
+TWO_PROCESSES = {
+    "device": "cpu",
+    "compute": {"num_processes": 2},
+    "sft": {"epochs": 1, "num_builtin_demonstrations": 400},
+    "rollout": {"prompts_per_round": 8, "batch_size": 8, "forward_batch_size": 8},
+    "ppo": {"minibatch_size": 8, "micro_batch_size": 4},
+    "evaluate": {"num_prompts": 8},
+    "rounds": {"r1": {"from": "sft"}},
+}
+
+
+def digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_two_process_pipeline_runs_five_times_in_a_row(tmp_path):
+    workdir = make_reduced_repo(tmp_path / "two", TWO_PROCESSES)
+    runs = []
+    for attempt in range(5):
+        output = dvc(["repro"] if attempt == 0 else ["repro", "-f"], workdir)
+        assert {"prepare", "rollout@r1", "score@r1", "optimize@r1", "evaluate"} <= ran_stages(output), output[-3000:]
+        # The launcher says how it starts each stage: accelerate for the distributed two only.
+        assert output.count("accelerate.commands.launch") == 2, output[-3000:]
+        leftovers = [p for p in workdir.rglob(".*.tmp-*") if ".dvc" not in p.parts and ".git" not in p.parts]
+        assert not leftovers
+        runs.append((digest(workdir / "rollouts/r1/rollouts.parquet"),
+                     digest(workdir / "models/r1/model.safetensors"), digest(workdir / "scores/r1/scores.parquet")))
+    assert len(set(runs)) == 1, runs  # the same outputs every time
