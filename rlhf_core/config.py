@@ -45,8 +45,19 @@ class ComputeParams:
     mixed_precision: Literal["no", "bf16", "fp16"] = param(
         "no", "autocast dtype of the forward passes: no (float32), bf16, or fp16 (GPU only; the loss is scaled)")
     strategy: Literal["ddp", "fsdp", "deepspeed"] = param(
-        "ddp", "how processes hold the model when num_processes > 1: ddp (a replica each), fsdp or deepspeed (sharded, GPU only); "
-        "the accelerate config configs/accelerate/<strategy>.yaml")
+        "ddp", "how the optimize stage's processes hold the model when num_processes > 1: ddp (a full replica each), "
+        "fsdp (FSDP2 fully_shard: parameters, gradients and optimizer state sharded per transformer block; CPU or GPU); "
+        "deepspeed is refused until it has run; rollout keeps a full replica per process")
+    param_dtype: Literal["float32", "bfloat16", "auto"] = param(
+        "float32", "dtype of the weights of the policy, the reference and a separate critic backbone, as loaded in "
+        "sft, rollout, optimize and evaluate (and so as saved): float32; bfloat16 (half the memory of the weights, "
+        "their gradients and AdamW's state, with no float32 master copy: an update smaller than ~1/256 of a weight "
+        "rounds away, so it suits large models and LoRA more than tiny ones); auto = the checkpoint's own dtype. "
+        "The value head, log-softmax, ratios, KL and advantages stay float32")
+    gradient_checkpointing: bool = param(
+        False, "recompute each transformer block's activations in the backward pass of sft, optimize and "
+        "train_reward instead of keeping them: activation memory of about one block instead of all, for about "
+        "one more forward pass of compute; the same gradients")
     warm_start: bool = param(
         True, "fork one-process CPU stages from a local server that has already imported torch and transformers "
         "(rlhf_core/warm.py), instead of paying ~7 s of imports in every stage; false starts each stage cold")
@@ -363,8 +374,12 @@ class Params:
         compute = self.compute
         if compute.mixed_precision == "fp16" and self.device == "cpu":
             raise ConfigError("compute.mixed_precision = 'fp16': not supported on CPU (device: cpu); must be 'no' or 'bf16' on CPU")
-        if compute.num_processes > 1 and compute.strategy != "ddp" and self.device == "cpu":
-            raise ConfigError(f"compute.strategy = {compute.strategy!r}: needs GPUs; on CPU (device: cpu) it must be 'ddp'")
+        if compute.strategy == "deepspeed":
+            raise ConfigError("compute.strategy = 'deepspeed': not available yet (its accelerate integration never "
+                              "trained a step); use 'fsdp' (FSDP2, parameters sharded) or 'ddp'")
+        if compute.strategy == "fsdp" and compute.mixed_precision == "fp16":
+            raise ConfigError("compute.mixed_precision = 'fp16': not supported with compute.strategy = 'fsdp' "
+                              "(no sharded loss scaler); use 'bf16' or 'no'")
         if self.rollout.engine == "vllm" and compute.num_processes != 1:
             raise ConfigError(f"rollout.engine = 'vllm': needs compute.num_processes = 1, got {compute.num_processes} "
                               "(vLLM runs the whole round in one process); use engine: hf for several processes")

@@ -9,10 +9,12 @@ imported.  With more processes, ``python -m rlhf_core.launch`` starts the stage 
 - rollout gives whole generation batches to ranks round-robin (each batch seeded as in one process),
   gathers the samples and the per-token stats, and rank 0 alone writes the one Parquet file;
 - optimize gives every rank every W-th micro-batch of each minibatch; the model is wrapped by
-  accelerate (DDP, FSDP or DeepSpeed, from configs/accelerate/<strategy>.yaml), the losses, already
-  normalised by the whole minibatch's token count, are scaled by W so that DDP's gradient mean is a
-  sum, and the stats are combined in the global micro-batch order, so every rank takes the same
-  early-stop decision.  Rank 0 writes the checkpoint.
+  accelerate (ddp: DDP) or sharded here with FSDP2's ``fully_shard``
+  (fsdp: one unit per transformer block; the optimizer is built after sharding, over the shards),
+  the losses, already normalised by the whole minibatch's token count, are scaled by W so that the
+  gradient mean over ranks is a sum, and the stats are combined in the global micro-batch order, so
+  every rank takes the same early-stop decision.  Rank 0 writes the checkpoint (fsdp: the full state
+  dict gathered onto it).
 
 ``compute.mixed_precision`` (bf16 / fp16) also goes through the Accelerator (autocast, and the loss
 scaler of fp16), in one process as in several.
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +43,6 @@ def check_compute(compute, device_type: str) -> None:
     if device_type == "cpu" and compute.mixed_precision == "fp16":
         raise ConfigError("compute.mixed_precision = 'fp16': not supported on CPU (the device resolved to cpu); "
                           "must be 'no' or 'bf16' on CPU")
-    if device_type == "cpu" and compute.num_processes > 1 and compute.strategy != "ddp":
-        raise ConfigError(f"compute.strategy = {compute.strategy!r}: needs GPUs; on CPU (the device resolved to cpu) "
-                          "it must be 'ddp'")
 
 
 def env_world_size() -> int:
@@ -60,7 +59,6 @@ class Runtime:
     world_size: int = 1
     accelerator: Any = None
     strategy: str = "ddp"
-    _prepared: dict = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
@@ -98,24 +96,38 @@ class Runtime:
             return contextlib.nullcontext()
         return self.accelerator.autocast()
 
-    def prepare(self, model, optimizer):
-        """(model for forward passes, optimizer): wrapped by accelerate (DDP/FSDP/DeepSpeed, loss scaler),
-        or unchanged in plain python."""
-        if self.accelerator is None:
-            return model, optimizer
+    def prepare(self, model, build_optimizer):
+        """(model for forward passes, optimizer, scheduler, trainable parameters), in that order of making:
+
+        1. the model is wrapped or sharded (fsdp: ``shard_fsdp2``, each transformer block one unit), which for
+           fsdp replaces every parameter by a DTensor shard;
+        2. the trainable parameters are read from the model as it now is, and ``build_optimizer(trainable)``
+           returns (optimizer, scheduler) over them, so the optimizer steps and ``clip_grad_norm_`` clips the
+           very tensors that receive gradients;
+        3. ddp: accelerate wraps model and optimizer (DDP, the fp16 loss scaler).
+        In plain python nothing is wrapped."""
+        if self.strategy == "fsdp" and self.distributed:
+            shard_fsdp2(model, self.device)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer, scheduler = build_optimizer(trainable)
+        if self.accelerator is None or self.strategy == "fsdp":
+            return model, optimizer, scheduler, trainable
         wrapped, optimizer = self.accelerator.prepare(model, optimizer)
-        self._prepared[id(model)] = wrapped
-        return wrapped, optimizer
+        return wrapped, optimizer, scheduler, trainable
 
     def no_sync(self, wrapped, sync: bool):
-        """No gradient all-reduce for this backward unless ``sync`` (the rank's last one of the step)."""
-        if sync or self.accelerator is None or not self.distributed:
+        """No gradient all-reduce for this backward unless ``sync`` (the rank's last one of the step).
+
+        fsdp reduce-scatters after every backward instead: skipping it would keep every unit's gradient
+        unsharded until the step (FSDP2's ``set_requires_gradient_sync(False)``), the whole model's worth,
+        which is the memory sharding is there to save.  Every rank runs as many backwards, so they pair up."""
+        if sync or self.accelerator is None or not self.distributed or self.strategy == "fsdp":
             return contextlib.nullcontext()
         return self._no_sync(wrapped)
 
     @contextlib.contextmanager
     def _no_sync(self, wrapped):
-        state = self.accelerator.gradient_state  # DeepSpeed steps its engine in backward unless sync_gradients is off
+        state = self.accelerator.gradient_state
         state._set_sync_gradients(False)
         try:
             with self.accelerator.no_sync(wrapped):
@@ -124,29 +136,36 @@ class Runtime:
             state._set_sync_gradients(True)
 
     def backward(self, loss) -> None:
-        """Backward of a loss that is this rank's share of a sum over ranks (DDP's mean is made a sum)."""
-        if self.accelerator is None:
-            loss.backward()
-            return
+        """Backward of a loss that is this rank's share of a sum over ranks (the mean that DDP and FSDP take
+        over ranks is made a sum)."""
         if self.distributed:
             loss = loss * self.world_size
+        if self.accelerator is None or self.strategy == "fsdp":
+            loss.backward()
+            return
         self.accelerator.backward(loss)
 
     def clip_grad_norm_(self, parameters, max_norm: float) -> float:
+        """Clip the global gradient norm of ``parameters`` (DTensor shards under fsdp: the norm is over the whole
+        model, every rank gets it) to ``max_norm``; return the norm before clipping."""
         import torch
 
-        if self.accelerator is None:
-            return torch.nn.utils.clip_grad_norm_(parameters, max_norm).item()
-        norm = self.accelerator.clip_grad_norm_(parameters, max_norm)
+        if self.accelerator is None or self.strategy == "fsdp":
+            norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        else:
+            norm = self.accelerator.clip_grad_norm_(parameters, max_norm)
+        if hasattr(norm, "full_tensor"):  # a DTensor of partial norms
+            norm = norm.full_tensor()
         return float(norm.item() if torch.is_tensor(norm) else norm)
 
     def full_state_dict(self, model) -> dict | None:
-        """The whole state dict of ``model`` (as prepared by ``prepare``) gathered from the shards of fsdp or
-        deepspeed; None for ddp and plain python, whose model holds all its weights.  Every rank must call it."""
-        wrapped = self._prepared.get(id(model))
-        if wrapped is None or self.strategy == "ddp" or not self.distributed:
+        """The whole state dict of ``model`` gathered from the fsdp shards onto rank 0 (other ranks get an empty
+        dict); None for ddp and plain python, whose model holds all its weights.  Every rank must call it."""
+        if not self.distributed or self.strategy != "fsdp":
             return None
-        return self.accelerator.get_state_dict(wrapped)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def close(self) -> None:
         """Wait for every rank, then leave the process group (the plain runtime does nothing)."""
@@ -158,6 +177,52 @@ class Runtime:
                 dist.barrier()
                 dist.destroy_process_group()
         _CURRENT = None
+
+
+def shard_fsdp2(model, device) -> None:
+    """Shard ``model`` (an ActorCritic) in place with FSDP2 over all ranks: each transformer block of the policy
+    (and of a separate critic backbone) is one unit, gathered for its own forward and backward and freed after;
+    so are the input embeddings and an untied LM head, and the value head; the rest (the final norm, tied
+    embeddings) is the root unit.  Every parameter becomes a DTensor
+    shard of 1/world_size of its rows."""
+    import warnings
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from rlhf_core.models import transformer_blocks
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for part in (model.policy, model.critic_backbone):
+        if part is None:
+            continue
+        for block in transformer_blocks(part):
+            fully_shard(block, mesh=mesh)
+        # The input embeddings and an untied LM head are units of their own: in the root they would stay
+        # gathered (with full gradients) through the whole forward and backward, and with a 32k-150k
+        # vocabulary they are a large part of the model.  Tied ones share one tensor: they stay in the root.
+        embeddings = part.get_input_embeddings()
+        head = part.get_output_embeddings() if hasattr(part, "get_output_embeddings") else None
+        if head is not None and head.weight is embeddings.weight:
+            continue
+        for module in (embeddings, head):
+            if module is not None:
+                fully_shard(module, mesh=mesh)
+    fully_shard(model.value_head, mesh=mesh)  # float32 whatever compute.param_dtype: a unit of its own dtype
+    fully_shard(model, mesh=mesh)
+    # ActorCritic returns [B, R] views (gathered log-probs, squeezed values); nothing writes into them in place,
+    # which is what this warning is about.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
+
+def local_parameter_bytes(model) -> int:
+    """Bytes of the parameters this process holds: its shards under fsdp, the whole model otherwise."""
+    total = 0
+    for parameter in model.parameters():
+        local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
+        total += local.numel() * local.element_size()
+    return int(total)
 
 
 _CURRENT: Runtime | None = None

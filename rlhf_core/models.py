@@ -153,12 +153,18 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
-def safe_from_pretrained(auto_class, path: str, trust_remote_code: bool = False, **kwargs):
+# compute.param_dtype -> the dtype argument of from_pretrained ("auto": the checkpoint's own dtype)
+PARAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}
+
+
+def safe_from_pretrained(auto_class, path: str, trust_remote_code: bool = False, *, param_dtype: str = "float32",
+                         **kwargs):
     """``auto_class.from_pretrained`` that loads weights only from safetensors (never pickle) and runs
-    no code from the checkpoint unless ``trust_remote_code`` is on; ``kwargs`` go to from_pretrained."""
+    no code from the checkpoint unless ``trust_remote_code`` is on, in ``param_dtype`` (compute.param_dtype:
+    float32, bfloat16, or auto = as stored); ``kwargs`` go to from_pretrained."""
     quiet_transformers()
     try:
-        return auto_class.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
+        return auto_class.from_pretrained(path, dtype=PARAM_DTYPES[param_dtype], use_safetensors=True,
                                           trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -166,7 +172,8 @@ def safe_from_pretrained(auto_class, path: str, trust_remote_code: bool = False,
                         "pickle checkpoints (.bin/.pt) are refused: convert them with save_pretrained") from None
 
 
-def load_causal_lm(path: str, device: torch.device, trust_remote_code: bool = False, *, merge_adapters: bool = False):
+def load_causal_lm(path: str, device: torch.device, trust_remote_code: bool = False, *, merge_adapters: bool = False,
+                   param_dtype: str = "float32"):
     """A causal LM from a model directory, or from a LoRA checkpoint (adapters + their base, as a peft model
     whose ``disable_adapter()`` gives the base back; ``merge_adapters``: one plain merged model)."""
     from transformers import AutoModelForCausalLM
@@ -174,13 +181,34 @@ def load_causal_lm(path: str, device: torch.device, trust_remote_code: bool = Fa
     if is_adapter_checkpoint(path):
         from peft import PeftModel
 
-        base = disable_dropout(safe_from_pretrained(AutoModelForCausalLM, adapter_base(path), trust_remote_code))
+        base = disable_dropout(safe_from_pretrained(AutoModelForCausalLM, adapter_base(path), trust_remote_code,
+                                                    param_dtype=param_dtype))
         model = PeftModel.from_pretrained(base, path)
         if merge_adapters:
             model = model.merge_and_unload()
         return disable_dropout(model).to(device)
-    model = safe_from_pretrained(AutoModelForCausalLM, path, trust_remote_code)
+    model = safe_from_pretrained(AutoModelForCausalLM, path, trust_remote_code, param_dtype=param_dtype)
     return disable_dropout(model).to(device)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
+    """Recompute every transformer block's activations in the backward pass instead of keeping them
+    (compute.gradient_checkpointing): the activation memory of one block instead of all, for about one more
+    forward pass of compute.  The same gradients (tested).
+
+    Each block's forward runs under ``torch.utils.checkpoint`` (non-reentrant), whatever the module's
+    train/eval mode: transformers' own switch acts only in train mode, which the pipeline never uses (it
+    would turn dropout back on).  Call it before sharding (FSDP wraps the checkpointed blocks)."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    for block in transformer_blocks(model):
+        if getattr(block, "_rlhf_checkpointed", False):
+            continue
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        block._rlhf_checkpointed = True
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -217,7 +245,8 @@ def lora_config(lora):
                       bias="none", task_type="CAUSAL_LM")
 
 
-def trainable_lora_policy(path: str, lora, device: torch.device, trust_remote_code: bool = False):
+def trainable_lora_policy(path: str, lora, device: torch.device, trust_remote_code: bool = False,
+                          param_dtype: str = "float32"):
     """The policy of a LoRA round: the adapters of ``path`` (an adapter checkpoint: they keep training, on the
     same base) or new zero-initialised adapters on the full model at ``path``.  Only the adapters train."""
     from peft import PeftModel, get_peft_model
@@ -225,11 +254,13 @@ def trainable_lora_policy(path: str, lora, device: torch.device, trust_remote_co
 
     if is_adapter_checkpoint(path):
         base_path = adapter_base(path)
-        base = disable_dropout(safe_from_pretrained(AutoModelForCausalLM, base_path, trust_remote_code))
+        base = disable_dropout(safe_from_pretrained(AutoModelForCausalLM, base_path, trust_remote_code,
+                                                    param_dtype=param_dtype))
         policy = PeftModel.from_pretrained(base, path, is_trainable=True)
     else:
         base_path = path
-        base = disable_dropout(safe_from_pretrained(AutoModelForCausalLM, path, trust_remote_code))
+        base = disable_dropout(safe_from_pretrained(AutoModelForCausalLM, path, trust_remote_code,
+                                                    param_dtype=param_dtype))
         policy = get_peft_model(base, lora_config(lora))
     policy.peft_config["default"].base_model_name_or_path = str(base_path)  # the checkpoint points at its base
     policy.eval()  # dropout off, as everywhere; only the adapters' own dropout (lora.dropout) acts in updates
@@ -237,6 +268,24 @@ def trainable_lora_policy(path: str, lora, device: torch.device, trust_remote_co
         if name.endswith("lora_dropout.default") and isinstance(module, nn.Dropout) and module.p > 0:
             module.train()
     return policy.to(device)
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a causal LM or backbone, in order (through peft and DDP wrappers).
+
+    The blocks are the modules whose class the model names in ``_no_split_modules`` (``LlamaDecoderLayer``,
+    ``GPT2Block``, …), or else the longest ``nn.ModuleList`` (``model.layers`` in Llama/Qwen2, ``transformer.h``
+    in GPT-2).  FSDP shards each block as one unit; ``policy_parameters`` trains the last N."""
+    names: set[str] = set()
+    for module in model.modules():
+        names |= set(getattr(module, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if blocks:
+        return blocks
+    block_lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not block_lists:
+        raise ValueError(f"{type(model).__name__}: no list of transformer blocks found")
+    return list(max(block_lists, key=len))
 
 
 def match_vocab(model, tokenizer) -> None:
@@ -420,26 +469,30 @@ def policy_logprobs(policy, batch: TokenBatch, temperature: float) -> torch.Tens
 
 
 def load_actor_critic(path: str, critic: str, device: torch.device, trust_remote_code: bool = False,
-                      lora=None) -> ActorCritic:
+                      lora=None, param_dtype: str = "float32") -> ActorCritic:
     """Policy and critic from a checkpoint directory (or any causal LM, whose critic starts at V=0).
 
     ``lora`` (the lora params, for training): enabled → the policy trains LoRA adapters only
     (``trainable_lora_policy``); disabled → an adapter checkpoint is merged into a full model that trains
-    whole.  None (rollout, evaluation): the checkpoint as it is, adapters unmerged."""
+    whole.  None (rollout, evaluation): the checkpoint as it is, adapters unmerged.
+    ``param_dtype`` (compute.param_dtype): the policy's and the critic backbone's weights; the value head
+    is always float32 (it reads the last hidden state cast to float32)."""
     from safetensors.torch import load_file
     from transformers import AutoModel
 
     if lora is not None and lora.enabled:
-        policy = trainable_lora_policy(path, lora, device, trust_remote_code)
+        policy = trainable_lora_policy(path, lora, device, trust_remote_code, param_dtype)
     else:
-        policy = load_causal_lm(path, device, trust_remote_code, merge_adapters=lora is not None)
+        policy = load_causal_lm(path, device, trust_remote_code, merge_adapters=lora is not None,
+                                param_dtype=param_dtype)
     hidden_size = hidden_size_of(policy.config)
     value_head = ValueHead(hidden_size)
     critic_backbone = None
     if critic == "separate":
         critic_dir = Path(path) / CRITIC_DIR
         source = str(critic_dir) if critic_dir.is_dir() else adapter_base(path) if is_adapter_checkpoint(path) else path
-        critic_backbone = disable_dropout(safe_from_pretrained(AutoModel, source, trust_remote_code)).to(device)
+        critic_backbone = disable_dropout(safe_from_pretrained(AutoModel, source, trust_remote_code,
+                                                               param_dtype=param_dtype)).to(device)
         head_file = critic_dir / VALUE_HEAD_FILE
     else:
         head_file = Path(path) / VALUE_HEAD_FILE
@@ -448,15 +501,33 @@ def load_actor_critic(path: str, critic: str, device: torch.device, trust_remote
     return ActorCritic(policy, value_head.to(device), critic_backbone)
 
 
+def _share_tied_tensors(module: nn.Module, state: dict) -> dict:
+    """``state`` (a gathered copy of ``module``'s weights) with one tensor under every name of a tied parameter
+    (the LM head and the input embeddings with ``tie_word_embeddings``), as ``module.state_dict()`` has it:
+    save_pretrained then writes it once, as it does for the module's own weights."""
+    first_name: dict[int, str] = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        if name in state:
+            if id(parameter) in first_name:
+                state[name] = state[first_name[id(parameter)]]
+            else:
+                first_name[id(parameter)] = name
+    return state
+
+
 def save_checkpoint(directory: Path, model: ActorCritic, tokenizer, state: dict, state_dict: dict | None = None) -> None:
     """save_pretrained policy + tokenizer (plain transformers loads them), the critic, and the RL state.
 
     ``state_dict``: the ActorCritic's full state dict when the weights of ``model`` are sharded across
-    processes (fsdp, deepspeed: gathered by ``Runtime.full_state_dict``); None saves ``model``'s own."""
+    processes (fsdp: gathered by ``Runtime.full_state_dict``); None saves ``model``'s own."""
     from safetensors.torch import save_file
 
     def part(prefix):
-        return None if state_dict is None else {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if state_dict is None:
+            return None
+        state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        module = model.get_submodule(prefix.rstrip(".")) if prefix else model
+        return _share_tied_tensors(module, state)
 
     quiet_transformers()
     model.policy.save_pretrained(directory, state_dict=part("policy."))

@@ -13,8 +13,8 @@ import math
 import torch
 
 from rlhf_core.errors import DataError
-from rlhf_core.models import (build_tiny_model, collate, disable_dropout, load_causal_lm, load_tokenizer,
-                              match_vocab, train_tokenizer)
+from rlhf_core.models import (build_tiny_model, collate, disable_dropout, enable_gradient_checkpointing, load_causal_lm,
+                              load_tokenizer, match_vocab, train_tokenizer)
 from rlhf_core.progress import Progress
 
 
@@ -38,10 +38,14 @@ def build_reference(params, train_rows: list[dict], device: torch.device):
         texts = [row["prompt"] + row["response"] for row in train_rows]
         tokenizer = train_tokenizer(texts, sft.tiny.vocab_size)
         model = disable_dropout(build_tiny_model(sft.tiny, tokenizer)).to(device)
+        if params.compute.param_dtype == "bfloat16":  # float32 otherwise: a new model has no stored dtype
+            model = model.to(torch.bfloat16)
     else:
         tokenizer = load_tokenizer(sft.model, params.trust_remote_code)
-        model = load_causal_lm(sft.model, device, params.trust_remote_code)
+        model = load_causal_lm(sft.model, device, params.trust_remote_code, param_dtype=params.compute.param_dtype)
         match_vocab(model, tokenizer)
+    if params.compute.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     from rlhf_core.rollout import context_length
 
     context = context_length(model.config)

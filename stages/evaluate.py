@@ -22,14 +22,16 @@ def main(params, args):
     answers = [str(a) for a in eval_prompts["answer"]] if "answer" in eval_prompts else None
     heldout = read_parquet("demos/heldout.parquet", ("prompt", "response")).to_dict("records")
     heldout = heldout[: params.evaluate.num_perplexity_texts]
-    reference = load_causal_lm(checkpoint_dir("sft"), device, params.trust_remote_code)
+    dtype = params.compute.param_dtype
+    reference = load_causal_lm(checkpoint_dir("sft"), device, params.trust_remote_code, param_dtype=dtype)
     ready()
 
     results, rows, samples = {}, [], []
     progress = Progress(1 + len(params.rounds), "evaluate", unit="checkpoint")
     for name in ["sft", *params.rounds]:
         tokenizer = load_tokenizer(checkpoint_dir(name), params.trust_remote_code)
-        policy = reference if name == "sft" else load_causal_lm(checkpoint_dir(name), device, params.trust_remote_code)
+        policy = reference if name == "sft" else load_causal_lm(checkpoint_dir(name), device, params.trust_remote_code,
+                                                                param_dtype=dtype)
         encoded = encode_demonstrations(tokenizer, heldout, params.sft.max_length)
         metrics, examples = evaluate_checkpoint(policy, reference, tokenizer, prompts, encoded, params, device,
                                                 answers)

@@ -24,7 +24,8 @@ def main(params, args):
 
 def _train_and_save(params, round_key, start_from, train, seed, runtime):
     from rlhf_core.algorithms.common import Experience
-    from rlhf_core.models import checkpoint_dir, load_actor_critic, load_tokenizer, save_checkpoint
+    from rlhf_core.models import (checkpoint_dir, enable_gradient_checkpointing, load_actor_critic, load_tokenizer,
+                                  save_checkpoint)
 
     device = runtime.device
 
@@ -39,12 +40,14 @@ def _train_and_save(params, round_key, start_from, train, seed, runtime):
 
     tokenizer = load_tokenizer(checkpoint_dir(start_from), params.trust_remote_code)
     model = load_actor_critic(checkpoint_dir(start_from), params.algorithm.critic, device,
-                              params.trust_remote_code, lora=params.lora)
+                              params.trust_remote_code, lora=params.lora, param_dtype=params.compute.param_dtype)
+    if params.compute.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     ready()
     metrics = train(model, experience, params, temperature=params.rollout.temperature,
                     pad_id=tokenizer.pad_token_id, device=device, seed=seed,
                     log=log if runtime.is_main else (lambda *_: None))
-    full_state = runtime.full_state_dict(model)  # fsdp / deepspeed: gathered from the shards (every rank joins)
+    full_state = runtime.full_state_dict(model)  # fsdp: gathered from the shards (every rank joins)
     if not runtime.is_main:  # rank 0 alone writes the checkpoint and the metrics
         return
     advantages_metrics = read_json(f"metrics/{round_key}/advantages.json")

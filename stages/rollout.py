@@ -36,14 +36,15 @@ def main(params, args):
             eos_id=tokenizer.eos_token_id,
             dtype={"no": "float32", "bf16": "bfloat16", "fp16": "float16"}[params.compute.mixed_precision],
             trust_remote_code=params.trust_remote_code)
+    dtype = params.compute.param_dtype
     actor_critic = load_actor_critic(checkpoint_dir(start_from), params.algorithm.critic, device,
-                                     params.trust_remote_code)
+                                     params.trust_remote_code, param_dtype=dtype)
     reference_is_policy = start_from == "sft"
     # A LoRA policy on models/sft: π_ref is that very model with its adapters disabled (reference None), no copy.
     adapters_on_sft = is_adapter_checkpoint(checkpoint_dir(start_from)) and (
         Path(adapter_base(checkpoint_dir(start_from))).resolve() == Path(checkpoint_dir("sft")).resolve())
     reference = None if reference_is_policy or adapters_on_sft else load_causal_lm(
-        checkpoint_dir("sft"), device, params.trust_remote_code)
+        checkpoint_dir("sft"), device, params.trust_remote_code, param_dtype=dtype)
     ready()
     check_context(prompt_ids, ro.max_new_tokens, context_length(actor_critic.policy.config), "train prompts")
     if ro.engine == "hf":

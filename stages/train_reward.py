@@ -7,7 +7,7 @@ from rlhf_core.io import atomic_dir, write_json
 
 def main(params, args):
     """Train reward model <name> (params reward_models.<name>) and report its held-out pair accuracy."""
-    from rlhf_core.models import quiet_transformers, resolve_device, seed_everything
+    from rlhf_core.models import enable_gradient_checkpointing, quiet_transformers, resolve_device, seed_everything
     from rlhf_core.reward_model import (build_reward_model, pair_accuracy, pair_texts, read_preferences, split_pairs,
                                         train_bradley_terry)
 
@@ -22,6 +22,8 @@ def main(params, args):
                                            params.seed)
     chosen, rejected = pair_texts(train_rows)
     model, tokenizer = build_reward_model(spec, params.sft.tiny, chosen + rejected, device, params.trust_remote_code)
+    if params.compute.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     ready()
     log(f"train_reward@{args.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"{len(train_rows)} train / {len(heldout_rows)} held-out pairs, device {device}")

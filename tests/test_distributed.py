@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -59,12 +60,12 @@ def workspace(tmp_path_factory, tiny_checkpoint):
     return work
 
 
-def _copy_with(work: Path, dest: Path, num_processes: int, drop: tuple[str, ...]) -> Path:
+def _copy_with(work: Path, dest: Path, num_processes: int, drop: tuple[str, ...], strategy: str = "ddp") -> Path:
     shutil.copytree(work, dest)
     for name in drop:
         shutil.rmtree(dest / name)
     raw = yaml.safe_load((dest / "params.yaml").read_text())
-    raw["compute"]["num_processes"] = num_processes
+    raw["compute"].update(num_processes=num_processes, strategy=strategy)
     (dest / "params.yaml").write_text(yaml.safe_dump(raw))
     return dest
 
@@ -119,6 +120,33 @@ def test_two_process_optimize_matches_one_process(workspace, tmp_path):
     assert metrics[1]["policy_loss"] == pytest.approx(metrics[0]["policy_loss"], rel=1e-4, abs=1e-6)
 
 
+def test_two_process_fsdp_optimize_matches_one_process_with_half_the_parameters_each(workspace, tmp_path):
+    """compute.strategy: fsdp shards the model with FSDP2 (gloo on CPU): the optimizer is built over the shards,
+    clipping takes the global norm over DTensors, and rank 0 saves the gathered full state dict.  The update
+    is the one-process update; each process holds about half of the parameter bytes."""
+    import json
+
+    from safetensors.torch import load_file
+
+    fsdp = _copy_with(workspace, tmp_path / "fsdp", 2, drop=("models/r1",), strategy="fsdp")
+    _launch(fsdp, "stages.optimize", "--round", "r1")
+    one = load_file(str(workspace / "models/r1/model.safetensors"))
+    got = load_file(str(fsdp / "models/r1/model.safetensors"))
+    before = load_file(str(workspace / "models/sft/model.safetensors"))
+    assert _max_relative_difference(one, before) > 1e-4  # the update did move the weights
+    assert _max_relative_difference(one, got) < 1e-4
+    heads = [load_file(str(path / "models/r1/value_head.safetensors")) for path in (workspace, fsdp)]
+    assert _max_relative_difference(*heads) < 1e-4
+    metrics = [json.loads((path / "metrics/r1/optimize.json").read_text()) for path in (workspace, fsdp)]
+    assert metrics[0]["optimizer_steps"] == metrics[1]["optimizer_steps"] == 3
+    assert metrics[1]["grad_norm"] == pytest.approx(metrics[0]["grad_norm"], rel=1e-4)
+    share = metrics[1]["parameter_bytes_per_process"] / metrics[0]["parameter_bytes_per_process"]
+    assert 0.45 < share < 0.55, share
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(fsdp / "models/r1")  # plain transformers loads the gathered checkpoint
+
+
 def test_launcher_runs_one_process_in_process_and_builds_the_accelerate_command(monkeypatch, tmp_path):
     from rlhf_core import launch
     from rlhf_core.config import ComputeParams
@@ -130,9 +158,9 @@ def test_launcher_runs_one_process_in_process_and_builds_the_accelerate_command(
                        "--config_file", str(REPO / "configs/accelerate/fsdp.yaml"),
                        "--num_processes", "2", "--mixed_precision", "bf16", "--main_process_port", "29612",
                        "-m", "stages.optimize", "--round", "r2"]
-    for strategy in ("ddp", "fsdp", "deepspeed"):
+    for strategy in ("ddp", "fsdp"):  # fsdp: accelerate only starts the processes; the stage shards with FSDP2
         config = yaml.safe_load((REPO / f"configs/accelerate/{strategy}.yaml").read_text())
-        assert config["distributed_type"] == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed": "DEEPSPEED"}[strategy]
+        assert config["distributed_type"] == "MULTI_GPU"
 
     from rlhf_core import warm
 
@@ -159,6 +187,14 @@ def test_launcher_runs_one_process_in_process_and_builds_the_accelerate_command(
     assert kind == "exec" and argv[3:5] == ["--config_file", str(REPO / "configs/accelerate/ddp.yaml")]
     assert argv[argv.index("--num_processes") + 1] == "2" and argv[-5:] == [
         "stages.optimize", "--round", "r1", "--params", str(tmp_path / "two.yaml")]
+    # Only rollout and optimize are distributed: with 2 processes every other stage still runs once, in process
+    # (N copies of prepare or score raced on their outputs and crashed).
+    for module in ("stages.prepare", "stages.sft", "stages.score", "stages.advantages", "stages.evaluate",
+                   "stages.track", "stages.train_reward"):
+        assert launch.build_command(module, [], ComputeParams(num_processes=2)) is None
+        calls.clear()
+        launch.main([module, "--params", str(tmp_path / "two.yaml")])
+        assert calls == [("in process", module, ["--params", str(tmp_path / "two.yaml")])]
     (tmp_path / "bad.yaml").write_text("compute: {num_processes: 0}\n")  # invalid: the stage reports it itself
     launch.main(["stages.rollout", "--round", "r1", "--params", str(tmp_path / "bad.yaml")])
     assert calls[-1][0] == "in process"
@@ -174,8 +210,13 @@ def test_compute_params_are_checked(tmp_path):
         params_from_dict({"device": "cpu", "compute": {"mixed_precision": "fp16"}})
     with pytest.raises(ConfigError, match=r"^compute.mixed_precision = 'fp16': not supported on CPU"):
         check_compute(params_from_dict({"compute": {"mixed_precision": "fp16"}}).compute, "cpu")
-    with pytest.raises(ConfigError, match=r"^compute.strategy = 'fsdp': needs GPUs"):
-        params_from_dict({"device": "cpu", "compute": {"num_processes": 2, "strategy": "fsdp"}})
+    # DeepSpeed crashed before its first step and cannot run here: refused, in one line, not shipped untested
+    with pytest.raises(ConfigError, match=r"^compute.strategy = 'deepspeed': not available yet .*; use 'fsdp'"):
+        params_from_dict({"compute": {"num_processes": 2, "strategy": "deepspeed"}})
+    params_from_dict({"device": "cpu", "compute": {"num_processes": 2, "strategy": "fsdp"}})  # FSDP2 runs on CPU
+    with pytest.raises(ConfigError, match=r"^compute.mixed_precision = 'fp16': not supported with "
+                                          r"compute.strategy = 'fsdp'"):
+        params_from_dict({"compute": {"num_processes": 2, "strategy": "fsdp", "mixed_precision": "fp16"}})
     with pytest.raises(ConfigError, match=r"^compute.num_processes = 2: trpo runs in one process"):
         params_from_dict({"algorithm": {"name": "trpo"}, "compute": {"num_processes": 2}})
     with pytest.raises(ConfigError, match=r"^compute.mixed_precision = 'fp32': must be one of 'no', 'bf16', 'fp16'$"):
@@ -197,3 +238,74 @@ def test_bf16_autocast_rollout_runs_in_process(workspace, tmp_path, monkeypatch)
 
     table = pd.read_parquet(bf16 / "rollouts/r2/rollouts.parquet")
     assert len(table) == 16 and all(torch.isfinite(torch.tensor(v)).all() for v in table["logprobs"])
+
+
+@pytest.fixture(scope="module")
+def bf16_workspace(workspace, tmp_path_factory):
+    """Round r1 again with compute.param_dtype: bfloat16 and gradient checkpointing, in process, one process."""
+    from stages import advantages, optimize, rollout, score
+
+    work = tmp_path_factory.mktemp("bf16") / "one"
+    shutil.copytree(workspace, work)
+    for name in ("rollouts/r1", "scores/r1", "advantages/r1", "models/r1", "rollouts/r2"):
+        shutil.rmtree(work / name)
+    raw = yaml.safe_load((work / "params.yaml").read_text())
+    raw["compute"].update(param_dtype="bfloat16", gradient_checkpointing=True)
+    (work / "params.yaml").write_text(yaml.safe_dump(raw))
+    cwd = Path.cwd()
+    os.chdir(work)
+    try:
+        params = load_params("params.yaml")
+        for stage in (rollout, score, advantages, optimize):
+            stage.main(params, argparse.Namespace(round="r1"))
+    finally:
+        os.chdir(cwd)
+    return work
+
+
+def test_bf16_weights_with_gradient_checkpointing_train_a_round(bf16_workspace):
+    """bf16 weights: rollout and training compute the same log-probs (first ratio 1), the value head and the
+    loss stay float32 and finite, and the checkpoint is saved in bfloat16 (plain transformers loads it)."""
+    import json
+
+    import pandas as pd
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    table = pd.read_parquet(bf16_workspace / "rollouts/r1/rollouts.parquet")
+    assert all(np.isfinite(np.asarray(v)).all() for column in ("logprobs", "values") for v in table[column])
+    metrics = json.loads((bf16_workspace / "metrics/r1/optimize.json").read_text())
+    assert metrics["optimizer_steps"] == 3 and np.isfinite(metrics["policy_loss"])
+    assert metrics["first_minibatch_ratio_max_deviation"] < 1e-2  # bf16 rounding only: the same forward path
+    with safe_open(str(bf16_workspace / "models/r1/model.safetensors"), "pt") as weights:
+        assert {weights.get_tensor(key).dtype for key in weights.keys()} == {torch.bfloat16}
+    with safe_open(str(bf16_workspace / "models/r1/value_head.safetensors"), "pt") as head:
+        assert {head.get_tensor(key).dtype for key in head.keys()} == {torch.float32}
+    assert AutoModelForCausalLM.from_pretrained(bf16_workspace / "models/r1").dtype == torch.bfloat16
+
+
+def test_two_process_fsdp_with_bf16_weights_and_gradient_checkpointing(bf16_workspace, tmp_path):
+    """FSDP2 over bf16 blocks with a float32 value head (a unit of its own) and checkpointed blocks: it trains
+    the same update as one process, up to bf16 rounding."""
+    import json
+
+    from safetensors.torch import load_file
+
+    fsdp = _copy_with(bf16_workspace, tmp_path / "fsdp", 2, drop=("models/r1",), strategy="fsdp")
+    _launch(fsdp, "stages.optimize", "--round", "r1")
+    start = load_file(str(bf16_workspace / "models/sft/model.safetensors"))  # float32, loaded as bf16
+    one = load_file(str(bf16_workspace / "models/r1/model.safetensors"))
+    got = load_file(str(fsdp / "models/r1/model.safetensors"))
+    assert {t.dtype for t in got.values()} == {torch.bfloat16}
+
+    def update(weights):
+        return torch.cat([(weights[key].float() - start[key].bfloat16().float()).flatten() for key in sorted(start)])
+
+    # bf16 rounds each weight's update differently in the two runs; the update as a whole is the same.
+    # (Measured: relative difference 0.06, cosine 0.998; an FSDP run that skipped the update would be 1.)
+    assert update(one).norm() > 1e-2
+    assert (update(got) - update(one)).norm() / update(one).norm() < 0.15
+    metrics = [json.loads((path / "metrics/r1/optimize.json").read_text()) for path in (bf16_workspace, fsdp)]
+    assert metrics[1]["optimizer_steps"] == 3
+    assert metrics[1]["grad_norm"] == pytest.approx(metrics[0]["grad_norm"], rel=2e-2)
+    assert metrics[1]["parameter_bytes_per_process"] < 0.55 * metrics[0]["parameter_bytes_per_process"]

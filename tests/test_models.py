@@ -118,3 +118,50 @@ def test_response_logits_with_logits_to_keep_equal_the_full_pass(tiny_checkpoint
             monkeypatch.undo()
         assert kept.shape == full.shape == (2, 4, model.config.vocab_size)
         assert torch.allclose(kept, full, atol=1e-6)
+
+
+def _actor_critic_loss(model, batch):
+    out = model(batch, 1.0, with_values=True)
+    return -(out.logprobs * batch.response_mask).sum() + (out.values * batch.response_mask).pow(2).sum()
+
+
+def test_gradient_checkpointing_recomputes_blocks_and_gives_the_same_gradients(tiny_checkpoint):
+    """compute.gradient_checkpointing: each block's forward runs again in backward (its activations were not
+    kept), in eval mode too (the pipeline never turns train mode on), and the gradients are the same."""
+    from rlhf_core.models import enable_gradient_checkpointing, transformer_blocks
+
+    batch = collate([[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]], pad_id=0)
+    plain = load_actor_critic(str(tiny_checkpoint), "value_head", CPU)
+    checkpointed = enable_gradient_checkpointing(load_actor_critic(str(tiny_checkpoint), "value_head", CPU))
+    assert not any(block.training for block in transformer_blocks(checkpointed.policy))
+    calls = []
+    first_layer = next(transformer_blocks(checkpointed.policy)[0].children())  # the recompute calls its children
+    first_layer.register_forward_pre_hook(lambda *_: calls.append(1))
+    _actor_critic_loss(plain, batch).backward()
+    loss = _actor_critic_loss(checkpointed, batch)
+    assert len(calls) == 1
+    loss.backward()
+    assert len(calls) == 2  # recomputed in backward
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("param_dtype, expected", [("float32", torch.float32), ("bfloat16", torch.bfloat16),
+                                                    ("auto", torch.bfloat16)])
+def test_param_dtype_loads_the_weights_in_it_and_keeps_the_value_head_and_log_probs_float32(
+        tiny_checkpoint, tmp_path, param_dtype, expected):
+    """compute.param_dtype: float32, bfloat16, or auto = the checkpoint's own dtype (a bf16 checkpoint here)."""
+    bf16_dir = tmp_path / "bf16"
+    policy = load_causal_lm(str(tiny_checkpoint), CPU).to(torch.bfloat16)
+    policy.save_pretrained(bf16_dir)
+    load_tokenizer(str(tiny_checkpoint)).save_pretrained(bf16_dir)
+    model = load_actor_critic(str(bf16_dir), "separate", CPU, param_dtype=param_dtype)
+    assert {p.dtype for p in model.policy.parameters()} == {expected}
+    assert {p.dtype for p in model.critic_backbone.parameters()} == {expected}
+    assert {p.dtype for p in model.value_head.parameters()} == {torch.float32}
+    batch = collate([[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]], pad_id=0)
+    out = model(batch, 0.7, with_values=True)
+    assert out.logprobs.dtype == out.values.dtype == torch.float32
+    assert torch.isfinite(out.logprobs).all() and torch.isfinite(out.values).all()
+    assert load_causal_lm(str(tiny_checkpoint), CPU, param_dtype="auto").dtype == torch.float32  # stored float32

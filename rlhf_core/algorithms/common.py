@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_core.advantages import pad_sequences
-from rlhf_core.models import TokenBatch, collate
+from rlhf_core.models import TokenBatch, collate, transformer_blocks
 from rlhf_core.progress import Progress
 from rlhf_core.rollout import length_buckets
 
@@ -104,8 +104,8 @@ def critic_parameters(model) -> list[torch.nn.Parameter]:
 def policy_parameters(model, last_n_blocks: int | None = None) -> list[torch.nn.Parameter]:
     """The policy's parameters, or only its last N transformer blocks + final norm + LM head.
 
-    Blocks are found as the longest ``nn.ModuleList`` in the policy (``model.layers`` in Llama/Qwen2,
-    ``transformer.h`` in GPT-2). With a restriction, every other policy parameter is frozen
+    Blocks are ``models.transformer_blocks`` (the model's ``_no_split_modules``, else its longest
+    ``nn.ModuleList``).  With a restriction, every other policy parameter is frozen
     (``requires_grad = False``) so autograd skips it.  When the LM head is tied to the input
     embeddings (``tie_word_embeddings``), training the head also changes the embeddings: they are one
     tensor.
@@ -113,14 +113,11 @@ def policy_parameters(model, last_n_blocks: int | None = None) -> list[torch.nn.
     policy = model.policy
     if last_n_blocks is None:  # all of them; with LoRA, the adapters (the base weights are frozen)
         return [p for p in policy.parameters() if p.requires_grad]
-    block_lists = [m for m in policy.modules() if isinstance(m, torch.nn.ModuleList)]
-    if not block_lists:
-        raise ValueError(f"{type(policy).__name__}: no list of transformer blocks found")
-    blocks = max(block_lists, key=len)
-    chosen = {id(p) for block in list(blocks)[len(blocks) - last_n_blocks:] for p in block.parameters()}
+    blocks = transformer_blocks(policy)
+    chosen = {id(p) for block in blocks[len(blocks) - last_n_blocks:] for p in block.parameters()}
     head = policy.get_output_embeddings()
     chosen |= {id(p) for p in head.parameters()}
-    in_blocks = {id(p) for p in blocks.parameters()}
+    in_blocks = {id(p) for block in blocks for p in block.parameters()}
     embeddings = {id(p) for p in policy.get_input_embeddings().parameters()}
     for name, p in policy.named_parameters():  # the final norm: not in a block, not an embedding
         outside_blocks = id(p) not in in_blocks and id(p) not in embeddings
@@ -171,16 +168,16 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
     """
     import numpy as np
 
-    from rlhf_core.distributed import current
+    from rlhf_core.distributed import current, local_parameter_bytes
 
     runtime = current()
     ppo = params.ppo
-    trainable = [p for p in model.parameters() if p.requires_grad]
     per_epoch = math.ceil(len(experience) / ppo.minibatch_size)
     total_steps = epochs * per_epoch
-    optimizer, scheduler = make_optimizer(trainable, ppo.lr, ppo.adam_eps, ppo.weight_decay, ppo.lr_schedule,
-                                          ppo.warmup_steps, total_steps)
-    forward_model, optimizer = runtime.prepare(model, optimizer)
+    # The optimizer is built over the trainable parameters of the model as wrapped (fsdp shards replace them).
+    forward_model, optimizer, scheduler, trainable = runtime.prepare(model, lambda trainable: make_optimizer(
+        trainable, ppo.lr, ppo.adam_eps, ppo.weight_decay, ppo.lr_schedule, ppo.warmup_steps, total_steps))
+    parameter_bytes = local_parameter_bytes(model)
     generator = np.random.default_rng(seed)
     history: dict[str, list[float]] = {}
     first: dict[str, float] | None = None
@@ -245,6 +242,7 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
     progress.close()
     optimizer.zero_grad(set_to_none=True)
     metrics = {key: float(np.mean(values)) for key, values in history.items()}
-    metrics.update(optimizer_steps=steps, planned_steps=total_steps, early_stopped=early_stopped)
+    metrics.update(optimizer_steps=steps, planned_steps=total_steps, early_stopped=early_stopped,
+                   parameter_bytes_per_process=parameter_bytes)
     metrics.update({f"first_minibatch_{key}": float(value) for key, value in (first or {}).items()})
     return metrics

@@ -1,0 +1,98 @@
+"""FSDP2 sharding of an ActorCritic with an untied LM head (the shape of most real checkpoints), 2 gloo processes.
+
+The pipeline tests (tests/test_distributed.py) run the optimize stage under FSDP2 with the tiny default model,
+whose LM head is tied to the embeddings.  Here an untied model goes through ``shard_fsdp2`` directly: the
+embeddings and the head become units of their own, and one PPO round gives the one-process update.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from rlhf_core.models import ActorCritic, ValueHead, disable_dropout, seed_everything
+
+
+def untied_actor_critic() -> ActorCritic:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    seed_everything(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                         tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    model = ActorCritic(disable_dropout(LlamaForCausalLM(config)), ValueHead(32))
+    with torch.no_grad():  # a non-zero value head, so that the critic's gradient flows into the backbone
+        model.value_head.summary.weight.normal_(0, 0.1)
+    return model
+
+
+def experience():
+    from rlhf_core.algorithms.common import Experience
+
+    generator = torch.Generator().manual_seed(1)
+    lengths = [(3, 5), (4, 2), (2, 6), (5, 3), (3, 4), (6, 1), (2, 2), (4, 5)]
+    prompts = [torch.randint(2, 96, (p,), generator=generator).tolist() for p, _ in lengths]
+    responses = [torch.randint(2, 96, (r,), generator=generator).tolist() for _, r in lengths]
+
+    def per_token(scale, offset=0.0):
+        return [(torch.randn(r, generator=generator) * scale + offset).tolist() for _, r in lengths]
+
+    return Experience(prompts, responses, per_token(0.1, -4.5), per_token(0.1, -4.5), per_token(0.1),
+                      per_token(1.0), per_token(0.5))
+
+
+def params():
+    from rlhf_core.config import params_from_dict
+
+    return params_from_dict({"device": "cpu", "ppo": {"epochs": 2, "minibatch_size": 4, "micro_batch_size": 1,
+                                                      "target_kl": None, "lr": 1e-2}})
+
+
+def train(model) -> dict:
+    from rlhf_core.algorithms.ppo import train_ppo
+
+    return train_ppo(model, experience(), params(), temperature=1.0, pad_id=0, device=torch.device("cpu"), seed=0,
+                     log=lambda *_: None)
+
+
+def _rank(rank: int, world_size: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from rlhf_core import distributed
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    runtime = distributed.Runtime(device=torch.device("cpu"), rank=rank, world_size=world_size, strategy="fsdp")
+    distributed._CURRENT = runtime
+    model = untied_actor_critic()
+    metrics = train(model)
+    units = sorted(name for name, module in model.named_modules() if type(module).__name__.startswith("FSDP"))
+    state = runtime.full_state_dict(model)
+    if rank == 0:
+        torch.save({"state": state, "metrics": metrics, "units": units}, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_fsdp2_untied_head_is_its_own_unit_and_the_update_is_the_one_process_update(tmp_path):
+    import torch.multiprocessing as mp
+
+    one = untied_actor_critic()
+    before = {k: v.clone() for k, v in one.state_dict().items()}
+    one_metrics = train(one)
+    out = tmp_path / "fsdp.pt"
+    os.environ.setdefault("RLHF_PROGRESS", "off")
+    mp.spawn(_rank, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    result = torch.load(out, weights_only=False)
+    assert {"policy.model.embed_tokens", "policy.lm_head", "value_head", ""} <= set(result["units"])
+    assert sum(name.startswith("policy.model.layers.") for name in result["units"]) == 2
+    assert result["metrics"]["optimizer_steps"] == one_metrics["optimizer_steps"] == 4
+    for key, value in one.state_dict().items():
+        moved = (value - before[key]).abs().max().item()
+        difference = (result["state"][key] - value).abs().max().item()
+        assert difference <= 1e-4 * max(value.abs().max().item(), 1e-3), (key, difference, moved)
+    assert result["metrics"]["grad_norm"] == pytest.approx(one_metrics["grad_norm"], rel=1e-4)
+    moved = max((one.state_dict()[k] - before[k]).abs().max().item() for k in before)
+    assert moved > 1e-3  # the round did change the weights
