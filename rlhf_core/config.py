@@ -40,8 +40,19 @@ def section(cls, doc: str):
 @dataclass(frozen=True)
 class ComputeParams:
     num_processes: int = param(
-        1, "processes of the rollout and optimize stages: 1 runs them in process as plain python; more go through "
-        "`accelerate launch` (one process per GPU, or gloo processes on CPU): prompts are sharded, gradients summed", ge=1)
+        1, "processes of the rollout and optimize stages on each machine: 1 (on one machine) runs them in process as "
+        "plain python; more go through `accelerate launch` (one process per GPU, or gloo processes on CPU): prompts "
+        "are sharded, gradients summed", ge=1)
+    num_machines: int = param(
+        1, "machines that run rollout and optimize together (num_processes on each); more than 1 needs the repository "
+        "on a filesystem every machine mounts at the same path, and `python -m rlhf_core.launch --follow` running on "
+        "every other machine (README: Several machines)", ge=1)
+    main_process_ip: str = param(
+        "", "address of machine 0 (where `dvc repro` runs) for the rendezvous when num_machines > 1; empty: the "
+        "environment's MASTER_ADDR")
+    main_process_port: int = param(
+        0, "TCP port of the rendezvous on machine 0; 0: a free port on one machine, the environment's MASTER_PORT "
+        "on several", ge=0, le=65535)
     mixed_precision: Literal["no", "bf16", "fp16"] = param(
         "no", "autocast dtype of the forward passes: no (float32), bf16, or fp16 (GPU only; the loss is scaled)")
     strategy: Literal["ddp", "fsdp", "deepspeed"] = param(
@@ -395,6 +406,11 @@ class Params:
         if compute.num_processes > 1 and self.algorithm.name in ("trpo", "npg"):
             raise ConfigError(f"compute.num_processes = {compute.num_processes}: {self.algorithm.name} runs in one process; "
                               "set compute.num_processes: 1 or choose ppo, grpo, rloo, reinforce or a2c")
+        if compute.num_machines > 1 and self.algorithm.name in ("trpo", "npg"):
+            raise ConfigError(f"compute.num_machines = {compute.num_machines}: {self.algorithm.name} runs in one process; "
+                              "set compute.num_machines: 1 or choose ppo, grpo, rloo, reinforce or a2c")
+        if compute.num_machines > 1 and self.rollout.engine == "vllm":
+            raise ConfigError(f"rollout.engine = 'vllm': needs compute.num_machines = 1, got {compute.num_machines}")
         if not self.rounds:
             raise ConfigError("rounds is empty: at least one round is required, e.g. rounds: {r1: {from: sft}}")
         seen = {"sft"}

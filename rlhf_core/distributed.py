@@ -40,6 +40,14 @@ def accelerate_config(strategy: str) -> Path:
 
 def check_compute(compute, device_type: str) -> None:
     """Checks of the compute params that need the resolved device (``device: auto`` may be a CPU)."""
+    if device_type == "cuda" and compute.num_processes > 1:
+        import torch
+
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE") or compute.num_processes)
+        available = torch.cuda.device_count()
+        if local_processes > available:
+            raise ConfigError(f"compute.num_processes = {compute.num_processes}: this machine has {available} CUDA "
+                              f"device(s) and each process needs its own; set compute.num_processes <= {available}")
     if device_type == "cpu" and compute.mixed_precision == "fp16":
         raise ConfigError("compute.mixed_precision = 'fp16': not supported on CPU (the device resolved to cpu); "
                           "must be 'no' or 'bf16' on CPU")

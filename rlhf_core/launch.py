@@ -14,6 +14,8 @@ and nobody edits dvc.yaml:
   --mixed_precision M --main_process_port P -m stages.rollout --round r1``.  Every other stage
   (prepare, sft, score, advantages, evaluate, track, train_reward) runs as one process whatever
   ``compute.num_processes`` says: N copies of it would only race on the same outputs.
+- ``compute.num_machines`` > 1: this is machine 0; it announces the command to the other machines,
+  which run ``python -m rlhf_core.launch --follow`` (rlhf_core/follow.py), and runs its own share.
 
 When params.yaml cannot be read or is invalid, the stage runs in process and reports the error in its
 usual one line.
@@ -51,19 +53,31 @@ DISTRIBUTED_STAGES = ("stages.rollout", "stages.optimize")
 
 
 def processes_for(module: str, compute) -> int:
-    """How many processes ``module`` runs as: compute.num_processes for a distributed stage, else 1."""
-    return compute.num_processes if module in DISTRIBUTED_STAGES else 1
+    """How many processes ``module`` runs as, over all machines: num_processes × num_machines for a distributed
+    stage, else 1."""
+    return compute.num_processes * compute.num_machines if module in DISTRIBUTED_STAGES else 1
 
 
 def build_command(module: str, stage_args: list[str], compute, *, port: int | None = None) -> list[str] | None:
-    """The `accelerate launch` command line for ``compute``; None when the stage runs in one process."""
+    """Machine 0's `accelerate launch` command line for ``compute``; None when the stage runs in one process.
+
+    On several machines it adds --num_machines, --machine_rank 0 and the rendezvous (``follow.rendezvous``);
+    the followers run the same line with their own --machine_rank."""
     if processes_for(module, compute) == 1:
         return None
-    port = port or int(os.environ.get("RLHF_MAIN_PROCESS_PORT") or 0) or free_port()
+    machines: list[str] = []
+    if compute.num_machines > 1:
+        from rlhf_core.follow import rendezvous
+
+        address, port = rendezvous(compute)
+        machines = ["--num_machines", str(compute.num_machines), "--machine_rank", "0", "--main_process_ip", address]
+    else:
+        port = port or compute.main_process_port or int(os.environ.get("RLHF_MAIN_PROCESS_PORT") or 0) or free_port()
     return [sys.executable, "-m", "accelerate.commands.launch",
             "--config_file", str(accelerate_config(compute.strategy)),
-            "--num_processes", str(compute.num_processes),
+            "--num_processes", str(processes_for(module, compute)),
             "--mixed_precision", compute.mixed_precision,
+            *machines,
             "--main_process_port", str(port),
             "-m", module, *stage_args]
 
@@ -73,10 +87,46 @@ def run_in_process(module: str, stage_args: list[str]) -> None:
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
+USAGE = """usage: python -m rlhf_core.launch <stage module, e.g. stages.rollout> [stage arguments]
+       python -m rlhf_core.launch --follow [--machine-rank K] [--idle-timeout SECONDS]   (machines 1, 2, …)
+       python -m rlhf_core.launch --end                                                  (machine 0, after dvc repro)"""
+
+
+def follower_main(argv: list[str]) -> None:
+    """--follow / --end: the other machines' side of a run over several machines (rlhf_core/follow.py)."""
+    import argparse
+
+    from rlhf_core import follow
+    from rlhf_core.errors import ConfigError
+
+    parser = argparse.ArgumentParser(prog="python -m rlhf_core.launch", usage=USAGE)
+    parser.add_argument("--follow", action="store_true")
+    parser.add_argument("--end", action="store_true")
+    parser.add_argument("--machine-rank", type=int, default=None)
+    parser.add_argument("--idle-timeout", type=float, default=3600.0)
+    args = parser.parse_args(argv)
+    if args.end:
+        follow.end_run()
+        return
+    try:
+        rank = args.machine_rank if args.machine_rank is not None else follow.machine_rank_from_environment()
+        if rank is None:
+            raise ConfigError("--follow: this machine's rank is unknown: pass --machine-rank K or set RLHF_MACHINE_RANK "
+                              "(Slurm sets SLURM_NODEID, torchrun NODE_RANK)")
+        sys.exit(follow.follow(rank, idle_timeout=args.idle_timeout,
+                               log=lambda message: print(message, file=sys.stderr, flush=True)))
+    except ConfigError as exc:
+        print(f"error: follow: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("--follow", "--end"):
+        follower_main(argv)
+        return
     if not argv or argv[0].startswith("-"):
-        print("usage: python -m rlhf_core.launch <stage module, e.g. stages.rollout> [stage arguments]", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         sys.exit(2)
     module, stage_args = argv[0], argv[1:]
     from rlhf_core.config import load_params
@@ -87,7 +137,11 @@ def main(argv: list[str] | None = None) -> None:
         run_in_process(module, stage_args)
         return
     compute = params.compute
-    command = build_command(module, stage_args, compute)
+    try:
+        command = build_command(module, stage_args, compute)
+    except RLHFError as exc:
+        print(f"error: {module.removeprefix('stages.')}: {exc}", file=sys.stderr)
+        sys.exit(2)
     if command is None:
         if compute.warm_start:
             from rlhf_core import warm
@@ -99,6 +153,12 @@ def main(argv: list[str] | None = None) -> None:
         run_in_process(module, stage_args)
         return
     print("launch: " + " ".join(command), file=sys.stderr, flush=True)
+    if compute.num_machines > 1:  # machine 0: the followers run the same command with their own --machine_rank
+        from pathlib import Path
+
+        from rlhf_core.follow import announce_and_run
+
+        sys.exit(announce_and_run(command, Path.cwd()))
     os.execv(command[0], command)
 
 
