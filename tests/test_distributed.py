@@ -374,3 +374,16 @@ def test_several_machines_need_a_rendezvous_and_followers_need_a_rank(tmp_path, 
         follow.follow(0, root=tmp_path)
     with pytest.raises(ConfigError, match=r"^compute.num_machines = 2: trpo runs in one process"):
         params_from_dict({"algorithm": {"name": "trpo"}, "compute": {"num_machines": 2}})
+
+
+def test_more_processes_than_gpus_stop_with_one_line(monkeypatch):
+    from rlhf_core.config import ComputeParams
+    from rlhf_core.distributed import check_compute
+    from rlhf_core.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    check_compute(ComputeParams(num_processes=2), "cuda")
+    with pytest.raises(ConfigError, match=r"^compute.num_processes = 4: this machine has 2 CUDA device\(s\) and each "
+                                          r"process needs its own; set compute.num_processes <= 2$"):
+        check_compute(ComputeParams(num_processes=4), "cuda")
