@@ -138,6 +138,9 @@ class RolloutParams:
         "hf", "generation engine: hf = transformers generate (batched, KV-cached); vllm = vLLM's engine on GPU "
         "(pip install vllm), loading the round's checkpoint from disk; log-probs and values are still recomputed "
         "by the training forward pass")
+    gpu_memory_fraction: float = param(
+        0.6, "engine: vllm: fraction of the GPU's memory vLLM reserves for its weights and KV cache; the HF models "
+        "that record log-probs load after vLLM has shut down", gt=0.0, lt=1.0)
 
 
 SCORER_KINDS = ("task", "vader", "length", "verifiable", "python", "hf_classifier")

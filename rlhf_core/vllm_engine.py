@@ -28,10 +28,10 @@ Seeds.  One ``SamplingParams`` per prompt, seeded ``seed + prompt_index * sample
 seed.  That makes a rollout repeatable on the same GPU, driver and vLLM/torch versions only; it is not
 bit-identical to the HF engine's samples, nor across hardware or software versions.
 
-GPU memory.  vLLM reserves ``gpu_memory_utilization`` of the GPU.  The stage generates before it loads
+GPU memory.  vLLM reserves ``gpu_memory_utilization`` (rollout.gpu_memory_fraction) of the GPU.  The stage generates before it loads
 the HF models for the log-probs, and this function shuts the engine down and empties the CUDA cache
 before returning.  Freeing all of vLLM's memory inside a process has varied across vLLM versions;
-if the HF models then run out of memory, lower ``gpu_memory_utilization``.
+if the HF models then run out of memory, lower rollout.gpu_memory_fraction.
 """
 
 from __future__ import annotations
@@ -79,20 +79,22 @@ def generate_samples_vllm(model_dir: str | Path, prompt_ids: list[list[int]], *,
         check_context(prompt_ids, max_new_tokens,
                       context_length(AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)),
                       "train prompts")
+        refusals = _refusal_errors(vllm)
         try:
             per_prompt = [vllm.SamplingParams(
                 n=samples_per_prompt, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1,
                 min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
                 max_tokens=max_new_tokens, seed=seed + p * samples_per_prompt, stop_token_ids=[eos_id],
                 ignore_eos=False, detokenize=False) for p in range(len(prompt_ids))]
-        except ValueError as exc:  # e.g. newer vLLM refuses temperature > 2
-            raise ConfigError(f"rollout: vLLM refuses these sampling params ({str(exc).splitlines()[0]}); "
-                              "change them or use engine: hf") from None
+        except refusals as exc:  # e.g. newer vLLM refuses temperature > 2
+            raise _refused(exc) from None
         llm = vllm.LLM(model=model_dir, tokenizer=model_dir, seed=seed, dtype=dtype,
                        gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
                        trust_remote_code=trust_remote_code)
         try:
             outputs = llm.generate([{"prompt_token_ids": list(ids)} for ids in prompt_ids], per_prompt, use_tqdm=False)
+        except refusals as exc:  # vLLM >= 0.33 validates requests in the engine and raises VLLMError subclasses
+            raise _refused(exc) from None
         finally:
             _shutdown(llm)
             del llm
@@ -112,6 +114,17 @@ def generate_samples_vllm(model_dir: str | Path, prompt_ids: list[list[int]], *,
             response, ended = response_ids(completion, eos_id)
             samples.append(Sample(p, s, list(prompt_ids[p]), response, ended))
     return samples
+
+
+def _refusal_errors(vllm) -> tuple[type[BaseException], ...]:
+    """What vLLM raises for values it refuses: ValueError, and from vLLM 0.33 ``vllm.exceptions.VLLMError``."""
+    vllm_error = getattr(getattr(vllm, "exceptions", None), "VLLMError", None)
+    return (ValueError,) + ((vllm_error,) if isinstance(vllm_error, type) else ())
+
+
+def _refused(exc: BaseException) -> ConfigError:
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return ConfigError(f"rollout: vLLM refuses these sampling params ({first_line}); change them or use engine: hf")
 
 
 def _require_cuda() -> None:

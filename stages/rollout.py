@@ -33,8 +33,9 @@ def main(params, args):
         samples = generate_samples_vllm(
             checkpoint_dir(start_from), prompt_ids, samples_per_prompt=ro.samples_per_prompt,
             temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, max_new_tokens=ro.max_new_tokens, seed=seed,
-            eos_id=tokenizer.eos_token_id,
-            dtype={"no": "float32", "bf16": "bfloat16", "fp16": "float16"}[params.compute.mixed_precision],
+            eos_id=tokenizer.eos_token_id, gpu_memory_utilization=ro.gpu_memory_fraction,
+            dtype="bfloat16" if params.compute.param_dtype == "bfloat16" else
+            {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}[params.compute.mixed_precision],
             trust_remote_code=params.trust_remote_code)
     dtype = params.compute.param_dtype
     actor_critic = load_actor_critic(checkpoint_dir(start_from), params.algorithm.critic, device,

@@ -242,3 +242,45 @@ def test_rollout_stage_takes_its_samples_from_vllm(fake_vllm, tiny_checkpoint, t
         assert list(row.response_ids) == response and row.ended_with_eos == ended
         assert len(row.logprobs) == len(row.ref_logprobs) == len(row.values) == len(response)
     assert (table["logprobs"].map(list) == table["ref_logprobs"].map(list)).all()  # round 1: π = π_ref
+
+
+def test_vllm_errors_of_newer_versions_are_one_line_config_errors(fake_vllm, tiny_checkpoint):
+    """vLLM >= 0.33 raises vllm.exceptions.VLLMError subclasses (not ValueError) for values it refuses, when the
+    sampling params are made or when the engine validates the request: both end in the one-line error."""
+
+    class VLLMError(Exception):
+        pass
+
+    class InvalidSamplingParams(VLLMError):
+        pass
+
+    vllm = sys.modules["vllm"]
+    vllm.exceptions = types.SimpleNamespace(VLLMError=VLLMError)
+    real_params = vllm.SamplingParams
+
+    def strict_params(**kwargs):
+        if kwargs["temperature"] > 2:
+            raise InvalidSamplingParams(f"temperature must be in [0, 2], got {kwargs['temperature']}.\nmore detail")
+        return real_params(**kwargs)
+
+    vllm.SamplingParams = strict_params
+    with pytest.raises(ConfigError) as info:
+        generate(tiny_checkpoint, [[5, 6]], temperature=2.5)
+    assert str(info.value) == ("rollout: vLLM refuses these sampling params (temperature must be in [0, 2], got 2.5.); "
+                               "change them or use engine: hf")
+
+    def refuse_in_engine(self, prompts, sampling_params, use_tqdm=True):
+        raise InvalidSamplingParams("max_tokens exceeds the model's context")
+
+    vllm.LLM.generate = refuse_in_engine
+    with pytest.raises(ConfigError, match=r"^rollout: vLLM refuses these sampling params \(max_tokens exceeds"):
+        generate(tiny_checkpoint, [[5, 6]])
+    assert fake_vllm["shutdown"] == 1  # the engine that refused the request was shut down all the same
+
+
+def test_gpu_memory_fraction_reaches_vllm(fake_vllm, tiny_checkpoint):
+    generate(tiny_checkpoint, [[5, 6]], gpu_memory_utilization=0.35)
+    assert fake_vllm["llm_kwargs"][0]["gpu_memory_utilization"] == 0.35
+    assert params_from_dict({"rollout": {"gpu_memory_fraction": 0.8}}).rollout.gpu_memory_fraction == 0.8
+    with pytest.raises(ConfigError, match=r"^rollout.gpu_memory_fraction = 1.5: must be < 1"):
+        params_from_dict({"rollout": {"gpu_memory_fraction": 1.5}})
