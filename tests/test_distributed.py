@@ -101,22 +101,29 @@ def _max_relative_difference(a: dict, b: dict) -> float:
     return worst
 
 
-def test_two_process_optimize_matches_one_process(workspace, tmp_path):
-    from safetensors.torch import load_file
-
-    two = _copy_with(workspace, tmp_path / "two", 2, drop=("models/r1",))
-    _launch(two, "stages.optimize", "--round", "r1")
-    before = load_file(str(workspace / "models/sft/model.safetensors"))
-    one = load_file(str(workspace / "models/r1/model.safetensors"))
-    got = load_file(str(two / "models/r1/model.safetensors"))
-    assert _max_relative_difference(one, before) > 1e-4  # the update did move the weights
-    assert _max_relative_difference(one, got) < 1e-4
-    heads = [load_file(str(path / "models/r1/value_head.safetensors")) for path in (workspace, two)]
-    assert _max_relative_difference(*heads) < 1e-4
+def _same_update_as_one_process(workspace: Path, other: Path) -> list[dict]:
+    """Assert that ``other``'s optimize@r1 made the one-process update of ``workspace`` (weights and value head
+    within 1e-4 relative, the same 3 steps); return both runs' optimize metrics (one process first)."""
     import json
 
-    metrics = [json.loads((path / "metrics/r1/optimize.json").read_text()) for path in (workspace, two)]
+    from safetensors.torch import load_file
+
+    before = load_file(str(workspace / "models/sft/model.safetensors"))
+    one = load_file(str(workspace / "models/r1/model.safetensors"))
+    got = load_file(str(other / "models/r1/model.safetensors"))
+    assert _max_relative_difference(one, before) > 1e-4  # the update did move the weights
+    assert _max_relative_difference(one, got) < 1e-4
+    heads = [load_file(str(path / "models/r1/value_head.safetensors")) for path in (workspace, other)]
+    assert _max_relative_difference(*heads) < 1e-4
+    metrics = [json.loads((path / "metrics/r1/optimize.json").read_text()) for path in (workspace, other)]
     assert metrics[0]["optimizer_steps"] == metrics[1]["optimizer_steps"] == 3
+    return metrics
+
+
+def test_two_process_optimize_matches_one_process(workspace, tmp_path):
+    two = _copy_with(workspace, tmp_path / "two", 2, drop=("models/r1",))
+    _launch(two, "stages.optimize", "--round", "r1")
+    metrics = _same_update_as_one_process(workspace, two)
     assert metrics[1]["policy_loss"] == pytest.approx(metrics[0]["policy_loss"], rel=1e-4, abs=1e-6)
 
 
@@ -124,21 +131,9 @@ def test_two_process_fsdp_optimize_matches_one_process_with_half_the_parameters_
     """compute.strategy: fsdp shards the model with FSDP2 (gloo on CPU): the optimizer is built over the shards,
     clipping takes the global norm over DTensors, and rank 0 saves the gathered full state dict.  The update
     is the one-process update; each process holds about half of the parameter bytes."""
-    import json
-
-    from safetensors.torch import load_file
-
     fsdp = _copy_with(workspace, tmp_path / "fsdp", 2, drop=("models/r1",), strategy="fsdp")
     _launch(fsdp, "stages.optimize", "--round", "r1")
-    one = load_file(str(workspace / "models/r1/model.safetensors"))
-    got = load_file(str(fsdp / "models/r1/model.safetensors"))
-    before = load_file(str(workspace / "models/sft/model.safetensors"))
-    assert _max_relative_difference(one, before) > 1e-4  # the update did move the weights
-    assert _max_relative_difference(one, got) < 1e-4
-    heads = [load_file(str(path / "models/r1/value_head.safetensors")) for path in (workspace, fsdp)]
-    assert _max_relative_difference(*heads) < 1e-4
-    metrics = [json.loads((path / "metrics/r1/optimize.json").read_text()) for path in (workspace, fsdp)]
-    assert metrics[0]["optimizer_steps"] == metrics[1]["optimizer_steps"] == 3
+    metrics = _same_update_as_one_process(workspace, fsdp)
     assert metrics[1]["grad_norm"] == pytest.approx(metrics[0]["grad_norm"], rel=1e-4)
     share = metrics[1]["parameter_bytes_per_process"] / metrics[0]["parameter_bytes_per_process"]
     assert 0.45 < share < 0.55, share
@@ -315,10 +310,6 @@ def test_two_machines_on_localhost_run_rollout_and_optimize(workspace, tmp_path)
     """compute.num_machines: 2 with one process each: machine 0 is the launcher `dvc repro` runs, machine 1 a
     follower (`python -m rlhf_core.launch --follow`) in the same directory (the shared filesystem).  They
     meet at the rendezvous over gloo, and give what one process gives."""
-    import json
-
-    from safetensors.torch import load_file
-
     from rlhf_core.launch import free_port
 
     two = _copy_with(workspace, tmp_path / "machines", 1, drop=("rollouts/r2",))
@@ -336,11 +327,7 @@ def test_two_machines_on_localhost_run_rollout_and_optimize(workspace, tmp_path)
         shutil.rmtree(two / "models/r1")  # rollout@r2 read it; optimize@r1 writes it anew
         (two / "metrics/r1/optimize.json").unlink()
         _launch(two, "stages.optimize", "--round", "r1")
-        one = load_file(str(workspace / "models/r1/model.safetensors"))
-        got = load_file(str(two / "models/r1/model.safetensors"))
-        assert _max_relative_difference(one, got) < 1e-4
-        metrics = json.loads((two / "metrics/r1/optimize.json").read_text())
-        assert metrics["optimizer_steps"] == 3
+        _same_update_as_one_process(workspace, two)
         subprocess.run([sys.executable, "-m", "rlhf_core.launch", "--end"], cwd=two, env=env, check=True, timeout=60)
         _, log = follower.communicate(timeout=60)
     finally:
