@@ -191,8 +191,7 @@ def shard_fsdp2(model, device) -> None:
     """Shard ``model`` (an ActorCritic) in place with FSDP2 over all ranks: each transformer block of the policy
     (and of a separate critic backbone) is one unit, gathered for its own forward and backward and freed after;
     so are the input embeddings and an untied LM head, and the value head; the rest (the final norm, tied
-    embeddings) is the root unit.  Every parameter becomes a DTensor
-    shard of 1/world_size of its rows."""
+    embeddings) is the root unit.  Every parameter becomes a DTensor shard of 1/world_size of its rows."""
     import warnings
 
     import torch.distributed as dist

@@ -374,3 +374,29 @@ def test_more_processes_than_gpus_stop_with_one_line(monkeypatch):
     with pytest.raises(ConfigError, match=r"^compute.num_processes = 4: this machine has 2 CUDA device\(s\) and each "
                                           r"process needs its own; set compute.num_processes <= 2$"):
         check_compute(ComputeParams(num_processes=4), "cuda")
+
+
+def test_two_process_fsdp_with_lora_matches_one_process_lora(workspace, tmp_path):
+    """LoRA under FSDP2: frozen base weights and trainable adapters share the block units; the optimizer and
+    the clipping see only the adapters (the list is taken after sharding), and the saved adapters are the
+    one-process ones."""
+    import json
+
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, strategy, processes in (("one", "ddp", 1), ("fsdp", "fsdp", 2)):
+        work = _copy_with(workspace, tmp_path / name, processes, drop=("models/r1",), strategy=strategy)
+        raw = yaml.safe_load((work / "params.yaml").read_text())
+        raw["lora"] = {"enabled": True, "r": 4}
+        raw["ppo"]["lr"] = 1e-3
+        (work / "params.yaml").write_text(yaml.safe_dump(raw))
+        _launch(work, "stages.optimize", "--round", "r1")
+        runs[name] = (load_file(str(work / "models/r1/adapter_model.safetensors")),
+                      json.loads((work / "metrics/r1/optimize.json").read_text()))
+    (one, one_metrics), (got, fsdp_metrics) = runs["one"], runs["fsdp"]
+    assert len(one) == len(got) > 0 and any("lora_B" in key for key in one)
+    assert max(one[key].abs().max().item() for key in one if "lora_B" in key) > 1e-4  # B left zero: it trained
+    assert _max_relative_difference(one, got) < 1e-4
+    assert fsdp_metrics["grad_norm"] == pytest.approx(one_metrics["grad_norm"], rel=1e-4)
+    assert fsdp_metrics["optimizer_steps"] == one_metrics["optimizer_steps"] == 3
