@@ -44,3 +44,25 @@ def test_two_process_pipeline_runs_five_times_in_a_row(tmp_path):
         runs.append((digest(workdir / "rollouts/r1/rollouts.parquet"),
                      digest(workdir / "models/r1/model.safetensors"), digest(workdir / "scores/r1/scores.parquet")))
     assert len(set(runs)) == 1, runs  # the same outputs every time
+
+
+def test_fsdp_bf16_checkpointed_two_process_pipeline_trains(tmp_path):
+    """What a user with a bigger model sets in params.yaml (FSDP2, bf16 weights, gradient checkpointing,
+    2 processes), through `dvc repro`: every stage runs, the checkpoints are bf16, and the first PPO ratio is 1."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+
+    changes = {**TWO_PROCESSES, "compute": {"num_processes": 2, "strategy": "fsdp", "param_dtype": "bfloat16",
+                                            "gradient_checkpointing": True}}
+    workdir = make_reduced_repo(tmp_path / "fsdp", changes)
+    output = dvc(["repro"], workdir)
+    assert {"prepare", "sft", "rollout@r1", "optimize@r1", "evaluate", "track"} <= ran_stages(output)
+    assert output.count("accelerate.commands.launch") == 2
+    metrics = json.loads((workdir / "metrics/r1/optimize.json").read_text())
+    assert metrics["optimizer_steps"] > 0 and metrics["first_minibatch_ratio_max_deviation"] < 1e-2
+    with safe_open(str(workdir / "models/r1/model.safetensors"), "pt") as weights:
+        assert {weights.get_tensor(key).dtype for key in weights.keys()} == {torch.bfloat16}
+    evaluation = json.loads((workdir / "metrics/eval.json").read_text())
+    assert set(evaluation) == {"sft", "r1"}
