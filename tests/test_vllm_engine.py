@@ -249,10 +249,10 @@ def test_vllm_errors_of_newer_versions_are_one_line_config_errors(fake_vllm, tin
     sampling params are made or when the engine validates the request: both end in the one-line error."""
 
     class VLLMError(Exception):
-        pass
+        """vllm.exceptions.VLLMError"""
 
     class InvalidSamplingParams(VLLMError):
-        pass
+        """one of its subclasses"""
 
     vllm = sys.modules["vllm"]
     vllm.exceptions = types.SimpleNamespace(VLLMError=VLLMError)
