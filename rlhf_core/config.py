@@ -171,6 +171,9 @@ class ScorerParams:
     batch_size: int = param(32, "hf_classifier: texts per forward pass", ge=1)
     max_length: int = param(512, "hf_classifier: longest input in the classifier's tokens; longer texts keep their end", ge=2)
     device: str = param("auto", "hf_classifier: `auto`, `cpu`, `cuda`, `cuda:N` or `mps`", pattern=_DEVICE)
+    allow_untrained_head: bool = param(
+        False, "hf_classifier: accept a checkpoint that lacks some of the classifier's weights (a sentence encoder or "
+        "a plain LM: transformers would start its head at random, so its scores are noise); off: refused in one line")
 
 
 @dataclass(frozen=True)
@@ -689,7 +692,8 @@ def schema_rows(cls=Params, prefix: str = "") -> list[tuple[str, str, Any, str]]
 def _scorer_fields(scorer: "ScorerParams") -> dict:
     """The scorer's keys that matter for its kind (defaults of other kinds are left out)."""
     kind_keys = {"length": ("target_length",), "verifiable": ("match", "tolerance"), "python": ("function",),
-                 "hf_classifier": ("model", "ensemble", "label", "output", "text", "batch_size", "max_length", "device")}
+                 "hf_classifier": ("model", "ensemble", "label", "output", "text", "batch_size", "max_length", "device",
+                                   "allow_untrained_head")}
     keys = ("name", "kind", "weight", "normalize", "clip", *kind_keys.get(scorer.kind, ()))
     return {key: list(value) if isinstance(value := getattr(scorer, key), tuple) else value for key in keys}
 

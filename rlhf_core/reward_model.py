@@ -30,7 +30,7 @@ from rlhf_core.progress import Progress
 
 REWARD_LABEL = "reward"
 ADAMW_EPS = 1e-8  # torch's AdamW default
-_LOADED: dict[tuple[str, str, bool], tuple] = {}  # (path, device, trust_remote_code) -> (model, tokenizer)
+_LOADED: dict[tuple, tuple] = {}  # (path, device, trust_remote_code, allow_untrained_head) -> (model, tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -53,15 +53,29 @@ def prepare_classifier_tokenizer(tokenizer, model=None):
     return tokenizer
 
 
-def load_classifier(path: str, device: torch.device, trust_remote_code: bool = False):
-    """(model, tokenizer) of an AutoModelForSequenceClassification, loaded once per process."""
-    key = (str(path), str(device), trust_remote_code)
+def load_classifier(path: str, device: torch.device, trust_remote_code: bool = False, *,
+                    allow_untrained_head: bool = False, where: str = "reward model"):
+    """(model, tokenizer) of an AutoModelForSequenceClassification, loaded once per process.
+
+    A checkpoint that lacks some of the classifier's weights (a sentence encoder or a plain LM loaded as a
+    classifier: transformers initialises the missing head at random, with only a warning) scores noise,
+    so it is refused unless ``allow_untrained_head``."""
+    key = (str(path), str(device), trust_remote_code, allow_untrained_head)
     if key not in _LOADED:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from rlhf_core.models import disable_dropout, safe_from_pretrained
 
-        model = disable_dropout(safe_from_pretrained(AutoModelForSequenceClassification, path, trust_remote_code))
+        model, loading = safe_from_pretrained(AutoModelForSequenceClassification, path, trust_remote_code,
+                                              output_loading_info=True)
+        untrained = sorted(set(loading.get("missing_keys") or ()) | {
+            key[0] if isinstance(key, tuple) else key for key in loading.get("mismatched_keys") or ()})
+        if untrained and not allow_untrained_head:
+            shown = ", ".join(untrained[:3]) + (f" and {len(untrained) - 3} more" if len(untrained) > 3 else "")
+            raise DataError(f"{where}: {path!r} is not a trained classifier: its checkpoint lacks {shown}, which would "
+                            "start at random (scores would be noise); train one (reward_models) or set "
+                            "allow_untrained_head: true")
+        model = disable_dropout(model)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         except OSError as exc:
@@ -118,7 +132,9 @@ def classifier_scores(texts: list[str], scorer, device: torch.device, trust_remo
     """The ``hf_classifier`` component of each text, and each ensemble member's own scores."""
     members = []
     for path in scorer.model:
-        model, tokenizer = load_classifier(path, device, trust_remote_code)
+        model, tokenizer = load_classifier(path, device, trust_remote_code,
+                                           allow_untrained_head=scorer.allow_untrained_head,
+                                           where=f"scorer {scorer.name}")
         column = label_index(model.config, scorer.label, f"scorer {scorer.name} ({path})")
         logits = classifier_logits(model, tokenizer, texts, batch_size=scorer.batch_size,
                                    max_length=scorer.max_length)

@@ -152,6 +152,29 @@ def test_score_responses_reads_prompt_plus_response_and_keeps_member_columns(tmp
     assert alone["rm"] == pytest.approx(expected_alone.tolist(), abs=1e-5)
 
 
+def test_a_checkpoint_without_a_trained_head_is_refused_unless_allowed(tmp_path, bert, tiny_checkpoint):
+    """A sentence encoder (a BERT body saved without its classifier) or a plain causal LM loaded as a classifier
+    gets a head that transformers initialises at random: a reward of noise.  Refused in one line naming the
+    scorer and the model; allow_untrained_head: true accepts it; a trained classifier is accepted as before."""
+    from transformers import AutoModel, AutoTokenizer
+
+    encoder = tmp_path / "encoder"
+    AutoModel.from_pretrained(bert).save_pretrained(encoder)  # BertModel: the body, no classifier weights
+    AutoTokenizer.from_pretrained(bert).save_pretrained(encoder)
+    for path, missing in ((encoder, "classifier.weight"), (tiny_checkpoint, "score.weight")):
+        with pytest.raises(DataError) as info:
+            classifier_scores(TEXTS, _scorer(model=(str(path),), label="0"), torch.device("cpu"))
+        message = str(info.value)
+        assert message.startswith(f"scorer rm: {str(path)!r} is not a trained classifier: its checkpoint lacks ")
+        assert missing in message and message.endswith("set allow_untrained_head: true") and "\n" not in message
+    scores, _ = classifier_scores(["the movie was great"], _scorer(model=(str(encoder),), label="0",
+                                                                   allow_untrained_head=True), torch.device("cpu"))
+    assert len(scores) == 1 and math.isfinite(scores[0])
+    classifier_scores(TEXTS, _scorer(model=(str(bert),), label="positive"), torch.device("cpu"))  # trained: accepted
+    assert params_from_dict({"score": {"scorers": [{"name": "rm", "kind": "hf_classifier", "model": ["x"],
+                                                    "allow_untrained_head": True}]}}).score.scorers[0].allow_untrained_head
+
+
 def test_missing_classifier_is_one_line(tmp_path):
     with pytest.raises(DataError, match="cannot be loaded from safetensors"):
         classifier_scores(["x"], _scorer(model=(str(tmp_path / "nope"),)), torch.device("cpu"))
