@@ -128,10 +128,29 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def refuse_missing_local_path(path: str | Path, what: str) -> None:
+    """Stop with one line when ``path`` is meant as a local directory and there is none, instead of letting
+    transformers take it for a Hub id and retry the network (about 45 s, then "couldn't connect").
+
+    A path is local when it exists, is absolute or starts with ``.`` or ``~``, has more than one ``/`` (a Hub id
+    is ``name`` or ``owner/name``), or when its first part is a directory here (``models/r9`` next to
+    ``models/``).  Anything else is left to be a Hub id."""
+    text = str(path)
+    candidate = Path(text).expanduser()
+    if candidate.exists():
+        return
+    parts = Path(text).parts
+    local = (text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text
+             or (len(parts) > 1 and Path(parts[0]).is_dir()))
+    if local:
+        raise DataError(f"{what} {text!r}: no such directory (a local path, so the Hub is not tried)")
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """Load a tokenizer, making sure it has a pad token distinct from EOS and pads on the left."""
     from transformers import AutoTokenizer
 
+    refuse_missing_local_path(path, "tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as exc:
@@ -163,6 +182,7 @@ def safe_from_pretrained(auto_class, path: str, trust_remote_code: bool = False,
     no code from the checkpoint unless ``trust_remote_code`` is on, in ``param_dtype`` (compute.param_dtype:
     float32, bfloat16, or auto = as stored); ``kwargs`` go to from_pretrained."""
     quiet_transformers()
+    refuse_missing_local_path(path, "model")
     try:
         return auto_class.from_pretrained(path, dtype=PARAM_DTYPES[param_dtype], use_safetensors=True,
                                           trust_remote_code=trust_remote_code, **kwargs)

@@ -96,7 +96,7 @@ def test_checkpoint_loads_with_plain_transformers(tiny_checkpoint, tmp_path):
 def test_missing_model_is_a_one_line_error(tmp_path):
     from rlhf_core.errors import DataError
 
-    with pytest.raises(DataError, match="cannot be loaded"):
+    with pytest.raises(DataError, match=r"^model .*nope.: no such directory \(a local path, so the Hub is not tried\)$"):
         load_causal_lm(str(tmp_path / "nope"), CPU)
 
 
@@ -165,3 +165,34 @@ def test_param_dtype_loads_the_weights_in_it_and_keeps_the_value_head_and_log_pr
     assert out.logprobs.dtype == out.values.dtype == torch.float32
     assert torch.isfinite(out.logprobs).all() and torch.isfinite(out.values).all()
     assert load_causal_lm(str(tiny_checkpoint), CPU, param_dtype="auto").dtype == torch.float32  # stored float32
+
+
+@pytest.mark.parametrize("path", ["models/r9", "./nowhere", "/no/such/checkpoint", "a/b/c"])
+def test_a_missing_local_path_is_one_line_and_never_tried_on_the_hub(tmp_path, monkeypatch, path):
+    """A local path that does not exist used to be taken for a Hub id and retried for about 45 s before
+    "couldn't connect to huggingface.co".  Now: one line, and the Hub is not contacted at all."""
+    import huggingface_hub
+
+    from rlhf_core.errors import DataError
+    from rlhf_core.models import safe_from_pretrained
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the Hub was contacted")
+
+    for name in ("hf_hub_download", "snapshot_download", "model_info"):
+        monkeypatch.setattr(huggingface_hub, name, no_network)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()  # the pipeline's own checkpoint directory exists; models/r9 does not
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(DataError, match=rf"^tokenizer '{path}': no such directory \(a local path, so the Hub is not tried\)$"):
+        load_tokenizer(path)
+    with pytest.raises(DataError, match=rf"^model '{path}': no such directory"):
+        safe_from_pretrained(AutoModelForCausalLM, path)
+
+
+def test_a_hub_like_id_is_still_a_hub_id():
+    from rlhf_core.models import refuse_missing_local_path
+
+    for hub_id in ("gpt2", "HuggingFaceTB/SmolLM2-135M-Instruct"):
+        refuse_missing_local_path(hub_id, "model")  # left to transformers (Hub or its cache)
