@@ -146,15 +146,30 @@ def refuse_missing_local_path(path: str | Path, what: str) -> None:
         raise DataError(f"{what} {text!r}: no such directory (a local path, so the Hub is not tried)")
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """Load a tokenizer, making sure it has a pad token distinct from EOS and pads on the left."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
+
+
+def auto_tokenizer(path: str, trust_remote_code: bool = False, what: str = "tokenizer"):
+    """``AutoTokenizer.from_pretrained(path)``, or one line naming ``what`` and ``path``: a missing local path, a
+    directory with no tokenizer files in it (transformers' own message there is a 10-line hint about
+    sentencepiece), or the loader's first line."""
     from transformers import AutoTokenizer
 
-    refuse_missing_local_path(path, "tokenizer")
+    refuse_missing_local_path(path, what)
+    directory = Path(str(path)).expanduser()
+    if directory.is_dir() and not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise DataError(f"{what} {str(path)!r}: the directory holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                        "is it a model directory?")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise DataError(f"tokenizer {path!r}: cannot be loaded ({str(exc).splitlines()[0]})") from None
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"{what} {str(path)!r}: cannot be loaded ({first_line})") from None
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """Load a tokenizer, making sure it has a pad token distinct from EOS and pads on the left."""
+    tokenizer = auto_tokenizer(path, trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise DataError(f"tokenizer {path!r}: has no EOS token; responses could never end")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:

@@ -62,9 +62,9 @@ def load_classifier(path: str, device: torch.device, trust_remote_code: bool = F
     so it is refused unless ``allow_untrained_head``."""
     key = (str(path), str(device), trust_remote_code, allow_untrained_head)
     if key not in _LOADED:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
-        from rlhf_core.models import disable_dropout, safe_from_pretrained
+        from rlhf_core.models import auto_tokenizer, disable_dropout, safe_from_pretrained
 
         model, loading = safe_from_pretrained(AutoModelForSequenceClassification, path, trust_remote_code,
                                               output_loading_info=True)
@@ -76,10 +76,7 @@ def load_classifier(path: str, device: torch.device, trust_remote_code: bool = F
                             "start at random (scores would be noise); train one (reward_models) or set "
                             "allow_untrained_head: true")
         model = disable_dropout(model)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        except OSError as exc:
-            raise DataError(f"reward model {path!r}: its tokenizer cannot be loaded ({str(exc).splitlines()[0]})") from None
+        tokenizer = auto_tokenizer(path, trust_remote_code, f"{where}: the tokenizer of")
         _LOADED[key] = (model.to(device), prepare_classifier_tokenizer(tokenizer, model))
     return _LOADED[key]
 
@@ -188,9 +185,9 @@ def split_pairs(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict
 def build_reward_model(spec, tiny, texts: list[str], device: torch.device, trust_remote_code: bool = False):
     """(model, tokenizer): a one-output sequence classifier, from scratch (``builtin``, with its own
     tokenizer trained on ``texts``), from the SFT snapshot (``sft``), or from any hub id / directory."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
-    from rlhf_core.models import build_tiny_model, disable_dropout, safe_from_pretrained, train_tokenizer
+    from rlhf_core.models import auto_tokenizer, build_tiny_model, disable_dropout, safe_from_pretrained, train_tokenizer
 
     labels = {"num_labels": 1, "id2label": {0: REWARD_LABEL}, "label2id": {REWARD_LABEL: 0}}
     if spec.base == "builtin":
@@ -203,10 +200,7 @@ def build_reward_model(spec, tiny, texts: list[str], device: torch.device, trust
         path = "models/sft" if spec.base == "sft" else spec.base
         model = safe_from_pretrained(AutoModelForSequenceClassification, path, trust_remote_code,
                                      ignore_mismatched_sizes=True, **labels)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        except OSError as exc:
-            raise DataError(f"reward model base {path!r}: its tokenizer cannot be loaded ({str(exc).splitlines()[0]})") from None
+        tokenizer = auto_tokenizer(path, trust_remote_code, "the tokenizer of reward model base")
     prepare_classifier_tokenizer(tokenizer, model)
     return disable_dropout(model).to(device), tokenizer
 

@@ -196,3 +196,16 @@ def test_a_hub_like_id_is_still_a_hub_id():
 
     for hub_id in ("gpt2", "HuggingFaceTB/SmolLM2-135M-Instruct"):
         refuse_missing_local_path(hub_id, "model")  # left to transformers (Hub or its cache)
+
+
+def test_a_directory_that_is_not_a_model_is_one_line(tmp_path):
+    """sft.model pointing at a directory with no model in it gave a 38-line traceback ending in 'You need to
+    have sentencepiece or tiktoken installed'."""
+    from rlhf_core.errors import DataError
+
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(DataError, match=rf"^tokenizer '{tmp_path}': the directory holds no tokenizer \(none of "
+                                        r"tokenizer.json, .*\); is it a model directory\?$"):
+        load_tokenizer(str(tmp_path))
+    with pytest.raises(DataError, match=rf"^model '{tmp_path}': cannot be loaded from safetensors weights"):
+        load_causal_lm(str(tmp_path), CPU)
