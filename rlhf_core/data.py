@@ -7,7 +7,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf_core.errors import DataError
+from rlhf_core.errors import DataError, first_line
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
@@ -30,7 +30,7 @@ def read_table_file(path: str | Path):
         if suffix == ".csv":
             return pd.read_csv(path, keep_default_na=False)
     except ValueError as exc:
-        raise DataError(f"{path}: cannot be read as {suffix[1:]} ({str(exc).splitlines()[0]})") from None
+        raise DataError(f"{path}: cannot be read as {suffix[1:]} ({first_line(exc)})") from None
     raise DataError(f"{path}: unsupported file type {suffix!r}; allowed: {', '.join(FILE_SUFFIXES)}")
 
 
@@ -47,7 +47,7 @@ def read_hf_dataset(name: str, config: str, split: str):
             dataset = datasets.load_dataset(name, config or None, split=split)
     except Exception as exc:  # datasets raises many types; the user needs the one line
         raise DataError(f"dataset {name!r} (config {config or 'default'}, split {split}): cannot be loaded: "
-                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+                        f"{first_line(exc)}") from None
     return dataset.to_pandas()
 
 

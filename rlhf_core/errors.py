@@ -11,3 +11,9 @@ class ConfigError(RLHFError):
 
 class DataError(RLHFError):
     """An input file, dataset or value is unusable (missing, empty, malformed, NaN)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when the message is empty), to quote a
+    library's error inside one of ours without its tracebacks or multi-line hints."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

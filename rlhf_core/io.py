@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from rlhf_core.errors import DataError
+from rlhf_core.errors import DataError, first_line
 
 
 def _tmp_sibling(path: Path, is_dir: bool) -> Path:
@@ -162,7 +162,7 @@ def read_parquet(path: str | Path, required_columns: tuple[str, ...] = ()):
     try:
         frame = pd.read_parquet(path)
     except (pyarrow.ArrowException, OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0][:200]}); "
+        raise DataError(f"{path}: not a readable Parquet file ({first_line(exc)[:200]}); "
                         "re-run the stage that produces it (dvc repro -f <stage>)") from None
     missing = [c for c in required_columns if c not in frame.columns]
     if missing:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlhf_core.errors import ConfigError, DataError
+from rlhf_core.errors import ConfigError, DataError, first_line
 from rlhf_core.io import STATE_FILE, checkpoint_dir, read_state  # noqa: F401  (re-exported)
 
 PAD_TOKEN = "<|pad|>"
@@ -163,8 +163,7 @@ def auto_tokenizer(path: str, trust_remote_code: bool = False, what: str = "toke
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DataError(f"{what} {str(path)!r}: cannot be loaded ({first_line})") from None
+        raise DataError(f"{what} {str(path)!r}: cannot be loaded ({first_line(exc)})") from None
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -202,8 +201,7 @@ def safe_from_pretrained(auto_class, path: str, trust_remote_code: bool = False,
         return auto_class.from_pretrained(path, dtype=PARAM_DTYPES[param_dtype], use_safetensors=True,
                                           trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"model {path!r}: cannot be loaded from safetensors weights ({first_line}); "
+        raise DataError(f"model {path!r}: cannot be loaded from safetensors weights ({first_line(exc)}); "
                         "pickle checkpoints (.bin/.pt) are refused: convert them with save_pretrained") from None
 
 

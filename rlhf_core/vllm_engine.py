@@ -41,7 +41,7 @@ import gc
 import tempfile
 from pathlib import Path
 
-from rlhf_core.errors import ConfigError, DataError
+from rlhf_core.errors import ConfigError, DataError, first_line
 from rlhf_core.rollout import Sample, check_context, context_length, truncate_at_eos
 
 NOT_INSTALLED = "rollout.engine = 'vllm': vLLM is not installed (pip install vllm; GPU only); use engine: hf"
@@ -123,8 +123,7 @@ def _refusal_errors(vllm) -> tuple[type[BaseException], ...]:
 
 
 def _refused(exc: BaseException) -> ConfigError:
-    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return ConfigError(f"rollout: vLLM refuses these sampling params ({first_line}); change them or use engine: hf")
+    return ConfigError(f"rollout: vLLM refuses these sampling params ({first_line(exc)}); change them or use engine: hf")
 
 
 def _require_cuda() -> None:

@@ -247,3 +247,11 @@ def test_a_live_writers_temporary_sibling_is_left_alone(tmp_path):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_first_line_of_a_library_error():
+    from rlhf_core.errors import first_line
+
+    assert first_line(ValueError("Couldn't instantiate the tokenizer:\n(1) a file\n(2) …")) == \
+        "Couldn't instantiate the tokenizer:"
+    assert first_line(OSError("  \n")) == "OSError" and first_line(KeyError()) == "KeyError"

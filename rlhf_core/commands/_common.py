@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from rlhf_core.errors import ConfigError, DataError
+from rlhf_core.errors import ConfigError, DataError, first_line
 
 
 def root() -> Path:
@@ -72,7 +72,7 @@ def open_store(params, repo: Path | None = None) -> Store:
         experiment = client.get_experiment_by_name(params.tracking.experiment)
         names = [e.name for e in client.search_experiments()] if experiment is None else []
     except MlflowException as exc:
-        raise DataError(f"{uri}: cannot read the MLflow store ({str(exc).splitlines()[0][:200]})") from None
+        raise DataError(f"{uri}: cannot read the MLflow store ({first_line(exc)[:200]})") from None
     if experiment is None:
         raise DataError(f"no MLflow experiment {params.tracking.experiment!r} (tracking.experiment) in {uri}; "
                         f"experiments there: {', '.join(names) or 'none'}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlhf_core.commands import _common
-from rlhf_core.errors import DataError
+from rlhf_core.errors import DataError, first_line
 
 ARTIFACT_DIR = "rlhf_plot"
 
@@ -128,6 +128,6 @@ def run(args) -> None:
             for path in paths:
                 store.client.log_artifact(d["run"].info.run_id, str(path), ARTIFACT_DIR)
     except (MlflowException, OSError) as exc:
-        raise DataError(f"the PNGs are written, but logging them to MLflow failed: {str(exc).splitlines()[0][:200]}") from None
+        raise DataError(f"the PNGs are written, but logging them to MLflow failed: {first_line(exc)[:200]}") from None
     print(f"logged to run(s) {', '.join(_common.short(d['run']) for d in data)} as artifacts {ARTIFACT_DIR}/"
           + ", ".join(path.name for path in paths))
