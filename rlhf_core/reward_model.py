@@ -69,7 +69,7 @@ def load_classifier(path: str, device: torch.device, trust_remote_code: bool = F
         model, loading = safe_from_pretrained(AutoModelForSequenceClassification, path, trust_remote_code,
                                               output_loading_info=True)
         untrained = sorted(set(loading.get("missing_keys") or ()) | {
-            key[0] if isinstance(key, tuple) else key for key in loading.get("mismatched_keys") or ()})
+            name[0] if isinstance(name, tuple) else name for name in loading.get("mismatched_keys") or ()})
         if untrained and not allow_untrained_head:
             shown = ", ".join(untrained[:3]) + (f" and {len(untrained) - 3} more" if len(untrained) > 3 else "")
             raise DataError(f"{where}: {path!r} is not a trained classifier: its checkpoint lacks {shown}, which would "
