@@ -81,12 +81,19 @@ class PrepareParams:
     path: str = param("", "file path (source: file) or dataset name or local dataset directory (source: hf)")
     dataset_config: str = param("", "`datasets` configuration name (source: hf); empty for none")
     split: str = param("train", "`datasets` split to read (source: hf)")
-    prompt_field: str = param("prompt", "column holding the prompt text (source: file or hf)")
+    prompt_field: str = param("prompt", "column holding the prompt: text, or a list of {role, content} messages (trailing assistant turns are dropped; needs a chat template)")
     answer_field: str = param("", "optional column with a reference answer, kept for verifiable scorers; empty for none")
     num_builtin_prompts: int = param(1200, "how many prompts the built-in generator draws before deduplication", ge=2)
     max_prompt_chars: int = param(200, "prompts longer than this many characters are dropped or truncated", ge=1)
     too_long: Literal["drop", "truncate"] = param("drop", "what to do with a prompt longer than max_prompt_chars")
     eval_fraction: float = param(0.1, "fraction of the deduplicated prompts held out for evaluation", gt=0.0, lt=1.0)
+
+
+@dataclass(frozen=True)
+class ChatParams:
+    template: Literal["auto", "on", "off"] = param(
+        "auto", "render prompts with the policy tokenizer's chat template (add_generation_prompt): `auto` when the tokenizer has one (instruct models), `on` requires one, `off` feeds raw text; the from-scratch default has none")
+    system_prompt: str = param("", "a system turn opening every templated conversation (one of its own in a messages prompt wins); empty: none")
 
 
 @dataclass(frozen=True)
@@ -335,6 +342,7 @@ class Params:
     trust_remote_code: bool = param(False, "let transformers run Python code shipped with a hub model or tokenizer; off unless you trust its author")
     compute: ComputeParams = section(ComputeParams, "how stages run: processes, mixed precision and the distributed strategy (rollout and optimize), and warm start (every stage)")
     prepare: PrepareParams = section(PrepareParams, "prompt preparation")
+    chat: ChatParams = section(ChatParams, "how prompts are shown to the policy (sft, rollout, evaluate): chat template and system prompt")
     sft: SFTParams = section(SFTParams, "the reference snapshot")
     rollout: RolloutParams = section(RolloutParams, "generation of each round")
     score: ScoreParams = section(ScoreParams, "reward scoring")

@@ -77,6 +77,18 @@ def truncate_text(text: str, max_chars: int) -> str:
     return cut.rstrip()
 
 
+def prompt_key(record: dict) -> str:
+    """What makes two prompt records the same: the prompt text, or for a conversation the whole conversation
+    as the policy will see it (its last user turn being the possibly truncated prompt)."""
+    if not record.get("messages"):
+        return record["prompt"]
+    import json
+
+    from rlhf_core.chat import conversation
+
+    return json.dumps(conversation(record["prompt"], json.loads(record["messages"]), ""), sort_keys=True)
+
+
 @dataclass
 class PromptSets:
     train: object  # DataFrame with columns prompt[, answer]
@@ -87,22 +99,25 @@ class PromptSets:
 def prepare_prompts(records: list[dict], *, max_chars: int, too_long: str, eval_fraction: float, seed: int) -> PromptSets:
     """Deduplicate (first occurrence wins), drop or truncate long prompts, then split with a seed.
 
-    ``records`` are dicts with a ``prompt`` key and optionally ``answer``.
+    ``records`` are dicts with a ``prompt`` key and optionally ``answer`` and ``messages`` (a conversation as
+    JSON, whose last user turn is ``prompt``: the length limit applies to that turn).
     """
     import pandas as pd
 
     total = len(records)
     seen, unique = set(), []
+    key = prompt_key
     dropped_empty = 0
     for record in records:
         prompt = record["prompt"].strip()
         if not prompt:
             dropped_empty += 1
             continue
-        if prompt in seen:
+        record = {**record, "prompt": prompt}
+        if key(record) in seen:
             continue
-        seen.add(prompt)
-        unique.append({**record, "prompt": prompt})
+        seen.add(key(record))
+        unique.append(record)
     duplicates = total - dropped_empty - len(unique)
 
     kept, too_long_count = [], 0
@@ -116,8 +131,8 @@ def prepare_prompts(records: list[dict], *, max_chars: int, too_long: str, eval_
     if too_long == "truncate":  # truncation can create new duplicates; the first occurrence wins again
         truncated_seen, deduplicated = set(), []
         for record in kept:
-            if record["prompt"] not in truncated_seen:
-                truncated_seen.add(record["prompt"])
+            if key(record) not in truncated_seen:
+                truncated_seen.add(key(record))
                 deduplicated.append(record)
         duplicates += len(kept) - len(deduplicated)
         kept = deduplicated
@@ -147,14 +162,38 @@ def read_prompt_records(params) -> list[dict]:
         return get_task(params.task).prompts(prep.num_builtin_prompts, params.seed)
     where = f"prepare.path {prep.path}"
     frame = load_table(prep.source, prep.path, prep.dataset_config, prep.split)
-    prompts = text_column(frame, prep.prompt_field, where)
+    records = prompt_column(frame, prep.prompt_field, where)
     if prep.answer_field:
         answers = [str(a) for a in frame[prep.answer_field].tolist()] if prep.answer_field in frame.columns else None
         if answers is None:
             raise DataError(f"{where}: no column {prep.answer_field!r} (prepare.answer_field); columns are "
                             f"{', '.join(map(str, frame.columns))}")
-        return [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)]
-    return [{"prompt": p} for p in prompts]
+        return [{**record, "answer": a} for record, a in zip(records, answers)]
+    return records
+
+
+def prompt_column(frame, field: str, where: str) -> list[dict]:
+    """Prompt records from one column: ``{"prompt": text}`` per row of text, or, for a column of conversations
+    (lists of ``{role, content}`` messages, as in many Hub datasets), ``{"prompt": the last user turn,
+    "messages": the conversation as JSON}`` (trailing assistant turns dropped; ``chat.encode_prompt`` renders
+    it with the chat template).  A column must hold one kind or the other."""
+    import json
+
+    from rlhf_core.chat import last_user_text, parse_conversation
+
+    if field not in frame.columns:
+        raise DataError(f"{where}: no column {field!r}; columns are {', '.join(map(str, frame.columns))}")
+    values = frame[field].tolist()
+    if not any(not isinstance(value, str) and hasattr(value, "__len__") for value in values):
+        return [{"prompt": p} for p in text_column(frame, field, where)]
+    records = []
+    for row, value in enumerate(values):
+        if isinstance(value, str):
+            raise DataError(f"{where}: column {field!r} row {row} is text while other rows are conversations; "
+                            "a prompt column holds one kind")
+        messages = parse_conversation(value, f"{where}: column {field!r} row {row}")
+        records.append({"prompt": last_user_text(messages), "messages": json.dumps(messages, ensure_ascii=False)})
+    return records
 
 
 def read_demonstrations(params) -> list[dict]:

@@ -42,21 +42,26 @@ def sequence_kl(policy, reference, samples, *, pad_id: int, temperature: float, 
 
 
 def evaluate_checkpoint(policy, reference, tokenizer, prompts: list[str], heldout_encoded, params, device,
-                        answers: list[str] | None = None) -> tuple[dict, list[dict]]:
+                        answers: list[str] | None = None, *, messages: list | None = None,
+                        stop_ids: list[int] | None = None) -> tuple[dict, list[dict]]:
     """Metrics of one checkpoint, and its sample responses (prompt, response, reward).
+
+    Prompts are encoded as rollout encodes them (``chat.encode_prompts``; ``messages``: the conversation of
+    each prompt, or None), and a response ends at any of ``stop_ids`` (default: the tokenizer's EOS).
 
     ``reward`` is Σ weight · clip(raw component) − EOS penalty: the raw components, not normalised
     (a running normaliser's state belongs to training, and whitening a fixed eval set says nothing).
     """
+    from rlhf_core.chat import encode_prompts
     from rlhf_core.rewards import score_responses
     from rlhf_core.sft import perplexity
 
     ev = params.evaluate
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    prompt_ids = encode_prompts(tokenizer, prompts, chat=params.chat, messages=messages)
     check_context(prompt_ids, ev.max_new_tokens, context_length(policy.config), "eval prompts")
     samples = generate_samples(policy, tokenizer, prompt_ids, samples_per_prompt=ev.samples_per_prompt,
                                temperature=ev.temperature, top_p=1.0, top_k=0, max_new_tokens=ev.max_new_tokens,
-                               batch_size=ev.batch_size, seed=ev.seed, device=device)
+                               batch_size=ev.batch_size, seed=ev.seed, device=device, stop_ids=stop_ids)
     responses = [tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
     ended = [s.ended_with_eos for s in samples]
     metadata = [{"answer": answers[s.prompt_index]} if answers else {} for s in samples]

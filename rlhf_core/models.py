@@ -166,13 +166,34 @@ def auto_tokenizer(path: str, trust_remote_code: bool = False, what: str = "toke
         raise DataError(f"{what} {str(path)!r}: cannot be loaded ({first_line(exc)})") from None
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """Load a tokenizer, making sure it has a pad token distinct from EOS and pads on the left."""
+def load_tokenizer(path: str, trust_remote_code: bool = False, *, eos_values=(), vocab_rows: int | None = None,
+                   log=None):
+    """Load a tokenizer that pads on the left with a pad token distinct from every id that ends a response
+    (``rlhf_core.chat.stop_token_ids``: its EOS and ``eos_values``, the model's config and generation-config
+    ``eos_token_id``).
+
+    A tokenizer with no pad, or pad == an end id (common: pad == eos), gets a spare special token of its own
+    vocabulary as pad (``chat.spare_pad_token``, below ``vocab_rows`` rows of the embedding), so a real model
+    keeps its shape; only when there is none is a new ``<pad>`` added (the caller grows the embeddings:
+    ``match_vocab``), and ``log`` says so."""
+    from rlhf_core.chat import spare_pad_token, stop_token_ids
+
     tokenizer = auto_tokenizer(path, trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise DataError(f"tokenizer {path!r}: has no EOS token; responses could never end")
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    stop_ids = stop_token_ids(tokenizer, *eos_values)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id in stop_ids:
+        had = "no pad" if tokenizer.pad_token_id is None else f"pad {tokenizer.pad_token_id}, an end id of {stop_ids}"
+        spare = spare_pad_token(tokenizer, stop_ids, len(tokenizer) if vocab_rows is None else vocab_rows)
+        if spare is not None:
+            tokenizer.pad_token = spare
+            if log is not None:
+                log(f"tokenizer {path}: pad is the spare special token {spare} (it had {had})")
+        else:
+            tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+            if log is not None:
+                log(f"tokenizer {path}: no pad token distinct from the end ids {stop_ids} and no spare special "
+                    f"token; added {PAD_TOKEN} (the embeddings grow by one row)")
     tokenizer.padding_side = "left"
     return tokenizer
 
@@ -321,12 +342,20 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return list(max(block_lists, key=len))
 
 
-def match_vocab(model, tokenizer) -> None:
-    """Grow the embedding matrix when the tokenizer gained a pad token."""
+def match_vocab(model, tokenizer, stop_ids: list[int] | None = None) -> None:
+    """Grow the embedding matrix when the tokenizer gained a pad token; record pad and every end id
+    (``stop_ids``, default EOS) in the model's config and generation config, so the saved checkpoint
+    stops on all of them wherever it is loaded."""
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
+    stop_ids = stop_ids or [tokenizer.eos_token_id]
     model.config.pad_token_id = tokenizer.pad_token_id
-    model.config.eos_token_id = tokenizer.eos_token_id
+    if model.config.eos_token_id is None:
+        model.config.eos_token_id = tokenizer.eos_token_id
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.pad_token_id = tokenizer.pad_token_id
+        generation.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
 
 
 def hidden_size_of(config) -> int:

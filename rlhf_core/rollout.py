@@ -28,20 +28,26 @@ class Sample:
     ended_with_eos: bool
 
 
-def generation_config(tokenizer, *, temperature: float, top_p: float, top_k: int, max_new_tokens: int):
+def generation_config(tokenizer, *, temperature: float, top_p: float, top_k: int, max_new_tokens: int,
+                      stop_ids: list[int] | None = None):
     """A complete GenerationConfig, so no default of the checkpoint (top_k=50, repetition penalty, …)
-    silently changes the sampling distribution away from softmax(logits / T)."""
+    silently changes the sampling distribution away from softmax(logits / T).  Generation stops at any of
+    ``stop_ids`` (default: the tokenizer's EOS)."""
     from transformers import GenerationConfig
 
+    stop_ids = list(stop_ids or [tokenizer.eos_token_id])
     return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k,
-                            max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                            max_new_tokens=max_new_tokens, eos_token_id=stop_ids if len(stop_ids) > 1 else stop_ids[0],
                             pad_token_id=tokenizer.pad_token_id, repetition_penalty=1.0, num_beams=1)
 
 
-def truncate_at_eos(tokens: list[int], eos_id: int) -> tuple[list[int], bool]:
-    """Cut a generated sequence after its first EOS (EOS kept); report whether there was one."""
-    if eos_id in tokens:
-        return tokens[: tokens.index(eos_id) + 1], True
+def truncate_at_eos(tokens: list[int], stop_ids) -> tuple[list[int], bool]:
+    """Cut a generated sequence after its first end id (an int, or any of a collection; the id is kept);
+    report whether there was one."""
+    stops = {stop_ids} if isinstance(stop_ids, int) else set(stop_ids)
+    for position, token in enumerate(tokens):
+        if token in stops:
+            return tokens[: position + 1], True
     return tokens, False
 
 
@@ -82,8 +88,9 @@ def length_buckets(lengths: list[int], batch_size: int) -> list[list[int]]:
 @torch.inference_mode()
 def generate_samples(policy, tokenizer, prompt_ids: list[list[int]], *, samples_per_prompt: int, temperature: float,
                      top_p: float, top_k: int, max_new_tokens: int, batch_size: int, seed: int,
-                     device: torch.device, runtime=None) -> list[Sample]:
-    """``samples_per_prompt`` sampled responses for each prompt, in (prompt, sample) order.
+                     device: torch.device, runtime=None, stop_ids: list[int] | None = None) -> list[Sample]:
+    """``samples_per_prompt`` sampled responses for each prompt, in (prompt, sample) order; a response ends at
+    the first of ``stop_ids`` (``chat.stop_token_ids``; default: the tokenizer's EOS).
 
     Each batch is seeded with ``seed + batch number``, so the result does not depend on what ran before.
     With several processes (``runtime``), the batch plan is the same on every rank and whole batches go
@@ -93,8 +100,9 @@ def generate_samples(policy, tokenizer, prompt_ids: list[list[int]], *, samples_
     from rlhf_core.distributed import Runtime
 
     runtime = runtime or Runtime(device=device)  # plain: one process, no autocast
+    stop_ids = list(stop_ids or [tokenizer.eos_token_id])
     config = generation_config(tokenizer, temperature=temperature, top_p=top_p, top_k=top_k,
-                               max_new_tokens=max_new_tokens)
+                               max_new_tokens=max_new_tokens, stop_ids=stop_ids)
     jobs = [(p, s) for p in range(len(prompt_ids)) for s in range(samples_per_prompt)]
     results: dict[tuple[int, int], Sample] = {}
     plan = runtime.shard(list(enumerate(length_buckets([len(prompt_ids[p]) for p, _ in jobs], batch_size))))
@@ -119,7 +127,7 @@ def generate_samples(policy, tokenizer, prompt_ids: list[list[int]], *, samples_
                                          "corrupt (a diverged update? lower ppo.lr)") from None
             raise
         for row, (p, s) in enumerate(batch_jobs):
-            response, ended = truncate_at_eos(output[row, width:].tolist(), tokenizer.eos_token_id)
+            response, ended = truncate_at_eos(output[row, width:].tolist(), stop_ids)
             results[(p, s)] = Sample(p, s, prompt_ids[p], response, ended)
         progress.update(len(batch_jobs))
     progress.close()

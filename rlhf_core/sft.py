@@ -18,11 +18,17 @@ from rlhf_core.models import (build_tiny_model, collate, disable_dropout, enable
 from rlhf_core.progress import Progress
 
 
-def encode_demonstrations(tokenizer, rows: list[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
-    """(prompt_ids, response_ids + [eos]) per row, truncated so that the total fits max_length."""
+def encode_demonstrations(tokenizer, rows: list[dict], max_length: int, *, chat) -> list[tuple[list[int], list[int]]]:
+    """(prompt_ids, response_ids + [eos]) per row, truncated so that the total fits max_length.
+
+    The prompt is encoded as rollout encodes it (``chat.encode_prompt``: the chat template when ``chat``
+    uses one), so the model learns to answer what it will be asked; the response ends with EOS, which
+    for an instruct tokenizer is its end-of-turn token."""
+    from rlhf_core.chat import encode_prompts
+
+    prompts = encode_prompts(tokenizer, [row["prompt"] for row in rows], chat=chat)
     encoded = []
-    for row in rows:
-        prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+    for row, prompt in zip(rows, prompts):
         response = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         prompt = prompt[-max(1, max_length // 2):]
         response = response[: max(1, max_length - len(prompt))]
@@ -31,8 +37,13 @@ def encode_demonstrations(tokenizer, rows: list[dict], max_length: int) -> list[
     return encoded
 
 
-def build_reference(params, train_rows: list[dict], device: torch.device):
-    """Return (model, tokenizer) for the SFT stage: from scratch, or loaded from ``params.sft.model``."""
+def build_reference(params, train_rows: list[dict], device: torch.device, log=print):
+    """Return (model, tokenizer) for the SFT stage: from scratch, or loaded from ``params.sft.model``.
+
+    A loaded model keeps its vocabulary: pad becomes a spare special token when it equals an end id
+    (``models.load_tokenizer``), and the model's configs record every end id (``models.match_vocab``)."""
+    from rlhf_core.chat import stop_token_ids
+
     sft = params.sft
     if sft.model == "builtin":
         texts = [row["prompt"] + row["response"] for row in train_rows]
@@ -41,9 +52,12 @@ def build_reference(params, train_rows: list[dict], device: torch.device):
         if params.compute.param_dtype == "bfloat16":  # float32 otherwise: a new model has no stored dtype
             model = model.to(torch.bfloat16)
     else:
-        tokenizer = load_tokenizer(sft.model, params.trust_remote_code)
         model = load_causal_lm(sft.model, device, params.trust_remote_code, param_dtype=params.compute.param_dtype)
-        match_vocab(model, tokenizer)
+        generation = getattr(model, "generation_config", None)
+        eos_values = (model.config.eos_token_id, getattr(generation, "eos_token_id", None))
+        tokenizer = load_tokenizer(sft.model, params.trust_remote_code, eos_values=eos_values,
+                                   vocab_rows=model.get_input_embeddings().weight.shape[0], log=log)
+        match_vocab(model, tokenizer, stop_token_ids(tokenizer, *eos_values))
     if params.compute.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     from rlhf_core.rollout import context_length

@@ -15,7 +15,7 @@ Same distribution as the HF path.  ``SamplingParams`` get the round's temperatur
 passed as -1, "disabled", which every vLLM version accepts), max_new_tokens and EOS as the only extra
 stop token, with no repetition/presence/frequency penalty and min_p 0, so responses are drawn from
 softmax(logits / T) exactly as ``rlhf_core.rollout.generate_samples`` draws them.  Responses are cut
-after their first EOS (EOS kept) like ``truncate_at_eos``.
+after their first end id (kept) like ``truncate_at_eos``.
 
 vLLM's own log-probs are not used.  ``record_token_stats`` recomputes the policy's log-probs, the
 reference's and the values with the training code's forward pass, so the first PPO ratio on an
@@ -48,7 +48,7 @@ NOT_INSTALLED = "rollout.engine = 'vllm': vLLM is not installed (pip install vll
 
 
 def generate_samples_vllm(model_dir: str | Path, prompt_ids: list[list[int]], *, samples_per_prompt: int,
-                          temperature: float, top_p: float, top_k: int, max_new_tokens: int, seed: int, eos_id: int,
+                          temperature: float, top_p: float, top_k: int, max_new_tokens: int, seed: int, stop_ids: list[int],
                           dtype: str = "auto", gpu_memory_utilization: float = 0.6, enforce_eager: bool = True,
                           trust_remote_code: bool = False) -> list[Sample]:
     """``samples_per_prompt`` sampled responses for each prompt, in (prompt, sample) order, by vLLM.
@@ -84,7 +84,7 @@ def generate_samples_vllm(model_dir: str | Path, prompt_ids: list[list[int]], *,
             per_prompt = [vllm.SamplingParams(
                 n=samples_per_prompt, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1,
                 min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
-                max_tokens=max_new_tokens, seed=seed + p * samples_per_prompt, stop_token_ids=[eos_id],
+                max_tokens=max_new_tokens, seed=seed + p * samples_per_prompt, stop_token_ids=list(stop_ids),
                 ignore_eos=False, detokenize=False) for p in range(len(prompt_ids))]
         except refusals as exc:  # e.g. newer vLLM refuses temperature > 2
             raise _refused(exc) from None
@@ -111,7 +111,7 @@ def generate_samples_vllm(model_dir: str | Path, prompt_ids: list[list[int]], *,
             raise DataError(f"vLLM returned {len(completions)} responses for prompt row {p}, "
                             f"expected {samples_per_prompt}")
         for s, completion in enumerate(completions):
-            response, ended = response_ids(completion, eos_id)
+            response, ended = response_ids(completion, stop_ids)
             samples.append(Sample(p, s, list(prompt_ids[p]), response, ended))
     return samples
 
@@ -133,25 +133,25 @@ def _require_cuda() -> None:
         raise ConfigError("rollout.engine = 'vllm': needs a CUDA GPU and none is visible; use engine: hf")
 
 
-def response_ids(completion, eos_id: int) -> tuple[list[int], bool]:
-    """A vLLM CompletionOutput's token ids cut after the first EOS (EOS kept), and whether it ended with EOS.
+def response_ids(completion, stop_ids: list[int]) -> tuple[list[int], bool]:
+    """A vLLM CompletionOutput's token ids cut after the first end id (kept), and whether it ended with one.
 
-    vLLM keeps the stop token in ``token_ids`` (only the text drops it), so EOS is normally found there.
-    A completion that finished with ``finish_reason == "stop"`` on EOS (``stop_reason`` None: the
-    tokenizer's EOS; or ``eos_id``: our stop token) but lacks it in ``token_ids`` gets it appended, so
-    ``response_ids`` match the HF path, whose training log-probs include the EOS token.  A stop on any
-    other token (an extra EOS id from the checkpoint's generation_config.json) is refused: the HF path
-    would not have stopped there.
+    ``stop_ids`` are every id that ends a response (``chat.stop_token_ids``: the tokenizer's EOS first).
+    vLLM keeps the stop token in ``token_ids`` (only the text drops it), so it is normally found there.
+    A completion that finished with ``finish_reason == "stop"`` on an end id (``stop_reason`` None: the
+    tokenizer's EOS; or one of ``stop_ids``) but lacks it in ``token_ids`` gets it appended, so
+    ``response_ids`` match the HF path, whose training log-probs include the end token.  A stop on any
+    other token is refused: the HF path would not have stopped there.
     """
     tokens = list(completion.token_ids)
-    if eos_id in tokens:
-        return truncate_at_eos(tokens, eos_id)
+    if any(token in stop_ids for token in tokens):
+        return truncate_at_eos(tokens, stop_ids)
     if completion.finish_reason == "stop":
         reason = getattr(completion, "stop_reason", None)
-        if reason is not None and reason != eos_id:
-            raise DataError(f"vLLM stopped a response on {reason!r}, not on the tokenizer's EOS ({eos_id}); the "
-                            "checkpoint's generation_config.json lists other EOS ids: remove them, or use engine: hf")
-        return tokens + [eos_id], True
+        if reason is not None and reason not in stop_ids:
+            raise DataError(f"vLLM stopped a response on {reason!r}, not on an end id of the model ({stop_ids}); "
+                            "use engine: hf")
+        return tokens + [stop_ids[0] if reason is None else reason], True
     return tokens, False  # finish_reason "length": hit max_new_tokens
 
 

@@ -11,6 +11,7 @@ def main(params, args):
 
     import pandas as pd
 
+    from rlhf_core.chat import checkpoint_stop_ids
     from rlhf_core.evaluation import evaluate_checkpoint, summarize
     from rlhf_core.models import checkpoint_dir, load_causal_lm, load_tokenizer, resolve_device, seed_everything
     from rlhf_core.sft import encode_demonstrations
@@ -20,6 +21,7 @@ def main(params, args):
     eval_prompts = read_parquet("prompts/eval.parquet", ("prompt",)).head(params.evaluate.num_prompts)
     prompts = eval_prompts["prompt"].tolist()
     answers = [str(a) for a in eval_prompts["answer"]] if "answer" in eval_prompts else None
+    messages = eval_prompts["messages"].tolist() if "messages" in eval_prompts else None
     heldout = read_parquet("demos/heldout.parquet", ("prompt", "response")).to_dict("records")
     heldout = heldout[: params.evaluate.num_perplexity_texts]
     dtype = params.compute.param_dtype
@@ -32,9 +34,10 @@ def main(params, args):
         tokenizer = load_tokenizer(checkpoint_dir(name), params.trust_remote_code)
         policy = reference if name == "sft" else load_causal_lm(checkpoint_dir(name), device, params.trust_remote_code,
                                                                 param_dtype=dtype)
-        encoded = encode_demonstrations(tokenizer, heldout, params.sft.max_length)
+        encoded = encode_demonstrations(tokenizer, heldout, params.sft.max_length, chat=params.chat)
         metrics, examples = evaluate_checkpoint(policy, reference, tokenizer, prompts, encoded, params, device,
-                                                answers)
+                                                answers, messages=messages,
+                                                stop_ids=checkpoint_stop_ids(checkpoint_dir(name), tokenizer))
         results[name] = metrics
         rows.append({"round": name, "step": params.round_index(name), **metrics})
         samples += [{"round": name, **example} for example in examples[: params.evaluate.num_logged_samples]]

@@ -8,6 +8,7 @@ def main(params, args):
     """Sample responses for round --round into rollouts/<round>/rollouts.parquet."""
     from pathlib import Path
 
+    from rlhf_core.chat import checkpoint_stop_ids, encode_prompts
     from rlhf_core.distributed import start_runtime
     from rlhf_core.models import (adapter_base, checkpoint_dir, is_adapter_checkpoint, load_actor_critic, load_causal_lm,
                                   load_tokenizer, seed_everything)
@@ -26,14 +27,16 @@ def main(params, args):
     prompts = [train["prompt"].iloc[i] for i in indices]
 
     tokenizer = load_tokenizer(checkpoint_dir(start_from), params.trust_remote_code)
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    messages = [train["messages"].iloc[i] for i in indices] if "messages" in train else None
+    prompt_ids = encode_prompts(tokenizer, prompts, chat=params.chat, messages=messages)
+    stop_ids = checkpoint_stop_ids(checkpoint_dir(start_from), tokenizer)
     if ro.engine == "vllm":  # before the HF models load: vLLM holds most of the GPU until it shuts down
         from rlhf_core.vllm_engine import generate_samples_vllm
 
         samples = generate_samples_vllm(
             checkpoint_dir(start_from), prompt_ids, samples_per_prompt=ro.samples_per_prompt,
             temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, max_new_tokens=ro.max_new_tokens, seed=seed,
-            eos_id=tokenizer.eos_token_id, gpu_memory_utilization=ro.gpu_memory_fraction,
+            stop_ids=stop_ids, gpu_memory_utilization=ro.gpu_memory_fraction,
             dtype="bfloat16" if params.compute.param_dtype == "bfloat16" else
             {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}[params.compute.mixed_precision],
             trust_remote_code=params.trust_remote_code)
@@ -52,7 +55,7 @@ def main(params, args):
         samples = generate_samples(actor_critic.policy, tokenizer, prompt_ids, samples_per_prompt=ro.samples_per_prompt,
                                    temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
                                    max_new_tokens=ro.max_new_tokens, batch_size=ro.batch_size, seed=seed,
-                                   device=device, runtime=runtime)
+                                   device=device, runtime=runtime, stop_ids=stop_ids)
     stats = record_token_stats(actor_critic, reference, samples, pad_id=tokenizer.pad_token_id,
                                temperature=ro.temperature, batch_size=ro.forward_batch_size, device=device,
                                reference_is_policy=reference_is_policy, runtime=runtime)

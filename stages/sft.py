@@ -17,14 +17,14 @@ def main(params, args):
     seed_everything(seed)
     device = resolve_device(params.device, params.cpu_threads)
     train_rows, heldout_rows = split_heldout(read_demonstrations(params), params.sft.heldout_fraction, params.seed)
-    model, tokenizer = build_reference(params, train_rows, device)
+    model, tokenizer = build_reference(params, train_rows, device, log=log)
     ready()
     log(f"sft: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train_rows)} demonstrations, "
         f"device {device}")
-    encoded = encode_demonstrations(tokenizer, train_rows, params.sft.max_length)
+    encoded = encode_demonstrations(tokenizer, train_rows, params.sft.max_length, chat=params.chat)
     metrics = train_sft(model, tokenizer, encoded, params, device, seed, log=log)
     metrics["heldout_perplexity"] = perplexity(model, tokenizer, encode_demonstrations(
-        tokenizer, heldout_rows, params.sft.max_length), device)
+        tokenizer, heldout_rows, params.sft.max_length, chat=params.chat), device)
     metrics["parameters"] = sum(p.numel() for p in model.parameters())
     with atomic_dir("models/sft") as out:
         model.save_pretrained(out)

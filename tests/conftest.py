@@ -66,7 +66,7 @@ def tiny_checkpoint(tmp_path_factory, tiny_params) -> Path:
     seed_everything(0)
     rows = sentiment.demonstrations(800, seed=0)
     model, tokenizer = build_reference(tiny_params, rows, torch.device("cpu"))
-    encoded = encode_demonstrations(tokenizer, rows, 48)
+    encoded = encode_demonstrations(tokenizer, rows, 48, chat=tiny_params.chat)
     train_sft(model, tokenizer, encoded, tiny_params, torch.device("cpu"), seed=0, log=lambda *_: None)
     path = tmp_path_factory.mktemp("tiny") / "sft"
     model.save_pretrained(path)

@@ -19,8 +19,15 @@ def _generate(tiny_checkpoint, seed=7, samples_per_prompt=3, batch_size=5, max_n
 
 
 def test_truncate_at_eos_keeps_eos():
-    assert truncate_at_eos([4, 5, 1, 0, 0], eos_id=1) == ([4, 5, 1], True)
-    assert truncate_at_eos([4, 5, 6], eos_id=1) == ([4, 5, 6], False)
+    assert truncate_at_eos([4, 5, 1, 0, 0], 1) == ([4, 5, 1], True)
+    assert truncate_at_eos([4, 5, 6], 1) == ([4, 5, 6], False)
+
+
+def test_truncate_at_any_of_several_end_ids():
+    """Llama 3 ends a turn with <|eot_id|> or <|end_of_text|>: the first of either ends the response."""
+    assert truncate_at_eos([4, 9, 5, 1, 9], [1, 9]) == ([4, 9], True)
+    assert truncate_at_eos([4, 5, 1, 9], [9, 1]) == ([4, 5, 1], True)
+    assert truncate_at_eos([4, 5, 6], [1, 9]) == ([4, 5, 6], False)
 
 
 def test_length_buckets_group_similar_lengths():

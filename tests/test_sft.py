@@ -2,6 +2,7 @@ import math
 
 import torch
 
+from rlhf_core.config import ChatParams
 from rlhf_core.models import collate
 from rlhf_core.sft import encode_demonstrations, perplexity, sequence_nll, train_sft
 
@@ -13,17 +14,19 @@ class _Tokenizer:
 
     eos_token_id = 1
     pad_token_id = 0
+    bos_token_id = None
+    chat_template = None
 
     def __call__(self, text, add_special_tokens=False):
         return {"input_ids": [ord(c) for c in text]}
 
 
 def test_encode_demonstrations_appends_eos_and_truncates():
-    encoded = encode_demonstrations(_Tokenizer(), [{"prompt": "abcdef", "response": "xyz"}], max_length=6)
+    encoded = encode_demonstrations(_Tokenizer(), [{"prompt": "abcdef", "response": "xyz"}], max_length=6, chat=ChatParams())
     prompt, response = encoded[0]
     assert prompt == [ord(c) for c in "def"]  # prompt keeps its last max_length // 2 tokens
     assert response == [ord("x"), ord("y"), ord("z")]  # the EOS did not fit in 6 tokens
-    prompt, response = encode_demonstrations(_Tokenizer(), [{"prompt": "ab", "response": "x"}], max_length=6)[0]
+    prompt, response = encode_demonstrations(_Tokenizer(), [{"prompt": "ab", "response": "x"}], max_length=6, chat=ChatParams())[0]
     assert response == [ord("x"), 1]
 
 
@@ -46,9 +49,9 @@ def test_training_lowers_heldout_perplexity(tiny_params):
     seed_everything(0)
     rows = sentiment.demonstrations(200, seed=1)
     model, tokenizer = build_reference(tiny_params, rows, CPU)
-    heldout = encode_demonstrations(tokenizer, sentiment.demonstrations(30, seed=2), 48)
+    heldout = encode_demonstrations(tokenizer, sentiment.demonstrations(30, seed=2), 48, chat=tiny_params.chat)
     before = perplexity(model, tokenizer, heldout, CPU)
-    metrics = train_sft(model, tokenizer, encode_demonstrations(tokenizer, rows, 48), tiny_params, CPU, seed=0,
+    metrics = train_sft(model, tokenizer, encode_demonstrations(tokenizer, rows, 48, chat=tiny_params.chat), tiny_params, CPU, seed=0,
                         log=lambda *_: None)
     after = perplexity(model, tokenizer, heldout, CPU)
     assert math.isfinite(metrics["train_loss"])
@@ -64,7 +67,7 @@ def test_micro_batches_give_the_gradient_of_one_pass(tiny_checkpoint):
 
     model = load_causal_lm(str(tiny_checkpoint), CPU)
     tokenizer = load_tokenizer(str(tiny_checkpoint))
-    rows = encode_demonstrations(tokenizer, sentiment.demonstrations(24, seed=3), 48)
+    rows = encode_demonstrations(tokenizer, sentiment.demonstrations(24, seed=3), 48, chat=ChatParams())
     for completion_only in (False, True):
         batch = collate([p for p, _ in rows], [r for _, r in rows], tokenizer.pad_token_id)
         one_pass_nll, one_pass_tokens = sequence_nll(model, batch, completion_only)

@@ -165,7 +165,7 @@ def test_evaluate_checkpoint_reports_exact_match_only_with_answers(tiny_checkpoi
     params = replace(tiny_params, task="arithmetic",
                      evaluate=replace(tiny_params.evaluate, samples_per_prompt=1, max_new_tokens=4))
     prompts = ["2 3 + 1 4 =", "1 0 + 4 4 =", "3 1 + 2 2 ="]
-    heldout = encode_demonstrations(tokenizer, arithmetic.demonstrations(8, seed=0), 32)
+    heldout = encode_demonstrations(tokenizer, arithmetic.demonstrations(8, seed=0), 32, chat=params.chat)
 
     metrics, examples = evaluate_checkpoint(policy, policy, tokenizer, prompts, heldout, params, device,
                                             answers=["3 7", "5 4", "5 3"])

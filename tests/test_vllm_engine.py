@@ -101,7 +101,7 @@ def fake_vllm(monkeypatch):
 def generate(model_dir, prompt_ids, **overrides):
     from rlhf_core.vllm_engine import generate_samples_vllm
 
-    kwargs = dict(samples_per_prompt=4, temperature=0.7, top_p=1.0, top_k=0, max_new_tokens=5, seed=100, eos_id=EOS,
+    kwargs = dict(samples_per_prompt=4, temperature=0.7, top_p=1.0, top_k=0, max_new_tokens=5, seed=100, stop_ids=[EOS],
                   dtype="float32")
     return generate_samples_vllm(model_dir, prompt_ids, **{**kwargs, **overrides})
 
@@ -112,7 +112,7 @@ def test_without_vllm_the_engine_is_a_one_line_config_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError, even where it is installed
     with pytest.raises(ConfigError) as info:
         generate_samples_vllm("models/r1", [[5, 6]], samples_per_prompt=2, temperature=1.0, top_p=1.0, top_k=0,
-                              max_new_tokens=4, seed=0, eos_id=EOS)
+                              max_new_tokens=4, seed=0, stop_ids=[EOS])
     assert str(info.value) == ("rollout.engine = 'vllm': vLLM is not installed (pip install vllm; GPU only); "
                                "use engine: hf")
 
@@ -165,9 +165,18 @@ def test_samples_order_truncation_and_the_params_given_to_vllm(fake_vllm, tiny_c
 def test_a_stop_on_another_token_is_refused():
     from rlhf_core.vllm_engine import response_ids
 
-    with pytest.raises(DataError, match="vLLM stopped a response on 7, not on the tokenizer's EOS"):
-        response_ids(FakeCompletion(0, [5, 7], "stop", 7), EOS)
-    assert response_ids(FakeCompletion(0, [5, 6], "length"), EOS) == ([5, 6], False)
+    with pytest.raises(DataError, match=r"vLLM stopped a response on 7, not on an end id of the model \(\[2\]\)"):
+        response_ids(FakeCompletion(0, [5, 7], "stop", 7), [EOS])
+    assert response_ids(FakeCompletion(0, [5, 6], "length"), [EOS]) == ([5, 6], False)
+
+
+def test_every_end_id_of_the_model_ends_a_vllm_response():
+    """Llama 3 instruct: <|eot_id|> or <|end_of_text|> ends the turn; both go to vLLM and either is kept."""
+    from rlhf_core.vllm_engine import response_ids
+
+    assert response_ids(FakeCompletion(0, [5, 9, 6], "stop", 9), [EOS, 9]) == ([5, 9], True)
+    assert response_ids(FakeCompletion(0, [5, 6], "stop", 9), [EOS, 9]) == ([5, 6, 9], True)  # stop token not kept
+    assert response_ids(FakeCompletion(0, [5, 6], "stop", None), [EOS, 9]) == ([5, 6, EOS], True)
 
 
 def test_a_lora_checkpoint_reaches_vllm_merged_in_a_temporary_directory(fake_vllm, tiny_checkpoint, tmp_path):
