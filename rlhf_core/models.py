@@ -489,12 +489,76 @@ def accepts_logits_to_keep(model) -> bool:
 _LOGITS_TO_KEEP: dict[type, bool] = {}
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """log softmax(logits / T) gathered at ``tokens``, and the per-token entropy.  [B,R,V],[B,R] -> [B,R],[B,R]."""
+# Elements of fp32 [rows, V] intermediates that ``token_logprobs`` builds at once (64 MB): beyond it, it goes in chunks.
+LOGPROB_CHUNK_ELEMENTS = 1 << 24
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, *,
+                   chunk_elements: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(logits / T) gathered at ``tokens``, and the per-token entropy.  [B,R,V],[B,R] -> [B,R],[B,R].
+
+        log π(a_t) = z_t[a_t] − logsumexp(z_t),   H_t = −Σ_v π_t(v) log π_t(v),   z_t = logits_t / T  (float32)
+
+    Computed whole, the float32 log-softmax, its exponent and their product are [B·R, V] each and autograd
+    keeps them for backward: with a 128k vocabulary they dominate a pass's memory.  Beyond
+    ``chunk_elements`` logits (None: ``LOGPROB_CHUNK_ELEMENTS``; 0: never), ``ChunkedTokenLogprobs`` goes
+    through the B·R positions in chunks and keeps nothing of size V for backward but ``logits`` itself.  Its
+    forward numbers are the same as the whole computation's (the same kernels, row by row)."""
+    batch, width, vocab = logits.shape
+    chunk_elements = LOGPROB_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
+    if chunk_elements <= 0 or batch * width * vocab <= chunk_elements:
+        return _logprobs_and_entropy(logits, tokens, temperature)
+    chunk_rows = max(1, chunk_elements // vocab)
+    picked, entropy = ChunkedTokenLogprobs.apply(logits.reshape(-1, vocab), tokens.reshape(-1), temperature,
+                                                 chunk_rows)
+    return picked.view(batch, width), entropy.view(batch, width)
+
+
+def _logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float):
+    """The whole computation of ``token_logprobs``: [..., V], [...] -> [...], [...]."""
     log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
     picked = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1)
     return picked, entropy
+
+
+class ChunkedTokenLogprobs(torch.autograd.Function):
+    """``token_logprobs`` over [N, V] logits in chunks of ``chunk_rows`` rows, saving only the logits.
+
+    Backward recomputes each chunk's log π and uses, with π = softmax(z) and z = logits / T,
+
+        ∂ log π(a) / ∂z_v = 1[v = a] − π(v),        ∂H / ∂z_v = −π(v) · (log π(v) + H),
+
+    each divided by T for the logits, so no [N, V] float32 tensor ever exists (the gradient of the logits,
+    in their dtype, is the one tensor of that size)."""
+
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature, chunk_rows):
+        picked = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        entropy = torch.empty_like(picked)
+        for start in range(0, logits.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            picked[rows], entropy[rows] = _logprobs_and_entropy(logits[rows], tokens[rows], temperature)
+        ctx.save_for_backward(logits, tokens, entropy)
+        ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
+        return picked, entropy
+
+    @staticmethod
+    def backward(ctx, grad_picked, grad_entropy):
+        logits, tokens, entropy = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], ctx.chunk_rows):
+            rows = slice(start, start + ctx.chunk_rows)
+            log_probs = torch.log_softmax(logits[rows].float() / ctx.temperature, dim=-1)
+            probs = log_probs.exp()
+            grad = torch.zeros_like(log_probs)
+            if grad_entropy is not None:
+                grad -= grad_entropy[rows, None] * probs * (log_probs + entropy[rows, None])
+            if grad_picked is not None:
+                grad -= grad_picked[rows, None] * probs
+                grad.scatter_add_(-1, tokens[rows, None], grad_picked[rows, None])
+            grad_logits[rows] = (grad / ctx.temperature).to(logits.dtype)
+        return grad_logits, None, None, None
 
 
 class ActorCritic(nn.Module):

@@ -209,3 +209,64 @@ def test_a_directory_that_is_not_a_model_is_one_line(tmp_path):
         load_tokenizer(str(tmp_path))
     with pytest.raises(DataError, match=rf"^model '{tmp_path}': cannot be loaded from safetensors weights"):
         load_causal_lm(str(tmp_path), CPU)
+
+
+def _saved_bytes(function) -> int:
+    """Bytes of the tensors autograd keeps for backward while ``function`` runs (each storage once)."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        function()
+    return sum(storages.values())
+
+
+def test_chunked_logprobs_equal_the_plain_ones_and_keep_less_for_backward():
+    """A 32k vocabulary in chunks of 8 positions: the same log-probs and entropies (to the bit), the same
+    gradients (to float32 rounding), and autograd keeps the bf16 logits instead of float32 [B·R, V] tensors."""
+    from rlhf_core.models import token_logprobs
+
+    torch.manual_seed(0)
+    logits = (torch.randn(4, 16, 32000) * 3).to(torch.float32)
+    tokens = torch.randint(0, 32000, (4, 16))
+    weights = torch.randn(4, 16)
+    results = {}
+    for label, chunk in (("plain", 0), ("chunked", 8 * 32000)):
+        leaf = logits.clone().requires_grad_(True)
+        outputs = {}
+
+        def run():
+            outputs["lp"], outputs["ent"] = token_logprobs(leaf, tokens, 0.7, chunk_elements=chunk)
+
+        saved = _saved_bytes(run)
+        ((outputs["lp"] * weights).sum() + (outputs["ent"] * 0.3 * weights).sum()).backward()
+        results[label] = (outputs["lp"].detach(), outputs["ent"].detach(), leaf.grad, saved)
+    plain, chunked = results["plain"], results["chunked"]
+    assert torch.equal(plain[0], chunked[0]) and torch.equal(plain[1], chunked[1])
+    torch.testing.assert_close(chunked[2], plain[2], rtol=1e-5, atol=1e-6)
+    logits_bytes = logits.numel() * 4
+    assert plain[3] >= 2 * logits_bytes  # float32 log-probs and probabilities, [B·R, V] each
+    assert chunked[3] <= logits_bytes + 64 * 16 * 8  # the logits themselves, the tokens and the entropies
+
+
+def test_chunked_logprobs_gradients_of_each_output_alone():
+    """Either output alone (PPO without an entropy bonus uses only the log-probs), bf16 logits included."""
+    from rlhf_core.models import token_logprobs
+
+    torch.manual_seed(1)
+    logits = torch.randn(3, 5, 1000) * 2
+    tokens = torch.randint(0, 1000, (3, 5))
+    for which in (0, 1):
+        grads = []
+        for chunk in (0, 4 * 1000):
+            leaf = logits.clone().requires_grad_(True)
+            token_logprobs(leaf, tokens, 1.3, chunk_elements=chunk)[which].sum().backward()
+            grads.append(leaf.grad)
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+    leaf = logits.to(torch.bfloat16).requires_grad_(True)
+    token_logprobs(leaf, tokens, 1.0, chunk_elements=4 * 1000)[0].sum().backward()
+    assert leaf.grad.dtype == torch.bfloat16 and torch.isfinite(leaf.grad.float()).all()
