@@ -146,6 +146,46 @@ def refuse_missing_local_path(path: str | Path, what: str) -> None:
         raise DataError(f"{what} {text!r}: no such directory (a local path, so the Hub is not tried)")
 
 
+_HUB_REACHABLE: dict[str, bool] = {}
+
+
+def hub_source(path: str | Path, what: str) -> dict:
+    """Extra ``from_pretrained`` arguments for ``path``, or one line instead of a minute of retries.
+
+    A local path must exist (``refuse_missing_local_path``).  A Hub id is fetched as usual when the Hub answers
+    one probe (5 s, no retries; ``HF_ENDPOINT`` respected); when it does not, the id is loaded from the local
+    Hugging Face cache (``local_files_only``) if it is there, and otherwise stops with one line, where
+    transformers would retry for about 45 s and print a line per retry.  ``HF_HUB_OFFLINE=1`` skips the probe."""
+    import os
+
+    refuse_missing_local_path(path, what)
+    text = str(path)
+    if Path(text).expanduser().exists() or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return {}
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    endpoint = constants.ENDPOINT
+    if endpoint not in _HUB_REACHABLE:
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(endpoint, timeout=5).close()
+            _HUB_REACHABLE[endpoint] = True
+        except urllib.error.HTTPError:  # it answered, if only with an error status
+            _HUB_REACHABLE[endpoint] = True
+        except (OSError, ValueError):
+            _HUB_REACHABLE[endpoint] = False
+    if _HUB_REACHABLE[endpoint]:
+        return {}
+    cached = any(isinstance(try_to_load_from_cache(text, name), str) for name in ("config.json", "tokenizer_config.json"))
+    if cached:  # transformers' adapter lookup takes its own local_files_only
+        return {"local_files_only": True, "adapter_kwargs": {"local_files_only": True}}
+    raise DataError(f"{what} {text!r}: not a local directory, and the Hugging Face Hub ({endpoint}) cannot be reached "
+                    "nor is it in the local cache; download it where there is a network "
+                    f"(huggingface-cli download {text}) or give a local directory")
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
 
 
@@ -155,13 +195,14 @@ def auto_tokenizer(path: str, trust_remote_code: bool = False, what: str = "toke
     sentencepiece), or the loader's first line."""
     from transformers import AutoTokenizer
 
-    refuse_missing_local_path(path, what)
+    source = hub_source(path, what)
     directory = Path(str(path)).expanduser()
     if directory.is_dir() and not any((directory / name).is_file() for name in TOKENIZER_FILES):
         raise DataError(f"{what} {str(path)!r}: the directory holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
                         "is it a model directory?")
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                             local_files_only=source.get("local_files_only", False))
     except (OSError, ValueError) as exc:
         raise DataError(f"{what} {str(path)!r}: cannot be loaded ({first_line(exc)})") from None
 
@@ -217,10 +258,10 @@ def safe_from_pretrained(auto_class, path: str, trust_remote_code: bool = False,
     no code from the checkpoint unless ``trust_remote_code`` is on, in ``param_dtype`` (compute.param_dtype:
     float32, bfloat16, or auto = as stored); ``kwargs`` go to from_pretrained."""
     quiet_transformers()
-    refuse_missing_local_path(path, "model")
+    source = hub_source(path, "model")
     try:
         return auto_class.from_pretrained(path, dtype=PARAM_DTYPES[param_dtype], use_safetensors=True,
-                                          trust_remote_code=trust_remote_code, **kwargs)
+                                          trust_remote_code=trust_remote_code, **source, **kwargs)
     except (OSError, ValueError) as exc:
         raise DataError(f"model {path!r}: cannot be loaded from safetensors weights ({first_line(exc)}); "
                         "pickle checkpoints (.bin/.pt) are refused: convert them with save_pretrained") from None
@@ -275,10 +316,11 @@ def is_adapter_checkpoint(path: str | Path) -> bool:
 
 
 def adapter_base(path: str | Path) -> str:
-    """The base model directory an adapter checkpoint points at (base_model_name_or_path, e.g. models/sft).
+    """The base model directory an adapter checkpoint points at (base_model_name_or_path: the absolute path
+    of models/sft; older checkpoints hold the relative ``models/sft``).
 
-    A relative base is looked up from the working directory (the repository root, where stages run),
-    then next to the checkpoint (models/r2 → models/sft)."""
+    The base is looked up as written (a relative one from the working directory, the repository root where
+    stages run), then next to the checkpoint (models/r2 → models/sft: a repository moved or cloned elsewhere)."""
     config = json.loads((Path(path) / ADAPTER_CONFIG_FILE).read_text())
     base = config.get("base_model_name_or_path") or ""
     candidates = [Path(base), Path(path).parent / Path(base).name] if base else []
@@ -316,7 +358,10 @@ def trainable_lora_policy(path: str, lora, device: torch.device, trust_remote_co
         base = disable_dropout(safe_from_pretrained(AutoModelForCausalLM, path, trust_remote_code,
                                                     param_dtype=param_dtype))
         policy = get_peft_model(base, lora_config(lora))
-    policy.peft_config["default"].base_model_name_or_path = str(base_path)  # the checkpoint points at its base
+    # The checkpoint points at its base: a local directory as an absolute path, so plain peft loads the adapters
+    # from any working directory (adapter_base still finds a moved repo's models/sft next to the checkpoint).
+    local = Path(base_path).expanduser()
+    policy.peft_config["default"].base_model_name_or_path = str(local.resolve()) if local.is_dir() else str(base_path)
     policy.eval()  # dropout off, as everywhere; only the adapters' own dropout (lora.dropout) acts in updates
     for name, module in policy.named_modules():
         if name.endswith("lora_dropout.default") and isinstance(module, nn.Dropout) and module.p > 0:

@@ -48,7 +48,8 @@ def test_lora_pipeline_runs_end_to_end_and_exports_a_merged_model(tmp_path, tiny
         ckpt = tmp_path / "models" / round_key
         assert (ckpt / "adapter_model.safetensors").is_file() and (ckpt / "value_head.safetensors").is_file()
         assert not (ckpt / "model.safetensors").exists()
-        assert json.loads((ckpt / "adapter_config.json").read_text())["base_model_name_or_path"] == "models/sft"
+        base = json.loads((ckpt / "adapter_config.json").read_text())["base_model_name_or_path"]
+        assert base == str((tmp_path / "models/sft").resolve())  # absolute: loads from any directory
         size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
         assert size < 0.25 * len(sft_weights), (size, len(sft_weights))
         metrics = json.loads((tmp_path / f"metrics/{round_key}/optimize.json").read_text())
@@ -68,6 +69,15 @@ def test_lora_pipeline_runs_end_to_end_and_exports_a_merged_model(tmp_path, tiny
     for row, recorded in enumerate(table["ref_logprobs"]):
         assert torch.allclose(ref[row, :len(recorded)], torch.tensor(recorded), atol=1e-5)
     assert any(not torch.allclose(torch.tensor(a), torch.tensor(b)) for a, b in zip(table["logprobs"], table["ref_logprobs"]))
+
+    # Plain peft loads the adapters from another working directory (the base was the relative models/sft).
+    from peft import AutoPeftModelForCausalLM
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "models/r2"))
+    monkeypatch.chdir(tmp_path)
 
     # The merged export is one plain model with the adapter model's logits.
     out = export_merged("models/r2", tmp_path / "exported")
@@ -101,3 +111,15 @@ def test_lora_params_are_checked():
         params_from_dict({"lora": {"enabled": True}, "algorithm": {"critic": "separate"}})
     with pytest.raises(ConfigError, match=r"^lora.r = 0: must be >= 1$"):
         params_from_dict({"lora": {"r": 0}})
+
+
+def test_a_moved_repository_finds_its_base_next_to_the_checkpoint(tmp_path):
+    """The absolute base of a repository cloned or moved elsewhere no longer exists: models/sft beside the
+    checkpoint is used instead."""
+    from rlhf_core.models import adapter_base
+
+    (tmp_path / "models/sft").mkdir(parents=True)
+    (tmp_path / "models/r1").mkdir()
+    (tmp_path / "models/r1/adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": "/gone/repo/models/sft"}))
+    assert adapter_base(tmp_path / "models/r1") == str(tmp_path / "models/sft")

@@ -211,6 +211,53 @@ def test_a_directory_that_is_not_a_model_is_one_line(tmp_path):
         load_causal_lm(str(tmp_path), CPU)
 
 
+def _offline_python(code: str, hf_home, cwd):
+    """Run ``code`` where the Hub cannot be reached (HF_ENDPOINT on a closed local port) with its own cache."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HOME": str(hf_home),
+           "HF_ENDPOINT": "http://127.0.0.1:9", "RLHF_PROGRESS": "off"}
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_a_hub_id_while_offline_is_one_line_without_retries(tmp_path):
+    """Before: about 45 s of 'Retrying in 8s' lines, then "couldn't connect to huggingface.co"."""
+    import time
+
+    code = ("from rlhf_core.models import load_causal_lm\nimport torch\n"
+            "load_causal_lm('some-org/some-model', torch.device('cpu'))")
+    started = time.perf_counter()
+    result = _offline_python(code, tmp_path / "hf", tmp_path)
+    assert time.perf_counter() - started < 30
+    assert "Retrying" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "DataError: model 'some-org/some-model': not a local directory, and the Hugging Face Hub "
+        "(http://127.0.0.1:9) cannot be reached nor is it in the local cache; download it where there is a network "
+        "(huggingface-cli download some-org/some-model) or give a local directory")
+
+
+def test_a_hub_id_in_the_local_cache_loads_offline(tmp_path):
+    """An air-gapped machine with the model pre-downloaded into the Hugging Face cache: it loads, no network."""
+    import shutil
+
+    from rlhf_core.local_models import write_local_model
+
+    model = write_local_model(tmp_path / "model", "chatml-49k-tiny", vocab_size=1024)
+    repo = tmp_path / "hf/hub/models--some-org--chat"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs/main").write_text("0" * 40)
+    shutil.copytree(model, repo / "snapshots" / ("0" * 40))
+    code = ("from rlhf_core.models import load_causal_lm, load_tokenizer\nimport torch\n"
+            "print(len(load_tokenizer('some-org/chat')), load_causal_lm('some-org/chat', torch.device('cpu'))"
+            ".config.vocab_size)")
+    result = _offline_python(code, tmp_path / "hf", tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["1024", "1024"] and "Retrying" not in result.stderr
+
+
 def _saved_bytes(function) -> int:
     """Bytes of the tensors autograd keeps for backward while ``function`` runs (each storage once)."""
     storages = {}
