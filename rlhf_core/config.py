@@ -60,10 +60,11 @@ class ComputeParams:
         "fsdp (FSDP2 fully_shard: parameters, gradients and optimizer state sharded per transformer block; CPU or GPU); "
         "deepspeed is refused until it has run; rollout keeps a full replica per process")
     param_dtype: Literal["float32", "bfloat16", "auto"] = param(
-        "float32", "dtype of the weights of the policy, the reference and a separate critic backbone, as loaded in "
-        "sft, rollout, optimize and evaluate (and so as saved): float32; bfloat16 (half the memory of the weights, "
+        "auto", "dtype of the weights of the policy, the reference and a separate critic backbone, as loaded in "
+        "sft, rollout, optimize and evaluate (and so as saved): auto = the checkpoint's own dtype (float32 for the "
+        "from-scratch default, bfloat16 for most Hub models); float32; bfloat16 (half the memory of the weights, "
         "their gradients and AdamW's state, with no float32 master copy: an update smaller than ~1/256 of a weight "
-        "rounds away, so it suits large models and LoRA more than tiny ones); auto = the checkpoint's own dtype. "
+        "rounds away, so it suits large models and LoRA more than tiny ones). "
         "The value head, log-softmax, ratios, KL and advantages stay float32")
     gradient_checkpointing: bool = param(
         False, "recompute each transformer block's activations in the backward pass of sft, optimize and "
@@ -174,7 +175,7 @@ class ScorerParams:
     ensemble: Literal["mean", "min"] = param("mean", "hf_classifier with several models: combine their scores by mean, or by min (pessimistic, curbs reward hacking)")
     label: str = param("", "hf_classifier: the output scored: empty for a one-output reward model, else a label name of the model's id2label or an index")
     output: Literal["logit", "probability"] = param("logit", "hf_classifier: the label's raw logit, or its softmax probability")
-    text: Literal["prompt_and_response", "response"] = param("prompt_and_response", "hf_classifier: what the classifier reads, re-tokenised with its own tokenizer")
+    text: Literal["prompt_and_response", "response", "conversation"] = param("prompt_and_response", "hf_classifier: what the classifier reads, re-tokenised with its own tokenizer: the plain prompt + response, the response alone, or (chat reward models) a user turn and the assistant's answer rendered by the classifier's own chat template")
     batch_size: int = param(32, "hf_classifier: texts per forward pass", ge=1)
     max_length: int = param(512, "hf_classifier: longest input in the classifier's tokens; longer texts keep their end", ge=2)
     device: str = param("auto", "hf_classifier: `auto`, `cpu`, `cuda`, `cuda:N` or `mps`", pattern=_DEVICE)
@@ -219,6 +220,7 @@ class AlgorithmParams:
 class LoraParams:
     enabled: bool = param(False, "optimize trains LoRA adapters (peft) instead of every weight: checkpoints hold the adapters, pointing at models/sft as their base, plus the value head; the reference is the base with the adapters disabled (no second copy)")
     r: int = param(8, "rank of the adapters", ge=1)
+    lr_scale: float = param(10.0, "the adapters learn at ppo.lr × lr_scale (the value head at ppo.lr): LoRA's best learning rate is about 10× full fine-tuning's (Schulman et al. 2025, LoRA Without Regret); at 1 the default task barely moves", gt=0.0)
     alpha: float = param(16.0, "LoRA scaling numerator: the update is (alpha / r)·B·A", gt=0.0)
     dropout: float = param(0.0, "dropout on the adapters' input during optimize's updates (rollout and π_old log-probs have none, so above 0 the first PPO ratio is no longer exactly 1)", ge=0.0, lt=1.0)
     target_modules: str = param("all-linear", "modules that get adapters: `all-linear` (every linear layer but the LM head) or comma-separated module names, e.g. q_proj,v_proj")

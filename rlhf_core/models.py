@@ -248,6 +248,16 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
+def stored_dtype(path: str | Path) -> str | None:
+    """The dtype a local checkpoint's config.json records for its weights (``dtype``, or the older
+    ``torch_dtype``), e.g. "bfloat16"; None when it records none or is not a local directory."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None
+    values = json.loads(config.read_text())
+    return values.get("dtype") or values.get("torch_dtype")
+
+
 # compute.param_dtype -> the dtype argument of from_pretrained ("auto": the checkpoint's own dtype)
 PARAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}
 

@@ -40,7 +40,14 @@ _LOADED: dict[tuple, tuple] = {}  # (path, device, trust_remote_code, allow_untr
 def prepare_classifier_tokenizer(tokenizer, model=None):
     """Give the tokenizer a pad token (its EOS, else UNK) without adding tokens the model cannot embed,
     pad on the right (absolute position embeddings then see the same positions as for an unpadded
-    text), truncate from the left so the response survives, and tell the model which id is padding."""
+    text), truncate from the left so the response survives, and tell the model which id is padding.
+
+    A model whose config names a pad id gets batches padded with that id: its classifier scores the last
+    token that is not that id, so padding with another one (a tokenizer whose pad is its EOS) would score a
+    padding position of every shorter text."""
+    model_pad = None if model is None else model.config.pad_token_id
+    if model_pad is not None and model_pad != tokenizer.pad_token_id and model_pad < len(tokenizer):
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(int(model_pad))
     if tokenizer.pad_token_id is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is None:
@@ -109,32 +116,47 @@ def _model_inputs(model, encoded) -> dict:
 # Scoring
 
 
+def conversation_texts(tokenizer, pairs: list[tuple[str, str]], where: str) -> list[str]:
+    """Each (prompt, response) as the reward model's own chat template renders a user turn and the assistant's
+    answer (``text: conversation``): what chat reward models (Skywork, ArmoRM, …) were trained to read."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{where}: text = 'conversation' needs a reward model whose tokenizer has a chat template; "
+                        "this one has none (use prompt_and_response or response)")
+    return [tokenizer.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+                                          tokenize=False) for prompt, response in pairs]
+
+
 @torch.inference_mode()
-def classifier_logits(model, tokenizer, texts: list[str], *, batch_size: int, max_length: int) -> torch.Tensor:
+def classifier_logits(model, tokenizer, texts: list[str], *, batch_size: int, max_length: int,
+                      add_special_tokens: bool = True) -> torch.Tensor:
     """[N, num_labels] float32 logits, computed in length-sorted batches (little padding) and returned
-    in the order of ``texts``."""
+    in the order of ``texts`` (already templated texts carry their special tokens: ``add_special_tokens`` off)."""
     device = next(model.parameters()).device
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     logits = torch.empty(len(texts), int(model.config.num_labels))
     for start in range(0, len(order), batch_size):
         members = order[start:start + batch_size]
         encoded = tokenizer([texts[i] for i in members], padding=True, truncation=True, max_length=max_length,
-                            return_tensors="pt").to(device)
+                            add_special_tokens=add_special_tokens, return_tensors="pt").to(device)
         logits[members] = model(**_model_inputs(model, encoded)).logits.float().cpu()
     return logits
 
 
-def classifier_scores(texts: list[str], scorer, device: torch.device, trust_remote_code: bool = False
-                      ) -> tuple[list[float], list[list[float]]]:
-    """The ``hf_classifier`` component of each text, and each ensemble member's own scores."""
+def classifier_scores(texts: list[str], scorer, device: torch.device, trust_remote_code: bool = False, *,
+                      pairs: list[tuple[str, str]] | None = None) -> tuple[list[float], list[list[float]]]:
+    """The ``hf_classifier`` component of each text, and each ensemble member's own scores.  With
+    ``scorer.text == "conversation"`` the texts are the (prompt, response) ``pairs`` rendered by each member's
+    own chat template."""
     members = []
     for path in scorer.model:
         model, tokenizer = load_classifier(path, device, trust_remote_code,
                                            allow_untrained_head=scorer.allow_untrained_head,
                                            where=f"scorer {scorer.name}")
         column = label_index(model.config, scorer.label, f"scorer {scorer.name} ({path})")
-        logits = classifier_logits(model, tokenizer, texts, batch_size=scorer.batch_size,
-                                   max_length=scorer.max_length)
+        templated = scorer.text == "conversation"
+        member_texts = conversation_texts(tokenizer, pairs, f"scorer {scorer.name} ({path})") if templated else texts
+        logits = classifier_logits(model, tokenizer, member_texts, batch_size=scorer.batch_size,
+                                   max_length=scorer.max_length, add_special_tokens=not templated)
         if scorer.output == "logit":
             values = logits[:, column]
         elif logits.shape[1] == 1:

@@ -124,7 +124,8 @@ def hf_classifier_scores(scorer, prompts, responses, cpu_threads: int, trust_rem
     from rlhf_core.reward_model import classifier_scores
 
     texts = [p + r for p, r in zip(prompts, responses)] if scorer.text == "prompt_and_response" else list(responses)
-    combined, members = classifier_scores(texts, scorer, resolve_device(scorer.device, cpu_threads), trust_remote_code)
+    combined, members = classifier_scores(texts, scorer, resolve_device(scorer.device, cpu_threads), trust_remote_code,
+                                          pairs=list(zip(prompts, responses)))
     extra = {f"{scorer.name}_member{k}": values for k, values in enumerate(members)} if len(members) > 1 else {}
     return combined, extra
 

@@ -116,6 +116,21 @@ def generate_samples_vllm(model_dir: str | Path, prompt_ids: list[list[int]], *,
     return samples
 
 
+def vllm_dtype(compute, checkpoint: str | Path) -> str:
+    """The dtype vLLM samples in: the HF policy's (``compute.param_dtype``; ``auto``: the checkpoint's stored
+    dtype, read here because vLLM's own ``auto`` turns float32 into float16), or with float32 weights the
+    autocast dtype of ``compute.mixed_precision``."""
+    from rlhf_core.models import adapter_base, is_adapter_checkpoint, stored_dtype
+
+    weights = compute.param_dtype
+    if weights == "auto":
+        base = adapter_base(checkpoint) if is_adapter_checkpoint(checkpoint) else checkpoint
+        weights = stored_dtype(base) or "float32"
+    if weights != "float32":
+        return weights
+    return {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}[compute.mixed_precision]
+
+
 def _refusal_errors(vllm) -> tuple[type[BaseException], ...]:
     """What vLLM raises for values it refuses: ValueError, and from vLLM 0.33 ``vllm.exceptions.VLLMError``."""
     vllm_error = getattr(getattr(vllm, "exceptions", None), "VLLMError", None)

@@ -31,14 +31,13 @@ def main(params, args):
     prompt_ids = encode_prompts(tokenizer, prompts, chat=params.chat, messages=messages)
     stop_ids = checkpoint_stop_ids(checkpoint_dir(start_from), tokenizer)
     if ro.engine == "vllm":  # before the HF models load: vLLM holds most of the GPU until it shuts down
-        from rlhf_core.vllm_engine import generate_samples_vllm
+        from rlhf_core.vllm_engine import generate_samples_vllm, vllm_dtype
 
         samples = generate_samples_vllm(
             checkpoint_dir(start_from), prompt_ids, samples_per_prompt=ro.samples_per_prompt,
             temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, max_new_tokens=ro.max_new_tokens, seed=seed,
             stop_ids=stop_ids, gpu_memory_utilization=ro.gpu_memory_fraction,
-            dtype="bfloat16" if params.compute.param_dtype == "bfloat16" else
-            {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}[params.compute.mixed_precision],
+            dtype=vllm_dtype(params.compute, checkpoint_dir(start_from)),
             trust_remote_code=params.trust_remote_code)
     dtype = params.compute.param_dtype
     actor_critic = load_actor_critic(checkpoint_dir(start_from), params.algorithm.critic, device,

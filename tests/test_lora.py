@@ -30,7 +30,7 @@ def test_lora_pipeline_runs_end_to_end_and_exports_a_merged_model(tmp_path, tiny
     raw["rollout"].update(prompts_per_round=8, samples_per_prompt=2, max_new_tokens=8)
     raw["ppo"].update(epochs=2, minibatch_size=8, micro_batch_size=4, lr=1e-2, target_kl=None)
     raw["evaluate"].update(num_prompts=4, samples_per_prompt=1, max_new_tokens=6, num_perplexity_texts=5)
-    raw["lora"].update(enabled=True, r=4, alpha=8.0)
+    raw["lora"].update(enabled=True, r=4, alpha=8.0, lr_scale=1.0)  # ppo.lr 1e-2 is already large here
     raw["rounds"] = {"r1": {"from": "sft"}, "r2": {"from": "r1"}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)
@@ -123,3 +123,20 @@ def test_a_moved_repository_finds_its_base_next_to_the_checkpoint(tmp_path):
     (tmp_path / "models/r1/adapter_config.json").write_text(json.dumps(
         {"base_model_name_or_path": "/gone/repo/models/sft"}))
     assert adapter_base(tmp_path / "models/r1") == str(tmp_path / "models/sft")
+
+
+def test_adapters_learn_at_their_own_rate(tiny_checkpoint):
+    """lora.lr_scale: the adapters' AdamW group runs at ppo.lr × lr_scale, the value head's at ppo.lr."""
+    from rlhf_core.algorithms.common import lora_parameter_ids, make_optimizer
+    from rlhf_core.models import load_actor_critic
+
+    params = params_from_dict({"lora": {"enabled": True, "lr_scale": 20.0}, "ppo": {"lr": 1e-4}})
+    model = load_actor_critic(str(tiny_checkpoint), "value_head", torch.device("cpu"), lora=params.lora)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = make_optimizer(trainable, 1e-4, 1e-5, 0.0, "constant", 0, 10,
+                                          scaled=lora_parameter_ids(model), lr_scale=params.lora.lr_scale)
+    base, adapters = optimizer.param_groups
+    assert base["lr"] == pytest.approx(1e-4) and adapters["lr"] == pytest.approx(2e-3)
+    assert {id(p) for p in base["params"]} == {id(p) for p in model.value_head.parameters()}
+    assert len(adapters["params"]) > 0 and all(id(p) in lora_parameter_ids(model) for p in adapters["params"])
+    assert scheduler.get_last_lr() == pytest.approx([1e-4, 2e-3])

@@ -276,3 +276,37 @@ def test_reward_models_params_render_and_reload():
     assert params_from_dict(yaml.safe_load(render_params_yaml(Params()))).reward_models == {}
     with pytest.raises(Exception, match=r"reward_models.bt.epochs = 0: must be >= 1"):
         params_from_dict({"reward_models": {"bt": {"epochs": 0}}})
+
+
+def test_a_chat_reward_model_reads_the_conversation_through_its_own_template(tmp_path, bert):
+    """text: conversation renders [user: prompt, assistant: response] with the reward model's chat template
+    (what Skywork-style reward models read), and scores it as that token sequence, unpadded."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    from rlhf_core.local_models import build_tokenizer
+
+    texts = ["the food was great", "the service was slow and cold"] * 10
+    tokenizer = build_tokenizer("chatml", 1024, texts)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1024, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=64, num_labels=1,
+                         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "chat_rm")
+    tokenizer.save_pretrained(tmp_path / "chat_rm")
+
+    pairs = [("Review the cafe", "The food was great"), ("Review the bar", "Slow and cold")]
+    scores, _ = classifier_scores([], _scorer(model=(str(tmp_path / "chat_rm"),), text="conversation", batch_size=2),
+                                  torch.device("cpu"), pairs=pairs)
+    model = LlamaForSequenceClassification.from_pretrained(tmp_path / "chat_rm").eval()
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "chat_rm")
+    for (prompt, response), score in zip(pairs, scores):
+        text = loaded.apply_chat_template([{"role": "user", "content": prompt},
+                                           {"role": "assistant", "content": response}], tokenize=False)
+        assert text.startswith("<|im_start|>user\n" + prompt) and text.endswith(response + "<|im_end|>\n")
+        ids = loaded(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            assert score == pytest.approx(model(input_ids=ids).logits[0, 0].item(), abs=1e-5)
+    with pytest.raises(DataError, match=r"^scorer rm \(.*\): text = 'conversation' needs a reward model whose "
+                                        "tokenizer has a chat template"):
+        classifier_scores([], _scorer(model=(str(bert),), label="positive", text="conversation"), torch.device("cpu"),
+                          pairs=pairs)

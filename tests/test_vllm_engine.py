@@ -293,3 +293,19 @@ def test_gpu_memory_fraction_reaches_vllm(fake_vllm, tiny_checkpoint):
     assert params_from_dict({"rollout": {"gpu_memory_fraction": 0.8}}).rollout.gpu_memory_fraction == 0.8
     with pytest.raises(ConfigError, match=r"^rollout.gpu_memory_fraction = 1.5: must be < 1"):
         params_from_dict({"rollout": {"gpu_memory_fraction": 1.5}})
+
+
+def test_vllm_samples_in_the_dtype_the_hf_policy_loads(tiny_checkpoint, tmp_path):
+    """compute.param_dtype auto (the default): a bf16 checkpoint is sampled in bf16, a float32 one in float32 (vLLM's
+    own auto would give float16), then mixed_precision decides for float32 weights."""
+    from rlhf_core.models import load_causal_lm
+    from rlhf_core.vllm_engine import vllm_dtype
+
+    bf16_dir = tmp_path / "bf16"
+    load_causal_lm(str(tiny_checkpoint), torch.device("cpu")).to(torch.bfloat16).save_pretrained(bf16_dir)
+    compute = params_from_dict({}).compute
+    assert compute.param_dtype == "auto"
+    assert vllm_dtype(compute, bf16_dir) == "bfloat16" and vllm_dtype(compute, tiny_checkpoint) == "float32"
+    mixed = params_from_dict({"compute": {"mixed_precision": "bf16"}}).compute
+    assert vllm_dtype(mixed, tiny_checkpoint) == "bfloat16"
+    assert vllm_dtype(params_from_dict({"compute": {"param_dtype": "float32"}}).compute, bf16_dir) == "float32"

@@ -83,14 +83,23 @@ def split(indices: list[int], size: int) -> list[list[int]]:
 
 
 def make_optimizer(parameters, lr: float, eps: float, weight_decay: float, schedule: str, warmup_steps: int,
-                   total_steps: int):
-    """AdamW with a transformers LR schedule (constant, linear or cosine decay to 0)."""
+                   total_steps: int, scaled: set[int] = frozenset(), lr_scale: float = 1.0):
+    """AdamW with a transformers LR schedule (constant, linear or cosine decay to 0).  The parameters whose
+    ``id`` is in ``scaled`` (LoRA adapters) learn at ``lr × lr_scale``, the rest at ``lr``."""
     from transformers import get_scheduler
 
-    optimizer = torch.optim.AdamW(parameters, lr=lr, eps=eps, weight_decay=weight_decay)
+    parameters = list(parameters)
+    groups = [{"params": [p for p in parameters if id(p) not in scaled], "lr": lr},
+              {"params": [p for p in parameters if id(p) in scaled], "lr": lr * lr_scale}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, eps=eps, weight_decay=weight_decay)
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps,
                               num_training_steps=max(1, total_steps))
     return optimizer, scheduler
+
+
+def lora_parameter_ids(model) -> set[int]:
+    """``id``s of the LoRA adapter weights of the model as it is now (after sharding: the sharded ones)."""
+    return {id(p) for name, p in model.named_parameters() if "lora_" in name}
 
 
 def critic_parameters(model) -> list[torch.nn.Parameter]:
@@ -176,7 +185,8 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
     total_steps = epochs * per_epoch
     # The optimizer is built over the trainable parameters of the model as wrapped (fsdp shards replace them).
     forward_model, optimizer, scheduler, trainable = runtime.prepare(model, lambda trainable: make_optimizer(
-        trainable, ppo.lr, ppo.adam_eps, ppo.weight_decay, ppo.lr_schedule, ppo.warmup_steps, total_steps))
+        trainable, ppo.lr, ppo.adam_eps, ppo.weight_decay, ppo.lr_schedule, ppo.warmup_steps, total_steps,
+        scaled=lora_parameter_ids(model) if params.lora.enabled else frozenset(), lr_scale=params.lora.lr_scale))
     parameter_bytes = local_parameter_bytes(model)
     generator = np.random.default_rng(seed)
     history: dict[str, list[float]] = {}
