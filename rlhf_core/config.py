@@ -43,6 +43,10 @@ class ComputeParams:
         1, "processes of the rollout and optimize stages on each machine: 1 (on one machine) runs them in process as "
         "plain python; more go through `accelerate launch` (one process per GPU, or gloo processes on CPU): prompts "
         "are sharded, gradients summed", ge=1)
+    rollout_processes: Optional[int] = param(
+        None, "processes of the rollout stage on each machine when it should differ from num_processes (null: the "
+        "same), e.g. 1 for vLLM generation (one engine) while optimize trains on num_processes GPUs; the samples do not "
+        "depend on it", ge=1)
     num_machines: int = param(
         1, "machines that run rollout and optimize together (num_processes on each); more than 1 needs the repository "
         "on a filesystem every machine mounts at the same path, and `python -m rlhf_core.launch --follow` running on "
@@ -53,6 +57,11 @@ class ComputeParams:
     main_process_port: int = param(
         0, "TCP port of the rendezvous on machine 0; 0: a free port on one machine, the environment's MASTER_PORT "
         "on several", ge=0, le=65535)
+    @property
+    def rollout_process_count(self) -> int:
+        """Processes of the rollout stage on each machine: rollout_processes, or num_processes when it is null."""
+        return self.num_processes if self.rollout_processes is None else self.rollout_processes
+
     mixed_precision: Literal["no", "bf16", "fp16"] = param(
         "no", "autocast dtype of the forward passes: no (float32), bf16, or fp16 (GPU only; the loss is scaled)")
     strategy: Literal["ddp", "fsdp", "deepspeed"] = param(
@@ -407,9 +416,10 @@ class Params:
         if compute.strategy == "fsdp" and compute.mixed_precision == "fp16":
             raise ConfigError("compute.mixed_precision = 'fp16': not supported with compute.strategy = 'fsdp' "
                               "(no sharded loss scaler); use 'bf16' or 'no'")
-        if self.rollout.engine == "vllm" and compute.num_processes != 1:
-            raise ConfigError(f"rollout.engine = 'vllm': needs compute.num_processes = 1, got {compute.num_processes} "
-                              "(vLLM runs the whole round in one process); use engine: hf for several processes")
+        if self.rollout.engine == "vllm" and compute.rollout_process_count != 1:
+            raise ConfigError(f"rollout.engine = 'vllm': needs one rollout process, got {compute.rollout_process_count} "
+                              "(vLLM runs the whole round in one process); set compute.rollout_processes: 1 (optimize "
+                              "keeps compute.num_processes) or use engine: hf")
         if self.rollout.engine == "vllm" and self.device in ("cpu", "mps"):
             raise ConfigError(f"rollout.engine = 'vllm': needs a CUDA GPU, not device: {self.device}; "
                               "set device: auto, cuda or cuda:N, or use engine: hf")

@@ -53,8 +53,10 @@ DISTRIBUTED_STAGES = ("stages.rollout", "stages.optimize")
 
 
 def processes_for(module: str, compute) -> int:
-    """How many processes ``module`` runs as, over all machines: num_processes × num_machines for a distributed
-    stage, else 1."""
+    """How many processes ``module`` runs as, over all machines: optimize num_processes × num_machines, rollout
+    rollout_processes (default num_processes) × num_machines, any other stage 1."""
+    if module == "stages.rollout":
+        return compute.rollout_process_count * compute.num_machines
     return compute.num_processes * compute.num_machines if module in DISTRIBUTED_STAGES else 1
 
 

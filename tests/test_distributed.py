@@ -363,6 +363,29 @@ def test_several_machines_need_a_rendezvous_and_followers_need_a_rank(tmp_path, 
         params_from_dict({"algorithm": {"name": "trpo"}, "compute": {"num_machines": 2}})
 
 
+def test_rollout_can_run_with_its_own_process_count():
+    """compute.rollout_processes: vLLM (one engine) generates in one process while optimize trains on several;
+    or more rollout processes than optimize ones."""
+    from rlhf_core import launch
+    from rlhf_core.config import ComputeParams, params_from_dict
+    from rlhf_core.errors import ConfigError
+
+    vllm_and_four = ComputeParams(num_processes=4, rollout_processes=1)
+    assert launch.build_command("stages.rollout", ["--round", "r1"], vllm_and_four) is None  # in process
+    optimize = launch.build_command("stages.optimize", ["--round", "r1"], vllm_and_four, port=29500)
+    assert optimize[optimize.index("--num_processes") + 1] == "4"
+    wide_rollout = launch.build_command("stages.rollout", ["--round", "r1"],
+                                        ComputeParams(num_processes=1, rollout_processes=2), port=29500)
+    assert wide_rollout[wide_rollout.index("--num_processes") + 1] == "2"
+    assert launch.processes_for("stages.rollout", ComputeParams(num_processes=3, num_machines=2)) == 6
+    params = params_from_dict({"device": "cuda", "rollout": {"engine": "vllm"},
+                               "compute": {"num_processes": 4, "rollout_processes": 1}})
+    assert params.compute.rollout_process_count == 1
+    with pytest.raises(ConfigError, match=r"^rollout.engine = 'vllm': needs one rollout process, got 4 .*set "
+                                          r"compute.rollout_processes: 1"):
+        params_from_dict({"device": "cuda", "rollout": {"engine": "vllm"}, "compute": {"num_processes": 4}})
+
+
 def test_more_processes_than_gpus_stop_with_one_line(monkeypatch):
     from rlhf_core.config import ComputeParams
     from rlhf_core.distributed import check_compute

@@ -118,7 +118,7 @@ def test_without_vllm_the_engine_is_a_one_line_config_error(monkeypatch):
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"compute": {"num_processes": 2}}, "rollout.engine = 'vllm': needs compute.num_processes = 1, got 2"),
+    ({"compute": {"num_processes": 2}}, "rollout.engine = 'vllm': needs one rollout process, got 2"),
     ({"device": "cpu"}, "rollout.engine = 'vllm': needs a CUDA GPU, not device: cpu"),
     ({"device": "mps"}, "rollout.engine = 'vllm': needs a CUDA GPU, not device: mps"),
 ])
