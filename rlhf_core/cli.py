@@ -38,6 +38,17 @@ def timing_summary(elapsed: float) -> str:
     return f"done in {elapsed:.1f}s (start-up {ready_at - started:.2f}s + work {time.time() - ready_at:.2f}s)"
 
 
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk (or the quota) is full: an OSError with ENOSPC/EDQUOT, or a library's error
+    that wraps one (safetensors: ``IoError(Os { code: 28, kind: StorageFull, … })``)."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text
+
+
 def run_stage(main, *, name: str, needs_round: bool = False, argv: list[str] | None = None,
               add_arguments=None) -> None:
     from rlhf_core.config import load_params
@@ -67,5 +78,11 @@ def run_stage(main, *, name: str, needs_round: bool = False, argv: list[str] | N
         record(where, time.perf_counter() - started)  # under DVC only: the run's wall time (track logs it)
     except (RLHFError, FloatingPointError) as exc:  # FloatingPointError: a NaN/inf guard tripped
         print(f"error: {where}: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as exc:
+        if not disk_full(exc):
+            raise
+        print(f"error: {where}: no space left on the device while writing its outputs ({exc.__class__.__name__}); "
+              "nothing was replaced: free space (the DVC cache: dvc gc) and run it again", file=sys.stderr)
         sys.exit(2)
     log(f"{where}: {timing_summary(time.perf_counter() - started)}")

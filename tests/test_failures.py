@@ -146,3 +146,30 @@ def test_diverging_learning_rate_stops_the_update(workdir, capsys):
     assert "is nan" in line or "is inf" in line or "NaN/inf" in line, line
     assert not (workdir / "models/r1").exists()
     assert not (workdir / "metrics/r1/optimize.json").exists()
+
+
+@pytest.mark.parametrize("failure", [
+    OSError(28, "No space left on device"),
+    RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'),
+])
+def test_a_full_disk_while_writing_the_checkpoint_is_one_line_and_writes_nothing(workdir, capsys, monkeypatch, failure):
+    """A full disk used to end optimize with a traceback; the atomic writer already left nothing half-written."""
+    import transformers.modeling_utils
+
+    from stages import advantages, optimize, rollout, score
+
+    for stage, name in ((rollout, "rollout"), (score, "score"), (advantages, "advantages")):
+        run_stage(stage.main, name=name, needs_round=True, argv=["--round", "r1"])
+
+    def full_disk(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage(optimize.main, name="optimize", needs_round=True, argv=["--round", "r1"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and not any("Traceback" in line for line in lines)
+    assert lines[-1].startswith("error: optimize@r1: no space left on the device while writing its outputs")
+    assert not (workdir / "models/r1").exists()
+    assert not [p for p in (workdir / "models").iterdir() if p.name.startswith(".")]  # no temporary directory left
