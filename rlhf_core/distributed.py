@@ -25,17 +25,10 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from rlhf_core.errors import ConfigError
 
-ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
-
-
-def accelerate_config(strategy: str) -> Path:
-    """The accelerate config file shipped for a strategy: configs/accelerate/<strategy>.yaml."""
-    return ACCELERATE_CONFIGS / f"{strategy}.yaml"
 
 
 def check_compute(compute, device_type: str) -> None:

@@ -27,9 +27,16 @@ import os
 import runpy
 import socket
 import sys
+from pathlib import Path
 
-from rlhf_core.distributed import accelerate_config
 from rlhf_core.errors import RLHFError
+
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+
+
+def accelerate_config(strategy: str) -> Path:
+    """The accelerate config file shipped for a strategy: configs/accelerate/<strategy>.yaml."""
+    return ACCELERATE_CONFIGS / f"{strategy}.yaml"
 
 
 def free_port() -> int:

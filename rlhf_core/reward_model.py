@@ -256,7 +256,7 @@ def pair_accuracy(model, tokenizer, rows: list[dict], max_length: int, batch_siz
 
 def train_bradley_terry(model, tokenizer, train_rows: list[dict], spec, seed: int, log=print) -> dict:
     """Fit ``model`` in place with the Bradley–Terry loss; returns training metrics."""
-    from rlhf_core.algorithms.common import make_optimizer
+    from rlhf_core.optim import make_optimizer
 
     steps_per_epoch = math.ceil(len(train_rows) / spec.batch_size)
     total_steps = steps_per_epoch * spec.epochs

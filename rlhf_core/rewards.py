@@ -23,48 +23,9 @@ from __future__ import annotations
 
 import importlib
 import math
-import re
 
 from rlhf_core.errors import DataError
-
-NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-
-
-def vader_scores(texts: list[str]) -> list[float]:
-    """VADER compound score of each text, in [−1, 1]."""
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-    analyzer = SentimentIntensityAnalyzer()
-    return [float(analyzer.polarity_scores(text)["compound"]) for text in texts]
-
-
-def length_scores(lengths: list[int], target: int) -> list[float]:
-    """−|L − target| / target for each response length L (tokens): 0 at the target, −1 at 0 or 2·target."""
-    return [-abs(length - target) / target for length in lengths]
-
-
-def verifiable_scores(responses: list[str], answers: list[str], match: str, tolerance: float) -> list[float]:
-    """1.0 where the response matches its reference answer, else 0.0.
-
-    exact:   response.strip() == answer.strip()
-    numeric: the first number in the response is within ``tolerance`` of the answer (as a number)
-    regex:   the answer, read as a regular expression, is found in the response
-    """
-    scores = []
-    for response, answer in zip(responses, answers):
-        if match == "exact":
-            hit = response.strip() == str(answer).strip()
-        elif match == "numeric":
-            found = NUMBER.search(response)
-            try:
-                hit = found is not None and abs(float(found.group()) - float(answer)) <= tolerance
-            except ValueError:
-                hit = False
-        else:
-            hit = re.search(str(answer), response) is not None
-        scores.append(1.0 if hit else 0.0)
-    return scores
-
+from rlhf_core.scoring import length_scores, vader_scores, verifiable_scores  # noqa: F401  (the built-in scorers)
 
 def python_scores(function: str, prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]:
     """Call the user function ``module:function`` (importable from the repo root or the environment)."""
@@ -151,6 +112,17 @@ def raw_component(scorer, prompts, responses, lengths, ended, metadata, task: st
     return python_scores(scorer.function, prompts, responses, metadata), {}
 
 
+def is_real_number(value) -> bool:
+    """An int or float (numpy's and torch's scalars included), not a bool or a string."""
+    import numbers
+
+    if isinstance(value, (bool, str, bytes)) or type(value).__name__ == "bool_":
+        return False
+    if isinstance(value, numbers.Real):
+        return True
+    return type(value).__module__ == "torch" and getattr(value, "ndim", None) == 0 and value.is_floating_point()
+
+
 def score_responses(scorers, *, prompts: list[str], responses: list[str], lengths: list[int], ended: list[bool],
                     metadata: list[dict], missing_eos_penalty: float, task: str = "sentiment", state: dict | None = None,
                     cpu_threads: int = 1, trust_remote_code: bool = False,
@@ -170,13 +142,18 @@ def score_responses(scorers, *, prompts: list[str], responses: list[str], length
         try:
             raw, extra = raw_component(scorer, prompts, responses, lengths, ended, metadata, task, cpu_threads,
                                        trust_remote_code)
-            raw = [float(v) for v in raw]
+            raw = list(raw)
         except DataError:
             raise
         except Exception as exc:  # a user's scorer may raise anything; report it as data, in one line
             raise DataError(f"{where}scorer {scorer.name} raised {type(exc).__name__}: {exc}") from None
         if len(raw) != len(responses):
             raise DataError(f"{where}scorer {scorer.name} returned {len(raw)} values for {len(responses)} responses")
+        for row, value in enumerate(raw):
+            if not is_real_number(value):  # "0.5" or True would be read as a number and train on nothing
+                raise DataError(f"{where}scorer {scorer.name} returned {value!r} ({type(value).__name__}) for row {row}; "
+                                "a scorer returns one int or float per response")
+        raw = [float(value) for value in raw]
         for row, value in enumerate(raw):
             if not math.isfinite(value):
                 raise DataError(f"{where}scorer {scorer.name} returned {value} for row {row} ({responses[row][:60]!r})")

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf_core.optim import make_optimizer  # noqa: F401  (used below; re-exported)
+
 from rlhf_core.advantages import pad_sequences
 from rlhf_core.models import TokenBatch, collate, transformer_blocks
 from rlhf_core.progress import Progress
@@ -80,21 +82,6 @@ class Experience:
 def split(indices: list[int], size: int) -> list[list[int]]:
     """Consecutive chunks of at most ``size``."""
     return [indices[i:i + size] for i in range(0, len(indices), size)]
-
-
-def make_optimizer(parameters, lr: float, eps: float, weight_decay: float, schedule: str, warmup_steps: int,
-                   total_steps: int, scaled: set[int] = frozenset(), lr_scale: float = 1.0):
-    """AdamW with a transformers LR schedule (constant, linear or cosine decay to 0).  The parameters whose
-    ``id`` is in ``scaled`` (LoRA adapters) learn at ``lr × lr_scale``, the rest at ``lr``."""
-    from transformers import get_scheduler
-
-    parameters = list(parameters)
-    groups = [{"params": [p for p in parameters if id(p) not in scaled], "lr": lr},
-              {"params": [p for p in parameters if id(p) in scaled], "lr": lr * lr_scale}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, eps=eps, weight_decay=weight_decay)
-    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps,
-                              num_training_steps=max(1, total_steps))
-    return optimizer, scheduler
 
 
 def lora_parameter_ids(model) -> set[int]:

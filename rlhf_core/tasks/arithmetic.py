@@ -104,7 +104,7 @@ def reward(prompts: list[str], responses: list[str], metadata: list[dict]) -> li
     For the answer ``"4 2"``: ``" 4 2"`` and ``"4 2"`` score 1; ``" 4 1"``, ``" 4 2 3"``, ``"42"`` and ``""`` score 0.
     """
     from rlhf_core.errors import DataError
-    from rlhf_core.rewards import verifiable_scores
+    from rlhf_core.scoring import verifiable_scores
 
     answers = [m.get("answer") for m in metadata]
     if len(answers) != len(responses) or any(a is None for a in answers):

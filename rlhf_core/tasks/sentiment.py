@@ -110,6 +110,6 @@ def preferences(count: int, seed: int) -> list[dict]:
 
 def reward(prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]:
     """VADER's compound sentiment score of each response, in [−1, 1]."""
-    from rlhf_core.rewards import vader_scores
+    from rlhf_core.scoring import vader_scores
 
     return vader_scores(responses)
