@@ -30,11 +30,23 @@ def _tmp_sibling(path: Path, is_dir: bool) -> Path:
         if _owner_is_gone(stale.name[len(f".{path.name}.tmp-"):]):
             _remove(stale)
     prefix = f".{path.name}.tmp-{_HOST}-{os.getpid()}-"
+    # tempfile creates 0600 files and 0700 directories; an output gets the permissions any other file would
+    # (0666 / 0777 less the umask), so teammates on a shared filesystem can read it.
     if is_dir:
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+        os.chmod(tmp, 0o777 & ~_umask())
+        return tmp
     fd, name = tempfile.mkstemp(prefix=prefix, dir=path.parent)
     os.close(fd)
+    os.chmod(name, 0o666 & ~_umask())
     return Path(name)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 _HOST = socket.gethostname().replace("-", "_") or "host"

@@ -162,13 +162,21 @@ def run_stage(module: str, stage_args: list[str], repo: Path | None = None) -> i
         if forked is None or "pid" not in forked:
             return None  # the server went away before forking: nothing ran
         child = int(forked["pid"])
+        forwarded: list[int] = []
+
+        def forward(received: int, frame) -> None:
+            forwarded.append(received)
+            _forward(child, received)
+
         for signum in FORWARDED_SIGNALS:
-            signal.signal(signum, lambda received, frame: _forward(child, received))
+            signal.signal(signum, forward)
         try:
             finished = _receive(connection)
         except OSError:
             finished = None
         if finished is None or "exit" not in finished:
+            if forwarded:  # the stage died of the signal this client passed on: exit as a killed process would
+                return 128 + forwarded[-1]
             print(f"error: {module}: the stage process {child} ended without an exit status (killed?)",
                   file=sys.stderr)
             return 1

@@ -255,3 +255,23 @@ def test_first_line_of_a_library_error():
     assert first_line(ValueError("Couldn't instantiate the tokenizer:\n(1) a file\n(2) …")) == \
         "Couldn't instantiate the tokenizer:"
     assert first_line(OSError("  \n")) == "OSError" and first_line(KeyError()) == "KeyError"
+
+
+def test_outputs_get_the_usual_permissions_not_tempfiles_private_ones(tmp_path):
+    """tempfile's 0600/0700 made every output unreadable to teammates on a shared filesystem."""
+    import os
+    import stat
+
+    from rlhf_core.io import atomic_dir, atomic_file
+
+    old = os.umask(0o022)
+    try:
+        with atomic_file(tmp_path / "metrics.json") as tmp:
+            tmp.write_text("{}")
+        with atomic_dir(tmp_path / "model") as out:
+            (out / "weights.bin").write_bytes(b"0")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "model/weights.bin").stat().st_mode) == 0o644

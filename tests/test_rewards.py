@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from rlhf_core.errors import DataError
@@ -116,3 +118,23 @@ def test_evaluation_totals_skip_normalisation():
     out, state = _score(scorers, ["x", "y"], lengths=[2, 4], normalise_components=False)
     assert "len_normalized" not in out and state == {}
     assert out["total"] == [-2.0, -6.0]
+
+
+def test_scorer_values_must_be_real_numbers(tmp_path, monkeypatch):
+    """A python scorer returning the string "0.5" used to be read as 0.5; a run trained on it without a word."""
+    import numpy as np
+
+    (tmp_path / "typed_rewards.py").write_text(
+        "import numpy as np, torch\n"
+        "def text(prompts, responses, metadata):\n    return ['0.5' for _ in responses]\n"
+        "def flags(prompts, responses, metadata):\n    return [True for _ in responses]\n"
+        "def nothing(prompts, responses, metadata):\n    return [None for _ in responses]\n"
+        "def numeric(prompts, responses, metadata):\n    return [1, np.float32(0.25), torch.tensor(0.5)][:len(responses)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name, shown in (("text", "'0.5' (str)"), ("flags", "True (bool)"), ("nothing", "None (NoneType)")):
+        with pytest.raises(DataError, match=rf"^score@r1: scorer bad returned {re.escape(shown)} for row 0; a scorer "
+                                            "returns one int or float per response$"):
+            _score([_scorer(name="bad", kind="python", function=f"typed_rewards:{name}")], ["a", "b"])
+    out, _ = _score([_scorer(name="ok", kind="python", function="typed_rewards:numeric")], ["a", "b", "c"])
+    assert out["ok"] == [1.0, 0.25, 0.5] and all(type(v) is float for v in out["ok"])
+    assert np.isfinite(out["total"]).all()
