@@ -349,6 +349,7 @@ class Params:
     task: Literal["sentiment", "arithmetic"] = param(
         "sentiment", "built-in task: its prompt generator, demonstrations, preference pairs and `kind: task` reward (sentiment: review openings, VADER; arithmetic: two-digit sums `2 3 + 1 4 =`, exact match)")
     device: str = param("auto", "`auto` (CUDA when available), `cpu`, `cuda`, `cuda:N` or `mps`", pattern=_DEVICE)
+    cpu_isa: Literal["avx2", "native"] = param("avx2", "CPU kernels every stage uses on x86: avx2 pins torch's and oneDNN's vector code to AVX2 (set by the launcher: ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_CBWR), so an AVX-512 machine computes the same floats as an AVX2 one; native lets each library pick the widest the CPU has (faster on large models, but the bits then depend on the processor)")
     cpu_threads: int = param(2, "torch intra-op threads when running on CPU; a fixed count keeps CPU runs bit-for-bit reproducible under any machine load (the same count splits every float reduction the same way), 0 uses torch's default (one per physical core, so the bits depend on the machine)", ge=0)
     trust_remote_code: bool = param(False, "let transformers run Python code shipped with a hub model or tokenizer; off unless you trust its author")
     compute: ComputeParams = section(ComputeParams, "how stages run: processes, mixed precision and the distributed strategy (rollout and optimize), and warm start (every stage)")

@@ -39,6 +39,35 @@ def accelerate_config(strategy: str) -> Path:
     return ACCELERATE_CONFIGS / f"{strategy}.yaml"
 
 
+# cpu_isa: avx2 -> what each library reads to choose its CPU kernels (torch's ATen, oneDNN, MKL)
+PINNED_CPU_ISA = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
+
+
+def cpu_has_avx2() -> bool:
+    """Whether this is an x86 CPU with AVX2 (and FMA), the ISA ``cpu_isa: avx2`` pins the kernels to."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return {"avx2", "fma"} <= set(flags.split(":", 1)[1].split())
+
+
+def pin_cpu_numerics(cpu_isa: str, environ=None) -> dict[str, str]:
+    """Set, in ``environ`` (default os.environ), the variables that pin the CPU kernels of the stage about to
+    start (before torch is imported: the stage in process, a warm-start server, or accelerate's processes
+    inherit them).  ``avx2`` on an AVX2-capable x86 CPU: ``PINNED_CPU_ISA``; otherwise nothing (an ARM CPU, or
+    ``native``).  Returns what it set."""
+    environ = os.environ if environ is None else environ
+    if cpu_isa != "avx2" or not cpu_has_avx2():
+        return {}
+    environ.update(PINNED_CPU_ISA)
+    return dict(PINNED_CPU_ISA)
+
+
 def free_port() -> int:
     """A TCP port free on this machine now, for the rendezvous of one single-node launch."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -145,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     except RLHFError:  # the stage itself reports it, in its own words
         run_in_process(module, stage_args)
         return
+    pin_cpu_numerics(params.cpu_isa)
     compute = params.compute
     try:
         command = build_command(module, stage_args, compute)

@@ -423,3 +423,16 @@ def test_two_process_fsdp_with_lora_matches_one_process_lora(workspace, tmp_path
     assert _max_relative_difference(one, got) < 1e-4
     assert fsdp_metrics["grad_norm"] == pytest.approx(one_metrics["grad_norm"], rel=1e-4)
     assert fsdp_metrics["optimizer_steps"] == one_metrics["optimizer_steps"] == 3
+
+
+def test_the_launcher_pins_the_cpu_kernels_before_the_stage_imports_torch(monkeypatch):
+    from rlhf_core import launch
+
+    monkeypatch.setattr(launch, "cpu_has_avx2", lambda: True)
+    environ = {"ATEN_CPU_CAPABILITY": "avx512"}
+    assert launch.pin_cpu_numerics("avx2", environ) == launch.PINNED_CPU_ISA
+    assert environ == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
+    environ = {}
+    assert launch.pin_cpu_numerics("native", environ) == {} and environ == {}
+    monkeypatch.setattr(launch, "cpu_has_avx2", lambda: False)  # an ARM CPU, or an x86 one without AVX2
+    assert launch.pin_cpu_numerics("avx2", environ) == {} and environ == {}

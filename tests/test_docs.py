@@ -24,12 +24,14 @@ def test_results_table_by_hand():
 
 def test_readme_quick_start_installs_cpu_torch_first_and_ci_runs_the_test_command():
     readme = (REPO / "README.md").read_text()
-    test_command = ('python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && '
-                    'pip install -e ".[dev]" && python -m pytest -q')
+    install = "pip install torch==2.13.0 && pip install -r requirements.lock && pip install --no-deps -e"
+    test_command = (f'python3 -m venv .venv && . .venv/bin/activate && {install} ".[dev]" && python -m pytest -q && '
+                    'python -m pytest -q -m e2e')
     assert test_command in readme
-    assert "pip install torch==2.13.0 && pip install -e . && dvc repro" in readme
+    assert f"{install} . && dvc repro" in readme
     ci = (REPO / ".ci/run").read_text()
-    assert 'pip install -q torch==2.13.0 && pip install -q -e ".[dev]" && python -m pytest -q' in ci
+    assert ('pip install -q torch==2.13.0 && pip install -q -r requirements.lock && pip install -q --no-deps -e ".[dev]" '
+            '&& python -m pytest -q && python -m pytest -q -m e2e') in ci
 
 
 def test_readme_algorithm_table_matches_the_benchmark_results():

@@ -29,3 +29,29 @@ def test_torch_with_public_fsdp2_is_required():
     """compute.strategy: fsdp calls torch.distributed.fsdp.fully_shard, public from torch 2.6."""
     assert minimum("torch") >= Version("2.6")
     from torch.distributed.fsdp import fully_shard  # noqa: F401
+
+
+def test_the_lock_pins_every_dependency_within_its_range_and_leaves_torch_to_the_readme():
+    """requirements.lock (README commands 1 and 2, .ci/run) holds one exact version of every dependency,
+    inside pyproject's range; torch is installed first, as a CPU or CUDA build, so it is not in the lock."""
+    import re
+    from pathlib import Path
+
+    from packaging.utils import canonicalize_name
+
+    repo = Path(__file__).resolve().parents[1]
+    lock = {canonicalize_name(name): Version(version) for name, version in
+            re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", (repo / "requirements.lock").read_text(), re.M)}
+    assert "torch" not in lock and not any(name.startswith("nvidia-") for name in lock)
+    for line in requires("rlhf-core") or []:
+        requirement = Requirement(line)
+        if requirement.marker is not None and "extra" in str(requirement.marker) and "dev" not in str(requirement.marker):
+            continue
+        name = canonicalize_name(requirement.name)
+        if name == "torch":
+            continue
+        assert name in lock, f"{requirement.name} is not in requirements.lock (bash scripts/lock-requirements.sh)"
+        assert requirement.specifier.contains(lock[name], prereleases=True), (line, lock[name])
+    readme = (repo / "README.md").read_text()
+    ci = (repo / ".ci/run").read_text()
+    assert readme.count("pip install -r requirements.lock") == 2 and "-r requirements.lock" in ci
