@@ -66,6 +66,7 @@ PRELOAD = (
 # Environment variables that libraries read when they are imported: a server imported with other values
 # must not serve the stage.
 IMPORT_TIME_ENV_PREFIXES = ("PYTHON", "TORCH", "PYTORCH", "CUDA", "NVIDIA", "OMP_", "MKL_", "KMP_", "OPENBLAS",
+                            "ATEN_", "ONEDNN_", "DNNL_",  # the CPU kernels (cpu_isa): a server must compute the same floats
                             "HF_", "TRANSFORMERS", "TOKENIZERS", "MLFLOW", "LD_", "RLHF_WARM")
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
