@@ -174,3 +174,14 @@ def test_help_is_fast_and_imports_nothing_heavy():
     assert result.returncode == 0
     for command in ("rounds", "compare", "samples", "plot"):
         assert command in result.stdout
+
+
+def test_compare_cuts_long_params_where_they_differ():
+    """score.scorers values share their first 32 characters: cut at the start, every run showed the same cell."""
+    from rlhf_core.commands.compare import _cells
+
+    base = "[{'name': 'task', 'kind': 'task', 'weight': 1.0, 'normalize': 'none'}, {'name': 'len', 'weight': "
+    cells = _cells([base + "0.1}]", base + "0.5}]", "short"])
+    assert all(len(cell) <= 32 for cell in cells)
+    assert cells[0] != cells[1] and "0.1" in cells[0] and "0.5" in cells[1] and cells[2] == "short"
+    assert _cells(["a", "b"]) == ["a", "b"]

@@ -28,9 +28,30 @@ def format_seconds(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
-def _cell(value: str, limit: int = 32) -> str:
-    value = str(value)
-    return value if len(value) <= limit else value[: limit - 1] + "…"
+def _cells(values: list, limit: int = 32) -> list[str]:
+    """One param's values across runs, each at most ``limit`` characters.  A long value is cut around where
+    the values first differ, not at its start: long lists such as ``score.scorers`` often share their first
+    ``limit`` characters and differ further on, and cutting them all at the start would hide the difference
+    the table exists to show."""
+    values = [str(value) for value in values]
+    if all(len(value) <= limit for value in values):
+        return values
+    long_values = [value for value in values if len(value) > limit]
+    first_difference = 0
+    while len(long_values) > 1 and len({value[first_difference:first_difference + 1] for value in long_values}) == 1 \
+            and first_difference < max(map(len, long_values)):
+        first_difference += 1
+    start = max(0, min(first_difference - limit // 4, max(map(len, long_values)) - limit))
+    cells = []
+    for value in values:
+        if len(value) <= limit:
+            cells.append(value)
+            continue
+        head = "…" if start > 0 else ""
+        window = value[start:start + limit - len(head)]
+        tail = "…" if start + len(window) < len(value) else ""
+        cells.append(head + window[: limit - len(head) - len(tail)] + tail)
+    return cells
 
 
 def table(store, runs) -> tuple[list[list[str]], list[str]]:
@@ -41,7 +62,7 @@ def table(store, runs) -> tuple[list[list[str]], list[str]]:
             ["name", *(run.info.run_name or "-" for run in runs)],
             ["started", *(datetime.datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M")
                           for run in runs)]]
-    rows += [[key, *(_cell(run.data.params.get(key, "-")) for run in runs)] for key in keys]
+    rows += [[key, *_cells([run.data.params.get(key, "-") for run in runs])] for key in keys]
     rows.append(["round", *(name for name, _ in finals)])
     for label, key, fmt in METRICS:
         cells = []
