@@ -13,6 +13,16 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the stage scripts (stages/) are imported by tests as a package
     sys.path.insert(0, str(REPO))
 
+# The CPU kernels the launcher pins for every stage (cpu_isa: avx2, the default), set here before anything
+# imports torch: a test compares what it computes in process with stages the launcher runs in subprocesses,
+# and both must use the same kernels.  ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA given in the environment win
+# (another float path), for the in-process side.
+from rlhf_core.launch import PINNED_CPU_ISA, cpu_has_avx2  # noqa: E402  (imports nothing heavy)
+
+if cpu_has_avx2():
+    for _name, _value in PINNED_CPU_ISA.items():
+        os.environ.setdefault(_name, _value)
+
 
 TEST_THREADS = int(os.environ.get("RLHF_TEST_THREADS", "1"))
 

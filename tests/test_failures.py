@@ -111,11 +111,11 @@ def test_pickle_checkpoint_is_refused(workdir, capsys):
 
 
 def test_nan_reward_names_scorer_round_and_row(workdir, capsys, monkeypatch):
-    from rlhf_core import rewards
+    from rlhf_core import scoring
     from stages import rollout, score
 
     run_stage(rollout.main, name="rollout", needs_round=True, argv=["--round", "r1"])
-    monkeypatch.setattr(rewards, "vader_scores", lambda texts: [0.5] * (len(texts) - 1) + [float("nan")])
+    monkeypatch.setattr(scoring, "vader_scores", lambda texts: [0.5] * (len(texts) - 1) + [float("nan")])
     line = stage_error(capsys, score, "score", "--round", "r1", needs_round=True)
     assert line.startswith("error: score@r1: scorer task returned nan for row 7")
     assert not (workdir / "scores").exists()

@@ -294,7 +294,7 @@ def test_chunked_logprobs_equal_the_plain_ones_and_keep_less_for_backward():
         results[label] = (outputs["lp"].detach(), outputs["ent"].detach(), leaf.grad, saved)
     plain, chunked = results["plain"], results["chunked"]
     assert torch.equal(plain[0], chunked[0]) and torch.equal(plain[1], chunked[1])
-    torch.testing.assert_close(chunked[2], plain[2], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chunked[2], plain[2], rtol=1e-4, atol=2e-5)  # float32 rounding of two formulas
     logits_bytes = logits.numel() * 4
     assert plain[3] >= 2 * logits_bytes  # float32 log-probs and probabilities, [B·R, V] each
     assert chunked[3] <= logits_bytes + 64 * 16 * 8  # the logits themselves, the tokens and the entropies
@@ -313,7 +313,7 @@ def test_chunked_logprobs_gradients_of_each_output_alone():
             leaf = logits.clone().requires_grad_(True)
             token_logprobs(leaf, tokens, 1.3, chunk_elements=chunk)[which].sum().backward()
             grads.append(leaf.grad)
-        torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=2e-5)
     leaf = logits.to(torch.bfloat16).requires_grad_(True)
     token_logprobs(leaf, tokens, 1.0, chunk_elements=4 * 1000)[0].sum().backward()
     assert leaf.grad.dtype == torch.bfloat16 and torch.isfinite(leaf.grad.float()).all()
