@@ -185,3 +185,22 @@ def test_compare_cuts_long_params_where_they_differ():
     assert all(len(cell) <= 32 for cell in cells)
     assert cells[0] != cells[1] and "0.1" in cells[0] and "0.5" in cells[1] and cells[2] == "short"
     assert _cells(["a", "b"]) == ["a", "b"]
+
+
+@pytest.mark.filterwarnings("ignore:Tight layout not applied")
+def test_plot_keeps_a_long_legend_inside_the_image(tmp_path):
+    """The legend sits right of the axes: with a long run label it was cut at the image's right edge."""
+    import types
+
+    import matplotlib.image
+
+    from rlhf_core.commands.plot import draw
+
+    label = ("a1b2c3d4 ppo.clip_range=0.1 advantages.lam=0.9 algorithm.name=grpo score.scorers=[{'name': 'rm', "
+             "'kind': 'hf_classifier', 'model': 'reward_models/bt'}]")  # past ~100 characters tight_layout gives up
+    data = [{"label": label, "steps": [0, 1, 2], "names": ["sft", "r1", "r2"], "reward": [0.1, 0.3, 0.5],
+             "kl": [0.0, 0.1, 0.3]}]
+    paths = draw(types.SimpleNamespace(experiment="rlhf"), data, tmp_path)
+    for path in paths:
+        right_margin = matplotlib.image.imread(path)[:, -4:, :3]
+        assert (right_margin > 0.99).all(), path.name  # the label ends before the edge: a white margin there

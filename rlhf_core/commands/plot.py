@@ -62,11 +62,13 @@ def draw(store, data, out_dir: Path) -> list[Path]:
         axes.set_xlabel(xlabel)
         axes.set_ylabel(ylabel)
         axes.grid(alpha=0.3)
-        axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False, title="run",
-                    title_fontsize=8, alignment="left")
+        legend = axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False, title="run",
+                             title_fontsize=8, alignment="left")
         figure.tight_layout()
         path = out_dir / name
-        figure.savefig(path)
+        # the legend sits right of the axes, outside what tight_layout fits into the figure: save the box
+        # that holds every artist, legend included, or long run labels are cut at the image's edge
+        figure.savefig(path, bbox_inches="tight", bbox_extra_artists=[legend], pad_inches=0.15)
         plt.close(figure)
         paths.append(path)
 
