@@ -263,8 +263,8 @@ class PPOParams:
     dual_clip: Optional[float] = param(None, "dual-clip constant c > 1 bounding the loss of negative-advantage tokens at −c·A (Ye et al. 2020); null disables", gt=1.0)
     loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = param(
         "token_mean", "how token losses become a scalar: mean over all tokens, mean over sequences of per-sequence token means, or of token sums")
-    kl_loss_coef: float = param(0.0, "weight of KL(π_θ‖π_ref) as a loss term (an alternative to advantages.kl_coef in the reward)", ge=0.0)
-    kl_loss_estimator: Literal["k1", "k2", "k3"] = param("k3", "estimator of the KL loss term")
+    kl_loss_coef: float = param(0.0, "weight of KL(π_θ‖π_ref) as a loss term (an alternative to advantages.kl_coef in the reward); grpo has its own, grpo.kl_coef, and refuses this one", ge=0.0)
+    kl_loss_estimator: Literal["k1", "k2", "k3"] = param("k3", "estimator of the KL loss term (grpo: always k3)")
     ratio_level: Literal["token", "sequence"] = param("token", "importance ratio per token, or one per sequence: exp(mean_t log ρ_t) (GSPO-style)")
 
 
@@ -387,6 +387,13 @@ class Params:
         if group_based and self.rollout.samples_per_prompt < 2:
             raise ConfigError(f"rollout.samples_per_prompt = {self.rollout.samples_per_prompt}: {self.algorithm.name} compares "
                               "the samples of a prompt and needs at least 2")
+        if self.algorithm.name == "grpo" and self.ppo.kl_loss_coef != 0.0:
+            raise ConfigError(f"ppo.kl_loss_coef = {self.ppo.kl_loss_coef}: grpo's KL loss weight is grpo.kl_coef "
+                              f"({self.grpo.kl_coef}), which would silently replace it; set grpo.kl_coef and leave "
+                              "ppo.kl_loss_coef at 0")
+        if self.algorithm.name == "grpo" and self.ppo.kl_loss_estimator != "k3":
+            raise ConfigError(f"ppo.kl_loss_estimator = {self.ppo.kl_loss_estimator!r}: grpo's KL loss always uses k3, "
+                              "which would silently replace it; leave ppo.kl_loss_estimator at 'k3' with grpo")
         if self.prepare.source != "builtin" and not self.prepare.path:
             raise ConfigError(f"prepare.path is empty: required when prepare.source is {self.prepare.source!r}")
         if self.sft.demonstrations != "builtin" and not self.sft.demo_path:

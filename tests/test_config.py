@@ -388,3 +388,15 @@ def test_unquoted_no_survives_dvc_rewriting_params_yaml(tmp_path):
         "a": "no", "b": "yes", "c": "off", "d": True, "e": False, "f": 1e-5, "g": 3}
     with pytest.raises(ConfigError, match="must be one of 'no', 'bf16', 'fp16'"):
         params_from_dict({"compute": {"mixed_precision": True}})
+
+
+def test_a_value_grpo_would_silently_replace_is_an_error_naming_both_keys():
+    """grpo builds its loss with kl_loss_coef = grpo.kl_coef and the k3 estimator: ppo.kl_loss_coef and
+    ppo.kl_loss_estimator set by the user were dropped without a word."""
+    with pytest.raises(ConfigError, match=r"^ppo.kl_loss_coef = 0.1: grpo's KL loss weight is grpo.kl_coef \(0.04\), "
+                                          r"which would silently replace it"):
+        params_from_dict({"algorithm": {"name": "grpo"}, "ppo": {"kl_loss_coef": 0.1}})
+    with pytest.raises(ConfigError, match=r"^ppo.kl_loss_estimator = 'k1': grpo's KL loss always uses k3"):
+        params_from_dict({"algorithm": {"name": "grpo"}, "ppo": {"kl_loss_estimator": "k1"}})
+    assert params_from_dict({"algorithm": {"name": "grpo"}, "grpo": {"kl_coef": 0.1}}).grpo.kl_coef == 0.1
+    assert params_from_dict({"ppo": {"kl_loss_coef": 0.1}}).ppo.kl_loss_coef == 0.1  # ppo itself uses it
