@@ -153,21 +153,6 @@ def stop_token_ids(tokenizer, *eos_values) -> list[int]:
     return ids
 
 
-def checkpoint_stop_ids(path, tokenizer) -> list[int]:
-    """``stop_token_ids`` of a local checkpoint directory, from its config.json and generation_config.json
-    (a LoRA checkpoint: those of its base)."""
-    from pathlib import Path
-
-    from rlhf_core.models import adapter_base, is_adapter_checkpoint
-
-    directory = Path(adapter_base(path) if is_adapter_checkpoint(path) else path)
-    values = []
-    for name in ("config.json", "generation_config.json"):
-        if (directory / name).is_file():
-            values.append(json.loads((directory / name).read_text()).get("eos_token_id"))
-    return stop_token_ids(tokenizer, *values)
-
-
 def spare_pad_token(tokenizer, exclude_ids: Iterable[int], vocab_rows: int) -> str | None:
     """A special token the model never needs to produce, to use as pad without growing the embeddings.
 

@@ -341,6 +341,19 @@ def adapter_base(path: str | Path) -> str:
                     "(run from the repository root, where models/sft is)")
 
 
+def checkpoint_stop_ids(path, tokenizer) -> list[int]:
+    """``chat.stop_token_ids`` of a local checkpoint directory, from its config.json and generation_config.json
+    (a LoRA checkpoint: those of its base)."""
+    from rlhf_core.chat import stop_token_ids
+
+    directory = Path(adapter_base(path) if is_adapter_checkpoint(path) else path)
+    values = []
+    for name in ("config.json", "generation_config.json"):
+        if (directory / name).is_file():
+            values.append(json.loads((directory / name).read_text()).get("eos_token_id"))
+    return stop_token_ids(tokenizer, *values)
+
+
 def lora_config(lora):
     """peft LoraConfig from the ``lora`` params (causal LM task, no bias training)."""
     from peft import LoraConfig

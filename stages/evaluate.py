@@ -11,9 +11,9 @@ def main(params, args):
 
     import pandas as pd
 
-    from rlhf_core.chat import checkpoint_stop_ids
     from rlhf_core.evaluation import evaluate_checkpoint, summarize
-    from rlhf_core.models import checkpoint_dir, load_causal_lm, load_tokenizer, resolve_device, seed_everything
+    from rlhf_core.models import (checkpoint_dir, checkpoint_stop_ids, load_causal_lm, load_tokenizer, resolve_device,
+                                  seed_everything)
     from rlhf_core.sft import encode_demonstrations
 
     seed_everything(params.evaluate.seed)

@@ -8,10 +8,10 @@ def main(params, args):
     """Sample responses for round --round into rollouts/<round>/rollouts.parquet."""
     from pathlib import Path
 
-    from rlhf_core.chat import checkpoint_stop_ids, encode_prompts
+    from rlhf_core.chat import encode_prompts
     from rlhf_core.distributed import start_runtime
-    from rlhf_core.models import (adapter_base, checkpoint_dir, is_adapter_checkpoint, load_actor_critic, load_causal_lm,
-                                  load_tokenizer, seed_everything)
+    from rlhf_core.models import (adapter_base, checkpoint_dir, checkpoint_stop_ids, is_adapter_checkpoint,
+                                  load_actor_critic, load_causal_lm, load_tokenizer, seed_everything)
     from rlhf_core.rollout import (check_context, check_finite, context_length, generate_samples, record_token_stats,
                                    rollout_table, sample_prompt_indices)
 

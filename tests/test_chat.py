@@ -13,11 +13,11 @@ import torch
 import yaml
 
 from conftest import REPO
-from rlhf_core.chat import (checkpoint_stop_ids, encode_prompt, encode_prompts, parse_conversation,
-                            stop_token_ids)
+from rlhf_core.chat import encode_prompt, encode_prompts, parse_conversation, stop_token_ids
 from rlhf_core.config import ChatParams, load_params
 from rlhf_core.errors import DataError
-from rlhf_core.local_models import SHAPES, write_local_model
+from rlhf_core.local_models import write_local_model
+from rlhf_core.models import checkpoint_stop_ids
 
 VOCAB = 4096  # the quirks do not need the real vocabulary; the e2e test has it
 AUTO = ChatParams()
