@@ -258,7 +258,7 @@ class PPOParams:
     value_clip_range: float = param(0.2, "clip of the value prediction around the old values", gt=0.0)
     vf_coef: float = param(0.1, "weight of the value loss", ge=0.0)
     ent_coef: float = param(0.0, "weight of the entropy bonus", ge=0.0)
-    max_grad_norm: float = param(1.0, "gradient-norm clipping threshold", gt=0.0)
+    max_grad_norm: Optional[float] = param(1.0, "gradient-norm clipping threshold; null: no clipping (the norm is still logged)", gt=0.0)
     target_kl: Optional[float] = param(0.1, "stop the round's updates early when approx-KL to π_old passes this; null disables", gt=0.0)
     dual_clip: Optional[float] = param(None, "dual-clip constant c > 1 bounding the loss of negative-advantage tokens at −c·A (Ye et al. 2020); null disables", gt=1.0)
     loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = param(

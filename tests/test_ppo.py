@@ -112,3 +112,24 @@ def test_unknown_algorithm_is_a_config_error():
     assert get_algorithm("ppo") is train_ppo
     with pytest.raises(ConfigError, match="algorithm.name = .sac.: must be one of reinforce, a2c, ppo"):
         get_algorithm("sac")
+
+
+def test_max_grad_norm_null_turns_clipping_off(tiny_checkpoint):
+    """ppo.max_grad_norm: null was refused ('must be a number'), so clipping could not be turned off."""
+    from rlhf_core.config import params_from_dict
+
+    assert params_from_dict({"ppo": {"max_grad_norm": None}}).ppo.max_grad_norm is None
+    tokenizer = load_tokenizer(str(tiny_checkpoint))
+    moved = {}
+    for max_grad_norm in (1e-9, None):
+        seed_everything(0)
+        model = load_actor_critic(str(tiny_checkpoint), "value_head", CPU)
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        experience, _ = collect(model, tokenizer, lambda s: float(s.response_ids[0] % 3), seed=2, samples_per_prompt=2)
+        ppo = replace(PPOParams(), epochs=1, minibatch_size=16, micro_batch_size=16, lr=1e-3, lr_schedule="constant",
+                      max_grad_norm=max_grad_norm, target_kl=None)
+        metrics = train_ppo(model, experience, with_ppo(ppo), temperature=1.0, pad_id=tokenizer.pad_token_id,
+                            device=CPU, seed=0, log=lambda *_: None)
+        moved[max_grad_norm] = (torch.cat([p.detach().flatten() for p in model.parameters()]) - before).abs().max()
+        assert metrics["grad_norm"] > 1e-6  # the norm before clipping is logged either way
+    assert moved[None] > 10 * moved[1e-9]  # clipped to 1e-9 the AdamW steps drown in eps; unclipped they do not

@@ -222,7 +222,7 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
                 optimizer.zero_grad(set_to_none=True)
                 early_stopped = True
                 break
-            grad_norm = runtime.clip_grad_norm_(trainable, ppo.max_grad_norm)
+            grad_norm = runtime.clip_grad_norm_(trainable, math.inf if ppo.max_grad_norm is None else ppo.max_grad_norm)
             finite_or_raise(grad_norm, f"{name} gradient norm (epoch {epoch + 1})", "lower ppo.lr")
             stats.update(grad_norm=grad_norm, learning_rate=scheduler.get_last_lr()[0])
             optimizer.step()
