@@ -94,3 +94,13 @@ def machine() -> str:
 def round_keys(evaluation: dict) -> list[str]:
     """The round keys of metrics/eval.json in round order (sft excluded)."""
     return sorted((k for k in evaluation if k != "sft"), key=lambda k: (len(k), k))
+
+
+def checkpoint_parameters(directory: Path) -> int:
+    """The number of parameters stored in a checkpoint directory's model.safetensors (a tied head counted once)."""
+    import math
+
+    from safetensors import safe_open
+
+    with safe_open(str(directory / "model.safetensors"), "pt") as weights:
+        return sum(math.prod(weights.get_slice(key).get_shape()) for key in weights.keys())

@@ -18,7 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO, copy_repo, dvc_executable, machine, run, stage_seconds, write_params, write_report
+from common import (REPO, checkpoint_parameters, copy_repo, dvc_executable, machine, run, stage_seconds, write_params,
+                    write_report)
 
 CPU_VARIANT = {  # what the README's CPU variant changes in the example
     "device": "cpu", "cpu_threads": 0,
@@ -66,10 +67,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model = write_local_model(Path(tmp) / "model", args.shape)
-        from safetensors import safe_open
-
-        with safe_open(str(model / "model.safetensors"), "pt") as weights:
-            parameters = sum(_count(weights.get_slice(key).get_shape()) for key in weights.keys())
+        parameters = checkpoint_parameters(model)
         work = Path(tmp) / "repo"
         work.mkdir()
         copy_repo(work)
@@ -85,13 +83,6 @@ def main() -> None:
     report = {"machine": machine(), "shape": args.shape, "parameters": parameters, "rounds": rounds, "other": other,
               "wall_seconds": round(wall, 1)}
     write_report(args.out, "real_model", report, render)
-
-
-def _count(shape) -> int:
-    total = 1
-    for size in shape:
-        total *= size
-    return total
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, machine, write_report
+from common import REPO, checkpoint_parameters, machine, write_report
 from memory import reset_peak, status_mb
 
 RESPONSES, PROMPT_TOKENS, RESPONSE_TOKENS, MICRO_BATCH = 16, 32, 128, 8
@@ -119,7 +119,7 @@ def main() -> None:
                                        hidden_size=args.hidden, num_layers=args.layers, num_heads=4, num_kv_heads=4,
                                        intermediate_size=3 * args.hidden)
         config = json.loads((checkpoint / "config.json").read_text())
-        parameters = args.vocab * args.hidden * 2 + args.layers * (4 * args.hidden ** 2 + 9 * args.hidden ** 2)
+        parameters = checkpoint_parameters(checkpoint)
         configs, firsts = [], []
         for label, chunk_elements in CONFIGS:
             result, first = run_config(checkpoint, chunk_elements)

@@ -106,7 +106,6 @@ def prepare_prompts(records: list[dict], *, max_chars: int, too_long: str, eval_
 
     total = len(records)
     seen, unique = set(), []
-    key = prompt_key
     dropped_empty = 0
     for record in records:
         prompt = record["prompt"].strip()
@@ -114,9 +113,9 @@ def prepare_prompts(records: list[dict], *, max_chars: int, too_long: str, eval_
             dropped_empty += 1
             continue
         record = {**record, "prompt": prompt}
-        if key(record) in seen:
+        if prompt_key(record) in seen:
             continue
-        seen.add(key(record))
+        seen.add(prompt_key(record))
         unique.append(record)
     duplicates = total - dropped_empty - len(unique)
 
@@ -131,8 +130,8 @@ def prepare_prompts(records: list[dict], *, max_chars: int, too_long: str, eval_
     if too_long == "truncate":  # truncation can create new duplicates; the first occurrence wins again
         truncated_seen, deduplicated = set(), []
         for record in kept:
-            if key(record) not in truncated_seen:
-                truncated_seen.add(key(record))
+            if prompt_key(record) not in truncated_seen:
+                truncated_seen.add(prompt_key(record))
                 deduplicated.append(record)
         duplicates += len(kept) - len(deduplicated)
         kept = deduplicated

@@ -158,9 +158,9 @@ def response_ids(completion, stop_ids: list[int]) -> tuple[list[int], bool]:
     ``response_ids`` match the HF path, whose training log-probs include the end token.  A stop on any
     other token is refused: the HF path would not have stopped there.
     """
-    tokens = list(completion.token_ids)
-    if any(token in stop_ids for token in tokens):
-        return truncate_at_eos(tokens, stop_ids)
+    tokens, ended = truncate_at_eos(list(completion.token_ids), stop_ids)
+    if ended:
+        return tokens, True
     if completion.finish_reason == "stop":
         reason = getattr(completion, "stop_reason", None)
         if reason is not None and reason not in stop_ids:

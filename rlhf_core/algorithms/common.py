@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_core.optim import make_optimizer  # noqa: F401  (used below; re-exported)
+from rlhf_core.optim import make_optimizer
 
 from rlhf_core.advantages import pad_sequences
 from rlhf_core.models import TokenBatch, collate, transformer_blocks
