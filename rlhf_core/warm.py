@@ -17,7 +17,10 @@ Safety rules, each one tested:
   change gives a new key and a new server; the old one exits after ``IDLE_SECONDS`` without requests,
   or as soon as its repository directory is gone.
 - **Fork safety.** The server only imports: it runs no torch op, starts no thread and never touches
-  CUDA.  Warm start is used on Linux, for one-process stages on CPU only (``device: cpu``, or ``auto`` on
+  CUDA.  Before it forks anything it counts its threads, native ones included (``/proc/self/task``:
+  OpenMP, BLAS, allocator and Rust pools are invisible to ``threading``); with more than its own, it
+  refuses and every stage of that key runs cold.  It starts with ``QUIET_IMPORT_ENV`` (unless the user set
+  those variables), so numpy's OpenBLAS and pyarrow's jemalloc start no helper thread at import.  Warm start is used on Linux, for one-process stages on CPU only (``device: cpu``, or ``auto`` on
   a machine without an NVIDIA device); GPU and multi-process runs start cold, as before.
 - **Signals and kills.** The client forwards SIGINT, SIGTERM and SIGHUP to the child.  If the client
   dies (even by SIGKILL), the child sees its socket close and kills itself at once, so no orphaned
@@ -247,7 +250,21 @@ def _forward(child: int, signum: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Helper threads that libraries start at import unless told not to; a server that forks must have none.
+QUIET_IMPORT_ENV = {
+    "OPENBLAS_NUM_THREADS": "1",  # numpy's bundled OpenBLAS starts (cores - 1) workers at import
+    "JE_ARROW_MALLOC_CONF": "background_thread:false",  # pyarrow's jemalloc starts a purging thread
+}
 # Server
+
+
+def native_threads() -> list[str]:
+    """The names of this process's threads, native ones included (Linux: ``/proc/self/task``)."""
+    names = []
+    for task in sorted(os.listdir("/proc/self/task")):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            names.append(Path(f"/proc/self/task/{task}/comm").read_text().strip())
+    return names
 
 
 def preload(log) -> None:
@@ -282,11 +299,15 @@ def serve(address: str, lock_path: Path, repo: Path, idle_seconds: float = IDLE_
     listener.bind(address)
     listener.listen(64)  # clients wait in the backlog while the imports run
     log(f"serving {repo}")
+    for name, value in QUIET_IMPORT_ENV.items():
+        os.environ.setdefault(name, value)
     preload(log)
-    if threading.active_count() > 1:  # forking a process with threads is unsafe: refuse, clients run cold
-        log(f"preload started threads {[t.name for t in threading.enumerate()]}; refusing to fork, exiting")
+    threads = native_threads()
+    if len(threads) > 1:  # forking a process with threads is unsafe: refuse, clients run cold
+        log(f"preload started threads {threads[1:]} (Python threads: {[t.name for t in threading.enumerate()]}); "
+            "refusing to fork, exiting")
         if refused_path is not None:  # clients of this key now run cold without trying again
-            refused_path.write_text("a preloaded module started a thread; forking is unsafe\n")
+            refused_path.write_text(f"a preloaded module started {len(threads) - 1} thread(s); forking is unsafe\n")
         return
     listener.settimeout(1.0)
     last_request = time.monotonic()

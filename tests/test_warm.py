@@ -222,12 +222,28 @@ def test_a_stage_called_in_process_reports_no_start_up(capsys, tmp_path, monkeyp
     assert re.search(r"^probe: done in [\d.]+s$", capsys.readouterr().err, re.M)
 
 
-def test_a_preload_that_starts_a_thread_makes_the_server_refuse_and_stages_run_cold(probe_repo, monkeypatch):
-    (probe_repo / "stages" / "threader.py").write_text(
-        "import threading, time\nthreading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n")
+@pytest.mark.parametrize("start_thread", [
+    "import threading, time\nthreading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n",
+    # a thread that `threading` does not know of, as OpenMP, BLAS or a Rust pool would start
+    "import _thread, time\n_thread.start_new_thread(time.sleep, (30,))\n",
+], ids=["python-thread", "native-thread"])
+def test_a_preload_that_starts_a_thread_makes_the_server_refuse_and_stages_run_cold(probe_repo, monkeypatch,
+                                                                                   start_thread):
+    (probe_repo / "stages" / "threader.py").write_text(start_thread)
     monkeypatch.setenv("RLHF_WARM_PRELOAD", "stages.threader")
     first, second = probe_output(launch(probe_repo)), probe_output(launch(probe_repo))
     assert first["ppid"] == second["ppid"] == os.getpid()  # both ran in their own process, cold
     runtime = probe_repo.parent / "runtime"
     assert len(list(runtime.glob("rlhf-warm-*/*.refused"))) == 1
     assert len(list(runtime.glob("rlhf-warm-*/*.log"))) == 1  # the second stage did not start another server
+
+
+def test_numpy_and_pyarrow_preloaded_start_no_thread_so_the_server_forks(probe_repo, monkeypatch):
+    """numpy's OpenBLAS and pyarrow's jemalloc start helper threads at import unless the server's
+    QUIET_IMPORT_ENV tells them not to; the native-thread count would then refuse every fork."""
+    for name in warm.QUIET_IMPORT_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RLHF_WARM_PRELOAD", "numpy,pyarrow.parquet")
+    output = probe_output(launch(probe_repo))
+    assert output["ppid"] != os.getpid()  # forked by the server: warm
+    assert not list((probe_repo.parent / "runtime").glob("rlhf-warm-*/*.refused"))
