@@ -18,59 +18,24 @@ import pytest
 import yaml
 
 from conftest import REPO
+from rlhf_core.reward_inputs import import_closure as closure_of
+from rlhf_core.reward_inputs import module_file as closure_module_file
 
 PACKAGES = ("rlhf_core", "stages")
 
 
 def module_file(name: str) -> Path | None:
     """The file of a project module (``rlhf_core.tasks`` → rlhf_core/tasks/__init__.py), or None if not ours."""
-    if name.split(".")[0] not in PACKAGES:
-        return None
-    path = REPO.joinpath(*name.split("."))
-    if path.with_suffix(".py").is_file():
-        return path.with_suffix(".py")
-    if (path / "__init__.py").is_file():
-        return path / "__init__.py"
-    return None
+    return closure_module_file(REPO, name) if name.split(".")[0] in PACKAGES else None
 
 
-def imported_modules(path: Path) -> set[str]:
-    """Every module name ``path`` imports, anywhere in the file (``from a import b``: both ``a`` and ``a.b``,
-    since b may be a submodule); relative imports resolved against the file's package."""
-    tree = ast.parse(path.read_text())
-    package = ".".join(path.relative_to(REPO).with_suffix("").parts)
-    if path.name != "__init__.py":
-        package = package.rsplit(".", 1)[0]
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
-            names.add(base)
-            names.update(f"{base}.{alias.name}" for alias in node.names)
-    return names
-
-
-def import_closure(*roots: Path) -> set[Path]:
-    """The project files reached from ``roots`` through imports (parent packages' __init__ included)."""
-    seen: set[Path] = set()
-    todo = list(roots)
-    while todo:
-        path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        for name in imported_modules(path):
-            parts = name.split(".")
-            for depth in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__ too
-                found = module_file(".".join(parts[:depth]))
-                if found is not None and found not in seen:
-                    todo.append(found)
-    return seen
+def import_closure(*modules: str) -> set[Path]:
+    """The project files reached from ``modules`` through imports, function-local ones included (parent packages'
+    __init__ too): rlhf_core.reward_inputs.import_closure, the walk that also fingerprints python scorers."""
+    files: set[Path] = set()
+    for module in modules:
+        files |= set(closure_of(REPO, module, follow=lambda name: name.split(".")[0] in PACKAGES).values())
+    return files
 
 
 def stages_of(dvc: dict) -> dict[str, dict]:
@@ -78,8 +43,9 @@ def stages_of(dvc: dict) -> dict[str, dict]:
     out = {}
     for name, stage in dvc["stages"].items():
         body = stage.get("do", stage)
-        module = re.search(r"rlhf_core\.launch (stages\.\w+)", body["cmd"]).group(1)
-        out[name] = {"module": module, "deps": [d for d in body.get("deps", []) if "${" not in d]}
+        command = re.search(r"python -m (rlhf_core\.launch )?(stages\.\w+)", body["cmd"])
+        runs = [command.group(2), *(["rlhf_core.launch"] if command.group(1) else [])]  # the launcher runs first
+        out[name] = {"module": command.group(2), "runs": runs, "deps": [d for d in body.get("deps", []) if "${" not in d]}
     return out
 
 
@@ -89,8 +55,7 @@ DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
 @pytest.mark.parametrize("stage", sorted(stages_of(DVC)))
 def test_every_module_a_stage_runs_is_a_dependency(stage):
     spec = stages_of(DVC)[stage]
-    script = module_file(spec["module"])
-    closure = import_closure(script, REPO / "rlhf_core/launch.py")
+    closure = import_closure(*spec["runs"])
     deps = [REPO / d for d in spec["deps"]]
 
     def covered(path: Path) -> bool:
@@ -128,7 +93,7 @@ def test_every_file_a_stage_reads_is_a_dependency(stage):
 
 def test_the_closure_follows_function_local_and_package_imports():
     """The walk itself: evaluate reaches tasks/ through rewards' function-local import, and models.py."""
-    closure = {str(p.relative_to(REPO)) for p in import_closure(REPO / "stages/evaluate.py")}
+    closure = {str(p.relative_to(REPO)) for p in import_closure("stages.evaluate")}
     assert {"rlhf_core/evaluation.py", "rlhf_core/rewards.py", "rlhf_core/models.py",
             "rlhf_core/tasks/__init__.py"} <= closure
 
@@ -137,12 +102,12 @@ def test_the_closure_follows_function_local_and_package_imports():
 # Regenerating the code deps: python tests/test_dvc_deps.py --write
 
 
-def code_deps(module: str) -> list[str]:
-    """The code deps of a stage running ``module``: its script, then the closure (a package directory when the
-    closure holds all of its files)."""
-    script = module_file(module)
-    closure = import_closure(script, REPO / "rlhf_core/launch.py") - {script}
-    names = {str(p.relative_to(REPO)) for p in closure}
+def code_deps(spec: dict) -> list[str]:
+    """The code deps of a stage (``stages_of``): its script, then the closure of what it runs (a package directory
+    when the closure holds all of its files)."""
+    script = module_file(spec["module"])
+    closure = import_closure(*spec["runs"]) - {script}
+    names = {str(p.relative_to(REPO)) for p in closure if p.stat().st_size > 0}  # an empty __init__ runs nothing
     for package in ("rlhf_core/algorithms", "rlhf_core/tasks"):
         files = {str(p.relative_to(REPO)) for p in (REPO / package).glob("*.py")}
         if files <= names:
@@ -172,7 +137,7 @@ def rewrite_deps(text: str) -> str:
                 if not entry.startswith(("stages/", "rlhf_core/")):
                     data.append(entry)
                 index += 1
-            out += [f"{item_indent}- {entry}\n" for entry in [*code_deps(specs[stage]["module"]), *data]]
+            out += [f"{item_indent}- {entry}\n" for entry in [*code_deps(specs[stage]), *data]]
             continue
         out.append(line)
         index += 1

@@ -106,20 +106,23 @@ def pipeline(tmp_path_factory):
     return workdir, outputs
 
 
+# reward_inputs is always_changed: it runs (under a second) on every repro, and what follows it re-runs only
+# when its fingerprint changed.
+ALWAYS = {"reward_inputs"}
 ALL_STAGES = {"prepare", "sft", "rollout@r1", "score@r1", "advantages@r1", "optimize@r1", "rollout@r2", "score@r2",
-              "advantages@r2", "optimize@r2", "evaluate", "track"}
+              "advantages@r2", "optimize@r2", "evaluate", "track"} | ALWAYS
 
 
 def test_repro_runs_every_stage_once_then_nothing(pipeline):
     _, outputs = pipeline
     assert ran_stages(outputs["repro"]) == ALL_STAGES
-    assert ran_stages(outputs["noop"]) == set()
+    assert ran_stages(outputs["noop"]) == ALWAYS
 
 
 def test_without_tracking_record_only_track_reruns(pipeline):
     _, outputs = pipeline
     assert outputs["run_json"]["created"] is True and len(outputs["run_json"]["run_id"]) == 32
-    assert ran_stages(outputs["clone_like"]) == {"track"}
+    assert ran_stages(outputs["clone_like"]) == ALWAYS | {"track"}
     assert "already logged as run " + outputs["run_json"]["run_id"] in outputs["clone_like"]
 
 
@@ -139,8 +142,8 @@ def test_from_scratch_runs_are_byte_identical(pipeline):
 
 def test_clip_range_reruns_optimize_r1_and_what_follows_only(pipeline):
     _, outputs = pipeline
-    assert ran_stages(outputs["clip"]) == {"optimize@r1", "rollout@r2", "score@r2", "advantages@r2", "optimize@r2",
-                                           "evaluate", "track"}
+    assert ran_stages(outputs["clip"]) == ALWAYS | {"optimize@r1", "rollout@r2", "score@r2", "advantages@r2",
+                                                    "optimize@r2", "evaluate", "track"}
 
 
 def test_lam_reuses_round_one_rollout_and_score(pipeline):
@@ -161,7 +164,7 @@ def test_switching_algorithm_keeps_round_one_rollout_and_score(pipeline):
 
 def test_temp_experiment_reruns_only_evaluation(pipeline):
     _, outputs = pipeline
-    assert ran_stages(outputs["temp"]) == {"evaluate", "track"}
+    assert ran_stages(outputs["temp"]) == ALWAYS | {"evaluate", "track"}
 
 
 def test_eval_metrics_shape_and_values(pipeline):
@@ -233,3 +236,32 @@ def test_one_mlflow_run_per_pipeline_state(pipeline):
         assert [m.step for m in client.get_metric_history(run_id, "optimize.policy_loss")] in ([1, 2], [2, 1])
         artifacts = {a.path for a in client.list_artifacts(run_id)}
         assert {"eval.jsonl", "eval_by_round.csv", "reward_vs_round.png"} <= artifacts
+
+
+def test_editing_a_python_scorers_module_rescores(tmp_path):
+    """A python scorer's module lies outside dvc.yaml's code deps; the reward_inputs stage's fingerprint of it
+    (and of what it imports from beside it) makes an edit re-score, and only an edit."""
+    import pandas as pd
+
+    workdir = make_reduced_repo(tmp_path / "repo", {"score": {"scorers": [
+        {"name": "task", "kind": "task"},
+        {"name": "shout", "kind": "python", "function": "my_scorers.shout:score", "weight": 0.0}]}})
+    package = workdir / "my_scorers"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "shout.py").write_text("from my_scorers.rules import BONUS\n\n\ndef score(prompts, responses, metadata):\n"
+                                      "    return [BONUS] * len(responses)\n")
+    (package / "rules.py").write_text("BONUS = 1.0\n")
+
+    def shout_column() -> set[float]:
+        return set(pd.read_parquet(workdir / "scores/r1/scores.parquet")["shout"])
+
+    first = dvc(["repro", "score@r1"], workdir)
+    assert {"prepare", "sft", "rollout@r1", "reward_inputs", "score@r1"} <= ran_stages(first)
+    assert shout_column() == {1.0}
+    assert ran_stages(dvc(["repro", "score@r1"], workdir)) == ALWAYS  # nothing edited: the cached scores stand
+    (package / "notes.py").write_text("unrelated = True\n")  # not imported by the scorer
+    assert ran_stages(dvc(["repro", "score@r1"], workdir)) == ALWAYS
+    (package / "rules.py").write_text("BONUS = 2.0\n")  # imported by the scorer's module, not the module itself
+    assert ran_stages(dvc(["repro", "score@r1"], workdir)) == ALWAYS | {"score@r1"}
+    assert shout_column() == {2.0}

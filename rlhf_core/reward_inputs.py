@@ -1,0 +1,134 @@
+"""What the reward reads from outside the pipeline's declared files, as one fingerprint.
+
+dvc.yaml's deps cover this project's code and the pipeline's own outputs.  Two inputs of the reward
+lie outside them, so editing them would leave `dvc repro` serving stale scores:
+
+- a ``python`` scorer's source: the file of ``module`` in ``module:function``, and every file it imports
+  from the same place (its directory on ``sys.path``; for an installed package, that package only);
+- an ``hf_classifier`` model given as a local directory, outside the repository or inside it, other than the
+  ``train_reward`` stage's outputs under ``reward_models/`` (a declared dependency already).
+
+The ``reward_inputs`` stage (``always_changed`` in dvc.yaml, so it runs on every `dvc repro`; it imports
+no torch) writes this fingerprint to ``scores/reward_inputs.json``.  ``score`` and ``evaluate`` depend on
+that file, so they re-run exactly when the fingerprint changes.  Files are hashed by content (sha256), except
+files above ``CONTENT_HASH_LIMIT`` bytes (model weights), which are fingerprinted by size and modification
+time, to keep the stage cheap on multi-GB checkpoints.  A Hub id is recorded as the id only.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+from pathlib import Path
+
+from rlhf_core.errors import DataError
+
+CONTENT_HASH_LIMIT = 64 * 2**20
+
+
+def file_fingerprint(path: Path) -> str:
+    """``sha256:<hex>`` of the content, or ``size:<bytes>,mtime_ns:<ns>`` for a file above CONTENT_HASH_LIMIT."""
+    stat = path.stat()
+    if stat.st_size > CONTENT_HASH_LIMIT:
+        return f"size:{stat.st_size},mtime_ns:{stat.st_mtime_ns}"
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def imported_names(path: Path, package: str) -> set[str]:
+    """Every module name the file at ``path`` (in package ``package``) imports anywhere, function-local
+    imports included; ``from a import b`` gives both ``a`` and ``a.b`` (b may be a submodule); relative
+    imports are resolved against ``package``."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".") if package else []
+                kept = parts[: len(parts) - node.level + 1]
+                base = ".".join(kept + ([node.module] if node.module else []))
+            if base:
+                names.add(base)
+                names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def module_file(root: Path, name: str) -> Path | None:
+    """The source file of module ``name`` under the sys.path entry ``root`` (a package's __init__.py), or None."""
+    path = root.joinpath(*name.split("."))
+    if path.with_suffix(".py").is_file():
+        return path.with_suffix(".py")
+    if (path / "__init__.py").is_file():
+        return path / "__init__.py"
+    return None
+
+
+def import_closure(root: Path, module: str, follow=lambda name: True) -> dict[str, Path]:
+    """The source files reached from ``module`` through imports that resolve under ``root`` (parent packages'
+    __init__ included) and that ``follow(name)`` accepts: {module name: file}."""
+    found: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        for depth in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__ too
+            prefix = ".".join(parts[:depth])
+            if prefix in found or not follow(prefix):
+                continue
+            path = module_file(root, prefix)
+            if path is None:
+                continue
+            found[prefix] = path
+            package = prefix if path.name == "__init__.py" else prefix.rpartition(".")[0]
+            todo.extend(imported_names(path, package))
+    return found
+
+
+def module_sources(module: str) -> dict[str, str]:
+    """{path relative to its sys.path entry: fingerprint} of the python scorer module ``module`` and of what it
+    imports from the same place.  For a module in site-packages, only its own top-level package is followed."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError) as exc:
+        raise DataError(f"python scorer module {module!r} cannot be found ({exc})") from None
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        raise DataError(f"python scorer module {module!r} is not a Python source file on the import path "
+                        "(the repository root or an installed package)")
+    origin = Path(spec.origin)
+    depth = len(module.split(".")) - 1 + (origin.name == "__init__.py")
+    root = origin.parents[depth]
+    top = module.split(".")[0]
+    installed = root.name in ("site-packages", "dist-packages")
+    files = import_closure(root, module, follow=(lambda name: name.split(".")[0] == top) if installed else
+                           (lambda name: True))
+    return {path.relative_to(root).as_posix(): file_fingerprint(path) for path in sorted(files.values())}
+
+
+def directory_fingerprint(directory: Path) -> dict[str, str]:
+    """{relative path: fingerprint} of every file under ``directory``."""
+    return {path.relative_to(directory).as_posix(): file_fingerprint(path)
+            for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
+def reward_inputs(scorers, repo: Path) -> dict:
+    """The fingerprint of what ``scorers`` (score.scorers) read from outside the repository's declared files."""
+    declared = repo.resolve() / "reward_models"  # the train_reward stage's outputs: deps of score and evaluate
+    python, models = {}, {}
+    for scorer in scorers:
+        if scorer.kind == "python":
+            module = scorer.function.split(":")[0]
+            python[scorer.name] = {"function": scorer.function, "files": module_sources(module)}
+        elif scorer.kind == "hf_classifier":
+            for model in scorer.model:
+                path = Path(model).expanduser()
+                if not path.is_dir():
+                    models[model] = "hub id (not fingerprinted)"
+                elif declared not in (path.resolve(), *path.resolve().parents):
+                    models[model] = directory_fingerprint(path)
+    return {"python_scorers": python, "model_directories": models}
