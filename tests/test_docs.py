@@ -38,6 +38,32 @@ def test_update_docs_rewrites_each_block_where_it_lives(tmp_path):
         update_docs(tmp_path)
 
 
+def test_readme_is_a_front_page_of_at_most_15_kb():
+    size = len((REPO / "README.md").read_bytes())
+    assert size <= 15_000, f"README.md is {size} bytes: move detail into docs/ and link to it"
+
+
+def test_readme_where_is_x_names_functions_that_exist():
+    """Every `file.py:function` of the README's "Where is X" (and the bare names after it in the same cell,
+    which live in the same file) is a function or class defined in that file."""
+    import ast
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Where is X"):readme.index("\n## ", readme.index("## Where is X") + 1)]
+    missing, checked = [], 0
+    for row in section.splitlines()[4:]:
+        path = None
+        for code in re.findall(r"`([^`]+)`", row.split("|")[-2] if row.startswith("|") else ""):
+            if ":" in code:
+                path, code = code.split(":")
+            tree = ast.parse((REPO / path).read_text())
+            defined = {node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+            checked += 1
+            if code not in defined:
+                missing.append(f"{path}:{code}")
+    assert checked >= 10 and not missing, missing
+
+
 def github_slug(heading: str) -> str:
     """GitHub's anchor of a markdown heading: lower case, punctuation dropped, spaces to hyphens."""
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
