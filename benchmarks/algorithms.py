@@ -6,8 +6,8 @@
 It copies the repository into a temporary directory, runs `dvc repro` once (PPO, the default), then
 `dvc exp run -S algorithm.name=<name>` for every other algorithm.  prepare, sft, rollout@r1 and
 score@r1 are shared (DVC keeps them cached), so each algorithm's wall time is the time of the
-stages that depend on it.  Writes benchmarks/results/algorithms.json and algorithms.md; the README
-table is generated from the JSON (`python -m rlhf_core.docs`).  Not a test: nothing here passes or fails.
+stages that depend on it.  Writes benchmarks/results/algorithms.json and algorithms.md; the table in
+docs/algorithms.md is generated from the JSON (`python -m rlhf_core.docs`).  Not a test: nothing here passes or fails.
 """
 
 from __future__ import annotations

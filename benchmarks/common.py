@@ -62,7 +62,7 @@ def summary(values: list[float], digits: int = 3) -> dict:
 
 
 def write_report(out_dir: Path, name: str, report: dict, render) -> None:
-    """Write <name>.json, then the README block ``render`` makes of it as <name>.md, and print the block."""
+    """Write <name>.json, then the docs block ``render`` makes of it as <name>.md, and print the block."""
     import json
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -21,8 +21,8 @@ memory    peak RSS of the rollout and optimize stages (cold processes) as rollou
 round     `dvc repro` of one round's four stages, split by stage, and the overhead share: the start-up
           of the round's stages ÷ the round's wall time (cold and warm).  Target: ≤ 25%.
 
-Writes benchmarks/results/perf_<size>.json and .md (the README's performance section is generated
-from the JSON by `python -m rlhf_core.docs`).  Not a test: nothing passes or fails.  Run it on a quiet
+Writes benchmarks/results/perf_<size>.json and .md (the performance block of docs/performance.md is
+generated from the JSON by `python -m rlhf_core.docs`).  Not a test: nothing passes or fails.  Run it on a quiet
 machine: another busy process makes every number slower and noisier.
 """
 

@@ -2,8 +2,8 @@
 
     python benchmarks/real_model.py [--shape smollm2-135m] [--out benchmarks/results]
 
-`examples/params.smollm2-instruct.yaml` with the CPU variant of the README (fewer prompts, shorter responses,
-no autocast, VADER as the reward), its `sft.model` pointed at a model written by ``rlhf_core.local_models``:
+`examples/params.smollm2-instruct.yaml` with the CPU variant of docs/bring-your-own.md (fewer prompts, shorter
+responses, no autocast, VADER as the reward), its `sft.model` pointed at a model written by ``rlhf_core.local_models``:
 SmolLM2-135M-Instruct's shape (30 blocks, width 576, 49,152-token vocabulary, tied head) and tokenizer
 quirks (ChatML, pad == eos, two end ids), with random weights (the Hub is out of reach here).  `dvc repro`
 runs 2 rounds; the report is each stage's own time (`<stage>: done in …`), per round.  Random weights
@@ -21,7 +21,7 @@ from pathlib import Path
 from common import (REPO, checkpoint_parameters, copy_repo, dvc_executable, machine, run, stage_seconds, write_params,
                     write_report)
 
-CPU_VARIANT = {  # what the README's CPU variant changes in the example
+CPU_VARIANT = {  # what the CPU variant (docs/bring-your-own.md) changes in the example
     "device": "cpu", "cpu_threads": 0,
     "compute": {"mixed_precision": "no"},
     "rollout": {"prompts_per_round": 16, "samples_per_prompt": 4, "max_new_tokens": 32, "batch_size": 64,

@@ -7,8 +7,8 @@ Copies the repository into a temporary directory with default params plus
     score.scorers: [rm: hf_classifier reward_models/bt (running normalisation),
                     sentiment: vader with weight 0  (monitored, not rewarded)]
 runs `dvc repro`, and reports the reward model's held-out pair accuracy and the eval VADER sentiment
-of every checkpoint.  Writes benchmarks/results/reward_model.json and reward_model.md; the README
-block is generated from the JSON (`python -m rlhf_core.docs`).  Not a test: nothing passes or fails.
+of every checkpoint.  Writes benchmarks/results/reward_model.json and reward_model.md; the block in
+docs/results.md is generated from the JSON (`python -m rlhf_core.docs`).  Not a test: nothing passes or fails.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ class ComputeParams:
     num_machines: int = param(
         1, "machines that run rollout and optimize together (num_processes on each); more than 1 needs the repository "
         "on a filesystem every machine mounts at the same path, and `python -m rlhf_core.launch --follow` running on "
-        "every other machine (README: Several machines)", ge=1)
+        "every other machine (docs/scaling.md: Several machines)", ge=1)
     main_process_ip: str = param(
         "", "address of machine 0 (where `dvc repro` runs) for the rendezvous when num_machines > 1; empty: the "
         "environment's MASTER_ADDR")
@@ -753,7 +753,7 @@ def render_params_yaml(params: Params | None = None) -> str:
                 for key, spec in value.items():
                     lines.append(f"{pad}  {key}: {{from: {spec.start_from}}}")
             elif f.name == "scorers":
-                lines.append(f"{pad}{f.name}:  # {f.metadata['doc']} (every scorer key: README, params reference)")
+                lines.append(f"{pad}{f.name}:  # {f.metadata['doc']} (every scorer key: docs/params.md)")
                 for scorer in value:
                     lines.append(f"{pad}  - {_yaml_scalar(_scorer_fields(scorer))}")
             else:

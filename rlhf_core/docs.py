@@ -1,10 +1,15 @@
-"""Generated parts of the README: the params reference (from the config schema), the results table
-(from the committed metrics/eval.json of the default run) and the benchmark tables (from
-benchmarks/results/*.json: algorithms, arithmetic, reward model).
+"""Generated parts of the README and of docs/: the params reference (from the config schema), the results
+table (from the committed metrics/eval.json of the default run), the benchmark tables (from
+benchmarks/results/*.json: algorithms, arithmetic, reward model) and the performance block (from
+benchmarks/results/perf_*.json and repro_speedup.json).
 
-    python -m rlhf_core.docs          # rewrite every block between its markers in README.md
+Each block sits between its start and end markers in exactly one of README.md and docs/*.md; moving a
+block to another page needs no change here.
 
-A test fails when README.md's blocks differ from what this module generates.
+    python -m rlhf_core.docs          # rewrite every block, in whichever file holds it
+    python -m rlhf_core.docs ROOT     # the same for the repository at ROOT (or ROOT/README.md)
+
+A test fails when a block differs from what this module generates.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ def results_table(evaluation: dict) -> str:
 
 
 def wrap(start: str, end: str, lines: list[str]) -> str:
-    """A generated README block: its lines between its start and end markers."""
+    """A generated block: its lines between its start and end markers."""
     return "\n".join([start, *lines, end])
 
 
@@ -197,7 +202,7 @@ def speedup_lines(report: dict) -> list[str]:
 
 
 def render_perf(results_json: Path) -> str:
-    """The README performance block: every benchmarks/results/perf_<size>.json, then repro_speedup.json."""
+    """The performance block: every benchmarks/results/perf_<size>.json, then repro_speedup.json."""
     directory = results_json.parent
     lines: list[str] = []
     speedup = directory / "repro_speedup.json"
@@ -208,34 +213,56 @@ def render_perf(results_json: Path) -> str:
     return wrap(PERF_START, PERF_END, lines[:-1] if lines else ["(no benchmark results yet)"])
 
 
-def current_block(readme_text: str, start_marker: str = START, end_marker: str = END) -> str | None:
-    if start_marker not in readme_text or end_marker not in readme_text:
+def current_block(text: str, start_marker: str = START, end_marker: str = END) -> str | None:
+    """The block of ``text`` between the markers, markers included; None when they are missing."""
+    if start_marker not in text or end_marker not in text:
         return None
-    start = readme_text.index(start_marker)
-    return readme_text[start:readme_text.index(end_marker, start) + len(end_marker)]
+    start = text.index(start_marker)
+    return text[start:text.index(end_marker, start) + len(end_marker)]
 
 
-def update_readme(path: Path) -> bool:
-    """Rewrite the generated blocks of the README at ``path`` from the files beside it; True if it changed."""
-    text = new_text = path.read_text()
-    results = path.parent / "benchmarks" / "results"
-    blocks = ((START, END, render_block()),
-              (RESULTS_START, RESULTS_END, render_results(path.parent / "metrics" / "eval.json")),
-              (ALGORITHMS_START, ALGORITHMS_END, render_algorithms(results / "algorithms.json")),
-              (ARITHMETIC_START, ARITHMETIC_END, render_arithmetic(results / "arithmetic.json")),
-              (REWARD_MODEL_START, REWARD_MODEL_END, render_reward_model(results / "reward_model.json")),
-              (PERF_START, PERF_END, render_perf(results / "perf_tiny.json")))
-    for start, end, block in blocks:
-        current = current_block(new_text, start, end)
-        if current is None:
-            raise SystemExit(f"{path}: markers {start!r} … {end!r} not found")
-        new_text = new_text.replace(current, block)
-    if new_text != text:
-        path.write_text(new_text)
-    return new_text != text
+def doc_files(root: Path) -> list[Path]:
+    """The pages that may hold generated blocks: README.md, then docs/*.md."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def generated_blocks(root: Path) -> list[tuple[str, str, str]]:
+    """(start marker, end marker, the block as generated now) of every generated block of the repo at ``root``."""
+    results = root / "benchmarks" / "results"
+    return [(START, END, render_block()),
+            (RESULTS_START, RESULTS_END, render_results(root / "metrics" / "eval.json")),
+            (ALGORITHMS_START, ALGORITHMS_END, render_algorithms(results / "algorithms.json")),
+            (ARITHMETIC_START, ARITHMETIC_END, render_arithmetic(results / "arithmetic.json")),
+            (REWARD_MODEL_START, REWARD_MODEL_END, render_reward_model(results / "reward_model.json")),
+            (PERF_START, PERF_END, render_perf(results / "perf_tiny.json"))]
+
+
+def block_home(root: Path, start: str, end: str) -> Path:
+    """The one page under ``root`` (README.md or docs/*.md) that holds the block between these markers."""
+    homes = [path for path in doc_files(root) if current_block(path.read_text(), start, end) is not None]
+    if len(homes) != 1:
+        where = ", ".join(str(path.relative_to(root)) for path in homes) or "no page"
+        raise SystemExit(f"markers {start!r} … {end!r}: expected in exactly one of README.md and docs/*.md, "
+                         f"found in {where}")
+    return homes[0]
+
+
+def update_docs(root: Path) -> list[Path]:
+    """Rewrite every generated block in the page that holds it; the pages that changed."""
+    texts: dict[Path, str] = {}
+    for start, end, block in generated_blocks(root):
+        home = block_home(root, start, end)
+        text = texts.get(home, home.read_text())
+        texts[home] = text.replace(current_block(text, start, end), block)
+    changed = [path for path, text in texts.items() if text != path.read_text()]
+    for path in changed:
+        path.write_text(texts[path])
+    return changed
 
 
 if __name__ == "__main__":
-    readme = Path(sys.argv[1] if len(sys.argv) > 1 else "README.md")
-    changed = update_readme(readme)
-    print("README.md generated blocks " + ("updated" if changed else "already up to date"))
+    repo = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
+    repo = repo.parent if repo.is_file() else repo  # a README.md path names its repository
+    updated = update_docs(repo)
+    print("generated blocks " + ("updated in " + ", ".join(str(p.relative_to(repo)) for p in updated)
+                                 if updated else "already up to date"))

@@ -1,17 +1,109 @@
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
 from conftest import REPO
-from rlhf_core.docs import (RESULTS_END, RESULTS_START, current_block, render_block, render_results,
-                            results_table)
+from rlhf_core.docs import block_home, current_block, doc_files, generated_blocks, results_table, update_docs
+
+BLOCKS = generated_blocks(REPO)
 
 
-def test_readme_params_reference_matches_the_schema():
-    block = current_block((REPO / "README.md").read_text())
-    assert block is not None, "README.md lost its params reference markers"
-    assert block == render_block(), "README params reference is stale: run `python -m rlhf_core.docs`"
+@pytest.mark.parametrize("start, end, block", BLOCKS, ids=[start.split(":")[0][5:] for start, _, _ in BLOCKS])
+def test_every_generated_block_matches_its_source_in_the_page_that_holds_it(start, end, block):
+    """Each block (params reference, results, algorithms, arithmetic, reward model, performance) is in exactly
+    one of README.md and docs/*.md, and equals what rlhf_core.docs generates from the schema and the JSON."""
+    home = block_home(REPO, start, end)
+    assert current_block(home.read_text(), start, end) == block, \
+        f"{home.relative_to(REPO)}: stale generated block: run `python -m rlhf_core.docs`"
 
 
-def test_readme_results_match_the_committed_eval_metrics():
-    block = current_block((REPO / "README.md").read_text(), RESULTS_START, RESULTS_END)
-    assert block == render_results(REPO / "metrics" / "eval.json"), "run `python -m rlhf_core.docs`"
+def test_update_docs_rewrites_each_block_where_it_lives(tmp_path):
+    """A stale block is rewritten in the page that holds it, README.md or docs/*.md; nothing else changes."""
+    for source in ("metrics/eval.json", *(f"benchmarks/results/{p.name}" for p in
+                                          (REPO / "benchmarks" / "results").glob("*.json"))):
+        (tmp_path / source).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / source, tmp_path / source)
+    (tmp_path / "docs").mkdir()
+    (start, end, first), *rest = BLOCKS
+    (tmp_path / "README.md").write_text(f"# front\n\n{start}\nstale\n{end}\n\ntail\n")
+    (tmp_path / "docs" / "rest.md").write_text("\n\n".join(f"{s}\nold\n{e}" for s, e, _ in rest) + "\n")
+    assert update_docs(tmp_path) == [tmp_path / "README.md", tmp_path / "docs" / "rest.md"]
+    assert (tmp_path / "README.md").read_text() == f"# front\n\n{first}\n\ntail\n"
+    assert (tmp_path / "docs" / "rest.md").read_text() == "\n\n".join(block for _, _, block in rest) + "\n"
+    assert update_docs(tmp_path) == []
+    (tmp_path / "docs" / "copy.md").write_text(f"{start}\n{end}\n")
+    with pytest.raises(SystemExit, match="exactly one"):
+        update_docs(tmp_path)
+
+
+def test_readme_is_a_front_page_of_at_most_15_kb():
+    size = len((REPO / "README.md").read_bytes())
+    assert size <= 15_000, f"README.md is {size} bytes: move detail into docs/ and link to it"
+
+
+def test_readme_where_is_x_names_functions_that_exist():
+    """Every `file.py:function` of the README's "Where is X" (and the bare names after it in the same cell,
+    which live in the same file) is a function or class defined in that file."""
+    import ast
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Where is X"):readme.index("\n## ", readme.index("## Where is X") + 1)]
+    missing, checked = [], 0
+    for row in section.splitlines()[4:]:
+        path = None
+        for code in re.findall(r"`([^`]+)`", row.split("|")[-2] if row.startswith("|") else ""):
+            if ":" in code:
+                path, code = code.split(":")
+            tree = ast.parse((REPO / path).read_text())
+            defined = {node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+            checked += 1
+            if code not in defined:
+                missing.append(f"{path}:{code}")
+    assert checked >= 10 and not missing, missing
+
+
+def github_slug(heading: str) -> str:
+    """GitHub's anchor of a markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    """The #anchors of a markdown page's headings (outside code blocks), numbered -1, -2… when repeated."""
+    seen: dict[str, int] = {}
+    found = set()
+    for line in re.sub(r"^```.*?^```", "", path.read_text(), flags=re.M | re.S).splitlines():
+        if match := re.match(r"#{1,6} +(.*?) *#* *$", line):
+            slug = github_slug(match.group(1))
+            found.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+            seen[slug] = seen.get(slug, 0) + 1
+    return found
+
+
+def test_github_slug():
+    assert github_slug("What happens when…") == "what-happens-when"
+    assert github_slug("Results of the default run") == "results-of-the-default-run"
+    assert github_slug("Recipe: RLHF an instruct model with a Hub reward model") == \
+        "recipe-rlhf-an-instruct-model-with-a-hub-reward-model"
+    assert github_slug("`compute.strategy` and FSDP2") == "computestrategy-and-fsdp2"
+
+
+@pytest.mark.parametrize("page", doc_files(REPO), ids=lambda p: str(p.relative_to(REPO)))
+def test_every_relative_link_points_to_an_existing_file_and_heading(page):
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)  # links in code blocks are not links
+    text = re.sub(r"`[^`\n]*`", "", text)
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z][a-z+.-]*:", target):  # https:, mailto:
+            continue
+        file, _, anchor = target.partition("#")
+        path = (page.parent / file).resolve() if file else page
+        if not path.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and path.suffix == ".md" and anchor not in anchors(path):
+            broken.append(f"{target}: no heading with that anchor in {path.relative_to(REPO)}")
+    assert not broken, f"{page.relative_to(REPO)}: " + "; ".join(broken)
 
 
 def test_results_table_by_hand():
@@ -32,22 +124,6 @@ def test_readme_quick_start_installs_cpu_torch_first_and_ci_runs_the_test_comman
     ci = (REPO / ".ci/run").read_text()
     assert ('pip install -q torch==2.13.0 && pip install -q -r requirements.lock && pip install -q --no-deps -e ".[dev]" '
             '&& python -m pytest -q && python -m pytest -q -m e2e') in ci
-
-
-def test_readme_algorithm_table_matches_the_benchmark_results():
-    from rlhf_core.docs import ALGORITHMS_END, ALGORITHMS_START, render_algorithms
-
-    block = current_block((REPO / "README.md").read_text(), ALGORITHMS_START, ALGORITHMS_END)
-    assert block == render_algorithms(REPO / "benchmarks" / "results" / "algorithms.json"), \
-        "run `python -m rlhf_core.docs` after benchmarks/algorithms.py"
-
-
-def test_readme_arithmetic_block_matches_the_benchmark_results():
-    from rlhf_core.docs import ARITHMETIC_END, ARITHMETIC_START, render_arithmetic
-
-    block = current_block((REPO / "README.md").read_text(), ARITHMETIC_START, ARITHMETIC_END)
-    assert block == render_arithmetic(REPO / "benchmarks" / "results" / "arithmetic.json"), \
-        "run `python -m rlhf_core.docs` after benchmarks/arithmetic.py"
 
 
 def test_arithmetic_block_by_hand(tmp_path):
@@ -72,10 +148,9 @@ def test_arithmetic_block_by_hand(tmp_path):
     assert "`python benchmarks/arithmetic.py --seeds 0,5`, 120 s per run." in lines[7]
 
 
-def test_readme_reward_model_block_matches_the_benchmark_results():
-    from rlhf_core.docs import REWARD_MODEL_END, REWARD_MODEL_START, render_reward_model
+def test_reward_model_block_reports_the_vader_gain():
+    from rlhf_core.docs import REWARD_MODEL_END, REWARD_MODEL_START
 
-    block = current_block((REPO / "README.md").read_text(), REWARD_MODEL_START, REWARD_MODEL_END)
-    assert block == render_reward_model(REPO / "benchmarks" / "results" / "reward_model.json"), \
-        "run `python -m rlhf_core.docs` after benchmarks/reward_model.py"
+    block = current_block(block_home(REPO, REWARD_MODEL_START, REWARD_MODEL_END).read_text(), REWARD_MODEL_START,
+                          REWARD_MODEL_END)
     assert "VADER sentiment of r3 over SFT: +" in block
