@@ -212,3 +212,66 @@ def read_state(path: str | Path) -> dict:
     reward normalisers); {} for a checkpoint without one (sft, or any plain HF model)."""
     state_file = Path(path) / STATE_FILE
     return read_json(state_file) if state_file.is_file() else {}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tables: the user's prompt, demonstration and preference files and datasets, as pandas DataFrames
+
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def read_table_file(path: str | Path):
+    """A local jsonl/json/parquet/csv file as a DataFrame."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (allowed: a {'/'.join(FILE_SUFFIXES)} file)")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            return pd.read_json(path, lines=True)
+        if suffix == ".json":
+            return pd.read_json(path)
+        if suffix == ".parquet":
+            return pd.read_parquet(path)
+        if suffix == ".csv":
+            return pd.read_csv(path, keep_default_na=False)
+    except ValueError as exc:
+        raise DataError(f"{path}: cannot be read as {suffix[1:]} ({first_line(exc)})") from None
+    raise DataError(f"{path}: unsupported file type {suffix!r}; allowed: {', '.join(FILE_SUFFIXES)}")
+
+
+def read_hf_dataset(name: str, config: str, split: str):
+    """A `datasets` dataset (hub id, or local directory / script) as a DataFrame."""
+    import datasets
+
+    try:
+        if Path(name).is_dir() and (Path(name) / "dataset_info.json").exists():
+            dataset = datasets.load_from_disk(name)
+            if isinstance(dataset, datasets.DatasetDict):
+                dataset = dataset[split]
+        else:
+            dataset = datasets.load_dataset(name, config or None, split=split)
+    except Exception as exc:  # datasets raises many types; the user needs the one line
+        raise DataError(f"dataset {name!r} (config {config or 'default'}, split {split}): cannot be loaded: "
+                        f"{first_line(exc)}") from None
+    return dataset.to_pandas()
+
+
+def load_table(source: str, path: str, config: str, split: str):
+    if source == "file":
+        return read_table_file(path)
+    if source == "hf":
+        return read_hf_dataset(path, config, split)
+    raise ValueError(f"unknown source {source!r}")
+
+
+def text_column(frame, field: str, where: str) -> list[str]:
+    if field not in frame.columns:
+        raise DataError(f"{where}: no column {field!r}; columns are {', '.join(map(str, frame.columns))}")
+    values = frame[field].tolist()
+    for row, value in enumerate(values):
+        if not isinstance(value, str):
+            raise DataError(f"{where}: column {field!r} row {row} is {type(value).__name__}, expected text")
+    return values

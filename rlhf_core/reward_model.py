@@ -179,7 +179,7 @@ def read_preferences(spec, task: str, seed: int) -> list[dict]:
         from rlhf_core.tasks import get_task
 
         return get_task(task).preferences(spec.num_builtin_pairs, seed)
-    from rlhf_core.data import load_table, text_column
+    from rlhf_core.io import load_table, text_column
 
     where = f"reward model preferences {spec.path}"
     frame = load_table(spec.preferences, spec.path, spec.dataset_config, spec.split)

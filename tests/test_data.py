@@ -8,7 +8,8 @@ import json
 import pandas as pd
 import pytest
 
-from rlhf_core.data import prepare_prompts, read_hf_dataset, read_table_file, split_heldout, text_column
+from rlhf_core.data import prepare_prompts, split_heldout
+from rlhf_core.io import read_hf_dataset, read_table_file, text_column
 from rlhf_core.errors import ConfigError, DataError
 from rlhf_core.tasks import get_task, sentiment
 

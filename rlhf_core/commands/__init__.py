@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from rlhf_core.commands._common import DEFAULT_SAMPLES
 from rlhf_core.errors import RLHFError
 
 DEFAULT_LATEST = 5
-DEFAULT_SAMPLES = 5
 
 
 def add_run_selection(parser: argparse.ArgumentParser) -> None:

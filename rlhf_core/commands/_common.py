@@ -9,6 +9,8 @@ from urllib.parse import unquote, urlparse
 
 from rlhf_core.errors import ConfigError, DataError, first_line
 
+DEFAULT_SAMPLES = 5  # rlhf samples: how many it shows without --worst/--best/--random
+
 
 def root() -> Path:
     from rlhf_core.io import repo_root

@@ -11,7 +11,8 @@ import shutil
 import textwrap
 from pathlib import Path
 
-from rlhf_core.commands import DEFAULT_SAMPLES, _common
+from rlhf_core.commands import _common
+from rlhf_core.commands._common import DEFAULT_SAMPLES
 from rlhf_core.errors import ConfigError, DataError
 
 KEYS = ("prompt_index", "sample_index")

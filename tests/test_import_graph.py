@@ -1,0 +1,77 @@
+"""The import graph of rlhf_core has no circle, and the light modules stay light.
+
+Edges come from every import in a file, function-local ones included (found with `ast`): a function-local import
+hides a circle from Python but not from a reader, and it still makes one module reach the other's code.  ``from a
+import b`` is an edge to the submodule a.b when there is one, else to a.  Before this test, `rlhf_core.commands`
+and its `samples` module imported each other, and `data → tasks → rewards → reward_model → data` made the
+`prepare` stage reach model code.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from conftest import REPO
+
+PACKAGE = REPO / "rlhf_core"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+
+
+def imports_of(path: Path) -> set[str]:
+    """The project modules that the file at ``path`` imports, anywhere in it."""
+    edges = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}: relative import"  # the project imports absolutely
+            for alias in node.names:
+                target = f"{node.module}.{alias.name}"
+                edges.add(target if target in MODULES else node.module)
+        elif isinstance(node, ast.Import):
+            edges.update(alias.name for alias in node.names)
+    return {edge for edge in edges if edge in MODULES}
+
+
+GRAPH = {name: imports_of(path) for name, path in MODULES.items()}
+
+
+def reachable(start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for target in GRAPH[todo.pop()]:
+            if target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
+
+
+def test_no_module_of_rlhf_core_reaches_itself_through_its_imports():
+    circles = sorted(name for name in GRAPH if name in reachable(name))
+    assert not circles, f"modules on an import circle: {circles}"
+
+
+def test_the_builtin_scoring_functions_and_the_tasks_import_nothing_back():
+    assert GRAPH["rlhf_core.scoring"] == set()  # VADER, exact match: usable from anywhere
+    for task in ("rlhf_core.tasks", "rlhf_core.tasks.sentiment", "rlhf_core.tasks.arithmetic"):
+        assert reachable(task) <= {"rlhf_core.errors", "rlhf_core.scoring", "rlhf_core.tasks",
+                                   "rlhf_core.tasks.sentiment", "rlhf_core.tasks.arithmetic"}, task
+
+
+def test_preparing_prompts_reaches_no_model_code():
+    reached = reachable("rlhf_core.data")
+    assert not reached & {"rlhf_core.models", "rlhf_core.reward_model", "rlhf_core.rewards"}, reached
+    assert "rlhf_core.io" in reached  # table reading lives in io
+    assert "read_table_file" not in (PACKAGE / "data.py").read_text()
+
+
+def test_a_planted_circle_is_found(monkeypatch):
+    """The check itself: with one more edge (io → data), data ⇄ io is a circle."""
+    monkeypatch.setitem(GRAPH, "rlhf_core.io", GRAPH["rlhf_core.io"] | {"rlhf_core.data"})
+    assert "rlhf_core.data" in reachable("rlhf_core.data")
