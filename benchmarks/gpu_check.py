@@ -34,7 +34,7 @@ REDUCED = {  # --reduced: the test suite's CPU run; the GPU check runs the defau
     "sft": {"tiny": {"vocab_size": 400, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128},
             "num_builtin_demonstrations": 600, "epochs": 1, "batch_size": 32, "max_length": 48},
     "rollout": {"prompts_per_round": 8, "samples_per_prompt": 2, "max_new_tokens": 12},
-    "ppo": {"epochs": 1, "minibatch_size": 8, "micro_batch_size": 4},
+    "optim": {"epochs": 1, "minibatch_size": 8, "micro_batch_size": 4},
     "evaluate": {"num_prompts": 8, "samples_per_prompt": 1, "max_new_tokens": 12, "num_perplexity_texts": 16},
 }
 

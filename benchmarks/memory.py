@@ -75,7 +75,8 @@ def worker(args) -> None:
         "device": "cpu", "cpu_threads": 1,
         "compute": {"num_processes": args.processes, "strategy": "fsdp" if args.processes > 1 else "ddp",
                     "param_dtype": args.param_dtype, "gradient_checkpointing": args.checkpointing},
-        "ppo": {"epochs": 1, "minibatch_size": RESPONSES, "micro_batch_size": MICRO_BATCH, "target_kl": None}})
+        "optim": {"epochs": 1, "minibatch_size": RESPONSES, "micro_batch_size": MICRO_BATCH},
+        "ppo": {"target_kl": None}})
     seed_everything(0)
     runtime = start_runtime(params)
     model = load_actor_critic(args.checkpoint, "value_head", runtime.device, param_dtype=args.param_dtype)

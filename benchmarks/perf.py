@@ -193,13 +193,11 @@ def bench_rollout(work: Path, repeats: int, batch_sizes: list[int]) -> dict:
 
 
 def bench_optimize(work: Path, repeats: int, micro_sizes: list[int]) -> dict:
-    from dataclasses import replace
-
     import pandas as pd
 
     from rlhf_core.algorithms import get_algorithm
     from rlhf_core.algorithms.common import Experience
-    from rlhf_core.config import load_params
+    from rlhf_core.config import load_params, replace
     from rlhf_core.models import load_actor_critic, load_tokenizer, resolve_device
 
     params = load_params(work / "params.yaml")
@@ -213,11 +211,12 @@ def bench_optimize(work: Path, repeats: int, micro_sizes: list[int]) -> dict:
     tokens = int(sum(len(p) + len(r) for p, r in zip(experience.prompt_ids, experience.response_ids)))
     tokenizer = load_tokenizer(str(work / "models/sft"))
     train = get_algorithm(params.algorithm.name)
-    results = {"sequences": len(experience), "tokens_per_epoch": tokens, "minibatch_size": params.ppo.minibatch_size,
-               "default_micro_batch_size": params.ppo.micro_batch_size, "by_micro_batch_size": {}}
+    results = {"sequences": len(experience), "tokens_per_epoch": tokens, "minibatch_size": params.optim.minibatch_size,
+               "default_micro_batch_size": params.optim.micro_batch_size, "by_micro_batch_size": {}}
     for micro in micro_sizes:
-        one_epoch = replace(params, ppo=replace(params.ppo, epochs=1, micro_batch_size=micro, target_kl=None,
-                                                minibatch_size=max(micro, params.ppo.minibatch_size)))
+        one_epoch = replace(params, optim=replace(params.optim, epochs=1, micro_batch_size=micro,
+                                                  minibatch_size=max(micro, params.optim.minibatch_size)),
+                            ppo=replace(params.ppo, target_kl=None))
         rates = []
         for seed in range(repeats):
             model = load_actor_critic(str(work / "models/sft"), params.algorithm.critic, device)
@@ -253,7 +252,7 @@ def bench_memory(work: Path, repeats: int, factors: list[int]) -> dict:
 
     params = load_params(work / "params.yaml")
     base = params.rollout.prompts_per_round
-    results = {"micro_batch_size": params.ppo.micro_batch_size, "by_prompts_per_round": {}}
+    results = {"micro_batch_size": params.optim.micro_batch_size, "by_prompts_per_round": {}}
     for factor in factors:
         name = f"params.memory{factor}.yaml"
         write_params(work / "params.yaml", work / name,

@@ -27,7 +27,7 @@ CPU_VARIANT = {  # what the CPU variant (docs/bring-your-own.md) changes in the 
     "rollout": {"prompts_per_round": 16, "samples_per_prompt": 4, "max_new_tokens": 32, "batch_size": 64,
                 "forward_batch_size": 16},
     "score": {"scorers": [{"name": "sentiment", "kind": "vader"}], "missing_eos_penalty": 1.0},
-    "ppo": {"epochs": 2, "minibatch_size": 32, "micro_batch_size": 8},
+    "optim": {"epochs": 2, "minibatch_size": 32, "micro_batch_size": 8},
     "evaluate": {"num_prompts": 16, "samples_per_prompt": 1, "max_new_tokens": 32, "num_perplexity_texts": 20},
     "rounds": {"r1": {"from": "sft"}, "r2": {"from": "r1"}},
 }

@@ -31,12 +31,18 @@ from common import REPO, dvc_executable, machine, run, summary, write_report
 # The params that set the amount of work of a default `dvc repro`.
 WORK_KEYS = ("task", "seed", "prepare.num_builtin_prompts", "prepare.eval_fraction", "sft.tiny", "sft.epochs",
              "sft.batch_size", "sft.max_length", "sft.num_builtin_demonstrations", "rollout.prompts_per_round",
-             "rollout.samples_per_prompt", "rollout.max_new_tokens", "ppo.epochs", "ppo.minibatch_size",
+             "rollout.samples_per_prompt", "rollout.max_new_tokens", "optim.epochs", "optim.minibatch_size",
              "algorithm.name", "evaluate.num_prompts", "evaluate.samples_per_prompt", "evaluate.max_new_tokens",
              "evaluate.num_perplexity_texts", "rounds")
 
 
+# Where a work key lived before it moved (a revision older than the optim: section keeps it under ppo:).
+FORMER_KEYS = {"optim.epochs": "ppo.epochs", "optim.minibatch_size": "ppo.minibatch_size"}
+
+
 def lookup(params: dict, dotted: str):
+    if dotted in FORMER_KEYS and isinstance(params.get("ppo"), dict) and "epochs" in params["ppo"]:
+        dotted = FORMER_KEYS[dotted]
     value = params
     for part in dotted.split("."):
         value = value.get(part) if isinstance(value, dict) else None
@@ -127,7 +133,7 @@ def main() -> None:
     command = "python benchmarks/repro_speedup.py" + "".join(f' --variant "{v}"' for v in args.variant)
     report = {"machine": machine(), "command": command, "repeats": args.repeats,
               "work": ", ".join(f"{key} {json.dumps(first[key])}" for key in ("rollout.prompts_per_round",
-                                "rollout.samples_per_prompt", "rollout.max_new_tokens", "sft.epochs", "ppo.epochs"))
+                                "rollout.samples_per_prompt", "rollout.max_new_tokens", "sft.epochs", "optim.epochs"))
               + f", {len(first['rounds'])} rounds",
               "runs": [{"label": label, "revision": revision, "params_changes": changes, "wall_s": summary(walls[label], 1),
                         "walls_s": [round(w, 1) for w in walls[label]]} for label, revision, changes in runs]}

@@ -40,8 +40,8 @@ def worker(args) -> None:
     if args.chunk_elements is not None:
         models.LOGPROB_CHUNK_ELEMENTS = args.chunk_elements
     torch.set_num_threads(2)
-    params = params_from_dict({"device": "cpu", "ppo": {"epochs": 1, "minibatch_size": RESPONSES,
-                                                        "micro_batch_size": MICRO_BATCH, "target_kl": None}})
+    params = params_from_dict({"device": "cpu", "optim": {"epochs": 1, "minibatch_size": RESPONSES,
+                                                          "micro_batch_size": MICRO_BATCH}, "ppo": {"target_kl": None}})
     seed_everything(0)
     model = load_actor_critic(args.checkpoint, "value_head", torch.device("cpu"))
     vocab = model.policy.config.vocab_size

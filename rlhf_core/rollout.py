@@ -76,7 +76,7 @@ def check_finite(stats: dict[str, list], where: str) -> None:
         for row, array in enumerate(arrays):
             if not np.isfinite(array).all():
                 raise FloatingPointError(f"{where}: {name} of response {row} are not finite; the checkpoint may be "
-                                         "corrupted by a diverged update (lower ppo.lr)")
+                                         "corrupted by a diverged update (lower optim.lr)")
 
 
 def length_buckets(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -124,7 +124,7 @@ def generate_samples(policy, tokenizer, prompt_ids: list[list[int]], *, samples_
         except RuntimeError as exc:  # torch.multinomial on NaN/inf probabilities
             if "inf" in str(exc) or "nan" in str(exc):
                 raise FloatingPointError("the policy gave NaN/inf probabilities while generating; its weights are "
-                                         "corrupt (a diverged update? lower ppo.lr)") from None
+                                         "corrupt (a diverged update? lower optim.lr)") from None
             raise
         for row, (p, s) in enumerate(batch_jobs):
             response, ended = truncate_at_eos(output[row, width:].tolist(), stop_ids)

@@ -12,7 +12,7 @@ def main(params, args):
     from rlhf_core.advantages import estimator_for, round_advantages
     from rlhf_core.kl import AdaptiveKLController, FixedKLController
 
-    adv, round_key = params.advantages, args.round
+    adv, kl, round_key = params.advantages, params.kl, args.round
     rollouts = read_parquet(f"rollouts/{round_key}/rollouts.parquet",
                             ("prompt_index", "logprobs", "ref_logprobs", "values"))
     scores = read_parquet(f"scores/{round_key}/scores.parquet", ("total",))
@@ -22,16 +22,16 @@ def main(params, args):
     ready()
     # State carried across rounds travels inside the checkpoint this round starts from (none for sft).
     carried = read_state(checkpoint_dir(params.rounds[round_key].start_from))
-    if adv.adaptive_kl:
-        controller = AdaptiveKLController(carried.get("kl_coef", adv.kl_coef), adv.kl_target, adv.kl_horizon)
+    if kl.adaptive:
+        controller = AdaptiveKLController(carried.get("kl_coef", kl.reward_coef), kl.target, kl.horizon)
     else:
-        controller = FixedKLController(adv.kl_coef)
+        controller = FixedKLController(kl.reward_coef)
     baseline = carried.get("reward_baseline", 0.0)
 
     estimator = estimator_for(params.algorithm.name, params.reinforce.baseline)
     arrays, metrics = round_advantages(
         rollouts["logprobs"].tolist(), rollouts["ref_logprobs"].tolist(), rollouts["values"].tolist(),
-        scores["total"].tolist(), kl_coef=controller.value, kl_estimator=adv.kl_estimator, gamma=adv.gamma,
+        scores["total"].tolist(), kl_coef=controller.value, kl_estimator=kl.reward_estimator, gamma=adv.gamma,
         lam=adv.lam, whiten_rewards=adv.whiten_rewards, whiten_advantages=adv.whiten_advantages,
         estimator=estimator, group_ids=rollouts["prompt_index"].tolist(), return_type=params.reinforce.return_type,
         baseline=params.reinforce.baseline, moving_baseline=baseline, scale_by_std=params.grpo.scale_by_std,

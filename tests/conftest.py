@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import replace
+from rlhf_core.config import replace
 from pathlib import Path
 
 import pytest

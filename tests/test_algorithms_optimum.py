@@ -21,7 +21,6 @@ one and two threads and the AVX512 and AVX2 kernels (the comments by CASES give 
 
 from __future__ import annotations
 
-from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -30,8 +29,8 @@ import torch
 from rlhf_core.advantages import estimator_for, round_advantages
 from rlhf_core.algorithms import get_algorithm
 from rlhf_core.algorithms.common import Experience
-from rlhf_core.config import (AdvantagesParams, AlgorithmParams, GRPOParams, Params, PPOParams, RLOOParams,
-                              ReinforceParams, TRPOParams)
+from rlhf_core.config import (AdvantagesParams, AlgorithmParams, GRPOParams, KLParams, OptimParams, Params, PPOParams,
+                              RLOOParams, ReinforceParams, TRPOParams, replace)
 from rlhf_core.models import ActorCritic, ValueHead, disable_dropout, seed_everything
 from rlhf_core.rollout import generate_samples, record_token_stats
 
@@ -82,8 +81,8 @@ def run_rounds(model, params: Params, rounds: int, samples_per_prompt: int = 32,
                                    reference_is_policy=True)
         adv = params.advantages
         arrays, metrics = round_advantages(
-            stats["logprobs"], stats["ref_logprobs"], stats["values"], scores, kl_coef=adv.kl_coef,
-            kl_estimator=adv.kl_estimator, gamma=adv.gamma, lam=adv.lam, whiten_rewards=adv.whiten_rewards,
+            stats["logprobs"], stats["ref_logprobs"], stats["values"], scores, kl_coef=params.kl.reward_coef,
+            kl_estimator=params.kl.reward_estimator, gamma=adv.gamma, lam=adv.lam, whiten_rewards=adv.whiten_rewards,
             whiten_advantages=adv.whiten_advantages, estimator=estimator,
             group_ids=[s.prompt_index for s in samples], return_type=params.reinforce.return_type,
             baseline=params.reinforce.baseline, moving_baseline=baseline, scale_by_std=params.grpo.scale_by_std,
@@ -98,10 +97,12 @@ def run_rounds(model, params: Params, rounds: int, samples_per_prompt: int = 32,
     return history
 
 
-BASE = replace(Params(), advantages=replace(AdvantagesParams(), kl_coef=0.0, gamma=1.0, lam=0.95),
-               ppo=replace(PPOParams(), epochs=4, minibatch_size=32, micro_batch_size=32, lr=3e-3, target_kl=None,
-                           vf_coef=0.1, lr_schedule="constant"))
-ONE_PASS = replace(BASE.ppo, minibatch_size=16, micro_batch_size=16)  # reinforce, a2c, rloo: 8 steps per round
+BASE = replace(Params(), advantages=replace(AdvantagesParams(), gamma=1.0, lam=0.95),
+               kl=replace(KLParams(), reward_coef=0.0),
+               optim=replace(OptimParams(), epochs=4, minibatch_size=32, micro_batch_size=32, lr=3e-3, vf_coef=0.1,
+                             lr_schedule="constant"),
+               ppo=replace(PPOParams(), target_kl=None))
+ONE_PASS = replace(BASE.optim, minibatch_size=16, micro_batch_size=16)  # reinforce, a2c, rloo: 8 steps per round
 
 # (label, params, budget): the stated number of rounds within which the return must reach 90%.  The comment
 # after each case: the median and the slowest first round at 90%, measured when the budget was set over
@@ -114,28 +115,31 @@ ONE_PASS = replace(BASE.ppo, minibatch_size=16, micro_batch_size=16)  # reinforc
 # round 2 of 5 starts never reached 90%; two steps get there.  trpo's four steps of 0.1 took 5 to 16
 # rounds over 10 starts; two: 6 to 11.  a2c at lr 2e-3 or 3e-3 collapsed in 7 and 9 of 12 starts.
 CASES = [
-    ("reinforce/moving-average", replace(BASE, algorithm=AlgorithmParams("reinforce"),
-                                         ppo=replace(ONE_PASS, lr=3e-3, ent_coef=0.01),
-                                         reinforce=ReinforceParams("sequence", "moving_average", 0.5)),
+    ("reinforce/moving-average", replace(BASE, algorithm=AlgorithmParams(name="reinforce"),
+                                         optim=replace(ONE_PASS, lr=3e-3, ent_coef=0.01),
+                                         reinforce=ReinforceParams(return_type="sequence", baseline="moving_average",
+                                                                   baseline_momentum=0.5)),
      18),  # 11, 24: seeds 0–19 × AVX512, AVX2 and no-SIMD kernels, 1 of 60 past 18
-    ("reinforce/reward-to-go/leave-one-out", replace(BASE, algorithm=AlgorithmParams("reinforce"),
-                                                     ppo=replace(ONE_PASS, lr=1.5e-3),
-                                                     reinforce=ReinforceParams("reward_to_go", "leave_one_out")),
+    ("reinforce/reward-to-go/leave-one-out", replace(BASE, algorithm=AlgorithmParams(name="reinforce"),
+                                                     optim=replace(ONE_PASS, lr=1.5e-3),
+                                                     reinforce=ReinforceParams(return_type="reward_to_go",
+                                                                               baseline="leave_one_out")),
      26),  # 17, 20 (and 24 over seeds 10–29)
-    ("a2c", replace(BASE, algorithm=AlgorithmParams("a2c"), ppo=replace(ONE_PASS, lr=1e-3)), 40),  # 26, 39; 1 never
-    ("ppo", replace(BASE, algorithm=AlgorithmParams("ppo")), 15),  # 9, 12
-    ("ppo/dual-clip/seq-ratio/seq-mean", replace(BASE, algorithm=AlgorithmParams("ppo"), ppo=replace(
-        BASE.ppo, dual_clip=3.0, ratio_level="sequence", loss_aggregation="seq_mean_token_mean")), 15),  # 7, 9
-    ("trpo", replace(BASE, algorithm=AlgorithmParams("trpo"), trpo=replace(TRPOParams(), max_kl=0.1, steps=2)),
+    ("a2c", replace(BASE, algorithm=AlgorithmParams(name="a2c"), optim=replace(ONE_PASS, lr=1e-3)), 40),  # 26, 39; 1 never
+    ("ppo", replace(BASE, algorithm=AlgorithmParams(name="ppo")), 15),  # 9, 12
+    ("ppo/dual-clip/seq-ratio/seq-mean", replace(BASE, algorithm=AlgorithmParams(name="ppo"), ppo=replace(
+        BASE.ppo, dual_clip=3.0, ratio_level="sequence"), optim=replace(BASE.optim, loss_aggregation="seq_mean_token_mean")),
+     15),  # 7, 9
+    ("trpo", replace(BASE, algorithm=AlgorithmParams(name="trpo"), trpo=replace(TRPOParams(), max_kl=0.1, steps=2)),
      14),  # 8, 11
-    ("npg", replace(BASE, algorithm=AlgorithmParams("npg"), trpo=replace(TRPOParams(), max_kl=0.1, steps=2)),
+    ("npg", replace(BASE, algorithm=AlgorithmParams(name="npg"), trpo=replace(TRPOParams(), max_kl=0.1, steps=2)),
      16),  # 8, 12 (and over seeds 0–29 with AVX512: 16, and 1 never)
-    ("grpo", replace(BASE, algorithm=AlgorithmParams("grpo"), grpo=replace(GRPOParams(), kl_coef=0.0)), 16),  # 10, 12
-    ("grpo/dr-grpo", replace(BASE, algorithm=AlgorithmParams("grpo"),
-                             grpo=replace(GRPOParams(), kl_coef=0.0, scale_by_std=False)), 16),  # 10.5, 11
-    ("rloo/reinforce", replace(BASE, algorithm=AlgorithmParams("rloo"), ppo=replace(ONE_PASS, lr=1.5e-3)),
+    ("grpo", replace(BASE, algorithm=AlgorithmParams(name="grpo")), 16),  # 10, 12
+    ("grpo/dr-grpo", replace(BASE, algorithm=AlgorithmParams(name="grpo"),
+                             grpo=replace(GRPOParams(), scale_by_std=False)), 16),  # 10.5, 11
+    ("rloo/reinforce", replace(BASE, algorithm=AlgorithmParams(name="rloo"), optim=replace(ONE_PASS, lr=1.5e-3)),
      26),  # 17, 20: the same estimator as the leave-one-out REINFORCE case
-    ("rloo/clipped", replace(BASE, algorithm=AlgorithmParams("rloo"), rloo=RLOOParams("clipped")), 16),  # 10, 11
+    ("rloo/clipped", replace(BASE, algorithm=AlgorithmParams(name="rloo"), rloo=RLOOParams(objective="clipped")), 16),  # 10, 11
 ]
 
 

@@ -188,7 +188,7 @@ def test_instruct_model_through_the_stages(tmp_path, chatml_dir, monkeypatch):
     raw["chat"].update(system_prompt="You write restaurant reviews.")
     raw["sft"].update(model=str(chatml_dir), epochs=0, num_builtin_demonstrations=40)
     raw["rollout"].update(prompts_per_round=4, samples_per_prompt=2, max_new_tokens=6)
-    raw["ppo"].update(epochs=1, minibatch_size=8, micro_batch_size=4)
+    raw["optim"].update(epochs=1, minibatch_size=8, micro_batch_size=4)
     raw["evaluate"].update(num_prompts=2, samples_per_prompt=1, max_new_tokens=6, num_perplexity_texts=4)
     raw["rounds"] = {"r1": {"from": "sft"}}
     (work / "params.yaml").write_text(yaml.safe_dump(raw))

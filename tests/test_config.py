@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
-from rlhf_core.config import (Params, PPOParams, RoundParams, flatten, load_params, params_from_dict, yaml_load,
-                              render_params_yaml, schema_rows)
+from rlhf_core.config import (MOVED, OptimParams, Params, PPOParams, RoundParams, flatten, load_params, params_from_dict,
+                              render_params_yaml, replace, schema_rows, yaml_load)
 from rlhf_core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,10 +60,10 @@ def test_empty_mapping_gives_defaults():
 
 
 def test_non_default_values_are_read():
-    params = params_from_dict({"seed": 7, "ppo": {"epochs": 2, "target_kl": None}, "algorithm": {"critic": "separate"},
-                               "sft": {"tiny": {"hidden_size": 64, "num_heads": 8}}})
+    params = params_from_dict({"seed": 7, "optim": {"epochs": 2}, "ppo": {"target_kl": None},
+                               "algorithm": {"critic": "separate"}, "sft": {"tiny": {"hidden_size": 64, "num_heads": 8}}})
     assert params.seed == 7
-    assert params.ppo.epochs == 2 and params.ppo.target_kl is None and params.algorithm.critic == "separate"
+    assert params.optim.epochs == 2 and params.ppo.target_kl is None and params.algorithm.critic == "separate"
     assert params.sft.tiny.hidden_size == 64 and params.sft.tiny.num_heads == 8
     # an int where a float is expected becomes a float
     assert params_from_dict({"ppo": {"clip_range": 1}}).ppo.clip_range == 1.0
@@ -72,16 +71,16 @@ def test_non_default_values_are_read():
 
 
 def test_float_from_string_is_accepted():
-    assert params_from_dict({"ppo": {"lr": "1e-5"}}).ppo.lr == pytest.approx(1e-5)
-    assert params_from_dict({"ppo": {"adam_eps": "1e-8"}}).ppo.adam_eps == pytest.approx(1e-8)
+    assert params_from_dict({"optim": {"lr": "1e-5"}}).optim.lr == pytest.approx(1e-5)
+    assert params_from_dict({"optim": {"adam_eps": "1e-8"}}).optim.adam_eps == pytest.approx(1e-8)
 
 
 def test_yaml_exponent_without_dot_is_accepted(tmp_path):
     # YAML 1.1 reads `1e-5` as a string
     path = tmp_path / "params.yaml"
-    path.write_text("ppo:\n  lr: 1e-5\n")
-    assert yaml.safe_load(path.read_text())["ppo"]["lr"] == "1e-5"
-    assert load_params(path).ppo.lr == pytest.approx(1e-5)
+    path.write_text("optim:\n  lr: 1e-5\n")
+    assert yaml.safe_load(path.read_text())["optim"]["lr"] == "1e-5"
+    assert load_params(path).optim.lr == pytest.approx(1e-5)
 
 
 # -- errors -----------------------------------------------------------------------------------------
@@ -107,14 +106,17 @@ def test_unknown_key_inside_a_round():
 
 
 @pytest.mark.parametrize("raw, key, words", [
-    ({"ppo": {"epochs": "four"}}, "ppo.epochs", "integer"),
-    ({"ppo": {"epochs": True}}, "ppo.epochs", "integer"),
-    ({"ppo": {"epochs": 4.0}}, "ppo.epochs", "integer"),
-    ({"ppo": {"lr": "fast"}}, "ppo.lr", "number"),
-    ({"ppo": {"lr": True}}, "ppo.lr", "number"),
-    ({"ppo": {"lr": float("nan")}}, "ppo.lr", "finite"),
-    ({"advantages": {"adaptive_kl": "yes"}}, "advantages.adaptive_kl", "true or false"),
-    ({"advantages": {"adaptive_kl": 1}}, "advantages.adaptive_kl", "true or false"),
+    ({"optim": {"epochs": "four"}}, "optim.epochs", "integer"),
+    ({"optim": {"epochs": True}}, "optim.epochs", "integer"),
+    ({"optim": {"epochs": 4.0}}, "optim.epochs", "integer"),
+    ({"optim": {"lr": "fast"}}, "optim.lr", "number"),
+    ({"optim": {"lr": True}}, "optim.lr", "number"),
+    ({"optim": {"lr": float("nan")}}, "optim.lr", "finite"),
+    ({"kl": {"adaptive": "yes"}}, "kl.adaptive", "true or false"),
+    ({"kl": {"adaptive": 1}}, "kl.adaptive", "true or false"),
+    ({"score": {"scorers": [{"name": "rm", "kind": "hf_classifier", "model": ["a", 3]}]}}, "score.scorers[0].model[1]",
+     "must be a string"),
+    ({"score": {"scorers": [{"name": "rm", "kind": "hf_classifier", "model": 3}]}}, "score.scorers[0].model", "must be a list"),
     ({"tracking": {"experiment": 5}}, "tracking.experiment", "string"),
     ({"seed": "0"}, "seed", "integer"),
 ])
@@ -144,10 +146,10 @@ def test_out_of_range(raw, key, words):
 @pytest.mark.parametrize("raw, key", [
     ({"algorithm": {"critic": "foo"}}, "algorithm.critic"),
     ({"algorithm": {"name": "sac"}}, "algorithm.name"),
-    ({"ppo": {"loss_aggregation": "sum"}}, "ppo.loss_aggregation"),
+    ({"optim": {"loss_aggregation": "sum"}}, "optim.loss_aggregation"),
     ({"rloo": {"objective": "dpo"}}, "rloo.objective"),
-    ({"ppo": {"lr_schedule": "exponential"}}, "ppo.lr_schedule"),
-    ({"advantages": {"kl_estimator": "k2"}}, "advantages.kl_estimator"),
+    ({"optim": {"lr_schedule": "exponential"}}, "optim.lr_schedule"),
+    ({"kl": {"reward_estimator": "k2"}}, "kl.reward_estimator"),
     ({"prepare": {"too_long": "cut"}}, "prepare.too_long"),
     ({"task": "math"}, "task"),
 ])
@@ -168,7 +170,7 @@ def test_pattern_field():
 
 
 def test_section_must_be_a_mapping():
-    assert _error({"ppo": 3}).startswith("ppo: must be a mapping")
+    assert _error({"ppo": 3}) == "ppo = 3: must be a mapping of keys to values"
 
 
 def test_round_from_a_later_round():
@@ -184,19 +186,19 @@ def test_round_from_an_unknown_round():
 @pytest.mark.parametrize("rounds, start", [
     ({}, "rounds is empty"),
     ({"sft": {"from": "sft"}}, "rounds.sft"),
-    ({"r 1": {"from": "sft"}}, "rounds.r 1"),
-    ([["r1", "sft"]], "rounds: must be a mapping"),
+    ({"r 1": {"from": "sft"}}, "rounds: the key 'r 1' must match ^[A-Za-z][A-Za-z0-9_-]*$"),
+    ([["r1", "sft"]], "rounds = [['r1', 'sft']]: must be a mapping"),
 ])
 def test_bad_rounds(rounds, start):
     assert _error({"rounds": rounds}).startswith(start)
 
 
 def test_micro_batch_larger_than_minibatch():
-    message = _error({"ppo": {"micro_batch_size": 32, "minibatch_size": 16}})
-    assert message.startswith("ppo.micro_batch_size = 32")
-    assert "ppo.minibatch_size" in message
+    message = _error({"optim": {"micro_batch_size": 32, "minibatch_size": 16}})
+    assert message.startswith("optim.micro_batch_size = 32")
+    assert "optim.minibatch_size" in message
     # equal is fine
-    assert params_from_dict({"ppo": {"micro_batch_size": 16, "minibatch_size": 16}}).ppo.micro_batch_size == 16
+    assert params_from_dict({"optim": {"micro_batch_size": 16, "minibatch_size": 16}}).optim.micro_batch_size == 16
 
 
 def test_heads_must_divide_hidden_size():
@@ -216,7 +218,7 @@ def test_builtin_model_needs_sft_epochs():
 
 def test_bad_yaml(tmp_path):
     path = tmp_path / "params.yaml"
-    path.write_text("ppo:\n  lr: [0.1\n  epochs: 2\n")
+    path.write_text("optim:\n  lr: [0.1\n  epochs: 2\n")
     with pytest.raises(ConfigError) as info:
         load_params(path)
     message = str(info.value)
@@ -275,7 +277,7 @@ def test_round_seed_differs_by_round_and_stage_and_is_stable():
     assert params.round_seed("r2", "rollout") == 911937127
     assert params.round_seed("r1", "optimize") == 1378720533
     # and it follows the global seed
-    other = dataclasses.replace(params, seed=1)
+    other = replace(params, seed=1)
     assert other.round_seed("r1", "rollout") != seeds[("r1", "rollout")]
 
 
@@ -287,7 +289,7 @@ def test_to_dict_uses_yaml_key_from():
 
 
 def test_hash_changes_with_a_param():
-    assert Params().hash() != params_from_dict({"ppo": {"lr": 2e-4}}).hash()
+    assert Params().hash() != params_from_dict({"optim": {"lr": 2e-4}}).hash()
     assert Params().hash() == Params().hash()
 
 
@@ -309,7 +311,8 @@ def test_schema_rows_cover_every_leaf():
     assert by_key["algorithm.critic"][1] == "one of 'value_head', 'separate'"
     assert by_key["ppo.target_kl"][1] == "a number or null"
     assert all(row[3] for row in rows)
-    assert len([k for k in keys if k.startswith("ppo.")]) == len(dataclasses.fields(PPOParams))
+    assert len([k for k in keys if k.startswith("ppo.")]) == len(PPOParams.model_fields)
+    assert len([k for k in keys if k.startswith("optim.")]) == len(OptimParams.model_fields)
 
 
 def test_params_yaml_keys_are_exactly_the_schema_keys():
@@ -336,8 +339,8 @@ def test_every_example_params_file_validates():
 
 
 def test_micro_batch_must_divide_minibatch():
-    message = _error({"ppo": {"micro_batch_size": 24, "minibatch_size": 64}})
-    assert message == "ppo.micro_batch_size = 24: must divide ppo.minibatch_size (64)"
+    message = _error({"optim": {"micro_batch_size": 24, "minibatch_size": 64}})
+    assert message == "optim.micro_batch_size = 24: must divide optim.minibatch_size (64)"
 
 
 @pytest.mark.parametrize("name", ["grpo", "rloo"])
@@ -350,7 +353,7 @@ def test_group_methods_need_two_samples_per_prompt(name):
     ({"ppo": {"dual_clip": 1.0}}, "must be > 1.0"),
     ({"trpo": {"max_kl": 0}}, "must be > 0.0"),
     ({"trpo": {"backtrack_fraction": 1.0}}, "must be < 1.0"),
-    ({"grpo": {"kl_coef": -0.1}}, "must be >= 0.0"),
+    ({"kl": {"loss_coef": -0.1}}, "must be >= 0.0"),
     ({"reinforce": {"baseline_momentum": 1.0}}, "must be < 1.0"),
 ])
 def test_algorithm_params_are_range_checked(raw, words):
@@ -359,13 +362,13 @@ def test_algorithm_params_are_range_checked(raw, words):
 
 @pytest.mark.parametrize(("scorers", "extra", "start"), [
     ([], {}, "score.scorers is empty"),
-    ({"name": "x"}, {}, "score.scorers: must be a list"),
+    ({"name": "x"}, {}, "score.scorers = {'name': 'x'}: must be a list"),
     ([{"name": "a"}, {"name": "a", "kind": "length"}], {}, "score.scorers: names must be unique"),
     ([{"name": "f", "kind": "python", "function": "just_a_module"}], {}, "score.scorers[0] (f).function = 'just_a_module'"),
     ([{"name": "v", "kind": "verifiable"}], {}, "score.scorers[0] (v): a verifiable scorer needs reference answers: prepare.answer_field"),
     ([{"name": "s", "kind": "bleu"}], {}, "score.scorers[0].kind = 'bleu': must be one of"),
     ([{"name": "s", "wieght": 2}], {}, "score.scorers[0].wieght: unknown key"),
-    ([{"name": "s", "clip": 0}], {}, "score.scorers[0].clip = 0.0: must be > 0.0"),
+    ([{"name": "s", "clip": 0}], {}, "score.scorers[0].clip = 0: must be > 0.0"),
     ([{"name": "2bad"}], {}, "score.scorers[0].name = '2bad': must match"),
 ])
 def test_bad_scorers(scorers, extra, start):
@@ -381,22 +384,56 @@ def test_verifiable_scorer_with_an_answer_field_is_accepted():
 def test_unquoted_no_survives_dvc_rewriting_params_yaml(tmp_path):
     """`dvc exp run -S …` writes `mixed_precision: no` without quotes; YAML 1.1 reads that as false."""
     assert yaml.safe_load("compute:\n  mixed_precision: no\n")["compute"]["mixed_precision"] is False
-    (tmp_path / "params.yaml").write_text("compute:\n  mixed_precision: no\nppo:\n  lr: 1e-5\n")
+    (tmp_path / "params.yaml").write_text("compute:\n  mixed_precision: no\noptim:\n  lr: 1e-5\n")
     params = load_params(tmp_path / "params.yaml")
-    assert params.compute.mixed_precision == "no" and params.ppo.lr == 1e-5
+    assert params.compute.mixed_precision == "no" and params.optim.lr == 1e-5
     assert yaml_load("a: no\nb: yes\nc: off\nd: true\ne: False\nf: 1e-5\ng: 3\n") == {
         "a": "no", "b": "yes", "c": "off", "d": True, "e": False, "f": 1e-5, "g": 3}
     with pytest.raises(ConfigError, match="must be one of 'no', 'bf16', 'fp16'"):
         params_from_dict({"compute": {"mixed_precision": True}})
 
 
-def test_a_value_grpo_would_silently_replace_is_an_error_naming_both_keys():
-    """grpo builds its loss with kl_loss_coef = grpo.kl_coef and the k3 estimator: ppo.kl_loss_coef and
-    ppo.kl_loss_estimator set by the user were dropped without a word."""
-    with pytest.raises(ConfigError, match=r"^ppo.kl_loss_coef = 0.1: grpo's KL loss weight is grpo.kl_coef \(0.04\), "
-                                          r"which would silently replace it"):
-        params_from_dict({"algorithm": {"name": "grpo"}, "ppo": {"kl_loss_coef": 0.1}})
-    with pytest.raises(ConfigError, match=r"^ppo.kl_loss_estimator = 'k1': grpo's KL loss always uses k3"):
-        params_from_dict({"algorithm": {"name": "grpo"}, "ppo": {"kl_loss_estimator": "k1"}})
-    assert params_from_dict({"algorithm": {"name": "grpo"}, "grpo": {"kl_coef": 0.1}}).grpo.kl_coef == 0.1
-    assert params_from_dict({"ppo": {"kl_loss_coef": 0.1}}).ppo.kl_loss_coef == 0.1  # ppo itself uses it
+def test_a_value_an_algorithm_would_silently_drop_is_an_error_naming_both_keys():
+    """grpo used to replace ppo.kl_loss_coef with grpo.kl_coef and ignore advantages.kl_coef without a word; now there
+    is one KL loss weight (kl.loss_coef) for every algorithm, and a KL an algorithm cannot use is refused."""
+    with pytest.raises(ConfigError, match=r"^kl.reward_coef = 0.05: algorithm.name = 'grpo' puts no KL in the reward"):
+        params_from_dict({"algorithm": {"name": "grpo"}})
+    grpo = params_from_dict({"algorithm": {"name": "grpo"}, "kl": {"reward_coef": 0, "loss_coef": 0.04}})
+    assert grpo.kl.loss_coef == 0.04 and grpo.kl.loss_estimator == "k3"
+    with pytest.raises(ConfigError, match=r"^kl.loss_coef = 0.1: algorithm.name = 'trpo' has no KL loss term"):
+        params_from_dict({"algorithm": {"name": "trpo"}, "kl": {"loss_coef": 0.1}})
+    with pytest.raises(ConfigError, match=r"^kl.adaptive: adapts kl.reward_coef, which is 0"):
+        params_from_dict({"kl": {"adaptive": True, "reward_coef": 0}})
+    assert params_from_dict({"kl": {"loss_coef": 0.1}}).kl.loss_coef == 0.1  # ppo uses both
+
+
+@pytest.mark.parametrize("old, new", sorted(MOVED.items()))
+def test_a_key_that_moved_is_one_line_naming_its_new_place(old, new):
+    section, name = old.split(".")
+    assert _error({section: {name: 1}}) == (f"{old}: moved to {new} (what every algorithm's update loop uses is in "
+                                            "optim:, every KL setting in kl:)")
+
+
+def test_every_moved_key_names_a_key_that_exists():
+    keys = {row[0] for row in schema_rows()}
+    assert set(MOVED.values()) <= keys
+    assert not set(MOVED) & keys
+
+
+def test_shared_update_settings_live_only_in_optim():
+    """One place per knob: no section but optim holds the update loop's settings, none but kl a KL weight."""
+    shared = set(OptimParams.model_fields)
+    for row in schema_rows():
+        section, _, name = row[0].rpartition(".")
+        if section not in ("optim", "sft", "reward_models.<name>", "score.scorers[]", "evaluate", "rollout"):
+            assert name not in shared, row[0]
+        if section != "kl":
+            assert "kl_coef" not in name and "kl_loss" not in name, row[0]
+
+
+def test_replace_validates_like_params_yaml():
+    assert replace(OptimParams(), lr=1).lr == 1.0
+    with pytest.raises(ConfigError, match=r"^lr = -1: must be > 0.0"):
+        replace(OptimParams(), lr=-1)
+    with pytest.raises(ConfigError, match=r"^clip_range: unknown key; allowed keys are adam_eps, "):
+        replace(OptimParams(), clip_range=0.1)

@@ -33,7 +33,8 @@ def _reduced_params(tiny_checkpoint) -> dict:
                           forward_batch_size=4)
     # minibatches of 6, 6 and 4 responses = 3, 3 and 2 micro-batches: with 2 ranks, rank 1 is one short
     # in the first two steps and runs a zero-weight micro-batch to join the gradient sync
-    raw["ppo"].update(epochs=1, minibatch_size=6, micro_batch_size=2, target_kl=None)
+    raw["optim"].update(epochs=1, minibatch_size=6, micro_batch_size=2)
+    raw["ppo"]["target_kl"] = None
     raw["rounds"] = {"r1": {"from": "sft"}, "r2": {"from": "r1"}}
     return raw
 
@@ -412,7 +413,7 @@ def test_two_process_fsdp_with_lora_matches_one_process_lora(workspace, tmp_path
         work = _copy_with(workspace, tmp_path / name, processes, drop=("models/r1",), strategy=strategy)
         raw = yaml.safe_load((work / "params.yaml").read_text())
         raw["lora"] = {"enabled": True, "r": 4}
-        raw["ppo"]["lr"] = 1e-3
+        raw["optim"]["lr"] = 1e-3
         (work / "params.yaml").write_text(yaml.safe_dump(raw))
         _launch(work, "stages.optimize", "--round", "r1")
         runs[name] = (load_file(str(work / "models/r1/adapter_model.safetensors")),

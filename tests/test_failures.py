@@ -31,7 +31,7 @@ def workdir(tmp_path, monkeypatch, tiny_checkpoint):
     """A working directory with small params, prompts and an SFT snapshot of the tiny model."""
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["rollout"].update(prompts_per_round=4, samples_per_prompt=2, max_new_tokens=6)
-    raw["ppo"].update(epochs=1, minibatch_size=8, micro_batch_size=4)
+    raw["optim"].update(epochs=1, minibatch_size=8, micro_batch_size=4)
     raw["rounds"] = {"r1": {"from": "sft"}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     (tmp_path / "prompts").mkdir()
@@ -141,7 +141,7 @@ def test_diverging_learning_rate_stops_the_update(workdir, capsys):
 
     for module, name in ((rollout, "rollout"), (score, "score"), (advantages, "advantages")):
         run_stage(module.main, name=name, needs_round=True, argv=["--round", "r1"])
-    set_params(workdir, ppo={"lr": 1e30, "epochs": 4, "minibatch_size": 4, "micro_batch_size": 4, "target_kl": None})
+    set_params(workdir, optim={"lr": 1e30, "epochs": 4, "minibatch_size": 4, "micro_batch_size": 4}, ppo={"target_kl": None})
     line = stage_error(capsys, optimize, "optimize", "--round", "r1", needs_round=True)
     assert "is nan" in line or "is inf" in line or "NaN/inf" in line, line
     assert not (workdir / "models/r1").exists()

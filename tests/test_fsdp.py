@@ -46,8 +46,8 @@ def experience():
 def params():
     from rlhf_core.config import params_from_dict
 
-    return params_from_dict({"device": "cpu", "ppo": {"epochs": 2, "minibatch_size": 4, "micro_batch_size": 1,
-                                                      "target_kl": None, "lr": 1e-2}})
+    return params_from_dict({"device": "cpu", "optim": {"epochs": 2, "minibatch_size": 4, "micro_batch_size": 1,
+                                                        "lr": 1e-2}, "ppo": {"target_kl": None}})
 
 
 def train(model) -> dict:

@@ -28,7 +28,8 @@ def test_lora_pipeline_runs_end_to_end_and_exports_a_merged_model(tmp_path, tiny
     raw["sft"].update(model=str(tiny_checkpoint), epochs=0, num_builtin_demonstrations=40)
     raw["prepare"].update(num_builtin_prompts=60)
     raw["rollout"].update(prompts_per_round=8, samples_per_prompt=2, max_new_tokens=8)
-    raw["ppo"].update(epochs=2, minibatch_size=8, micro_batch_size=4, lr=1e-2, target_kl=None)
+    raw["optim"].update(epochs=2, minibatch_size=8, micro_batch_size=4, lr=1e-2)
+    raw["ppo"]["target_kl"] = None
     raw["evaluate"].update(num_prompts=4, samples_per_prompt=1, max_new_tokens=6, num_perplexity_texts=5)
     raw["lora"].update(enabled=True, r=4, alpha=8.0, lr_scale=1.0)  # ppo.lr 1e-2 is already large here
     raw["rounds"] = {"r1": {"from": "sft"}, "r2": {"from": "r1"}}
@@ -130,7 +131,7 @@ def test_adapters_learn_at_their_own_rate(tiny_checkpoint):
     from rlhf_core.algorithms.common import lora_parameter_ids, make_optimizer
     from rlhf_core.models import load_actor_critic
 
-    params = params_from_dict({"lora": {"enabled": True, "lr_scale": 20.0}, "ppo": {"lr": 1e-4}})
+    params = params_from_dict({"lora": {"enabled": True, "lr_scale": 20.0}, "optim": {"lr": 1e-4}})
     model = load_actor_critic(str(tiny_checkpoint), "value_head", torch.device("cpu"), lora=params.lora)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(trainable, 1e-4, 1e-5, 0.0, "constant", 0, 10,

@@ -1,5 +1,4 @@
 from collections import Counter
-from dataclasses import replace
 
 import pytest
 import torch
@@ -8,7 +7,7 @@ from rlhf_core.advantages import round_advantages
 from rlhf_core.algorithms import get_algorithm
 from rlhf_core.algorithms.common import Experience
 from rlhf_core.algorithms.ppo import train_ppo
-from rlhf_core.config import Params, PPOParams
+from rlhf_core.config import KLParams, OptimParams, Params, PPOParams, replace
 from rlhf_core.errors import ConfigError
 from rlhf_core.models import load_actor_critic, load_tokenizer, seed_everything
 from rlhf_core.rollout import generate_samples, record_token_stats
@@ -18,8 +17,13 @@ PROMPTS = ["The pizza was", "Honestly, the laptop seemed", "So far the movie is"
            "Overall, the staff was", "The battery is", "Frankly, the soup seemed", "The ending was"]
 
 
-def with_ppo(ppo: PPOParams) -> Params:
-    return replace(Params(), ppo=ppo)
+def training(**settings) -> Params:
+    """Default Params with the given optim:, ppo: and kl: fields changed (each name lives in exactly one)."""
+    sections = {"optim": OptimParams, "ppo": PPOParams, "kl": KLParams}
+    changes = {name: {k: v for k, v in settings.items() if k in cls.model_fields} for name, cls in sections.items()}
+    assert sum(map(len, changes.values())) == len(settings), settings
+    defaults = Params()
+    return replace(defaults, **{name: replace(getattr(defaults, name), **fields) for name, fields in changes.items()})
 
 
 def collect(model, tokenizer, reward_fn, seed, samples_per_prompt=8, temperature=1.0):
@@ -44,8 +48,8 @@ def test_first_minibatch_has_ratio_one_and_zero_approx_kl(tiny_checkpoint):
     tokenizer = load_tokenizer(str(tiny_checkpoint))
     model = load_actor_critic(str(tiny_checkpoint), "value_head", CPU)
     experience, _ = collect(model, tokenizer, lambda s: float(len(s.response_ids)), seed=1, temperature=0.8)
-    ppo = replace(PPOParams(), epochs=1, minibatch_size=16, micro_batch_size=4, target_kl=None)
-    metrics = train_ppo(model, experience, with_ppo(ppo), temperature=0.8, pad_id=tokenizer.pad_token_id, device=CPU, seed=0,
+    params = training(epochs=1, minibatch_size=16, micro_batch_size=4, target_kl=None)
+    metrics = train_ppo(model, experience, params, temperature=0.8, pad_id=tokenizer.pad_token_id, device=CPU, seed=0,
                         log=lambda *_: None)
     assert metrics["first_minibatch_ratio_max_deviation"] < 1e-5
     assert metrics["first_minibatch_approx_kl"] == pytest.approx(0.0, abs=1e-9)
@@ -60,8 +64,8 @@ def test_micro_batching_gives_the_same_gradient_as_one_batch(tiny_checkpoint):
         seed_everything(0)
         model = load_actor_critic(str(tiny_checkpoint), "value_head", CPU)
         experience, _ = collect(model, tokenizer, lambda s: float(s.response_ids[0] % 3), seed=2, samples_per_prompt=2)
-        ppo = replace(PPOParams(), epochs=1, minibatch_size=16, micro_batch_size=micro, lr=1e-3, lr_schedule="constant")
-        train_ppo(model, experience, with_ppo(ppo), temperature=1.0, pad_id=tokenizer.pad_token_id, device=CPU, seed=0,
+        params = training(epochs=1, minibatch_size=16, micro_batch_size=micro, lr=1e-3, lr_schedule="constant")
+        train_ppo(model, experience, params, temperature=1.0, pad_id=tokenizer.pad_token_id, device=CPU, seed=0,
                   log=lambda *_: None)
         updated.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.allclose(updated[0], updated[1], atol=1e-5)
@@ -71,8 +75,8 @@ def test_target_kl_stops_early(tiny_checkpoint):
     tokenizer = load_tokenizer(str(tiny_checkpoint))
     model = load_actor_critic(str(tiny_checkpoint), "value_head", CPU)
     experience, _ = collect(model, tokenizer, lambda s: float(s.response_ids[0] % 2), seed=3)
-    ppo = replace(PPOParams(), epochs=8, minibatch_size=16, micro_batch_size=16, lr=3e-2, target_kl=1e-3)
-    metrics = train_ppo(model, experience, with_ppo(ppo), temperature=1.0, pad_id=tokenizer.pad_token_id, device=CPU, seed=0,
+    params = training(epochs=8, minibatch_size=16, micro_batch_size=16, lr=3e-2, target_kl=1e-3)
+    metrics = train_ppo(model, experience, params, temperature=1.0, pad_id=tokenizer.pad_token_id, device=CPU, seed=0,
                         log=lambda *_: None)
     assert metrics["early_stopped"] is True
     assert metrics["optimizer_steps"] < metrics["planned_steps"]
@@ -96,13 +100,13 @@ def test_ppo_reaches_the_known_optimum(tiny_checkpoint, critic):
     def reward(sample):
         return 1.0 if sample.response_ids[0] == target else 0.0
 
-    ppo = replace(PPOParams(), epochs=4, minibatch_size=32, micro_batch_size=16, lr=3e-3, clip_range=0.3,
+    params = training(epochs=4, minibatch_size=32, micro_batch_size=16, lr=3e-3, clip_range=0.3,
                   target_kl=None, vf_coef=0.5)
     history = []
     for round_number in range(8):
         experience, mean_reward = collect(model, tokenizer, reward, seed=round_number)
         history.append(mean_reward)
-        train_ppo(model, experience, with_ppo(ppo), temperature=1.0, pad_id=tokenizer.pad_token_id, device=CPU,
+        train_ppo(model, experience, params, temperature=1.0, pad_id=tokenizer.pad_token_id, device=CPU,
                   seed=round_number, log=lambda *_: None)
     _, final = collect(model, tokenizer, reward, seed=999)
     assert max(history + [final]) >= 0.9, (shares[target] / total, history, final)
@@ -115,10 +119,11 @@ def test_unknown_algorithm_is_a_config_error():
 
 
 def test_max_grad_norm_null_turns_clipping_off(tiny_checkpoint):
-    """ppo.max_grad_norm: null was refused ('must be a number'), so clipping could not be turned off."""
+    """optim.max_grad_norm (ppo.max_grad_norm then): null was refused ('must be a number'), so clipping could not
+    be turned off."""
     from rlhf_core.config import params_from_dict
 
-    assert params_from_dict({"ppo": {"max_grad_norm": None}}).ppo.max_grad_norm is None
+    assert params_from_dict({"optim": {"max_grad_norm": None}}).optim.max_grad_norm is None
     tokenizer = load_tokenizer(str(tiny_checkpoint))
     moved = {}
     for max_grad_norm in (1e-9, None):
@@ -126,10 +131,33 @@ def test_max_grad_norm_null_turns_clipping_off(tiny_checkpoint):
         model = load_actor_critic(str(tiny_checkpoint), "value_head", CPU)
         before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
         experience, _ = collect(model, tokenizer, lambda s: float(s.response_ids[0] % 3), seed=2, samples_per_prompt=2)
-        ppo = replace(PPOParams(), epochs=1, minibatch_size=16, micro_batch_size=16, lr=1e-3, lr_schedule="constant",
+        params = training(epochs=1, minibatch_size=16, micro_batch_size=16, lr=1e-3, lr_schedule="constant",
                       max_grad_norm=max_grad_norm, target_kl=None)
-        metrics = train_ppo(model, experience, with_ppo(ppo), temperature=1.0, pad_id=tokenizer.pad_token_id,
+        metrics = train_ppo(model, experience, params, temperature=1.0, pad_id=tokenizer.pad_token_id,
                             device=CPU, seed=0, log=lambda *_: None)
         moved[max_grad_norm] = (torch.cat([p.detach().flatten() for p in model.parameters()]) - before).abs().max()
         assert metrics["grad_norm"] > 1e-6  # the norm before clipping is logged either way
     assert moved[None] > 10 * moved[1e-9]  # clipped to 1e-9 the AdamW steps drown in eps; unclipped they do not
+
+
+@pytest.mark.parametrize("loss", ["ppo", "reinforce"])
+def test_kl_loss_coef_adds_the_kl_to_reference_term_in_every_first_order_loss(loss):
+    """kl.loss_coef · agg(k(log π_θ, log π_ref)), worked by hand: k1 = log π − log π_ref = [0.5, −1.0], token mean
+    −0.25, times 0.1; the advantages are 0, so the policy term adds nothing.  reinforce (and a2c, rloo) used to have
+    no KL loss term at all."""
+    from types import SimpleNamespace
+
+    from rlhf_core.algorithms.ppo import ppo_loss
+    from rlhf_core.algorithms.reinforce import reinforce_loss
+
+    zeros = torch.zeros(1, 2)
+    out = SimpleNamespace(logprobs=torch.tensor([[-1.0, -2.0]]), entropy=zeros, values=zeros)
+    micro = SimpleNamespace(mask=torch.ones(1, 2), advantages=zeros, returns=zeros, old_values=zeros,
+                            old_logprobs=torch.tensor([[-1.0, -2.0]]), ref_logprobs=torch.tensor([[-1.5, -1.0]]))
+    totals = {"tokens": 2.0, "sequences": 1.0}
+    function = ppo_loss if loss == "ppo" else reinforce_loss
+    value, stats = function(out, micro, totals, training(loss_coef=0.1, loss_estimator="k1"), use_critic=False)
+    assert value.item() == pytest.approx(0.1 * -0.25)
+    assert stats["kl_ref"].item() == pytest.approx(-0.5)
+    value, stats = function(out, micro, totals, training(), use_critic=False)
+    assert value.item() == pytest.approx(0.0) and "kl_ref" not in stats

@@ -6,7 +6,7 @@ import argparse
 import inspect
 import json
 import math
-from dataclasses import replace
+from rlhf_core.config import replace
 from pathlib import Path
 
 import pytest
@@ -186,7 +186,7 @@ def test_hf_classifier_params_are_validated():
     params = params_from_dict({"score": {"scorers": [
         {"name": "rm", "kind": "hf_classifier", "model": ["a", "b"], "ensemble": "min"}]}})
     assert params.score.scorers[0].model == ("a", "b")
-    with pytest.raises(Exception, match="must be a non-empty string or a list of them"):
+    with pytest.raises(Exception, match=r"score.scorers\[0\].model\[0\] = 1: must be a string"):
         params_from_dict({"score": {"scorers": [{"name": "rm", "kind": "hf_classifier", "model": [1]}]}})
 
 

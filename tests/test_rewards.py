@@ -33,7 +33,7 @@ def test_missing_eos_penalties():
 
 
 def _scorer(**fields):
-    from dataclasses import replace
+    from rlhf_core.config import replace
 
     from rlhf_core.config import ScorerParams
 

@@ -24,7 +24,7 @@ def run_stage_process(stage: str, cwd, *args: str) -> subprocess.CompletedProces
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"ppo": {"clip_range": -1}}, "error: rollout@r1: ppo.clip_range = -1.0: must be > 0.0"),
+    ({"ppo": {"clip_range": -1}}, "error: rollout@r1: ppo.clip_range = -1: must be > 0.0"),
     ({"rollout": {"tempreature": 1}}, "error: rollout@r1: rollout.tempreature: unknown key; allowed keys are"),
     ({"rollout": {"max_new_tokens": "many"}}, "error: rollout@r1: rollout.max_new_tokens = 'many': must be an integer"),
     ({"rounds": {"r1": {"from": "r2"}, "r2": {"from": "r1"}}}, "error: rollout@r1: rounds.r1.from = 'r2': must be `sft`"),
@@ -84,10 +84,10 @@ def test_hf_model_directory_and_local_files_through_every_stage(tmp_path, tiny_c
     raw["sft"].update(model=str(model_dir), epochs=0, demonstrations="file", demo_path="demos.csv",
                       demo_response_field="answer")
     raw["rollout"].update(prompts_per_round=8, samples_per_prompt=2, max_new_tokens=8)
-    raw["ppo"].update(epochs=1, minibatch_size=8, micro_batch_size=4)
+    raw["optim"].update(epochs=1, minibatch_size=8, micro_batch_size=4)
     raw["algorithm"]["critic"] = "separate"
     raw["evaluate"].update(num_prompts=4, samples_per_prompt=1, max_new_tokens=8, num_perplexity_texts=5)
-    raw["advantages"].update(adaptive_kl=True, kl_coef=0.2, kl_target=0.01, kl_horizon=100)
+    raw["kl"].update(adaptive=True, reward_coef=0.2, target=0.01, horizon=100)
     raw["rounds"] = {"r1": {"from": "sft"}, "r2": {"from": "r1"}}
     (work / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(work)
@@ -144,10 +144,12 @@ def test_every_algorithm_runs_the_round_stages(tmp_path, tiny_checkpoint, monkey
     raw["sft"].update(model=str(tiny_checkpoint), epochs=0, num_builtin_demonstrations=40)
     raw["prepare"].update(num_builtin_prompts=60)
     raw["rollout"].update(prompts_per_round=4, samples_per_prompt=4, max_new_tokens=6)
-    raw["ppo"].update(epochs=1, minibatch_size=8, micro_batch_size=4)
+    raw["optim"].update(epochs=1, minibatch_size=8, micro_batch_size=4)
     raw["trpo"].update(critic_epochs=1)
     raw["evaluate"].update(num_prompts=4, samples_per_prompt=1, max_new_tokens=6, num_perplexity_texts=5)
     raw["algorithm"]["name"] = algorithm
+    if algorithm == "grpo":  # no KL in grpo's reward; the paper's KL loss term instead
+        raw["kl"].update(reward_coef=0.0, loss_coef=0.04)
     raw["rounds"] = {"r1": {"from": "sft"}, "r2": {"from": "r1"}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)
@@ -166,6 +168,7 @@ def test_every_algorithm_runs_the_round_stages(tmp_path, tiny_checkpoint, monkey
         assert {"policy_loss", "entropy", "approx_kl", "optimizer_steps"} <= set(optimize_metrics)
     if algorithm in ("ppo", "grpo"):
         assert optimize_metrics["first_minibatch_ratio_max_deviation"] < 1e-5
+    assert ("kl_ref" in optimize_metrics) == (algorithm == "grpo")  # grpo's KL loss term, from kl.loss_coef
     assert set(json.loads((tmp_path / "metrics/eval.json").read_text())) == {"sft", "r1", "r2"}
 
 

@@ -4,7 +4,7 @@ the exact-match metric of the evaluation."""
 from __future__ import annotations
 
 import re
-from dataclasses import replace
+from rlhf_core.config import replace
 
 import pytest
 
@@ -12,7 +12,8 @@ from rlhf_core.config import params_from_dict
 from rlhf_core.data import prepare_prompts, read_prompt_records
 from rlhf_core.errors import ConfigError, DataError
 from rlhf_core.evaluation import exact_match
-from rlhf_core.tasks import TASKS, arithmetic, get_task
+from rlhf_core.config import TASKS
+from rlhf_core.tasks import arithmetic, get_task
 
 PROMPT = re.compile(r"^(\d) (\d) \+ (\d) (\d) =$")
 
@@ -31,6 +32,13 @@ def test_get_task_arithmetic():
     assert "arithmetic" in TASKS
     assert get_task("arithmetic") is arithmetic
     assert arithmetic.HAS_ANSWERS is True
+
+
+def test_every_task_params_allow_is_a_built_in_task():
+    """config.TASKS (the `task` Literal) is the one list of tasks: get_task knows each of them, and nothing else."""
+    assert [get_task(name).__name__ for name in TASKS] == [f"rlhf_core.tasks.{name}" for name in TASKS]
+    with pytest.raises(ConfigError, match="task = 'poetry': not a built-in task"):
+        get_task("poetry")
 
 
 def test_arithmetic_formats_by_hand():

@@ -1,5 +1,5 @@
 import json
-from dataclasses import replace
+from rlhf_core.config import replace
 from pathlib import Path
 
 import pytest
@@ -7,7 +7,7 @@ import pytest
 from rlhf_core.config import Params, RoundParams, TrackingParams
 from rlhf_core.tracking import collect_history, pipeline_state, tracking_uri
 
-PARAMS = replace(Params(), rounds={"r1": RoundParams("sft"), "r2": RoundParams("r1")})
+PARAMS = replace(Params(), rounds={"r1": RoundParams(start_from="sft"), "r2": RoundParams(start_from="r1")})
 
 
 def test_tracking_uri_defaults_to_the_repo_root_also_from_a_dvc_temp_copy(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-from dataclasses import replace
+from dataclasses import replace as replace_experience
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from rlhf_core.algorithms.common import Experience, split
 from rlhf_core.algorithms.trpo import train_trpo
-from rlhf_core.config import AlgorithmParams, Params, PPOParams, TRPOParams
+from rlhf_core.config import AlgorithmParams, OptimParams, Params, TRPOParams, replace
 from rlhf_core.models import load_actor_critic, load_tokenizer, response_logits, seed_everything, token_logprobs
 from rlhf_core.rollout import generate_samples, record_token_stats
 
@@ -53,7 +53,7 @@ def experience(tiny_checkpoint, tokenizer):
 def make_params(name="trpo", **trpo):
     trpo = {"critic_epochs": 0, **trpo}
     return replace(Params(), algorithm=AlgorithmParams(name=name, critic="value_head"),
-                   ppo=replace(PPOParams(), minibatch_size=16, micro_batch_size=8), trpo=replace(TRPOParams(), **trpo))
+                   optim=replace(OptimParams(), minibatch_size=16, micro_batch_size=8), trpo=replace(TRPOParams(), **trpo))
 
 
 def run(model, experience, params, tokenizer, seed=0):
@@ -124,7 +124,7 @@ def test_rejected_line_search_restores_every_parameter_bit_for_bit(tiny_checkpoi
 def test_zero_advantages_make_no_update(tiny_checkpoint, tokenizer, experience):
     model = load_actor_critic(str(tiny_checkpoint), "value_head", CPU)
     start = policy_state(model)
-    flat = replace(experience, advantages=[np.zeros_like(a) for a in experience.advantages])
+    flat = replace_experience(experience, advantages=[np.zeros_like(a) for a in experience.advantages])
     metrics = run(model, flat, make_params(), tokenizer)
     assert metrics["accepted"] is False and metrics["policy_grad_norm"] == 0.0
     assert all(torch.equal(p.detach(), start[n]) for n, p in model.policy.named_parameters())
@@ -146,7 +146,7 @@ def test_micro_batching_does_not_change_the_step(tiny_checkpoint, tokenizer, exp
     for micro in (32, 5):
         model = load_actor_critic(str(tiny_checkpoint), "value_head", CPU)
         params = make_params("npg")
-        params = replace(params, ppo=replace(params.ppo, micro_batch_size=micro))
+        params = replace(params, optim=replace(params.optim, micro_batch_size=micro))
         run(model, experience, params, tokenizer)
         updated.append(torch.cat([p.detach().flatten() for p in model.policy.parameters()]))
     assert torch.allclose(updated[0], updated[1], atol=1e-6)
@@ -178,7 +178,7 @@ def test_shared_value_head_regression_lowers_value_loss_and_leaves_the_policy(ti
     assert model.critic_backbone is None
     start = policy_state(model)
     head_start = [p.detach().clone() for p in model.value_head.parameters()]
-    flat = replace(experience, advantages=[np.zeros_like(a) for a in experience.advantages])  # no policy step
+    flat = replace_experience(experience, advantages=[np.zeros_like(a) for a in experience.advantages])  # no policy step
     metrics = run(model, flat, make_params(critic_epochs=4, critic_lr=1e-2), tokenizer)
     assert metrics["value_loss"] < 0.8 * metrics["value_loss_before_fit"]
     assert all(torch.equal(p.detach(), start[n]) for n, p in model.policy.named_parameters())
@@ -198,7 +198,7 @@ def test_separate_critic_fits_with_an_accepted_policy_step(tiny_checkpoint, toke
 
 def test_non_finite_advantages_raise(tiny_checkpoint, tokenizer, experience):
     model = load_actor_critic(str(tiny_checkpoint), "value_head", CPU)
-    bad = replace(experience, advantages=[a.copy() for a in experience.advantages])
+    bad = replace_experience(experience, advantages=[a.copy() for a in experience.advantages])
     bad.advantages[3][0] = np.nan
     with pytest.raises(FloatingPointError, match="surrogate"):
         run(model, bad, make_params(), tokenizer)

@@ -17,6 +17,8 @@ import torch
 from rlhf_core.optim import make_optimizer
 
 from rlhf_core.advantages import pad_sequences
+from rlhf_core.kl import kl_estimate
+from rlhf_core.losses import masked_sum
 from rlhf_core.models import TokenBatch, collate, transformer_blocks
 from rlhf_core.progress import Progress
 from rlhf_core.rollout import length_buckets
@@ -127,6 +129,16 @@ def policy_parameters(model, last_n_blocks: int | None = None) -> list[torch.nn.
     return selected
 
 
+def add_kl_loss(loss, stats: dict, out, micro, kl, agg):
+    """``loss + kl.loss_coef · agg(k(log π_θ, log π_ref))`` with the estimator ``kl.loss_estimator``, when
+    kl.loss_coef > 0 (shapes [B, T]); the term's masked sum goes to ``stats['kl_ref']``."""
+    if kl.loss_coef <= 0:
+        return loss
+    kl_ref = kl_estimate(kl.loss_estimator, out.logprobs, micro.ref_logprobs)
+    stats["kl_ref"] = masked_sum(kl_ref, micro.mask)
+    return loss + kl.loss_coef * agg(kl_ref)
+
+
 def finite_or_raise(value: float, what: str, hint: str) -> float:
     if not math.isfinite(value):
         raise FloatingPointError(f"{what} is {value}; {hint}")
@@ -141,9 +153,9 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
     """The gradient-step loop shared by the first-order optimizers (ppo, grpo, reinforce, a2c, rloo):
 
         for epoch in 1..epochs:
-            shuffle the responses; cut them into minibatches of ppo.minibatch_size
+            shuffle the responses; cut them into minibatches of optim.minibatch_size
             for each minibatch:
-                for each micro-batch of ppo.micro_batch_size:            # gradient accumulation
+                for each micro-batch of optim.micro_batch_size:            # gradient accumulation
                     loss, sums = loss_fn(model(micro-batch), micro-batch, totals)
                     loss.backward()                                      # loss already normalised by totals
                 stats = sums / tokens of the minibatch
@@ -167,12 +179,12 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
     from rlhf_core.distributed import current, local_parameter_bytes
 
     runtime = current()
-    ppo = params.ppo
-    per_epoch = math.ceil(len(experience) / ppo.minibatch_size)
+    optim = params.optim
+    per_epoch = math.ceil(len(experience) / optim.minibatch_size)
     total_steps = epochs * per_epoch
     # The optimizer is built over the trainable parameters of the model as wrapped (fsdp shards replace them).
     forward_model, optimizer, scheduler, trainable = runtime.prepare(model, lambda trainable: make_optimizer(
-        trainable, ppo.lr, ppo.adam_eps, ppo.weight_decay, ppo.lr_schedule, ppo.warmup_steps, total_steps,
+        trainable, optim.lr, optim.adam_eps, optim.weight_decay, optim.lr_schedule, optim.warmup_steps, total_steps,
         scaled=lora_parameter_ids(model) if params.lora.enabled else frozenset(), lr_scale=params.lora.lr_scale))
     parameter_bytes = local_parameter_bytes(model)
     generator = np.random.default_rng(seed)
@@ -182,13 +194,13 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
     progress = Progress(total_steps, name, unit="step")
     for epoch in range(epochs):
         order = generator.permutation(len(experience)).tolist()
-        for minibatch in split(order, ppo.minibatch_size):
+        for minibatch in split(order, optim.minibatch_size):
             totals = {"tokens": float(experience.tokens(minibatch)), "sequences": float(len(minibatch))}
             sums: dict[str, float] = {}
             optimizer.zero_grad(set_to_none=True)
             # The minibatch's gradient is the sum over its micro-batches (each loss is normalised by the whole
             # minibatch's totals), so which rows share a micro-batch changes nothing but padding: group by length.
-            micro_batches = list(enumerate(experience.length_groups(minibatch, ppo.micro_batch_size)))
+            micro_batches = list(enumerate(experience.length_groups(minibatch, optim.micro_batch_size)))
             mine = runtime.shard(micro_batches)
             slots = math.ceil(len(micro_batches) / runtime.world_size)
             rank_sums = []  # (global micro-batch number, its stat sums)
@@ -201,7 +213,7 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
                         out = forward_model(micro.batch, temperature, with_values=True)
                     loss, micro_sums = loss_fn(out, micro, totals)
                     finite_or_raise(loss.item(), f"{name} loss (epoch {epoch + 1}, step {steps + 1})",
-                                    "lower ppo.lr or check the rewards")
+                                    "lower optim.lr or check the rewards")
                     runtime.backward(loss if number is not None else loss * 0.0)
                 if number is not None:
                     rank_sums.append((number, {key: value.item() if torch.is_tensor(value) else float(value)
@@ -222,8 +234,8 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
                 optimizer.zero_grad(set_to_none=True)
                 early_stopped = True
                 break
-            grad_norm = runtime.clip_grad_norm_(trainable, math.inf if ppo.max_grad_norm is None else ppo.max_grad_norm)
-            finite_or_raise(grad_norm, f"{name} gradient norm (epoch {epoch + 1})", "lower ppo.lr")
+            grad_norm = runtime.clip_grad_norm_(trainable, math.inf if optim.max_grad_norm is None else optim.max_grad_norm)
+            finite_or_raise(grad_norm, f"{name} gradient norm (epoch {epoch + 1})", "lower optim.lr")
             stats.update(grad_norm=grad_norm, learning_rate=scheduler.get_last_lr()[0])
             optimizer.step()
             scheduler.step()

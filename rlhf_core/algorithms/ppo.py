@@ -2,31 +2,31 @@
 
 One round of updates (the loop itself is ``common.minibatch_updates``):
 
-    for epoch in 1..ppo.epochs, for each shuffled minibatch, for each micro-batch:
+    for epoch in 1..optim.epochs, for each shuffled minibatch, for each micro-batch:
         log π_θ, H, V_θ  ← forward (same code and temperature as the rollout)
         ρ_t   = exp(log π_θ − log π_old)           (or one ρ per sequence: ratio_level = sequence)
         L^π_t = max(−A_t ρ_t, −A_t clip(ρ_t, 1 ± ε))  [then min(·, −c A_t) where A_t < 0: dual clip]
         L^V_t = ½ max((V − R)², (V_old + clip(V − V_old, ±ε_v) − R)²)
-        L^KL_t = k(log π_θ, log π_ref)               (only when ppo.kl_loss_coef > 0)
-        loss  = agg(L^π) + vf_coef·agg(L^V) − ent_coef·agg(H) + kl_loss_coef·agg(L^KL)
+        L^KL_t = k(log π_θ, log π_ref)               (only when kl.loss_coef > 0; k = kl.loss_estimator)
+        loss  = agg(L^π) + vf_coef·agg(L^V) − ent_coef·agg(H) + kl.loss_coef·agg(L^KL)
     stop the round when the minibatch's approx-KL(π_old‖π_θ) exceeds ppo.target_kl
 
-``agg`` is ppo.loss_aggregation: token-mean, sequence-mean of token-means or of token-sums.
+``agg`` is optim.loss_aggregation: token-mean, sequence-mean of token-means or of token-sums; vf_coef and
+ent_coef are optim's; ε, ε_v, c, the ratio level and target_kl are ppo's.
 """
 
 from __future__ import annotations
 
 import torch
 
-from rlhf_core.algorithms.common import minibatch_updates
-from rlhf_core.kl import kl_estimate
+from rlhf_core.algorithms.common import add_kl_loss, minibatch_updates
 from rlhf_core.losses import (aggregate, approx_kl, clipped_surrogate, clipped_value_loss, dual_clip, masked_sum,
                               sequence_log_ratio)
 
 
-def ppo_loss(out, micro, totals, ppo, *, use_critic: bool = True):
+def ppo_loss(out, micro, totals, params, *, use_critic: bool = True):
     """The PPO loss of one micro-batch (already scaled to its share of the minibatch) and its stat sums."""
-    mask = micro.mask
+    mask, ppo, optim = micro.mask, params.ppo, params.optim
     if ppo.ratio_level == "sequence":
         log_ratio = sequence_log_ratio(out.logprobs, micro.old_logprobs, mask)
         logprobs_for_ratio = micro.old_logprobs + log_ratio
@@ -37,21 +37,18 @@ def ppo_loss(out, micro, totals, ppo, *, use_critic: bool = True):
     pg_loss = dual_clip(pg_loss, micro.advantages, ppo.dual_clip)
 
     def agg(values):
-        return aggregate(values, mask, ppo.loss_aggregation, total_tokens=totals["tokens"],
+        return aggregate(values, mask, optim.loss_aggregation, total_tokens=totals["tokens"],
                          total_sequences=totals["sequences"])
 
-    loss = agg(pg_loss) - ppo.ent_coef * agg(out.entropy)
+    loss = agg(pg_loss) - optim.ent_coef * agg(out.entropy)
     stats = {"policy_loss": masked_sum(pg_loss, mask), "entropy": masked_sum(out.entropy, mask),
              "clip_fraction": masked_sum(clipped, mask), "ratio_mean": masked_sum(ratio, mask),
              "approx_kl": masked_sum(approx_kl(out.logprobs, micro.old_logprobs), mask)}
-    if use_critic and ppo.vf_coef > 0:
+    if use_critic and optim.vf_coef > 0:
         vf_loss, vf_clipped = clipped_value_loss(out.values, micro.old_values, micro.returns, ppo.value_clip_range)
-        loss = loss + ppo.vf_coef * agg(vf_loss)
+        loss = loss + optim.vf_coef * agg(vf_loss)
         stats.update(value_loss=masked_sum(vf_loss, mask), value_clip_fraction=masked_sum(vf_clipped, mask))
-    if ppo.kl_loss_coef > 0:
-        kl_ref = kl_estimate(ppo.kl_loss_estimator, out.logprobs, micro.ref_logprobs)
-        loss = loss + ppo.kl_loss_coef * agg(kl_ref)
-        stats["kl_ref"] = masked_sum(kl_ref, mask)
+    loss = add_kl_loss(loss, stats, out, micro, params.kl, agg)
     real = mask.bool()
     with torch.no_grad():
         stats["max_ratio"] = ratio[real].max()
@@ -69,9 +66,9 @@ def train_ppo(model, experience, params, *, temperature: float, pad_id: int, dev
         return ppo.target_kl is not None and stats["approx_kl"] > ppo.target_kl
 
     metrics = minibatch_updates(
-        model, experience, params, epochs=ppo.epochs, temperature=temperature, pad_id=pad_id, device=device,
+        model, experience, params, epochs=params.optim.epochs, temperature=temperature, pad_id=pad_id, device=device,
         seed=seed, log=log, name=name, stop_fn=beyond_target_kl,
-        loss_fn=lambda out, micro, totals: ppo_loss(out, micro, totals, ppo, use_critic=use_critic))
+        loss_fn=lambda out, micro, totals: ppo_loss(out, micro, totals, params, use_critic=use_critic))
     # On an unchanged policy the first minibatch must see ratio 1 and approx-KL 0 (rollout and training agree).
     metrics["first_minibatch_ratio_max_deviation"] = metrics.pop("first_minibatch_max_ratio_deviation", 0.0)
     return metrics

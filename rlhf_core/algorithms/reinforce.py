@@ -2,35 +2,36 @@
 
 The advantages come from the advantages stage: G − b for reinforce (sequence return or reward-to-go,
 with no baseline, a moving-average baseline or a leave-one-out baseline), GAE(γ, λ) with a learned
-value for a2c.  One on-policy pass over the round's data in ppo.minibatch_size minibatches:
+value for a2c.  One on-policy pass over the round's data in optim.minibatch_size minibatches:
 
     L^π_t = −A_t · log π_θ(a_t | s_t)                    (the score-function gradient estimator)
     L^V_t = ½ (V_θ(s_t) − R_t)²                          (a2c only)
-    loss  = agg(L^π) + vf_coef·agg(L^V) − ent_coef·agg(H)
+    L^KL_t = k(log π_θ, log π_ref)                       (only when kl.loss_coef > 0)
+    loss  = agg(L^π) + vf_coef·agg(L^V) − ent_coef·agg(H) + kl.loss_coef·agg(L^KL)
 """
 
 from __future__ import annotations
 
-from rlhf_core.algorithms.common import minibatch_updates
+from rlhf_core.algorithms.common import add_kl_loss, minibatch_updates
 from rlhf_core.losses import aggregate, approx_kl, masked_sum, policy_gradient_loss
 
 
-def reinforce_loss(out, micro, totals, ppo, *, use_critic: bool):
-    mask = micro.mask
+def reinforce_loss(out, micro, totals, params, *, use_critic: bool):
+    mask, optim = micro.mask, params.optim
 
     def agg(values):
-        return aggregate(values, mask, ppo.loss_aggregation, total_tokens=totals["tokens"],
+        return aggregate(values, mask, optim.loss_aggregation, total_tokens=totals["tokens"],
                          total_sequences=totals["sequences"])
 
     pg_loss = policy_gradient_loss(out.logprobs, micro.advantages)
-    loss = agg(pg_loss) - ppo.ent_coef * agg(out.entropy)
+    loss = agg(pg_loss) - optim.ent_coef * agg(out.entropy)
     stats = {"policy_loss": masked_sum(pg_loss, mask), "entropy": masked_sum(out.entropy, mask),
              "approx_kl": masked_sum(approx_kl(out.logprobs, micro.old_logprobs), mask)}
     if use_critic:
         vf_loss = 0.5 * (out.values - micro.returns) ** 2
-        loss = loss + ppo.vf_coef * agg(vf_loss)
+        loss = loss + optim.vf_coef * agg(vf_loss)
         stats["value_loss"] = masked_sum(vf_loss, mask)
-    return loss, stats
+    return add_kl_loss(loss, stats, out, micro, params.kl, agg), stats
 
 
 def train_reinforce(model, experience, params, *, temperature: float, pad_id: int, device, seed: int, log=print,
@@ -42,4 +43,4 @@ def train_reinforce(model, experience, params, *, temperature: float, pad_id: in
     return minibatch_updates(
         model, experience, params, epochs=1, temperature=temperature, pad_id=pad_id, device=device, seed=seed,
         log=log, name=name,
-        loss_fn=lambda out, micro, totals: reinforce_loss(out, micro, totals, params.ppo, use_critic=use_critic))
+        loss_fn=lambda out, micro, totals: reinforce_loss(out, micro, totals, params, use_critic=use_critic))

@@ -6,7 +6,7 @@ One round of updates, every step visible:
        norm + LM head); the critic is fitted separately afterwards.
     for step in 1..trpo.steps:                       (each step on the full round's data)
         θ_old ← θ
-        for each micro-batch of ppo.micro_batch_size:
+        for each micro-batch of optim.micro_batch_size:
             forward at θ_old: logits (÷ temperature), log π_θ_old, entropy
             L(θ)  = (1/N) Σ_tokens ρ_t A_t,   ρ_t = exp(log π_θ(a_t|s_t) − log π_rollout(a_t|s_t))
             g    += ∇_θ L_micro(θ_old)                                   (accumulated over micro-batches)
@@ -20,7 +20,7 @@ One round of updates, every step visible:
               none accepted: θ ← θ_old exactly, no update
         npg:  θ = θ_old + Δ, no line search
     critic: trpo.critic_epochs passes of Adam (trpo.critic_lr) over shuffled minibatches of
-            ppo.minibatch_size responses, micro-batched, on L_V = (1/N_mb) Σ_tokens ½ (V(s_t) − R_t)².
+            optim.minibatch_size responses, micro-batched, on L_V = (1/N_mb) Σ_tokens ½ (V(s_t) − R_t)².
             With a value head on the policy's backbone the backbone runs without gradients, so
             only the value head changes.
 
@@ -122,7 +122,7 @@ def _train_round(model, experience: Experience, params, *, temperature, pad_id, 
     trpo = params.trpo
     algorithm = params.algorithm.name
     delta = trpo.max_kl
-    micro = params.ppo.micro_batch_size
+    micro = params.optim.micro_batch_size
 
     theta = policy_parameters(model, trpo.trainable_last_n_blocks)
     for p in theta:
@@ -248,7 +248,7 @@ def _train_round(model, experience: Experience, params, *, temperature, pad_id, 
     for epoch in range(trpo.critic_epochs):
         order = generator.permutation(len(experience)).tolist()
         epoch_loss = []
-        for minibatch in split(order, params.ppo.minibatch_size):
+        for minibatch in split(order, params.optim.minibatch_size):
             minibatch_tokens = float(experience.tokens(minibatch))
             if minibatch_tokens == 0:
                 continue

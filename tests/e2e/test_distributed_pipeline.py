@@ -21,7 +21,7 @@ TWO_PROCESSES = {
     "compute": {"num_processes": 2},
     "sft": {"epochs": 1, "num_builtin_demonstrations": 400},
     "rollout": {"prompts_per_round": 8, "batch_size": 8, "forward_batch_size": 8},
-    "ppo": {"minibatch_size": 8, "micro_batch_size": 4},
+    "optim": {"minibatch_size": 8, "micro_batch_size": 4},
     "evaluate": {"num_prompts": 8},
     "rounds": {"r1": {"from": "sft"}},
 }

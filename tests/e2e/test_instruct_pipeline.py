@@ -26,7 +26,7 @@ def test_instruct_model_pipeline(tmp_path):
         "sft": {"model": str(model_dir), "epochs": 1, "num_builtin_demonstrations": 200, "lr": 3e-3,
                 "batch_size": 16, "micro_batch_size": 8},
         "rollout": {"prompts_per_round": 8, "samples_per_prompt": 2, "max_new_tokens": 8},
-        "ppo": {"minibatch_size": 8, "micro_batch_size": 4},
+        "optim": {"minibatch_size": 8, "micro_batch_size": 4},
         "evaluate": {"num_prompts": 4, "max_new_tokens": 8, "num_perplexity_texts": 8},
     })
     output = dvc(["repro"], workdir)

@@ -29,7 +29,7 @@ REDUCED = {
     "sft": {"tiny": {"vocab_size": 400, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128},
             "num_builtin_demonstrations": 1200, "epochs": 2, "lr": 1e-2, "batch_size": 32, "max_length": 48},
     "rollout": {"prompts_per_round": 16, "samples_per_prompt": 2, "max_new_tokens": 12},
-    "ppo": {"epochs": 1, "minibatch_size": 16, "micro_batch_size": 8},
+    "optim": {"epochs": 1, "minibatch_size": 16, "micro_batch_size": 8},
     "evaluate": {"num_prompts": 16, "samples_per_prompt": 1, "max_new_tokens": 12, "num_perplexity_texts": 40},
     "rounds": {"r1": {"from": "sft"}, "r2": {"from": "r1"}},
 }
@@ -100,7 +100,7 @@ def pipeline(tmp_path_factory):
     outputs["lock_forced"] = yaml.safe_load((workdir / "dvc.lock").read_text())
     outputs["clip"] = dvc(["exp", "run", "-S", "ppo.clip_range=0.1"], workdir)
     outputs["lam"] = dvc(["exp", "run", "-S", "advantages.lam=0.9"], workdir)
-    outputs["grpo"] = dvc(["exp", "run", "-S", "algorithm.name=grpo"], workdir)
+    outputs["grpo"] = dvc(["exp", "run", "-S", "algorithm.name=grpo", "-S", "kl.reward_coef=0"], workdir)
     # --temp runs in <root>/.dvc/tmp/exps/<tmp>; its MLflow run must still land in <root>/mlflow.db.
     outputs["temp"] = dvc(["exp", "run", "--temp", "-S", "evaluate.seed=7"], workdir)
     return workdir, outputs

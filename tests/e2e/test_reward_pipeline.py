@@ -27,7 +27,7 @@ REWARD_MODEL_ONLY = {
         {"name": "sentiment", "kind": "vader", "weight": 0.0},
     ]},
     "rollout": {"prompts_per_round": 32, "samples_per_prompt": 2, "max_new_tokens": 12},
-    "ppo": {"epochs": 4, "minibatch_size": 16, "micro_batch_size": 8, "lr": 5e-4},
+    "optim": {"epochs": 4, "minibatch_size": 16, "micro_batch_size": 8, "lr": 5e-4},
     "evaluate": {"num_prompts": 32, "samples_per_prompt": 2, "max_new_tokens": 12, "num_perplexity_texts": 40},
 }
 
