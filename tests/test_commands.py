@@ -204,3 +204,24 @@ def test_plot_keeps_a_long_legend_inside_the_image(tmp_path):
     for path in paths:
         right_margin = matplotlib.image.imread(path)[:, -4:, :3]
         assert (right_margin > 0.99).all(), path.name  # the label ends before the edge: a white margin there
+
+
+def test_exps_runs_dvc_exp_show_without_the_dependency_columns_and_passes_its_exit_code(tmp_path, monkeypatch):
+    """Plain `dvc exp show` is ~2,800 characters wide: a column per dependency hash besides params and metrics."""
+    from rlhf_core.commands import exps
+
+    (tmp_path / ".dvc").mkdir()
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    monkeypatch.setattr(exps.subprocess, "call", lambda command, cwd: calls.append((command, cwd)) or 3)
+    assert main(["exps", "--csv", "--sort-by", "reward"]) == 3
+    command, cwd = calls[0]
+    assert command[-8:] == ["exp", "show", "--only-changed", "--drop", exps.EXP_SHOW_DROP, "--csv", "--sort-by", "reward"]
+    assert cwd == tmp_path
+    import re
+
+    dropped = re.compile(exps.EXP_SHOW_DROP)
+    for column in ("rlhf_core/config.py", "stages", "models/sft", "scores/reward_inputs.json", "configs/accelerate"):
+        assert dropped.match(column), column
+    for column in ("reward", "ppo.clip_range", "optim.lr", "kl.reward_coef", "algorithm.name"):
+        assert not dropped.match(column), column

@@ -5,6 +5,7 @@
     rlhf samples ROUND [--worst N | --best N | --random N]
                                   prompts, responses and every reward component of a round's rollouts
     rlhf plot [RUN ...]           PNGs of reward and KL by round and the reward-vs-KL frontier, logged to the runs
+    rlhf exps [DVC ARGS ...]      `dvc exp show` with the params that differ and the summary metrics only
 
 Every problem a person can fix (no params.yaml, no MLflow store, an unknown run or round) ends the
 command with one line on stderr and exit code 2.  Only argparse is imported here; each subcommand
@@ -72,12 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_selection(plot)
     plot.add_argument("--out", default=None, help="folder for the PNGs (default: plots/png at the repository root)")
     plot.add_argument("--no-log", action="store_true", help="only write the PNGs; log nothing to MLflow")
+
+    commands.add_parser(
+        "exps", help="dvc exp show as a readable table: the params that differ and the summary metrics",
+        description="Run `dvc exp show --only-changed` at the repository root without the dependency-hash columns "
+                    "(one per file any stage depends on). Other arguments go to dvc exp show, e.g. --csv, -A, "
+                    "--sort-by reward.")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "exps":  # only exps passes unknown arguments on (to dvc exp show)
+        parser.parse_args(argv)  # argparse's own message and exit code 2
+    args.dvc_args = extra
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
@@ -88,13 +98,15 @@ def main(argv: list[str] | None = None) -> int:
             from rlhf_core.commands.compare import run
         elif args.command == "samples":
             from rlhf_core.commands.samples import run
+        elif args.command == "exps":
+            from rlhf_core.commands.exps import run
         else:
             from rlhf_core.commands.plot import run
-        run(args)
+        code = run(args)
     except RLHFError as exc:
         print(f"error: rlhf {args.command}: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `rlhf samples r1 | head`
         sys.stderr.close()
         return 0
-    return 0
+    return code or 0
