@@ -23,6 +23,10 @@ import yaml
 from conftest import REPO
 from rlhf_core.config import load_params
 
+# Several gloo processes (accelerate launch, or two 'machines' on localhost): seconds each, so they run with
+# the end-to-end tests (`-m e2e`), not in the fast default run.
+MULTI_PROCESS = pytest.mark.e2e
+
 
 def _reduced_params(tiny_checkpoint) -> dict:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -82,6 +86,7 @@ def _launch(cwd: Path, *stage: str) -> subprocess.CompletedProcess:
     return result
 
 
+@MULTI_PROCESS
 def test_two_process_rollout_writes_the_same_bytes(workspace, tmp_path):
     two = _copy_with(workspace, tmp_path / "two", 2, drop=("rollouts/r2",))
     result = _launch(two, "stages.rollout", "--round", "r2")
@@ -121,6 +126,7 @@ def _same_update_as_one_process(workspace: Path, other: Path) -> list[dict]:
     return metrics
 
 
+@MULTI_PROCESS
 def test_two_process_optimize_matches_one_process(workspace, tmp_path):
     two = _copy_with(workspace, tmp_path / "two", 2, drop=("models/r1",))
     _launch(two, "stages.optimize", "--round", "r1")
@@ -128,6 +134,7 @@ def test_two_process_optimize_matches_one_process(workspace, tmp_path):
     assert metrics[1]["policy_loss"] == pytest.approx(metrics[0]["policy_loss"], rel=1e-4, abs=1e-6)
 
 
+@MULTI_PROCESS
 def test_two_process_fsdp_optimize_matches_one_process_with_half_the_parameters_each(workspace, tmp_path):
     """compute.strategy: fsdp shards the model with FSDP2 (gloo on CPU): the optimizer is built over the shards,
     clipping takes the global norm over DTensors, and rank 0 saves the gathered full state dict.  The update
@@ -280,6 +287,7 @@ def test_bf16_weights_with_gradient_checkpointing_train_a_round(bf16_workspace):
     assert AutoModelForCausalLM.from_pretrained(bf16_workspace / "models/r1").dtype == torch.bfloat16
 
 
+@MULTI_PROCESS
 def test_two_process_fsdp_with_bf16_weights_and_gradient_checkpointing(bf16_workspace, tmp_path):
     """FSDP2 over bf16 blocks with a float32 value head (a unit of its own) and checkpointed blocks: it trains
     the same update as one process, up to bf16 rounding."""
@@ -307,6 +315,7 @@ def test_two_process_fsdp_with_bf16_weights_and_gradient_checkpointing(bf16_work
     assert metrics[1]["parameter_bytes_per_process"] < 0.55 * metrics[0]["parameter_bytes_per_process"]
 
 
+@MULTI_PROCESS
 def test_two_machines_on_localhost_run_rollout_and_optimize(workspace, tmp_path):
     """compute.num_machines: 2 with one process each: machine 0 is the launcher `dvc repro` runs, machine 1 a
     follower (`python -m rlhf_core.launch --follow`) in the same directory (the shared filesystem).  They
@@ -400,6 +409,7 @@ def test_more_processes_than_gpus_stop_with_one_line(monkeypatch):
         check_compute(ComputeParams(num_processes=4), "cuda")
 
 
+@MULTI_PROCESS
 def test_two_process_fsdp_with_lora_matches_one_process_lora(workspace, tmp_path):
     """LoRA under FSDP2: frozen base weights and trainable adapters share the block units; the optimizer and
     the clipping see only the adapters (the list is taken after sharding), and the saved adapters are the

@@ -76,6 +76,7 @@ def _rank(rank: int, world_size: int, init_file: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.e2e  # two gloo processes: with the end-to-end tests, not in the fast default run
 def test_fsdp2_untied_head_is_its_own_unit_and_the_update_is_the_one_process_update(tmp_path):
     import torch.multiprocessing as mp
 
