@@ -279,6 +279,10 @@ class OptimParams(Section):
         "token_mean", "how token losses become a scalar: mean over all tokens, mean over sequences of per-sequence token means, or of token sums")
     ent_coef: Float = param(0.0, "weight of the entropy bonus", ge=0.0)
     vf_coef: Float = param(0.1, "weight of the value loss, when a critic is trained (ppo, a2c)", ge=0.0)
+    carry_state: StrictBool = param(
+        False, "keep AdamW's moments and step counts from round to round, as one optimizer over the whole run "
+        "(saved beside each round's checkpoint as optimizer.safetensors and restored bit for bit; lr, schedule and "
+        "weight decay stay this round's); false: a fresh AdamW each round; not trpo/npg")
 
 
 class PPOParams(Section):
@@ -412,6 +416,9 @@ class Params(Section):
         if self.algorithm.name in ("trpo", "npg") and kl.loss_coef != 0.0:
             raise ConfigError(f"kl.loss_coef = {kl.loss_coef}: algorithm.name = {self.algorithm.name!r} has no KL loss "
                               "term (its step is bounded by trpo.max_kl); set kl.loss_coef: 0 and use kl.reward_coef")
+        if self.optim.carry_state and self.algorithm.name in ("trpo", "npg"):
+            raise ConfigError(f"optim.carry_state: algorithm.name = {self.algorithm.name!r} takes no AdamW step on the "
+                              "policy (its step is the trust-region one); set optim.carry_state: false")
         if kl.adaptive and kl.reward_coef == 0.0:
             raise ConfigError("kl.adaptive: adapts kl.reward_coef, which is 0 (a multiplicative controller never leaves "
                               "0); set kl.reward_coef > 0 or kl.adaptive: false")

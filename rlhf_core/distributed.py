@@ -168,6 +168,35 @@ class Runtime:
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
+    def optimizer_state(self, model, optimizer) -> dict:
+        """The optimizer's whole per-parameter state, keyed by parameter name (fsdp: gathered from the shards;
+        on CPU, on rank 0; other ranks get an empty dict).  Every rank must call it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch optimizer
+        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True)).get("state", {})
+
+    def load_optimizer_state(self, model, optimizer, state: dict) -> None:
+        """Give ``optimizer`` the per-parameter ``state`` (from ``optimizer_state``: every rank passes the whole
+        of it; fsdp shards it), keeping its own param groups (this round's lr, schedule and weight decay).
+        Raises ConfigError when the state names parameters the model does not train."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                             set_optimizer_state_dict)
+
+        from rlhf_core.errors import ConfigError
+
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        options = StateDictOptions(full_state_dict=True)
+        groups = get_optimizer_state_dict(model, optimizer, options=options)["param_groups"]
+        names = {name for group in groups for name in group["params"]}
+        unknown = sorted(set(state) - names)  # a parameter that never had a gradient (grpo's value head) has none
+        if unknown:
+            raise ConfigError(f"the carried optimizer state is for other parameters ({', '.join(unknown[:3])}, ...): "
+                              "the checkpoint was trained with other lora/critic settings")
+        set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups},
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
+
     def close(self) -> None:
         """Wait for every rank, then leave the process group (the plain runtime does nothing)."""
         global _CURRENT

@@ -19,3 +19,34 @@ def make_optimizer(parameters, lr: float, eps: float, weight_decay: float, sched
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps,
                               num_training_steps=max(1, total_steps))
     return optimizer, scheduler
+
+
+OPTIMIZER_STATE_FILE = "optimizer.safetensors"  # beside a round's checkpoint when optim.carry_state is on
+
+
+def save_optimizer_state(directory, state: dict) -> None:
+    """Write an optimizer's per-parameter state ``{parameter name: {"step"|"exp_avg"|"exp_avg_sq": tensor}}`` to
+    ``directory``/optimizer.safetensors (safetensors: no pickle), one tensor per ``<parameter name>::<name>``."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    tensors = {f"{parameter}::{name}": value.detach().cpu().contiguous()
+               for parameter, values in state.items() for name, value in values.items()}
+    save_file(tensors, str(Path(directory) / OPTIMIZER_STATE_FILE), metadata={"format": "rlhf-optimizer-state"})
+
+
+def load_optimizer_state(directory) -> dict | None:
+    """The per-parameter optimizer state saved in ``directory``, or None when it holds none."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    path = Path(directory) / OPTIMIZER_STATE_FILE
+    if not path.is_file():
+        return None
+    state: dict[str, dict] = {}
+    for key, value in load_file(str(path)).items():
+        parameter, _, name = key.rpartition("::")
+        state.setdefault(parameter, {})[name] = value
+    return state

@@ -26,6 +26,7 @@ def _train_and_save(params, round_key, start_from, train, seed, runtime):
     from rlhf_core.algorithms.common import Experience
     from rlhf_core.models import (checkpoint_dir, enable_gradient_checkpointing, load_actor_critic, load_tokenizer,
                                   save_checkpoint)
+    from rlhf_core.optim import load_optimizer_state, save_optimizer_state
 
     device = runtime.device
 
@@ -43,10 +44,17 @@ def _train_and_save(params, round_key, start_from, train, seed, runtime):
                               params.trust_remote_code, lora=params.lora, param_dtype=params.compute.param_dtype)
     if params.compute.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    # optim.carry_state: AdamW continues from the state saved beside the start checkpoint (none beside sft)
+    carry = {"state": load_optimizer_state(checkpoint_dir(start_from))} if params.optim.carry_state else None
+    if carry is not None and carry["state"] is None and start_from != "sft":
+        log(f"optimize@{round_key}: models/{start_from} holds no optimizer state (trained with optim.carry_state off): "
+            "a fresh AdamW")
     ready()
     metrics = train(model, experience, params, temperature=params.rollout.temperature,
                     pad_id=tokenizer.pad_token_id, device=device, seed=seed,
-                    log=log if runtime.is_main else (lambda *_: None))
+                    log=log if runtime.is_main else (lambda *_: None), **({} if carry is None else {"carry": carry}))
+    if carry is not None:
+        metrics["optimizer_state_carried"] = carry.get("carried_in", False)
     full_state = runtime.full_state_dict(model)  # fsdp: gathered from the shards (every rank joins)
     if not runtime.is_main:  # rank 0 alone writes the checkpoint and the metrics
         return
@@ -58,6 +66,8 @@ def _train_and_save(params, round_key, start_from, train, seed, runtime):
     with atomic_dir(checkpoint_dir(round_key)) as out:
         save_checkpoint(out, model, tokenizer, {**state, "round": round_key, "algorithm": params.algorithm.name},
                         state_dict=full_state)
+        if carry is not None:
+            save_optimizer_state(out, carry["state"])
     write_json(f"metrics/{round_key}/optimize.json", metrics)
 
 

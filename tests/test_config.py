@@ -405,6 +405,8 @@ def test_a_value_an_algorithm_would_silently_drop_is_an_error_naming_both_keys()
     with pytest.raises(ConfigError, match=r"^kl.adaptive: adapts kl.reward_coef, which is 0"):
         params_from_dict({"kl": {"adaptive": True, "reward_coef": 0}})
     assert params_from_dict({"kl": {"loss_coef": 0.1}}).kl.loss_coef == 0.1  # ppo uses both
+    with pytest.raises(ConfigError, match=r"^optim.carry_state: algorithm.name = 'npg' takes no AdamW step"):
+        params_from_dict({"algorithm": {"name": "npg"}, "optim": {"carry_state": True}})
 
 
 @pytest.mark.parametrize("old, new", sorted(MOVED.items()))

@@ -161,3 +161,62 @@ def test_kl_loss_coef_adds_the_kl_to_reference_term_in_every_first_order_loss(lo
     assert stats["kl_ref"].item() == pytest.approx(-0.5)
     value, stats = function(out, micro, totals, training(), use_critic=False)
     assert value.item() == pytest.approx(0.0) and "kl_ref" not in stats
+
+
+def test_carried_optimizer_state_makes_two_rounds_one_optimizer(tiny_checkpoint, tmp_path):
+    """optim.carry_state: round 2 restored from the files beside round 1's checkpoint takes, bit for bit, the steps
+    of the same AdamW continuing in memory; a fresh AdamW in round 2 (the default) takes other steps."""
+    from rlhf_core.models import save_checkpoint
+    from rlhf_core.optim import OPTIMIZER_STATE_FILE, load_optimizer_state, save_optimizer_state
+
+    params = training(epochs=1, minibatch_size=16, micro_batch_size=8, lr=1e-3, lr_schedule="constant",
+                      target_kl=None, carry_state=True)
+    tokenizer = load_tokenizer(str(tiny_checkpoint))
+    seed_everything(0)
+    probe = load_actor_critic(str(tiny_checkpoint), "value_head", CPU)
+    rounds = [collect(probe, tokenizer, lambda s: float(s.response_ids[0] % 3), seed=seed, samples_per_prompt=4)[0]
+              for seed in (1, 2)]
+
+    def run_round(model, experience, seed, carry):
+        kwargs = {} if carry is None else {"carry": carry}
+        train_ppo(model, experience, params, temperature=1.0, pad_id=tokenizer.pad_token_id, device=CPU, seed=seed,
+                  log=lambda *_: None, **kwargs)
+
+    def weights(model):
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    in_memory = load_actor_critic(str(tiny_checkpoint), "value_head", CPU)
+    carry = {}
+    run_round(in_memory, rounds[0], 0, carry)
+    assert carry["carried_in"] is False  # round 1 starts from sft: nothing to carry
+    run_round(in_memory, rounds[1], 1, carry)
+    assert carry["carried_in"] is True
+    assert {float(values["step"]) for values in carry["state"].values()} == {4.0}  # 2 steps in each round
+
+    through_files = load_actor_critic(str(tiny_checkpoint), "value_head", CPU)
+    first = {}
+    run_round(through_files, rounds[0], 0, first)
+    save_checkpoint(tmp_path, through_files, tokenizer, {})
+    save_optimizer_state(tmp_path, first["state"])
+    assert (tmp_path / OPTIMIZER_STATE_FILE).read_bytes()[:8]  # a safetensors file, not a pickle
+    restored = load_actor_critic(str(tmp_path), "value_head", CPU)
+    second = {"state": load_optimizer_state(tmp_path)}
+    assert all(torch.equal(second["state"][name][key], first["state"][name][key])
+               for name in first["state"] for key in first["state"][name])
+    run_round(restored, rounds[1], 1, second)
+    assert torch.equal(weights(restored), weights(in_memory))
+
+    fresh = load_actor_critic(str(tmp_path), "value_head", CPU)
+    run_round(fresh, rounds[1], 1, None)
+    assert not torch.equal(weights(fresh), weights(in_memory))
+
+
+def test_carried_state_for_other_parameters_is_refused_in_one_line(tiny_checkpoint):
+    """A value-head-only state cannot silently seed a policy that trains other parameters."""
+    from rlhf_core.distributed import Runtime
+
+    model = load_actor_critic(str(tiny_checkpoint), "value_head", CPU)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    state = {"value_head.weight": {"step": torch.tensor(1.0)}}
+    with pytest.raises(ConfigError, match=r"the carried optimizer state is for other parameters \(value_head.weight, "):
+        Runtime(device=CPU).load_optimizer_state(model, optimizer, state)

@@ -150,6 +150,8 @@ def test_every_algorithm_runs_the_round_stages(tmp_path, tiny_checkpoint, monkey
     raw["algorithm"]["name"] = algorithm
     if algorithm == "grpo":  # no KL in grpo's reward; the paper's KL loss term instead
         raw["kl"].update(reward_coef=0.0, loss_coef=0.04)
+    carry = algorithm not in ("trpo", "npg")  # AdamW's state from round to round (optim.carry_state)
+    raw["optim"]["carry_state"] = carry
     raw["rounds"] = {"r1": {"from": "sft"}, "r2": {"from": "r1"}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)
@@ -169,6 +171,12 @@ def test_every_algorithm_runs_the_round_stages(tmp_path, tiny_checkpoint, monkey
     if algorithm in ("ppo", "grpo"):
         assert optimize_metrics["first_minibatch_ratio_max_deviation"] < 1e-5
     assert ("kl_ref" in optimize_metrics) == (algorithm == "grpo")  # grpo's KL loss term, from kl.loss_coef
+    if carry:
+        assert (tmp_path / "models/r1/optimizer.safetensors").is_file()
+        second = json.loads((tmp_path / "metrics/r2/optimize.json").read_text())
+        assert optimize_metrics["optimizer_state_carried"] is False and second["optimizer_state_carried"] is True
+    else:
+        assert not (tmp_path / "models/r1/optimizer.safetensors").exists()
     assert set(json.loads((tmp_path / "metrics/eval.json").read_text())) == {"sft", "r1", "r2"}
 
 

@@ -149,7 +149,7 @@ PROGRESS_STATS = ("policy_loss", "approx_kl", "clip_fraction")  # shown live nex
 
 
 def minibatch_updates(model, experience: Experience, params, *, epochs: int, loss_fn, temperature: float, pad_id: int,
-                      device, seed: int, log=print, stop_fn=None, name: str = "update") -> dict:
+                      device, seed: int, log=print, stop_fn=None, name: str = "update", carry: dict | None = None) -> dict:
     """The gradient-step loop shared by the first-order optimizers (ppo, grpo, reinforce, a2c, rloo):
 
         for epoch in 1..epochs:
@@ -167,6 +167,10 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
     stats named ``max_*`` are maxima and are combined by max instead.
     Returns the mean of every stat over the optimizer steps, plus grad_norm, learning_rate,
     optimizer_steps, planned_steps, early_stopped and the first minibatch's stats (``first_*``).
+
+    ``carry`` (optim.carry_state): a dict whose ``"state"``, when set, is AdamW's per-parameter state from the
+    last round (moments and step counts, by parameter name), loaded before the first step; on return it holds
+    this round's final state.  The param groups (lr, schedule, weight decay) are always this round's.
 
     Under several processes (``rlhf_core.distributed.current()``), rank k runs micro-batches k, k+W, …
     of each minibatch (a rank with fewer runs a zero-weight one, so all ranks sync once per step), the
@@ -186,6 +190,10 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
     forward_model, optimizer, scheduler, trainable = runtime.prepare(model, lambda trainable: make_optimizer(
         trainable, optim.lr, optim.adam_eps, optim.weight_decay, optim.lr_schedule, optim.warmup_steps, total_steps,
         scaled=lora_parameter_ids(model) if params.lora.enabled else frozenset(), lr_scale=params.lora.lr_scale))
+    if carry is not None:  # AdamW's moments and steps from the last round, when there is one
+        carry["carried_in"] = carry.get("state") is not None
+        if carry["carried_in"]:
+            runtime.load_optimizer_state(model, optimizer, carry["state"])
     parameter_bytes = local_parameter_bytes(model)
     generator = np.random.default_rng(seed)
     history: dict[str, list[float]] = {}
@@ -250,6 +258,8 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
             break
     progress.close()
     optimizer.zero_grad(set_to_none=True)
+    if carry is not None:  # for the next round (optim.carry_state); every rank joins the gather
+        carry["state"] = runtime.optimizer_state(model, optimizer)
     metrics = {key: float(np.mean(values)) for key, values in history.items()}
     metrics.update(optimizer_steps=steps, planned_steps=total_steps, early_stopped=early_stopped,
                    parameter_bytes_per_process=parameter_bytes)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from rlhf_core.algorithms.ppo import train_ppo
 
 
-def train_grpo(model, experience, params, *, temperature: float, pad_id: int, device, seed: int, log=print) -> dict:
+def train_grpo(model, experience, params, *, temperature: float, pad_id: int, device, seed: int, log=print,
+               carry: dict | None = None) -> dict:
     return train_ppo(model, experience, params, temperature=temperature, pad_id=pad_id, device=device, seed=seed,
-                     log=log, use_critic=False, name="grpo")
+                     log=log, use_critic=False, name="grpo", carry=carry)

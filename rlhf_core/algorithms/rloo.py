@@ -12,9 +12,10 @@ from rlhf_core.algorithms.ppo import train_ppo
 from rlhf_core.algorithms.reinforce import train_reinforce
 
 
-def train_rloo(model, experience, params, *, temperature: float, pad_id: int, device, seed: int, log=print) -> dict:
+def train_rloo(model, experience, params, *, temperature: float, pad_id: int, device, seed: int, log=print,
+               carry: dict | None = None) -> dict:
     if params.rloo.objective == "clipped":
         return train_ppo(model, experience, params, temperature=temperature, pad_id=pad_id, device=device,
-                         seed=seed, log=log, use_critic=False, name="rloo")
+                         seed=seed, log=log, use_critic=False, name="rloo", carry=carry)
     return train_reinforce(model, experience, params, temperature=temperature, pad_id=pad_id, device=device,
-                           seed=seed, log=log, use_critic=False, name="rloo")
+                           seed=seed, log=log, use_critic=False, name="rloo", carry=carry)

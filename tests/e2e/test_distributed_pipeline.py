@@ -66,3 +66,21 @@ def test_fsdp_bf16_checkpointed_two_process_pipeline_trains(tmp_path):
         assert {weights.get_tensor(key).dtype for key in weights.keys()} == {torch.bfloat16}
     evaluation = json.loads((workdir / "metrics/eval.json").read_text())
     assert set(evaluation) == {"sft", "r1"}
+
+
+def test_two_process_ddp_pipeline_carries_the_optimizer_state(tmp_path):
+    """optim.carry_state under DDP (accelerate's wrapped optimizer): round 1 writes AdamW's state beside its
+    checkpoint, round 2 starts from it, and the state's step count is both rounds' steps."""
+    import json
+
+    from rlhf_core.optim import load_optimizer_state
+
+    changes = {**TWO_PROCESSES, "optim": {**TWO_PROCESSES["optim"], "carry_state": True},
+               "rounds": {"r1": {"from": "sft"}, "r2": {"from": "r1"}}}
+    workdir = make_reduced_repo(tmp_path / "carry", changes)
+    output = dvc(["repro"], workdir)
+    assert {"optimize@r1", "optimize@r2"} <= ran_stages(output)
+    first, second = (json.loads((workdir / f"metrics/{key}/optimize.json").read_text()) for key in ("r1", "r2"))
+    assert first["optimizer_state_carried"] is False and second["optimizer_state_carried"] is True
+    steps = {float(values["step"]) for values in load_optimizer_state(workdir / "models/r2").values()}
+    assert steps == {float(first["optimizer_steps"] + second["optimizer_steps"])}
