@@ -29,13 +29,18 @@ def ready() -> None:
         _CURRENT["ready_at"] = time.time()
 
 
-def timing_summary(elapsed: float) -> str:
+def timing_summary(elapsed: float, measures: dict | None = None) -> str:
     """`done in 2.1s` plus, for a stage that is its process's program, `(start-up 0.41s + work 1.65s)`:
-    start-up from the process start (the launcher's, under warm start) to ``ready()``, work from there."""
+    start-up from the process start (the launcher's, under warm start) to ``ready()``, work from there; then
+    the stage's ``measures`` (tokens/s, peak memory), e.g. `; generation 1520 tokens/s; peak RSS 612 MB`."""
     started, ready_at = _CURRENT["process_started"], _CURRENT["ready_at"]
-    if started is None or ready_at is None:
-        return f"done in {elapsed:.1f}s"
-    return f"done in {elapsed:.1f}s (start-up {ready_at - started:.2f}s + work {time.time() - ready_at:.2f}s)"
+    text = f"done in {elapsed:.1f}s"
+    if started is not None and ready_at is not None:
+        text += f" (start-up {ready_at - started:.2f}s + work {time.time() - ready_at:.2f}s)"
+    for name, value in (measures or {}).items():  # generation_tokens_per_s → `generation 1520 tokens/s`
+        what, _, unit = name.removesuffix("_per_s").rpartition("_")
+        text += f"; peak RSS {value:.0f} MB" if name == "peak_rss_mb" else f"; {what.replace('_', ' ')} {value:.0f} {unit}/s"
+    return text
 
 
 def disk_full(exc: BaseException) -> bool:
@@ -64,18 +69,21 @@ def run_stage(main, *, name: str, needs_round: bool = False, argv: list[str] | N
     where = f"{name}@{tag}" if tag else name
     # Start-up is measured for a stage that is its process's program (argv from the command line), not for
     # one called in process (tests, notebooks), whose process started long before the stage.
-    from rlhf_core.stage_times import process_started
+    from rlhf_core import stage_times
 
-    _CURRENT.update(ready_at=None, process_started=process_started() if argv is None else None)
+    _CURRENT.update(ready_at=None, process_started=stage_times.process_started() if argv is None else None)
+    stage_times.reset_work()
     started = time.perf_counter()
     try:
         params = load_params(args.params)
         if needs_round:
             params.round_index(args.round)  # validates the key
         main(params, args)
-        from rlhf_core.stage_times import record
-
-        record(where, time.perf_counter() - started)  # under DVC only: the run's wall time (track logs it)
+        measures = stage_times.work_rates()
+        if argv is None and stage_times.peak_rss_mb() is not None:  # the stage is its process's program
+            measures["peak_rss_mb"] = stage_times.peak_rss_mb()
+        # under DVC only: the run's wall time and measures (track logs them)
+        stage_times.record(where, time.perf_counter() - started, measures=measures)
     except (RLHFError, FloatingPointError) as exc:  # FloatingPointError: a NaN/inf guard tripped
         print(f"error: {where}: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -85,4 +93,4 @@ def run_stage(main, *, name: str, needs_round: bool = False, argv: list[str] | N
         print(f"error: {where}: no space left on the device while writing its outputs ({exc.__class__.__name__}); "
               "nothing was replaced: free space (the DVC cache: dvc gc) and run it again", file=sys.stderr)
         sys.exit(2)
-    log(f"{where}: {timing_summary(time.perf_counter() - started)}")
+    log(f"{where}: {timing_summary(time.perf_counter() - started, measures)}")

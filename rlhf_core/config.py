@@ -116,7 +116,7 @@ class PrepareParams(Section):
     num_builtin_prompts: StrictInt = param(1200, "how many prompts the built-in generator draws before deduplication", ge=2)
     max_prompt_chars: StrictInt = param(200, "prompts longer than this many characters are dropped or truncated", ge=1)
     too_long: Literal["drop", "truncate"] = param("drop", "what to do with a prompt longer than max_prompt_chars")
-    eval_fraction: Float = param(0.1, "fraction of the deduplicated prompts held out for evaluation", gt=0.0, lt=1.0)
+    eval_fraction: Float = param(0.1, "fraction of the deduplicated prompts held out for evaluation; 0 trains on every prompt, and evaluate then reads the first evaluate.num_prompts training prompts (and says so)", ge=0.0, lt=1.0)
 
 
 class ChatParams(Section):

@@ -81,7 +81,8 @@ def prepare_prompts(records: list[dict], *, max_chars: int, too_long: str, eval_
 
     order = list(range(len(kept)))
     random.Random(seed).shuffle(order)
-    n_eval = min(max(1, round(eval_fraction * len(kept))), len(kept) - 1)
+    # eval_fraction 0: train on every prompt (no held-out set); otherwise at least one prompt on each side
+    n_eval = 0 if eval_fraction == 0 else min(max(1, round(eval_fraction * len(kept))), len(kept) - 1)
     eval_rows = [kept[i] for i in order[:n_eval]]
     train_rows = [kept[i] for i in order[n_eval:]]
     stats = {
@@ -89,7 +90,8 @@ def prepare_prompts(records: list[dict], *, max_chars: int, too_long: str, eval_
         "too_long": too_long_count, "too_long_action": too_long,
         "train_prompts": len(train_rows), "eval_prompts": len(eval_rows),
     }
-    return PromptSets(pd.DataFrame(train_rows), pd.DataFrame(eval_rows), stats)
+    train = pd.DataFrame(train_rows)
+    return PromptSets(train, pd.DataFrame(eval_rows, columns=train.columns), stats)
 
 
 def read_prompt_records(params) -> list[dict]:

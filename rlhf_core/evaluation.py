@@ -51,17 +51,23 @@ def evaluate_checkpoint(policy, reference, tokenizer, prompts: list[str], heldou
 
     ``reward`` is Σ weight · clip(raw component) − EOS penalty: the raw components, not normalised
     (a running normaliser's state belongs to training, and whitening a fixed eval set says nothing).
+    ``heldout_encoded`` None: no perplexity (see ``sft.foreign_demonstrations``).
     """
+    import time
+
     from rlhf_core.chat import encode_prompts
     from rlhf_core.rewards import score_responses
     from rlhf_core.sft import perplexity
+    from rlhf_core.stage_times import add_work
 
     ev = params.evaluate
     prompt_ids = encode_prompts(tokenizer, prompts, chat=params.chat, messages=messages)
     check_context(prompt_ids, ev.max_new_tokens, context_length(policy.config), "eval prompts")
+    started = time.perf_counter()
     samples = generate_samples(policy, tokenizer, prompt_ids, samples_per_prompt=ev.samples_per_prompt,
                                temperature=ev.temperature, top_p=1.0, top_k=0, max_new_tokens=ev.max_new_tokens,
                                batch_size=ev.batch_size, seed=ev.seed, device=device, stop_ids=stop_ids)
+    add_work("generation_tokens", sum(len(s.response_ids) for s in samples), time.perf_counter() - started)
     responses = [tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
     ended = [s.ended_with_eos for s in samples]
     metadata = [{"answer": answers[s.prompt_index]} if answers else {} for s in samples]
@@ -76,7 +82,7 @@ def evaluate_checkpoint(policy, reference, tokenizer, prompts: list[str], heldou
         "reward": sum(components["total"]) / len(samples),
         **{f"reward_{name}": sum(values) / len(samples) for name, values in components.items() if name != "total"},
         "kl": sum(kls) / len(kls),
-        "perplexity": perplexity(policy, tokenizer, heldout_encoded, device),
+        **({} if heldout_encoded is None else {"perplexity": perplexity(policy, tokenizer, heldout_encoded, device)}),
         "distinct_1": distinct_n(responses, 1),
         "distinct_2": distinct_n(responses, 2),
         "length": sum(len(s.response_ids) for s in samples) / len(samples),

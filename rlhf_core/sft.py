@@ -156,3 +156,13 @@ def perplexity(model, tokenizer, encoded, device: torch.device, batch_size: int 
         total_nll += nll_sum.item()
         total_tokens += count.item()
     return math.exp(total_nll / max(1.0, total_tokens))
+
+
+def foreign_demonstrations(sft) -> str | None:
+    """Why the held-out demonstrations say nothing of the policy (None when they do): a model snapshot as it is
+    (sft.epochs 0) with the project's built-in demonstrations, which it never saw; its perplexity on them
+    would be a number about another corpus."""
+    if sft.model != "builtin" and sft.epochs == 0 and sft.demonstrations == "builtin":
+        return ("perplexity skipped: sft.epochs is 0 and sft.demonstrations is builtin, so the held-out texts are "
+                "the project's own demonstrations, not the policy's; set sft.demonstrations to your data to get it")
+    return None

@@ -81,11 +81,13 @@ def pipeline_state(params, git_rev: str, metrics_dir: Path) -> str:
 
 
 def log_pipeline_run(params, *, workdir: Path, artifacts: list[Path], log=print,
-                     stage_seconds: dict[str, float] | None = None) -> dict:
+                     stage_seconds: dict[str, float] | None = None,
+                     stage_measures: dict[str, dict[str, float]] | None = None) -> dict:
     """Log one MLflow run for the pipeline state in ``workdir`` (unless that state is already logged).
 
     ``stage_seconds`` ({stage: wall seconds} of the stages that ran for this state, see stage_times)
-    are logged as ``time.total_s`` and ``time.<stage>_s`` at step 0.
+    are logged as ``time.total_s`` and ``time.<stage>_s`` at step 0, and ``stage_measures`` ({stage: {measure:
+    value}}: tokens/s, peak memory) as ``perf.<stage>.<measure>``.
 
     Returns {run_id, experiment_id, tracking_uri, pipeline_state, created}.
     """
@@ -128,6 +130,11 @@ def log_pipeline_run(params, *, workdir: Path, artifacts: list[Path], log=print,
 
             metrics += [Metric("time.total_s", float(sum(stage_seconds.values())), timestamp, 0)]
             metrics += [Metric(metric_name(stage), float(s), timestamp, 0) for stage, s in sorted(stage_seconds.items())]
+        if stage_measures:
+            from rlhf_core.stage_times import metric_name
+
+            metrics += [Metric(metric_name(stage, measure), float(value), timestamp, 0)
+                        for stage, values in sorted(stage_measures.items()) for measure, value in sorted(values.items())]
         for start in range(0, len(flat_params), 100):
             client.log_batch(run_id, params=flat_params[start:start + 100])
         for start in range(0, len(metrics), 1000):

@@ -14,16 +14,23 @@ def main(params, args):
     from rlhf_core.evaluation import evaluate_checkpoint, summarize
     from rlhf_core.models import (checkpoint_dir, checkpoint_stop_ids, load_causal_lm, load_tokenizer, resolve_device,
                                   seed_everything)
-    from rlhf_core.sft import encode_demonstrations
+    from rlhf_core.sft import encode_demonstrations, foreign_demonstrations
 
     seed_everything(params.evaluate.seed)
     device = resolve_device(params.device, params.cpu_threads)
     eval_prompts = read_parquet("prompts/eval.parquet", ("prompt",)).head(params.evaluate.num_prompts)
+    if eval_prompts.empty:  # prepare.eval_fraction 0: every prompt is a training prompt
+        log("evaluate: prepare.eval_fraction is 0, so there are no held-out prompts: evaluating on the first "
+            f"{params.evaluate.num_prompts} training prompts")
+        eval_prompts = read_parquet("prompts/train.parquet", ("prompt",)).head(params.evaluate.num_prompts)
     prompts = eval_prompts["prompt"].tolist()
     answers = [str(a) for a in eval_prompts["answer"]] if "answer" in eval_prompts else None
     messages = eval_prompts["messages"].tolist() if "messages" in eval_prompts else None
     heldout = read_parquet("demos/heldout.parquet", ("prompt", "response")).to_dict("records")
     heldout = heldout[: params.evaluate.num_perplexity_texts]
+    skip_perplexity = foreign_demonstrations(params.sft)
+    if skip_perplexity:
+        log(f"evaluate: {skip_perplexity}")
     dtype = params.compute.param_dtype
     reference = load_causal_lm(checkpoint_dir("sft"), device, params.trust_remote_code, param_dtype=dtype)
     ready()
@@ -34,7 +41,8 @@ def main(params, args):
         tokenizer = load_tokenizer(checkpoint_dir(name), params.trust_remote_code)
         policy = reference if name == "sft" else load_causal_lm(checkpoint_dir(name), device, params.trust_remote_code,
                                                                 param_dtype=dtype)
-        encoded = encode_demonstrations(tokenizer, heldout, params.sft.max_length, chat=params.chat)
+        encoded = None if skip_perplexity else encode_demonstrations(tokenizer, heldout, params.sft.max_length,
+                                                                    chat=params.chat)
         metrics, examples = evaluate_checkpoint(policy, reference, tokenizer, prompts, encoded, params, device,
                                                 answers, messages=messages,
                                                 stop_ids=checkpoint_stop_ids(checkpoint_dir(name), tokenizer))

@@ -6,7 +6,10 @@ from rlhf_core.io import atomic_dir, read_parquet, write_json
 
 def main(params, args):
     """Sample responses for round --round into rollouts/<round>/rollouts.parquet."""
+    import time
     from pathlib import Path
+
+    from rlhf_core.stage_times import add_work
 
     from rlhf_core.chat import encode_prompts
     from rlhf_core.distributed import start_runtime
@@ -33,12 +36,14 @@ def main(params, args):
     if ro.engine == "vllm":  # before the HF models load: vLLM holds most of the GPU until it shuts down
         from rlhf_core.vllm_engine import generate_samples_vllm, vllm_dtype
 
+        started = time.perf_counter()
         samples = generate_samples_vllm(
             checkpoint_dir(start_from), prompt_ids, samples_per_prompt=ro.samples_per_prompt,
             temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, max_new_tokens=ro.max_new_tokens, seed=seed,
             stop_ids=stop_ids, gpu_memory_utilization=ro.gpu_memory_fraction,
             dtype=vllm_dtype(params.compute, checkpoint_dir(start_from)),
             trust_remote_code=params.trust_remote_code)
+        add_work("generation_tokens", sum(len(s.response_ids) for s in samples), time.perf_counter() - started)
     dtype = params.compute.param_dtype
     actor_critic = load_actor_critic(checkpoint_dir(start_from), params.algorithm.critic, device,
                                      params.trust_remote_code, param_dtype=dtype)
@@ -51,10 +56,12 @@ def main(params, args):
     ready()
     check_context(prompt_ids, ro.max_new_tokens, context_length(actor_critic.policy.config), "train prompts")
     if ro.engine == "hf":
+        started = time.perf_counter()
         samples = generate_samples(actor_critic.policy, tokenizer, prompt_ids, samples_per_prompt=ro.samples_per_prompt,
                                    temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
                                    max_new_tokens=ro.max_new_tokens, batch_size=ro.batch_size, seed=seed,
                                    device=device, runtime=runtime, stop_ids=stop_ids)
+        add_work("generation_tokens", sum(len(s.response_ids) for s in samples), time.perf_counter() - started)
     stats = record_token_stats(actor_critic, reference, samples, pad_id=tokenizer.pad_token_id,
                                temperature=ro.temperature, batch_size=ro.forward_batch_size, device=device,
                                reference_is_policy=reference_is_policy, runtime=runtime)

@@ -10,7 +10,7 @@ def main(params, args):
     import pandas as pd
 
     from rlhf_core.models import quiet_transformers, resolve_device, seed_everything
-    from rlhf_core.sft import build_reference, encode_demonstrations, perplexity, train_sft
+    from rlhf_core.sft import build_reference, encode_demonstrations, foreign_demonstrations, perplexity, train_sft
 
     quiet_transformers()
     seed = params.round_seed("sft", "sft")
@@ -23,8 +23,12 @@ def main(params, args):
         f"device {device}")
     encoded = encode_demonstrations(tokenizer, train_rows, params.sft.max_length, chat=params.chat)
     metrics = train_sft(model, tokenizer, encoded, params, device, seed, log=log)
-    metrics["heldout_perplexity"] = perplexity(model, tokenizer, encode_demonstrations(
-        tokenizer, heldout_rows, params.sft.max_length, chat=params.chat), device)
+    skip_perplexity = foreign_demonstrations(params.sft)
+    if skip_perplexity:
+        log(f"sft: {skip_perplexity}")
+    else:
+        metrics["heldout_perplexity"] = perplexity(model, tokenizer, encode_demonstrations(
+            tokenizer, heldout_rows, params.sft.max_length, chat=params.chat), device)
     metrics["parameters"] = sum(p.numel() for p in model.parameters())
     with atomic_dir("models/sft") as out:
         model.save_pretrained(out)

@@ -22,7 +22,8 @@ def main(params, args):
         artifacts = [workdir / "samples/eval.jsonl", workdir / "plots/eval_by_round.csv",
                      *render_plots(workdir / "plots/eval_by_round.csv", Path(tmp))]
         run = log_pipeline_run(params, workdir=workdir, artifacts=artifacts, log=log,
-                               stage_seconds=stage_times.read(workdir))
+                               stage_seconds=stage_times.read(workdir),
+                               stage_measures=stage_times.read_measures(workdir))
     stage_times.clear(workdir)  # logged (or the state was already logged): the next run starts from 0
     # Not in git (.gitignore): a fresh clone has no such file, so `dvc repro` logs the state to its own store.
     write_json("tracking/run.json", run)

@@ -225,3 +225,35 @@ def test_exps_runs_dvc_exp_show_without_the_dependency_columns_and_passes_its_ex
         assert dropped.match(column), column
     for column in ("reward", "ppo.clip_range", "optim.lr", "kl.reward_coef", "algorithm.name"):
         assert not dropped.match(column), column
+
+
+def test_stage_measures_throughput_and_peak_memory_outside_the_outputs(tmp_path, monkeypatch, capsys):
+    """Generation/training tokens per second and peak memory were reported nowhere; they are machine-dependent,
+    so they go to the stage's last line and tracking/stage_times.jsonl (logged to MLflow), never to an output."""
+    from rlhf_core import stage_times
+    from rlhf_core.cli import run_stage
+
+    stage_times.reset_work()
+    stage_times.add_work("generation_tokens", 300, 1.5)
+    stage_times.add_work("generation_tokens", 100, 0.5)
+    assert stage_times.work_rates() == {"generation_tokens_per_s": 200.0}
+    assert stage_times.peak_rss_mb() > 10  # this process holds at least the interpreter
+    monkeypatch.setenv("DVC_STAGE", "rollout@r1")
+    stage_times.record("rollout@r1", 2.0, tmp_path, measures={"generation_tokens_per_s": 200.0, "peak_rss_mb": 640.0})
+    stage_times.record("score@r1", 0.5, tmp_path)
+    assert stage_times.read_measures(tmp_path) == {"rollout@r1": {"generation_tokens_per_s": 200.0,
+                                                                  "peak_rss_mb": 640.0}}
+    assert stage_times.read(tmp_path) == {"rollout@r1": 2.0, "score@r1": 0.5}
+    assert stage_times.metric_name("rollout@r1", "peak_rss_mb") == "perf.rollout_r1.peak_rss_mb"
+
+    (tmp_path / "params.yaml").write_text("")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_STAGE")
+
+    def main(params, args):
+        """A stage that trains 5000 tokens in 2 s."""
+        stage_times.add_work("training_tokens", 5000, 2.0)
+
+    run_stage(main, name="probe", argv=[])
+    assert capsys.readouterr().err.splitlines()[-1].startswith("probe: done in ")  # called in process: no peak RSS
+    assert stage_times.work_rates() == {"training_tokens_per_s": 2500.0}  # the work counted from this stage's start

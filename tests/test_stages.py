@@ -200,3 +200,38 @@ def test_sft_fine_tunes_a_local_hf_model_on_file_demonstrations(tmp_path, tiny_c
     after = load_file(str(tmp_path / "models/sft/model.safetensors"))
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_eval_fraction_zero_trains_on_every_prompt_and_evaluate_says_what_it_reads(tmp_path, tiny_checkpoint,
+                                                                                  monkeypatch, capsys):
+    """prepare.eval_fraction: 0 was refused, so a run could not train on every prompt; now every prompt is a
+    training prompt and evaluate, with no held-out set, reads training prompts and says so."""
+    import shutil
+
+    from stages import evaluate, prepare, sft
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["prepare"].update(num_builtin_prompts=40, eval_fraction=0)
+    raw["sft"].update(model=str(tiny_checkpoint), epochs=0, num_builtin_demonstrations=40)
+    raw["evaluate"].update(num_prompts=4, samples_per_prompt=1, max_new_tokens=4, num_perplexity_texts=3)
+    raw["rounds"] = {"r1": {"from": "sft"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    params = load_params("params.yaml")
+    prepare.main(params, argparse.Namespace())
+    sft.main(params, argparse.Namespace())
+    stats = json.loads((tmp_path / "metrics/prepare.json").read_text())
+    assert stats["eval_prompts"] == 0 and stats["train_prompts"] == len(pd.read_parquet("prompts/train.parquet"))
+    assert list(pd.read_parquet("prompts/eval.parquet").columns) == list(pd.read_parquet("prompts/train.parquet").columns)
+    shutil.copytree(tmp_path / "models/sft", tmp_path / "models/r1")
+    capsys.readouterr()
+    evaluate.main(params, argparse.Namespace())
+    err = capsys.readouterr().err
+    assert "no held-out prompts: evaluating on the first 4 training prompts" in err
+    evaluation = json.loads((tmp_path / "metrics/eval.json").read_text())
+    assert set(evaluation) == {"sft", "r1"}
+    # A model snapshot as it is (sft.epochs 0) never saw the built-in demonstrations: no perplexity on them, and a
+    # line that says why (it was computed on the project's own demo reviews without a word)
+    assert "perplexity skipped: sft.epochs is 0 and sft.demonstrations is builtin" in err
+    assert "perplexity" not in evaluation["r1"] and "reward" in evaluation["r1"]
+    assert "heldout_perplexity" not in json.loads((tmp_path / "metrics/sft.json").read_text())

@@ -69,7 +69,9 @@ def test_log_pipeline_run_logs_once_per_state(tmp_path, monkeypatch):
     assert again["run_id"] == first_run["run_id"] and again["pipeline_state"] == first_run["pipeline_state"]
     first = first_run["run_id"]
     monkeypatch.setenv("DVC_EXP_NAME", "brave-newt")
-    other = log_pipeline_run(replace(PARAMS, seed=3), workdir=tmp_path, artifacts=[], log=lambda *_: None)["run_id"]
+    other = log_pipeline_run(replace(PARAMS, seed=3), workdir=tmp_path, artifacts=[], log=lambda *_: None,
+                             stage_seconds={"rollout@r1": 2.0},
+                             stage_measures={"rollout@r1": {"generation_tokens_per_s": 1500.0, "peak_rss_mb": 640.0}})["run_id"]
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["rlhf"])
     assert set(runs["run_id"]) == {first, other}
@@ -81,3 +83,6 @@ def test_log_pipeline_run_logs_once_per_state(tmp_path, monkeypatch):
     assert sorted(steps) == [0, 1, 2]
     assert [a.path for a in mlflow.MlflowClient().list_artifacts(first)] == ["samples.jsonl"]
     assert (tmp_path / "mlartifacts").is_dir()
+    logged = mlflow.MlflowClient().get_run(other).data.metrics
+    assert logged["time.rollout_r1_s"] == 2.0 and logged["perf.rollout_r1.generation_tokens_per_s"] == 1500.0
+    assert logged["perf.rollout_r1.peak_rss_mb"] == 640.0

@@ -201,7 +201,7 @@ def test_warm_stage_reports_its_start_up_from_the_clients_start(probe_repo):
     result = subprocess.run(["sh", "-c", f"sleep 0.5; exec {sys.executable} -m rlhf_core.launch stages.ready_probe"],
                             cwd=probe_repo, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    match = re.search(r"^probe: done in [\d.]+s \(start-up ([\d.]+)s \+ work ([\d.]+)s\)$", result.stderr, re.M)
+    match = re.search(r"^probe: done in [\d.]+s \(start-up ([\d.]+)s \+ work ([\d.]+)s\); peak RSS \d+ MB$", result.stderr, re.M)
     assert match, result.stderr
     startup, work = float(match.group(1)), float(match.group(2))
     assert 0.5 <= startup < 10.0  # counted from the client's start, not from the fork

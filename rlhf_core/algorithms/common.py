@@ -10,6 +10,7 @@ which updates ``model`` (an ``rlhf_core.models.ActorCritic``) in place on one ro
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ from rlhf_core.kl import kl_estimate
 from rlhf_core.losses import masked_sum
 from rlhf_core.models import TokenBatch, collate, transformer_blocks
 from rlhf_core.progress import Progress
+from rlhf_core.stage_times import add_work
 from rlhf_core.rollout import length_buckets
 
 
@@ -200,6 +202,7 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
     first: dict[str, float] | None = None
     steps, early_stopped = 0, False
     progress = Progress(total_steps, name, unit="step")
+    loop_started, trained_tokens = time.perf_counter(), 0.0
     for epoch in range(epochs):
         order = generator.permutation(len(experience)).tolist()
         for minibatch in split(order, optim.minibatch_size):
@@ -248,6 +251,7 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
             optimizer.step()
             scheduler.step()
             steps += 1
+            trained_tokens += totals["tokens"]
             for key, value in stats.items():
                 history.setdefault(key, []).append(value)
             progress.update(epoch=f"{epoch + 1}/{epochs}", **{k: stats[k] for k in PROGRESS_STATS if k in stats})
@@ -257,6 +261,7 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
         if early_stopped:
             break
     progress.close()
+    add_work("training_tokens", trained_tokens, time.perf_counter() - loop_started)  # response tokens stepped on
     optimizer.zero_grad(set_to_none=True)
     if carry is not None:  # for the next round (optim.carry_state); every rank joins the gather
         carry["state"] = runtime.optimizer_state(model, optimizer)
