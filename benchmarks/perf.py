@@ -61,7 +61,7 @@ STAGES = {  # stage → (command arguments, the libraries it truly needs: the fl
     "optimize": (["stages.optimize", "--round", "r1"],
                  "import torch, pandas, pyarrow.parquet, safetensors.torch, transformers.models.llama.modeling_llama; "
                  "from transformers import PreTrainedTokenizerFast"),
-    "evaluate": (["stages.evaluate"],
+    "evaluate": (["stages.evaluate", "--checkpoint", "r1"],
                  "import torch, pandas, pyarrow.parquet, safetensors.torch, vaderSentiment.vaderSentiment, "
                  "transformers.models.llama.modeling_llama; from transformers import PreTrainedTokenizerFast"),
     "track": (["stages.track"], "import mlflow, pandas"),

@@ -79,7 +79,8 @@ def main() -> None:
         seconds = stage_seconds(output)
     print(output[-2000:], file=sys.stderr)
     rounds = {key: {stage: seconds.get(f"{stage}@{key}", 0.0) for stage in ROUND_STAGES} for key in ("r1", "r2")}
-    other = {name: seconds.get(name, 0.0) for name in ("prepare", "sft", "evaluate", "track")}
+    other = {name: seconds.get(name, 0.0) for name in ("prepare", "sft", "track")}
+    other["evaluate"] = sum(value for name, value in seconds.items() if name.startswith(("evaluate", "eval_summary")))
     report = {"machine": machine(), "shape": args.shape, "parameters": parameters, "rounds": rounds, "other": other,
               "wall_seconds": round(wall, 1)}
     write_report(args.out, "real_model", report, render)

@@ -65,7 +65,8 @@ def run_stage(main, *, name: str, needs_round: bool = False, argv: list[str] | N
     if add_arguments is not None:  # a stage's own options, e.g. train_reward --name
         add_arguments(parser)
     args = parser.parse_args(argv)
-    tag = args.round if needs_round else getattr(args, "name", None)  # round key, or e.g. the reward model's name
+    # round key, or e.g. the reward model's name or the evaluated checkpoint
+    tag = args.round if needs_round else getattr(args, "name", None) or getattr(args, "checkpoint", None)
     where = f"{name}@{tag}" if tag else name
     # Start-up is measured for a stage that is its process's program (argv from the command line), not for
     # one called in process (tests, notebooks), whose process started long before the stage.

@@ -1,21 +1,26 @@
-"""Evaluate the SFT snapshot and every round's policy on held-out prompts with fixed sampling seeds."""
+"""Evaluate one checkpoint (the SFT snapshot or a round's policy) on held-out prompts with fixed sampling seeds.
+
+One cached stage per checkpoint (evaluate_sft, evaluate@<round>): adding a round evaluates only that round, and
+eval_summary gathers the results."""
 
 from rlhf_core.cli import log, ready, run_stage
-from rlhf_core.io import atomic_file, read_parquet, write_json
-from rlhf_core.progress import Progress
+from rlhf_core.io import atomic_dir, read_parquet, write_json_into
 
 
 def main(params, args):
-    """Write metrics/eval.json, metrics/summary.json, plots/eval_by_round.csv and samples/eval.jsonl."""
+    """Write evals/<checkpoint>/metrics.json and samples.jsonl."""
     import json
 
-    import pandas as pd
-
-    from rlhf_core.evaluation import evaluate_checkpoint, summarize
+    from rlhf_core.evaluation import evaluate_checkpoint
     from rlhf_core.models import (checkpoint_dir, checkpoint_stop_ids, load_causal_lm, load_tokenizer, resolve_device,
                                   seed_everything)
     from rlhf_core.sft import encode_demonstrations, foreign_demonstrations
 
+    name = args.checkpoint
+    if name != "sft" and name not in params.rounds:
+        from rlhf_core.errors import ConfigError
+
+        raise ConfigError(f"--checkpoint {name!r}: must be sft or a round of params.yaml ({', '.join(params.rounds)})")
     seed_everything(params.evaluate.seed)
     device = resolve_device(params.device, params.cpu_threads)
     eval_prompts = read_parquet("prompts/eval.parquet", ("prompt",)).head(params.evaluate.num_prompts)
@@ -33,33 +38,26 @@ def main(params, args):
         log(f"evaluate: {skip_perplexity}")
     dtype = params.compute.param_dtype
     reference = load_causal_lm(checkpoint_dir("sft"), device, params.trust_remote_code, param_dtype=dtype)
+    policy = reference if name == "sft" else load_causal_lm(checkpoint_dir(name), device, params.trust_remote_code,
+                                                            param_dtype=dtype)
+    tokenizer = load_tokenizer(checkpoint_dir(name), params.trust_remote_code)
     ready()
 
-    results, rows, samples = {}, [], []
-    progress = Progress(1 + len(params.rounds), "evaluate", unit="checkpoint")
-    for name in ["sft", *params.rounds]:
-        tokenizer = load_tokenizer(checkpoint_dir(name), params.trust_remote_code)
-        policy = reference if name == "sft" else load_causal_lm(checkpoint_dir(name), device, params.trust_remote_code,
-                                                                param_dtype=dtype)
-        encoded = None if skip_perplexity else encode_demonstrations(tokenizer, heldout, params.sft.max_length,
-                                                                    chat=params.chat)
-        metrics, examples = evaluate_checkpoint(policy, reference, tokenizer, prompts, encoded, params, device,
-                                                answers, messages=messages,
-                                                stop_ids=checkpoint_stop_ids(checkpoint_dir(name), tokenizer))
-        results[name] = metrics
-        rows.append({"round": name, "step": params.round_index(name), **metrics})
-        samples += [{"round": name, **example} for example in examples[: params.evaluate.num_logged_samples]]
-        log(f"evaluate {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        progress.update(checkpoint=name, reward=metrics["reward"], kl=metrics["kl"])
-    progress.close()
+    encoded = None if skip_perplexity else encode_demonstrations(tokenizer, heldout, params.sft.max_length,
+                                                                chat=params.chat)
+    metrics, examples = evaluate_checkpoint(policy, reference, tokenizer, prompts, encoded, params, device, answers,
+                                            messages=messages,
+                                            stop_ids=checkpoint_stop_ids(checkpoint_dir(name), tokenizer))
+    log(f"evaluate {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    samples = [{"round": name, **example} for example in examples[: params.evaluate.num_logged_samples]]
+    with atomic_dir(f"evals/{name}") as out:
+        write_json_into(out, "metrics.json", metrics)
+        (out / "samples.jsonl").write_text("".join(json.dumps(s, sort_keys=True) + "\n" for s in samples))
 
-    with atomic_file("plots/eval_by_round.csv") as tmp:
-        pd.DataFrame(rows).to_csv(tmp, index=False, float_format="%.6g")
-    with atomic_file("samples/eval.jsonl") as tmp:
-        tmp.write_text("".join(json.dumps(s, sort_keys=True) + "\n" for s in samples))
-    write_json("metrics/eval.json", results)
-    write_json("metrics/summary.json", summarize(results, final=list(params.rounds)[-1]))
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="`sft` or a round key from params.yaml `rounds`")
 
 
 if __name__ == "__main__":
-    run_stage(main, name="evaluate")
+    run_stage(main, name="evaluate", add_arguments=add_arguments)

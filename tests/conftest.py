@@ -82,3 +82,15 @@ def tiny_checkpoint(tmp_path_factory, tiny_params) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def evaluate_all(params) -> None:
+    """What `dvc repro` runs after the rounds, in process: evaluate_sft, evaluate@<round> for each round, and
+    eval_summary (metrics/eval.json, summary.json, the plot table, samples/eval.jsonl)."""
+    import argparse
+
+    from stages import eval_summary, evaluate
+
+    for name in ["sft", *params.rounds]:
+        evaluate.main(params, argparse.Namespace(checkpoint=name))
+    eval_summary.main(params, argparse.Namespace())

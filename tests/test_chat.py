@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO
+from conftest import REPO, evaluate_all
 from rlhf_core.chat import encode_prompt, encode_prompts, parse_conversation, stop_token_ids
 from rlhf_core.config import ChatParams, load_params
 from rlhf_core.errors import DataError
@@ -176,7 +176,7 @@ def test_instruct_model_through_the_stages(tmp_path, chatml_dir, monkeypatch):
     ChatML model with pad == eos and two end ids: the snapshot keeps the vocabulary and the end ids, the
     policy sees the rendered template, scorers see the plain prompt, and the checkpoint loads with
     transformers.pipeline from another directory."""
-    from stages import advantages, evaluate, optimize, prepare, rollout, score, sft
+    from stages import advantages, optimize, prepare, rollout, score, sft
     from rlhf_core.tasks import sentiment
 
     work = tmp_path / "work"
@@ -212,7 +212,7 @@ def test_instruct_model_through_the_stages(tmp_path, chatml_dir, monkeypatch):
         "<|im_start|>system\nYou write restaurant reviews.<|im_end|>\n<|im_start|>user\n" + first["prompt"])
     ends = [ids[-1] for ids, ended in zip(table["response_ids"], table["ended_with_eos"]) if ended]
     assert all(end in stops for end in ends)
-    evaluate.main(params, no_round)
+    evaluate_all(params)
     assert set(json.loads((work / "metrics/eval.json").read_text())) == {"sft", "r1"}
 
     from transformers import pipeline

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO
+from conftest import REPO, evaluate_all
 from rlhf_core.config import load_params, params_from_dict
 from rlhf_core.errors import ConfigError
 
@@ -22,7 +22,7 @@ def test_lora_pipeline_runs_end_to_end_and_exports_a_merged_model(tmp_path, tiny
 
     from rlhf_core.export import export_merged
     from rlhf_core.models import collate, load_causal_lm, policy_logprobs
-    from stages import advantages, evaluate, optimize, prepare, rollout, score, sft
+    from stages import advantages, optimize, prepare, rollout, score, sft
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["sft"].update(model=str(tiny_checkpoint), epochs=0, num_builtin_demonstrations=40)
@@ -42,7 +42,7 @@ def test_lora_pipeline_runs_end_to_end_and_exports_a_merged_model(tmp_path, tiny
     for round_key in ("r1", "r2"):
         for stage in (rollout, score, advantages, optimize):
             stage.main(params, argparse.Namespace(round=round_key))
-    evaluate.main(params, argparse.Namespace())
+    evaluate_all(params)
 
     # The checkpoints hold adapters + value head, point at models/sft, and are a fraction of the full model.
     for round_key in ("r1", "r2"):

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO
+from conftest import REPO, evaluate_all
 from rlhf_core.config import load_params
 
 
@@ -64,7 +64,7 @@ def test_hf_model_directory_and_local_files_through_every_stage(tmp_path, tiny_c
     demonstrations from local files.  The tokenizer's pad == EOS, so the snapshot must add a pad token."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages import advantages, evaluate, optimize, prepare, rollout, score, sft
+    from stages import advantages, optimize, prepare, rollout, score, sft
     from rlhf_core.tasks import sentiment
 
     model_dir = tmp_path / "hf-model"
@@ -125,7 +125,7 @@ def test_hf_model_directory_and_local_files_through_every_stage(tmp_path, tiny_c
         assert result.returncode == 0, result.stderr
         assert "pandas" in result.stdout.split() and not absent & set(result.stdout.split()), (stage, result.stdout)
 
-    evaluate.main(params, no_round)
+    evaluate_all(params)
     evaluation = json.loads((work / "metrics/eval.json").read_text())
     assert set(evaluation) == {"sft", "r1", "r2"}
     assert evaluation["sft"]["kl"] == 0.0
@@ -138,7 +138,7 @@ def test_hf_model_directory_and_local_files_through_every_stage(tmp_path, tiny_c
 def test_every_algorithm_runs_the_round_stages(tmp_path, tiny_checkpoint, monkeypatch, algorithm):
     """advantages → optimize → rollout of the next round → evaluate, for each algorithm.name."""
     from rlhf_core.tasks import sentiment
-    from stages import advantages, evaluate, optimize, prepare, rollout, score, sft
+    from stages import advantages, optimize, prepare, rollout, score, sft
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["sft"].update(model=str(tiny_checkpoint), epochs=0, num_builtin_demonstrations=40)
@@ -161,7 +161,7 @@ def test_every_algorithm_runs_the_round_stages(tmp_path, tiny_checkpoint, monkey
     for round_key in ("r1", "r2"):
         for stage in (rollout, score, advantages, optimize):
             stage.main(params, argparse.Namespace(round=round_key))
-    evaluate.main(params, argparse.Namespace())
+    evaluate_all(params)
     optimize_metrics = json.loads((tmp_path / "metrics/r1/optimize.json").read_text())
     assert json.loads((tmp_path / "models/r1/rlhf_state.json").read_text())["algorithm"] == algorithm
     if algorithm in ("trpo", "npg"):
@@ -208,7 +208,7 @@ def test_eval_fraction_zero_trains_on_every_prompt_and_evaluate_says_what_it_rea
     training prompt and evaluate, with no held-out set, reads training prompts and says so."""
     import shutil
 
-    from stages import evaluate, prepare, sft
+    from stages import prepare, sft
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["prepare"].update(num_builtin_prompts=40, eval_fraction=0)
@@ -225,7 +225,7 @@ def test_eval_fraction_zero_trains_on_every_prompt_and_evaluate_says_what_it_rea
     assert list(pd.read_parquet("prompts/eval.parquet").columns) == list(pd.read_parquet("prompts/train.parquet").columns)
     shutil.copytree(tmp_path / "models/sft", tmp_path / "models/r1")
     capsys.readouterr()
-    evaluate.main(params, argparse.Namespace())
+    evaluate_all(params)
     err = capsys.readouterr().err
     assert "no held-out prompts: evaluating on the first 4 training prompts" in err
     evaluation = json.loads((tmp_path / "metrics/eval.json").read_text())

@@ -36,7 +36,7 @@ def test_two_process_pipeline_runs_five_times_in_a_row(tmp_path):
     runs = []
     for attempt in range(5):
         output = dvc(["repro"] if attempt == 0 else ["repro", "-f"], workdir)
-        assert {"prepare", "rollout@r1", "score@r1", "optimize@r1", "evaluate"} <= ran_stages(output), output[-3000:]
+        assert {"prepare", "rollout@r1", "score@r1", "optimize@r1", "eval_summary"} <= ran_stages(output), output[-3000:]
         # The launcher says how it starts each stage: accelerate for the distributed two only.
         assert output.count("accelerate.commands.launch") == 2, output[-3000:]
         leftovers = [p for p in workdir.rglob(".*.tmp-*") if ".dvc" not in p.parts and ".git" not in p.parts]
@@ -58,7 +58,7 @@ def test_fsdp_bf16_checkpointed_two_process_pipeline_trains(tmp_path):
                                             "gradient_checkpointing": True}}
     workdir = make_reduced_repo(tmp_path / "fsdp", changes)
     output = dvc(["repro"], workdir)
-    assert {"prepare", "sft", "rollout@r1", "optimize@r1", "evaluate", "track"} <= ran_stages(output)
+    assert {"prepare", "sft", "rollout@r1", "optimize@r1", "eval_summary", "track"} <= ran_stages(output)
     assert output.count("accelerate.commands.launch") == 2
     metrics = json.loads((workdir / "metrics/r1/optimize.json").read_text())
     assert metrics["optimizer_steps"] > 0 and metrics["first_minibatch_ratio_max_deviation"] < 1e-2

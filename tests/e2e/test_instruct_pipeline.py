@@ -30,7 +30,7 @@ def test_instruct_model_pipeline(tmp_path):
         "evaluate": {"num_prompts": 4, "max_new_tokens": 8, "num_perplexity_texts": 8},
     })
     output = dvc(["repro"], workdir)
-    assert {"prepare", "sft", "rollout@r1", "optimize@r1", "rollout@r2", "optimize@r2", "evaluate"} <= ran_stages(output)
+    assert {"prepare", "sft", "rollout@r1", "optimize@r1", "rollout@r2", "optimize@r2", "eval_summary"} <= ran_stages(output)
 
     snapshot = json.loads((workdir / "models/sft/generation_config.json").read_text())
     config = json.loads((workdir / "models/r2/config.json").read_text())

@@ -68,7 +68,7 @@ def test_sigkill_at_random_moments_then_repro_matches_an_uninterrupted_run(tmp_p
     rng = random.Random(20261121)
     kill_after = {stage: [rng.uniform(0.1, 1.0)] for stage in sorted(ALL_STAGES)}
     for stage in sorted(ALL_STAGES):
-        if stage.split("@")[0] in ("sft", "rollout", "optimize", "evaluate"):
+        if stage.split("@")[0] in ("sft", "rollout", "optimize", "evaluate", "evaluate_sft"):
             kill_after[stage].append(rng.uniform(1.0, 6.0))
     killed: list[str] = []
     for _ in range(sum(len(moments) for moments in kill_after.values()) + 1):
@@ -78,7 +78,8 @@ def test_sigkill_at_random_moments_then_repro_matches_an_uninterrupted_run(tmp_p
             break
     assert completed
     assert len(killed) >= MIN_KILLS, killed
-    assert {name.split("@")[0] for name in killed} >= {"sft", "rollout", "advantages", "optimize", "evaluate"}, killed
+    kinds = {name.split("@")[0].removesuffix("_sft") for name in killed}  # evaluate@r1 and evaluate_sft: evaluate
+    assert kinds >= {"sft", "rollout", "advantages", "optimize", "evaluate"}, killed
     leftovers = [p for p in workdir.rglob(".*.tmp-*") if ".dvc" not in p.parts and ".git" not in p.parts]
     assert not leftovers, leftovers  # a re-run stage clears the temporary siblings its killed run left
 

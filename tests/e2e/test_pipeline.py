@@ -103,6 +103,12 @@ def pipeline(tmp_path_factory):
     outputs["grpo"] = dvc(["exp", "run", "-S", "algorithm.name=grpo", "-S", "kl.reward_coef=0"], workdir)
     # --temp runs in <root>/.dvc/tmp/exps/<tmp>; its MLflow run must still land in <root>/mlflow.db.
     outputs["temp"] = dvc(["exp", "run", "--temp", "-S", "evaluate.seed=7"], workdir)
+    # One more round: only its own stages, its evaluation and the summary run (each checkpoint has its own
+    # cached evaluation; a single evaluate stage re-evaluated every checkpoint).
+    subprocess.run([sys.executable, "-m", "rlhf_core.commands", "rounds", "3"], cwd=workdir, env=_env(), check=True,
+                   capture_output=True)
+    outputs["third_round"] = dvc(["repro"], workdir)
+    outputs["eval_after_third"] = json.loads((workdir / "metrics/eval.json").read_text())
     return workdir, outputs
 
 
@@ -110,7 +116,8 @@ def pipeline(tmp_path_factory):
 # when its fingerprint changed.
 ALWAYS = {"reward_inputs"}
 ALL_STAGES = {"prepare", "sft", "rollout@r1", "score@r1", "advantages@r1", "optimize@r1", "rollout@r2", "score@r2",
-              "advantages@r2", "optimize@r2", "evaluate", "track"} | ALWAYS
+              "advantages@r2", "optimize@r2", "evaluate_sft", "evaluate@r1", "evaluate@r2", "eval_summary",
+              "track"} | ALWAYS
 
 
 def test_repro_runs_every_stage_once_then_nothing(pipeline):
@@ -143,28 +150,36 @@ def test_from_scratch_runs_are_byte_identical(pipeline):
 def test_clip_range_reruns_optimize_r1_and_what_follows_only(pipeline):
     _, outputs = pipeline
     assert ran_stages(outputs["clip"]) == ALWAYS | {"optimize@r1", "rollout@r2", "score@r2", "advantages@r2",
-                                                    "optimize@r2", "evaluate", "track"}
+                                                    "optimize@r2", "evaluate@r1", "evaluate@r2", "eval_summary",
+                                                    "track"}  # not evaluate_sft: the SFT snapshot is unchanged
 
 
 def test_lam_reuses_round_one_rollout_and_score(pipeline):
     _, outputs = pipeline
     ran = ran_stages(outputs["lam"])
     assert "rollout@r1" not in ran and "score@r1" not in ran
-    assert {"advantages@r1", "optimize@r1", "advantages@r2", "evaluate", "track"} <= ran
+    assert {"advantages@r1", "optimize@r1", "advantages@r2", "evaluate@r2", "eval_summary", "track"} <= ran
 
 
 def test_switching_algorithm_keeps_round_one_rollout_and_score(pipeline):
     workdir, outputs = pipeline
     ran = ran_stages(outputs["grpo"])
     assert "rollout@r1" not in ran and "score@r1" not in ran
-    assert {"advantages@r1", "optimize@r1", "rollout@r2", "optimize@r2", "evaluate", "track"} <= ran
+    assert {"advantages@r1", "optimize@r1", "rollout@r2", "optimize@r2", "evaluate@r2", "eval_summary", "track"} <= ran
     state = json.loads((workdir / "models/r2/rlhf_state.json").read_text())
     assert state["algorithm"] == "grpo"
 
 
+def test_a_new_round_evaluates_only_itself(pipeline):
+    _, outputs = pipeline
+    assert ran_stages(outputs["third_round"]) == ALWAYS | {"rollout@r3", "score@r3", "advantages@r3", "optimize@r3",
+                                                          "evaluate@r3", "eval_summary", "track"}
+    assert set(outputs["eval_after_third"]) == {"sft", "r1", "r2", "r3"}
+
+
 def test_temp_experiment_reruns_only_evaluation(pipeline):
     _, outputs = pipeline
-    assert ran_stages(outputs["temp"]) == ALWAYS | {"evaluate", "track"}
+    assert ran_stages(outputs["temp"]) == ALWAYS | {"evaluate_sft", "evaluate@r1", "evaluate@r2", "eval_summary", "track"}
 
 
 def test_eval_metrics_shape_and_values(pipeline):
@@ -212,9 +227,9 @@ def test_outputs_are_versioned_artifacts(pipeline):
     assert optimize["first_minibatch_ratio_max_deviation"] < 1e-5
     assert abs(optimize["first_minibatch_approx_kl"]) < 1e-7
     table = (workdir / "plots/eval_by_round.csv").read_text().splitlines()
-    assert table[0].startswith("round,step,reward") and len(table) == 4
+    assert table[0].startswith("round,step,reward") and len(table) == 5  # sft, r1, r2 and the added r3
     lock = yaml.safe_load((workdir / "dvc.lock").read_text())
-    assert {"rollout@r1", "optimize@r2", "evaluate"} <= set(lock["stages"])
+    assert {"rollout@r1", "optimize@r2", "evaluate@r2", "eval_summary"} <= set(lock["stages"])
 
 
 def test_one_mlflow_run_per_pipeline_state(pipeline):
@@ -223,20 +238,21 @@ def test_one_mlflow_run_per_pipeline_state(pipeline):
 
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["rlhf"])
-    # repro, clip_range, lam, grpo and the --temp run (logged to the root database, not the temp copy)
-    assert len(runs) == 5, runs[["run_id", "tags.dvc_exp_name"]]
-    assert sorted(runs["params.ppo.clip_range"]) == ["0.1", "0.1", "0.1", "0.1", "0.2"]
-    assert sorted(runs["params.algorithm.name"]) == ["grpo", "grpo", "ppo", "ppo", "ppo"]
-    assert sorted(runs["params.evaluate.seed"]) == ["1234", "1234", "1234", "1234", "7"]
-    assert runs["tags.pipeline_state"].nunique() == 5
+    # repro, clip_range, lam, grpo, the --temp run (logged to the root database, not the temp copy) and the
+    # repro with a third round (on the workspace the grpo experiment left)
+    assert len(runs) == 6, runs[["run_id", "tags.dvc_exp_name"]]
+    assert sorted(runs["params.ppo.clip_range"]) == ["0.1", "0.1", "0.1", "0.1", "0.1", "0.2"]
+    assert sorted(runs["params.algorithm.name"]) == ["grpo", "grpo", "grpo", "ppo", "ppo", "ppo"]
+    assert sorted(runs["params.evaluate.seed"]) == ["1234", "1234", "1234", "1234", "1234", "7"]
+    assert runs["tags.pipeline_state"].nunique() == 6
     assert not list((workdir / ".dvc" / "tmp").rglob("mlflow.db"))
     assert set(runs["tags.dvc_exp_name"]) - {"workspace"}  # the exp runs carry their experiment names
     assert runs["tags.git_commit"].str.len().eq(40).all()
     client = mlflow.MlflowClient()
-    for run_id in runs["run_id"]:
-        history = client.get_metric_history(run_id, "eval.reward")
-        assert sorted(m.step for m in history) == [0, 1, 2]
-        assert [m.step for m in client.get_metric_history(run_id, "optimize.policy_loss")] in ([1, 2], [2, 1])
+    for run_id, rounds in zip(runs["run_id"], runs["tags.rounds"]):
+        steps = list(range(len(rounds.split(",")) + 1))  # 0 = sft, then each round
+        assert sorted(m.step for m in client.get_metric_history(run_id, "eval.reward")) == steps
+        assert sorted(m.step for m in client.get_metric_history(run_id, "optimize.policy_loss")) == steps[1:]
         artifacts = {a.path for a in client.list_artifacts(run_id)}
         assert {"eval.jsonl", "eval_by_round.csv", "reward_vs_round.png"} <= artifacts
 

@@ -63,5 +63,5 @@ def test_reward_model_alone_raises_vader_sentiment(reward_pipeline):
 def test_changing_the_reward_model_rescores_without_new_rollouts(reward_pipeline):
     _, outputs = reward_pipeline
     ran = ran_stages(outputs["lr"])
-    assert {"train_reward@bt", "score@r1", "advantages@r1", "optimize@r1", "rollout@r2", "evaluate"} <= ran
+    assert {"train_reward@bt", "score@r1", "advantages@r1", "optimize@r1", "rollout@r2", "eval_summary"} <= ran
     assert not {"prepare", "sft", "rollout@r1"} & ran
