@@ -246,6 +246,11 @@ class AlgorithmParams(Section):
         "ppo", "policy optimizer: reinforce, a2c (REINFORCE with a learned value and GAE), ppo, trpo, npg (natural gradient), grpo or rloo")
     critic: Literal["value_head", "separate"] = param(
         "value_head", "critic: a value head on the policy backbone, or a separate backbone with its own head")
+    critic_init: StrictStr = param(
+        "models/sft", "where round 1's critic starts (a dependency of rollout and optimize): models/sft, its backbone "
+        "with a zero value head; or, with critic: separate, a reward model's directory (e.g. reward_models/<name> "
+        "trained with base: sft, so that it reads the policy's tokens), whose backbone and score head become the "
+        "critic: V starts as the reward model's score, as TRL's PPO starts its value model", min_length=1)
 
 
 class LoraParams(Section):
@@ -459,6 +464,16 @@ class Params(Section):
         if self.rollout.engine == "vllm" and self.device in ("cpu", "mps"):
             raise ConfigError(f"rollout.engine = 'vllm': needs a CUDA GPU, not device: {self.device}; "
                               "set device: auto, cuda or cuda:N, or use engine: hf")
+        init = self.algorithm.critic_init.rstrip("/")
+        if init != "models/sft":
+            if self.algorithm.critic != "separate":
+                raise ConfigError(f"algorithm.critic_init = {init!r}: needs algorithm.critic = 'separate' (the reward "
+                                  "model's backbone becomes the critic's own)")
+            name = init.removeprefix("reward_models/")
+            if init.startswith("reward_models/") and name in self.reward_models and self.reward_models[name].base != "sft":
+                raise ConfigError(f"algorithm.critic_init = {init!r}: reward_models.{name}.base is "
+                                  f"{self.reward_models[name].base!r}; a critic reads the policy's tokens, so it needs "
+                                  "base: sft")
         if self.lora.enabled and self.algorithm.critic == "separate":
             raise ConfigError("lora.enabled: the LoRA policy needs algorithm.critic = 'value_head' (a separate critic "
                               "backbone would be a second full model)")

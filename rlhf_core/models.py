@@ -663,14 +663,18 @@ def policy_logprobs(policy, batch: TokenBatch, temperature: float) -> torch.Tens
 
 
 def load_actor_critic(path: str, critic: str, device: torch.device, trust_remote_code: bool = False,
-                      lora=None, param_dtype: str = "float32") -> ActorCritic:
+                      lora=None, param_dtype: str = "float32", critic_init: str | None = None) -> ActorCritic:
     """Policy and critic from a checkpoint directory (or any causal LM, whose critic starts at V=0).
 
     ``lora`` (the lora params, for training): enabled → the policy trains LoRA adapters only
     (``trainable_lora_policy``); disabled → an adapter checkpoint is merged into a full model that trains
     whole.  None (rollout, evaluation): the checkpoint as it is, adapters unmerged.
     ``param_dtype`` (compute.param_dtype): the policy's and the critic backbone's weights; the value head
-    is always float32 (it reads the last hidden state cast to float32)."""
+    is always float32 (it reads the last hidden state cast to float32).
+    ``critic_init`` (algorithm.critic_init, critic ``separate``): models/sft (the default: the SFT backbone, V=0),
+    or a reward model's directory whose backbone and score head become the critic when the checkpoint has none
+    yet (round 1, from sft), so that V(s) at the last token starts as the reward model's score (as TRL's PPO
+    starts its value model)."""
     from safetensors.torch import load_file
     from transformers import AutoModel
 
@@ -684,6 +688,10 @@ def load_actor_critic(path: str, critic: str, device: torch.device, trust_remote
     critic_backbone = None
     if critic == "separate":
         critic_dir = Path(path) / CRITIC_DIR
+        if not critic_dir.is_dir() and critic_init and Path(critic_init).resolve() != Path(checkpoint_dir("sft")).resolve():
+            critic_backbone, head = critic_from_reward_model(critic_init, policy.config, trust_remote_code, param_dtype)
+            value_head.load_state_dict(head)
+            return ActorCritic(policy, value_head.to(device), disable_dropout(critic_backbone).to(device))
         source = str(critic_dir) if critic_dir.is_dir() else adapter_base(path) if is_adapter_checkpoint(path) else path
         critic_backbone = disable_dropout(safe_from_pretrained(AutoModel, source, trust_remote_code,
                                                                param_dtype=param_dtype)).to(device)
@@ -693,6 +701,28 @@ def load_actor_critic(path: str, critic: str, device: torch.device, trust_remote
     if head_file.is_file():
         value_head.load_state_dict(load_file(str(head_file)))
     return ActorCritic(policy, value_head.to(device), critic_backbone)
+
+
+def critic_from_reward_model(path: str, policy_config, trust_remote_code: bool = False, param_dtype: str = "float32"):
+    """(backbone, value-head state) from a one-output decoder reward model at ``path`` (a ``*ForSequenceClassification``
+    with a linear ``score`` head that reads the last token, as transformers' decoder classifiers do).  Its
+    vocabulary must be the policy's: the critic reads the policy's token ids."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf_core.errors import ConfigError
+
+    model = safe_from_pretrained(AutoModelForSequenceClassification, path, trust_remote_code, param_dtype=param_dtype)
+    score = getattr(model, "score", None)
+    if not isinstance(score, nn.Linear) or score.out_features != 1:
+        raise ConfigError(f"algorithm.critic_init: {path} is a {type(model).__name__}; a critic starts from a one-output "
+                          "decoder reward model with a linear `score` head (e.g. LlamaForSequenceClassification)")
+    if model.config.vocab_size != policy_config.vocab_size:
+        raise ConfigError(f"algorithm.critic_init: {path} has a vocabulary of {model.config.vocab_size} tokens, the policy "
+                          f"{policy_config.vocab_size}: a critic must read the policy's tokens (train the reward model "
+                          "with base: sft)")
+    head = {"summary.weight": score.weight.detach().float().clone(),
+            "summary.bias": (score.bias.detach().float().clone() if score.bias is not None else torch.zeros(1))}
+    return getattr(model, model.base_model_prefix), head
 
 
 def _share_tied_tensors(module: nn.Module, state: dict) -> dict:

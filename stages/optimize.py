@@ -41,7 +41,8 @@ def _train_and_save(params, round_key, start_from, train, seed, runtime):
 
     tokenizer = load_tokenizer(checkpoint_dir(start_from), params.trust_remote_code)
     model = load_actor_critic(checkpoint_dir(start_from), params.algorithm.critic, device,
-                              params.trust_remote_code, lora=params.lora, param_dtype=params.compute.param_dtype)
+                              params.trust_remote_code, lora=params.lora, param_dtype=params.compute.param_dtype,
+                              critic_init=params.algorithm.critic_init)
     if params.compute.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     # optim.carry_state: AdamW continues from the state saved beside the start checkpoint (none beside sft)

@@ -46,7 +46,8 @@ def main(params, args):
         add_work("generation_tokens", sum(len(s.response_ids) for s in samples), time.perf_counter() - started)
     dtype = params.compute.param_dtype
     actor_critic = load_actor_critic(checkpoint_dir(start_from), params.algorithm.critic, device,
-                                     params.trust_remote_code, param_dtype=dtype)
+                                     params.trust_remote_code, param_dtype=dtype,
+                                     critic_init=params.algorithm.critic_init)
     reference_is_policy = start_from == "sft"
     # A LoRA policy on models/sft: π_ref is that very model with its adapters disabled (reference None), no copy.
     adapters_on_sft = is_adapter_checkpoint(checkpoint_dir(start_from)) and (

@@ -317,3 +317,45 @@ def test_chunked_logprobs_gradients_of_each_output_alone():
     leaf = logits.to(torch.bfloat16).requires_grad_(True)
     token_logprobs(leaf, tokens, 1.0, chunk_elements=4 * 1000)[0].sum().backward()
     assert leaf.grad.dtype == torch.bfloat16 and torch.isfinite(leaf.grad.float()).all()
+
+
+def test_a_critic_can_start_from_a_reward_model(tiny_checkpoint, tmp_path):
+    """algorithm.critic_init: the reward model's backbone and score head become the separate critic, so V(s) at
+    the last token is the reward model's score (a zero head gave V = 0 everywhere, TRL starts from the RM)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf_core.models import load_actor_critic
+
+    torch.manual_seed(0)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint, num_labels=1)
+    with torch.no_grad():
+        reward_model.score.weight.normal_(0, 0.5)
+    reward_model.save_pretrained(tmp_path / "rm")
+    model = load_actor_critic(str(tiny_checkpoint), "separate", torch.device("cpu"), critic_init=str(tmp_path / "rm"))
+    ids = torch.tensor([[5, 17, 42, 9, 33]])
+    with torch.no_grad():
+        hidden = model.critic_backbone(input_ids=ids).last_hidden_state
+        value = model.value_head(hidden)[0, -1]
+        score = reward_model(input_ids=ids).logits[0, 0]
+    assert value.item() == pytest.approx(score.item(), abs=1e-5) and abs(score.item()) > 1e-3
+    default = load_actor_critic(str(tiny_checkpoint), "separate", torch.device("cpu"))
+    assert torch.count_nonzero(default.value_head.summary.weight) == 0  # the default: V starts at 0
+
+
+def test_a_critic_init_that_cannot_read_the_policys_tokens_is_refused(tiny_checkpoint, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf_core.config import params_from_dict
+    from rlhf_core.errors import ConfigError
+    from rlhf_core.models import load_actor_critic
+
+    config = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint, num_labels=1).config
+    config.vocab_size += 8
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "other_vocab")
+    with pytest.raises(ConfigError, match="has a vocabulary of .* tokens, the policy .*: a critic must read the policy"):
+        load_actor_critic(str(tiny_checkpoint), "separate", torch.device("cpu"), critic_init=str(tmp_path / "other_vocab"))
+    with pytest.raises(ConfigError, match=r"^algorithm.critic_init = 'reward_models/rm': needs algorithm.critic = 'separate'"):
+        params_from_dict({"algorithm": {"critic_init": "reward_models/rm"}})
+    with pytest.raises(ConfigError, match=r"reward_models.rm.base is 'builtin'; a critic reads the policy's tokens"):
+        params_from_dict({"algorithm": {"critic": "separate", "critic_init": "reward_models/rm"},
+                          "reward_models": {"rm": {"base": "builtin"}}})

@@ -65,3 +65,20 @@ def test_changing_the_reward_model_rescores_without_new_rollouts(reward_pipeline
     ran = ran_stages(outputs["lr"])
     assert {"train_reward@bt", "score@r1", "advantages@r1", "optimize@r1", "rollout@r2", "eval_summary"} <= ran
     assert not {"prepare", "sft", "rollout@r1"} & ran
+
+
+def test_the_critic_can_start_from_the_pipelines_reward_model(tmp_path):
+    """algorithm.critic_init names a reward model directory: dvc.yaml makes rollout and optimize depend on it
+    (${algorithm.critic_init}), so train_reward runs first, and round 1's values are the reward model's scores
+    (the default critic starts at V = 0)."""
+    import pandas as pd
+
+    workdir = make_reduced_repo(tmp_path / "critic", {
+        "reward_models": {"rm": {"base": "sft", "num_builtin_pairs": 200, "max_length": 32}},
+        "algorithm": {"critic": "separate", "critic_init": "reward_models/rm"},
+        "rounds": {"r1": {"from": "sft"}}})
+    order = re.findall(r"Running stage '([^']+)'", dvc(["repro"], workdir))
+    assert order.index("train_reward@rm") < order.index("rollout@r1")
+    values = pd.read_parquet(workdir / "rollouts/r1/rollouts.parquet")["values"]
+    assert any(abs(value) > 1e-6 for row in values for value in row)
+    assert (workdir / "models/r1/critic").is_dir()  # round 2 would start from round 1's own critic
