@@ -286,7 +286,7 @@ class OptimParams(Section):
     vf_coef: Float = param(0.1, "weight of the value loss, when a critic is trained (ppo, a2c)", ge=0.0)
     carry_state: StrictBool = param(
         False, "keep AdamW's moments and step counts from round to round, as one optimizer over the whole run "
-        "(saved beside each round's checkpoint as optimizer.safetensors and restored bit for bit; lr, schedule and "
+        "(saved in each round's checkpoint as optimizer/state.safetensors and restored bit for bit; lr, schedule and "
         "weight decay stay this round's); false: a fresh AdamW each round; not trpo/npg")
 
 
@@ -464,8 +464,12 @@ class Params(Section):
         if self.rollout.engine == "vllm" and self.device in ("cpu", "mps"):
             raise ConfigError(f"rollout.engine = 'vllm': needs a CUDA GPU, not device: {self.device}; "
                               "set device: auto, cuda or cuda:N, or use engine: hf")
-        init = self.algorithm.critic_init.rstrip("/")
+        init = str(Path(self.algorithm.critic_init))  # ./models/sft/ is models/sft
         if init != "models/sft":
+            if self.algorithm.name in ("grpo", "rloo") or (self.algorithm.name == "reinforce"
+                                                          and self.reinforce.baseline != "value"):
+                raise ConfigError(f"algorithm.critic_init = {init!r}: algorithm.name = {self.algorithm.name!r} trains no "
+                                  "critic; leave critic_init at models/sft")
             if self.algorithm.critic != "separate":
                 raise ConfigError(f"algorithm.critic_init = {init!r}: needs algorithm.critic = 'separate' (the reward "
                                   "model's backbone becomes the critic's own)")
@@ -555,7 +559,8 @@ def _strip(tp):
 
 
 def _is_section(tp) -> bool:
-    return isinstance(tp, type) and issubclass(tp, BaseModel)
+    # typing.get_origin first: on Python 3.10, tuple[...] and dict[...] are instances of type
+    return typing.get_origin(tp) is None and isinstance(tp, type) and issubclass(tp, BaseModel)
 
 
 def _message(error: dict, root=None) -> str:

@@ -177,25 +177,29 @@ class Runtime:
         return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
             full_state_dict=True, cpu_offload=True)).get("state", {})
 
-    def load_optimizer_state(self, model, optimizer, state: dict) -> None:
-        """Give ``optimizer`` the per-parameter ``state`` (from ``optimizer_state``: every rank passes the whole
-        of it; fsdp shards it), keeping its own param groups (this round's lr, schedule and weight decay).
-        Raises ConfigError when the state names parameters the model does not train."""
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                             set_optimizer_state_dict)
+    def load_optimizer_state(self, model, optimizer, state: dict | None) -> None:
+        """Give ``optimizer`` the per-parameter ``state`` (from ``optimizer_state``, read on rank 0; the other
+        ranks pass None and get their shards by broadcast), keeping its own param groups (this round's lr,
+        schedule and weight decay).  Raises ConfigError when the state names parameters the model does not train."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         from rlhf_core.errors import ConfigError
 
         optimizer = getattr(optimizer, "optimizer", optimizer)
-        options = StateDictOptions(full_state_dict=True)
-        groups = get_optimizer_state_dict(model, optimizer, options=options)["param_groups"]
-        names = {name for group in groups for name in group["params"]}
-        unknown = sorted(set(state) - names)  # a parameter that never had a gradient (grpo's value head) has none
-        if unknown:
-            raise ConfigError(f"the carried optimizer state is for other parameters ({', '.join(unknown[:3])}, ...): "
-                              "the checkpoint was trained with other lora/critic settings")
-        set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups},
-                                 options=StateDictOptions(full_state_dict=True, strict=False))
+        trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        names = [name for name, p in model.named_parameters() if id(p) in trained]
+        if self.is_main:
+            unknown = sorted(set(state or {}) - set(names))  # a parameter never given a gradient (grpo's value head) has none
+            if unknown:
+                raise ConfigError(f"the carried optimizer state is for other parameters ({', '.join(unknown[:3])}, ...):"
+                                  " the checkpoint was trained with other lora/critic settings")
+        by_name = dict(zip(names, (p for name, p in model.named_parameters() if id(p) in trained)))
+        groups = [{**{k: v for k, v in group.items() if k != "params"},
+                   "params": [name for name in names if id(by_name[name]) in {id(p) for p in group["params"]}]}
+                  for group in optimizer.param_groups]
+        set_optimizer_state_dict(model, optimizer, {"state": state or {}, "param_groups": groups},
+                                 options=StateDictOptions(full_state_dict=True, strict=False,
+                                                          broadcast_from_rank0=self.distributed))
 
     def close(self) -> None:
         """Wait for every rank, then leave the process group (the plain runtime does nothing)."""

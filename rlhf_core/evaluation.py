@@ -93,10 +93,3 @@ def evaluate_checkpoint(policy, reference, tokenizer, prompts: list[str], heldou
     examples = [{"prompt": prompts[s.prompt_index], "response": responses[i], "reward": components["total"][i]}
                 for i, s in enumerate(samples)]
     return metrics, examples
-
-
-def summarize(results: dict[str, dict], final: str) -> dict:
-    """The final checkpoint's eval metrics, plus its reward gain over SFT: the one DVC metric file."""
-    summary = {"checkpoint": final, **results[final]}
-    summary["reward_gain"] = results[final]["reward"] - results["sft"]["reward"]
-    return summary

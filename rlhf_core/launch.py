@@ -175,6 +175,10 @@ def main(argv: list[str] | None = None) -> None:
         run_in_process(module, stage_args)
         return
     pin_cpu_numerics(params.cpu_isa)
+    from rlhf_core.warm import QUIET_IMPORT_ENV
+
+    for name, value in QUIET_IMPORT_ENV.items():  # warm or cold, every stage imports numpy and pyarrow alike
+        os.environ.setdefault(name, value)
     compute = params.compute
     try:
         command = build_command(module, stage_args, compute)

@@ -716,6 +716,10 @@ def critic_from_reward_model(path: str, policy_config, trust_remote_code: bool =
     if not isinstance(score, nn.Linear) or score.out_features != 1:
         raise ConfigError(f"algorithm.critic_init: {path} is a {type(model).__name__}; a critic starts from a one-output "
                           "decoder reward model with a linear `score` head (e.g. LlamaForSequenceClassification)")
+    if hidden_size_of(model.config) != hidden_size_of(policy_config):
+        raise ConfigError(f"algorithm.critic_init: {path} has hidden size {hidden_size_of(model.config)}, the policy "
+                          f"{hidden_size_of(policy_config)}: the value head must fit both (train the reward model with "
+                          "base: sft)")
     if model.config.vocab_size != policy_config.vocab_size:
         raise ConfigError(f"algorithm.critic_init: {path} has a vocabulary of {model.config.vocab_size} tokens, the policy "
                           f"{policy_config.vocab_size}: a critic must read the policy's tokens (train the reward model "

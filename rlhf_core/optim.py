@@ -21,19 +21,23 @@ def make_optimizer(parameters, lr: float, eps: float, weight_decay: float, sched
     return optimizer, scheduler
 
 
-OPTIMIZER_STATE_FILE = "optimizer.safetensors"  # beside a round's checkpoint when optim.carry_state is on
+# Inside a round's checkpoint when optim.carry_state is on; in a subdirectory, so that a loader that takes every
+# *.safetensors file of the checkpoint (vLLM) does not take it for weights.
+OPTIMIZER_STATE_FILE = "optimizer/state.safetensors"
 
 
 def save_optimizer_state(directory, state: dict) -> None:
     """Write an optimizer's per-parameter state ``{parameter name: {"step"|"exp_avg"|"exp_avg_sq": tensor}}`` to
-    ``directory``/optimizer.safetensors (safetensors: no pickle), one tensor per ``<parameter name>::<name>``."""
+    ``directory``/optimizer/state.safetensors (safetensors: no pickle), one tensor per ``<parameter name>::<name>``."""
     from pathlib import Path
 
     from safetensors.torch import save_file
 
     tensors = {f"{parameter}::{name}": value.detach().cpu().contiguous()
                for parameter, values in state.items() for name, value in values.items()}
-    save_file(tensors, str(Path(directory) / OPTIMIZER_STATE_FILE), metadata={"format": "rlhf-optimizer-state"})
+    path = Path(directory) / OPTIMIZER_STATE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"format": "rlhf-optimizer-state"})
 
 
 def load_optimizer_state(directory) -> dict | None:

@@ -93,10 +93,11 @@ def import_closure(root: Path, module: str, follow=lambda name: True) -> dict[st
 def module_sources(module: str) -> dict[str, str]:
     """{path relative to its sys.path entry: fingerprint} of the python scorer module ``module`` and of what it
     imports from the same place.  For a module in site-packages, only its own top-level package is followed."""
-    try:
+    try:  # finding a submodule imports its parent packages: the user's code may raise anything
         spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError) as exc:
-        raise DataError(f"python scorer module {module!r} cannot be found ({exc})") from None
+    except Exception as exc:  # noqa: BLE001
+        raise DataError(f"python scorer module {module!r} cannot be found ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     if spec is None or not spec.origin or not spec.origin.endswith(".py"):
         raise DataError(f"python scorer module {module!r} is not a Python source file on the import path "
                         "(the repository root or an installed package)")
@@ -105,8 +106,12 @@ def module_sources(module: str) -> dict[str, str]:
     root = origin.parents[depth]
     top = module.split(".")[0]
     installed = root.name in ("site-packages", "dist-packages")
-    files = import_closure(root, module, follow=(lambda name: name.split(".")[0] == top) if installed else
-                           (lambda name: True))
+    try:
+        files = import_closure(root, module, follow=(lambda name: name.split(".")[0] == top) if installed else
+                               (lambda name: True))
+    except (SyntaxError, ValueError, OSError) as exc:
+        raise DataError(f"python scorer module {module!r}: a file it imports cannot be read as Python "
+                        f"({type(exc).__name__}: {getattr(exc, 'filename', '') or ''} {getattr(exc, 'msg', exc)})") from None
     return {path.relative_to(root).as_posix(): file_fingerprint(path) for path in sorted(files.values())}
 
 

@@ -70,7 +70,8 @@ PRELOAD = (
 # must not serve the stage.
 IMPORT_TIME_ENV_PREFIXES = ("PYTHON", "TORCH", "PYTORCH", "CUDA", "NVIDIA", "OMP_", "MKL_", "KMP_", "OPENBLAS",
                             "ATEN_", "ONEDNN_", "DNNL_",  # the CPU kernels (cpu_isa): a server must compute the same floats
-                            "HF_", "TRANSFORMERS", "TOKENIZERS", "MLFLOW", "LD_", "RLHF_WARM")
+                            "HF_", "TRANSFORMERS", "TOKENIZERS", "MLFLOW", "LD_", "RLHF_WARM",
+                            "JE_")  # JE_ARROW_MALLOC_CONF: pyarrow's allocator
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -304,8 +305,8 @@ def serve(address: str, lock_path: Path, repo: Path, idle_seconds: float = IDLE_
     preload(log)
     threads = native_threads()
     if len(threads) > 1:  # forking a process with threads is unsafe: refuse, clients run cold
-        log(f"preload started threads {threads[1:]} (Python threads: {[t.name for t in threading.enumerate()]}); "
-            "refusing to fork, exiting")
+        log(f"preload started {len(threads) - 1} thread(s) besides the main one ({threads}; Python threads: "
+            f"{[t.name for t in threading.enumerate()]}); refusing to fork, exiting")
         if refused_path is not None:  # clients of this key now run cold without trying again
             refused_path.write_text(f"a preloaded module started {len(threads) - 1} thread(s); forking is unsafe\n")
         return

@@ -10,8 +10,6 @@ def main(params, args):
 
     import pandas as pd
 
-    from rlhf_core.evaluation import summarize
-
     names = ["sft", *params.rounds]
     results = {name: read_json(f"evals/{name}/metrics.json") for name in names}
     ready()
@@ -23,6 +21,13 @@ def main(params, args):
         tmp.write_text("".join(Path(f"evals/{name}/samples.jsonl").read_text() for name in names))
     write_json("metrics/eval.json", results)
     write_json("metrics/summary.json", summarize(results, final=names[-1]))
+
+
+def summarize(results: dict[str, dict], final: str) -> dict:
+    """The final checkpoint's eval metrics, plus its reward gain over SFT: the one DVC metric file."""
+    summary = {"checkpoint": final, **results[final]}
+    summary["reward_gain"] = results[final]["reward"] - results["sft"]["reward"]
+    return summary
 
 
 # The plot table's columns in evaluate_checkpoint's order (metrics.json is written with sorted keys).

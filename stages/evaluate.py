@@ -24,9 +24,9 @@ def main(params, args):
     seed_everything(params.evaluate.seed)
     device = resolve_device(params.device, params.cpu_threads)
     eval_prompts = read_parquet("prompts/eval.parquet", ("prompt",)).head(params.evaluate.num_prompts)
-    if eval_prompts.empty:  # prepare.eval_fraction 0: every prompt is a training prompt
-        log("evaluate: prepare.eval_fraction is 0, so there are no held-out prompts: evaluating on the first "
-            f"{params.evaluate.num_prompts} training prompts")
+    if eval_prompts.empty:  # prepare.eval_fraction 0 (or too few prompts): every prompt is a training prompt
+        log("evaluate: prompts/eval.parquet is empty (prepare.eval_fraction 0), so there are no held-out prompts: "
+            f"evaluating on the first {params.evaluate.num_prompts} training prompts")
         eval_prompts = read_parquet("prompts/train.parquet", ("prompt",)).head(params.evaluate.num_prompts)
     prompts = eval_prompts["prompt"].tolist()
     answers = [str(a) for a in eval_prompts["answer"]] if "answer" in eval_prompts else None

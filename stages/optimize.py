@@ -46,8 +46,10 @@ def _train_and_save(params, round_key, start_from, train, seed, runtime):
     if params.compute.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     # optim.carry_state: AdamW continues from the state saved beside the start checkpoint (none beside sft)
-    carry = {"state": load_optimizer_state(checkpoint_dir(start_from))} if params.optim.carry_state else None
-    if carry is not None and carry["state"] is None and start_from != "sft":
+    # rank 0 reads it; the other ranks get their share by broadcast
+    carry = ({"state": load_optimizer_state(checkpoint_dir(start_from)) if runtime.is_main else None}
+             if params.optim.carry_state else None)
+    if carry is not None and runtime.is_main and carry["state"] is None and start_from != "sft":
         log(f"optimize@{round_key}: models/{start_from} holds no optimizer state (trained with optim.carry_state off): "
             "a fresh AdamW")
     ready()
@@ -67,7 +69,7 @@ def _train_and_save(params, round_key, start_from, train, seed, runtime):
     with atomic_dir(checkpoint_dir(round_key)) as out:
         save_checkpoint(out, model, tokenizer, {**state, "round": round_key, "algorithm": params.algorithm.name},
                         state_dict=full_state)
-        if carry is not None:
+        if carry is not None and carry.get("state") is not None:
             save_optimizer_state(out, carry["state"])
     write_json(f"metrics/{round_key}/optimize.json", metrics)
 

@@ -130,7 +130,7 @@ def _rank_carry(rank: int, world_size: int, init_file: str, workdir: str) -> Non
     dist.barrier()
     model = untied_actor_critic()
     model.load_state_dict(torch.load(workdir / "r1.pt"))
-    carry = {"state": load_optimizer_state(workdir)}  # every rank reads the whole state; fsdp shards it
+    carry = {"state": load_optimizer_state(workdir) if rank == 0 else None}  # as optimize: rank 0 reads, broadcasts
     train_round(model, carry, seed=1)
     state = runtime.full_state_dict(model)
     if rank == 0:

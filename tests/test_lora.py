@@ -31,7 +31,7 @@ def test_lora_pipeline_runs_end_to_end_and_exports_a_merged_model(tmp_path, tiny
     raw["optim"].update(epochs=2, minibatch_size=8, micro_batch_size=4, lr=1e-2)
     raw["ppo"]["target_kl"] = None
     raw["evaluate"].update(num_prompts=4, samples_per_prompt=1, max_new_tokens=6, num_perplexity_texts=5)
-    raw["lora"].update(enabled=True, r=4, alpha=8.0, lr_scale=1.0)  # ppo.lr 1e-2 is already large here
+    raw["lora"].update(enabled=True, r=4, alpha=8.0, lr_scale=1.0)  # optim.lr 1e-2 is already large here
     raw["rounds"] = {"r1": {"from": "sft"}, "r2": {"from": "r1"}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)
@@ -127,7 +127,7 @@ def test_a_moved_repository_finds_its_base_next_to_the_checkpoint(tmp_path):
 
 
 def test_adapters_learn_at_their_own_rate(tiny_checkpoint):
-    """lora.lr_scale: the adapters' AdamW group runs at ppo.lr × lr_scale, the value head's at ppo.lr."""
+    """lora.lr_scale: the adapters' AdamW group runs at optim.lr × lr_scale, the value head's at optim.lr."""
     from rlhf_core.algorithms.common import lora_parameter_ids, make_optimizer
     from rlhf_core.models import load_actor_critic
 

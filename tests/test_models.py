@@ -354,6 +354,15 @@ def test_a_critic_init_that_cannot_read_the_policys_tokens_is_refused(tiny_check
     AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "other_vocab")
     with pytest.raises(ConfigError, match="has a vocabulary of .* tokens, the policy .*: a critic must read the policy"):
         load_actor_critic(str(tiny_checkpoint), "separate", torch.device("cpu"), critic_init=str(tmp_path / "other_vocab"))
+    config.vocab_size -= 8
+    config.hidden_size, config.intermediate_size = 2 * config.hidden_size, 2 * config.intermediate_size
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "wider")
+    with pytest.raises(ConfigError, match="has hidden size .*, the policy .*: the value head must fit both"):
+        load_actor_critic(str(tiny_checkpoint), "separate", torch.device("cpu"), critic_init=str(tmp_path / "wider"))
+    with pytest.raises(ConfigError, match=r"^algorithm.critic_init = 'reward_models/rm': algorithm.name = 'grpo' trains no critic"):
+        params_from_dict({"algorithm": {"name": "grpo", "critic": "separate", "critic_init": "reward_models/rm"},
+                          "kl": {"reward_coef": 0}})
+    assert params_from_dict({"algorithm": {"critic_init": "./models/sft/"}}).algorithm.critic_init == "./models/sft/"
     with pytest.raises(ConfigError, match=r"^algorithm.critic_init = 'reward_models/rm': needs algorithm.critic = 'separate'"):
         params_from_dict({"algorithm": {"critic_init": "reward_models/rm"}})
     with pytest.raises(ConfigError, match=r"reward_models.rm.base is 'builtin'; a critic reads the policy's tokens"):

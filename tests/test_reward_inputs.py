@@ -69,6 +69,23 @@ def test_a_missing_scorer_module_is_one_line(tmp_path):
         inputs.reward_inputs([python_scorer("no_such_scorer_module:f")], tmp_path)
 
 
+def test_a_scorer_package_that_raises_or_does_not_parse_is_one_line(tmp_path, monkeypatch):
+    """Finding a submodule runs its package's __init__ (the user's code), and the import walk parses every file."""
+    (tmp_path / "raising").mkdir()
+    (tmp_path / "raising" / "__init__.py").write_text("raise RuntimeError('no GPU here')\n")
+    (tmp_path / "raising" / "score.py").write_text("")
+    (tmp_path / "broken.py").write_text("def f(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.raises(DataError, match=r"'raising.score' cannot be found \(RuntimeError: no GPU here\)"):
+            inputs.module_sources("raising.score")
+        with pytest.raises(DataError, match=r"'broken': a file it imports cannot be read as Python \(SyntaxError"):
+            inputs.module_sources("broken")
+    finally:
+        for name in ("raising", "raising.score", "broken"):
+            sys.modules.pop(name, None)
+
+
 def test_a_local_reward_model_directory_is_fingerprinted_unless_it_is_a_train_reward_output(tmp_path, monkeypatch):
     repo, outside = tmp_path / "repo", tmp_path / "elsewhere" / "rm"
     (repo / "reward_models" / "bt").mkdir(parents=True)

@@ -172,11 +172,11 @@ def test_every_algorithm_runs_the_round_stages(tmp_path, tiny_checkpoint, monkey
         assert optimize_metrics["first_minibatch_ratio_max_deviation"] < 1e-5
     assert ("kl_ref" in optimize_metrics) == (algorithm == "grpo")  # grpo's KL loss term, from kl.loss_coef
     if carry:
-        assert (tmp_path / "models/r1/optimizer.safetensors").is_file()
+        assert (tmp_path / "models/r1/optimizer/state.safetensors").is_file()
         second = json.loads((tmp_path / "metrics/r2/optimize.json").read_text())
         assert optimize_metrics["optimizer_state_carried"] is False and second["optimizer_state_carried"] is True
     else:
-        assert not (tmp_path / "models/r1/optimizer.safetensors").exists()
+        assert not (tmp_path / "models/r1/optimizer/state.safetensors").exists()
     assert set(json.loads((tmp_path / "metrics/eval.json").read_text())) == {"sft", "r1", "r2"}
 
 
@@ -227,7 +227,7 @@ def test_eval_fraction_zero_trains_on_every_prompt_and_evaluate_says_what_it_rea
     capsys.readouterr()
     evaluate_all(params)
     err = capsys.readouterr().err
-    assert "no held-out prompts: evaluating on the first 4 training prompts" in err
+    assert "so there are no held-out prompts: evaluating on the first 4 training prompts" in err
     evaluation = json.loads((tmp_path / "metrics/eval.json").read_text())
     assert set(evaluation) == {"sft", "r1"}
     # A model snapshot as it is (sft.epochs 0) never saw the built-in demonstrations: no perplexity on them, and a

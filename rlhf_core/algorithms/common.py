@@ -192,10 +192,10 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
     forward_model, optimizer, scheduler, trainable = runtime.prepare(model, lambda trainable: make_optimizer(
         trainable, optim.lr, optim.adam_eps, optim.weight_decay, optim.lr_schedule, optim.warmup_steps, total_steps,
         scaled=lora_parameter_ids(model) if params.lora.enabled else frozenset(), lr_scale=params.lora.lr_scale))
-    if carry is not None:  # AdamW's moments and steps from the last round, when there is one
-        carry["carried_in"] = carry.get("state") is not None
+    if carry is not None:  # AdamW's moments and steps from the last round, when there is one (on rank 0)
+        carry["carried_in"] = bool(runtime.all_gather(carry.get("state") is not None)[0])
         if carry["carried_in"]:
-            runtime.load_optimizer_state(model, optimizer, carry["state"])
+            runtime.load_optimizer_state(model, optimizer, carry.get("state"))
     parameter_bytes = local_parameter_bytes(model)
     generator = np.random.default_rng(seed)
     history: dict[str, list[float]] = {}
@@ -263,8 +263,9 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
     progress.close()
     add_work("training_tokens", trained_tokens, time.perf_counter() - loop_started)  # response tokens stepped on
     optimizer.zero_grad(set_to_none=True)
-    if carry is not None:  # for the next round (optim.carry_state); every rank joins the gather
+    if carry is not None and steps > 0:  # for the next round (optim.carry_state); every rank joins the gather
         carry["state"] = runtime.optimizer_state(model, optimizer)
+    # no step taken (an early stop on the first minibatch): the incoming state, if any, goes on unchanged
     metrics = {key: float(np.mean(values)) for key, values in history.items()}
     metrics.update(optimizer_steps=steps, planned_steps=total_steps, early_stopped=early_stopped,
                    parameter_bytes_per_process=parameter_bytes)

@@ -15,8 +15,8 @@ import sys
 from rlhf_core.commands._common import root
 
 # The dependency columns: every path a stage of dvc.yaml depends on starts with one of these.
-EXP_SHOW_DROP = ("^(rlhf_core|stages|configs|models|rollouts|scores|advantages|prompts|demos|metrics|plots|samples|"
-                 "reward_models)(/|$)")
+EXP_SHOW_DROP = ("^(rlhf_core|stages|configs|models|rollouts|scores|advantages|evals|prompts|demos|metrics|plots|"
+                 "samples|reward_models)(/|$)")
 
 
 def command(extra: list[str]) -> list[str]:
