@@ -81,8 +81,9 @@ def run_stage(main, *, name: str, needs_round: bool = False, argv: list[str] | N
             params.round_index(args.round)  # validates the key
         main(params, args)
         measures = stage_times.work_rates()
-        if argv is None and stage_times.peak_rss_mb() is not None:  # the stage is its process's program
-            measures["peak_rss_mb"] = stage_times.peak_rss_mb()
+        peak = stage_times.peak_rss_mb() if argv is None else None  # only when the stage is its process's program
+        if peak is not None:
+            measures["peak_rss_mb"] = peak
         # under DVC only: the run's wall time and measures (track logs them)
         stage_times.record(where, time.perf_counter() - started, measures=measures)
     except (RLHFError, FloatingPointError) as exc:  # FloatingPointError: a NaN/inf guard tripped

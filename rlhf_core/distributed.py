@@ -186,17 +186,15 @@ class Runtime:
         from rlhf_core.errors import ConfigError
 
         optimizer = getattr(optimizer, "optimizer", optimizer)
-        trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        names = [name for name, p in model.named_parameters() if id(p) in trained]
+        name_of = {id(p): name for name, p in model.named_parameters()}
+        groups = [{**{k: v for k, v in group.items() if k != "params"},
+                   "params": [name_of[id(p)] for p in group["params"]]} for group in optimizer.param_groups]
         if self.is_main:
-            unknown = sorted(set(state or {}) - set(names))  # a parameter never given a gradient (grpo's value head) has none
+            trained = {name for group in groups for name in group["params"]}
+            unknown = sorted(set(state or {}) - trained)  # a parameter never given a gradient (grpo's value head) has none
             if unknown:
                 raise ConfigError(f"the carried optimizer state is for other parameters ({', '.join(unknown[:3])}, ...):"
                                   " the checkpoint was trained with other lora/critic settings")
-        by_name = dict(zip(names, (p for name, p in model.named_parameters() if id(p) in trained)))
-        groups = [{**{k: v for k, v in group.items() if k != "params"},
-                   "params": [name for name in names if id(by_name[name]) in {id(p) for p in group["params"]}]}
-                  for group in optimizer.param_groups]
         set_optimizer_state_dict(model, optimizer, {"state": state or {}, "param_groups": groups},
                                  options=StateDictOptions(full_state_dict=True, strict=False,
                                                           broadcast_from_rank0=self.distributed))

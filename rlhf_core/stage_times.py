@@ -80,30 +80,31 @@ def record(stage: str, seconds: float, workdir: Path | None = None, measures: di
                                      **({"measures": measures} if measures else {})}) + "\n")
 
 
+def _entries(workdir: Path) -> list[tuple[str, float, dict[str, float]]]:
+    """(stage, seconds, measures) of every well-formed line recorded since the last track; a line cut short by a
+    killed stage is skipped."""
+    path = workdir / FILE
+    entries = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+                entry = json.loads(line)
+                entries.append((str(entry["stage"]), float(entry["seconds"]),
+                                {str(k): float(v) for k, v in entry.get("measures", {}).items()}))
+    return entries
+
+
 def read(workdir: Path) -> dict[str, float]:
     """{stage: seconds} of the stages recorded since the last track (a re-run stage's times are summed)."""
-    path = workdir / FILE
     times: dict[str, float] = {}
-    if not path.is_file():
-        return times
-    for line in path.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-            times[str(entry["stage"])] = times.get(str(entry["stage"]), 0.0) + float(entry["seconds"])
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut short by a killed stage
+    for stage, seconds, _ in _entries(workdir):
+        times[stage] = times.get(stage, 0.0) + seconds
     return times
 
 
 def read_measures(workdir: Path) -> dict[str, dict[str, float]]:
     """{stage: {measure: value}} recorded since the last track (a re-run stage's latest)."""
-    path = workdir / FILE
-    measures: dict[str, dict[str, float]] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
-                entry = json.loads(line)
-                measures[str(entry["stage"])] = {str(k): float(v) for k, v in entry.get("measures", {}).items()}
+    measures = {stage: values for stage, _, values in _entries(workdir)}
     return {stage: values for stage, values in measures.items() if values}
 
 
