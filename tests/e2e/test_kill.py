@@ -50,10 +50,13 @@ def repro_with_kills(workdir, kill_after: dict[str, list[float]], log_path) -> t
                 stage_processes = psutil.Process(process.pid).children(recursive=True)
             except psutil.NoSuchProcess:
                 stage_processes = []
-            if stage_processes:  # the stage is still running (not DVC's own bookkeeping after it)
-                for child in stage_processes:
-                    with contextlib.suppress(psutil.NoSuchProcess):
+            killed_any = False
+            for child in stage_processes:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    if child.status() != psutil.STATUS_ZOMBIE:  # a stage that has ended but is not yet reaped
                         child.send_signal(signal.SIGKILL)
+                        killed_any = True
+            if killed_any:  # the stage was still running (not DVC's own bookkeeping after it, nor just gone)
                 process.wait()
                 kill_after[current].pop(0)
                 assert process.returncode != 0  # DVC saw the stage die and stopped
