@@ -221,7 +221,7 @@ def test_exps_runs_dvc_exp_show_without_the_dependency_columns_and_passes_its_ex
     import re
 
     dropped = re.compile(exps.EXP_SHOW_DROP)
-    for column in ("rlhf_core/config.py", "stages", "models/sft", "scores/reward_inputs.json", "configs/accelerate",
+    for column in ("rlhf_core/config.py", "stages", "models/sft", "fingerprints/code/rollout.json", "configs/accelerate",
                    "evals"):
         assert dropped.match(column), column
     for column in ("reward", "ppo.clip_range", "optim.lr", "kl.reward_coef", "algorithm.name"):

@@ -2,67 +2,90 @@
 
 A stage's command is `python -m rlhf_core.launch stages.<name>`, so what it runs is the import closure of the
 launcher and of its script: every `import rlhf_core...` / `from rlhf_core... import ...` (function-local ones
-included, found with `ast`), followed transitively through the project's own files.  Each file of the closure
-must be listed in the stage's deps, or lie in a listed directory.  Before this test, `score` missed
-rlhf_core/reward_model.py (the hf_classifier reward), `optimize` missed rollout.py and advantages.py, and
-`evaluate` missed models.py, sft.py and tasks: an edit there left `dvc repro` serving stale outputs.
+included, found with `ast`), followed transitively through the project's own files.  The `fingerprints` stage
+walks that closure on every `dvc repro` and writes fingerprints/code/<stage>.json; each stage depends on its
+file.  Before the walk, `score` missed rlhf_core/reward_model.py (the hf_classifier reward), `optimize` missed
+rollout.py and advantages.py, and `evaluate` missed models.py, sft.py and tasks: an edit there left `dvc repro`
+serving stale outputs.  Later, hand-kept (then generated) module lists made dvc.lock 160 KB for ten rounds.
 """
 
 from __future__ import annotations
 
 import ast
-import re
+import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import REPO
-from rlhf_core.reward_inputs import import_closure as closure_of
-from rlhf_core.reward_inputs import module_file as closure_module_file
-
-PACKAGES = ("rlhf_core", "stages")
-
-
-def module_file(name: str) -> Path | None:
-    """The file of a project module (``rlhf_core.tasks`` → rlhf_core/tasks/__init__.py), or None if not ours."""
-    return closure_module_file(REPO, name) if name.split(".")[0] in PACKAGES else None
-
-
-def import_closure(*modules: str) -> set[Path]:
-    """The project files reached from ``modules`` through imports, function-local ones included (parent packages'
-    __init__ too): rlhf_core.reward_inputs.import_closure, the walk that also fingerprints python scorers."""
-    files: set[Path] = set()
-    for module in modules:
-        files |= set(closure_of(REPO, module, follow=lambda name: name.split(".")[0] in PACKAGES).values())
-    return files
-
-
-def stages_of(dvc: dict) -> dict[str, dict]:
-    """Each stage of dvc.yaml (a foreach stage by its name) with its script module and deps."""
-    out = {}
-    for name, stage in dvc["stages"].items():
-        body = stage.get("do", stage)
-        command = re.search(r"python -m (rlhf_core\.launch )?(stages\.\w+)", body["cmd"])
-        runs = [command.group(2), *(["rlhf_core.launch"] if command.group(1) else [])]  # the launcher runs first
-        out[name] = {"module": command.group(2), "runs": runs, "deps": [d for d in body.get("deps", []) if "${" not in d]}
-    return out
-
+from rlhf_core.fingerprints import CODE_DIR, STAGE, code_closure, code_fingerprints, stage_modules
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
+STAGES = sorted(name for name in DVC["stages"] if name != STAGE)
 
 
-@pytest.mark.parametrize("stage", sorted(stages_of(DVC)))
-def test_every_module_a_stage_runs_is_a_dependency(stage):
-    spec = stages_of(DVC)[stage]
-    closure = import_closure(*spec["runs"])
-    deps = [REPO / d for d in spec["deps"]]
+def body(stage: str) -> dict:
+    return DVC["stages"][stage].get("do", DVC["stages"][stage])
 
-    def covered(path: Path) -> bool:
-        return any(path == dep or dep in path.parents for dep in deps)
 
-    missing = sorted(str(p.relative_to(REPO)) for p in closure if not covered(p) and p.stat().st_size > 0)
-    assert not missing, f"dvc.yaml stage {stage!r} runs these modules but does not depend on them: {missing}"
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_depends_on_the_fingerprint_of_its_code(stage):
+    deps = body(stage).get("deps", [])
+    assert f"{CODE_DIR}/{stage}.json" in deps, f"dvc.yaml stage {stage!r} must depend on {CODE_DIR}/{stage}.json"
+    listed = [d for d in deps if d.startswith(("rlhf_core/", "stages/"))]
+    assert not listed, f"dvc.yaml stage {stage!r} lists code that its fingerprint already covers: {listed}"
+
+
+def test_the_fingerprint_stage_runs_on_every_repro_and_reads_no_torch():
+    fingerprints = DVC["stages"][STAGE]
+    assert fingerprints["always_changed"] is True
+    closure = code_closure(REPO, stage_modules(DVC)[STAGE])
+    imported = set()
+    for path in closure.values():
+        imported |= {node.names[0].name.split(".")[0] if isinstance(node, ast.Import) else (node.module or "")
+                     for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, (ast.Import, ast.ImportFrom))}
+    assert "torch" not in imported and "transformers" not in imported
+
+
+def test_the_fingerprints_cover_the_modules_that_went_stale_before():
+    """What each stage once missed is in its fingerprint; an empty __init__ is not (it runs nothing)."""
+    code = code_fingerprints(REPO, DVC)
+    assert set(code) == set(STAGES)
+    assert "rlhf_core/reward_model.py" in code["score"]
+    assert {"rlhf_core/rollout.py", "rlhf_core/advantages.py", "stages/optimize.py", "rlhf_core/launch.py"} <= set(code["optimize"])
+    assert {"rlhf_core/models.py", "rlhf_core/sft.py", "rlhf_core/tasks/__init__.py"} <= set(code["evaluate"])
+    assert "rlhf_core/algorithms/ppo.py" in code["optimize"] and "rlhf_core/algorithms/ppo.py" not in code["prepare"]
+    assert all(value.startswith("sha256:") for files in code.values() for value in files.values())
+
+
+def test_an_edit_changes_the_fingerprint_of_exactly_the_stages_that_run_the_file(tmp_path):
+    for name in ("rlhf_core", "stages"):
+        shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    before = code_fingerprints(tmp_path, DVC)
+    with open(tmp_path / "rlhf_core/advantages.py", "a") as handle:
+        handle.write("# an edit\n")
+    after = code_fingerprints(tmp_path, DVC)
+    changed = {stage for stage in before if before[stage] != after[stage]}
+    assert changed == {stage for stage, files in before.items() if "rlhf_core/advantages.py" in files}
+    assert {"advantages", "optimize"} <= changed and "prepare" not in changed and "sft" not in changed
+
+
+def test_the_fingerprint_stage_writes_one_file_per_stage(tmp_path):
+    """stages.fingerprints in a copy of the repository's code and dvc.yaml (no DVC): one JSON per stage."""
+    for name in ("rlhf_core", "stages"):
+        shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy2(REPO / name, tmp_path / name)
+    result = subprocess.run([sys.executable, "-m", "stages.fingerprints"], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    written = {path.stem: json.loads(path.read_text()) for path in (tmp_path / CODE_DIR).glob("*.json")}
+    assert written == code_fingerprints(tmp_path, DVC)
+    assert json.loads((tmp_path / "fingerprints/reward.json").read_text()) == {"python_scorers": {}, "model_directories": {}}
 
 
 def files_read(script: Path) -> set[str]:
@@ -81,79 +104,24 @@ def files_read(script: Path) -> set[str]:
     return paths
 
 
-@pytest.mark.parametrize("stage", sorted(stages_of(DVC)))
+@pytest.mark.parametrize("stage", STAGES)
 def test_every_file_a_stage_reads_is_a_dependency(stage):
     """optimize read metrics/<round>/advantages.json without declaring it."""
-    body = DVC["stages"][stage].get("do", DVC["stages"][stage])
-    deps = body.get("deps", [])
-    read = files_read(module_file(stages_of(DVC)[stage]["module"]))
+    deps = body(stage).get("deps", [])
+    read = files_read(REPO / (stage_modules(DVC)[stage][0].replace(".", "/") + ".py"))
     missing = sorted(path for path in read if not any(path == d or path.startswith(d.rstrip("/") + "/") for d in deps))
     assert not missing, f"dvc.yaml stage {stage!r} reads {missing} without declaring them"
 
 
 def test_the_closure_follows_function_local_and_package_imports():
     """The walk itself: evaluate reaches tasks/ through rewards' function-local import, and models.py."""
-    closure = {str(p.relative_to(REPO)) for p in import_closure("stages.evaluate")}
+    closure = set(code_closure(REPO, ["stages.evaluate"]))
     assert {"rlhf_core/evaluation.py", "rlhf_core/rewards.py", "rlhf_core/models.py",
             "rlhf_core/tasks/__init__.py"} <= closure
 
 
-# ---------------------------------------------------------------------------------------------------
-# Regenerating the code deps: python tests/test_dvc_deps.py --write
+def test_a_stage_whose_command_runs_no_stage_script_is_refused():
+    from rlhf_core.errors import DataError
 
-
-def code_deps(spec: dict) -> list[str]:
-    """The code deps of a stage (``stages_of``): its script, then the closure of what it runs (a package directory
-    when the closure holds all of its files)."""
-    script = module_file(spec["module"])
-    closure = import_closure(*spec["runs"]) - {script}
-    names = {str(p.relative_to(REPO)) for p in closure if p.stat().st_size > 0}  # an empty __init__ runs nothing
-    for package in ("rlhf_core/algorithms", "rlhf_core/tasks"):
-        files = {str(p.relative_to(REPO)) for p in (REPO / package).glob("*.py")}
-        if files <= names:
-            names = (names - files) | {package}
-    return [str(script.relative_to(REPO)), *sorted(names)]
-
-
-def rewrite_deps(text: str) -> str:
-    """dvc.yaml with each stage's code deps (entries under stages/ or rlhf_core/) replaced by ``code_deps``; the
-    data deps keep their place after them, and comments stay."""
-    specs = stages_of(yaml.safe_load(text))
-    lines, out, stage, index = text.splitlines(keepends=True), [], None, 0
-    while index < len(lines):
-        line = lines[index]
-        header = re.match(r"^  (\w+):\s*$", line)
-        if header:
-            stage = header.group(1)
-        deps_header = re.match(r"^(\s+)deps:\s*$", line)
-        if deps_header and stage in specs:
-            out.append(line)
-            index += 1
-            item_indent = None
-            data = []
-            while index < len(lines) and re.match(r"^\s+- ", lines[index]):
-                item_indent = item_indent or lines[index][: lines[index].index("-")]
-                entry = lines[index].strip()[2:]
-                if not entry.startswith(("stages/", "rlhf_core/")):
-                    data.append(entry)
-                index += 1
-            out += [f"{item_indent}- {entry}\n" for entry in [*code_deps(specs[stage]), *data]]
-            continue
-        out.append(line)
-        index += 1
-    return "".join(out)
-
-
-def test_dvc_yaml_is_what_the_generator_writes():
-    assert rewrite_deps((REPO / "dvc.yaml").read_text()) == (REPO / "dvc.yaml").read_text(), (
-        "dvc.yaml's code deps are stale: run `python tests/test_dvc_deps.py --write`")
-
-
-if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1:] != ["--write"]:
-        sys.exit("usage: python tests/test_dvc_deps.py --write   (rewrites the code deps of dvc.yaml)")
-    sys.path.insert(0, str(Path(__file__).parent))
-    (REPO / "dvc.yaml").write_text(rewrite_deps((REPO / "dvc.yaml").read_text()))
-    print("dvc.yaml: code deps rewritten")
+    with pytest.raises(DataError, match="'custom': its cmd does not run"):
+        stage_modules({"stages": {"custom": {"cmd": "bash make.sh"}}})

@@ -15,7 +15,7 @@ import sys
 from rlhf_core.commands._common import root
 
 # The dependency columns: every path a stage of dvc.yaml depends on starts with one of these.
-EXP_SHOW_DROP = ("^(rlhf_core|stages|configs|models|rollouts|scores|advantages|evals|prompts|demos|metrics|plots|"
+EXP_SHOW_DROP = ("^(fingerprints|rlhf_core|stages|configs|models|rollouts|scores|advantages|evals|prompts|demos|metrics|plots|"
                  "samples|reward_models)(/|$)")
 
 

@@ -109,12 +109,18 @@ def pipeline(tmp_path_factory):
                    capture_output=True)
     outputs["third_round"] = dvc(["repro"], workdir)
     outputs["eval_after_third"] = json.loads((workdir / "metrics/eval.json").read_text())
+    # An edit to one module: the stages whose code fingerprint lists it re-run, and nothing else.
+    with open(workdir / "rlhf_core/advantages.py", "a") as handle:
+        handle.write("\n# an edit that changes no behaviour\n")
+    outputs["code_edit"] = dvc(["repro"], workdir)
+    outputs["code_fingerprints"] = {path.stem: json.loads(path.read_text())
+                                    for path in (workdir / "fingerprints/code").glob("*.json")}
     return workdir, outputs
 
 
-# reward_inputs is always_changed: it runs (under a second) on every repro, and what follows it re-runs only
-# when its fingerprint changed.
-ALWAYS = {"reward_inputs"}
+# fingerprints is always_changed: it runs (under a second) on every repro, and what follows it re-runs only
+# when a fingerprint it depends on changed.
+ALWAYS = {"fingerprints"}
 ALL_STAGES = {"prepare", "sft", "rollout@r1", "score@r1", "advantages@r1", "optimize@r1", "rollout@r2", "score@r2",
               "advantages@r2", "optimize@r2", "evaluate_sft", "evaluate@r1", "evaluate@r2", "eval_summary",
               "track"} | ALWAYS
@@ -212,7 +218,7 @@ def test_rlhf_exps_is_a_readable_table_of_dvc_exp_show(pipeline):
     assert not [c for c in columns if c.startswith("metrics/")], columns  # no per-round diagnostics columns
     plain = list(next(csv.DictReader(io.StringIO(dvc(["exp", "show", "--csv"], workdir)))))
     assert len(plain) > 3 * len(columns), len(plain)
-    assert any(column.startswith("rlhf_core/") for column in plain) and EXP_SHOW_DROP.startswith("^(rlhf_core|")
+    assert any(column.startswith("fingerprints/") for column in plain) and EXP_SHOW_DROP.startswith("^(fingerprints|")
 
 
 def test_outputs_are_versioned_artifacts(pipeline):
@@ -257,8 +263,21 @@ def test_one_mlflow_run_per_pipeline_state(pipeline):
         assert {"eval.jsonl", "eval_by_round.csv", "reward_vs_round.png"} <= artifacts
 
 
+def test_editing_a_module_reruns_exactly_the_stages_that_run_it(pipeline):
+    """Each stage depends on the fingerprint of the code it runs (fingerprints/code/<stage>.json), not on a
+    hand-kept module list: an edit to rlhf_core/advantages.py re-runs the stages that import it, in every round,
+    and their unchanged outputs stop the re-run there."""
+    _, outputs = pipeline
+    importers = {stage for stage, files in outputs["code_fingerprints"].items() if "rlhf_core/advantages.py" in files}
+    assert {"advantages", "optimize"} <= importers and "prepare" not in importers
+    per_round = {"rollout", "score", "advantages", "optimize", "evaluate"}
+    expected = {f"{stage}@{key}" for stage in importers & per_round for key in ("r1", "r2", "r3")}
+    expected |= importers - per_round - {"train_reward"}
+    assert ran_stages(outputs["code_edit"]) == ALWAYS | expected
+
+
 def test_editing_a_python_scorers_module_rescores(tmp_path):
-    """A python scorer's module lies outside dvc.yaml's code deps; the reward_inputs stage's fingerprint of it
+    """A python scorer's module lies outside dvc.yaml's code deps; the fingerprints stage's fingerprint of it
     (and of what it imports from beside it) makes an edit re-score, and only an edit."""
     import pandas as pd
 
@@ -276,7 +295,7 @@ def test_editing_a_python_scorers_module_rescores(tmp_path):
         return set(pd.read_parquet(workdir / "scores/r1/scores.parquet")["shout"])
 
     first = dvc(["repro", "score@r1"], workdir)
-    assert {"prepare", "sft", "rollout@r1", "reward_inputs", "score@r1"} <= ran_stages(first)
+    assert {"prepare", "sft", "rollout@r1", "fingerprints", "score@r1"} <= ran_stages(first)
     assert shout_column() == {1.0}
     assert ran_stages(dvc(["repro", "score@r1"], workdir)) == ALWAYS  # nothing edited: the cached scores stand
     (package / "notes.py").write_text("unrelated = True\n")  # not imported by the scorer

@@ -1,4 +1,4 @@
-"""The reward's inputs outside dvc.yaml's declared deps (rlhf_core/reward_inputs.py): a python scorer's sources
+"""The reward's inputs outside dvc.yaml's declared deps (rlhf_core/fingerprints.py): a python scorer's sources
 and a local reward-model directory.  Their fingerprint is what makes an edit there re-score."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_core import reward_inputs as inputs
+from rlhf_core import fingerprints as inputs
 from rlhf_core.config import ScorerParams
 from rlhf_core.errors import DataError
 

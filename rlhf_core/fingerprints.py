@@ -1,18 +1,25 @@
-"""What the reward reads from outside the pipeline's declared files, as one fingerprint.
+"""What the stages read that dvc.yaml cannot list precisely, as fingerprints: the code each stage runs, and
+the reward's inputs from outside the repository's declared files.
 
-dvc.yaml's deps cover this project's code and the pipeline's own outputs.  Two inputs of the reward
-lie outside them, so editing them would leave `dvc repro` serving stale scores:
+The ``fingerprints`` stage (``always_changed`` in dvc.yaml, so it runs on every `dvc repro`, first; it imports
+no torch and takes a fraction of a second) writes them, and the other stages depend on them: each file changes
+only when what it fingerprints was edited, and then exactly the stages that read it re-run.
 
-- a ``python`` scorer's source: the file of ``module`` in ``module:function``, and every file it imports
-  from the same place (its directory on ``sys.path``; for an installed package, that package only);
-- an ``hf_classifier`` model given as a local directory, outside the repository or inside it, other than the
-  ``train_reward`` stage's outputs under ``reward_models/`` (a declared dependency already).
+- ``fingerprints/code/<stage>.json``: every project file the stage's command runs (``code_fingerprints``): the
+  script and the launcher, followed through their imports (function-local ones included, found with ``ast``)
+  inside ``rlhf_core`` and ``stages``.  The walk runs on every repro, so a new import is covered the moment it is
+  written, and dvc.yaml lists one file per stage instead of twenty modules (a slimmer dvc.lock, which DVC
+  re-reads and rewrites after every stage).
+- ``fingerprints/reward.json`` (``reward_inputs``), read by ``score`` and ``evaluate``:
 
-The ``reward_inputs`` stage (``always_changed`` in dvc.yaml, so it runs on every `dvc repro`; it imports
-no torch) writes this fingerprint to ``scores/reward_inputs.json``.  ``score`` and ``evaluate`` depend on
-that file, so they re-run exactly when the fingerprint changes.  Files are hashed by content (sha256), except
-files above ``CONTENT_HASH_LIMIT`` bytes (model weights), which are fingerprinted by size and modification
-time, to keep the stage cheap on multi-GB checkpoints.  A Hub id is recorded as the id only.
+  - a ``python`` scorer's source: the file of ``module`` in ``module:function``, and every file it imports
+    from the same place (its directory on ``sys.path``; for an installed package, that package only);
+  - an ``hf_classifier`` model given as a local directory, outside the repository or inside it, other than the
+    ``train_reward`` stage's outputs under ``reward_models/`` (a declared dependency already).
+
+Files are hashed by content (sha256), except files above ``CONTENT_HASH_LIMIT`` bytes (model weights), which are
+fingerprinted by size and modification time, to keep the stage cheap on multi-GB checkpoints.  A Hub id is
+recorded as the id only.
 """
 
 from __future__ import annotations
@@ -20,11 +27,16 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.util
+import re
 from pathlib import Path
 
 from rlhf_core.errors import DataError
 
 CONTENT_HASH_LIMIT = 64 * 2**20
+CODE_DIR = "fingerprints/code"  # <stage>.json: the code the stage runs
+REWARD_FILE = "fingerprints/reward.json"  # what the reward reads from outside the declared files
+PACKAGES = ("rlhf_core", "stages")  # the project's own code, followed through imports
+STAGE = "fingerprints"  # the stage that writes them (dvc.yaml)
 
 
 def file_fingerprint(path: Path) -> str:
@@ -137,3 +149,33 @@ def reward_inputs(scorers, repo: Path) -> dict:
                 elif declared not in (path.resolve(), *path.resolve().parents):
                     models[model] = directory_fingerprint(path)
     return {"python_scorers": python, "model_directories": models}
+
+
+def stage_modules(dvc: dict) -> dict[str, list[str]]:
+    """{stage of dvc.yaml (a foreach stage by its name): the modules its command runs}.  `python -m
+    rlhf_core.launch stages.<name>` runs the launcher, then the script; `python -m stages.<name>` the script."""
+    modules = {}
+    for name, stage in dvc["stages"].items():
+        command = re.search(r"python -m (rlhf_core\.launch )?(stages\.\w+)", stage.get("do", stage)["cmd"])
+        if command is None:
+            raise DataError(f"dvc.yaml stage {name!r}: its cmd does not run `python -m [rlhf_core.launch] stages.<name>`, "
+                            "so the code it runs cannot be fingerprinted")
+        modules[name] = [command.group(2), *(["rlhf_core.launch"] if command.group(1) else [])]
+    return modules
+
+
+def code_closure(repo: Path, modules: list[str]) -> dict[str, Path]:
+    """{path relative to ``repo``: file} of the project files ``modules`` run, through imports (function-local ones
+    included; parent packages' __init__ too); an empty file runs nothing and is left out."""
+    files: dict[str, Path] = {}
+    for module in modules:
+        for path in import_closure(repo, module, follow=lambda name: name.split(".")[0] in PACKAGES).values():
+            if path.stat().st_size > 0:
+                files[path.relative_to(repo).as_posix()] = path
+    return dict(sorted(files.items()))
+
+
+def code_fingerprints(repo: Path, dvc: dict) -> dict[str, dict[str, str]]:
+    """{stage: {file: fingerprint}} of the code every stage of ``dvc`` (dvc.yaml, parsed) but this one runs."""
+    return {stage: {name: file_fingerprint(path) for name, path in code_closure(repo, modules).items()}
+            for stage, modules in stage_modules(dvc).items() if stage != STAGE}

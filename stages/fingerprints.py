@@ -1,0 +1,33 @@
+"""Fingerprint what the stages read that dvc.yaml cannot list precisely: the code each stage runs, and the
+reward's inputs from outside the declared files (python scorer modules, local reward-model directories).
+
+dvc.yaml runs this stage first on every `dvc repro` (always_changed); every other stage depends on its code
+fingerprint, and score and evaluate on the reward's, so an edit re-runs exactly the stages that read what was
+edited (rlhf_core/fingerprints.py)."""
+
+from pathlib import Path
+
+from rlhf_core.cli import log, run_stage
+from rlhf_core.io import atomic_dir, write_json, write_json_into
+
+
+def main(params, args):
+    """Write fingerprints/code/<stage>.json for every stage, and fingerprints/reward.json."""
+    import yaml
+
+    from rlhf_core.fingerprints import CODE_DIR, REWARD_FILE, code_fingerprints, reward_inputs
+
+    repo = Path.cwd()
+    code = code_fingerprints(repo, yaml.safe_load((repo / "dvc.yaml").read_text()))
+    with atomic_dir(CODE_DIR) as out:
+        for stage, files in code.items():
+            write_json_into(out, f"{stage}.json", files)
+    inputs = reward_inputs(params.score.scorers, repo)
+    write_json(REWARD_FILE, inputs)
+    local = sum(isinstance(value, dict) for value in inputs["model_directories"].values())
+    log(f"fingerprints: the code of {len(code)} stages ({len({f for files in code.values() for f in files})} files); "
+        f"{len(inputs['python_scorers'])} python scorer(s), {local} local reward-model directory(ies)")
+
+
+if __name__ == "__main__":
+    run_stage(main, name="fingerprints")
