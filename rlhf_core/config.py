@@ -251,6 +251,11 @@ class AlgorithmParams(Section):
         "with a zero value head; or, with critic: separate, a reward model's directory (e.g. reward_models/<name> "
         "trained with base: sft, so that it reads the policy's tokens), whose backbone and score head become the "
         "critic: V starts as the reward model's score, as TRL's PPO starts its value model", min_length=1)
+    critic_warmup_epochs: StrictInt = param(
+        0, "passes of value-only updates over the round's data before its first policy update, on a round whose critic "
+        "is new (one that starts from sft): ½(V − R)² on the critic's own parameters (the value head; with critic: "
+        "separate, its backbone too) at optim.lr, the policy untouched; ppo, a2c (and reinforce with baseline: value); "
+        "0: none", ge=0)
 
 
 class LoraParams(Section):
@@ -478,6 +483,10 @@ class Params(Section):
                 raise ConfigError(f"algorithm.critic_init = {init!r}: reward_models.{name}.base is "
                                   f"{self.reward_models[name].base!r}; a critic reads the policy's tokens, so it needs "
                                   "base: sft")
+        if self.algorithm.critic_warmup_epochs and not self.trains_value_by_gradient:
+            raise ConfigError(f"algorithm.critic_warmup_epochs = {self.algorithm.critic_warmup_epochs}: algorithm.name = "
+                              f"{self.algorithm.name!r} has no critic trained by optim's updates (ppo, a2c, and "
+                              "reinforce with baseline: value do); set it to 0")
         if self.lora.enabled and self.algorithm.critic == "separate":
             raise ConfigError("lora.enabled: the LoRA policy needs algorithm.critic = 'value_head' (a separate critic "
                               "backbone would be a second full model)")
@@ -518,6 +527,12 @@ class Params(Section):
         if round_key not in self.rounds:
             raise ConfigError(f"--round {round_key!r}: not in params rounds ({', '.join(self.rounds)})")
         return 1 + self.round_index(self.rounds[round_key].start_from)
+
+    @property
+    def trains_value_by_gradient(self) -> bool:
+        """Whether optim's update loop trains a critic: ppo, a2c, and reinforce with a learned-value baseline."""
+        name = self.algorithm.name
+        return name in ("ppo", "a2c") or (name == "reinforce" and self.reinforce.baseline == "value")
 
     def round_seed(self, round_key: str, stage: str) -> int:
         """A seed for one stage of one round, derived from the global seed."""

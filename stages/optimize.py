@@ -52,10 +52,13 @@ def _train_and_save(params, round_key, start_from, train, seed, runtime):
     if carry is not None and runtime.is_main and carry["state"] is None and start_from != "sft":
         log(f"optimize@{round_key}: models/{start_from} holds no optimizer state (trained with optim.carry_state off): "
             "a fresh AdamW")
+    # algorithm.critic_warmup_epochs: on a round whose critic is new (it starts from sft: critic_init's critic)
+    warmup = params.algorithm.critic_warmup_epochs if start_from == "sft" else 0
     ready()
     metrics = train(model, experience, params, temperature=params.rollout.temperature,
                     pad_id=tokenizer.pad_token_id, device=device, seed=seed,
-                    log=log if runtime.is_main else (lambda *_: None), **({} if carry is None else {"carry": carry}))
+                    log=log if runtime.is_main else (lambda *_: None), **({} if carry is None else {"carry": carry}),
+                    **({"critic_warmup_epochs": warmup} if warmup else {}))
     if carry is not None:
         metrics["optimizer_state_carried"] = carry.get("carried_in", False)
     full_state = runtime.full_state_dict(model)  # fsdp: gathered from the shards (every rank joins)

@@ -50,14 +50,14 @@ def params():
                                                         "lr": 1e-2}, "ppo": {"target_kl": None}})
 
 
-def train(model) -> dict:
+def train(model, critic_warmup_epochs: int = 0) -> dict:
     from rlhf_core.algorithms.ppo import train_ppo
 
     return train_ppo(model, experience(), params(), temperature=1.0, pad_id=0, device=torch.device("cpu"), seed=0,
-                     log=lambda *_: None)
+                     log=lambda *_: None, critic_warmup_epochs=critic_warmup_epochs)
 
 
-def _rank(rank: int, world_size: int, init_file: str, out: str) -> None:
+def _rank(rank: int, world_size: int, init_file: str, out: str, critic_warmup_epochs: int = 0) -> None:
     import torch.distributed as dist
 
     from rlhf_core import distributed
@@ -67,7 +67,7 @@ def _rank(rank: int, world_size: int, init_file: str, out: str) -> None:
     runtime = distributed.Runtime(device=torch.device("cpu"), rank=rank, world_size=world_size, strategy="fsdp")
     distributed._CURRENT = runtime
     model = untied_actor_critic()
-    metrics = train(model)
+    metrics = train(model, critic_warmup_epochs)
     units = sorted(name for name, module in model.named_modules() if type(module).__name__.startswith("FSDP"))
     state = runtime.full_state_dict(model)
     if rank == 0:
@@ -77,16 +77,21 @@ def _rank(rank: int, world_size: int, init_file: str, out: str) -> None:
 
 
 @pytest.mark.e2e  # two gloo processes: with the end-to-end tests, not in the fast default run
-def test_fsdp2_untied_head_is_its_own_unit_and_the_update_is_the_one_process_update(tmp_path):
+@pytest.mark.parametrize("critic_warmup_epochs", [0, 2])
+def test_fsdp2_untied_head_is_its_own_unit_and_the_update_is_the_one_process_update(tmp_path, critic_warmup_epochs):
+    """With algorithm.critic_warmup_epochs too: the value-only steps drop the sharded policy's gradients the way
+    one process drops the whole ones."""
     import torch.multiprocessing as mp
 
     one = untied_actor_critic()
     before = {k: v.clone() for k, v in one.state_dict().items()}
-    one_metrics = train(one)
+    one_metrics = train(one, critic_warmup_epochs)
     out = tmp_path / "fsdp.pt"
     os.environ.setdefault("RLHF_PROGRESS", "off")
-    mp.spawn(_rank, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, str(tmp_path / "init"), str(out), critic_warmup_epochs), nprocs=2, join=True)
     result = torch.load(out, weights_only=False)
+    assert result["metrics"].get("critic_warmup_steps", 0) == one_metrics.get("critic_warmup_steps", 0) == \
+        critic_warmup_epochs * 2
     assert {"policy.model.embed_tokens", "policy.lm_head", "value_head", ""} <= set(result["units"])
     assert sum(name.startswith("policy.model.layers.") for name in result["units"]) == 2
     assert result["metrics"]["optimizer_steps"] == one_metrics["optimizer_steps"] == 4

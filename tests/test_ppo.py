@@ -140,6 +140,64 @@ def test_max_grad_norm_null_turns_clipping_off(tiny_checkpoint):
     assert moved[None] > 10 * moved[1e-9]  # clipped to 1e-9 the AdamW steps drown in eps; unclipped they do not
 
 
+@pytest.mark.parametrize("critic", ["value_head", "separate"])
+def test_critic_warmup_fits_the_value_and_leaves_the_policy_as_it_is(tiny_checkpoint, critic):
+    """algorithm.critic_warmup_epochs: value-only steps before the first policy update move the critic's own
+    parameters (the head; a separate critic's backbone too) toward the returns, and not one policy weight (the
+    shared backbone's gradient from the value loss is dropped)."""
+    from rlhf_core.algorithms.common import minibatch_updates
+    from rlhf_core.algorithms.ppo import ppo_loss
+
+    seed_everything(0)
+    tokenizer = load_tokenizer(str(tiny_checkpoint))
+    model = load_actor_critic(str(tiny_checkpoint), critic, CPU)
+    experience, _ = collect(model, tokenizer, lambda s: float(len(s.response_ids)), seed=3, samples_per_prompt=4)
+    params = training(epochs=1, minibatch_size=16, micro_batch_size=8, lr=1e-2, lr_schedule="linear",
+                      warmup_steps=5, target_kl=None)
+    policy_before = {k: v.clone() for k, v in model.policy.state_dict().items()}
+    critic_before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("policy.")}
+    metrics = minibatch_updates(model, experience, params, epochs=0, temperature=1.0, pad_id=tokenizer.pad_token_id,
+                                device=CPU, seed=0, log=lambda *_: None, critic_warmup_epochs=4,
+                                loss_fn=lambda out, micro, totals: ppo_loss(out, micro, totals, params))
+    assert metrics["critic_warmup_steps"] == 4 * 2  # 32 responses, 16 per step
+    # at the peak lr (the linear warm-up of the schedule would start it at 0), the value loss falls
+    assert metrics["critic_warmup_value_loss_last"] < 0.75 * metrics["critic_warmup_value_loss_first"]
+    assert all(torch.equal(policy_before[k], v) for k, v in model.policy.state_dict().items())
+    changed = {k.split(".")[0] for k, v in model.state_dict().items() if k in critic_before
+               and not torch.equal(critic_before[k], v)}
+    assert changed == ({"value_head"} if critic == "value_head" else {"value_head", "critic_backbone"})
+
+
+def test_after_the_critic_warmup_the_first_policy_step_is_still_on_policy(tiny_checkpoint):
+    """The warm-up leaves π as the rollout saw it: the first PPO minibatch still sees ratio 1 and approx-KL 0."""
+    seed_everything(0)
+    tokenizer = load_tokenizer(str(tiny_checkpoint))
+    model = load_actor_critic(str(tiny_checkpoint), "value_head", CPU)
+    experience, _ = collect(model, tokenizer, lambda s: float(len(s.response_ids)), seed=1, temperature=0.8)
+    params = training(epochs=1, minibatch_size=16, micro_batch_size=4, lr=1e-2, target_kl=None)
+    metrics = train_ppo(model, experience, params, temperature=0.8, pad_id=tokenizer.pad_token_id, device=CPU, seed=0,
+                        log=lambda *_: None, critic_warmup_epochs=2)
+    assert metrics["critic_warmup_steps"] == 2 * 4
+    assert metrics["first_minibatch_ratio_max_deviation"] < 1e-5
+    assert metrics["first_minibatch_approx_kl"] == pytest.approx(0.0, abs=1e-9)
+    assert metrics["optimizer_steps"] == 4
+
+
+def test_critic_warmup_needs_a_critic_trained_by_the_update_loop():
+    from rlhf_core.config import params_from_dict
+
+    for algorithm in ("grpo", "rloo", "trpo", "npg", "reinforce"):
+        raw = {"algorithm": {"name": algorithm, "critic_warmup_epochs": 2}}
+        if algorithm == "grpo":
+            raw["kl"] = {"reward_coef": 0.0}
+        with pytest.raises(ConfigError, match=f"critic_warmup_epochs = 2: algorithm.name = '{algorithm}' has no critic"):
+            params_from_dict(raw)
+    for raw in ({"algorithm": {"name": "ppo", "critic_warmup_epochs": 2}},
+                {"algorithm": {"name": "a2c", "critic_warmup_epochs": 2}},
+                {"algorithm": {"name": "reinforce", "critic_warmup_epochs": 2}, "reinforce": {"baseline": "value"}}):
+        assert params_from_dict(raw).algorithm.critic_warmup_epochs == 2
+
+
 @pytest.mark.parametrize("loss", ["ppo", "reinforce"])
 def test_kl_loss_coef_adds_the_kl_to_reference_term_in_every_first_order_loss(loss):
     """kl.loss_coef · agg(k(log π_θ, log π_ref)), worked by hand: k1 = log π − log π_ref = [0.5, −1.0], token mean

@@ -152,6 +152,8 @@ def test_every_algorithm_runs_the_round_stages(tmp_path, tiny_checkpoint, monkey
         raw["kl"].update(reward_coef=0.0, loss_coef=0.04)
     carry = algorithm not in ("trpo", "npg")  # AdamW's state from round to round (optim.carry_state)
     raw["optim"]["carry_state"] = carry
+    warmup = algorithm in ("ppo", "a2c")  # value-only epochs on the round whose critic is new (from sft)
+    raw["algorithm"]["critic_warmup_epochs"] = 1 if warmup else 0
     raw["rounds"] = {"r1": {"from": "sft"}, "r2": {"from": "r1"}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)
@@ -171,9 +173,11 @@ def test_every_algorithm_runs_the_round_stages(tmp_path, tiny_checkpoint, monkey
     if algorithm in ("ppo", "grpo"):
         assert optimize_metrics["first_minibatch_ratio_max_deviation"] < 1e-5
     assert ("kl_ref" in optimize_metrics) == (algorithm == "grpo")  # grpo's KL loss term, from kl.loss_coef
+    second = json.loads((tmp_path / "metrics/r2/optimize.json").read_text())
+    assert optimize_metrics.get("critic_warmup_steps", 0) == (2 if warmup else 0)  # 16 responses / 8 per step
+    assert "critic_warmup_steps" not in second  # r2's critic is r1's: trained already
     if carry:
         assert (tmp_path / "models/r1/optimizer/state.safetensors").is_file()
-        second = json.loads((tmp_path / "metrics/r2/optimize.json").read_text())
         assert optimize_metrics["optimizer_state_carried"] is False and second["optimizer_state_carried"] is True
     else:
         assert not (tmp_path / "models/r1/optimizer/state.safetensors").exists()

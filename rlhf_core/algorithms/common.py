@@ -19,7 +19,7 @@ from rlhf_core.optim import make_optimizer
 
 from rlhf_core.advantages import pad_sequences
 from rlhf_core.kl import kl_estimate
-from rlhf_core.losses import masked_sum
+from rlhf_core.losses import aggregate, masked_sum
 from rlhf_core.models import TokenBatch, collate, transformer_blocks
 from rlhf_core.progress import Progress
 from rlhf_core.stage_times import add_work
@@ -151,7 +151,8 @@ PROGRESS_STATS = ("policy_loss", "approx_kl", "clip_fraction")  # shown live nex
 
 
 def minibatch_updates(model, experience: Experience, params, *, epochs: int, loss_fn, temperature: float, pad_id: int,
-                      device, seed: int, log=print, stop_fn=None, name: str = "update", carry: dict | None = None) -> dict:
+                      device, seed: int, log=print, stop_fn=None, name: str = "update", carry: dict | None = None,
+                      critic_warmup_epochs: int = 0) -> dict:
     """The gradient-step loop shared by the first-order optimizers (ppo, grpo, reinforce, a2c, rloo):
 
         for epoch in 1..epochs:
@@ -169,6 +170,12 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
     stats named ``max_*`` are maxima and are combined by max instead.
     Returns the mean of every stat over the optimizer steps, plus grad_norm, learning_rate,
     optimizer_steps, planned_steps, early_stopped and the first minibatch's stats (``first_*``).
+
+    ``critic_warmup_epochs`` (algorithm.critic_warmup_epochs, on a round whose critic is new): before the loop
+    above, that many epochs of the same minibatches with the value loss alone, ½ agg((V − R)²), stepping only the
+    critic's own parameters (the value head, and a separate critic's backbone; every other gradient is dropped
+    before the step, so AdamW leaves the policy as it is), at the schedule's peak learning rate; the schedule
+    starts after them.
 
     ``carry`` (optim.carry_state): a dict whose ``"state"``, when set, is AdamW's per-parameter state from the
     last round (moments and step counts, by parameter name), loaded before the first step; on return it holds
@@ -202,42 +209,51 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
     first: dict[str, float] | None = None
     steps, early_stopped = 0, False
     progress = Progress(total_steps, name, unit="step")
+
+    def accumulate(minibatch: list[int], step_loss_fn, epoch: int) -> tuple[dict, dict]:
+        """Forward and backward of every micro-batch of ``minibatch`` (this rank's share); the gradient is left in
+        the parameters.  Returns (the minibatch's stats: sums / tokens, maxima as they are; its totals)."""
+        totals = {"tokens": float(experience.tokens(minibatch)), "sequences": float(len(minibatch))}
+        sums: dict[str, float] = {}
+        optimizer.zero_grad(set_to_none=True)
+        # The minibatch's gradient is the sum over its micro-batches (each loss is normalised by the whole
+        # minibatch's totals), so which rows share a micro-batch changes nothing but padding: group by length.
+        micro_batches = list(enumerate(experience.length_groups(minibatch, optim.micro_batch_size)))
+        mine = runtime.shard(micro_batches)
+        slots = math.ceil(len(micro_batches) / runtime.world_size)
+        rank_sums = []  # (global micro-batch number, its stat sums)
+        for slot in range(slots):
+            # a rank short of micro-batches runs a zero-weight one, so every rank joins the gradient sync
+            number, indices = mine[slot] if slot < len(mine) else (None, micro_batches[0][1])
+            micro = experience.micro_batch(indices, pad_id, device)
+            with runtime.no_sync(forward_model, sync=slot == slots - 1):
+                with runtime.autocast():
+                    out = forward_model(micro.batch, temperature, with_values=True)
+                loss, micro_sums = step_loss_fn(out, micro, totals)
+                finite_or_raise(loss.item(), f"{name} loss (epoch {epoch + 1}, step {steps + 1})",
+                                "lower optim.lr or check the rewards")
+                runtime.backward(loss if number is not None else loss * 0.0)
+            if number is not None:
+                rank_sums.append((number, {key: value.item() if torch.is_tensor(value) else float(value)
+                                           for key, value in micro_sums.items()}))
+        if runtime.distributed:
+            rank_sums = sorted(item for shard in runtime.all_gather(rank_sums) for item in shard)
+        for _, micro_sums in rank_sums:
+            for key, value in micro_sums.items():
+                if key.startswith("max_"):  # maxima are combined by max, not summed
+                    sums[key] = max(sums.get(key, value), value)
+                else:
+                    sums[key] = sums.get(key, 0.0) + value
+        stats = {key: value if key.startswith("max_") else value / totals["tokens"] for key, value in sums.items()}
+        return stats, totals
+
+    warmup = critic_warmup(model, experience, optimizer, trainable, runtime, optim, accumulate, generator,
+                           critic_warmup_epochs, name, log) if critic_warmup_epochs else {}
     loop_started, trained_tokens = time.perf_counter(), 0.0
     for epoch in range(epochs):
         order = generator.permutation(len(experience)).tolist()
         for minibatch in split(order, optim.minibatch_size):
-            totals = {"tokens": float(experience.tokens(minibatch)), "sequences": float(len(minibatch))}
-            sums: dict[str, float] = {}
-            optimizer.zero_grad(set_to_none=True)
-            # The minibatch's gradient is the sum over its micro-batches (each loss is normalised by the whole
-            # minibatch's totals), so which rows share a micro-batch changes nothing but padding: group by length.
-            micro_batches = list(enumerate(experience.length_groups(minibatch, optim.micro_batch_size)))
-            mine = runtime.shard(micro_batches)
-            slots = math.ceil(len(micro_batches) / runtime.world_size)
-            rank_sums = []  # (global micro-batch number, its stat sums)
-            for slot in range(slots):
-                # a rank short of micro-batches runs a zero-weight one, so every rank joins the gradient sync
-                number, indices = mine[slot] if slot < len(mine) else (None, micro_batches[0][1])
-                micro = experience.micro_batch(indices, pad_id, device)
-                with runtime.no_sync(forward_model, sync=slot == slots - 1):
-                    with runtime.autocast():
-                        out = forward_model(micro.batch, temperature, with_values=True)
-                    loss, micro_sums = loss_fn(out, micro, totals)
-                    finite_or_raise(loss.item(), f"{name} loss (epoch {epoch + 1}, step {steps + 1})",
-                                    "lower optim.lr or check the rewards")
-                    runtime.backward(loss if number is not None else loss * 0.0)
-                if number is not None:
-                    rank_sums.append((number, {key: value.item() if torch.is_tensor(value) else float(value)
-                                               for key, value in micro_sums.items()}))
-            if runtime.distributed:
-                rank_sums = sorted(item for shard in runtime.all_gather(rank_sums) for item in shard)
-            for _, micro_sums in rank_sums:
-                for key, value in micro_sums.items():
-                    if key.startswith("max_"):  # maxima are combined by max, not summed
-                        sums[key] = max(sums.get(key, value), value)
-                    else:
-                        sums[key] = sums.get(key, 0.0) + value
-            stats = {key: value if key.startswith("max_") else value / totals["tokens"] for key, value in sums.items()}
+            stats, totals = accumulate(minibatch, loss_fn, epoch)
             if first is None:
                 first = dict(stats)
             if stop_fn is not None and stop_fn(stats):
@@ -270,4 +286,42 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
     metrics.update(optimizer_steps=steps, planned_steps=total_steps, early_stopped=early_stopped,
                    parameter_bytes_per_process=parameter_bytes)
     metrics.update({f"first_minibatch_{key}": float(value) for key, value in (first or {}).items()})
+    metrics.update(warmup)
     return metrics
+
+
+def value_only_loss(out, micro, totals, optim):
+    """½ agg((V − R)²) of one micro-batch (V, R: [B, T]) with optim.loss_aggregation: the critic warm-up's loss."""
+    value_loss = 0.5 * (out.values - micro.returns) ** 2
+    loss = aggregate(value_loss, micro.mask, optim.loss_aggregation, total_tokens=totals["tokens"],
+                     total_sequences=totals["sequences"])
+    return loss, {"value_loss": masked_sum(value_loss, micro.mask)}
+
+
+def critic_warmup(model, experience, optimizer, trainable, runtime, optim, accumulate, generator,
+                  epochs: int, name: str, log) -> dict:
+    """``epochs`` passes of value-only steps before the first policy update (see ``minibatch_updates``); returns
+    critic_warmup_steps and the value loss of the first and the last warm-up step."""
+    critic = {id(p) for key, p in model.named_parameters()
+              if key.startswith(("value_head.", "critic_backbone."))}  # after sharding: the shards
+    peak = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
+    scheduled = [group["lr"] for group in optimizer.param_groups]
+    for group, lr in zip(optimizer.param_groups, peak):
+        group["lr"] = lr
+    losses = []
+    for epoch in range(epochs):
+        for minibatch in split(generator.permutation(len(experience)).tolist(), optim.minibatch_size):
+            stats, _ = accumulate(minibatch, lambda out, micro, totals: value_only_loss(out, micro, totals, optim),
+                                  epoch)
+            for p in trainable:
+                if id(p) not in critic:
+                    p.grad = None  # AdamW skips a parameter without a gradient: the policy does not move
+            runtime.clip_grad_norm_(trainable, math.inf if optim.max_grad_norm is None else optim.max_grad_norm)
+            optimizer.step()
+            losses.append(stats["value_loss"])
+        log(f"{name} critic warm-up epoch {epoch + 1}/{epochs}: value_loss {losses[-1]:.4f}")
+    for group, lr in zip(optimizer.param_groups, scheduled):
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    return {"critic_warmup_steps": len(losses), "critic_warmup_value_loss_first": losses[0],
+            "critic_warmup_value_loss_last": losses[-1]}

@@ -57,7 +57,8 @@ def ppo_loss(out, micro, totals, params, *, use_critic: bool = True):
 
 
 def train_ppo(model, experience, params, *, temperature: float, pad_id: int, device, seed: int, log=print,
-              use_critic: bool = True, name: str = "ppo", carry: dict | None = None) -> dict:
+              use_critic: bool = True, name: str = "ppo", carry: dict | None = None,
+              critic_warmup_epochs: int = 0) -> dict:
     """One round of PPO updates on ``model`` in place; returns the round's diagnostics."""
     ppo = params.ppo
 
@@ -67,7 +68,7 @@ def train_ppo(model, experience, params, *, temperature: float, pad_id: int, dev
 
     metrics = minibatch_updates(
         model, experience, params, epochs=params.optim.epochs, temperature=temperature, pad_id=pad_id, device=device,
-        seed=seed, log=log, name=name, stop_fn=beyond_target_kl, carry=carry,
+        seed=seed, log=log, name=name, stop_fn=beyond_target_kl, carry=carry, critic_warmup_epochs=critic_warmup_epochs,
         loss_fn=lambda out, micro, totals: ppo_loss(out, micro, totals, params, use_critic=use_critic))
     # On an unchanged policy the first minibatch must see ratio 1 and approx-KL 0 (rollout and training agree).
     metrics["first_minibatch_ratio_max_deviation"] = metrics.pop("first_minibatch_max_ratio_deviation", 0.0)

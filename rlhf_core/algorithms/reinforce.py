@@ -35,12 +35,13 @@ def reinforce_loss(out, micro, totals, params, *, use_critic: bool):
 
 
 def train_reinforce(model, experience, params, *, temperature: float, pad_id: int, device, seed: int, log=print,
-                    use_critic: bool | None = None, name: str | None = None, carry: dict | None = None) -> dict:
+                    use_critic: bool | None = None, name: str | None = None, carry: dict | None = None,
+                    critic_warmup_epochs: int = 0) -> dict:
     """One on-policy pass of REINFORCE (or a2c when the baseline is a learned value)."""
     if use_critic is None:
         use_critic = params.algorithm.name == "a2c" or params.reinforce.baseline == "value"
     name = name or ("a2c" if use_critic else "reinforce")
     return minibatch_updates(
         model, experience, params, epochs=1, temperature=temperature, pad_id=pad_id, device=device, seed=seed,
-        log=log, name=name, carry=carry,
+        log=log, name=name, carry=carry, critic_warmup_epochs=critic_warmup_epochs,
         loss_fn=lambda out, micro, totals: reinforce_loss(out, micro, totals, params, use_critic=use_critic))
