@@ -100,6 +100,61 @@ def render_reward_model(results_json: Path) -> str:
     return wrap(REWARD_MODEL_START, REWARD_MODEL_END, lines)
 
 
+TRL_START = "<!-- trl-compare:start (generated from benchmarks/results/trl_compare.json by `python -m rlhf_core.docs`) -->"
+TRL_END = "<!-- trl-compare:end -->"
+TRL_VARIANTS = {  # variant → what it is, in the table
+    "trl-ppo": "TRL {ppo} PPO (value model = reward model copy, one AdamW for the run)",
+    "ours-ppo": "ours, PPO (zero value head, fresh AdamW each round)",
+    "ours-ppo-rm-critic-carry": "ours, PPO, `critic_init` reward model + `carry_state`",
+    "ours-ppo-rm-critic": "ours, PPO, `critic_init` reward model",
+    "ours-ppo-carry": "ours, PPO, `carry_state`",
+    "ours-ppo-warmup": "ours, PPO, `critic_warmup_epochs: 4`",
+    "ours-ppo-linear": "ours, PPO, `lr_schedule: linear`",
+    "trl-grpo": "TRL {grpo} GRPO (8 prompts × 8)",
+    "ours-grpo": "ours, GRPO (8 prompts × 8)",
+}
+
+
+def render_trl_compare(results_json: Path) -> str:
+    """The side-by-side runs written by benchmarks/trl_compare.py: time and reward per variant."""
+    report = json.loads(results_json.read_text())
+
+    def cell(summary: dict, digits: int) -> str:
+        low, high = f"{summary['min']:.{digits}f}", f"{summary['max']:.{digits}f}"
+        spread = "" if report["repeats"] == 1 else f" ({low}–{high})"
+        return f"{summary['median']:.{digits}f}{spread}"
+
+    start = report["start"]
+    early, last = report["early"], report["iterations"]
+    rows = [[TRL_VARIANTS[name].format(**report["trl_versions"]) if name.startswith("trl-") else TRL_VARIANTS[name],
+             cell(v["seconds_per_iteration"], 2), cell(v["wall_seconds"], 0), cell(v["generation_tokens_per_s"], 0),
+             cell(v["peak_rss_mb"], 0), cell(v[f"reward_rm_at_{early}"], 2), cell(v["reward_rm"], 2),
+             f"{v['vader']['median']:.3f}", cell(v[f"kl_at_{early}"], 2), cell(v["kl"], 2)]
+            for name, v in report["variants"].items()]
+    lines = markdown_table(["run", "s per iteration", "total wall (s)", "rollout tokens/s", "peak RSS (MB)",
+                            f"reward-model score, iteration {early}", f"… iteration {last}", f"VADER, iteration {last}",
+                            f"KL to the start model, iteration {early}", f"… iteration {last}"], rows)
+    m = report["matched"]
+    lines += ["", f"Start model: reward-model score {start['reward_rm']:.2f}, VADER {start['vader']:.3f}. "
+                  f"{report['iterations']} iterations of {m['prompts_per_iteration']} responses (GRPO: "
+                  f"{m['grpo_prompts_per_iteration']} prompts × {m['grpo_samples_per_prompt']}), {m['max_new_tokens']} "
+                  f"new tokens at most, temperature {m['temperature']:g}, {m['epochs']} epochs of one minibatch, lr "
+                  f"{m['lr']:g} {m['lr_schedule']}, KL β {m['kl_coef']:g} (k1 in the reward; GRPO: "
+                  f"{m['grpo_kl_loss_coef']:g}, k3 loss), no gradient clipping, no early stop. Eval: "
+                  f"{report['eval']['num_prompts']} held-out prompts × {report['eval']['samples_per_prompt']}, one "
+                  f"evaluator for both sides. Measured on {report['machine']} with `{report['command']}`; each cell: "
+                  f"median (min–max) of {report['repeats']} interleaved runs."]
+    ours = report["variants"].get("ours-ppo")
+    if ours:
+        per = {key: ours[key]["median"] / report["iterations"] for key in
+               ("wall_seconds", "stage_work_seconds", "stage_startup_seconds")}
+        lines += ["", f"Where ours' time per iteration goes (ours, PPO): {per['wall_seconds']:.2f} s, of which the "
+                      f"stages' own work is {per['stage_work_seconds']:.2f} s, their start-up (process to models "
+                      f"loaded) {per['stage_startup_seconds']:.2f} s, and DVC's own time between the stages the "
+                      f"remaining {per['wall_seconds'] - per['stage_work_seconds'] - per['stage_startup_seconds']:.2f} s."]
+    return wrap(TRL_START, TRL_END, lines)
+
+
 ARITHMETIC_START = "<!-- arithmetic:start (generated from benchmarks/results/arithmetic.json by `python -m rlhf_core.docs`) -->"
 ARITHMETIC_END = "<!-- arithmetic:end -->"
 
@@ -234,7 +289,8 @@ def generated_blocks(root: Path) -> list[tuple[str, str, str]]:
             (ALGORITHMS_START, ALGORITHMS_END, render_algorithms(results / "algorithms.json")),
             (ARITHMETIC_START, ARITHMETIC_END, render_arithmetic(results / "arithmetic.json")),
             (REWARD_MODEL_START, REWARD_MODEL_END, render_reward_model(results / "reward_model.json")),
-            (PERF_START, PERF_END, render_perf(results / "perf_tiny.json"))]
+            (PERF_START, PERF_END, render_perf(results / "perf_tiny.json")),
+            (TRL_START, TRL_END, render_trl_compare(results / "trl_compare.json"))]
 
 
 def block_home(root: Path, start: str, end: str) -> Path:
