@@ -152,15 +152,16 @@ def reward_inputs(scorers, repo: Path) -> dict:
 
 
 def stage_modules(dvc: dict) -> dict[str, list[str]]:
-    """{stage of dvc.yaml (a foreach stage by its name): the modules its command runs}.  `python -m
-    rlhf_core.launch stages.<name>` runs the launcher, then the script; `python -m stages.<name>` the script."""
+    """{stage of dvc.yaml (a foreach stage by its name): the project modules its command runs}.  `python -m
+    rlhf_core.launch stages.<name>` runs the launcher, then the script; `python -m stages.<name>` the script.  A stage
+    that runs none (one you added: `bash export.sh`) is left out: its deps are its own."""
     modules = {}
     for name, stage in dvc["stages"].items():
-        command = re.search(r"python -m (rlhf_core\.launch )?(stages\.\w+)", stage.get("do", stage)["cmd"])
-        if command is None:
-            raise DataError(f"dvc.yaml stage {name!r}: its cmd does not run `python -m [rlhf_core.launch] stages.<name>`, "
-                            "so the code it runs cannot be fingerprinted")
-        modules[name] = [command.group(2), *(["rlhf_core.launch"] if command.group(1) else [])]
+        command = stage.get("do", stage)["cmd"]
+        command = " && ".join(command) if isinstance(command, list) else str(command)
+        runs = re.findall(r"python3? -m (?:rlhf_core\.launch )?(stages(?:\.\w+)+)", command)
+        if runs:
+            modules[name] = [*runs, *(["rlhf_core.launch"] if "rlhf_core.launch" in command else [])]
     return modules
 
 
