@@ -253,9 +253,9 @@ class AlgorithmParams(Section):
         "critic: V starts as the reward model's score, as TRL's PPO starts its value model", min_length=1)
     critic_warmup_epochs: StrictInt = param(
         0, "passes of value-only updates over the round's data before its first policy update, on a round whose critic "
-        "is new (one that starts from sft): ½(V − R)² on the critic's own parameters (the value head; with critic: "
-        "separate, its backbone too) at optim.lr, the policy untouched; ppo, a2c (and reinforce with baseline: value); "
-        "0: none", ge=0)
+        "is new (one that starts from sft): vf_coef·½(V − R)² on the critic's own parameters (the value head; with "
+        "critic: separate, its backbone too) at optim.lr, the policy untouched; then the round's GAE advantages are "
+        "recomputed with the warmed values; ppo, a2c (and reinforce with baseline: value); 0: none", ge=0)
 
 
 class LoraParams(Section):
@@ -487,6 +487,9 @@ class Params(Section):
             raise ConfigError(f"algorithm.critic_warmup_epochs = {self.algorithm.critic_warmup_epochs}: algorithm.name = "
                               f"{self.algorithm.name!r} has no critic trained by optim's updates (ppo, a2c, and "
                               "reinforce with baseline: value do); set it to 0")
+        if self.algorithm.critic_warmup_epochs and self.optim.vf_coef == 0:
+            raise ConfigError(f"algorithm.critic_warmup_epochs = {self.algorithm.critic_warmup_epochs}: optim.vf_coef "
+                              "is 0, so no update trains the critic; set vf_coef > 0 or the warm-up to 0")
         if self.lora.enabled and self.algorithm.critic == "separate":
             raise ConfigError("lora.enabled: the LoRA policy needs algorithm.critic = 'value_head' (a separate critic "
                               "backbone would be a second full model)")

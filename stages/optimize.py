@@ -32,12 +32,12 @@ def _train_and_save(params, round_key, start_from, train, seed, runtime):
 
     rollouts = read_parquet(f"rollouts/{round_key}/rollouts.parquet",
                             ("prompt_ids", "response_ids", "logprobs", "ref_logprobs", "values"))
-    advantages = read_parquet(f"advantages/{round_key}/advantages.parquet", ("advantages", "returns"))
+    advantages = read_parquet(f"advantages/{round_key}/advantages.parquet", ("advantages", "returns", "rewards"))
     state = {**read_json(f"scores/{round_key}/state.json"), **read_json(f"advantages/{round_key}/state.json")}
     experience = Experience(rollouts["prompt_ids"].tolist(), rollouts["response_ids"].tolist(),
                             rollouts["logprobs"].tolist(), rollouts["ref_logprobs"].tolist(),
                             rollouts["values"].tolist(), advantages["advantages"].tolist(),
-                            advantages["returns"].tolist())
+                            advantages["returns"].tolist(), rewards=advantages["rewards"].tolist())
 
     tokenizer = load_tokenizer(checkpoint_dir(start_from), params.trust_remote_code)
     model = load_actor_critic(checkpoint_dir(start_from), params.algorithm.critic, device,
@@ -52,7 +52,8 @@ def _train_and_save(params, round_key, start_from, train, seed, runtime):
     if carry is not None and runtime.is_main and carry["state"] is None and start_from != "sft":
         log(f"optimize@{round_key}: models/{start_from} holds no optimizer state (trained with optim.carry_state off): "
             "a fresh AdamW")
-    # algorithm.critic_warmup_epochs: on a round whose critic is new (it starts from sft: critic_init's critic)
+    # algorithm.critic_warmup_epochs: on a round whose critic is new (it starts from sft: critic_init's critic);
+    # the advantages are then recomputed from the token rewards with the warmed critic's values
     warmup = params.algorithm.critic_warmup_epochs if start_from == "sft" else 0
     ready()
     metrics = train(model, experience, params, temperature=params.rollout.temperature,

@@ -40,7 +40,7 @@ def experience():
         return [(torch.randn(r, generator=generator) * scale + offset).tolist() for _, r in lengths]
 
     return Experience(prompts, responses, per_token(0.1, -4.5), per_token(0.1, -4.5), per_token(0.1),
-                      per_token(1.0), per_token(0.5))
+                      per_token(1.0), per_token(0.5), rewards=per_token(0.3))
 
 
 def params():

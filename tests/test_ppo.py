@@ -38,7 +38,8 @@ def collect(model, tokenizer, reward_fn, seed, samples_per_prompt=8, temperature
     arrays, _ = round_advantages(stats["logprobs"], stats["ref_logprobs"], stats["values"], scores, kl_coef=0.0,
                                  kl_estimator="k1", gamma=1.0, lam=0.95, whiten_rewards=False, whiten_advantages=True)
     experience = Experience([s.prompt_ids for s in samples], [s.response_ids for s in samples], stats["logprobs"],
-                            stats["ref_logprobs"], stats["values"], arrays["advantages"], arrays["returns"])
+                            stats["ref_logprobs"], stats["values"], arrays["advantages"], arrays["returns"],
+                            rewards=arrays["rewards"])
     return experience, sum(scores) / len(scores)
 
 
@@ -166,6 +167,25 @@ def test_critic_warmup_fits_the_value_and_leaves_the_policy_as_it_is(tiny_checkp
     changed = {k.split(".")[0] for k, v in model.state_dict().items() if k in critic_before
                and not torch.equal(critic_before[k], v)}
     assert changed == ({"value_head"} if critic == "value_head" else {"value_head", "critic_backbone"})
+    # the advantages the policy phase uses: GAE of the same token rewards with the warmed critic's values
+    from rlhf_core.advantages import gae, masked_whiten, pad_sequences
+    from rlhf_core.algorithms.common import split
+
+    values = [None] * len(experience)
+    with torch.no_grad():
+        for indices in split(list(range(len(experience))), 5):
+            out = model(experience.micro_batch(indices, tokenizer.pad_token_id, CPU).batch, 1.0, with_values=True)
+            for row, index in enumerate(indices):
+                values[index] = out.values[row, :len(experience.response_ids[index])]
+    rewards, mask = pad_sequences(experience.rewards)
+    values_t, _ = pad_sequences([v.tolist() for v in values])
+    advantages, returns = gae(rewards, values_t, mask, 1.0, 0.95)
+    advantages = masked_whiten(advantages, mask)
+    # (other micro-batches than the warm-up's, so other padding: float32 noise, whitening scales it up)
+    assert torch.allclose(pad_sequences(experience.advantages)[0], advantages, atol=1e-3)
+    assert torch.allclose(pad_sequences(experience.returns)[0], returns, atol=1e-4)
+    assert torch.allclose(pad_sequences(experience.old_values)[0], values_t, atol=1e-4)
+    assert metrics["critic_warmup_value_change"] > 0.1
 
 
 def test_after_the_critic_warmup_the_first_policy_step_is_still_on_policy(tiny_checkpoint):

@@ -53,6 +53,7 @@ class Experience:
     old_values: list
     advantages: list
     returns: list
+    rewards: list | None = None  # the advantages stage's token rewards: the critic warm-up recomputes GAE from them
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -175,7 +176,8 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
     above, that many epochs of the same minibatches with the value loss alone, ½ agg((V − R)²), stepping only the
     critic's own parameters (the value head, and a separate critic's backbone; every other gradient is dropped
     before the step, so AdamW leaves the policy as it is), at the schedule's peak learning rate; the schedule
-    starts after them.
+    starts after them.  Then the round's advantages and returns are computed again with the warmed critic's
+    values (``refresh_advantages``), so the first policy step already uses them.
 
     ``carry`` (optim.carry_state): a dict whose ``"state"``, when set, is AdamW's per-parameter state from the
     last round (moments and step counts, by parameter name), loaded before the first step; on return it holds
@@ -210,7 +212,7 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
     steps, early_stopped = 0, False
     progress = Progress(total_steps, name, unit="step")
 
-    def accumulate(minibatch: list[int], step_loss_fn, epoch: int) -> tuple[dict, dict]:
+    def accumulate(minibatch: list[int], step_loss_fn, epoch: int, phase: str = "") -> tuple[dict, dict]:
         """Forward and backward of every micro-batch of ``minibatch`` (this rank's share); the gradient is left in
         the parameters.  Returns (the minibatch's stats: sums / tokens, maxima as they are; its totals)."""
         totals = {"tokens": float(experience.tokens(minibatch)), "sequences": float(len(minibatch))}
@@ -230,7 +232,7 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
                 with runtime.autocast():
                     out = forward_model(micro.batch, temperature, with_values=True)
                 loss, micro_sums = step_loss_fn(out, micro, totals)
-                finite_or_raise(loss.item(), f"{name} loss (epoch {epoch + 1}, step {steps + 1})",
+                finite_or_raise(loss.item(), f"{name} {phase + ' ' if phase else ''}loss (epoch {epoch + 1}, step {steps + 1})",
                                 "lower optim.lr or check the rewards")
                 runtime.backward(loss if number is not None else loss * 0.0)
             if number is not None:
@@ -247,8 +249,12 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
         stats = {key: value if key.startswith("max_") else value / totals["tokens"] for key, value in sums.items()}
         return stats, totals
 
-    warmup = critic_warmup(model, experience, optimizer, trainable, runtime, optim, accumulate, generator,
-                           critic_warmup_epochs, name, log) if critic_warmup_epochs else {}
+    warmup = {}
+    if critic_warmup_epochs:  # its own shuffles: the policy phase's minibatches are those of a run without it
+        warmup = critic_warmup(model, experience, optimizer, trainable, runtime, optim, accumulate,
+                               np.random.default_rng(seed + 1), critic_warmup_epochs, name, log)
+        warmup.update(refresh_advantages(forward_model, experience, params, runtime, pad_id=pad_id, device=device,
+                                         temperature=temperature))
     loop_started, trained_tokens = time.perf_counter(), 0.0
     for epoch in range(epochs):
         order = generator.permutation(len(experience)).tolist()
@@ -291,10 +297,11 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
 
 
 def value_only_loss(out, micro, totals, optim):
-    """½ agg((V − R)²) of one micro-batch (V, R: [B, T]) with optim.loss_aggregation: the critic warm-up's loss."""
+    """vf_coef · ½ agg((V − R)²) of one micro-batch (V, R: [B, T]) with optim.loss_aggregation: the critic warm-up's
+    loss (weighted as in the policy phase, so that AdamW's moments carry over at the same scale)."""
     value_loss = 0.5 * (out.values - micro.returns) ** 2
-    loss = aggregate(value_loss, micro.mask, optim.loss_aggregation, total_tokens=totals["tokens"],
-                     total_sequences=totals["sequences"])
+    loss = optim.vf_coef * aggregate(value_loss, micro.mask, optim.loss_aggregation, total_tokens=totals["tokens"],
+                                     total_sequences=totals["sequences"])
     return loss, {"value_loss": masked_sum(value_loss, micro.mask)}
 
 
@@ -312,11 +319,12 @@ def critic_warmup(model, experience, optimizer, trainable, runtime, optim, accum
     for epoch in range(epochs):
         for minibatch in split(generator.permutation(len(experience)).tolist(), optim.minibatch_size):
             stats, _ = accumulate(minibatch, lambda out, micro, totals: value_only_loss(out, micro, totals, optim),
-                                  epoch)
+                                  epoch, phase="critic warm-up")
             for p in trainable:
                 if id(p) not in critic:
                     p.grad = None  # AdamW skips a parameter without a gradient: the policy does not move
-            runtime.clip_grad_norm_(trainable, math.inf if optim.max_grad_norm is None else optim.max_grad_norm)
+            grad_norm = runtime.clip_grad_norm_(trainable, math.inf if optim.max_grad_norm is None else optim.max_grad_norm)
+            finite_or_raise(grad_norm, f"{name} critic warm-up gradient norm (epoch {epoch + 1})", "lower optim.lr")
             optimizer.step()
             losses.append(stats["value_loss"])
         log(f"{name} critic warm-up epoch {epoch + 1}/{epochs}: value_loss {losses[-1]:.4f}")
@@ -325,3 +333,34 @@ def critic_warmup(model, experience, optimizer, trainable, runtime, optim, accum
     optimizer.zero_grad(set_to_none=True)
     return {"critic_warmup_steps": len(losses), "critic_warmup_value_loss_first": losses[0],
             "critic_warmup_value_loss_last": losses[-1]}
+
+
+@torch.no_grad()
+def refresh_advantages(forward_model, experience, params, runtime, *, pad_id: int, device, temperature: float) -> dict:
+    """After the critic warm-up, the round's advantages as the advantages stage would have computed them with the
+    warmed critic: its values V' on every response, then A, R = GAE(γ, λ) of the stage's token rewards with V'
+    (A whitened when advantages.whiten_advantages).  V' also becomes the old values that the value loss clips
+    around.  Every rank computes every row, in the same order (under fsdp each forward is collective).  Shapes:
+    ragged [T_i] per response in, and out, of ``experience``."""
+    from rlhf_core.advantages import gae, masked_whiten
+
+    if experience.rewards is None:
+        raise ValueError("the critic warm-up needs the round's token rewards (Experience.rewards)")
+    values = [None] * len(experience)
+    for indices in split(list(range(len(experience))), params.optim.micro_batch_size):
+        micro = experience.micro_batch(indices, pad_id, device)
+        with runtime.autocast():
+            out = forward_model(micro.batch, temperature, with_values=True)
+        for row, index in enumerate(indices):
+            values[index] = out.values[row, :len(experience.response_ids[index])].float().cpu()
+    rewards, mask = pad_sequences(experience.rewards)
+    values_t, _ = pad_sequences(values)
+    advantages, returns = gae(rewards, values_t, mask, params.advantages.gamma, params.advantages.lam)
+    if params.advantages.whiten_advantages:
+        advantages = masked_whiten(advantages, mask, shift_mean=True)
+    lengths = mask.sum(-1).long().tolist()
+    moved = float(((values_t - pad_sequences(experience.old_values)[0]).abs() * mask).sum() / mask.sum())
+    experience.old_values = [values_t[row, :n].tolist() for row, n in enumerate(lengths)]
+    experience.advantages = [advantages[row, :n].tolist() for row, n in enumerate(lengths)]
+    experience.returns = [returns[row, :n].tolist() for row, n in enumerate(lengths)]
+    return {"critic_warmup_value_change": moved}
