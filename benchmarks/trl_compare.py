@@ -14,7 +14,7 @@ starts as a copy of the reward model and whose AdamW lives for the whole run; th
 zero-initialised value head and a fresh AdamW each round (its defaults); the same with each of TRL's two levers
 (`algorithm.critic_init` from the reward model, `optim.carry_state`), alone and together; with 4 epochs of
 critic warm-up in round 1 (`algorithm.critic_warmup_epochs`); with this pipeline's default linear learning-rate
-decay inside each round; and GRPO on both sides (the current TRL's).  The settings
+decay inside each round; and GRPO and RLOO on both sides (the current TRL's).  The settings
 both sides share are written once, in MATCHED.
 
 Each repetition runs every variant once, in turn (interleaved), with its own seed: TRL's `seed`, and for the
@@ -31,9 +31,10 @@ pipeline, its DVC and stage start-ups included), s per iteration (wall / iterati
 round), rollout tokens/s (response tokens generated ÷ seconds inside generate), and peak RSS (the TRL
 process; the largest stage process for the pipeline).
 
-TRL is installed into its own virtualenvs under --venvs (default benchmarks/.venvs), the pinned CPU torch
-first, with this project's locked transformers, accelerate, datasets, safetensors and tokenizers.  Writes
-benchmarks/results/trl_compare.json and .md (the block in docs/performance.md is generated from the JSON by
+TRL is installed into its own virtualenvs under --venvs (default benchmarks/.venvs), torch first (pinned as
+the README installs it), with this project's locked transformers, accelerate, datasets, safetensors and
+tokenizers.  TRL runs with 2 torch threads and the AVX2 kernels, as the pipeline's stages do.  Writes
+benchmarks/results/trl_compare.json and .md (the block in README.md is generated from the JSON by
 `python -m rlhf_core.docs`).  Not a test: nothing passes or fails.  Run it on a quiet machine.
 """
 
@@ -57,7 +58,7 @@ from rlhf_core.docs import render_trl_compare
 
 ITERATIONS = 10
 EARLY = 3  # the policy is also evaluated after this many iterations: how fast the reward comes, not only where
-TRL_VERSIONS = {"ppo": "0.29.1", "grpo": "1.16.0"}  # 0.29.1: the last TRL with PPO; 1.16.0: current when written
+TRL_VERSIONS = {"ppo": "0.29.1", "grpo": "1.16.0", "rloo": "1.16.0"}  # 0.29.1: the last with PPO; 1.16.0: current
 LOCKED = ("transformers", "accelerate", "datasets", "safetensors", "tokenizers")  # TRL's venvs take our versions
 MATCHED = {  # one iteration = one round: generate, score, advantages, `epochs` passes of one minibatch
     "prompts_per_iteration": 64,  # PPO: 64 prompts × 1 response
@@ -109,6 +110,9 @@ OURS_GRPO = {"algorithm": {"name": "grpo"},
                          "samples_per_prompt": MATCHED["grpo_samples_per_prompt"]},
              "kl": {"reward_coef": 0.0, "loss_coef": MATCHED["grpo_kl_loss_coef"], "loss_estimator": "k3"},
              "grpo": {"scale_by_std": True}}
+OURS_RLOO = {"algorithm": {"name": "rloo"}, "rloo": {"objective": "clipped"},
+             "rollout": {"prompts_per_round": MATCHED["grpo_prompts_per_iteration"],
+                         "samples_per_prompt": MATCHED["grpo_samples_per_prompt"]}}
 VARIANTS = {  # name → ("trl", algorithm) or ("ours", params changes on top of base_params()), in run order
     "trl-ppo": ("trl", "ppo"),
     "ours-ppo": ("ours", {}),
@@ -121,6 +125,11 @@ VARIANTS = {  # name → ("trl", algorithm) or ("ours", params changes on top of
     "ours-ppo-linear": ("ours", {"optim": {"lr_schedule": "linear"}}),  # this pipeline's default schedule
     "trl-grpo": ("trl", "grpo"),
     "ours-grpo": ("ours", OURS_GRPO),
+    # RLOO, same groups: the sequence's k1 KL (β kl_coef) in the reward, leave-one-out baseline, clipped objective
+    # over `epochs`.  Not matched: TRL's ratio is per sequence (exp Σ_t log ρ_t, one clip per response, the mean
+    # over responses); ours is per token (token-mean).
+    "trl-rloo": ("trl", "rloo"),
+    "ours-rloo": ("ours", OURS_RLOO),
 }
 
 
@@ -182,8 +191,11 @@ def run_trl(algorithm: str, python: Path, base: Path, out: Path, seed: int, prom
     settings.write_text(json.dumps({"model": str(base / "models/sft"), "reward_model": str(base / "reward_models/rm"),
                                     "prompts": prompts, "seed": seed, "iterations": ITERATIONS, "save_after": [EARLY],
                                     "settings": MATCHED}))
-    # 2 torch threads, as the pipeline's stages run (cpu_threads: 2)
-    environment = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "2"}
+    # 2 torch threads and the AVX2 kernels, as the pipeline's stages run (cpu_threads: 2, cpu_isa: avx2)
+    from rlhf_core.launch import PINNED_CPU_ISA, cpu_has_avx2
+
+    environment = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "2",
+                   **(PINNED_CPU_ISA if cpu_has_avx2() else {})}
     started = time.perf_counter()
     result = subprocess.run([str(python), str(REPO / "benchmarks/trl_side.py"), algorithm, "--settings", str(settings),
                              "--out", str(out)], env=environment, capture_output=True, text=True)

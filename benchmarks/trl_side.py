@@ -1,6 +1,6 @@
 """The TRL half of benchmarks/trl_compare.py: one TRL training run, in TRL's own virtualenv.
 
-    <trl venv>/bin/python benchmarks/trl_side.py ppo|grpo --settings run.json --out DIR
+    <trl venv>/bin/python benchmarks/trl_side.py ppo|grpo|rloo --settings run.json --out DIR
 
 Imports nothing of this project (TRL's virtualenv does not have it).  ``run.json`` holds everything the run
 needs, written by trl_compare.py from its one table of matched settings:
@@ -56,6 +56,26 @@ def save_after(trainer, policy, tokenizer, out: Path, iterations: list[int], ste
     trainer.add_callback(SaveAfter())
 
 
+def score_text_without_eos(reward_model, eos_id: int) -> None:
+    """TRL's PPO reads the reward model's score at the response's last token, EOS included, while the reward model
+    was trained, and is read by the pipeline and the evaluator, on the text (no EOS).  For the reward model (not the
+    value model), the response's EOS becomes padding, so the score is read at the last token of the text.  (TRL
+    still feeds the sampled ids, where the pipeline re-tokenises the decoded text.)"""
+    import torch
+    import trl.experimental.ppo.ppo_trainer as ppo_trainer
+
+    get_reward = ppo_trainer.get_reward
+
+    def get_reward_of_text(model, query_responses, pad_token_id, context_length):
+        if model is reward_model:
+            response = query_responses[:, context_length:]
+            query_responses = torch.cat((query_responses[:, :context_length],
+                                         response.masked_fill(response == eos_id, pad_token_id)), 1)
+        return get_reward(model, query_responses, pad_token_id, context_length)
+
+    ppo_trainer.get_reward = get_reward_of_text
+
+
 def ppo(run: dict, out: Path, counter: dict):
     """TRL 0.29's PPO (trl.experimental.ppo): the value model starts as a copy of the reward model."""
     from datasets import Dataset
@@ -80,6 +100,7 @@ def ppo(run: dict, out: Path, counter: dict):
         gamma=s["gamma"], lam=s["lam"], whiten_rewards=False, num_sample_generations=0, logging_steps=1,
         dataloader_num_workers=0)
     dataset = Dataset.from_list([{"input_ids": row["input_ids"]} for row in run["prompts"]])
+    score_text_without_eos(reward, tokenizer.eos_token_id)
     trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=reference,
                          reward_model=reward, value_model=value, train_dataset=dataset)
     timed_generate(policy, counter, [tokenizer.eos_token_id])
@@ -87,11 +108,11 @@ def ppo(run: dict, out: Path, counter: dict):
     return trainer, policy, tokenizer
 
 
-def grpo(run: dict, out: Path, counter: dict):
-    """The current TRL's GRPO, rewarded by the same reward model."""
+def grpo(run: dict, out: Path, counter: dict, algorithm: str = "grpo"):
+    """The current TRL's GRPO (or RLOO: ``algorithm``), rewarded by the same reward model."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     s = run["settings"]
     tokenizer = AutoTokenizer.from_pretrained(run["model"], padding_side="left")
@@ -99,18 +120,22 @@ def grpo(run: dict, out: Path, counter: dict):
     policy = AutoModelForCausalLM.from_pretrained(run["model"], dtype="float32")
     reward = AutoModelForSequenceClassification.from_pretrained(run["reward_model"], num_labels=1, dtype="float32")
     batch = s["grpo_prompts_per_iteration"] * s["grpo_samples_per_prompt"]
-    config = GRPOConfig(
+    shared = dict(
         output_dir=str(out / "trainer"), use_cpu=True, bf16=False, seed=run["seed"], report_to=[], save_strategy="no",
         per_device_train_batch_size=batch, gradient_accumulation_steps=1, steps_per_generation=1,
         num_generations=s["grpo_samples_per_prompt"], num_iterations=s["epochs"],
         max_steps=run["iterations"] * s["epochs"], learning_rate=s["lr"], lr_scheduler_type=s["lr_schedule"],
         adam_epsilon=s["adam_eps"], weight_decay=0.0, max_grad_norm=0.0, max_completion_length=s["max_new_tokens"],
-        temperature=s["temperature"], top_k=0, top_p=1.0, beta=s["grpo_kl_loss_coef"], epsilon=s["clip_range"],
-        loss_type="dapo", scale_rewards="group", mask_truncated_completions=False, logging_steps=1,
-        dataloader_num_workers=0, disable_dropout=True)
+        temperature=s["temperature"], top_k=0, top_p=1.0, epsilon=s["clip_range"], mask_truncated_completions=False,
+        logging_steps=1, dataloader_num_workers=0, disable_dropout=True)
+    if algorithm == "grpo":  # k3 KL loss term; token-level clipped ratio, token-mean over the batch
+        config, trainer_class = GRPOConfig(**shared, beta=s["grpo_kl_loss_coef"], loss_type="dapo",
+                                           scale_rewards="group"), GRPOTrainer
+    else:  # RLOO: the sequence's k1 KL in its reward; leave-one-out baseline; advantages not normalised
+        config, trainer_class = RLOOConfig(**shared, beta=s["kl_coef"], normalize_advantages=False), RLOOTrainer
     dataset = Dataset.from_list([{"prompt": row["prompt"]} for row in run["prompts"]])
-    trainer = GRPOTrainer(model=policy, reward_funcs=reward, args=config, train_dataset=dataset,
-                          processing_class=tokenizer, reward_processing_classes=reward_tokenizer)
+    trainer = trainer_class(model=policy, reward_funcs=reward, args=config, train_dataset=dataset,
+                            processing_class=tokenizer, reward_processing_classes=reward_tokenizer)
     timed_generate(policy, counter, [tokenizer.eos_token_id])
     save_after(trainer, policy, tokenizer, out, run["save_after"], steps_per_iteration=s["epochs"])  # optimizer steps
     return trainer, policy, tokenizer
@@ -118,13 +143,14 @@ def grpo(run: dict, out: Path, counter: dict):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("algorithm", choices=("ppo", "grpo"))
+    parser.add_argument("algorithm", choices=("ppo", "grpo", "rloo"))
     parser.add_argument("--settings", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     run = json.loads(args.settings.read_text())
     counter = {"generation_tokens": 0, "generation_seconds": 0.0}
-    trainer, policy, tokenizer = (ppo if args.algorithm == "ppo" else grpo)(run, args.out, counter)
+    trainer, policy, tokenizer = (ppo(run, args.out, counter) if args.algorithm == "ppo" else
+                                  grpo(run, args.out, counter, args.algorithm))
     started = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - started

@@ -112,6 +112,8 @@ TRL_VARIANTS = {  # variant → what it is, in the table
     "ours-ppo-linear": "ours, PPO, `lr_schedule: linear`",
     "trl-grpo": "TRL {grpo} GRPO (8 prompts × 8)",
     "ours-grpo": "ours, GRPO (8 prompts × 8)",
+    "trl-rloo": "TRL {rloo} RLOO (8 prompts × 8; ratio per sequence)",
+    "ours-rloo": "ours, RLOO, `objective: clipped` (8 prompts × 8; ratio per token)",
 }
 
 
@@ -144,14 +146,19 @@ def render_trl_compare(results_json: Path) -> str:
                   f"{report['eval']['num_prompts']} held-out prompts × {report['eval']['samples_per_prompt']}, one "
                   f"evaluator for both sides. Measured on {report['machine']} with `{report['command']}`; each cell: "
                   f"median (min–max) of {report['repeats']} interleaved runs."]
-    ours = report["variants"].get("ours-ppo")
-    if ours:
-        per = {key: ours[key]["median"] / report["iterations"] for key in
-               ("wall_seconds", "stage_work_seconds", "stage_startup_seconds")}
-        lines += ["", f"Where ours' time per iteration goes (ours, PPO): {per['wall_seconds']:.2f} s, of which the "
-                      f"stages' own work is {per['stage_work_seconds']:.2f} s, their start-up (process to models "
-                      f"loaded) {per['stage_startup_seconds']:.2f} s, and DVC's own time between the stages the "
-                      f"remaining {per['wall_seconds'] - per['stage_work_seconds'] - per['stage_startup_seconds']:.2f} s."]
+    runs = report["runs"].get("ours-ppo")
+    if runs:  # per run: wall = the stages' work + their start-up + DVC's own time; the medians of each
+        import statistics
+
+        def per_iteration(values) -> float:
+            return statistics.median(values) / report["iterations"]
+
+        work = per_iteration([r["stage_work_seconds"] for r in runs])
+        startup = per_iteration([r["stage_startup_seconds"] for r in runs])
+        dvc = per_iteration([r["wall_seconds"] - r["stage_work_seconds"] - r["stage_startup_seconds"] for r in runs])
+        lines += ["", f"Where ours' time per iteration goes (ours, PPO; medians per run): the stages' own work "
+                      f"{work:.2f} s, their start-up (process to models loaded) {startup:.2f} s, and DVC's own time "
+                      f"between the stages (the wall time minus both) {dvc:.2f} s."]
     return wrap(TRL_START, TRL_END, lines)
 
 
