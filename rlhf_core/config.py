@@ -297,6 +297,9 @@ class OptimParams(Section):
 
 class PPOParams(Section):
     clip_range: Float = param(0.2, "ε of the clipped surrogate: ratio kept in [1−ε, 1+ε]", gt=0.0)
+    clip_range_high: Optional[Float] = param(
+        None, "clip-higher (DAPO; TRL's epsilon_high): the upper ε, the ratio kept in [1−clip_range, 1+clip_range_high], "
+        "so tokens with A > 0 can rise further (DAPO: 0.28 with clip_range 0.2); null: clip_range", gt=0.0)
     value_clip_range: Float = param(0.2, "clip of the value prediction around the old values", gt=0.0)
     target_kl: Optional[Float] = param(0.1, "stop the round's updates early when approx-KL to π_old passes this; null disables", gt=0.0)
     dual_clip: Optional[Float] = param(None, "dual-clip constant c > 1 bounding the loss of negative-advantage tokens at −c·A (Ye et al. 2020); null disables", gt=1.0)
@@ -483,6 +486,13 @@ class Params(Section):
                 raise ConfigError(f"algorithm.critic_init = {init!r}: reward_models.{name}.base is "
                                   f"{self.reward_models[name].base!r}; a critic reads the policy's tokens, so it needs "
                                   "base: sft")
+        clipped_objective = self.algorithm.name in ("ppo", "grpo") or (self.algorithm.name == "rloo"
+                                                                       and self.rloo.objective == "clipped")
+        for key in ("clip_range_high", "dual_clip"):
+            if getattr(self.ppo, key) is not None and not clipped_objective:
+                raise ConfigError(f"ppo.{key} = {getattr(self.ppo, key)}: algorithm.name = {self.algorithm.name!r} "
+                                  "has no clipped objective (ppo, grpo, and rloo with objective: clipped do); set it "
+                                  "to null")
         if self.algorithm.critic_warmup_epochs and not self.trains_value_by_gradient:
             raise ConfigError(f"algorithm.critic_warmup_epochs = {self.algorithm.critic_warmup_epochs}: algorithm.name = "
                               f"{self.algorithm.name!r} has no critic trained by optim's updates (ppo, a2c, and "

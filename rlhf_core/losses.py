@@ -11,17 +11,22 @@ import torch
 
 
 def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                      clip_range: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token PPO policy loss (Schulman et al. 2017):
+                      clip_range: float, clip_range_high: float | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token PPO policy loss (Schulman et al. 2017), with DAPO's clip-higher (Yu et al. 2025, arXiv 2503.14476)
+    when ``clip_range_high`` is given:
 
         ρ_t = exp(log π_θ(a_t|s_t) − log π_old(a_t|s_t))
-        L_t = max(−A_t·ρ_t, −A_t·clip(ρ_t, 1−ε, 1+ε))
+        L_t = max(−A_t·ρ_t, −A_t·clip(ρ_t, 1−ε_low, 1+ε_high))      ε_low = clip_range, ε_high = clip_range_high or ε_low
 
-    Returns (loss [B,T], ratio [B,T], clipped [B,T] as 1.0 where the clipped branch was taken).
+    A larger ε_high lets a token with A > 0 grow its probability further before the clip stops its gradient (low-
+    probability tokens can rise: less entropy collapse); the bound for A < 0 is unchanged.
+    Shapes: all [B, T].  Returns (loss, ratio, clipped: 1.0 where the clipped branch was taken).
     """
+    high = clip_range if clip_range_high is None else clip_range_high
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + high)
     loss = torch.maximum(unclipped, clipped)
     return loss, ratio, (clipped > unclipped).float()
 

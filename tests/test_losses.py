@@ -33,6 +33,38 @@ def test_clipped_surrogate_by_hand():
     assert clipped.tolist() == [0.0, 1.0, 0.0, 1.0, 0.0, 0.0]
 
 
+def test_clip_higher_by_hand():
+    """ε_low 0.2, ε_high 0.28 (DAPO): the ratio is kept in [0.8, 1.28].  By hand, with ratios ρ and advantages A:
+        ρ 0.70, A +1: max(−0.70, −0.80) = −0.70             (not clipped)
+        ρ 1.25, A +1: max(−1.25, −1.25) = −1.25             (symmetric ε 0.2 would clip to −1.20: no gradient)
+        ρ 1.35, A +1: max(−1.35, −1.28) = −1.28             (clipped at 1 + ε_high)
+        ρ 0.70, A −1: max(+0.70, +0.80) = +0.80             (clipped at 1 − ε_low, as before)"""
+    ratios = torch.tensor([[0.70, 1.25, 1.35, 0.70]])
+    old = torch.zeros_like(ratios)
+    logprobs = ratios.log().requires_grad_(True)
+    advantages = torch.tensor([[1.0, 1.0, 1.0, -1.0]])
+    loss, ratio, clipped = clipped_surrogate(logprobs, old, advantages, 0.2, 0.28)
+    assert torch.allclose(loss, torch.tensor([[-0.70, -1.25, -1.28, 0.80]]))
+    assert clipped.tolist() == [[0.0, 0.0, 1.0, 1.0]]
+    loss.sum().backward()
+    assert torch.allclose(logprobs.grad, torch.tensor([[-0.70, -1.25, 0.0, 0.0]]))  # dL/dlogπ = −A·ρ where unclipped
+    symmetric, _, _ = clipped_surrogate(ratios.log(), old, advantages, 0.2)
+    assert torch.allclose(symmetric, torch.tensor([[-0.70, -1.20, -1.20, 0.80]]))
+    assert torch.equal(clipped_surrogate(ratios.log(), old, advantages, 0.2, None)[0], symmetric)
+
+
+def test_clip_higher_and_dual_clip_need_a_clipped_objective():
+    from rlhf_core.config import params_from_dict
+    from rlhf_core.errors import ConfigError
+
+    assert params_from_dict({"ppo": {"clip_range_high": 0.28}}).ppo.clip_range_high == 0.28
+    assert params_from_dict({"algorithm": {"name": "rloo"}, "rloo": {"objective": "clipped"},
+                             "ppo": {"clip_range_high": 0.28}}).ppo.clip_range_high == 0.28
+    for key, value in (("clip_range_high", 0.28), ("dual_clip", 3.0)):
+        with pytest.raises(ConfigError, match=f"ppo.{key} = {value}: algorithm.name = 'reinforce' has no clipped"):
+            params_from_dict({"algorithm": {"name": "reinforce"}, "ppo": {key: value}})
+
+
 def test_clipped_surrogate_shapes_and_gradient_zero_when_clipped():
     old = torch.zeros(2, 2)
     logprobs = torch.tensor([[math.log(1.5), 0.0], [0.0, math.log(0.5)]], requires_grad=True)

@@ -241,6 +241,24 @@ def test_kl_loss_coef_adds_the_kl_to_reference_term_in_every_first_order_loss(lo
     assert value.item() == pytest.approx(0.0) and "kl_ref" not in stats
 
 
+def test_ppo_loss_uses_clip_higher():
+    """ppo.clip_range_high reaches the policy loss: ρ = 1.25 with A = +1 (one token) is clipped to 1.2 by the
+    symmetric ε 0.2 (loss −1.2) and kept by ε_high 0.28 (loss −1.25)."""
+    from types import SimpleNamespace
+
+    from rlhf_core.algorithms.ppo import ppo_loss
+
+    zeros = torch.zeros(1, 1)
+    out = SimpleNamespace(logprobs=torch.tensor([[1.25]]).log(), entropy=zeros, values=zeros)
+    micro = SimpleNamespace(mask=torch.ones(1, 1), advantages=torch.ones(1, 1), returns=zeros, old_values=zeros,
+                            old_logprobs=zeros, ref_logprobs=zeros)
+    totals = {"tokens": 1.0, "sequences": 1.0}
+    symmetric, _ = ppo_loss(out, micro, totals, training(), use_critic=False)
+    higher, stats = ppo_loss(out, micro, totals, training(clip_range_high=0.28), use_critic=False)
+    assert symmetric.item() == pytest.approx(-1.2) and higher.item() == pytest.approx(-1.25)
+    assert stats["clip_fraction"].item() == 0.0
+
+
 def test_carried_optimizer_state_makes_two_rounds_one_optimizer(tiny_checkpoint, tmp_path):
     """optim.carry_state: round 2 restored from the files beside round 1's checkpoint takes, bit for bit, the steps
     of the same AdamW continuing in memory; a fresh AdamW in round 2 (the default) takes other steps."""

@@ -5,14 +5,14 @@ One round of updates (the loop itself is ``common.minibatch_updates``):
     for epoch in 1..optim.epochs, for each shuffled minibatch, for each micro-batch:
         log π_θ, H, V_θ  ← forward (same code and temperature as the rollout)
         ρ_t   = exp(log π_θ − log π_old)           (or one ρ per sequence: ratio_level = sequence)
-        L^π_t = max(−A_t ρ_t, −A_t clip(ρ_t, 1 ± ε))  [then min(·, −c A_t) where A_t < 0: dual clip]
+        L^π_t = max(−A_t ρ_t, −A_t clip(ρ_t, 1 − ε, 1 + ε_high))  [then min(·, −c A_t) where A_t < 0: dual clip]
         L^V_t = ½ max((V − R)², (V_old + clip(V − V_old, ±ε_v) − R)²)
         L^KL_t = k(log π_θ, log π_ref)               (only when kl.loss_coef > 0; k = kl.loss_estimator)
         loss  = agg(L^π) + vf_coef·agg(L^V) − ent_coef·agg(H) + kl.loss_coef·agg(L^KL)
     stop the round when the minibatch's approx-KL(π_old‖π_θ) exceeds ppo.target_kl
 
 ``agg`` is optim.loss_aggregation: token-mean, sequence-mean of token-means or of token-sums; vf_coef and
-ent_coef are optim's; ε, ε_v, c, the ratio level and target_kl are ppo's.
+ent_coef are optim's; ε, ε_high (clip-higher; ε when unset), ε_v, c, the ratio level and target_kl are ppo's.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def ppo_loss(out, micro, totals, params, *, use_critic: bool = True):
     else:
         logprobs_for_ratio = out.logprobs
     pg_loss, ratio, clipped = clipped_surrogate(logprobs_for_ratio, micro.old_logprobs, micro.advantages,
-                                                ppo.clip_range)
+                                                ppo.clip_range, ppo.clip_range_high)
     pg_loss = dual_clip(pg_loss, micro.advantages, ppo.dual_clip)
 
     def agg(values):
