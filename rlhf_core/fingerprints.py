@@ -81,9 +81,12 @@ def module_file(root: Path, name: str) -> Path | None:
     return None
 
 
-def import_closure(root: Path, module: str, follow=lambda name: True) -> dict[str, Path]:
+def import_closure(root: Path, module: str, follow=lambda name: True,
+                   parsed: dict[Path, set[str]] | None = None) -> dict[str, Path]:
     """The source files reached from ``module`` through imports that resolve under ``root`` (parent packages'
-    __init__ included) and that ``follow(name)`` accepts: {module name: file}."""
+    __init__ included) and that ``follow(name)`` accepts: {module name: file}.  ``parsed``: {file: the names it
+    imports}, shared by several walks over the same files so that each file is parsed once."""
+    parsed = {} if parsed is None else parsed
     found: dict[str, Path] = {}
     todo = [module]
     while todo:
@@ -97,8 +100,9 @@ def import_closure(root: Path, module: str, follow=lambda name: True) -> dict[st
             if path is None:
                 continue
             found[prefix] = path
-            package = prefix if path.name == "__init__.py" else prefix.rpartition(".")[0]
-            todo.extend(imported_names(path, package))
+            if path not in parsed:
+                parsed[path] = imported_names(path, prefix if path.name == "__init__.py" else prefix.rpartition(".")[0])
+            todo.extend(parsed[path])
     return found
 
 
@@ -165,18 +169,29 @@ def stage_modules(dvc: dict) -> dict[str, list[str]]:
     return modules
 
 
-def code_closure(repo: Path, modules: list[str]) -> dict[str, Path]:
+def code_closure(repo: Path, modules: list[str], parsed: dict[Path, set[str]] | None = None) -> dict[str, Path]:
     """{path relative to ``repo``: file} of the project files ``modules`` run, through imports (function-local ones
-    included; parent packages' __init__ too); an empty file runs nothing and is left out."""
+    included; parent packages' __init__ too); an empty file runs nothing and is left out.  ``parsed``: see
+    ``import_closure``."""
     files: dict[str, Path] = {}
     for module in modules:
-        for path in import_closure(repo, module, follow=lambda name: name.split(".")[0] in PACKAGES).values():
+        for path in import_closure(repo, module, follow=lambda name: name.split(".")[0] in PACKAGES,
+                                   parsed=parsed).values():
             if path.stat().st_size > 0:
                 files[path.relative_to(repo).as_posix()] = path
     return dict(sorted(files.items()))
 
 
 def code_fingerprints(repo: Path, dvc: dict) -> dict[str, dict[str, str]]:
-    """{stage: {file: fingerprint}} of the code every stage of ``dvc`` (dvc.yaml, parsed) but this one runs."""
-    return {stage: {name: file_fingerprint(path) for name, path in code_closure(repo, modules).items()}
+    """{stage: {file: fingerprint}} of the code every stage of ``dvc`` (dvc.yaml, parsed) but this one runs.  The
+    stages share most of their files: each is parsed and hashed once."""
+    parsed: dict[Path, set[str]] = {}
+    hashed: dict[Path, str] = {}
+
+    def fingerprint(path: Path) -> str:
+        if path not in hashed:
+            hashed[path] = file_fingerprint(path)
+        return hashed[path]
+
+    return {stage: {name: fingerprint(path) for name, path in code_closure(repo, modules, parsed).items()}
             for stage, modules in stage_modules(dvc).items() if stage != STAGE}
