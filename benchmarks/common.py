@@ -43,6 +43,17 @@ def copy_repo(target: Path, params_changes: dict | None = None) -> None:
         run(["git", *args], target)
 
 
+def deep_update(base: dict, changes: dict, replace: tuple[str, ...] = ()) -> dict:
+    """Merge ``changes`` into the params dict ``base`` in place, section by section; a key named in ``replace`` (at
+    any depth) takes the new value whole.  Returns ``base``."""
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and key not in replace:
+            deep_update(base[key], value, replace)
+        else:
+            base[key] = value
+    return base
+
+
 def write_params(source: Path, target: Path, edit) -> None:
     """Read the params file ``source`` as DVC does, let ``edit(raw dict)`` change it in place, validate,
     and write the result to ``target``."""

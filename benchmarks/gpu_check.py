@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, copy_repo, dvc_executable, write_params
+from common import REPO, copy_repo, deep_update, dvc_executable, write_params
 
 REDUCED = {  # --reduced: the test suite's CPU run; the GPU check runs the default sizes
     "prepare": {"num_builtin_prompts": 300},
@@ -37,14 +37,6 @@ REDUCED = {  # --reduced: the test suite's CPU run; the GPU check runs the defau
     "optim": {"epochs": 1, "minibatch_size": 8, "micro_batch_size": 4},
     "evaluate": {"num_prompts": 8, "samples_per_prompt": 1, "max_new_tokens": 12, "num_perplexity_texts": 16},
 }
-
-
-def deep_update(base: dict, changes: dict) -> None:
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            deep_update(base[key], value)
-        else:
-            base[key] = value
 
 
 class Checks:

@@ -18,8 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import (REPO, checkpoint_parameters, copy_repo, dvc_executable, machine, run, stage_seconds, write_params,
-                    write_report)
+from common import (REPO, checkpoint_parameters, copy_repo, deep_update, dvc_executable, machine, run, stage_seconds,
+                    write_params, write_report)
 
 CPU_VARIANT = {  # what the CPU variant (docs/bring-your-own.md) changes in the example
     "device": "cpu", "cpu_threads": 0,
@@ -32,15 +32,6 @@ CPU_VARIANT = {  # what the CPU variant (docs/bring-your-own.md) changes in the 
     "rounds": {"r1": {"from": "sft"}, "r2": {"from": "r1"}},
 }
 ROUND_STAGES = ("rollout", "score", "advantages", "optimize")
-
-
-def deep_update(base: dict, changes: dict) -> dict:
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict) and key not in ("rounds", "score"):
-            deep_update(base[key], value)
-        else:
-            base[key] = value
-    return base
 
 
 def render(path: Path) -> str:
@@ -73,7 +64,7 @@ def main() -> None:
         copy_repo(work)
         changes = {**CPU_VARIANT, "sft": {"model": str(model)}}
         write_params(REPO / "examples/params.smollm2-instruct.yaml", work / "params.yaml",
-                     lambda raw: deep_update(raw, changes))
+                     lambda raw: deep_update(raw, changes, replace=("rounds", "score")))
         run(["git", "commit", "-qam", "recipe, CPU variant"], work)
         output, wall = run([dvc_executable(), "repro"], work)
         seconds = stage_seconds(output)

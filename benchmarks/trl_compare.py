@@ -52,7 +52,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, copy_repo, dvc_executable, machine, run, stage_startup, write_params, write_report
+from common import (REPO, copy_repo, deep_update, dvc_executable, machine, run, stage_startup, write_params,
+                    write_report)
 
 from rlhf_core.docs import render_trl_compare
 
@@ -131,14 +132,6 @@ VARIANTS = {  # name → ("trl", algorithm) or ("ours", params changes on top of
     "trl-rloo": ("trl", "rloo"),
     "ours-rloo": ("ours", OURS_RLOO),
 }
-
-
-def deep_update(target: dict, changes: dict) -> None:
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(target.get(key), dict):
-            deep_update(target[key], value)
-        else:
-            target[key] = value
 
 
 def locked_versions() -> dict[str, str]:

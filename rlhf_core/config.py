@@ -474,8 +474,7 @@ class Params(Section):
                               "set device: auto, cuda or cuda:N, or use engine: hf")
         init = str(Path(self.algorithm.critic_init))  # ./models/sft/ is models/sft
         if init != "models/sft":
-            if self.algorithm.name in ("grpo", "rloo") or (self.algorithm.name == "reinforce"
-                                                          and self.reinforce.baseline != "value"):
+            if not (self.trains_value_by_gradient or self.algorithm.name in ("trpo", "npg")):  # no critic at all
                 raise ConfigError(f"algorithm.critic_init = {init!r}: algorithm.name = {self.algorithm.name!r} trains no "
                                   "critic; leave critic_init at models/sft")
             if self.algorithm.critic != "separate":
