@@ -143,8 +143,8 @@ def round_advantages(logprobs, ref_logprobs, values, scores, *, kl_coef: float, 
                      moving_baseline: float = 0.0, scale_by_std: bool = True, eps: float = 1e-6) -> tuple[dict, dict]:
     """The advantages step of one round, on ragged per-response arrays.
 
-    logprobs, ref_logprobs, values: lists of [T_i] arrays; scores: [B]; group_ids: [B] (the prompt of
-    each response) for the group estimators.  Token rewards are r_t = −β·kl_t plus the score on the
+    logprobs, ref_logprobs, values: lists of [T_i] arrays (ref_logprobs None in the KL-free mode: no KL, and no KL
+    metrics); scores: [B]; group_ids: [B] (the prompt of each response) for the group estimators.  Token rewards are r_t = −β·kl_t plus the score on the
     last token (β = 0 for grpo, which puts its KL in the loss).  Then, by estimator:
 
         gae        A = GAE(γ, λ) with the critic's values; R = A + V   (ppo, a2c, trpo, npg)
@@ -161,7 +161,10 @@ def round_advantages(logprobs, ref_logprobs, values, scores, *, kl_coef: float, 
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown advantage estimator {estimator!r}")
     logprobs_t, mask = pad_sequences(logprobs)
-    ref_t, _ = pad_sequences(ref_logprobs)
+    with_reference = ref_logprobs is not None
+    if not with_reference and kl_coef != 0.0:
+        raise ValueError(f"kl_coef = {kl_coef} needs the reference's log-probs (ref_logprobs is None)")
+    ref_t = pad_sequences(ref_logprobs)[0] if with_reference else logprobs_t
     values_t, _ = pad_sequences(values)
     scores_t = torch.as_tensor(scores, dtype=torch.float32)
     groups = None if group_ids is None else torch.as_tensor(group_ids, dtype=torch.long)
@@ -210,8 +213,8 @@ def round_advantages(logprobs, ref_logprobs, values, scores, *, kl_coef: float, 
 
     metrics = {
         "kl_coef": float(reward_kl_coef),
-        "kl_sequence_mean": float(sequence_kl.mean()),
-        "kl_k1_sequence_mean": float(((logprobs_t - ref_t) * mask).sum(-1).mean()),
+        **({"kl_sequence_mean": float(sequence_kl.mean()),
+            "kl_k1_sequence_mean": float(((logprobs_t - ref_t) * mask).sum(-1).mean())} if with_reference else {}),
         "score_mean": float(scores_t.mean()),
         "score_std": float(scores_t.std(unbiased=False)),
         "return_sequence_mean": float(sequence_return.mean()),

@@ -236,6 +236,10 @@ class KLParams(Section):
         0.0, "weight of KL(π_θ‖π_ref) as a loss term (ppo, grpo, rloo, reinforce, a2c; not trpo/npg): an alternative "
         "to reward_coef; GRPO's paper uses 0.04", ge=0.0)
     loss_estimator: Literal["k1", "k2", "k3"] = param("k3", "estimator of the KL loss term")
+    monitor: StrictBool = param(
+        False, "record π_ref's log-probs in every rollout, and the KL metrics of rollout and advantages, even when "
+        "reward_coef and loss_coef are both 0; false: with both at 0 no stage but evaluate loads π_ref (KL-free, "
+        "as TRL's default: no reference in memory, no reference forward pass); evaluate always reports the KL to sft")
 
 
 ALGORITHMS = ("reinforce", "a2c", "ppo", "trpo", "npg", "grpo", "rloo")  # algorithm.name's allowed values
@@ -539,6 +543,12 @@ class Params(Section):
         if round_key not in self.rounds:
             raise ConfigError(f"--round {round_key!r}: not in params rounds ({', '.join(self.rounds)})")
         return 1 + self.round_index(self.rounds[round_key].start_from)
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether rollout records π_ref's log-probs: a KL coefficient is above 0, or kl.monitor asks for the metrics.
+        False is the KL-free mode: π_ref is loaded by evaluate alone."""
+        return self.kl.reward_coef > 0 or self.kl.loss_coef > 0 or self.kl.monitor
 
     @property
     def trains_value_by_gradient(self) -> bool:

@@ -17,6 +17,10 @@ only when what it fingerprints was edited, and then exactly the stages that read
   - an ``hf_classifier`` model given as a local directory, outside the repository or inside it, other than the
     ``train_reward`` stage's outputs under ``reward_models/`` (a declared dependency already).
 
+- ``fingerprints/reference.json``: ``{"uses_reference": …}`` (``Params.uses_reference``), read by ``rollout``,
+  ``advantages`` and ``optimize``: whether π_ref is loaded at all (KL-free when both KL coefficients are 0).  It
+  changes only when that flips, so a new ``kl.reward_coef`` re-runs no rollout.
+
 Files are hashed by content (sha256), except files above ``CONTENT_HASH_LIMIT`` bytes (model weights), which are
 fingerprinted by size and modification time, to keep the stage cheap on multi-GB checkpoints.  A Hub id is
 recorded as the id only.
@@ -35,6 +39,7 @@ from rlhf_core.errors import DataError
 CONTENT_HASH_LIMIT = 64 * 2**20
 CODE_DIR = "fingerprints/code"  # <stage>.json: the code the stage runs
 REWARD_FILE = "fingerprints/reward.json"  # what the reward reads from outside the declared files
+REFERENCE_FILE = "fingerprints/reference.json"  # whether the rollout loads π_ref (Params.uses_reference)
 PACKAGES = ("rlhf_core", "stages")  # the project's own code, followed through imports
 STAGE = "fingerprints"  # the stage that writes them (dvc.yaml)
 

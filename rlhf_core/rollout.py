@@ -139,32 +139,35 @@ def generate_samples(policy, tokenizer, prompt_ids: list[list[int]], *, samples_
 @torch.inference_mode()
 def record_token_stats(actor_critic, reference, samples: list[Sample], *, pad_id: int, temperature: float,
                        batch_size: int, device: torch.device, reference_is_policy: bool = False,
-                       runtime=None) -> dict[str, list]:
+                       with_reference: bool = True, runtime=None) -> dict[str, list]:
     """Per-sample float32 arrays: ``logprobs``, ``ref_logprobs`` and ``values``, each [len(response)].
 
     ``reference_is_policy`` (round 1 starts at π_ref) reuses the policy's log-probs for the reference:
     the same weights through the same code give the same numbers, at half the cost.  ``reference`` None
-    with a LoRA policy: the reference is the same model with its adapters disabled.
+    with a LoRA policy: the reference is the same model with its adapters disabled.  ``with_reference``
+    False (the KL-free mode, ``Params.uses_reference``): no reference forward, and no ``ref_logprobs`` key.
     With several processes, the forward batches go to ranks round-robin as in ``generate_samples``,
     and every rank gets all the arrays back.
     """
     from rlhf_core.distributed import Runtime
 
     runtime = runtime or Runtime(device=device)  # plain: one process, no autocast
-    stats = {"logprobs": [None] * len(samples), "ref_logprobs": [None] * len(samples), "values": [None] * len(samples)}
+    names = ("logprobs", "ref_logprobs", "values") if with_reference else ("logprobs", "values")
+    stats = {name: [None] * len(samples) for name in names}
     plan = length_buckets([len(s.prompt_ids) + len(s.response_ids) for s in samples], batch_size)
     for members in runtime.shard(plan):
         batch = collate([samples[i].prompt_ids for i in members], [samples[i].response_ids for i in members],
                         pad_id).to(device)
         with runtime.autocast():
             out = actor_critic(batch, temperature, with_values=True)
-            ref = out.logprobs if reference_is_policy else reference_logprobs(actor_critic, reference, batch,
-                                                                              temperature)
+            arrays = {"logprobs": out.logprobs, "values": out.values}
+            if with_reference:
+                arrays["ref_logprobs"] = out.logprobs if reference_is_policy else reference_logprobs(
+                    actor_critic, reference, batch, temperature)
         for row, index in enumerate(members):
             length = len(samples[index].response_ids)
-            stats["logprobs"][index] = out.logprobs[row, :length].float().cpu().numpy().astype(np.float32)
-            stats["ref_logprobs"][index] = ref[row, :length].float().cpu().numpy().astype(np.float32)
-            stats["values"][index] = out.values[row, :length].float().cpu().numpy().astype(np.float32)
+            for name, tensor in arrays.items():
+                stats[name][index] = tensor[row, :length].float().cpu().numpy().astype(np.float32)
     if runtime.distributed:
         for shard in runtime.all_gather(stats):
             for name, arrays in shard.items():
@@ -184,7 +187,8 @@ def reference_logprobs(actor_critic, reference, batch, temperature: float):
 
 
 def rollout_table(prompts: list[str], samples: list[Sample], stats: dict[str, list], tokenizer):
-    """One row per response: text, token ids and per-token arrays (Parquet list columns)."""
+    """One row per response: text, token ids and per-token arrays (Parquet list columns; no ``ref_logprobs``
+    in the KL-free mode)."""
     import pandas as pd
 
     rows = []
@@ -198,9 +202,7 @@ def rollout_table(prompts: list[str], samples: list[Sample], stats: dict[str, li
             "response_ids": np.asarray(sample.response_ids, dtype=np.int32),
             "ended_with_eos": sample.ended_with_eos,
             "response_length": len(sample.response_ids),
-            "logprobs": stats["logprobs"][index],
-            "ref_logprobs": stats["ref_logprobs"][index],
-            "values": stats["values"][index],
+            **{name: stats[name][index] for name in ("logprobs", "ref_logprobs", "values") if name in stats},
         })
     return pd.DataFrame(rows)
 

@@ -13,8 +13,9 @@ def main(params, args):
     from rlhf_core.kl import AdaptiveKLController, FixedKLController
 
     adv, kl, round_key = params.advantages, params.kl, args.round
+    with_reference = params.uses_reference  # KL-free: the rollout stored no ref_logprobs
     rollouts = read_parquet(f"rollouts/{round_key}/rollouts.parquet",
-                            ("prompt_index", "logprobs", "ref_logprobs", "values"))
+                            ("prompt_index", "logprobs", "values") + (("ref_logprobs",) if with_reference else ()))
     scores = read_parquet(f"scores/{round_key}/scores.parquet", ("total",))
     if len(scores) != len(rollouts):
         raise DataError(f"scores/{round_key} has {len(scores)} rows for {len(rollouts)} rollouts; re-run score@{round_key}")
@@ -30,7 +31,8 @@ def main(params, args):
 
     estimator = estimator_for(params.algorithm.name, params.reinforce.baseline)
     arrays, metrics = round_advantages(
-        rollouts["logprobs"].tolist(), rollouts["ref_logprobs"].tolist(), rollouts["values"].tolist(),
+        rollouts["logprobs"].tolist(), rollouts["ref_logprobs"].tolist() if with_reference else None,
+        rollouts["values"].tolist(),
         scores["total"].tolist(), kl_coef=controller.value, kl_estimator=kl.reward_estimator, gamma=adv.gamma,
         lam=adv.lam, whiten_rewards=adv.whiten_rewards, whiten_advantages=adv.whiten_advantages,
         estimator=estimator, group_ids=rollouts["prompt_index"].tolist(), return_type=params.reinforce.return_type,
@@ -38,7 +40,7 @@ def main(params, args):
         eps=params.grpo.eps)
     momentum = params.reinforce.baseline_momentum
     state = {
-        "kl_coef": controller.update(metrics["kl_sequence_mean"], len(rollouts)),
+        "kl_coef": controller.update(metrics.get("kl_sequence_mean", 0.0), len(rollouts)),  # KL-free: β stays 0
         "reward_baseline": momentum * baseline + (1.0 - momentum) * metrics["return_sequence_mean"],
     }
     metrics.update(estimator=estimator, kl_coef_next=state["kl_coef"], reward_baseline=baseline)

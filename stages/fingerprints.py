@@ -1,5 +1,6 @@
-"""Fingerprint what the stages read that dvc.yaml cannot list precisely: the code each stage runs, and the
-reward's inputs from outside the declared files (python scorer modules, local reward-model directories).
+"""Fingerprint what the stages read that dvc.yaml cannot list precisely: the code each stage runs, the reward's
+inputs from outside the declared files (python scorer modules, local reward-model directories), and whether the
+rollout loads π_ref.
 
 dvc.yaml runs this stage first on every `dvc repro` (always_changed); every other stage depends on its code
 fingerprint, and score and evaluate on the reward's, so an edit re-runs exactly the stages that read what was
@@ -12,10 +13,10 @@ from rlhf_core.io import atomic_dir, write_json, write_json_into
 
 
 def main(params, args):
-    """Write fingerprints/code/<stage>.json for every stage, and fingerprints/reward.json."""
+    """Write fingerprints/code/<stage>.json for every stage, fingerprints/reward.json and fingerprints/reference.json."""
     import yaml
 
-    from rlhf_core.fingerprints import CODE_DIR, REWARD_FILE, code_fingerprints, reward_inputs
+    from rlhf_core.fingerprints import CODE_DIR, REFERENCE_FILE, REWARD_FILE, code_fingerprints, reward_inputs
 
     repo = Path.cwd()
     code = code_fingerprints(repo, yaml.safe_load((repo / "dvc.yaml").read_text()))
@@ -24,6 +25,7 @@ def main(params, args):
             write_json_into(out, f"{stage}.json", files)
     inputs = reward_inputs(params.score.scorers, repo)
     write_json(REWARD_FILE, inputs)
+    write_json(REFERENCE_FILE, {"uses_reference": params.uses_reference})
     local = sum(isinstance(value, dict) for value in inputs["model_directories"].values())
     log(f"fingerprints: the code of {len(code)} stages ({len({f for files in code.values() for f in files})} files); "
         f"{len(inputs['python_scorers'])} python scorer(s), {local} local reward-model directory(ies)")

@@ -30,12 +30,14 @@ def _train_and_save(params, round_key, start_from, train, seed, runtime):
 
     device = runtime.device
 
-    rollouts = read_parquet(f"rollouts/{round_key}/rollouts.parquet",
-                            ("prompt_ids", "response_ids", "logprobs", "ref_logprobs", "values"))
+    with_reference = params.uses_reference  # KL-free: the rollout stored no ref_logprobs
+    rollouts = read_parquet(f"rollouts/{round_key}/rollouts.parquet", ("prompt_ids", "response_ids", "logprobs", "values")
+                            + (("ref_logprobs",) if with_reference else ()))
     advantages = read_parquet(f"advantages/{round_key}/advantages.parquet", ("advantages", "returns", "rewards"))
     state = {**read_json(f"scores/{round_key}/state.json"), **read_json(f"advantages/{round_key}/state.json")}
     experience = Experience(rollouts["prompt_ids"].tolist(), rollouts["response_ids"].tolist(),
-                            rollouts["logprobs"].tolist(), rollouts["ref_logprobs"].tolist(),
+                            rollouts["logprobs"].tolist(),
+                            rollouts["ref_logprobs"].tolist() if with_reference else None,
                             rollouts["values"].tolist(), advantages["advantages"].tolist(),
                             advantages["returns"].tolist(), rewards=advantages["rewards"].tolist())
 

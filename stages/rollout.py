@@ -52,7 +52,9 @@ def main(params, args):
     # A LoRA policy on models/sft: π_ref is that very model with its adapters disabled (reference None), no copy.
     adapters_on_sft = is_adapter_checkpoint(checkpoint_dir(start_from)) and (
         Path(adapter_base(checkpoint_dir(start_from))).resolve() == Path(checkpoint_dir("sft")).resolve())
-    reference = None if reference_is_policy or adapters_on_sft else load_causal_lm(
+    # KL-free (both KL coefficients 0, kl.monitor off): π_ref is neither loaded nor run, and no ref_logprobs are stored
+    with_reference = params.uses_reference
+    reference = None if reference_is_policy or adapters_on_sft or not with_reference else load_causal_lm(
         checkpoint_dir("sft"), device, params.trust_remote_code, param_dtype=dtype)
     ready()
     check_context(prompt_ids, ro.max_new_tokens, context_length(actor_critic.policy.config), "train prompts")
@@ -65,7 +67,8 @@ def main(params, args):
         add_work("generation_tokens", sum(len(s.response_ids) for s in samples), time.perf_counter() - started)
     stats = record_token_stats(actor_critic, reference, samples, pad_id=tokenizer.pad_token_id,
                                temperature=ro.temperature, batch_size=ro.forward_batch_size, device=device,
-                               reference_is_policy=reference_is_policy, runtime=runtime)
+                               reference_is_policy=reference_is_policy, with_reference=with_reference,
+                               runtime=runtime)
     if not runtime.is_main:  # rank 0 alone writes the one Parquet file and the metrics
         runtime.close()
         return
@@ -77,9 +80,13 @@ def main(params, args):
         "responses": len(table),
         "response_length_mean": float(table["response_length"].mean()),
         "eos_fraction": float(table["ended_with_eos"].mean()),
-        "kl_k1_mean": float(sum(float((lp - rl).sum()) for lp, rl in zip(table["logprobs"], table["ref_logprobs"]))
-                            / len(table)),
     }
+    if with_reference:
+        metrics["kl_k1_mean"] = float(sum(float((lp - rl).sum()) for lp, rl in zip(table["logprobs"],
+                                                                                  table["ref_logprobs"])) / len(table))
+    else:
+        log(f"rollout@{round_key}: KL-free (kl.reward_coef and kl.loss_coef are 0, kl.monitor is off): π_ref was not "
+            "loaded; evaluate still reports the KL to sft")
     log(f"rollout@{round_key}: {metrics}")
     for text in table["prompt"].head(2) + table["response"].head(2):
         log(f"  sample: {text!r}")

@@ -203,3 +203,20 @@ def test_round_advantages_raises_on_non_finite_score(bad):
     with pytest.raises(FloatingPointError, match="response 1"):
         round_advantages(logprobs, ref, values, scores, kl_coef=0.1, kl_estimator="k1", gamma=1.0, lam=0.95,
                          whiten_rewards=False, whiten_advantages=True)
+
+
+def test_round_advantages_kl_free_has_no_kl_and_the_same_advantages():
+    """ref_logprobs None (the KL-free mode): the advantages of β = 0 with a reference, and no KL metrics."""
+    logprobs, ref, values, scores = _ragged_inputs()
+    with_ref, with_ref_metrics = round_advantages(logprobs, ref, values, scores, kl_coef=0.0, kl_estimator="k1",
+                                                  gamma=1.0, lam=0.95, whiten_rewards=False, whiten_advantages=True)
+    kl_free, metrics = round_advantages(logprobs, None, values, scores, kl_coef=0.0, kl_estimator="k1", gamma=1.0,
+                                        lam=0.95, whiten_rewards=False, whiten_advantages=True)
+    for name in ("rewards", "advantages", "returns"):
+        for a, b in zip(with_ref[name], kl_free[name]):
+            np.testing.assert_array_equal(a, b)
+    assert "kl_sequence_mean" in with_ref_metrics
+    assert not {"kl_sequence_mean", "kl_k1_sequence_mean"} & set(metrics)
+    with pytest.raises(ValueError, match="needs the reference"):
+        round_advantages(logprobs, None, values, scores, kl_coef=0.1, kl_estimator="k1", gamma=1.0, lam=0.95,
+                         whiten_rewards=False, whiten_advantages=True)

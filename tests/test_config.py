@@ -439,3 +439,10 @@ def test_replace_validates_like_params_yaml():
         replace(OptimParams(), lr=-1)
     with pytest.raises(ConfigError, match=r"^clip_range: unknown key; allowed keys are adam_eps, "):
         replace(OptimParams(), clip_range=0.1)
+
+
+@pytest.mark.parametrize(("kl", "uses"), [({"reward_coef": 0.05}, True), ({"reward_coef": 0.0, "loss_coef": 0.04}, True),
+                                          ({"reward_coef": 0.0}, False),
+                                          ({"reward_coef": 0.0, "monitor": True}, True)])
+def test_the_reference_is_used_only_by_a_kl_term_or_the_monitor(kl, uses):
+    assert params_from_dict({"kl": kl}).uses_reference is uses

@@ -86,6 +86,7 @@ def test_the_fingerprint_stage_writes_one_file_per_stage(tmp_path):
     written = {path.stem: json.loads(path.read_text()) for path in (tmp_path / CODE_DIR).glob("*.json")}
     assert written == code_fingerprints(tmp_path, DVC)
     assert json.loads((tmp_path / "fingerprints/reward.json").read_text()) == {"python_scorers": {}, "model_directories": {}}
+    assert json.loads((tmp_path / "fingerprints/reference.json").read_text()) == {"uses_reference": True}
 
 
 def files_read(script: Path) -> set[str]:

@@ -184,6 +184,48 @@ def test_every_algorithm_runs_the_round_stages(tmp_path, tiny_checkpoint, monkey
     assert set(json.loads((tmp_path / "metrics/eval.json").read_text())) == {"sft", "r1", "r2"}
 
 
+@pytest.mark.parametrize("monitor", [False, True])
+def test_kl_free_rounds_never_load_the_reference(tmp_path, tiny_checkpoint, monkeypatch, monitor):
+    """Both KL coefficients 0: rollout loads and runs no π_ref (r2 would load models/sft), stores no ref_logprobs, and
+    advantages reports no KL; evaluate still reports the KL to sft.  kl.monitor brings the reference back."""
+    import pyarrow.parquet as pq
+
+    import rlhf_core.models
+    from stages import advantages, optimize, prepare, rollout, score, sft
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["sft"].update(model=str(tiny_checkpoint), epochs=0, num_builtin_demonstrations=40)
+    raw["prepare"].update(num_builtin_prompts=60)
+    raw["rollout"].update(prompts_per_round=4, samples_per_prompt=4, max_new_tokens=6)
+    raw["optim"].update(epochs=1, minibatch_size=8, micro_batch_size=4)
+    raw["evaluate"].update(num_prompts=4, samples_per_prompt=1, max_new_tokens=6, num_perplexity_texts=5)
+    raw["algorithm"]["name"] = "grpo"
+    raw["kl"].update(reward_coef=0.0, loss_coef=0.0, monitor=monitor)
+    raw["rounds"] = {"r1": {"from": "sft"}, "r2": {"from": "r1"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    params = load_params("params.yaml")
+    assert params.uses_reference is monitor
+    for stage in (prepare, sft):
+        stage.main(params, argparse.Namespace())
+    loaded = []
+    real_load = rlhf_core.models.load_causal_lm
+    monkeypatch.setattr(rlhf_core.models, "load_causal_lm", lambda path, *a, **k: loaded.append(path) or real_load(path, *a, **k))
+    for round_key in ("r1", "r2"):
+        loaded.clear()
+        for stage in (rollout, score, advantages, optimize):
+            stage.main(params, argparse.Namespace(round=round_key))
+    assert ("models/sft" in map(str, loaded)) is monitor  # r2 starts from r1: models/sft would be π_ref alone
+    for round_key in ("r1", "r2"):
+        columns = pq.read_schema(tmp_path / f"rollouts/{round_key}/rollouts.parquet").names
+        assert ("ref_logprobs" in columns) is monitor
+        assert ("kl_sequence_mean" in json.loads((tmp_path / f"metrics/{round_key}/advantages.json").read_text())) is monitor
+        assert ("kl_k1_mean" in json.loads((tmp_path / f"metrics/{round_key}/rollout.json").read_text())) is monitor
+    monkeypatch.setattr(rlhf_core.models, "load_causal_lm", real_load)
+    evaluate_all(params)
+    assert json.loads((tmp_path / "metrics/eval.json").read_text())["r2"]["kl"] > 0.0
+
+
 def test_sft_fine_tunes_a_local_hf_model_on_file_demonstrations(tmp_path, tiny_checkpoint, monkeypatch):
     """sft.model = a local HF directory with sft.epochs > 0: the snapshot is a fine-tuned copy."""
     from safetensors.torch import load_file

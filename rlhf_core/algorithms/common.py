@@ -32,7 +32,7 @@ class MicroBatch:
 
     batch: TokenBatch
     old_logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor | None  # None in the KL-free mode (no kl.loss_coef, nothing reads it)
     old_values: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
@@ -49,7 +49,7 @@ class Experience:
     prompt_ids: list
     response_ids: list
     old_logprobs: list
-    ref_logprobs: list
+    ref_logprobs: list | None  # None in the KL-free mode (Params.uses_reference False)
     old_values: list
     advantages: list
     returns: list
@@ -80,7 +80,8 @@ class Experience:
                 values = torch.nn.functional.pad(values, (0, width - values.shape[1]))
             return values.to(device)
 
-        return MicroBatch(batch.to(device), padded(self.old_logprobs), padded(self.ref_logprobs),
+        return MicroBatch(batch.to(device), padded(self.old_logprobs),
+                          None if self.ref_logprobs is None else padded(self.ref_logprobs),
                           padded(self.old_values), padded(self.advantages), padded(self.returns))
 
 

@@ -100,7 +100,9 @@ def pipeline(tmp_path_factory):
     outputs["lock_forced"] = yaml.safe_load((workdir / "dvc.lock").read_text())
     outputs["clip"] = dvc(["exp", "run", "-S", "ppo.clip_range=0.1"], workdir)
     outputs["lam"] = dvc(["exp", "run", "-S", "advantages.lam=0.9"], workdir)
-    outputs["grpo"] = dvc(["exp", "run", "-S", "algorithm.name=grpo", "-S", "kl.reward_coef=0"], workdir)
+    # grpo as in its paper: no KL in the reward, k3 KL in the loss; π_ref is still used, so round 1's rollouts stay
+    outputs["grpo"] = dvc(["exp", "run", "-S", "algorithm.name=grpo", "-S", "kl.reward_coef=0", "-S", "kl.loss_coef=0.04"],
+                          workdir)
     # --temp runs in <root>/.dvc/tmp/exps/<tmp>; its MLflow run must still land in <root>/mlflow.db.
     outputs["temp"] = dvc(["exp", "run", "--temp", "-S", "evaluate.seed=7"], workdir)
     # One more round: only its own stages, its evaluation and the summary run (each checkpoint has its own
