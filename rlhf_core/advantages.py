@@ -127,6 +127,19 @@ def group_normalize(scores: torch.Tensor, group_ids: torch.Tensor, scale_by_std:
     return centred / (std[inverse] + eps)
 
 
+def trained_responses(ended_with_eos, *, mask_truncated: bool) -> tuple[list[bool], dict]:
+    """Which responses the update trains on, after the advantages are computed over all of them.
+
+    mask_truncated (DAPO's overlong filtering, Yu et al. 2025; TRL's mask_truncated_completions): a response cut off
+    at max_new_tokens without EOS is left out of the loss, since its unfinished text was scored as if it were an
+    answer; it still counts in the group baselines and the whitening.  [B] bools -> ([B] bools, metrics).
+    """
+    ended = [bool(value) for value in ended_with_eos]
+    trained = [value or not mask_truncated for value in ended]
+    return trained, {"trained_fraction": sum(trained) / max(1, len(trained)),
+                     "masked_truncated": sum(not value for value in trained)}
+
+
 ESTIMATORS = ("gae", "reinforce", "grpo", "rloo")
 
 

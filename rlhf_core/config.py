@@ -176,7 +176,7 @@ class RolloutParams(Section):
         "that record log-probs load after vLLM has shut down", gt=0.0, lt=1.0)
 
 
-SCORER_KINDS = ("task", "vader", "length", "verifiable", "python", "hf_classifier")
+SCORER_KINDS = ("task", "vader", "length", "overlong", "verifiable", "python", "hf_classifier")
 _IDENTIFIER = r"^[A-Za-z][A-Za-z0-9_]*$"
 _DEVICE = r"^(auto|cpu|cuda(:\d+)?|mps)$"
 
@@ -184,12 +184,14 @@ _DEVICE = r"^(auto|cpu|cuda(:\d+)?|mps)$"
 class ScorerParams(Section):
     name: StrictStr = param("task", "component name: its column in scores/<round>, its eval metric reward_<name>", pattern=_IDENTIFIER)
     kind: Literal[SCORER_KINDS] = param(
-        "task", "task: the built-in task's own reward (sentiment: VADER; arithmetic: exact match with the answer); vader: VADER compound sentiment of the response; length: −|tokens − target_length| / target_length; verifiable: 1 if the response matches the prompt's reference answer, else 0; python: your function; hf_classifier: an AutoModelForSequenceClassification (reward model)")
+        "task", "task: the built-in task's own reward (sentiment: VADER; arithmetic: exact match with the answer); vader: VADER compound sentiment of the response; length: −|tokens − target_length| / target_length; overlong: DAPO's soft overlong penalty, 0 up to max_new_tokens − buffer tokens, then falling linearly to −1 at max_new_tokens (rollout's in training, evaluate's in evaluation); verifiable: 1 if the response matches the prompt's reference answer, else 0; python: your function; hf_classifier: an AutoModelForSequenceClassification (reward model)")
     weight: Float = param(1.0, "weight of this component in the total reward; 0 keeps it as a monitored column only")
     normalize: Literal["none", "batch", "running"] = param(
         "none", "per-component normalisation before weighting: none, whitening over the round, or a running mean/std across rounds")
     clip: Optional[Float] = param(None, "clip the (normalised) component to [−clip, clip]; null disables", gt=0.0)
     target_length: StrictInt = param(16, "length: the response length in tokens that scores 0 (the maximum)", ge=1)
+    buffer: StrictInt = param(4, "overlong: the penalty zone in tokens before the length limit (DAPO's L_cache); must be "
+                              "below rollout.max_new_tokens and evaluate.max_new_tokens", ge=1)
     match: Literal["exact", "numeric", "regex"] = param(
         "exact", "verifiable: exact (stripped) string match, numeric match within tolerance, or the reference answer as a regex searched in the response")
     tolerance: Float = param(1e-6, "verifiable numeric: largest accepted |response number − answer|", ge=0.0)
@@ -220,6 +222,10 @@ class AdvantagesParams(Section):
     lam: Float = param(0.95, "GAE λ", ge=0.0, le=1.0)
     whiten_rewards: StrictBool = param(False, "whiten the per-token rewards over the round before GAE")
     whiten_advantages: StrictBool = param(True, "whiten the advantages over the round")
+    mask_truncated: StrictBool = param(
+        False, "leave responses that hit rollout.max_new_tokens without EOS out of the loss (DAPO's overlong "
+        "filtering; TRL's mask_truncated_completions): no policy, value, entropy or KL gradient from their tokens; "
+        "they still count in group baselines and whitening (metrics: masked_truncated, trained_fraction)")
 
 
 class KLParams(Section):
@@ -458,6 +464,12 @@ class Params(Section):
                 what = "a verifiable scorer" if scorer.kind == "verifiable" else f"the {self.task} task's scorer"
                 raise ConfigError(f"{where}: {what} needs reference answers: "
                                   "prepare.answer_field (the reference-answer column), or the builtin arithmetic prompts")
+            if scorer.kind == "overlong":
+                for key in ("rollout", "evaluate"):
+                    limit = getattr(self, key).max_new_tokens
+                    if scorer.buffer >= limit:
+                        raise ConfigError(f"{where}.buffer = {scorer.buffer}: must be below {key}.max_new_tokens ({limit}), "
+                                          "or every response is penalised")
             if scorer.kind == "hf_classifier" and not scorer.model:
                 raise ConfigError(f"{where}.model is empty: an hf_classifier needs a hub id or local directory, e.g. reward_models/bt")
         compute = self.compute
@@ -744,7 +756,7 @@ def schema_rows(cls=None, prefix: str = "") -> list[tuple[str, str, Any, str]]:
 
 def _scorer_fields(scorer: "ScorerParams") -> dict:
     """The scorer's keys that matter for its kind (defaults of other kinds are left out)."""
-    kind_keys = {"length": ("target_length",), "verifiable": ("match", "tolerance"), "python": ("function",),
+    kind_keys = {"length": ("target_length",), "overlong": ("buffer",), "verifiable": ("match", "tolerance"), "python": ("function",),
                  "hf_classifier": ("model", "ensemble", "label", "output", "text", "batch_size", "max_length", "device",
                                    "allow_untrained_head")}
     keys = ("name", "kind", "weight", "normalize", "clip", *kind_keys.get(scorer.kind, ()))

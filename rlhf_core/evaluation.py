@@ -75,7 +75,8 @@ def evaluate_checkpoint(policy, reference, tokenizer, prompts: list[str], heldou
                                     responses=responses, lengths=[len(s.response_ids) for s in samples],
                                     ended=ended, metadata=metadata, missing_eos_penalty=params.score.missing_eos_penalty,
                                     task=params.task, cpu_threads=params.cpu_threads,
-                                    trust_remote_code=params.trust_remote_code, where="eval responses", normalise_components=False)
+                                    trust_remote_code=params.trust_remote_code, max_new_tokens=ev.max_new_tokens,
+                                    where="eval responses", normalise_components=False)
     kls = sequence_kl(policy, reference, samples, pad_id=tokenizer.pad_token_id, temperature=ev.temperature,
                       batch_size=ev.batch_size, device=device)
     metrics = {

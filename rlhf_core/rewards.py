@@ -10,6 +10,7 @@ Scorers (only hf_classifier needs torch and transformers, and imports them only 
     task        the built-in task's own reward (rlhf_core.tasks: sentiment → VADER, arithmetic → exact match)
     vader       VADER's compound sentiment score of the response, in [−1, 1]
     length      −|tokens − target_length| / target_length   (0 at the target, lower either side)
+    overlong    DAPO's soft overlong penalty: 0 up to max_new_tokens − buffer, then down linearly to −1 at the limit
     verifiable  1 if the response matches the prompt's reference answer (exact, numeric or regex), else 0
     python      a user function ``module:function`` called as f(prompts, responses, metadata)
     hf_classifier  an AutoModelForSequenceClassification (a reward model) reading prompt + response with
@@ -25,7 +26,8 @@ import importlib
 import math
 
 from rlhf_core.errors import DataError
-from rlhf_core.scoring import length_scores, vader_scores, verifiable_scores  # noqa: F401  (the built-in scorers)
+from rlhf_core.scoring import (length_scores, overlong_scores, vader_scores,  # noqa: F401  (the built-in scorers)
+                               verifiable_scores)
 
 def python_scores(function: str, prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]:
     """Call the user function ``module:function`` (importable from the repo root or the environment)."""
@@ -92,8 +94,10 @@ def hf_classifier_scores(scorer, prompts, responses, cpu_threads: int, trust_rem
 
 
 def raw_component(scorer, prompts, responses, lengths, ended, metadata, task: str, cpu_threads: int = 1,
-                  trust_remote_code: bool = False) -> tuple[list[float], dict[str, list[float]]]:
-    """One scorer's raw value per response, and any extra columns it reports (ensemble members)."""
+                  trust_remote_code: bool = False, max_new_tokens: int | None = None
+                  ) -> tuple[list[float], dict[str, list[float]]]:
+    """One scorer's raw value per response, and any extra columns it reports (ensemble members).
+    ``max_new_tokens``: the length limit the responses were generated under (the overlong scorer's L_max)."""
     if scorer.kind == "task":
         from rlhf_core.tasks import get_task
 
@@ -102,6 +106,10 @@ def raw_component(scorer, prompts, responses, lengths, ended, metadata, task: st
         return vader_scores(responses), {}
     if scorer.kind == "length":
         return length_scores(lengths, scorer.target_length), {}
+    if scorer.kind == "overlong":
+        if max_new_tokens is None:
+            raise ValueError(f"scorer {scorer.name}: the overlong penalty needs the generation's max_new_tokens")
+        return overlong_scores(lengths, max_new_tokens, scorer.buffer), {}
     if scorer.kind == "verifiable":
         answers = [m.get("answer") for m in metadata]
         if any(a is None for a in answers):
@@ -125,9 +133,10 @@ def is_real_number(value) -> bool:
 
 def score_responses(scorers, *, prompts: list[str], responses: list[str], lengths: list[int], ended: list[bool],
                     metadata: list[dict], missing_eos_penalty: float, task: str = "sentiment", state: dict | None = None,
-                    cpu_threads: int = 1, trust_remote_code: bool = False,
+                    cpu_threads: int = 1, trust_remote_code: bool = False, max_new_tokens: int | None = None,
                     where: str = "", normalise_components: bool = True) -> tuple[dict[str, list[float]], dict]:
-    """Every component (raw, and normalised where asked), the EOS penalty and the total.
+    """Every component (raw, and normalised where asked), the EOS penalty and the total.  ``max_new_tokens``: the
+    length limit of the generation (rollout's or evaluate's), for the overlong scorer.
 
     ``state`` holds each running normaliser ({name: {count, mean, m2}}); the updated state is
     returned for the next round.  With ``normalise_components=False`` (evaluation) the total is the
@@ -141,7 +150,7 @@ def score_responses(scorers, *, prompts: list[str], responses: list[str], length
     for scorer in scorers:
         try:
             raw, extra = raw_component(scorer, prompts, responses, lengths, ended, metadata, task, cpu_threads,
-                                       trust_remote_code)
+                                       trust_remote_code, max_new_tokens)
             raw = list(raw)
         except DataError:
             raise

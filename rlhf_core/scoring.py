@@ -21,6 +21,19 @@ def length_scores(lengths: list[int], target: int) -> list[float]:
     return [-abs(length - target) / target for length in lengths]
 
 
+def overlong_scores(lengths: list[int], max_new_tokens: int, buffer: int) -> list[float]:
+    """DAPO's soft overlong punishment (Yu et al. 2025) for each response length L (tokens), with L_max =
+    max_new_tokens and L_cache = buffer:
+
+        0                              if L ≤ L_max − L_cache
+        ((L_max − L_cache) − L) / L_cache   if L_max − L_cache < L ≤ L_max    (falls linearly to −1 at L_max)
+        −1                             if L > L_max
+    """
+    start = max_new_tokens - buffer
+    return [0.0 if length <= start else -1.0 if length > max_new_tokens else (start - length) / buffer
+            for length in lengths]
+
+
 def verifiable_scores(responses: list[str], answers: list[str], match: str, tolerance: float) -> list[float]:
     """1.0 where the response matches its reference answer, else 0.0.
 

@@ -9,13 +9,13 @@ def main(params, args):
     """Compute advantages/<round>/advantages.parquet and state.json (KL coefficient, reward baseline)."""
     import pandas as pd
 
-    from rlhf_core.advantages import estimator_for, round_advantages
+    from rlhf_core.advantages import estimator_for, round_advantages, trained_responses
     from rlhf_core.kl import AdaptiveKLController, FixedKLController
 
     adv, kl, round_key = params.advantages, params.kl, args.round
     with_reference = params.uses_reference  # KL-free: the rollout stored no ref_logprobs
-    rollouts = read_parquet(f"rollouts/{round_key}/rollouts.parquet",
-                            ("prompt_index", "logprobs", "values") + (("ref_logprobs",) if with_reference else ()))
+    rollouts = read_parquet(f"rollouts/{round_key}/rollouts.parquet", ("prompt_index", "logprobs", "values", "ended_with_eos")
+                            + (("ref_logprobs",) if with_reference else ()))
     scores = read_parquet(f"scores/{round_key}/scores.parquet", ("total",))
     if len(scores) != len(rollouts):
         raise DataError(f"scores/{round_key} has {len(scores)} rows for {len(rollouts)} rollouts; re-run score@{round_key}")
@@ -38,6 +38,13 @@ def main(params, args):
         estimator=estimator, group_ids=rollouts["prompt_index"].tolist(), return_type=params.reinforce.return_type,
         baseline=params.reinforce.baseline, moving_baseline=baseline, scale_by_std=params.grpo.scale_by_std,
         eps=params.grpo.eps)
+    trained, selection = trained_responses(rollouts["ended_with_eos"].tolist(), mask_truncated=adv.mask_truncated)
+    if not any(trained):
+        raise DataError(f"every response of rollouts/{round_key} hit rollout.max_new_tokens without EOS, so "
+                        "advantages.mask_truncated leaves nothing to train on; raise rollout.max_new_tokens or set "
+                        "advantages.mask_truncated: false")
+    arrays["trained"] = trained  # optimize trains on these rows only
+    metrics.update(selection)
     momentum = params.reinforce.baseline_momentum
     state = {
         "kl_coef": controller.update(metrics.get("kl_sequence_mean", 0.0), len(rollouts)),  # KL-free: β stays 0

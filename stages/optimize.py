@@ -33,13 +33,15 @@ def _train_and_save(params, round_key, start_from, train, seed, runtime):
     with_reference = params.uses_reference  # KL-free: the rollout stored no ref_logprobs
     rollouts = read_parquet(f"rollouts/{round_key}/rollouts.parquet", ("prompt_ids", "response_ids", "logprobs", "values")
                             + (("ref_logprobs",) if with_reference else ()))
-    advantages = read_parquet(f"advantages/{round_key}/advantages.parquet", ("advantages", "returns", "rewards"))
+    advantages = read_parquet(f"advantages/{round_key}/advantages.parquet", ("advantages", "returns", "rewards",
+                                                                             "trained"))
     state = {**read_json(f"scores/{round_key}/state.json"), **read_json(f"advantages/{round_key}/state.json")}
     experience = Experience(rollouts["prompt_ids"].tolist(), rollouts["response_ids"].tolist(),
                             rollouts["logprobs"].tolist(),
                             rollouts["ref_logprobs"].tolist() if with_reference else None,
                             rollouts["values"].tolist(), advantages["advantages"].tolist(),
                             advantages["returns"].tolist(), rewards=advantages["rewards"].tolist())
+    experience = experience.select(advantages["trained"].astype(bool).tolist())  # advantages.mask_truncated
 
     tokenizer = load_tokenizer(checkpoint_dir(start_from), params.trust_remote_code)
     model = load_actor_critic(checkpoint_dir(start_from), params.algorithm.critic, device,

@@ -21,7 +21,8 @@ def main(params, args):
         params.score.scorers, prompts=rollouts["prompt"].tolist(), responses=rollouts["response"].tolist(),
         lengths=rollouts["response_length"].tolist(), ended=rollouts["ended_with_eos"].astype(bool).tolist(),
         metadata=metadata, missing_eos_penalty=params.score.missing_eos_penalty, task=params.task, state=carried,
-        cpu_threads=params.cpu_threads, trust_remote_code=params.trust_remote_code)
+        cpu_threads=params.cpu_threads, trust_remote_code=params.trust_remote_code,
+        max_new_tokens=params.rollout.max_new_tokens)
     table = pd.DataFrame({"prompt_index": rollouts["prompt_index"], "sample_index": rollouts["sample_index"],
                           **components})
     metrics = {f"{name}_mean": float(table[name].mean()) for name in components}

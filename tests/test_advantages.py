@@ -220,3 +220,11 @@ def test_round_advantages_kl_free_has_no_kl_and_the_same_advantages():
     with pytest.raises(ValueError, match="needs the reference"):
         round_advantages(logprobs, None, values, scores, kl_coef=0.1, kl_estimator="k1", gamma=1.0, lam=0.95,
                          whiten_rewards=False, whiten_advantages=True)
+
+
+def test_trained_responses_leave_out_the_truncated_only_when_asked():
+    from rlhf_core.advantages import trained_responses
+
+    ended = [True, False, True, False]
+    assert trained_responses(ended, mask_truncated=False) == ([True] * 4, {"trained_fraction": 1.0, "masked_truncated": 0})
+    assert trained_responses(ended, mask_truncated=True) == (ended, {"trained_fraction": 0.5, "masked_truncated": 2})

@@ -138,3 +138,23 @@ def test_scorer_values_must_be_real_numbers(tmp_path, monkeypatch):
     out, _ = _score([_scorer(name="ok", kind="python", function="typed_rewards:numeric")], ["a", "b", "c"])
     assert out["ok"] == [1.0, 0.25, 0.5] and all(type(v) is float for v in out["ok"])
     assert np.isfinite(out["total"]).all()
+
+
+def test_overlong_penalty_by_hand():
+    """DAPO's soft overlong penalty with L_max = 10, L_cache = 4: 0 up to 6 tokens, then (6 − L)/4 down to −1 at 10."""
+    out, _ = _score([_scorer(name="overlong", kind="overlong", buffer=4, weight=0.5)], ["r"] * 6,
+                    lengths=[3, 6, 7, 8, 9, 10], max_new_tokens=10)
+    assert out["overlong"] == [0.0, 0.0, -0.25, -0.5, -0.75, -1.0]
+    assert out["total"] == pytest.approx([0.0, 0.0, -0.125, -0.25, -0.375, -0.5])
+
+
+def test_overlong_buffer_must_leave_room_below_the_limits():
+    from rlhf_core.config import params_from_dict
+    from rlhf_core.errors import ConfigError
+
+    scorer = {"name": "overlong", "kind": "overlong", "buffer": 24}
+    with pytest.raises(ConfigError, match=r"score.scorers\[1\] \(overlong\).buffer = 24: must be below "
+                                          r"rollout.max_new_tokens \(24\)"):
+        params_from_dict({"score": {"scorers": [{"name": "task", "kind": "task"}, scorer]}})
+    with pytest.raises(ConfigError, match=r"must be below evaluate.max_new_tokens \(8\)"):
+        params_from_dict({"score": {"scorers": [dict(scorer, buffer=8)]}, "evaluate": {"max_new_tokens": 8}})

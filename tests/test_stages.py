@@ -184,6 +184,24 @@ def test_every_algorithm_runs_the_round_stages(tmp_path, tiny_checkpoint, monkey
     assert set(json.loads((tmp_path / "metrics/eval.json").read_text())) == {"sft", "r1", "r2"}
 
 
+def small_round_params(tmp_path, tiny_checkpoint, monkeypatch, **changes):
+    """The repository's params on the tiny checkpoint, shrunk to seconds per stage (16 responses of 6 tokens a round,
+    rounds r1 and r2), with ``changes`` ({section: {key: value}}) on top; written to tmp_path, which becomes the
+    working directory."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["sft"].update(model=str(tiny_checkpoint), epochs=0, num_builtin_demonstrations=40)
+    raw["prepare"].update(num_builtin_prompts=60)
+    raw["rollout"].update(prompts_per_round=4, samples_per_prompt=4, max_new_tokens=6)
+    raw["optim"].update(epochs=1, minibatch_size=8, micro_batch_size=4)
+    raw["evaluate"].update(num_prompts=4, samples_per_prompt=1, max_new_tokens=6, num_perplexity_texts=5)
+    raw["rounds"] = {"r1": {"from": "sft"}, "r2": {"from": "r1"}}
+    for section, values in changes.items():
+        raw[section].update(values)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    return load_params("params.yaml")
+
+
 @pytest.mark.parametrize("monitor", [False, True])
 def test_kl_free_rounds_never_load_the_reference(tmp_path, tiny_checkpoint, monkeypatch, monitor):
     """Both KL coefficients 0: rollout loads and runs no π_ref (r2 would load models/sft), stores no ref_logprobs, and
@@ -193,18 +211,8 @@ def test_kl_free_rounds_never_load_the_reference(tmp_path, tiny_checkpoint, monk
     import rlhf_core.models
     from stages import advantages, optimize, prepare, rollout, score, sft
 
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["sft"].update(model=str(tiny_checkpoint), epochs=0, num_builtin_demonstrations=40)
-    raw["prepare"].update(num_builtin_prompts=60)
-    raw["rollout"].update(prompts_per_round=4, samples_per_prompt=4, max_new_tokens=6)
-    raw["optim"].update(epochs=1, minibatch_size=8, micro_batch_size=4)
-    raw["evaluate"].update(num_prompts=4, samples_per_prompt=1, max_new_tokens=6, num_perplexity_texts=5)
-    raw["algorithm"]["name"] = "grpo"
-    raw["kl"].update(reward_coef=0.0, loss_coef=0.0, monitor=monitor)
-    raw["rounds"] = {"r1": {"from": "sft"}, "r2": {"from": "r1"}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    monkeypatch.chdir(tmp_path)
-    params = load_params("params.yaml")
+    params = small_round_params(tmp_path, tiny_checkpoint, monkeypatch, algorithm={"name": "grpo"},
+                                kl={"reward_coef": 0.0, "loss_coef": 0.0, "monitor": monitor})
     assert params.uses_reference is monitor
     for stage in (prepare, sft):
         stage.main(params, argparse.Namespace())
@@ -224,6 +232,34 @@ def test_kl_free_rounds_never_load_the_reference(tmp_path, tiny_checkpoint, monk
     monkeypatch.setattr(rlhf_core.models, "load_causal_lm", real_load)
     evaluate_all(params)
     assert json.loads((tmp_path / "metrics/eval.json").read_text())["r2"]["kl"] > 0.0
+
+
+def test_mask_truncated_trains_only_on_responses_that_ended(tmp_path, tiny_checkpoint, monkeypatch):
+    """advantages.mask_truncated: the truncated rows get trained = false and optimize steps on the others alone; when
+    every response is truncated the advantages stage stops in one line."""
+    from rlhf_core.errors import DataError
+    from stages import advantages, optimize, prepare, rollout, score, sft
+
+    params = small_round_params(tmp_path, tiny_checkpoint, monkeypatch, advantages={"mask_truncated": True},
+                                optim={"epochs": 1, "minibatch_size": 4, "micro_batch_size": 4})
+    for stage in (prepare, sft):
+        stage.main(params, argparse.Namespace())
+    round_key = argparse.Namespace(round="r1")
+    rollout.main(params, round_key)
+    path = tmp_path / "rollouts/r1/rollouts.parquet"
+    table = pd.read_parquet(path)
+    ended = [index < 5 for index in range(len(table))]  # the tiny model never ends within 6 tokens: say 5 did
+    table.assign(ended_with_eos=ended).to_parquet(path, index=False)
+    for stage in (score, advantages, optimize):
+        stage.main(params, round_key)
+    assert pd.read_parquet(tmp_path / "advantages/r1/advantages.parquet")["trained"].tolist() == ended
+    selection = json.loads((tmp_path / "metrics/r1/advantages.json").read_text())
+    assert selection["masked_truncated"] == len(table) - 5 and selection["trained_fraction"] == 5 / len(table)
+    assert json.loads((tmp_path / "metrics/r1/optimize.json").read_text())["planned_steps"] == 2  # 5 rows, 4 a step
+
+    table.assign(ended_with_eos=False).to_parquet(path, index=False)
+    with pytest.raises(DataError, match="advantages.mask_truncated leaves nothing to train on"):
+        advantages.main(params, round_key)
 
 
 def test_sft_fine_tunes_a_local_hf_model_on_file_demonstrations(tmp_path, tiny_checkpoint, monkeypatch):

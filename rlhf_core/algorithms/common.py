@@ -58,6 +58,19 @@ class Experience:
     def __len__(self) -> int:
         return len(self.response_ids)
 
+    def select(self, keep: list[bool]) -> "Experience":
+        """The rows where ``keep`` is true (advantages' ``trained`` column: overlong filtering), in their order."""
+        rows = [index for index, kept in enumerate(keep) if kept]
+        if len(keep) != len(self):
+            raise ValueError(f"select: {len(keep)} flags for {len(self)} responses")
+
+        def pick(arrays):
+            return None if arrays is None else [arrays[index] for index in rows]
+
+        return Experience(*(pick(getattr(self, name)) for name in ("prompt_ids", "response_ids", "old_logprobs",
+                                                                   "ref_logprobs", "old_values", "advantages",
+                                                                   "returns", "rewards")))
+
     def tokens(self, indices) -> int:
         return int(sum(len(self.response_ids[i]) for i in indices))
 
