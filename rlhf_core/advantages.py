@@ -140,20 +140,39 @@ def trained_responses(ended_with_eos, *, mask_truncated: bool) -> tuple[list[boo
                      "masked_truncated": sum(not value for value in trained)}
 
 
-ESTIMATORS = ("gae", "reinforce", "grpo", "rloo")
+ESTIMATORS = ("gae", "reinforce", "grpo", "rloo", "reinforce_pp")
 
 
 def estimator_for(algorithm: str, reinforce_baseline: str) -> str:
     """Which advantage estimator an algorithm uses."""
     if algorithm in ("ppo", "a2c", "trpo", "npg") or (algorithm == "reinforce" and reinforce_baseline == "value"):
         return "gae"
-    return {"reinforce": "reinforce", "grpo": "grpo", "rloo": "rloo"}[algorithm]
+    return {"reinforce": "reinforce", "grpo": "grpo", "cispo": "grpo", "sapo": "grpo", "rloo": "rloo",
+            "reinforce_pp": "reinforce_pp"}[algorithm]
+
+
+def advantage_settings(params) -> dict:
+    """``round_advantages``' keyword arguments that come straight from the params tree (all but kl_coef, which the KL
+    controller sets, and moving_baseline, which the previous round carries)."""
+    adv = params.advantages
+    return dict(kl_estimator=params.kl.reward_estimator, gamma=adv.gamma, lam=adv.lam,
+                whiten_rewards=adv.whiten_rewards, whiten_advantages=adv.whiten_advantages,
+                estimator=estimator_for(params.algorithm.name, params.reinforce.baseline),
+                return_type=params.reinforce.return_type, baseline=params.reinforce.baseline,
+                scale_by_std=params.grpo.scale_by_std, eps=params.grpo.eps,
+                group_baseline=params.algorithm.name == "reinforce_pp" and params.reinforce_pp.baseline == "group_mean")
+
+
+def group_mean_centred(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """s_i − mean_{j in i's group} s_j (REINFORCE++-baseline's per-prompt baseline).  [B] -> [B]."""
+    return group_normalize(scores, group_ids, scale_by_std=False, eps=0.0)
 
 
 def round_advantages(logprobs, ref_logprobs, values, scores, *, kl_coef: float, kl_estimator: str, gamma: float,
                      lam: float, whiten_rewards: bool, whiten_advantages: bool, estimator: str = "gae",
                      group_ids=None, return_type: str = "sequence", baseline: str = "none",
-                     moving_baseline: float = 0.0, scale_by_std: bool = True, eps: float = 1e-6) -> tuple[dict, dict]:
+                     moving_baseline: float = 0.0, scale_by_std: bool = True, eps: float = 1e-6,
+                     group_baseline: bool = False) -> tuple[dict, dict]:
     """The advantages step of one round, on ragged per-response arrays.
 
     logprobs, ref_logprobs, values: lists of [T_i] arrays (ref_logprobs None in the KL-free mode: no KL, and no KL
@@ -165,6 +184,8 @@ def round_advantages(logprobs, ref_logprobs, values, scores, *, kl_coef: float, 
                    none (0), the moving average of past mean returns, or the leave-one-out group mean
         rloo       A_i = G_i − mean_{j≠i in the prompt's group} G_j, for every token of response i
         grpo       A_i = (s_i − mean_g s) / (std_g s + ε) from the scores alone, for every token of i
+        reinforce_pp  A_t = whiten over the batch of G_t, the reward-to-go (REINFORCE++); with group_baseline each
+                   score first loses its prompt group's mean score (REINFORCE++-baseline)
 
     Returns ({'kl', 'rewards', 'advantages', 'returns'}: lists of float32 arrays, metrics dict).  For the
     critic-free estimators ``returns`` is the reward-to-go, so a critic can still be fitted.
@@ -181,12 +202,13 @@ def round_advantages(logprobs, ref_logprobs, values, scores, *, kl_coef: float, 
     values_t, _ = pad_sequences(values)
     scores_t = torch.as_tensor(scores, dtype=torch.float32)
     groups = None if group_ids is None else torch.as_tensor(group_ids, dtype=torch.long)
-    if estimator in ("grpo", "rloo") or baseline == "leave_one_out":
+    if estimator in ("grpo", "rloo") or baseline == "leave_one_out" or group_baseline:
         if groups is None:
             raise ValueError(f"{estimator} advantages need the prompt group of every response")
     kl = kl_estimate(kl_estimator, logprobs_t, ref_t) * mask
     reward_kl_coef = 0.0 if estimator == "grpo" else kl_coef
-    rewards = token_rewards(scores_t, kl, mask, reward_kl_coef)
+    scored = group_mean_centred(scores_t, groups) if group_baseline else scores_t
+    rewards = token_rewards(scored, kl, mask, reward_kl_coef)
     if whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
     to_go = reward_to_go(rewards, mask, gamma)
@@ -198,7 +220,9 @@ def round_advantages(logprobs, ref_logprobs, values, scores, *, kl_coef: float, 
             advantages = masked_whiten(advantages, mask, shift_mean=True)
     else:
         returns = to_go
-        if estimator == "grpo":
+        if estimator == "reinforce_pp":
+            advantages = masked_whiten(to_go, mask, shift_mean=True)
+        elif estimator == "grpo":
             per_sequence = group_normalize(scores_t, groups, scale_by_std, eps)
             advantages = per_sequence.unsqueeze(-1) * mask
         elif estimator == "rloo":

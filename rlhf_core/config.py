@@ -248,12 +248,16 @@ class KLParams(Section):
         "as TRL's default: no reference in memory, no reference forward pass); evaluate always reports the KL to sft")
 
 
-ALGORITHMS = ("reinforce", "a2c", "ppo", "trpo", "npg", "grpo", "rloo")  # algorithm.name's allowed values
+ALGORITHMS = ("reinforce", "a2c", "ppo", "trpo", "npg", "grpo", "rloo", "cispo", "sapo",
+              "reinforce_pp")  # algorithm.name's allowed values
+GROUP_ADVANTAGES = ("grpo", "cispo", "sapo")  # group-normalised scores (the grpo estimator): no KL in the reward
 
 
 class AlgorithmParams(Section):
     name: Literal[ALGORITHMS] = param(
-        "ppo", "policy optimizer: reinforce, a2c (REINFORCE with a learned value and GAE), ppo, trpo, npg (natural gradient), grpo or rloo")
+        "ppo", "policy optimizer: reinforce, a2c (REINFORCE with a learned value and GAE), ppo, trpo, npg (natural "
+        "gradient), grpo, rloo, cispo (grpo's advantages, clipped importance weight), sapo (grpo's advantages, soft "
+        "gate) or reinforce_pp (REINFORCE++: batch-normalised reward-to-go, clipped ratio)")
     critic: Literal["value_head", "separate"] = param(
         "value_head", "critic: a value head on the policy backbone, or a separate backbone with its own head")
     critic_init: StrictStr = param(
@@ -334,6 +338,25 @@ class GRPOParams(Section):
     eps: Float = param(1e-6, "ε in (r − mean) / (std + ε)", gt=0.0)
 
 
+class CISPOParams(Section):
+    max_weight: Float = param(
+        5.0, "ε_max: the importance weight sg(min(ρ, ε_max)) that multiplies −A·log π (ScaleRL and TRL use 5; "
+        "MiniMax-M1 sets no lower bound, nor does this)", gt=0.0)
+
+
+class SAPOParams(Section):
+    tau_pos: Float = param(1.0, "τ of the soft gate (4/τ)·σ(τ(ρ − 1)) for tokens with A > 0: larger fades "
+                           "off-policy updates sooner (the paper: 1.0)", gt=0.0)
+    tau_neg: Float = param(1.05, "τ of the soft gate for tokens with A ≤ 0 (the paper: 1.05, above tau_pos: negative "
+                           "updates fade faster)", gt=0.0)
+
+
+class ReinforcePPParams(Section):
+    baseline: Literal["none", "group_mean"] = param(
+        "none", "none: REINFORCE++, the batch normalisation is the only baseline; group_mean: REINFORCE++-baseline, "
+        "each score first loses the mean score of its prompt's samples (needs rollout.samples_per_prompt >= 2)")
+
+
 class RLOOParams(Section):
     objective: Literal["reinforce", "clipped"] = param("reinforce", "loss on the leave-one-out advantages: the plain policy gradient, or PPO's clipped surrogate (ppo.*, optim.epochs)")
 
@@ -404,10 +427,14 @@ class Params(Section):
     lora: LoraParams = section(LoraParams, "low-rank adapters (peft) instead of full fine-tuning of the policy")
     reinforce: ReinforceParams = section(ReinforceParams, "REINFORCE returns and baselines (reinforce)")
     optim: OptimParams = section(OptimParams, "the update loop every algorithm shares: epochs, batching, AdamW, its schedule and gradient clipping, the loss's aggregation and coefficients")
-    ppo: PPOParams = section(PPOParams, "the clipped objective (ppo, grpo, and rloo with objective: clipped)")
+    ppo: PPOParams = section(PPOParams, "the clipped objective (ppo, grpo, reinforce_pp, and rloo with objective: "
+                             "clipped); target_kl also stops cispo and sapo")
     trpo: TRPOParams = section(TRPOParams, "trust-region methods (trpo, npg)")
-    grpo: GRPOParams = section(GRPOParams, "group-relative advantages (grpo)")
+    grpo: GRPOParams = section(GRPOParams, "group-relative advantages (grpo, cispo, sapo)")
     rloo: RLOOParams = section(RLOOParams, "REINFORCE leave-one-out (rloo)")
+    cispo: CISPOParams = section(CISPOParams, "clipped importance-sampling-weight policy optimization (cispo)")
+    sapo: SAPOParams = section(SAPOParams, "soft adaptive policy optimization (sapo)")
+    reinforce_pp: ReinforcePPParams = section(ReinforcePPParams, "REINFORCE++ (reinforce_pp)")
     evaluate: EvaluateParams = section(EvaluateParams, "held-out evaluation")
     tracking: TrackingParams = section(TrackingParams, "MLflow")
     reward_models: Annotated[dict[Annotated[str, Field(pattern=_IDENTIFIER)], RewardModelParams],
@@ -426,16 +453,17 @@ class Params(Section):
         if self.optim.minibatch_size % self.optim.micro_batch_size:
             raise ConfigError(f"optim.micro_batch_size = {self.optim.micro_batch_size}: must divide optim.minibatch_size "
                               f"({self.optim.minibatch_size})")
-        group_based = self.algorithm.name in ("grpo", "rloo") or (
-            self.algorithm.name == "reinforce" and self.reinforce.baseline == "leave_one_out")
+        group_based = self.algorithm.name in (*GROUP_ADVANTAGES, "rloo") or (
+            self.algorithm.name == "reinforce" and self.reinforce.baseline == "leave_one_out") or (
+            self.algorithm.name == "reinforce_pp" and self.reinforce_pp.baseline == "group_mean")
         if group_based and self.rollout.samples_per_prompt < 2:
             raise ConfigError(f"rollout.samples_per_prompt = {self.rollout.samples_per_prompt}: {self.algorithm.name} compares "
                               "the samples of a prompt and needs at least 2")
         kl = self.kl
-        if self.algorithm.name == "grpo" and kl.reward_coef != 0.0:
-            raise ConfigError(f"kl.reward_coef = {kl.reward_coef}: algorithm.name = 'grpo' puts no KL in the reward (its "
-                              "group-normalised advantages would silently drop it); set kl.reward_coef: 0 and weigh "
-                              "the KL with kl.loss_coef (GRPO's paper: 0.04)")
+        if self.algorithm.name in GROUP_ADVANTAGES and kl.reward_coef != 0.0:
+            raise ConfigError(f"kl.reward_coef = {kl.reward_coef}: algorithm.name = {self.algorithm.name!r} puts no KL in "
+                              "the reward (its group-normalised advantages would silently drop it); set "
+                              "kl.reward_coef: 0 and weigh the KL with kl.loss_coef (GRPO's paper: 0.04)")
         if self.algorithm.name in ("trpo", "npg") and kl.loss_coef != 0.0:
             raise ConfigError(f"kl.loss_coef = {kl.loss_coef}: algorithm.name = {self.algorithm.name!r} has no KL loss "
                               "term (its step is bounded by trpo.max_kl); set kl.loss_coef: 0 and use kl.reward_coef")
@@ -501,13 +529,14 @@ class Params(Section):
                 raise ConfigError(f"algorithm.critic_init = {init!r}: reward_models.{name}.base is "
                                   f"{self.reward_models[name].base!r}; a critic reads the policy's tokens, so it needs "
                                   "base: sft")
-        clipped_objective = self.algorithm.name in ("ppo", "grpo") or (self.algorithm.name == "rloo"
-                                                                       and self.rloo.objective == "clipped")
-        for key in ("clip_range_high", "dual_clip"):
-            if getattr(self.ppo, key) is not None and not clipped_objective:
-                raise ConfigError(f"ppo.{key} = {getattr(self.ppo, key)}: algorithm.name = {self.algorithm.name!r} "
-                                  "has no clipped objective (ppo, grpo, and rloo with objective: clipped do); set it "
-                                  "to null")
+        clipped_objective = self.algorithm.name in ("ppo", "grpo", "reinforce_pp") or (
+            self.algorithm.name == "rloo" and self.rloo.objective == "clipped")
+        settings = {"clip_range_high": None, "dual_clip": None, "ratio_level": "token"}  # the objective's own options
+        for key, unused in settings.items():
+            if getattr(self.ppo, key) != unused and not clipped_objective:
+                raise ConfigError(f"ppo.{key} = {getattr(self.ppo, key)!r}: algorithm.name = {self.algorithm.name!r} "
+                                  "has no clipped objective (ppo, grpo, reinforce_pp, and rloo with objective: clipped "
+                                  f"do); set it to {_yaml_scalar(unused)}")
         if self.algorithm.critic_warmup_epochs and not self.trains_value_by_gradient:
             raise ConfigError(f"algorithm.critic_warmup_epochs = {self.algorithm.critic_warmup_epochs}: algorithm.name = "
                               f"{self.algorithm.name!r} has no critic trained by optim's updates (ppo, a2c, and "

@@ -31,6 +31,38 @@ def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
     return loss, ratio, (clipped > unclipped).float()
 
 
+def cispo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, max_weight: float
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token CISPO loss (MiniMax-M1, arXiv 2506.13585; the cap as in ScaleRL and TRL): the importance weight is
+    clipped and its gradient stopped, never the update, so every token keeps a gradient:
+
+        ρ_t = exp(log π_θ − log π_old),    w_t = sg(min(ρ_t, ε_max))        ε_max = max_weight
+        L_t = −w_t · A_t · log π_θ(a_t|s_t)          ∇L_t = −w_t · A_t · ∇log π_θ   (at ρ = 1: REINFORCE's)
+
+    Shapes: all [B, T].  Returns (loss, ratio, capped: 1.0 where ρ_t > ε_max).
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    weight = ratio.clamp(max=max_weight).detach()
+    return -weight * advantages * logprobs, ratio, (ratio > max_weight).float()
+
+
+def sapo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, tau_pos: float,
+              tau_neg: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token SAPO loss (Soft Adaptive Policy Optimization, arXiv 2511.20347): a soft gate instead of the hard clip,
+
+        ρ_t = exp(log π_θ − log π_old),    τ_t = τ_pos if A_t > 0 else τ_neg
+        f(ρ) = (4/τ_t) · σ(τ_t (ρ − 1)),   L_t = −f(ρ_t) · A_t
+
+    f(1) = 2/τ and f′(1) = 1, so at ρ = 1 the gradient is the policy gradient's; away from 1 it fades smoothly
+    (f′(ρ) = 4 σ(1 − σ)) instead of dropping to 0 at 1 ± ε.  τ_neg > τ_pos fades negative updates faster.
+    Shapes: all [B, T].  Returns (loss, ratio, gate f′(ρ_t) = 4σ(1 − σ): 1 on policy, → 0 far off it).
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    tau = torch.where(advantages > 0, torch.full_like(ratio, tau_pos), torch.full_like(ratio, tau_neg))
+    gate = torch.sigmoid(tau * (ratio - 1.0))
+    return -(4.0 / tau) * gate * advantages, ratio, (4.0 * gate * (1.0 - gate)).detach()
+
+
 def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                        clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token clipped value loss (as in OpenAI baselines / lm-human-preferences):

@@ -9,7 +9,7 @@ def main(params, args):
     """Compute advantages/<round>/advantages.parquet and state.json (KL coefficient, reward baseline)."""
     import pandas as pd
 
-    from rlhf_core.advantages import estimator_for, round_advantages, trained_responses
+    from rlhf_core.advantages import advantage_settings, round_advantages, trained_responses
     from rlhf_core.kl import AdaptiveKLController, FixedKLController
 
     adv, kl, round_key = params.advantages, params.kl, args.round
@@ -29,15 +29,11 @@ def main(params, args):
         controller = FixedKLController(kl.reward_coef)
     baseline = carried.get("reward_baseline", 0.0)
 
-    estimator = estimator_for(params.algorithm.name, params.reinforce.baseline)
+    settings = advantage_settings(params)
     arrays, metrics = round_advantages(
         rollouts["logprobs"].tolist(), rollouts["ref_logprobs"].tolist() if with_reference else None,
-        rollouts["values"].tolist(),
-        scores["total"].tolist(), kl_coef=controller.value, kl_estimator=kl.reward_estimator, gamma=adv.gamma,
-        lam=adv.lam, whiten_rewards=adv.whiten_rewards, whiten_advantages=adv.whiten_advantages,
-        estimator=estimator, group_ids=rollouts["prompt_index"].tolist(), return_type=params.reinforce.return_type,
-        baseline=params.reinforce.baseline, moving_baseline=baseline, scale_by_std=params.grpo.scale_by_std,
-        eps=params.grpo.eps)
+        rollouts["values"].tolist(), scores["total"].tolist(), kl_coef=controller.value,
+        group_ids=rollouts["prompt_index"].tolist(), moving_baseline=baseline, **settings)
     trained, selection = trained_responses(rollouts["ended_with_eos"].tolist(), mask_truncated=adv.mask_truncated)
     if not any(trained):
         raise DataError(f"every response of rollouts/{round_key} hit rollout.max_new_tokens without EOS, so "
@@ -50,7 +46,7 @@ def main(params, args):
         "kl_coef": controller.update(metrics.get("kl_sequence_mean", 0.0), len(rollouts)),  # KL-free: β stays 0
         "reward_baseline": momentum * baseline + (1.0 - momentum) * metrics["return_sequence_mean"],
     }
-    metrics.update(estimator=estimator, kl_coef_next=state["kl_coef"], reward_baseline=baseline)
+    metrics.update(estimator=settings["estimator"], kl_coef_next=state["kl_coef"], reward_baseline=baseline)
     log(f"advantages@{round_key}: {metrics}")
     with atomic_dir(f"advantages/{round_key}") as out:
         pd.DataFrame(arrays).to_parquet(out / "advantages.parquet", index=False)

@@ -228,3 +228,29 @@ def test_trained_responses_leave_out_the_truncated_only_when_asked():
     ended = [True, False, True, False]
     assert trained_responses(ended, mask_truncated=False) == ([True] * 4, {"trained_fraction": 1.0, "masked_truncated": 0})
     assert trained_responses(ended, mask_truncated=True) == (ended, {"trained_fraction": 0.5, "masked_truncated": 2})
+
+
+def test_reinforce_pp_advantages_by_hand():
+    """REINFORCE++: r_t = −β·kl_t + score on the last token, G_t its reward-to-go, A = whiten(G) over every token of the
+    batch; -baseline subtracts each prompt's mean score first."""
+    logprobs = [np.array([-1.0, -1.0], dtype=np.float32), np.array([-1.0], dtype=np.float32),
+                np.array([-1.0], dtype=np.float32)]
+    ref = [np.array([-1.5, -1.0], dtype=np.float32), np.array([-1.0], dtype=np.float32),
+           np.array([-1.0], dtype=np.float32)]
+    values = [np.zeros(2, dtype=np.float32), np.zeros(1, dtype=np.float32), np.zeros(1, dtype=np.float32)]
+    scores = [1.0, 0.0, 2.0]
+    out, _ = round_advantages(logprobs, ref, values, scores, kl_coef=0.2, kl_estimator="k1", gamma=1.0, lam=1.0,
+                              whiten_rewards=False, whiten_advantages=False, estimator="reinforce_pp",
+                              group_ids=[0, 0, 1])
+    # kl = [0.5, 0], [0], [0]: rewards [−0.1, 1], [0], [2]; reward-to-go [0.9, 1], [0], [2]
+    to_go = np.array([0.9, 1.0, 0.0, 2.0])
+    whitened = (to_go - to_go.mean()) / np.sqrt(to_go.var(ddof=1) + 1e-8)
+    np.testing.assert_allclose(np.concatenate(out["advantages"]), whitened, atol=1e-5)
+    np.testing.assert_allclose(np.concatenate(out["returns"]), to_go, atol=1e-6)
+    centred, _ = round_advantages(logprobs, ref, values, scores, kl_coef=0.2, kl_estimator="k1", gamma=1.0, lam=1.0,
+                                  whiten_rewards=False, whiten_advantages=False, estimator="reinforce_pp",
+                                  group_ids=[0, 0, 1], group_baseline=True)
+    # scores minus their prompt's mean: 0.5, −0.5, 0 → rewards [−0.1, 0.5], [−0.5], [0]; to-go [0.4, 0.5], [−0.5], [0]
+    to_go = np.array([0.4, 0.5, -0.5, 0.0])
+    whitened = (to_go - to_go.mean()) / np.sqrt(to_go.var(ddof=1) + 1e-8)
+    np.testing.assert_allclose(np.concatenate(centred["advantages"]), whitened, atol=1e-5)

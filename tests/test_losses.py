@@ -60,9 +60,52 @@ def test_clip_higher_and_dual_clip_need_a_clipped_objective():
     assert params_from_dict({"ppo": {"clip_range_high": 0.28}}).ppo.clip_range_high == 0.28
     assert params_from_dict({"algorithm": {"name": "rloo"}, "rloo": {"objective": "clipped"},
                              "ppo": {"clip_range_high": 0.28}}).ppo.clip_range_high == 0.28
-    for key, value in (("clip_range_high", 0.28), ("dual_clip", 3.0)):
-        with pytest.raises(ConfigError, match=f"ppo.{key} = {value}: algorithm.name = 'reinforce' has no clipped"):
-            params_from_dict({"algorithm": {"name": "reinforce"}, "ppo": {key: value}})
+    assert params_from_dict({"algorithm": {"name": "reinforce_pp"}, "ppo": {"dual_clip": 3.0}}).ppo.dual_clip == 3.0
+    for key, value in (("clip_range_high", 0.28), ("dual_clip", 3.0), ("ratio_level", "sequence")):
+        for name in ("reinforce", "cispo", "sapo"):
+            with pytest.raises(ConfigError, match=f"ppo.{key} = {value!r}: algorithm.name = '{name}' has no clipped"):
+                params_from_dict({"algorithm": {"name": name}, "kl": {"reward_coef": 0}, "ppo": {key: value}})
+
+
+def test_cispo_weights_every_token_by_its_capped_stopped_ratio():
+    """ρ = 0.5, 1, 3, 8 with ε_max = 5: weights 0.5, 1, 3, 5 (no lower bound), gradient −w·A on every token, even where
+    PPO's clip would have stopped it (ρ = 3 with A > 0; ρ = 0.5 with A < 0)."""
+    from rlhf_core.losses import cispo_loss
+
+    ratios = torch.tensor([[0.5, 1.0, 3.0, 8.0]])
+    old = torch.full((1, 4), -1.0)
+    logprobs = (old + ratios.log()).requires_grad_(True)
+    advantages = torch.tensor([[-1.0, 2.0, 1.0, 0.5]])
+    loss, ratio, capped = cispo_loss(logprobs, old, advantages, 5.0)
+    assert torch.allclose(ratio, ratios)
+    assert torch.equal(capped, torch.tensor([[0.0, 0.0, 0.0, 1.0]]))
+    weights = torch.tensor([[0.5, 1.0, 3.0, 5.0]])
+    assert torch.allclose(loss, -weights * advantages * logprobs.detach())
+    loss.sum().backward()
+    assert torch.allclose(logprobs.grad, torch.tensor([[0.5, -2.0, -3.0, -2.5]]))  # −w·A: nothing is stopped
+
+
+def test_sapo_gate_by_hand():
+    """f(ρ) = (4/τ)σ(τ(ρ − 1)); L = −f(ρ)·A; dL/dlog π = −A·f′(ρ)·ρ with f′(ρ) = 4σ(1 − σ).  At ρ = 1: L = −(2/τ)A and
+    the gradient is −A, the policy gradient; far off policy it fades to 0 instead of stopping at an edge."""
+    from rlhf_core.losses import sapo_loss
+
+    ratios = torch.tensor([[1.0, 1.0, 2.0, 0.5, 10.0]])
+    advantages = torch.tensor([[1.0, -1.0, 1.0, -2.0, 1.0]])
+    logprobs = ratios.log().requires_grad_(True)
+    loss, ratio, gate = sapo_loss(logprobs, torch.zeros(1, 5), advantages, 1.0, 2.0)
+    sigma_pos_2 = 1 / (1 + math.exp(-1.0))  # τ = 1, ρ = 2: σ(1)
+    sigma_neg_half = 1 / (1 + math.exp(1.0))  # τ = 2, ρ = 0.5: σ(−1)
+    sigma_pos_10 = 1 / (1 + math.exp(-9.0))
+    expected = [-4 * 0.5, (4 / 2) * 0.5, -4 * sigma_pos_2, (4 / 2) * sigma_neg_half * 2.0, -4 * sigma_pos_10]
+    assert torch.allclose(loss, torch.tensor([expected]), atol=1e-6)
+    loss.sum().backward()
+    gates = [1.0, 1.0, 4 * sigma_pos_2 * (1 - sigma_pos_2), 4 * sigma_neg_half * (1 - sigma_neg_half),
+             4 * sigma_pos_10 * (1 - sigma_pos_10)]
+    assert torch.allclose(gate, torch.tensor([gates]), atol=1e-6)
+    grads = [-a * g * r for a, g, r in zip([1.0, -1.0, 1.0, -2.0, 1.0], gates, [1.0, 1.0, 2.0, 0.5, 10.0])]
+    assert torch.allclose(logprobs.grad, torch.tensor([grads]), atol=1e-6)
+    assert abs(grads[-1]) < 0.01  # ρ = 10: the gate has all but closed (the policy gradient would be −10)
 
 
 def test_clipped_surrogate_shapes_and_gradient_zero_when_clipped():

@@ -134,7 +134,8 @@ def test_hf_model_directory_and_local_files_through_every_stage(tmp_path, tiny_c
                        "reward_gain": pytest.approx(evaluation["r2"]["reward"] - evaluation["sft"]["reward"])}
 
 
-@pytest.mark.parametrize("algorithm", ["reinforce", "a2c", "ppo", "trpo", "npg", "grpo", "rloo"])
+@pytest.mark.parametrize("algorithm", ["reinforce", "a2c", "ppo", "trpo", "npg", "grpo", "rloo", "cispo", "sapo",
+                                       "reinforce_pp"])
 def test_every_algorithm_runs_the_round_stages(tmp_path, tiny_checkpoint, monkeypatch, algorithm):
     """advantages → optimize → rollout of the next round → evaluate, for each algorithm.name."""
     from rlhf_core.tasks import sentiment
@@ -148,7 +149,8 @@ def test_every_algorithm_runs_the_round_stages(tmp_path, tiny_checkpoint, monkey
     raw["trpo"].update(critic_epochs=1)
     raw["evaluate"].update(num_prompts=4, samples_per_prompt=1, max_new_tokens=6, num_perplexity_texts=5)
     raw["algorithm"]["name"] = algorithm
-    if algorithm == "grpo":  # no KL in grpo's reward; the paper's KL loss term instead
+    group_normalised = algorithm in ("grpo", "cispo", "sapo")
+    if group_normalised:  # no KL in grpo's reward; the paper's KL loss term instead
         raw["kl"].update(reward_coef=0.0, loss_coef=0.04)
     carry = algorithm not in ("trpo", "npg")  # AdamW's state from round to round (optim.carry_state)
     raw["optim"]["carry_state"] = carry
@@ -170,9 +172,10 @@ def test_every_algorithm_runs_the_round_stages(tmp_path, tiny_checkpoint, monkey
         assert {"step_size", "kl_after_step", "backtracks", "cg_residual", "surrogate_improvement"} <= set(optimize_metrics)
     else:
         assert {"policy_loss", "entropy", "approx_kl", "optimizer_steps"} <= set(optimize_metrics)
-    if algorithm in ("ppo", "grpo"):
+    if algorithm in ("ppo", "grpo", "cispo", "sapo", "reinforce_pp"):
         assert optimize_metrics["first_minibatch_ratio_max_deviation"] < 1e-5
-    assert ("kl_ref" in optimize_metrics) == (algorithm == "grpo")  # grpo's KL loss term, from kl.loss_coef
+    assert ("kl_ref" in optimize_metrics) == group_normalised  # the KL loss term, from kl.loss_coef
+    assert ("gate_mean" in optimize_metrics) == (algorithm == "sapo")
     second = json.loads((tmp_path / "metrics/r2/optimize.json").read_text())
     assert optimize_metrics.get("critic_warmup_steps", 0) == (2 if warmup else 0)  # 16 responses / 8 per step
     assert "critic_warmup_steps" not in second  # r2's critic is r1's: trained already

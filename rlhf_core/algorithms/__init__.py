@@ -10,6 +10,9 @@ Each algorithm is a small module with one training function for one round of dat
     trpo, npg        algorithms/trpo.py        conjugate gradient on Fisher-vector products, KL trust region
     grpo             algorithms/grpo.py        group-normalised advantages, clipped ratio, k3 KL loss
     rloo             algorithms/rloo.py        leave-one-out baseline, plain or clipped objective
+    cispo            algorithms/cispo.py       grpo's advantages, clipped and stopped importance weight on −A·log π
+    sapo             algorithms/sapo.py        grpo's advantages, a soft sigmoid gate instead of the clip
+    reinforce_pp     algorithms/reinforce_pp.py  reward-to-go with KL in the reward, batch-normalised, clipped ratio
 """
 
 from __future__ import annotations
@@ -35,4 +38,13 @@ def get_algorithm(name: str):
     if name == "rloo":
         from rlhf_core.algorithms.rloo import train_rloo
         return train_rloo
+    if name == "cispo":
+        from rlhf_core.algorithms.cispo import train_cispo
+        return train_cispo
+    if name == "sapo":
+        from rlhf_core.algorithms.sapo import train_sapo
+        return train_sapo
+    if name == "reinforce_pp":
+        from rlhf_core.algorithms.reinforce_pp import train_reinforce_pp
+        return train_reinforce_pp
     raise ConfigError(f"algorithm.name = {name!r}: must be one of {', '.join(ALGORITHMS)}")

@@ -20,21 +20,40 @@ from __future__ import annotations
 import torch
 
 from rlhf_core.algorithms.common import add_kl_loss, minibatch_updates
-from rlhf_core.losses import (aggregate, approx_kl, clipped_surrogate, clipped_value_loss, dual_clip, masked_sum,
-                              sequence_log_ratio)
+from rlhf_core.losses import (aggregate, approx_kl, cispo_loss, clipped_surrogate, clipped_value_loss, dual_clip,
+                              masked_sum, sapo_loss, sequence_log_ratio)
 
 
-def ppo_loss(out, micro, totals, params, *, use_critic: bool = True):
-    """The PPO loss of one micro-batch (already scaled to its share of the minibatch) and its stat sums."""
-    mask, ppo, optim = micro.mask, params.ppo, params.optim
+def policy_term(out, micro, params, objective: str):
+    """The per-token policy loss [B, T] of ``objective``, its ratio ρ_t, and its stat: (name, [B, T] values).
+
+    clipped  max(−A ρ, −A clip(ρ, 1 − ε, 1 + ε_high)), then dual clip; ρ per token or per sequence   (ppo.*)
+    cispo    −sg(min(ρ, ε_max)) · A · log π_θ                                                     (cispo.max_weight)
+    sapo     −(4/τ) σ(τ(ρ − 1)) · A, τ = τ_pos or τ_neg by the sign of A                         (sapo.*)
+    """
+    ppo = params.ppo
+    if objective == "cispo":
+        pg_loss, ratio, capped = cispo_loss(out.logprobs, micro.old_logprobs, micro.advantages, params.cispo.max_weight)
+        return pg_loss, ratio, ("clip_fraction", capped)
+    if objective == "sapo":
+        pg_loss, ratio, gate = sapo_loss(out.logprobs, micro.old_logprobs, micro.advantages, params.sapo.tau_pos,
+                                         params.sapo.tau_neg)
+        return pg_loss, ratio, ("gate_mean", gate)
     if ppo.ratio_level == "sequence":
-        log_ratio = sequence_log_ratio(out.logprobs, micro.old_logprobs, mask)
+        log_ratio = sequence_log_ratio(out.logprobs, micro.old_logprobs, micro.mask)
         logprobs_for_ratio = micro.old_logprobs + log_ratio
     else:
         logprobs_for_ratio = out.logprobs
     pg_loss, ratio, clipped = clipped_surrogate(logprobs_for_ratio, micro.old_logprobs, micro.advantages,
                                                 ppo.clip_range, ppo.clip_range_high)
-    pg_loss = dual_clip(pg_loss, micro.advantages, ppo.dual_clip)
+    return dual_clip(pg_loss, micro.advantages, ppo.dual_clip), ratio, ("clip_fraction", clipped)
+
+
+def ppo_loss(out, micro, totals, params, *, use_critic: bool = True, objective: str = "clipped"):
+    """The PPO loss of one micro-batch (already scaled to its share of the minibatch) and its stat sums; the policy
+    term is ``objective``'s (``policy_term``)."""
+    mask, ppo, optim = micro.mask, params.ppo, params.optim
+    pg_loss, ratio, (stat_name, stat_values) = policy_term(out, micro, params, objective)
 
     def agg(values):
         return aggregate(values, mask, optim.loss_aggregation, total_tokens=totals["tokens"],
@@ -42,7 +61,7 @@ def ppo_loss(out, micro, totals, params, *, use_critic: bool = True):
 
     loss = agg(pg_loss) - optim.ent_coef * agg(out.entropy)
     stats = {"policy_loss": masked_sum(pg_loss, mask), "entropy": masked_sum(out.entropy, mask),
-             "clip_fraction": masked_sum(clipped, mask), "ratio_mean": masked_sum(ratio, mask),
+             stat_name: masked_sum(stat_values, mask), "ratio_mean": masked_sum(ratio, mask),
              "approx_kl": masked_sum(approx_kl(out.logprobs, micro.old_logprobs), mask)}
     if use_critic and optim.vf_coef > 0:
         vf_loss, vf_clipped = clipped_value_loss(out.values, micro.old_values, micro.returns, ppo.value_clip_range)
@@ -58,8 +77,9 @@ def ppo_loss(out, micro, totals, params, *, use_critic: bool = True):
 
 def train_ppo(model, experience, params, *, temperature: float, pad_id: int, device, seed: int, log=print,
               use_critic: bool = True, name: str = "ppo", carry: dict | None = None,
-              critic_warmup_epochs: int = 0) -> dict:
-    """One round of PPO updates on ``model`` in place; returns the round's diagnostics."""
+              critic_warmup_epochs: int = 0, objective: str = "clipped") -> dict:
+    """One round of PPO updates on ``model`` in place (the policy term: ``objective``); returns the round's
+    diagnostics."""
     ppo = params.ppo
 
     def beyond_target_kl(stats):
@@ -69,7 +89,8 @@ def train_ppo(model, experience, params, *, temperature: float, pad_id: int, dev
     metrics = minibatch_updates(
         model, experience, params, epochs=params.optim.epochs, temperature=temperature, pad_id=pad_id, device=device,
         seed=seed, log=log, name=name, stop_fn=beyond_target_kl, carry=carry, critic_warmup_epochs=critic_warmup_epochs,
-        loss_fn=lambda out, micro, totals: ppo_loss(out, micro, totals, params, use_critic=use_critic))
+        loss_fn=lambda out, micro, totals: ppo_loss(out, micro, totals, params, use_critic=use_critic,
+                                                    objective=objective))
     # On an unchanged policy the first minibatch must see ratio 1 and approx-KL 0 (rollout and training agree).
     metrics["first_minibatch_ratio_max_deviation"] = metrics.pop("first_minibatch_max_ratio_deviation", 0.0)
     return metrics

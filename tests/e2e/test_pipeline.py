@@ -65,8 +65,9 @@ def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-def make_reduced_repo(workdir: Path, changes: dict | None = None) -> Path:
-    """A git + DVC copy of this repository with the reduced params, then ``changes`` (no outputs, no dvc.lock)."""
+def make_reduced_repo(workdir: Path, changes: dict | None = None, reduced: dict = REDUCED) -> Path:
+    """A git + DVC copy of this repository with the ``reduced`` params (``{}``: the repository's own), then
+    ``changes`` (no outputs, no dvc.lock)."""
     workdir.mkdir(parents=True, exist_ok=True)
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout.split()
@@ -76,7 +77,7 @@ def make_reduced_repo(workdir: Path, changes: dict | None = None) -> Path:
             continue
         (workdir / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, workdir / name)
-    raw = deep_update(deep_update(yaml.safe_load((REPO / "params.yaml").read_text()), REDUCED), changes or {})
+    raw = deep_update(deep_update(yaml.safe_load((REPO / "params.yaml").read_text()), reduced), changes or {})
     (workdir / "params.yaml").write_text(render_params_yaml(params_from_dict(raw)))
     for git_args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "reduced pipeline"]):
         subprocess.run(["git", *git_args], cwd=workdir, env=_env(), check=True)
@@ -305,3 +306,21 @@ def test_editing_a_python_scorers_module_rescores(tmp_path):
     (package / "rules.py").write_text("BONUS = 2.0\n")  # imported by the scorer's module, not the module itself
     assert ran_stages(dvc(["repro", "score@r1"], workdir)) == ALWAYS | {"score@r1"}
     assert shout_column() == {2.0}
+
+
+# What a name needs besides itself: cispo and sapo use grpo's group-normalised advantages, which carry no KL in the
+# reward, so they take kl.reward_coef 0 (KL-free here: no π_ref in the rollouts); reinforce_pp keeps the default β.
+NEW_ALGORITHMS = {"cispo": ["kl.reward_coef=0"], "sapo": ["kl.reward_coef=0"], "reinforce_pp": []}
+
+
+def test_each_new_algorithm_raises_reward_over_sft_on_the_default_pipeline(tmp_path):
+    """The repository's own params (3 rounds, the default task), then `dvc exp run -S algorithm.name=<name>` for each
+    2025–26 name: the final checkpoint's eval reward is above sft's."""
+    workdir = make_reduced_repo(tmp_path / "default", reduced={})
+    dvc(["repro"], workdir)
+    for name, settings in NEW_ALGORITHMS.items():
+        output = dvc(["exp", "run", "-S", f"algorithm.name={name}", *(a for s in settings for a in ("-S", s))], workdir)
+        assert "optimize@r1" in ran_stages(output), (name, output[-2000:])
+        evaluation = json.loads((workdir / "metrics/eval.json").read_text())
+        assert json.loads((workdir / "models/r3/rlhf_state.json").read_text())["algorithm"] == name
+        assert evaluation["r3"]["reward"] > evaluation["sft"]["reward"] + 0.1, (name, evaluation)
