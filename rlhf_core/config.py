@@ -171,6 +171,11 @@ class RolloutParams(Section):
         "hf", "generation engine: hf = transformers generate (batched, KV-cached); vllm = vLLM's engine on GPU "
         "(pip install vllm), loading the round's checkpoint from disk; log-probs and values are still recomputed "
         "by the training forward pass")
+    record_sampler_logprobs: Optional[StrictBool] = param(
+        None, "store sampler_logprobs, log μ(a_t) of the distribution each token was drawn from (after temperature, "
+        "top-k, top-p), beside the trainer's recomputed logprobs: null: whenever the engine is not the training "
+        "forward pass (vllm); true: with hf too, as a check (they agree to float precision when top_p is 1 and "
+        "top_k 0); false: never (no rollout_correction)")
     gpu_memory_fraction: Float = param(
         0.6, "engine: vllm: fraction of the GPU's memory vLLM reserves for its weights and KV cache; the HF models "
         "that record log-probs load after vLLM has shut down", gt=0.0, lt=1.0)
@@ -338,6 +343,19 @@ class GRPOParams(Section):
     eps: Float = param(1e-6, "ε in (r − mean) / (std + ε)", gt=0.0)
 
 
+class RolloutCorrectionParams(Section):
+    mode: Literal["auto", "none", "tis", "mis"] = param(
+        "auto", "correct the policy loss for the gap between the sampler μ and the trainer π_old (needs "
+        "sampler_logprobs: rollout.record_sampler_logprobs): tis weighs each token by min(π_old/μ, tis_cap); mis "
+        "drops tokens whose π_old/μ leaves [mis_low, mis_high] (IcePop); auto: tis when the rollouts carry sampler "
+        "log-probs and the algorithm is first-order, else none; not trpo/npg")
+    level: Literal["token", "sequence"] = param(
+        "token", "the ratio per token, or one per response: the geometric mean exp(mean_t log(π_old/μ))")
+    tis_cap: Float = param(2.0, "tis: the cap C of the weight min(π_old/μ, C)", ge=1.0)
+    mis_low: Float = param(0.5, "mis: tokens with π_old/μ below this are dropped from the policy loss", gt=0.0, lt=1.0)
+    mis_high: Float = param(2.0, "mis: tokens with π_old/μ above this are dropped from the policy loss", gt=1.0)
+
+
 class CISPOParams(Section):
     max_weight: Float = param(
         5.0, "ε_max: the importance weight sg(min(ρ, ε_max)) that multiplies −A·log π (ScaleRL and TRL use 5; "
@@ -432,6 +450,9 @@ class Params(Section):
     trpo: TRPOParams = section(TRPOParams, "trust-region methods (trpo, npg)")
     grpo: GRPOParams = section(GRPOParams, "group-relative advantages (grpo, cispo, sapo)")
     rloo: RLOOParams = section(RLOOParams, "REINFORCE leave-one-out (rloo)")
+    rollout_correction: RolloutCorrectionParams = section(
+        RolloutCorrectionParams, "rollout–trainer mismatch correction (TIS / MIS) of the policy loss, from the rollout's "
+        "sampler_logprobs; MLflow gets the mismatch (rollout.mismatch_kl, …) and the share of tokens corrected")
     cispo: CISPOParams = section(CISPOParams, "clipped importance-sampling-weight policy optimization (cispo)")
     sapo: SAPOParams = section(SAPOParams, "soft adaptive policy optimization (sapo)")
     reinforce_pp: ReinforcePPParams = section(ReinforcePPParams, "REINFORCE++ (reinforce_pp)")
@@ -558,6 +579,23 @@ class Params(Section):
                               "set compute.num_machines: 1 or choose ppo, grpo, rloo, reinforce or a2c")
         if compute.num_machines > 1 and self.rollout.engine == "vllm":
             raise ConfigError(f"rollout.engine = 'vllm': needs compute.num_machines = 1, got {compute.num_machines}")
+        correction, explicit = self.sampler_correction, self.rollout_correction.mode
+        if explicit in ("tis", "mis") and not self.records_sampler_logprobs:
+            raise ConfigError(f"rollout_correction.mode = {explicit!r}: needs the sampler's log-probs, which "
+                              f"rollout.engine = {self.rollout.engine!r} does not store "
+                              f"(rollout.record_sampler_logprobs = {_yaml_scalar(self.rollout.record_sampler_logprobs)}); "
+                              "set rollout.record_sampler_logprobs: true or the mode to none")
+        if explicit in ("tis", "mis") and self.algorithm.name in ("trpo", "npg"):
+            raise ConfigError(f"rollout_correction.mode = {explicit!r}: algorithm.name = {self.algorithm.name!r} has no "
+                              "per-token policy loss to weigh; set it to none or auto")
+        default = RolloutCorrectionParams()
+        unused = {"level": correction == "none", "tis_cap": correction != "tis", "mis_low": correction != "mis",
+                  "mis_high": correction != "mis"}
+        for key, is_unused in unused.items():
+            if is_unused and getattr(self.rollout_correction, key) != getattr(default, key):
+                raise ConfigError(f"rollout_correction.{key} = {getattr(self.rollout_correction, key)!r}: unused, the "
+                                  f"correction is {correction!r} (rollout_correction.mode = {explicit!r}); remove it or "
+                                  "choose the mode that reads it")
         if not self.rounds:
             raise ConfigError("rounds is empty: at least one round is required, e.g. rounds: {r1: {from: sft}}")
         seen = {"sft"}
@@ -590,6 +628,20 @@ class Params(Section):
         """Whether rollout records π_ref's log-probs: a KL coefficient is above 0, or kl.monitor asks for the metrics.
         False is the KL-free mode: π_ref is loaded by evaluate alone."""
         return self.kl.reward_coef > 0 or self.kl.loss_coef > 0 or self.kl.monitor
+
+    @property
+    def records_sampler_logprobs(self) -> bool:
+        """Whether the rollout stores sampler_logprobs (rollout.record_sampler_logprobs; null: with vllm)."""
+        record = self.rollout.record_sampler_logprobs
+        return self.rollout.engine == "vllm" if record is None else record
+
+    @property
+    def sampler_correction(self) -> str:
+        """rollout_correction.mode resolved: none, tis or mis (auto: tis where it can apply)."""
+        mode = self.rollout_correction.mode
+        if mode != "auto":
+            return mode
+        return "tis" if self.records_sampler_logprobs and self.algorithm.name not in ("trpo", "npg") else "none"
 
     @property
     def trains_value_by_gradient(self) -> bool:

@@ -63,6 +63,44 @@ def sapo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     return -(4.0 / tau) * gate * advantages, ratio, (4.0 * gate * (1.0 - gate)).detach()
 
 
+def sampler_correction(old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor, *, mode: str,
+                       level: str, cap: float, low: float, high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rollout–trainer mismatch correction: per-token weights on the policy loss when the tokens were drawn from a
+    sampler μ (vLLM's kernels, a truncated top-k/top-p distribution) that differs from the trainer's π_old:
+
+        log w_t = log π_old(a_t) − log μ(a_t)              token level
+        log w_t = (1/|y|) Σ_s (log π_old − log μ)(a_s)      sequence level: one geometric-mean ratio per response
+        tis  (truncated importance sampling):  c_t = min(w_t, cap)
+        mis  (masked importance sampling, IcePop): c_t = 1 if low ≤ w_t ≤ high, else 0 (the token is dropped)
+
+    so that E_μ[c·A·∇log π] follows E_π[A·∇log π] (exactly for tis below the cap).  The weights are constants (no
+    gradient).  Shapes: all [B, T] (mask float).  Returns (c [B, T], 0 on padding; affected [B, T]: 1.0 where
+    the cap bit (tis) or the token was dropped (mis)).
+    """
+    log_w = (old_logprobs - sampler_logprobs) * mask
+    if level == "sequence":
+        log_w = (log_w.sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(log_w)
+    weights = torch.exp(log_w)
+    if mode == "tis":
+        return weights.clamp(max=cap) * mask, (weights > cap).float() * mask
+    if mode == "mis":
+        kept = ((weights >= low) & (weights <= high)).float()
+        return kept * mask, (1.0 - kept) * mask
+    raise ValueError(f"unknown sampler correction {mode!r}")
+
+
+def sampler_mismatch(old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor) -> dict:
+    """How far the sampler μ is from the trainer π over the masked tokens (drawn from μ):
+
+        kl                  mean_t [(r − 1) − log r],  r = π/μ: the k3 estimate of KL(μ‖π) per token, ≥ 0
+        max_abs_logprob_diff  max_t |log π − log μ|
+
+    [B, T] -> {name: float}."""
+    log_r = (old_logprobs - sampler_logprobs)[mask.bool()]
+    return {"kl": float((torch.expm1(log_r) - log_r).mean()) if log_r.numel() else 0.0,
+            "max_abs_logprob_diff": float(log_r.abs().max()) if log_r.numel() else 0.0}
+
+
 def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                        clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token clipped value loss (as in OpenAI baselines / lm-human-preferences):

@@ -26,6 +26,45 @@ class Sample:
     prompt_ids: list[int]
     response_ids: list[int]  # up to and including the first EOS
     ended_with_eos: bool
+    sampler_logprobs: list[float] | None = None  # log μ(a_t) of each response token under the distribution it was
+    # drawn from (after temperature, top-k, top-p), when recorded (rollout.record_sampler_logprobs)
+
+
+class SampledTokenLogprobs:
+    """A logits processor, placed last, that records log μ(a_t) of each sampled token: it keeps the final step
+    distribution log_softmax(scores) [B, V] and, at the next step (or in ``finish``), gathers the log-prob of the
+    token that step drew (the last column of ``input_ids``).  One [B, V] tensor alive at a time, not one per step."""
+
+    def __init__(self):
+        self.previous: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []  # [B] per generated position
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._gather(input_ids[:, -1])
+        self.previous = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def _gather(self, tokens: torch.Tensor) -> None:
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(1, tokens.unsqueeze(1)).squeeze(1))
+            self.previous = None
+
+    def finish(self, output_ids: torch.Tensor) -> torch.Tensor:
+        """[B, generated] log-probs, given generate's output (whose last column the last step drew)."""
+        self._gather(output_ids[:, -1])
+        return torch.stack(self.steps, dim=1).cpu()
+
+
+def sampling_processors(temperature: float, top_p: float, top_k: int):
+    """HF's own sampling warpers, in the order ``generate`` applies them (temperature, top-k, top-p), then the
+    recorder: with these passed explicitly and the config's temperature 1, top_k 0 and top_p 1, generate draws
+    from exactly the distribution it would have drawn from, and the recorder sees it.  Returns (list, recorder)."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    recorder = SampledTokenLogprobs()
+    warpers = ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []) + (
+        [TopKLogitsWarper(top_k=top_k)] if top_k != 0 else []) + ([TopPLogitsWarper(top_p=top_p)] if top_p < 1.0 else [])
+    return LogitsProcessorList([*warpers, recorder]), recorder
 
 
 def generation_config(tokenizer, *, temperature: float, top_p: float, top_k: int, max_new_tokens: int,
@@ -88,9 +127,13 @@ def length_buckets(lengths: list[int], batch_size: int) -> list[list[int]]:
 @torch.inference_mode()
 def generate_samples(policy, tokenizer, prompt_ids: list[list[int]], *, samples_per_prompt: int, temperature: float,
                      top_p: float, top_k: int, max_new_tokens: int, batch_size: int, seed: int,
-                     device: torch.device, runtime=None, stop_ids: list[int] | None = None) -> list[Sample]:
+                     device: torch.device, runtime=None, stop_ids: list[int] | None = None,
+                     record_sampler_logprobs: bool = False) -> list[Sample]:
     """``samples_per_prompt`` sampled responses for each prompt, in (prompt, sample) order; a response ends at
     the first of ``stop_ids`` (``chat.stop_token_ids``; default: the tokenizer's EOS).
+
+    ``record_sampler_logprobs``: each Sample also carries the log-probs generate drew its tokens from
+    (``sampling_processors``); the samples themselves are the same as without.
 
     Each batch is seeded with ``seed + batch number``, so the result does not depend on what ran before.
     With several processes (``runtime``), the batch plan is the same on every rank and whole batches go
@@ -101,8 +144,12 @@ def generate_samples(policy, tokenizer, prompt_ids: list[list[int]], *, samples_
 
     runtime = runtime or Runtime(device=device)  # plain: one process, no autocast
     stop_ids = list(stop_ids or [tokenizer.eos_token_id])
-    config = generation_config(tokenizer, temperature=temperature, top_p=top_p, top_k=top_k,
-                               max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+    if record_sampler_logprobs:  # the same warpers, passed explicitly so that the recorder runs after them
+        config = generation_config(tokenizer, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
+                                   stop_ids=stop_ids)
+    else:
+        config = generation_config(tokenizer, temperature=temperature, top_p=top_p, top_k=top_k,
+                                   max_new_tokens=max_new_tokens, stop_ids=stop_ids)
     jobs = [(p, s) for p in range(len(prompt_ids)) for s in range(samples_per_prompt)]
     results: dict[tuple[int, int], Sample] = {}
     plan = runtime.shard(list(enumerate(length_buckets([len(prompt_ids[p]) for p, _ in jobs], batch_size))))
@@ -117,18 +164,22 @@ def generate_samples(policy, tokenizer, prompt_ids: list[list[int]], *, samples_
             input_ids[row, width - len(prompt):] = torch.tensor(prompt)
             attention_mask[row, width - len(prompt):] = 1
         torch.manual_seed(seed + batch_number)
+        processors, recorder = sampling_processors(temperature, top_p, top_k) if record_sampler_logprobs else (None, None)
         try:
             with runtime.autocast():
                 output = policy.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                         generation_config=config)
+                                         generation_config=config,
+                                         **({"logits_processor": processors} if processors is not None else {}))
         except RuntimeError as exc:  # torch.multinomial on NaN/inf probabilities
             if "inf" in str(exc) or "nan" in str(exc):
                 raise FloatingPointError("the policy gave NaN/inf probabilities while generating; its weights are "
                                          "corrupt (a diverged update? lower optim.lr)") from None
             raise
+        sampled = recorder.finish(output[:, width:]) if recorder is not None else None
         for row, (p, s) in enumerate(batch_jobs):
             response, ended = truncate_at_eos(output[row, width:].tolist(), stop_ids)
-            results[(p, s)] = Sample(p, s, prompt_ids[p], response, ended)
+            results[(p, s)] = Sample(p, s, prompt_ids[p], response, ended,
+                                     None if sampled is None else sampled[row, :len(response)].tolist())
         progress.update(len(batch_jobs))
     progress.close()
     for shard in runtime.all_gather(results) if runtime.distributed else ():
@@ -203,6 +254,8 @@ def rollout_table(prompts: list[str], samples: list[Sample], stats: dict[str, li
             "ended_with_eos": sample.ended_with_eos,
             "response_length": len(sample.response_ids),
             **{name: stats[name][index] for name in ("logprobs", "ref_logprobs", "values") if name in stats},
+            **({} if sample.sampler_logprobs is None else
+               {"sampler_logprobs": np.asarray(sample.sampler_logprobs, dtype=np.float32)}),
         })
     return pd.DataFrame(rows)
 

@@ -17,11 +17,14 @@ stop token, with no repetition/presence/frequency penalty and min_p 0, so respon
 softmax(logits / T) exactly as ``rlhf_core.rollout.generate_samples`` draws them.  Responses are cut
 after their first end id (kept) like ``truncate_at_eos``.
 
-vLLM's own log-probs are not used.  ``record_token_stats`` recomputes the policy's log-probs, the
+vLLM's own log-probs do not replace the trainer's.  ``record_token_stats`` recomputes the policy's log-probs, the
 reference's and the values with the training code's forward pass, so the first PPO ratio on an
 unchanged policy is exactly 1, whatever vLLM's kernels or dtype.  If vLLM's numerics differ from the
 training model's (bf16, other attention kernels), the samples are very slightly off-policy; the
-recorded log-probs are still those of the policy being trained.
+recorded log-probs are still those of the policy being trained.  vLLM's log-probs of the distribution it sampled
+(``logprobs_mode="processed_logprobs"``) are kept beside them as ``sampler_logprobs``, by default with this engine
+(rollout.record_sampler_logprobs), and rollout_correction weighs the policy loss by their ratio (tis) or drops the
+tokens where they disagree (mis).
 
 Seeds.  One ``SamplingParams`` per prompt, seeded ``seed + prompt_index * samples_per_prompt``; vLLM
 (V1) seeds the n samples of a request ``seed + sample_index``, so every (prompt, sample) has its own
@@ -50,13 +53,16 @@ NOT_INSTALLED = "rollout.engine = 'vllm': vLLM is not installed (pip install vll
 def generate_samples_vllm(model_dir: str | Path, prompt_ids: list[list[int]], *, samples_per_prompt: int,
                           temperature: float, top_p: float, top_k: int, max_new_tokens: int, seed: int, stop_ids: list[int],
                           dtype: str = "auto", gpu_memory_utilization: float = 0.6, enforce_eager: bool = True,
-                          trust_remote_code: bool = False) -> list[Sample]:
+                          trust_remote_code: bool = False, record_sampler_logprobs: bool = False) -> list[Sample]:
     """``samples_per_prompt`` sampled responses for each prompt, in (prompt, sample) order, by vLLM.
 
     ``model_dir`` is a checkpoint directory (full model, or LoRA adapters, merged here first).  ``dtype``
     goes to ``vllm.LLM``: note that ``auto`` turns a float32 checkpoint into float16 in vLLM, so pass
     ``float32`` to sample from the same precision as a float32 HF policy.  ``enforce_eager`` skips CUDA
     graph capture, which costs more than it saves for one round of generation on a small model.
+    ``record_sampler_logprobs``: each Sample carries vLLM's log-prob of each of its tokens, from the distribution
+    it sampled (``logprobs_mode="processed_logprobs"``: after temperature, top-k and top-p), for
+    rollout_correction.
     """
     try:
         import vllm
@@ -85,12 +91,20 @@ def generate_samples_vllm(model_dir: str | Path, prompt_ids: list[list[int]], *,
                 n=samples_per_prompt, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1,
                 min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
                 max_tokens=max_new_tokens, seed=seed + p * samples_per_prompt, stop_token_ids=list(stop_ids),
-                ignore_eos=False, detokenize=False) for p in range(len(prompt_ids))]
+                ignore_eos=False, detokenize=False, **({"logprobs": 0} if record_sampler_logprobs else {}))
+                for p in range(len(prompt_ids))]
         except refusals as exc:  # e.g. newer vLLM refuses temperature > 2
             raise _refused(exc) from None
-        llm = vllm.LLM(model=model_dir, tokenizer=model_dir, seed=seed, dtype=dtype,
-                       gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
-                       trust_remote_code=trust_remote_code)
+        try:
+            llm = vllm.LLM(model=model_dir, tokenizer=model_dir, seed=seed, dtype=dtype,
+                           gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
+                           trust_remote_code=trust_remote_code,
+                           **({"logprobs_mode": "processed_logprobs"} if record_sampler_logprobs else {}))
+        except TypeError as exc:  # a vLLM before logprobs_mode (0.10.1) cannot say what it sampled from
+            if record_sampler_logprobs and "logprobs_mode" in str(exc):
+                raise ConfigError("rollout.record_sampler_logprobs: this vLLM has no logprobs_mode (vLLM >= 0.10.1 "
+                                  "reports the sampled distribution's log-probs); upgrade vLLM or set it to false") from None
+            raise
         try:
             outputs = llm.generate([{"prompt_token_ids": list(ids)} for ids in prompt_ids], per_prompt, use_tqdm=False)
         except refusals as exc:  # vLLM >= 0.33 validates requests in the engine and raises VLLMError subclasses
@@ -112,8 +126,25 @@ def generate_samples_vllm(model_dir: str | Path, prompt_ids: list[list[int]], *,
                             f"expected {samples_per_prompt}")
         for s, completion in enumerate(completions):
             response, ended = response_ids(completion, stop_ids)
-            samples.append(Sample(p, s, list(prompt_ids[p]), response, ended))
+            sampled = sampled_logprobs(completion, response) if record_sampler_logprobs else None
+            samples.append(Sample(p, s, list(prompt_ids[p]), response, ended, sampled))
     return samples
+
+
+def sampled_logprobs(completion, response: list[int]) -> list[float]:
+    """vLLM's log-prob of each token of ``response`` (a CompletionOutput requested with ``logprobs=0``: per
+    position, a mapping of token id → Logprob that holds the sampled token)."""
+    positions = list(completion.logprobs or [])
+    if len(positions) < len(response):
+        raise DataError(f"vLLM returned log-probs for {len(positions)} of the {len(response)} tokens of a response "
+                        "(a stop token it did not keep?); set rollout.record_sampler_logprobs: false")
+    values = []
+    for position, token in enumerate(response):
+        entry = positions[position].get(token) if hasattr(positions[position], "get") else None
+        if entry is None:
+            raise DataError(f"vLLM's log-probs at position {position} lack the sampled token {token}")
+        values.append(float(getattr(entry, "logprob", entry)))
+    return values
 
 
 def vllm_dtype(compute, checkpoint: str | Path) -> str:

@@ -23,7 +23,7 @@ def main(params, args):
 
 
 def _train_and_save(params, round_key, start_from, train, seed, runtime):
-    from rlhf_core.algorithms.common import Experience
+    from rlhf_core.algorithms.common import Experience, correction_weights
     from rlhf_core.models import (checkpoint_dir, enable_gradient_checkpointing, load_actor_critic, load_tokenizer,
                                   save_checkpoint)
     from rlhf_core.optim import load_optimizer_state, save_optimizer_state
@@ -31,8 +31,10 @@ def _train_and_save(params, round_key, start_from, train, seed, runtime):
     device = runtime.device
 
     with_reference = params.uses_reference  # KL-free: the rollout stored no ref_logprobs
+    correction = params.sampler_correction  # rollout_correction resolved: none, tis or mis
     rollouts = read_parquet(f"rollouts/{round_key}/rollouts.parquet", ("prompt_ids", "response_ids", "logprobs", "values")
-                            + (("ref_logprobs",) if with_reference else ()))
+                            + (("ref_logprobs",) if with_reference else ())
+                            + (("sampler_logprobs",) if correction != "none" else ()))
     advantages = read_parquet(f"advantages/{round_key}/advantages.parquet", ("advantages", "returns", "rewards",
                                                                              "trained"))
     state = {**read_json(f"scores/{round_key}/state.json"), **read_json(f"advantages/{round_key}/state.json")}
@@ -41,6 +43,10 @@ def _train_and_save(params, round_key, start_from, train, seed, runtime):
                             rollouts["ref_logprobs"].tolist() if with_reference else None,
                             rollouts["values"].tolist(), advantages["advantages"].tolist(),
                             advantages["returns"].tolist(), rewards=advantages["rewards"].tolist())
+    correction_metrics = {}
+    if correction != "none":  # the sampler μ was not the trainer π_old: weigh the policy loss (tis) or drop tokens (mis)
+        experience.correction, correction_metrics = correction_weights(
+            experience.old_logprobs, rollouts["sampler_logprobs"].tolist(), params.rollout_correction, correction)
     experience = experience.select(advantages["trained"].astype(bool).tolist())  # advantages.mask_truncated
 
     tokenizer = load_tokenizer(checkpoint_dir(start_from), params.trust_remote_code)
@@ -70,6 +76,7 @@ def _train_and_save(params, round_key, start_from, train, seed, runtime):
     if not runtime.is_main:  # rank 0 alone writes the checkpoint and the metrics
         return
     advantages_metrics = read_json(f"metrics/{round_key}/advantages.json")
+    metrics.update(correction_metrics)
     metrics.update(kl_coef=advantages_metrics["kl_coef"],
                    value_explained_variance=advantages_metrics["value_explained_variance"],
                    score_mean=advantages_metrics["score_mean"])

@@ -41,6 +41,7 @@ def main(params, args):
             checkpoint_dir(start_from), prompt_ids, samples_per_prompt=ro.samples_per_prompt,
             temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, max_new_tokens=ro.max_new_tokens, seed=seed,
             stop_ids=stop_ids, gpu_memory_utilization=ro.gpu_memory_fraction,
+            record_sampler_logprobs=params.records_sampler_logprobs,
             dtype=vllm_dtype(params.compute, checkpoint_dir(start_from)),
             trust_remote_code=params.trust_remote_code)
         add_work("generation_tokens", sum(len(s.response_ids) for s in samples), time.perf_counter() - started)
@@ -63,7 +64,8 @@ def main(params, args):
         samples = generate_samples(actor_critic.policy, tokenizer, prompt_ids, samples_per_prompt=ro.samples_per_prompt,
                                    temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
                                    max_new_tokens=ro.max_new_tokens, batch_size=ro.batch_size, seed=seed,
-                                   device=device, runtime=runtime, stop_ids=stop_ids)
+                                   device=device, runtime=runtime, stop_ids=stop_ids,
+                                   record_sampler_logprobs=params.records_sampler_logprobs)
         add_work("generation_tokens", sum(len(s.response_ids) for s in samples), time.perf_counter() - started)
     stats = record_token_stats(actor_critic, reference, samples, pad_id=tokenizer.pad_token_id,
                                temperature=ro.temperature, batch_size=ro.forward_batch_size, device=device,
@@ -81,6 +83,13 @@ def main(params, args):
         "response_length_mean": float(table["response_length"].mean()),
         "eos_fraction": float(table["ended_with_eos"].mean()),
     }
+    if params.records_sampler_logprobs:  # how far the sampler is from the trainer (rollout_correction)
+        from rlhf_core.advantages import pad_sequences
+        from rlhf_core.losses import sampler_mismatch
+
+        trainer, mask = pad_sequences(table["logprobs"].tolist())
+        mismatch = sampler_mismatch(trainer, pad_sequences(table["sampler_logprobs"].tolist())[0], mask)
+        metrics.update({f"mismatch_{name}": value for name, value in mismatch.items()})
     if with_reference:
         metrics["kl_k1_mean"] = float(sum(float((lp - rl).sum()) for lp, rl in zip(table["logprobs"],
                                                                                   table["ref_logprobs"])) / len(table))

@@ -446,3 +446,24 @@ def test_replace_validates_like_params_yaml():
                                           ({"reward_coef": 0.0, "monitor": True}, True)])
 def test_the_reference_is_used_only_by_a_kl_term_or_the_monitor(kl, uses):
     assert params_from_dict({"kl": kl}).uses_reference is uses
+
+
+def test_rollout_correction_resolves_and_refuses_what_it_cannot_apply():
+    assert params_from_dict({}).sampler_correction == "none"  # hf: the sampler is the trainer, nothing recorded
+    assert params_from_dict({"rollout": {"record_sampler_logprobs": True}}).sampler_correction == "tis"
+    vllm = {"engine": "vllm"}
+    assert params_from_dict({"rollout": vllm, "compute": {"rollout_processes": 1}}).sampler_correction == "tis"
+    assert params_from_dict({"rollout": {**vllm, "record_sampler_logprobs": False},
+                             "compute": {"rollout_processes": 1}}).sampler_correction == "none"
+    assert params_from_dict({"rollout": {"record_sampler_logprobs": True},
+                             "algorithm": {"name": "trpo"}}).sampler_correction == "none"  # auto: no per-token loss
+    with pytest.raises(ConfigError, match=r"^rollout_correction.mode = 'mis': needs the sampler's log-probs, which "
+                                          r"rollout.engine = 'hf' does not store"):
+        params_from_dict({"rollout_correction": {"mode": "mis"}})
+    with pytest.raises(ConfigError, match=r"^rollout_correction.mode = 'tis': algorithm.name = 'npg' has no per-token"):
+        params_from_dict({"rollout": {"record_sampler_logprobs": True}, "rollout_correction": {"mode": "tis"},
+                          "algorithm": {"name": "npg"}})
+    with pytest.raises(ConfigError, match=r"^rollout_correction.mis_low = 0.8: unused, the correction is 'tis'"):
+        params_from_dict({"rollout": {"record_sampler_logprobs": True}, "rollout_correction": {"mis_low": 0.8}})
+    with pytest.raises(ConfigError, match=r"^rollout_correction.level = 'sequence': unused, the correction is 'none'"):
+        params_from_dict({"rollout_correction": {"level": "sequence"}})

@@ -151,3 +151,66 @@ def test_approx_kl():
 def test_masked_sum():
     values = _t(1.0, 2.0, 4.0)
     assert masked_sum(values, _t(1.0, 0.0, 1.0)).item() == pytest.approx(5.0)
+
+
+def test_sampler_correction_by_hand():
+    """log π_old − log μ per token: [log 3, 0, log 0.25] and [log 0.5, pad].  tis (cap 2): min(w, 2) = 2, 1, 0.25 and 0.5;
+    mis [0.5, 2]: 0, 1, 0 and 1; sequence level: one geometric mean per response, (3 · 1 · 0.25)^(1/3) and 0.5."""
+    from rlhf_core.losses import sampler_correction
+
+    sampler = torch.zeros(2, 3)
+    old = torch.tensor([[math.log(3.0), 0.0, math.log(0.25)], [math.log(0.5), 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    kwargs = dict(level="token", cap=2.0, low=0.5, high=2.0)
+    weights, capped = sampler_correction(old, sampler, mask, mode="tis", **kwargs)
+    assert torch.allclose(weights, torch.tensor([[2.0, 1.0, 0.25], [0.5, 0.0, 0.0]]))
+    assert torch.equal(capped, torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    kept, dropped = sampler_correction(old, sampler, mask, mode="mis", **kwargs)
+    assert torch.equal(kept, torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))
+    assert torch.equal(dropped, torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]))
+    per_sequence, _ = sampler_correction(old, sampler, mask, mode="tis", **{**kwargs, "level": "sequence"})
+    assert torch.allclose(per_sequence, torch.tensor([[0.75 ** (1 / 3)] * 3, [0.5, 0.0, 0.0]]))
+
+
+def test_truncated_importance_sampling_restores_the_on_policy_gradient_of_a_bandit():
+    """Known answer: one-token responses from a 5-armed bandit, π = softmax(θ), rewards r.  The on-policy gradient
+    is ∇J = π ⊙ (r − πᵀr).  The tokens are drawn from a perturbed sampler μ = softmax(θ / 2.5) (a different
+    temperature).  The plain estimator mean(r ∇log π) then follows E_μ, which would raise arm 4 the most; with TIS
+    weights π/μ (cap above every ratio) it follows ∇J, which raises arm 3 the most.  MIS with the band [0.5, 2]
+    instead drops the arms whose ratio left the band: the μ-mass of those arms."""
+    from rlhf_core.losses import aggregate, policy_gradient_loss, sampler_correction, sampler_mismatch
+
+    theta0 = torch.tensor([0.5, -0.2, 1.0, 0.0, -1.5])
+    rewards = torch.tensor([1.0, 0.0, -1.0, 2.0, 3.0])
+    pi, mu = torch.softmax(theta0, 0), torch.softmax(theta0 / 2.5, 0)
+    exact = pi * (rewards - (pi * rewards).sum())
+    generator = torch.Generator().manual_seed(0)
+    arms = torch.multinomial(mu, 200_000, replacement=True, generator=generator).unsqueeze(1)  # [N, 1] tokens from μ
+    mask = torch.ones(arms.shape)
+
+    def estimate(mode):
+        theta = theta0.clone().requires_grad_(True)
+        logprobs = torch.log_softmax(theta, 0)[arms]  # [N, 1], the trainer's log π of each token
+        advantages = rewards[arms]
+        weights = torch.ones_like(mask)
+        if mode != "none":
+            weights, _ = sampler_correction(logprobs.detach(), mu.log()[arms], mask, mode=mode, level="token",
+                                            cap=10.0, low=0.5, high=2.0)
+        loss = aggregate(policy_gradient_loss(logprobs, advantages) * weights, mask, "token_mean",
+                         total_tokens=float(arms.numel()), total_sequences=float(arms.numel()))
+        loss.backward()
+        return -theta.grad  # the ascent direction
+
+    assert (pi / mu).max() < 10.0  # the cap never bites: plain importance sampling
+    plain, tis = estimate("none"), estimate("tis")
+    assert int(exact.argmax()) == 3 and int(tis.argmax()) == 3 and int(plain.argmax()) == 4
+    assert (tis - exact).abs().max() < 0.01 and (plain - exact).abs().max() > 0.1
+    assert torch.nn.functional.cosine_similarity(tis, exact, dim=0) > 0.999
+    _, dropped = sampler_correction(torch.log_softmax(theta0, 0)[arms], mu.log()[arms], mask, mode="mis",
+                                    level="token", cap=2.0, low=0.5, high=2.0)
+    outside = ((pi / mu) < 0.5) | ((pi / mu) > 2.0)
+    assert float(dropped.mean()) == pytest.approx(float(mu[outside].sum()), abs=0.005)
+    mismatch = sampler_mismatch(torch.log_softmax(theta0, 0)[arms], mu.log()[arms], mask)
+    ratio = pi / mu
+    assert mismatch["kl"] == pytest.approx(float((mu * (ratio - 1 - ratio.log())).sum()), abs=0.005)  # KL(μ‖π)
+    assert mismatch["max_abs_logprob_diff"] == pytest.approx(float(ratio.log().abs().max()), abs=1e-5)

@@ -231,7 +231,8 @@ def test_kl_loss_coef_adds_the_kl_to_reference_term_in_every_first_order_loss(lo
     zeros = torch.zeros(1, 2)
     out = SimpleNamespace(logprobs=torch.tensor([[-1.0, -2.0]]), entropy=zeros, values=zeros)
     micro = SimpleNamespace(mask=torch.ones(1, 2), advantages=zeros, returns=zeros, old_values=zeros,
-                            old_logprobs=torch.tensor([[-1.0, -2.0]]), ref_logprobs=torch.tensor([[-1.5, -1.0]]))
+                            old_logprobs=torch.tensor([[-1.0, -2.0]]), ref_logprobs=torch.tensor([[-1.5, -1.0]]),
+                            correction=None)
     totals = {"tokens": 2.0, "sequences": 1.0}
     function = ppo_loss if loss == "ppo" else reinforce_loss
     value, stats = function(out, micro, totals, training(loss_coef=0.1, loss_estimator="k1"), use_critic=False)
@@ -251,7 +252,7 @@ def test_ppo_loss_uses_clip_higher():
     zeros = torch.zeros(1, 1)
     out = SimpleNamespace(logprobs=torch.tensor([[1.25]]).log(), entropy=zeros, values=zeros)
     micro = SimpleNamespace(mask=torch.ones(1, 1), advantages=torch.ones(1, 1), returns=zeros, old_values=zeros,
-                            old_logprobs=zeros, ref_logprobs=zeros)
+                            old_logprobs=zeros, ref_logprobs=zeros, correction=None)
     totals = {"tokens": 1.0, "sequences": 1.0}
     symmetric, _ = ppo_loss(out, micro, totals, training(), use_critic=False)
     higher, stats = ppo_loss(out, micro, totals, training(clip_range_high=0.28), use_critic=False)

@@ -82,3 +82,42 @@ def test_rollout_table_columns(tiny_checkpoint):
     assert (table["logprobs"].map(len) == table["response_length"]).all()
     assert table["prompt"].iloc[0] == PROMPTS[0]
     assert "<|endoftext|>" not in "".join(table["response"])
+
+
+def _sample_with_record(tiny_checkpoint, record, **sampling):
+    tokenizer = load_tokenizer(str(tiny_checkpoint))
+    model = load_actor_critic(str(tiny_checkpoint), "value_head", CPU)
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    samples = generate_samples(model.policy, tokenizer, prompt_ids, samples_per_prompt=3, max_new_tokens=12,
+                               batch_size=5, seed=7, device=CPU, record_sampler_logprobs=record, **sampling)
+    return tokenizer, model, samples
+
+
+def test_sampler_logprobs_are_the_trainers_to_float_precision_and_change_no_sample(tiny_checkpoint):
+    """The HF engine as a check: the log-probs generate drew each token from equal the training forward's
+    (temperature 0.7, no truncation) to float precision, and recording them changes no sampled token."""
+    sampling = dict(temperature=0.7, top_p=1.0, top_k=0)
+    tokenizer, model, recorded = _sample_with_record(tiny_checkpoint, True, **sampling)
+    plain = _sample_with_record(tiny_checkpoint, False, **sampling)[2]
+    assert [s.response_ids for s in recorded] == [s.response_ids for s in plain]
+    assert all(s.sampler_logprobs is None for s in plain)
+    stats = record_token_stats(model, None, recorded, pad_id=tokenizer.pad_token_id, temperature=0.7, batch_size=4,
+                               device=CPU, reference_is_policy=True)
+    for sample, trainer in zip(recorded, stats["logprobs"]):
+        assert len(sample.sampler_logprobs) == len(sample.response_ids)
+        assert abs(torch.tensor(sample.sampler_logprobs) - torch.from_numpy(trainer)).max() < 1e-4
+    table = rollout_table(PROMPTS, recorded, stats, tokenizer)
+    assert (table["sampler_logprobs"].map(len) == table["response_length"]).all()
+
+
+def test_truncated_sampling_is_a_different_distribution_and_the_recorder_sees_it(tiny_checkpoint):
+    """top_k 3: the sampler renormalises over three tokens, so log μ = log π − log Σ_top-3 π ≥ log π, the
+    mismatch that rollout-trainer correction reweights."""
+    sampling = dict(temperature=1.0, top_p=1.0, top_k=3)
+    tokenizer, model, recorded = _sample_with_record(tiny_checkpoint, True, **sampling)
+    assert [s.response_ids for s in recorded] == [s.response_ids for s in _sample_with_record(
+        tiny_checkpoint, False, **sampling)[2]]
+    stats = record_token_stats(model, None, recorded, pad_id=tokenizer.pad_token_id, temperature=1.0, batch_size=4,
+                               device=CPU, reference_is_policy=True)
+    gaps = torch.cat([torch.tensor(s.sampler_logprobs) - torch.from_numpy(t) for s, t in zip(recorded, stats["logprobs"])])
+    assert (gaps >= -1e-5).all() and gaps.max() > 0.05

@@ -265,6 +265,32 @@ def test_mask_truncated_trains_only_on_responses_that_ended(tmp_path, tiny_check
         advantages.main(params, round_key)
 
 
+@pytest.mark.parametrize(("sampling", "mode"), [({}, "tis"), ({"top_k": 3}, "mis")])
+def test_rollout_correction_through_the_stages(tmp_path, tiny_checkpoint, monkeypatch, sampling, mode):
+    """rollout.record_sampler_logprobs with the hf engine: the sampler's log-probs equal the trainer's when the sampling
+    is the plain softmax (tis caps nothing, every weight is 1); with top_k 3 the sampler renormalises, and mis drops
+    the tokens whose π_old/μ left its band.  rollout and optimize report the mismatch and the correction."""
+    from stages import advantages, optimize, prepare, rollout, score, sft
+
+    params = small_round_params(tmp_path, tiny_checkpoint, monkeypatch, rollout={"record_sampler_logprobs": True, **sampling},
+                                rollout_correction={"mode": mode, **({"mis_low": 0.9} if mode == "mis" else {})})
+    assert params.sampler_correction == mode
+    for stage in (prepare, sft):
+        stage.main(params, argparse.Namespace())
+    for stage in (rollout, score, advantages, optimize):
+        stage.main(params, argparse.Namespace(round="r1"))
+    rollout_metrics = json.loads((tmp_path / "metrics/r1/rollout.json").read_text())
+    optimize_metrics = json.loads((tmp_path / "metrics/r1/optimize.json").read_text())
+    if mode == "tis":
+        assert rollout_metrics["mismatch_max_abs_logprob_diff"] < 1e-4 and rollout_metrics["mismatch_kl"] < 1e-8
+        assert optimize_metrics["correction_capped_fraction"] == 0.0
+        assert optimize_metrics["correction_weight_mean"] == pytest.approx(1.0, abs=1e-4)
+    else:
+        assert rollout_metrics["mismatch_max_abs_logprob_diff"] > 0.1  # μ is the top-3 renormalisation of π
+        assert 0.0 < optimize_metrics["correction_masked_fraction"] < 1.0
+        assert optimize_metrics["correction_weight_mean"] == pytest.approx(1 - optimize_metrics["correction_masked_fraction"])
+
+
 def test_sft_fine_tunes_a_local_hf_model_on_file_demonstrations(tmp_path, tiny_checkpoint, monkeypatch):
     """sft.model = a local HF directory with sft.epochs > 0: the snapshot is a fine-tuned copy."""
     from safetensors.torch import load_file

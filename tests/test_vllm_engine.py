@@ -12,6 +12,7 @@ in this repository.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import types
 from pathlib import Path
@@ -32,6 +33,11 @@ class FakeCompletion:  # vllm.outputs.CompletionOutput
     def __init__(self, index, token_ids, finish_reason, stop_reason=None):
         self.index, self.token_ids = index, tuple(token_ids)
         self.finish_reason, self.stop_reason = finish_reason, stop_reason
+        self.logprobs = None  # with SamplingParams(logprobs=0): per position {sampled id: Logprob}
+
+
+def fake_logprob(position: int, token: int) -> float:
+    return -0.1 * (position + 1) - 0.001 * token
 
 
 class FakeRequestOutput:  # vllm.outputs.RequestOutput
@@ -88,6 +94,13 @@ def fake_vllm(monkeypatch):
             outputs = []
             for p, (prompt, params) in enumerate(zip(prompts, sampling_params)):
                 completions = [scripted(p, s, params.max_tokens, params.stop_token_ids[0]) for s in range(params.n)]
+                if getattr(params, "logprobs", None) is not None:  # every sampled token, the stop token included
+                    for completion in completions:
+                        sampled = list(completion.token_ids) + ([completion.stop_reason] if completion.stop_reason
+                                                                and completion.stop_reason not in completion.token_ids
+                                                                else [])
+                        completion.logprobs = [{token: types.SimpleNamespace(logprob=fake_logprob(i, token), rank=1)}
+                                               for i, token in enumerate(sampled)]
                 outputs.append(FakeRequestOutput(str(p), prompt["prompt_token_ids"], completions[::-1]))  # any order
             return outputs
 
@@ -251,6 +264,35 @@ def test_rollout_stage_takes_its_samples_from_vllm(fake_vllm, tiny_checkpoint, t
         assert list(row.response_ids) == response and row.ended_with_eos == ended
         assert len(row.logprobs) == len(row.ref_logprobs) == len(row.values) == len(response)
     assert (table["logprobs"].map(list) == table["ref_logprobs"].map(list)).all()  # round 1: π = π_ref
+    # the sampler's own log-probs ride along by default with vllm, from the distribution it sampled
+    assert fake_vllm["llm_kwargs"][0]["logprobs_mode"] == "processed_logprobs"
+    assert all(params.logprobs == 0 for params in fake_vllm["sampling_params"][0])
+    for row in table.itertuples():
+        assert list(row.sampler_logprobs) == pytest.approx([fake_logprob(i, t) for i, t in enumerate(row.response_ids)])
+    metrics = json.loads((tmp_path / "metrics/r1/rollout.json").read_text())
+    assert metrics["mismatch_kl"] > 0 and metrics["mismatch_max_abs_logprob_diff"] > 0
+
+
+def test_without_recording_vllm_is_asked_for_no_logprobs(fake_vllm, tiny_checkpoint):
+    samples = generate(str(tiny_checkpoint), [[5, 6]], record_sampler_logprobs=False)
+    assert all(s.sampler_logprobs is None for s in samples)
+    assert "logprobs_mode" not in fake_vllm["llm_kwargs"][0]
+    assert "logprobs" not in fake_vllm["sampling_params"][0][0].kwargs
+    recorded = generate(str(tiny_checkpoint), [[5, 6]], record_sampler_logprobs=True)
+    assert [s.response_ids for s in recorded] == [s.response_ids for s in samples]
+    assert [len(s.sampler_logprobs) for s in recorded] == [len(s.response_ids) for s in recorded]
+
+
+def test_a_completion_without_the_sampled_tokens_logprobs_is_refused():
+    from rlhf_core.vllm_engine import sampled_logprobs
+
+    completion = FakeCompletion(0, [5, 6, EOS], "stop")
+    completion.logprobs = [{5: types.SimpleNamespace(logprob=-1.0)}, {6: types.SimpleNamespace(logprob=-2.0)}]
+    with pytest.raises(DataError, match="log-probs for 2 of the 3 tokens"):
+        sampled_logprobs(completion, [5, 6, EOS])
+    completion.logprobs.append({7: types.SimpleNamespace(logprob=-3.0)})
+    with pytest.raises(DataError, match="lack the sampled token 2"):
+        sampled_logprobs(completion, [5, 6, EOS])
 
 
 def test_vllm_errors_of_newer_versions_are_one_line_config_errors(fake_vllm, tiny_checkpoint):

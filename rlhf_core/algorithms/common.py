@@ -36,6 +36,7 @@ class MicroBatch:
     old_values: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+    correction: torch.Tensor | None = None  # rollout_correction's weights on the policy loss (None: all 1)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -54,6 +55,7 @@ class Experience:
     advantages: list
     returns: list
     rewards: list | None = None  # the advantages stage's token rewards: the critic warm-up recomputes GAE from them
+    correction: list | None = None  # per-token weights of the policy loss (rollout_correction: tis / mis)
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -69,7 +71,7 @@ class Experience:
 
         return Experience(*(pick(getattr(self, name)) for name in ("prompt_ids", "response_ids", "old_logprobs",
                                                                    "ref_logprobs", "old_values", "advantages",
-                                                                   "returns", "rewards")))
+                                                                   "returns", "rewards", "correction")))
 
     def tokens(self, indices) -> int:
         return int(sum(len(self.response_ids[i]) for i in indices))
@@ -95,7 +97,8 @@ class Experience:
 
         return MicroBatch(batch.to(device), padded(self.old_logprobs),
                           None if self.ref_logprobs is None else padded(self.ref_logprobs),
-                          padded(self.old_values), padded(self.advantages), padded(self.returns))
+                          padded(self.old_values), padded(self.advantages), padded(self.returns),
+                          None if self.correction is None else padded(self.correction))
 
 
 def split(indices: list[int], size: int) -> list[list[int]]:
@@ -144,6 +147,28 @@ def policy_parameters(model, last_n_blocks: int | None = None) -> list[torch.nn.
         if id(p) in chosen:
             selected.append(p)
     return selected
+
+
+def correction_weights(old_logprobs: list, sampler_logprobs: list, settings, mode: str) -> tuple[list, dict]:
+    """rollout_correction's per-token weights for a round (``losses.sampler_correction`` with ``settings``, a
+    RolloutCorrectionParams, and ``mode`` tis or mis), ragged like the log-probs, and their metrics: the share of
+    tokens the cap bit (tis) or that were dropped (mis), and the mean weight."""
+    from rlhf_core.losses import sampler_correction
+
+    old_t, mask = pad_sequences(old_logprobs)
+    weights, affected = sampler_correction(old_t, pad_sequences(sampler_logprobs)[0], mask, mode=mode,
+                                           level=settings.level, cap=settings.tis_cap, low=settings.mis_low,
+                                           high=settings.mis_high)
+    lengths = mask.sum(-1).long().tolist()
+    tokens = float(mask.sum())
+    metrics = {f"correction_{'capped' if mode == 'tis' else 'masked'}_fraction": float(affected.sum()) / tokens,
+               "correction_weight_mean": float(weights.sum()) / tokens}
+    return [weights[row, :n].tolist() for row, n in enumerate(lengths)], metrics
+
+
+def corrected(policy_loss: torch.Tensor, micro) -> torch.Tensor:
+    """The per-token policy loss [B, T] times rollout_correction's weights, when the round has them."""
+    return policy_loss if micro.correction is None else policy_loss * micro.correction
 
 
 def add_kl_loss(loss, stats: dict, out, micro, kl, agg):

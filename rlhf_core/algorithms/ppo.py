@@ -7,6 +7,7 @@ One round of updates (the loop itself is ``common.minibatch_updates``):
         ρ_t   = exp(log π_θ − log π_old)           (or one ρ per sequence: ratio_level = sequence)
         L^π_t = max(−A_t ρ_t, −A_t clip(ρ_t, 1 − ε, 1 + ε_high))  [then min(·, −c A_t) where A_t < 0: dual clip]
         L^V_t = ½ max((V − R)², (V_old + clip(V − V_old, ±ε_v) − R)²)
+        L^π_t ← w_t · L^π_t                          (rollout_correction: w = tis / mis weights of π_old/μ)
         L^KL_t = k(log π_θ, log π_ref)               (only when kl.loss_coef > 0; k = kl.loss_estimator)
         loss  = agg(L^π) + vf_coef·agg(L^V) − ent_coef·agg(H) + kl.loss_coef·agg(L^KL)
     stop the round when the minibatch's approx-KL(π_old‖π_θ) exceeds ppo.target_kl
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_core.algorithms.common import add_kl_loss, minibatch_updates
+from rlhf_core.algorithms.common import add_kl_loss, corrected, minibatch_updates
 from rlhf_core.losses import (aggregate, approx_kl, cispo_loss, clipped_surrogate, clipped_value_loss, dual_clip,
                               masked_sum, sapo_loss, sequence_log_ratio)
 
@@ -54,6 +55,7 @@ def ppo_loss(out, micro, totals, params, *, use_critic: bool = True, objective: 
     term is ``objective``'s (``policy_term``)."""
     mask, ppo, optim = micro.mask, params.ppo, params.optim
     pg_loss, ratio, (stat_name, stat_values) = policy_term(out, micro, params, objective)
+    pg_loss = corrected(pg_loss, micro)  # rollout_correction: tis / mis weights (sampler ≠ trainer)
 
     def agg(values):
         return aggregate(values, mask, optim.loss_aggregation, total_tokens=totals["tokens"],

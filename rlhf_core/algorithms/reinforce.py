@@ -4,7 +4,8 @@ The advantages come from the advantages stage: G − b for reinforce (sequence r
 with no baseline, a moving-average baseline or a leave-one-out baseline), GAE(γ, λ) with a learned
 value for a2c.  One on-policy pass over the round's data in optim.minibatch_size minibatches:
 
-    L^π_t = −A_t · log π_θ(a_t | s_t)                    (the score-function gradient estimator)
+    L^π_t = −w_t · A_t · log π_θ(a_t | s_t)              (the score-function gradient estimator; w_t = 1, or the
+                                                          rollout_correction weight of π_old/μ)
     L^V_t = ½ (V_θ(s_t) − R_t)²                          (a2c only)
     L^KL_t = k(log π_θ, log π_ref)                       (only when kl.loss_coef > 0)
     loss  = agg(L^π) + vf_coef·agg(L^V) − ent_coef·agg(H) + kl.loss_coef·agg(L^KL)
@@ -12,7 +13,7 @@ value for a2c.  One on-policy pass over the round's data in optim.minibatch_size
 
 from __future__ import annotations
 
-from rlhf_core.algorithms.common import add_kl_loss, minibatch_updates
+from rlhf_core.algorithms.common import add_kl_loss, corrected, minibatch_updates
 from rlhf_core.losses import aggregate, approx_kl, masked_sum, policy_gradient_loss
 
 
@@ -23,7 +24,7 @@ def reinforce_loss(out, micro, totals, params, *, use_critic: bool):
         return aggregate(values, mask, optim.loss_aggregation, total_tokens=totals["tokens"],
                          total_sequences=totals["sequences"])
 
-    pg_loss = policy_gradient_loss(out.logprobs, micro.advantages)
+    pg_loss = corrected(policy_gradient_loss(out.logprobs, micro.advantages), micro)  # rollout_correction
     loss = agg(pg_loss) - optim.ent_coef * agg(out.entropy)
     stats = {"policy_loss": masked_sum(pg_loss, mask), "entropy": masked_sum(out.entropy, mask),
              "approx_kl": masked_sum(approx_kl(out.logprobs, micro.old_logprobs), mask)}
