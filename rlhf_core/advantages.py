@@ -127,17 +127,57 @@ def group_normalize(scores: torch.Tensor, group_ids: torch.Tensor, scale_by_std:
     return centred / (std[inverse] + eps)
 
 
-def trained_responses(ended_with_eos, *, mask_truncated: bool) -> tuple[list[bool], dict]:
-    """Which responses the update trains on, after the advantages are computed over all of them.
+def trained_responses(ended_with_eos, *, mask_truncated: bool, sampled=None) -> tuple[list[bool], dict]:
+    """Which responses the update trains on: those of the groups dynamic sampling kept (``sampled``; None: all),
+    less, with mask_truncated, the truncated ones.
 
     mask_truncated (DAPO's overlong filtering, Yu et al. 2025; TRL's mask_truncated_completions): a response cut off
     at max_new_tokens without EOS is left out of the loss, since its unfinished text was scored as if it were an
     answer; it still counts in the group baselines and the whitening.  [B] bools -> ([B] bools, metrics).
     """
-    ended = [bool(value) for value in ended_with_eos]
-    trained = [value or not mask_truncated for value in ended]
+    sampled = [True] * len(ended_with_eos) if sampled is None else [bool(value) for value in sampled]
+    truncated = [kept and not ended for kept, ended in zip(sampled, ended_with_eos)]
+    trained = [kept and not (mask_truncated and cut) for kept, cut in zip(sampled, truncated)]
     return trained, {"trained_fraction": sum(trained) / max(1, len(trained)),
-                     "masked_truncated": sum(not value for value in trained)}
+                     "masked_truncated": sum(truncated) if mask_truncated else 0}
+
+
+def expand_rows(arrays: dict[str, list], rows: list[int], lengths: list[int]) -> dict[str, list]:
+    """Per-response arrays computed on ``rows`` of a round (dynamic sampling's kept groups), back on every row of it:
+    a row not computed gets float32 zeros of its length (``lengths``: every row's response length)."""
+    import numpy as np
+
+    expanded = {}
+    for name, values in arrays.items():
+        full = [np.zeros(length, dtype=np.float32) for length in lengths]
+        for row, value in zip(rows, values):
+            full[row] = value
+        expanded[name] = full
+    return expanded
+
+
+def dynamic_sampling(scores, group_ids, *, keep: int, seed: int, tolerance: float = 1e-8) -> tuple[list[bool], dict]:
+    """DAPO's dynamic sampling (Yu et al. 2025): a prompt group whose rewards are all equal (max − min ≤ tolerance)
+    carries no signal under a group baseline, only dilution, so it is dropped; of the informative groups, ``keep``
+    are kept, taken in a seeded random order (not by prompt index, which would favour some prompts round after
+    round).  The rollout over-samples the groups (rollout.oversample) so that dropped groups are refilled.
+
+    scores, group_ids: [B] -> ([B] bools: the response's group is kept, metrics).  Metrics: groups, groups_uniform
+    (dropped: equal rewards), groups_surplus (informative, beyond ``keep``), groups_kept, groups_shortfall
+    (keep − kept when too few were informative).
+    """
+    import numpy as np
+
+    members: dict[int, list[int]] = {}
+    for row, group in enumerate(group_ids):
+        members.setdefault(int(group), []).append(row)
+    uniform = {g for g, rows in members.items() if max(scores[r] for r in rows) - min(scores[r] for r in rows) <= tolerance}
+    informative = [g for g in sorted(members) if g not in uniform]
+    order = np.random.default_rng(seed).permutation(len(informative)).tolist()
+    kept = {informative[i] for i in order[:keep]}
+    return [int(group) in kept for group in group_ids], {
+        "groups": len(members), "groups_uniform": len(uniform), "groups_surplus": len(informative) - len(kept),
+        "groups_kept": len(kept), "groups_shortfall": max(0, keep - len(kept))}
 
 
 ESTIMATORS = ("gae", "reinforce", "grpo", "rloo", "reinforce_pp")

@@ -159,7 +159,12 @@ class SFTParams(Section):
 
 
 class RolloutParams(Section):
-    prompts_per_round: StrictInt = param(64, "train prompts sampled per round", ge=1)
+    prompts_per_round: StrictInt = param(64, "train prompts sampled per round (with advantages.dynamic_sampling: the "
+                                         "groups kept for training)", ge=1)
+    oversample: Float = param(
+        1.0, "advantages.dynamic_sampling's refill: generate ceil(prompts_per_round × oversample) prompt groups, so "
+        "that prompts_per_round informative ones are likely left after the uniform ones are dropped (DAPO samples "
+        "until the batch is full; a staged rollout cannot see rewards, so it over-samples); 1: no refill", ge=1.0)
     samples_per_prompt: StrictInt = param(4, "responses generated per prompt", ge=1)
     temperature: Float = param(1.0, "sampling temperature; log-probs everywhere use the same scaling", gt=0.0)
     top_p: Float = param(1.0, "nucleus sampling mass; 1.0 samples the plain softmax (below 1 the data is off-policy)", gt=0.0, le=1.0)
@@ -227,6 +232,11 @@ class AdvantagesParams(Section):
     lam: Float = param(0.95, "GAE λ", ge=0.0, le=1.0)
     whiten_rewards: StrictBool = param(False, "whiten the per-token rewards over the round before GAE")
     whiten_advantages: StrictBool = param(True, "whiten the advantages over the round")
+    dynamic_sampling: StrictBool = param(
+        False, "DAPO's dynamic sampling: drop every prompt group whose rewards are all equal (no signal under a group "
+        "baseline), keep up to rollout.prompts_per_round of the informative ones (refilled by rollout.oversample), "
+        "and compute the advantages on the kept groups alone; metrics: groups_uniform, groups_surplus, "
+        "groups_kept, groups_shortfall")
     mask_truncated: StrictBool = param(
         False, "leave responses that hit rollout.max_new_tokens without EOS out of the loss (DAPO's overlong "
         "filtering; TRL's mask_truncated_completions): no policy, value, entropy or KL gradient from their tokens; "
@@ -480,6 +490,13 @@ class Params(Section):
         if group_based and self.rollout.samples_per_prompt < 2:
             raise ConfigError(f"rollout.samples_per_prompt = {self.rollout.samples_per_prompt}: {self.algorithm.name} compares "
                               "the samples of a prompt and needs at least 2")
+        if self.advantages.dynamic_sampling and self.rollout.samples_per_prompt < 2:
+            raise ConfigError(f"advantages.dynamic_sampling: rollout.samples_per_prompt = {self.rollout.samples_per_prompt}; "
+                              "a group of one response never varies, set it to at least 2")
+        if self.rollout.oversample != 1.0 and not self.advantages.dynamic_sampling:
+            raise ConfigError(f"rollout.oversample = {self.rollout.oversample}: refills the groups that "
+                              "advantages.dynamic_sampling drops, which is off; set rollout.oversample: 1 or raise "
+                              "rollout.prompts_per_round instead")
         kl = self.kl
         if self.algorithm.name in GROUP_ADVANTAGES and kl.reward_coef != 0.0:
             raise ConfigError(f"kl.reward_coef = {kl.reward_coef}: algorithm.name = {self.algorithm.name!r} puts no KL in "
@@ -628,6 +645,13 @@ class Params(Section):
         """Whether rollout records π_ref's log-probs: a KL coefficient is above 0, or kl.monitor asks for the metrics.
         False is the KL-free mode: π_ref is loaded by evaluate alone."""
         return self.kl.reward_coef > 0 or self.kl.loss_coef > 0 or self.kl.monitor
+
+    @property
+    def prompt_groups_per_round(self) -> int:
+        """Prompt groups the rollout generates: prompts_per_round, times rollout.oversample (dynamic sampling)."""
+        import math
+
+        return math.ceil(self.rollout.prompts_per_round * self.rollout.oversample)
 
     @property
     def records_sampler_logprobs(self) -> bool:

@@ -9,7 +9,8 @@ def main(params, args):
     """Compute advantages/<round>/advantages.parquet and state.json (KL coefficient, reward baseline)."""
     import pandas as pd
 
-    from rlhf_core.advantages import advantage_settings, round_advantages, trained_responses
+    from rlhf_core.advantages import (advantage_settings, dynamic_sampling, expand_rows, round_advantages,
+                                      trained_responses)
     from rlhf_core.kl import AdaptiveKLController, FixedKLController
 
     adv, kl, round_key = params.advantages, params.kl, args.round
@@ -29,18 +30,33 @@ def main(params, args):
         controller = FixedKLController(kl.reward_coef)
     baseline = carried.get("reward_baseline", 0.0)
 
+    total, groups = scores["total"].tolist(), rollouts["prompt_index"].tolist()
+    sampled, sampling = [True] * len(rollouts), {}
+    if adv.dynamic_sampling:  # DAPO: drop the groups whose rewards are all equal, keep prompts_per_round of the rest
+        sampled, sampling = dynamic_sampling(total, groups, keep=params.rollout.prompts_per_round,
+                                             seed=params.round_seed(round_key, "advantages"))
+        if not any(sampled):
+            raise DataError(f"advantages.dynamic_sampling: every prompt group of rollouts/{round_key} has equal rewards, "
+                            "so nothing is left to train on; raise rollout.oversample or rollout.samples_per_prompt")
+    rows = [row for row, kept in enumerate(sampled) if kept]
+
+    def kept(column):
+        return [column[row] for row in rows]
+
     settings = advantage_settings(params)
     arrays, metrics = round_advantages(
-        rollouts["logprobs"].tolist(), rollouts["ref_logprobs"].tolist() if with_reference else None,
-        rollouts["values"].tolist(), scores["total"].tolist(), kl_coef=controller.value,
-        group_ids=rollouts["prompt_index"].tolist(), moving_baseline=baseline, **settings)
-    trained, selection = trained_responses(rollouts["ended_with_eos"].tolist(), mask_truncated=adv.mask_truncated)
+        kept(rollouts["logprobs"].tolist()), kept(rollouts["ref_logprobs"].tolist()) if with_reference else None,
+        kept(rollouts["values"].tolist()), kept(total), kl_coef=controller.value, group_ids=kept(groups),
+        moving_baseline=baseline, **settings)
+    arrays = expand_rows(arrays, rows, rollouts["logprobs"].map(len).tolist())  # dropped groups: zeros, untrained
+    trained, selection = trained_responses(rollouts["ended_with_eos"].tolist(), mask_truncated=adv.mask_truncated,
+                                           sampled=sampled)
     if not any(trained):
-        raise DataError(f"every response of rollouts/{round_key} hit rollout.max_new_tokens without EOS, so "
-                        "advantages.mask_truncated leaves nothing to train on; raise rollout.max_new_tokens or set "
-                        "advantages.mask_truncated: false")
+        raise DataError(f"every response of rollouts/{round_key} left for training hit rollout.max_new_tokens without "
+                        "EOS, so advantages.mask_truncated leaves nothing to train on; raise rollout.max_new_tokens or "
+                        "set advantages.mask_truncated: false")
     arrays["trained"] = trained  # optimize trains on these rows only
-    metrics.update(selection)
+    metrics.update(selection, **sampling)
     momentum = params.reinforce.baseline_momentum
     state = {
         "kl_coef": controller.update(metrics.get("kl_sequence_mean", 0.0), len(rollouts)),  # KL-free: β stays 0

@@ -26,7 +26,7 @@ def main(params, args):
     device = runtime.device
 
     train = read_parquet("prompts/train.parquet", ("prompt",))
-    indices = sample_prompt_indices(len(train), ro.prompts_per_round, seed)
+    indices = sample_prompt_indices(len(train), params.prompt_groups_per_round, seed)  # × rollout.oversample
     prompts = [train["prompt"].iloc[i] for i in indices]
 
     tokenizer = load_tokenizer(checkpoint_dir(start_from), params.trust_remote_code)

@@ -254,3 +254,21 @@ def test_reinforce_pp_advantages_by_hand():
     to_go = np.array([0.4, 0.5, -0.5, 0.0])
     whitened = (to_go - to_go.mean()) / np.sqrt(to_go.var(ddof=1) + 1e-8)
     np.testing.assert_allclose(np.concatenate(centred["advantages"]), whitened, atol=1e-5)
+
+
+def test_dynamic_sampling_drops_uniform_groups_and_keeps_a_seeded_choice_of_the_rest():
+    """Groups 0 and 2 score all alike (dropped); of the informative 1, 3 and 4, two are kept, chosen by the seed."""
+    from rlhf_core.advantages import dynamic_sampling
+
+    scores = [1.0, 1.0, 0.0, 1.0, 0.5, 0.5, 0.2, 0.3, 0.0, 1.0]
+    groups = [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    kept, metrics = dynamic_sampling(scores, groups, keep=2, seed=0)
+    kept_groups = {g for g, k in zip(groups, kept) if k}
+    assert len(kept_groups) == 2 and kept_groups <= {1, 3, 4}
+    assert all(kept[i] == kept[i + 1] for i in range(0, 10, 2))  # a group is kept whole
+    assert metrics == {"groups": 5, "groups_uniform": 2, "groups_surplus": 1, "groups_kept": 2, "groups_shortfall": 0}
+    choices = {frozenset(g for g, k in zip(groups, dynamic_sampling(scores, groups, keep=2, seed=seed)[0]) if k)
+               for seed in range(20)}
+    assert len(choices) == 3  # every pair of the three informative groups, depending on the seed
+    everything, short = dynamic_sampling(scores, groups, keep=5, seed=0)
+    assert {g for g, k in zip(groups, everything) if k} == {1, 3, 4} and short["groups_shortfall"] == 2

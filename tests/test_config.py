@@ -467,3 +467,13 @@ def test_rollout_correction_resolves_and_refuses_what_it_cannot_apply():
         params_from_dict({"rollout": {"record_sampler_logprobs": True}, "rollout_correction": {"mis_low": 0.8}})
     with pytest.raises(ConfigError, match=r"^rollout_correction.level = 'sequence': unused, the correction is 'none'"):
         params_from_dict({"rollout_correction": {"level": "sequence"}})
+
+
+def test_dynamic_sampling_needs_groups_and_oversample_needs_dynamic_sampling():
+    assert params_from_dict({"advantages": {"dynamic_sampling": True}, "rollout": {"oversample": 1.5}}
+                            ).prompt_groups_per_round == 96  # ceil(64 × 1.5)
+    with pytest.raises(ConfigError, match=r"^rollout.oversample = 2.0: refills the groups that "
+                                          r"advantages.dynamic_sampling drops, which is off"):
+        params_from_dict({"rollout": {"oversample": 2.0}})
+    with pytest.raises(ConfigError, match=r"^advantages.dynamic_sampling: rollout.samples_per_prompt = 1"):
+        params_from_dict({"advantages": {"dynamic_sampling": True}, "rollout": {"samples_per_prompt": 1}})

@@ -291,6 +291,32 @@ def test_rollout_correction_through_the_stages(tmp_path, tiny_checkpoint, monkey
         assert optimize_metrics["correction_weight_mean"] == pytest.approx(1 - optimize_metrics["correction_masked_fraction"])
 
 
+def test_dynamic_sampling_over_samples_and_trains_on_the_informative_groups(tmp_path, tiny_checkpoint, monkeypatch):
+    """rollout.oversample 2 generates 8 groups for prompts_per_round 4; advantages drops the groups whose rewards are
+    all equal (the tiny model's text is mostly neutral: VADER 0), keeps at most 4 of the others, and optimize steps
+    on their responses alone."""
+    from stages import advantages, optimize, prepare, rollout, score, sft
+
+    params = small_round_params(tmp_path, tiny_checkpoint, monkeypatch, advantages={"dynamic_sampling": True},
+                                rollout={"oversample": 2.0}, optim={"minibatch_size": 4, "micro_batch_size": 4})
+    for stage in (prepare, sft):
+        stage.main(params, argparse.Namespace())
+    for stage in (rollout, score, advantages, optimize):
+        stage.main(params, argparse.Namespace(round="r1"))
+    table = pd.read_parquet(tmp_path / "rollouts/r1/rollouts.parquet")
+    assert len(table) == 8 * 4  # 2 × 4 groups of 4 samples
+    totals = pd.read_parquet(tmp_path / "scores/r1/scores.parquet")["total"]
+    spread = totals.groupby(table["prompt_index"]).agg(lambda v: v.max() - v.min())
+    trained = pd.read_parquet(tmp_path / "advantages/r1/advantages.parquet")["trained"]
+    kept = set(table["prompt_index"][trained.to_numpy()])
+    metrics = json.loads((tmp_path / "metrics/r1/advantages.json").read_text())
+    assert metrics["groups"] == 8 and metrics["groups_uniform"] == int((spread <= 1e-8).sum()) >= 1
+    assert metrics["groups_kept"] == len(kept) == min(4, 8 - metrics["groups_uniform"]) > 0
+    assert all(spread[group] > 1e-8 for group in kept)
+    steps = json.loads((tmp_path / "metrics/r1/optimize.json").read_text())["planned_steps"]
+    assert steps == -(-4 * len(kept) // 4)  # one epoch, 4 responses a step
+
+
 def test_sft_fine_tunes_a_local_hf_model_on_file_demonstrations(tmp_path, tiny_checkpoint, monkeypatch):
     """sft.model = a local HF directory with sft.epochs > 0: the snapshot is a fine-tuned copy."""
     from safetensors.torch import load_file
