@@ -180,6 +180,25 @@ def dynamic_sampling(scores, group_ids, *, keep: int, seed: int, tolerance: floa
         "groups_kept": len(kept), "groups_shortfall": max(0, keep - len(kept))}
 
 
+def gdpo_advantages(components: torch.Tensor, weights, group_ids: torch.Tensor, scale_by_std: bool,
+                    eps: float) -> torch.Tensor:
+    """GDPO (group reward-decoupled normalisation, arXiv 2601.05242): normalise each reward component within the
+    prompt's group before combining, then normalise the sum over the batch,
+
+        A_k,i = (c_k,i − mean_g c_k) / (std_g c_k + ε)          (no std: c_k,i − mean_g c_k)
+        Â_i   = (Σ_k w_k A_k,i − mean_B) / (std_B + ε)
+
+    so a component whose scale or spread differs (a 0/1 correctness and a ±0.1 length term) keeps its own say, and
+    two responses with different component profiles but equal weighted sums do not get equal advantages.
+    components: [B, K]; weights: K; group_ids: [B] -> [B].
+    """
+    per_component = torch.stack([group_normalize(components[:, k], group_ids, scale_by_std, eps)
+                                 for k in range(components.shape[1])], dim=1)
+    combined = per_component @ torch.as_tensor(list(weights), dtype=components.dtype)
+    std = combined.std(unbiased=True) if combined.numel() > 1 else combined.new_tensor(0.0)
+    return (combined - combined.mean()) / (std + eps)
+
+
 ESTIMATORS = ("gae", "reinforce", "grpo", "rloo", "reinforce_pp")
 
 
@@ -212,7 +231,7 @@ def round_advantages(logprobs, ref_logprobs, values, scores, *, kl_coef: float, 
                      lam: float, whiten_rewards: bool, whiten_advantages: bool, estimator: str = "gae",
                      group_ids=None, return_type: str = "sequence", baseline: str = "none",
                      moving_baseline: float = 0.0, scale_by_std: bool = True, eps: float = 1e-6,
-                     group_baseline: bool = False) -> tuple[dict, dict]:
+                     group_baseline: bool = False, components=None, component_weights=None) -> tuple[dict, dict]:
     """The advantages step of one round, on ragged per-response arrays.
 
     logprobs, ref_logprobs, values: lists of [T_i] arrays (ref_logprobs None in the KL-free mode: no KL, and no KL
@@ -223,7 +242,9 @@ def round_advantages(logprobs, ref_logprobs, values, scores, *, kl_coef: float, 
         reinforce  A_t = G − b, with G the sequence return Σ_t γ^t r_t or the reward-to-go G_t, and b
                    none (0), the moving average of past mean returns, or the leave-one-out group mean
         rloo       A_i = G_i − mean_{j≠i in the prompt's group} G_j, for every token of response i
-        grpo       A_i = (s_i − mean_g s) / (std_g s + ε) from the scores alone, for every token of i
+        grpo       A_i = (s_i − mean_g s) / (std_g s + ε) from the scores alone, for every token of i; with
+                   ``components`` [B, K] and their weights: GDPO's per-component normalisation instead
+                   (``gdpo_advantages``)
         reinforce_pp  A_t = whiten over the batch of G_t, the reward-to-go (REINFORCE++); with group_baseline each
                    score first loses its prompt group's mean score (REINFORCE++-baseline)
 
@@ -234,6 +255,8 @@ def round_advantages(logprobs, ref_logprobs, values, scores, *, kl_coef: float, 
 
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown advantage estimator {estimator!r}")
+    if components is not None and estimator != "grpo":
+        raise ValueError(f"per-component (GDPO) normalisation is grpo's, not the {estimator!r} estimator's")
     logprobs_t, mask = pad_sequences(logprobs)
     with_reference = ref_logprobs is not None
     if not with_reference and kl_coef != 0.0:
@@ -262,6 +285,10 @@ def round_advantages(logprobs, ref_logprobs, values, scores, *, kl_coef: float, 
         returns = to_go
         if estimator == "reinforce_pp":
             advantages = masked_whiten(to_go, mask, shift_mean=True)
+        elif estimator == "grpo" and components is not None:
+            per_sequence = gdpo_advantages(torch.as_tensor(components, dtype=torch.float32), component_weights, groups,
+                                           scale_by_std, eps)
+            advantages = per_sequence.unsqueeze(-1) * mask
         elif estimator == "grpo":
             per_sequence = group_normalize(scores_t, groups, scale_by_std, eps)
             advantages = per_sequence.unsqueeze(-1) * mask

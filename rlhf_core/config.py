@@ -351,6 +351,10 @@ class TRPOParams(Section):
 class GRPOParams(Section):
     scale_by_std: StrictBool = param(True, "divide group-centred rewards by the group's std (false = Dr. GRPO)")
     eps: Float = param(1e-6, "ε in (r − mean) / (std + ε)", gt=0.0)
+    normalize: Literal["total", "components"] = param(
+        "total", "what is normalised within the prompt's group: the weighted total of score.scorers, or each weighted "
+        "component on its own before they are summed and the sum is normalised over the batch (GDPO, for several "
+        "reward components; the scorers' own normalize and clip must then be none and null)")
 
 
 class RolloutCorrectionParams(Section):
@@ -490,6 +494,15 @@ class Params(Section):
         if group_based and self.rollout.samples_per_prompt < 2:
             raise ConfigError(f"rollout.samples_per_prompt = {self.rollout.samples_per_prompt}: {self.algorithm.name} compares "
                               "the samples of a prompt and needs at least 2")
+        if self.grpo.normalize == "components":
+            if self.algorithm.name not in GROUP_ADVANTAGES:
+                raise ConfigError(f"grpo.normalize = 'components': algorithm.name = {self.algorithm.name!r} has no group-"
+                                  f"normalised advantages ({', '.join(GROUP_ADVANTAGES)} do); set it to total")
+            for index, scorer in enumerate(self.score.scorers):
+                if scorer.weight != 0 and (scorer.normalize != "none" or scorer.clip is not None):
+                    raise ConfigError(f"score.scorers[{index}] ({scorer.name}): normalize = {scorer.normalize!r}, clip = "
+                                      f"{_yaml_scalar(scorer.clip)}: grpo.normalize = 'components' normalises each "
+                                      "component within its group itself; set normalize: none and clip: null")
         if self.advantages.dynamic_sampling and self.rollout.samples_per_prompt < 2:
             raise ConfigError(f"advantages.dynamic_sampling: rollout.samples_per_prompt = {self.rollout.samples_per_prompt}; "
                               "a group of one response never varies, set it to at least 2")

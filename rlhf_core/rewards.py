@@ -42,6 +42,17 @@ def python_scores(function: str, prompts: list[str], responses: list[str], metad
     return list(scorer(prompts, responses, metadata))
 
 
+def weighted_components(scorers, missing_eos_penalty: float) -> tuple[list[str], list[float]]:
+    """The scores table's columns that make up the total, and their weights: every scorer with a weight (weight 0
+    only monitors), and the EOS penalty (weight 1) when there is one.  GDPO normalises each of them on its own."""
+    names = [scorer.name for scorer in scorers if scorer.weight != 0]
+    weights = [scorer.weight for scorer in scorers if scorer.weight != 0]
+    if missing_eos_penalty > 0:
+        names.append("eos_penalty")
+        weights.append(1.0)
+    return names, weights
+
+
 def missing_eos_penalties(ended_with_eos: list[bool], penalty: float) -> list[float]:
     """−penalty for each response that ran out of tokens before EOS, 0 otherwise."""
     return [0.0 if ended else -penalty for ended in ended_with_eos]

@@ -12,12 +12,16 @@ def main(params, args):
     from rlhf_core.advantages import (advantage_settings, dynamic_sampling, expand_rows, round_advantages,
                                       trained_responses)
     from rlhf_core.kl import AdaptiveKLController, FixedKLController
+    from rlhf_core.rewards import weighted_components
 
     adv, kl, round_key = params.advantages, params.kl, args.round
     with_reference = params.uses_reference  # KL-free: the rollout stored no ref_logprobs
     rollouts = read_parquet(f"rollouts/{round_key}/rollouts.parquet", ("prompt_index", "logprobs", "values", "ended_with_eos")
                             + (("ref_logprobs",) if with_reference else ()))
-    scores = read_parquet(f"scores/{round_key}/scores.parquet", ("total",))
+    # GDPO (grpo.normalize: components) normalises each weighted reward component, not the total
+    names, weights = weighted_components(params.score.scorers, params.score.missing_eos_penalty)
+    per_component = params.grpo.normalize == "components"
+    scores = read_parquet(f"scores/{round_key}/scores.parquet", ("total", *(names if per_component else ())))
     if len(scores) != len(rollouts):
         raise DataError(f"scores/{round_key} has {len(scores)} rows for {len(rollouts)} rollouts; re-run score@{round_key}")
 
@@ -47,7 +51,8 @@ def main(params, args):
     arrays, metrics = round_advantages(
         kept(rollouts["logprobs"].tolist()), kept(rollouts["ref_logprobs"].tolist()) if with_reference else None,
         kept(rollouts["values"].tolist()), kept(total), kl_coef=controller.value, group_ids=kept(groups),
-        moving_baseline=baseline, **settings)
+        moving_baseline=baseline, **settings,
+        **({"components": kept(scores[names].to_numpy().tolist()), "component_weights": weights} if per_component else {}))
     arrays = expand_rows(arrays, rows, rollouts["logprobs"].map(len).tolist())  # dropped groups: zeros, untrained
     trained, selection = trained_responses(rollouts["ended_with_eos"].tolist(), mask_truncated=adv.mask_truncated,
                                            sampled=sampled)

@@ -272,3 +272,24 @@ def test_dynamic_sampling_drops_uniform_groups_and_keeps_a_seeded_choice_of_the_
     assert len(choices) == 3  # every pair of the three informative groups, depending on the seed
     everything, short = dynamic_sampling(scores, groups, keep=5, seed=0)
     assert {g for g, k in zip(groups, everything) if k} == {1, 3, 4} and short["groups_shortfall"] == 2
+
+
+def test_gdpo_normalises_each_component_within_its_group_then_the_sum_over_the_batch():
+    """Two groups of two; c1 is a 0/1 correctness, c2 a small length term, weights 1 and 1.
+    c1: group 0 [1, 0] → [+1/√2, −1/√2]; group 1 [1, 1] → [0, 0].  c2: group 0 [0.1, 0.3] → [−1/√2, +1/√2];
+    group 1 [0.2, 0.0] → [+1/√2, −1/√2].  Sums [0, 0, 1/√2, −1/√2]; over the batch (std √(1/3)): [0, 0, ±√1.5].
+    GRPO on the total (1.1, 0.3 | 1.2, 1.0) instead gives ±1/√2 in both groups: the small length term is drowned."""
+    from rlhf_core.advantages import gdpo_advantages, group_normalize
+
+    components = torch.tensor([[1.0, 0.1], [0.0, 0.3], [1.0, 0.2], [1.0, 0.0]])
+    groups = torch.tensor([0, 0, 1, 1])
+    gdpo = gdpo_advantages(components, [1.0, 1.0], groups, scale_by_std=True, eps=1e-6)
+    assert torch.allclose(gdpo, torch.tensor([0.0, 0.0, 1.5 ** 0.5, -(1.5 ** 0.5)]), atol=1e-4)
+    grpo = group_normalize(components.sum(1), groups, scale_by_std=True, eps=1e-6)
+    assert torch.allclose(grpo, torch.tensor([1, -1, 1, -1]) / 2 ** 0.5, atol=1e-4)
+    logprobs = [np.zeros(2, dtype=np.float32)] * 4
+    out, _ = round_advantages(logprobs, logprobs, logprobs, components.sum(1).tolist(), kl_coef=0.0, kl_estimator="k1",
+                              gamma=1.0, lam=1.0, whiten_rewards=False, whiten_advantages=False, estimator="grpo",
+                              group_ids=[0, 0, 1, 1], components=components.tolist(), component_weights=[1.0, 1.0])
+    np.testing.assert_allclose([a[0] for a in out["advantages"]], gdpo.numpy(), atol=1e-6)
+    np.testing.assert_allclose(out["advantages"][2], [1.5 ** 0.5] * 2, atol=1e-4)  # every token of the response

@@ -477,3 +477,14 @@ def test_dynamic_sampling_needs_groups_and_oversample_needs_dynamic_sampling():
         params_from_dict({"rollout": {"oversample": 2.0}})
     with pytest.raises(ConfigError, match=r"^advantages.dynamic_sampling: rollout.samples_per_prompt = 1"):
         params_from_dict({"advantages": {"dynamic_sampling": True}, "rollout": {"samples_per_prompt": 1}})
+
+
+def test_gdpo_needs_group_advantages_and_raw_components():
+    grpo = {"algorithm": {"name": "grpo"}, "kl": {"reward_coef": 0}}
+    assert params_from_dict({**grpo, "grpo": {"normalize": "components"}}).grpo.normalize == "components"
+    with pytest.raises(ConfigError, match=r"^grpo.normalize = 'components': algorithm.name = 'ppo' has no group-"):
+        params_from_dict({"grpo": {"normalize": "components"}})
+    scorers = [{"name": "task", "kind": "task", "normalize": "running"}]
+    with pytest.raises(ConfigError, match=r"^score.scorers\[0\] \(task\): normalize = 'running', clip = null: "
+                                          r"grpo.normalize = 'components' normalises each component"):
+        params_from_dict({**grpo, "grpo": {"normalize": "components"}, "score": {"scorers": scorers}})

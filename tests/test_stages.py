@@ -317,6 +317,29 @@ def test_dynamic_sampling_over_samples_and_trains_on_the_informative_groups(tmp_
     assert steps == -(-4 * len(kept) // 4)  # one epoch, 4 responses a step
 
 
+def test_gdpo_advantages_come_from_the_score_components(tmp_path, tiny_checkpoint, monkeypatch):
+    """grpo.normalize: components with two weighted scorers: the advantages stage reads each component column of
+    scores/<round> and its weight, and every response's advantage is GDPO's (not GRPO's on the total)."""
+    from rlhf_core.advantages import gdpo_advantages, group_normalize
+    from stages import advantages, prepare, rollout, score, sft
+
+    scorers = [{"name": "task", "kind": "task"}, {"name": "brevity", "kind": "length", "target_length": 3, "weight": 0.5}]
+    params = small_round_params(tmp_path, tiny_checkpoint, monkeypatch, algorithm={"name": "grpo"},
+                                kl={"reward_coef": 0.0}, grpo={"normalize": "components"}, score={"scorers": scorers})
+    for stage in (prepare, sft):
+        stage.main(params, argparse.Namespace())
+    for stage in (rollout, score, advantages):
+        stage.main(params, argparse.Namespace(round="r1"))
+    table = pd.read_parquet(tmp_path / "scores/r1/scores.parquet")
+    groups = torch.tensor(pd.read_parquet(tmp_path / "rollouts/r1/rollouts.parquet")["prompt_index"].to_numpy())
+    components = torch.tensor(table[["task", "brevity"]].to_numpy(), dtype=torch.float32)
+    expected = gdpo_advantages(components, [1.0, 0.5], groups, scale_by_std=True, eps=params.grpo.eps)
+    got = torch.tensor([a[0] for a in pd.read_parquet(tmp_path / "advantages/r1/advantages.parquet")["advantages"]])
+    assert torch.allclose(got, expected, atol=1e-5)
+    grpo = group_normalize(torch.tensor(table["total"].to_numpy(), dtype=torch.float32), groups, True, params.grpo.eps)
+    assert (got - grpo).abs().max() > 0.1
+
+
 def test_sft_fine_tunes_a_local_hf_model_on_file_demonstrations(tmp_path, tiny_checkpoint, monkeypatch):
     """sft.model = a local HF directory with sft.epochs > 0: the snapshot is a fine-tuned copy."""
     from safetensors.torch import load_file
