@@ -1,22 +1,19 @@
-"""Every optimizer reaches the known optimum of a synthetic token-level task.
+"""Every optimizer reaches, and holds, the known optimum of a synthetic token-level task.
 
 Task: vocabulary of 8 tokens (0 = pad, 1 = EOS, 2..7 ordinary), 4 one-token prompts, horizon 3.
 The score of a response is the fraction of the 3 positions that carry the target pattern
 TARGET = [5, 6, 7] (a response that stops early scores the positions it has).  The optimal policy
 emits TARGET deterministically and its return is exactly 1.0; a uniformly random policy returns
-about 1/8.  Every algorithm starts from a randomly initialised Llama and must reach at least
-90% of the optimum within its stated number of rounds (each round: 128 responses, then the
-algorithm's updates on them).  There is no KL anchor to a reference here, so after reaching the
-optimum some methods wander (whitened advantages amplify noise once nearly every sample scores 1);
-the test therefore checks the first round at which the return reaches 90%, as the budget says.
+about 1/8.  Every algorithm starts from a randomly initialised Llama and runs its stated number of rounds
+(each round: 128 responses, then the algorithm's updates on them).
 
-One trajectory is chaotic: a float-level change (thread count, SIMD kernel, batch layout) can move the
-round at which it first reaches 90% by several rounds, or tip it into a local optimum.  So each case
-runs from up to five independent starts (the initial weights and the rollout's sampling seeds both
-differ) and passes when three of them reach 90% within the budget; it stops as soon as that is
-decided, so a healthy case costs three starts.  Budgets have headroom: where they were tuned (2-core
-AMD EPYC, torch 2.13 CPU), the median start reached 90% by about 70% of its budget or earlier, under
-one and two threads and the AVX512 and AVX2 kernels (the comments by CASES give the numbers).
+What passes: over five independent starts (the initial weights and the rollout's sampling seeds both differ), the
+mean of each start's return over its final FINAL_ROUNDS rounds, averaged over the starts, is at least 90% of the
+optimum.  Not "any round reached 90%": a method that touches the optimum and then wanders off fails.  There is
+no KL anchor to a reference here, and once nearly every sample scores 1, whitened advantages amplify noise, so
+the settings of each case (below, with what they gave when they were tuned) are those under which the method
+also stays there.  One trajectory is chaotic (a float-level change such as the thread count or the SIMD kernel
+can tip it into a local optimum); the mean over five starts is not.
 """
 
 from __future__ import annotations
@@ -26,11 +23,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhf_core.advantages import estimator_for, round_advantages
+from rlhf_core.advantages import advantage_settings, round_advantages
 from rlhf_core.algorithms import get_algorithm
 from rlhf_core.algorithms.common import Experience
 from rlhf_core.config import (AdvantagesParams, AlgorithmParams, GRPOParams, KLParams, OptimParams, Params, PPOParams,
-                              RLOOParams, ReinforceParams, TRPOParams, replace)
+                              ReinforcePPParams, RLOOParams, ReinforceParams, TRPOParams, replace)
 from rlhf_core.models import ActorCritic, ValueHead, disable_dropout, seed_everything
 from rlhf_core.rollout import generate_samples, record_token_stats
 
@@ -46,7 +43,7 @@ def score(response_ids: list[int]) -> float:
 
 
 SEEDS = (0, 1, 2, 3, 4)
-REQUIRED = 3  # of the len(SEEDS) starts must reach 90% within the budget (a majority)
+FINAL_ROUNDS = 3  # the return after the last update and after the two before it
 
 
 def initial_model(seed: int) -> ActorCritic:
@@ -61,13 +58,11 @@ def initial_model(seed: int) -> ActorCritic:
     return ActorCritic(policy, ValueHead(32))
 
 
-def run_rounds(model, params: Params, rounds: int, samples_per_prompt: int = 32, *, seed: int = 0,
-               stop_at: float | None = None) -> list[float]:
+def run_rounds(model, params: Params, rounds: int, samples_per_prompt: int = 32, *, seed: int = 0) -> list[float]:
     """rollout → score → advantages → optimize, in process, for ``rounds`` rounds; mean return per round
     (``rounds`` + 1 values: before each update and after the last).  Round k samples with seed
-    ``seed * 1000 + k``.  ``stop_at``: stop early once a round's mean return reaches it."""
+    ``seed * 1000 + k``."""
     train = get_algorithm(params.algorithm.name)
-    estimator = estimator_for(params.algorithm.name, params.reinforce.baseline)
     history, baseline = [], 0.0
     for round_number in range(rounds + 1):
         samples = generate_samples(model.policy, TOKENIZER, PROMPTS, samples_per_prompt=samples_per_prompt,
@@ -75,18 +70,13 @@ def run_rounds(model, params: Params, rounds: int, samples_per_prompt: int = 32,
                                    seed=seed * 1000 + round_number, device=CPU)
         scores = [score(s.response_ids) for s in samples]
         history.append(sum(scores) / len(scores))
-        if round_number == rounds or (stop_at is not None and history[-1] >= stop_at):
+        if round_number == rounds:
             break
         stats = record_token_stats(model, None, samples, pad_id=0, temperature=1.0, batch_size=128, device=CPU,
                                    reference_is_policy=True)
-        adv = params.advantages
         arrays, metrics = round_advantages(
             stats["logprobs"], stats["ref_logprobs"], stats["values"], scores, kl_coef=params.kl.reward_coef,
-            kl_estimator=params.kl.reward_estimator, gamma=adv.gamma, lam=adv.lam, whiten_rewards=adv.whiten_rewards,
-            whiten_advantages=adv.whiten_advantages, estimator=estimator,
-            group_ids=[s.prompt_index for s in samples], return_type=params.reinforce.return_type,
-            baseline=params.reinforce.baseline, moving_baseline=baseline, scale_by_std=params.grpo.scale_by_std,
-            eps=params.grpo.eps)
+            group_ids=[s.prompt_index for s in samples], moving_baseline=baseline, **advantage_settings(params))
         momentum = params.reinforce.baseline_momentum
         baseline = momentum * baseline + (1 - momentum) * metrics["return_sequence_mean"]
         experience = Experience([s.prompt_ids for s in samples], [s.response_ids for s in samples],
@@ -104,54 +94,81 @@ BASE = replace(Params(), advantages=replace(AdvantagesParams(), gamma=1.0, lam=0
                ppo=replace(PPOParams(), target_kl=None))
 ONE_PASS = replace(BASE.optim, minibatch_size=16, micro_batch_size=16)  # reinforce, a2c, rloo: 8 steps per round
 
-# (label, params, budget): the stated number of rounds within which the return must reach 90%.  The comment
-# after each case: the median and the slowest first round at 90%, measured when the budget was set over
-# seeds 0–9 under each of 1 thread + AVX512, 2 threads + AVX512 and 1 thread + AVX2 (30 runs), or as noted.
-# The leave-one-out REINFORCE cases use lr 1.5e-3: at 2e-3 approx-KL reached 1–7 per round and the policy
-# could collapse onto a deterministic two-of-three answer, where every leave-one-out advantage is 0 and
-# learning stops.  The moving-average case collapsed there too at lr 5e-3 (2 of 30 starts with AVX512,
-# 2 of 10 with AVX2); at lr 3e-3 with a small entropy bonus it gets out.  npg steps a fixed KL (no line
-# search), so near the optimum it keeps moving by max_kl and hovers below it: with four steps of 0.1 per
-# round 2 of 5 starts never reached 90%; two steps get there.  trpo's four steps of 0.1 took 5 to 16
-# rounds over 10 starts; two: 6 to 11.  a2c at lr 2e-3 or 3e-3 collapsed in 7 and 9 of 12 starts.
+# The stabilisers.  Near the optimum a round's advantages are mostly noise (ppo/a2c: whitened critic residuals, unit
+# scale even when every sample scores 1), and the gradient of a near-certain token is tiny (∝ 1 − π); a fresh AdamW
+# each round (ε 1e-5) still takes lr-sized steps on it, so the policy was kicked off the optimum every few rounds.
+# Lower lr / fewer epochs / target_kl shrank the climb as much as the kicks (ppo at lr 1e-3, 2 epochs: 0.89–0.96).
+# AdamW ε = 0.1 makes small gradients take small steps (momentum SGD near the optimum), so the policy stays there;
+# lr 2e-2 (clipped objectives) or 1.5e-2 (unclipped one-pass ones) keeps the climb fast; cispo's unclipped gradient
+# and a2c's (no clip, whitened advantages) collapsed into a deterministic partial answer at those, hence 1e-2 and
+# 5e-3.  vf_coef 1.0 (ppo, a2c): a closer critic, so its residuals do not drown the informative samples.
+# trpo/npg step a fixed KL whatever the gradient's size and hovered about 0.9 at any max_kl; cg_damping 3 and a
+# faster critic (critic_lr 3e-2, 8 epochs) fixed trpo.  npg has no line search: near a deterministic policy its
+# full step overshoots the quadratic model's KL (0.10 and 0.24 measured for δ 0.05) and knocks the return down by
+# 0.1–0.4 every few rounds, at any δ 0.01–0.05, 1–4 steps, cg_damping 1–10 tried; its mean over five starts varies
+# with float details (0.87–0.97), so it keeps the least margin.  Small steps (δ 0.01 × 4; cg_iters 4 to pay for
+# them) varied least.
+STEADY = replace(BASE.optim, adam_eps=0.1, lr=2e-2, epochs=2, vf_coef=1.0)  # clipped objectives: 8 steps per round
+STEADY_ONE_PASS = replace(ONE_PASS, adam_eps=0.1, lr=1.5e-2, vf_coef=1.0)  # reinforce, a2c, rloo's plain objective
+TRUST_REGION = replace(TRPOParams(), max_kl=0.05, steps=2, cg_damping=3.0, critic_lr=3e-2, critic_epochs=8)
+
+# (label, params, rounds).  After each case: the mean over seeds 0–4 of each start's return over its final
+# FINAL_ROUNDS rounds (the smallest in brackets) with 1 thread and AVX2 kernels (the test's conditions), then the
+# mean with 2 threads and the native (AVX512) kernels, and where measured over seeds 0–9.
 CASES = [
     ("reinforce/moving-average", replace(BASE, algorithm=AlgorithmParams(name="reinforce"),
-                                         optim=replace(ONE_PASS, lr=3e-3, ent_coef=0.01),
+                                         optim=replace(STEADY_ONE_PASS, ent_coef=0.01),
                                          reinforce=ReinforceParams(return_type="sequence", baseline="moving_average",
                                                                    baseline_momentum=0.5)),
-     18),  # 11, 24: seeds 0–19 × AVX512, AVX2 and no-SIMD kernels, 1 of 60 past 18
+     22),  # mean 0.979 (min 0.964) over seeds 0-4; 2 threads + native kernels: 0.979; seeds 0-9: 0.979 (0.964)
     ("reinforce/reward-to-go/leave-one-out", replace(BASE, algorithm=AlgorithmParams(name="reinforce"),
-                                                     optim=replace(ONE_PASS, lr=1.5e-3),
+                                                     optim=STEADY_ONE_PASS,
                                                      reinforce=ReinforceParams(return_type="reward_to_go",
                                                                                baseline="leave_one_out")),
-     26),  # 17, 20 (and 24 over seeds 10–29)
-    ("a2c", replace(BASE, algorithm=AlgorithmParams(name="a2c"), optim=replace(ONE_PASS, lr=1e-3)), 40),  # 26, 39; 1 never
-    ("ppo", replace(BASE, algorithm=AlgorithmParams(name="ppo")), 15),  # 9, 12
+     22),  # mean 0.984 (min 0.974) over seeds 0-4; 2 threads + native kernels: 0.984; seeds 0-9: 0.983 (0.974)
+    ("a2c", replace(BASE, algorithm=AlgorithmParams(name="a2c"), optim=replace(STEADY_ONE_PASS, lr=5e-3)), 28),
+    # mean 0.979 (min 0.971) over seeds 0-4; 2 threads + native kernels: 0.979; seeds 0-9: 0.981 (0.971)
+    ("ppo", replace(BASE, algorithm=AlgorithmParams(name="ppo"), optim=STEADY), 18),
+    # mean 0.986 (min 0.956) over seeds 0-4; 2 threads + native kernels: 0.986; seeds 0-9: 0.989 (0.956)
     ("ppo/dual-clip/seq-ratio/seq-mean", replace(BASE, algorithm=AlgorithmParams(name="ppo"), ppo=replace(
-        BASE.ppo, dual_clip=3.0, ratio_level="sequence"), optim=replace(BASE.optim, loss_aggregation="seq_mean_token_mean")),
-     15),  # 7, 9
-    ("trpo", replace(BASE, algorithm=AlgorithmParams(name="trpo"), trpo=replace(TRPOParams(), max_kl=0.1, steps=2)),
-     14),  # 8, 11
-    ("npg", replace(BASE, algorithm=AlgorithmParams(name="npg"), trpo=replace(TRPOParams(), max_kl=0.1, steps=2)),
-     16),  # 8, 12 (and over seeds 0–29 with AVX512: 16, and 1 never)
-    ("grpo", replace(BASE, algorithm=AlgorithmParams(name="grpo")), 16),  # 10, 12
-    ("grpo/dr-grpo", replace(BASE, algorithm=AlgorithmParams(name="grpo"),
-                             grpo=replace(GRPOParams(), scale_by_std=False)), 16),  # 10.5, 11
-    ("rloo/reinforce", replace(BASE, algorithm=AlgorithmParams(name="rloo"), optim=replace(ONE_PASS, lr=1.5e-3)),
-     26),  # 17, 20: the same estimator as the leave-one-out REINFORCE case
-    ("rloo/clipped", replace(BASE, algorithm=AlgorithmParams(name="rloo"), rloo=RLOOParams(objective="clipped")), 16),  # 10, 11
+        BASE.ppo, dual_clip=3.0, ratio_level="sequence"), optim=replace(STEADY, loss_aggregation="seq_mean_token_mean")),
+     18),  # mean 0.996 (min 0.993) over seeds 0-4; 2 threads + native kernels: 0.996; seeds 0-9: 0.995 (0.988)
+    ("trpo", replace(BASE, algorithm=AlgorithmParams(name="trpo"), trpo=TRUST_REGION), 14),
+    # mean 0.980 (min 0.967) over seeds 0-4; 2 threads + native kernels: 0.977; seeds 0-9: 0.975 (0.957)
+    ("npg", replace(BASE, algorithm=AlgorithmParams(name="npg"),
+                    trpo=replace(TRUST_REGION, max_kl=0.01, steps=4, cg_iters=4)), 20),
+    # mean 0.928 (min 0.899) over seeds 0-4; 2 threads + native kernels: 0.881 (min 0.758); seeds 0-9: 0.929 (0.899)
+    ("grpo", replace(BASE, algorithm=AlgorithmParams(name="grpo"), optim=STEADY), 16),
+    # mean 0.989 (min 0.984) over seeds 0-4; 2 threads + native kernels: 0.989; seeds 0-9: 0.989 (0.977)
+    ("grpo/dr-grpo", replace(BASE, algorithm=AlgorithmParams(name="grpo"), optim=STEADY,
+                             grpo=replace(GRPOParams(), scale_by_std=False)), 18),
+    # mean 0.971 (min 0.964) over seeds 0-4; 2 threads + native kernels: 0.971; seeds 0-9: 0.973 (0.964)
+    ("rloo/reinforce", replace(BASE, algorithm=AlgorithmParams(name="rloo"), optim=STEADY_ONE_PASS), 22),
+    # mean 0.984 (min 0.974) over seeds 0-4; 2 threads + native kernels: 0.984; seeds 0-9: 0.983 (0.974): the same
+    # estimator as the leave-one-out REINFORCE case, and the same returns
+    ("rloo/clipped", replace(BASE, algorithm=AlgorithmParams(name="rloo"), optim=STEADY,
+                             rloo=RLOOParams(objective="clipped")), 18),
+    # mean 0.973 (min 0.969) over seeds 0-4; 2 threads + native kernels: 0.973; seeds 0-9: 0.974 (0.966)
+    ("cispo", replace(BASE, algorithm=AlgorithmParams(name="cispo"), optim=replace(STEADY, lr=1e-2)), 16),
+    # mean 0.984 (min 0.974) over seeds 0-4; 2 threads + native kernels: 0.984; seeds 0-9: 0.987 (0.974)
+    ("sapo", replace(BASE, algorithm=AlgorithmParams(name="sapo"), optim=STEADY), 16),
+    # mean 0.996 (min 0.985) over seeds 0-4; 2 threads + native kernels: 0.996; seeds 0-9: 0.995 (0.985)
+    ("reinforce_pp", replace(BASE, algorithm=AlgorithmParams(name="reinforce_pp"), optim=STEADY), 16),
+    # mean 0.988 (min 0.973) over seeds 0-4; 2 threads + native kernels: 0.988; seeds 0-9: 0.988 (0.970)
+    ("reinforce_pp/group-mean", replace(BASE, algorithm=AlgorithmParams(name="reinforce_pp"), optim=STEADY,
+                                        reinforce_pp=ReinforcePPParams(baseline="group_mean")), 18),
+    # mean 0.993 (min 0.989) over seeds 0-4; 2 threads + native kernels: 0.993; seeds 0-9: 0.988 (0.955)
 ]
 
 
 @pytest.mark.parametrize(("label", "params", "rounds"), CASES, ids=[c[0] for c in CASES])
-def test_reaches_ninety_percent_of_the_optimum(label, params, rounds):
-    histories = {}
+def test_reaches_and_holds_ninety_percent_of_the_optimum(label, params, rounds):
+    finals, histories = [], {}
     for seed in SEEDS:
-        history = run_rounds(initial_model(seed), params, rounds, seed=seed, stop_at=0.9 * OPTIMAL_RETURN)
+        history = run_rounds(initial_model(seed), params, rounds, seed=seed)
         assert history[0] < 0.3, (label, seed, history)  # each random start is far from the optimum
         histories[seed] = [round(h, 3) for h in history]
-        reached = sum(max(h) >= 0.9 * OPTIMAL_RETURN for h in histories.values())
-        if reached >= REQUIRED or reached + len(SEEDS) - len(histories) < REQUIRED:
-            break  # decided: enough starts reached it, or too few are left to
-    assert reached >= REQUIRED, (label, f"{reached} of {len(histories)} starts reached 90% within {rounds} rounds",
-                                 histories)
+        finals.append(sum(history[-FINAL_ROUNDS:]) / FINAL_ROUNDS)
+    mean = sum(finals) / len(finals)
+    assert mean >= 0.9 * OPTIMAL_RETURN, (label, f"the mean return of the final {FINAL_ROUNDS} rounds over "
+                                          f"{len(SEEDS)} starts is {mean:.3f} after {rounds} rounds", histories)
