@@ -21,10 +21,11 @@ from common import REPO, copy_repo, dvc_executable, machine, round_keys, run, st
 
 from rlhf_core.docs import render_algorithms
 
-ALGORITHMS = ("ppo", "reinforce", "a2c", "trpo", "npg", "grpo", "rloo")
-# What an algorithm needs besides its name: grpo puts no KL in the reward, and weighs a k3 KL loss term at 0.04
-# (the paper's value, and the one the committed results used).
-ALGORITHM_SETTINGS = {"grpo": ("kl.reward_coef=0", "kl.loss_coef=0.04")}
+ALGORITHMS = ("ppo", "reinforce", "a2c", "trpo", "npg", "grpo", "rloo", "cispo", "sapo", "reinforce_pp")
+# What an algorithm needs besides its name: grpo, cispo and sapo (grpo's group-normalised advantages) put no KL in
+# the reward, and weigh a k3 KL loss term at 0.04 (GRPO's paper); the others keep the default kl.reward_coef.
+GROUP_KL = ("kl.reward_coef=0", "kl.loss_coef=0.04")
+ALGORITHM_SETTINGS = {"grpo": GROUP_KL, "cispo": GROUP_KL, "sapo": GROUP_KL}
 
 
 def main() -> None:
@@ -52,7 +53,8 @@ def main() -> None:
             rounds = round_keys(evaluation)
             final = evaluation[rounds[-1]]
             results.append({
-                "algorithm": name, "final_round": rounds[-1], "sft_reward": evaluation["sft"]["reward"],
+                "algorithm": name, "settings": list(ALGORITHM_SETTINGS.get(name, ())),
+                "final_round": rounds[-1], "sft_reward": evaluation["sft"]["reward"],
                 "final_reward": final["reward"], "reward_gain": final["reward"] - evaluation["sft"]["reward"],
                 "final_kl": final["kl"], "final_distinct_2": final["distinct_2"],
                 "wall_seconds": round(wall, 1), "optimize_seconds": round(sum(
