@@ -156,22 +156,24 @@ def expand_rows(arrays: dict[str, list], rows: list[int], lengths: list[int]) ->
     return expanded
 
 
-def dynamic_sampling(scores, group_ids, *, keep: int, seed: int, tolerance: float = 1e-8) -> tuple[list[bool], dict]:
-    """DAPO's dynamic sampling (Yu et al. 2025): a prompt group whose rewards are all equal (max − min ≤ tolerance)
-    carries no signal under a group baseline, only dilution, so it is dropped; of the informative groups, ``keep``
-    are kept, taken in a seeded random order (not by prompt index, which would favour some prompts round after
-    round).  The rollout over-samples the groups (rollout.oversample) so that dropped groups are refilled.
+def dynamic_sampling(rewards, group_ids, *, keep: int, seed: int, tolerance: float = 1e-8) -> tuple[list[bool], dict]:
+    """DAPO's dynamic sampling (Yu et al. 2025): a prompt group whose rewards are all equal (every reward component:
+    max − min ≤ tolerance within the group) has a zero group-relative advantage from the reward, so it adds no
+    signal, only dilution, and is dropped; of the informative groups, ``keep`` are kept, taken in a seeded random
+    order (not by prompt index, which would favour some prompts round after round).  The rollout over-samples the
+    groups (rollout.oversample) so that dropped groups are refilled.
 
-    scores, group_ids: [B] -> ([B] bools: the response's group is kept, metrics).  Metrics: groups, groups_uniform
-    (dropped: equal rewards), groups_surplus (informative, beyond ``keep``), groups_kept, groups_shortfall
-    (keep − kept when too few were informative).
+    rewards: [B, K] (the total as K = 1, or GDPO's K components); group_ids: [B] -> ([B] bools: the response's
+    group is kept, metrics).  Metrics: groups, groups_uniform (dropped: equal rewards), groups_surplus
+    (informative, beyond ``keep``), groups_kept, groups_shortfall (keep − kept when too few were informative).
     """
     import numpy as np
 
+    values = np.asarray(rewards, dtype=np.float64).reshape(len(group_ids), -1)
     members: dict[int, list[int]] = {}
     for row, group in enumerate(group_ids):
         members.setdefault(int(group), []).append(row)
-    uniform = {g for g, rows in members.items() if max(scores[r] for r in rows) - min(scores[r] for r in rows) <= tolerance}
+    uniform = {g for g, rows in members.items() if np.ptp(values[rows], axis=0).max() <= tolerance}
     informative = [g for g in sorted(members) if g not in uniform]
     order = np.random.default_rng(seed).permutation(len(informative)).tolist()
     kept = {informative[i] for i in order[:keep]}

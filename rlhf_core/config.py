@@ -233,8 +233,8 @@ class AdvantagesParams(Section):
     whiten_rewards: StrictBool = param(False, "whiten the per-token rewards over the round before GAE")
     whiten_advantages: StrictBool = param(True, "whiten the advantages over the round")
     dynamic_sampling: StrictBool = param(
-        False, "DAPO's dynamic sampling: drop every prompt group whose rewards are all equal (no signal under a group "
-        "baseline), keep up to rollout.prompts_per_round of the informative ones (refilled by rollout.oversample), "
+        False, "DAPO's dynamic sampling (grpo, cispo, sapo, rloo, and reinforce or reinforce_pp with a group "
+        "baseline): drop every prompt group whose rewards are all equal (no signal under a group baseline), keep up to rollout.prompts_per_round of the informative ones (refilled by rollout.oversample), "
         "and compute the advantages on the kept groups alone; metrics: groups_uniform, groups_surplus, "
         "groups_kept, groups_shortfall")
     mask_truncated: StrictBool = param(
@@ -503,9 +503,28 @@ class Params(Section):
                     raise ConfigError(f"score.scorers[{index}] ({scorer.name}): normalize = {scorer.normalize!r}, clip = "
                                       f"{_yaml_scalar(scorer.clip)}: grpo.normalize = 'components' normalises each "
                                       "component within its group itself; set normalize: none and clip: null")
-        if self.advantages.dynamic_sampling and self.rollout.samples_per_prompt < 2:
-            raise ConfigError(f"advantages.dynamic_sampling: rollout.samples_per_prompt = {self.rollout.samples_per_prompt}; "
-                              "a group of one response never varies, set it to at least 2")
+        name = self.algorithm.name
+        group_baseline = name in (*GROUP_ADVANTAGES, "rloo") or (
+            name == "reinforce" and self.reinforce.baseline == "leave_one_out") or (
+            name == "reinforce_pp" and self.reinforce_pp.baseline == "group_mean")
+        if self.advantages.dynamic_sampling and not group_baseline:
+            raise ConfigError(f"advantages.dynamic_sampling: algorithm.name = {name!r} has no group baseline (a critic or "
+                              "a batch-wide baseline gives every group a signal); it needs grpo, cispo, sapo, rloo, "
+                              "reinforce with baseline: leave_one_out, or reinforce_pp with baseline: group_mean")
+        for section, owners in (("cispo", ("cispo",)), ("sapo", ("sapo",)), ("reinforce_pp", ("reinforce_pp",))):
+            if name not in owners:
+                changed = [key for key, value in getattr(self, section) if value != getattr(type(getattr(self, section))(), key)]
+                if changed:
+                    raise ConfigError(f"{section}.{changed[0]} = {getattr(getattr(self, section), changed[0])!r}: "
+                                      f"algorithm.name = {name!r} does not read the {section} section; remove it or set "
+                                      f"algorithm.name: {owners[0]}")
+        if name in ("cispo", "sapo") and self.ppo.clip_range != PPOParams().clip_range:
+            raise ConfigError(f"ppo.clip_range = {self.ppo.clip_range}: algorithm.name = {name!r} has no clipped "
+                              f"objective ({'cispo.max_weight caps its weight' if name == 'cispo' else 'sapo.tau_* set its gate'}); "
+                              "remove it")
+        if name == "reinforce_pp" and not self.advantages.whiten_advantages:
+            raise ConfigError("advantages.whiten_advantages = false: reinforce_pp's batch normalisation is its baseline "
+                              "(REINFORCE++), always on; remove it or choose another algorithm")
         if self.rollout.oversample != 1.0 and not self.advantages.dynamic_sampling:
             raise ConfigError(f"rollout.oversample = {self.rollout.oversample}: refills the groups that "
                               "advantages.dynamic_sampling drops, which is off; set rollout.oversample: 1 or raise "

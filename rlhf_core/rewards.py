@@ -42,15 +42,18 @@ def python_scores(function: str, prompts: list[str], responses: list[str], metad
     return list(scorer(prompts, responses, metadata))
 
 
-def weighted_components(scorers, missing_eos_penalty: float) -> tuple[list[str], list[float]]:
-    """The scores table's columns that make up the total, and their weights: every scorer with a weight (weight 0
-    only monitors), and the EOS penalty (weight 1) when there is one.  GDPO normalises each of them on its own."""
+def reward_components(columns, scorers, missing_eos_penalty: float) -> tuple[list[list[float]], list[float]]:
+    """The components the total is made of, as [B, K] rows, and their weights: every scorer with a weight (weight 0
+    only monitors) as its raw column of the scores table (``columns``: name → values), and, when there is one, the
+    EOS penalty as its 0/−1 indicator weighted by missing_eos_penalty.  GDPO normalises each component within its
+    group, which erases a component's scale, so a penalty's size has to live in its weight."""
     names = [scorer.name for scorer in scorers if scorer.weight != 0]
     weights = [scorer.weight for scorer in scorers if scorer.weight != 0]
+    values = [list(columns[name]) for name in names]
     if missing_eos_penalty > 0:
-        names.append("eos_penalty")
-        weights.append(1.0)
-    return names, weights
+        values.append([value / missing_eos_penalty for value in columns["eos_penalty"]])
+        weights.append(missing_eos_penalty)
+    return [list(row) for row in zip(*values)], weights
 
 
 def missing_eos_penalties(ended_with_eos: list[bool], penalty: float) -> list[float]:

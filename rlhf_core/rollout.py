@@ -9,6 +9,7 @@ temperature scaling that training uses, so the first PPO ratio on an unchanged p
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,6 +79,20 @@ def generation_config(tokenizer, *, temperature: float, top_p: float, top_k: int
     return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k,
                             max_new_tokens=max_new_tokens, eos_token_id=stop_ids if len(stop_ids) > 1 else stop_ids[0],
                             pad_token_id=tokenizer.pad_token_id, repetition_penalty=1.0, num_beams=1)
+
+
+@contextlib.contextmanager
+def only_this_config(policy, config):
+    """``generate`` fills every setting of the given config that equals the library default (min_p, typical_p,
+    repetition_penalty, epsilon/eta cutoffs, …) from the checkpoint's own generation_config, so a checkpoint that
+    ships min_p 0.05 would silently truncate the sampling distribution.  While this is open the policy's
+    generation_config is ``config`` itself: nothing else can fill in."""
+    saved = policy.generation_config
+    policy.generation_config = config
+    try:
+        yield
+    finally:
+        policy.generation_config = saved
 
 
 def truncate_at_eos(tokens: list[int], stop_ids) -> tuple[list[int], bool]:
@@ -166,7 +181,7 @@ def generate_samples(policy, tokenizer, prompt_ids: list[list[int]], *, samples_
         torch.manual_seed(seed + batch_number)
         processors, recorder = sampling_processors(temperature, top_p, top_k) if record_sampler_logprobs else (None, None)
         try:
-            with runtime.autocast():
+            with runtime.autocast(), only_this_config(policy, config):
                 output = policy.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                          generation_config=config,
                                          **({"logits_processor": processors} if processors is not None else {}))

@@ -12,16 +12,13 @@ def main(params, args):
     from rlhf_core.advantages import (advantage_settings, dynamic_sampling, expand_rows, round_advantages,
                                       trained_responses)
     from rlhf_core.kl import AdaptiveKLController, FixedKLController
-    from rlhf_core.rewards import weighted_components
+    from rlhf_core.rewards import reward_components
 
     adv, kl, round_key = params.advantages, params.kl, args.round
     with_reference = params.uses_reference  # KL-free: the rollout stored no ref_logprobs
     rollouts = read_parquet(f"rollouts/{round_key}/rollouts.parquet", ("prompt_index", "logprobs", "values", "ended_with_eos")
                             + (("ref_logprobs",) if with_reference else ()))
-    # GDPO (grpo.normalize: components) normalises each weighted reward component, not the total
-    names, weights = weighted_components(params.score.scorers, params.score.missing_eos_penalty)
-    per_component = params.grpo.normalize == "components"
-    scores = read_parquet(f"scores/{round_key}/scores.parquet", ("total", *(names if per_component else ())))
+    scores = read_parquet(f"scores/{round_key}/scores.parquet", ("total",))
     if len(scores) != len(rollouts):
         raise DataError(f"scores/{round_key} has {len(scores)} rows for {len(rollouts)} rollouts; re-run score@{round_key}")
 
@@ -35,9 +32,13 @@ def main(params, args):
     baseline = carried.get("reward_baseline", 0.0)
 
     total, groups = scores["total"].tolist(), rollouts["prompt_index"].tolist()
+    components, weights = None, None
+    if params.grpo.normalize == "components":  # GDPO: each weighted reward component, not the total
+        components, weights = reward_components(scores, params.score.scorers, params.score.missing_eos_penalty)
     sampled, sampling = [True] * len(rollouts), {}
     if adv.dynamic_sampling:  # DAPO: drop the groups whose rewards are all equal, keep prompts_per_round of the rest
-        sampled, sampling = dynamic_sampling(total, groups, keep=params.rollout.prompts_per_round,
+        sampled, sampling = dynamic_sampling(components or [[value] for value in total], groups,
+                                             keep=params.rollout.prompts_per_round,
                                              seed=params.round_seed(round_key, "advantages"))
         if not any(sampled):
             raise DataError(f"advantages.dynamic_sampling: every prompt group of rollouts/{round_key} has equal rewards, "
@@ -52,7 +53,7 @@ def main(params, args):
         kept(rollouts["logprobs"].tolist()), kept(rollouts["ref_logprobs"].tolist()) if with_reference else None,
         kept(rollouts["values"].tolist()), kept(total), kl_coef=controller.value, group_ids=kept(groups),
         moving_baseline=baseline, **settings,
-        **({"components": kept(scores[names].to_numpy().tolist()), "component_weights": weights} if per_component else {}))
+        **({"components": kept(components), "component_weights": weights} if components is not None else {}))
     arrays = expand_rows(arrays, rows, rollouts["logprobs"].map(len).tolist())  # dropped groups: zeros, untrained
     trained, selection = trained_responses(rollouts["ended_with_eos"].tolist(), mask_truncated=adv.mask_truncated,
                                            sampled=sampled)

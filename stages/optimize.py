@@ -43,11 +43,13 @@ def _train_and_save(params, round_key, start_from, train, seed, runtime):
                             rollouts["ref_logprobs"].tolist() if with_reference else None,
                             rollouts["values"].tolist(), advantages["advantages"].tolist(),
                             advantages["returns"].tolist(), rewards=advantages["rewards"].tolist())
+    trained = advantages["trained"].astype(bool).tolist()  # advantages.mask_truncated, dynamic_sampling
+    experience = experience.select(trained)
     correction_metrics = {}
     if correction != "none":  # the sampler μ was not the trainer π_old: weigh the policy loss (tis) or drop tokens (mis)
-        experience.correction, correction_metrics = correction_weights(
-            experience.old_logprobs, rollouts["sampler_logprobs"].tolist(), params.rollout_correction, correction)
-    experience = experience.select(advantages["trained"].astype(bool).tolist())  # advantages.mask_truncated
+        sampler = [row for row, kept in zip(rollouts["sampler_logprobs"].tolist(), trained) if kept]
+        experience.correction, correction_metrics = correction_weights(experience.old_logprobs, sampler,
+                                                                       params.rollout_correction, correction)
 
     tokenizer = load_tokenizer(checkpoint_dir(start_from), params.trust_remote_code)
     model = load_actor_critic(checkpoint_dir(start_from), params.algorithm.critic, device,

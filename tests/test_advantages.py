@@ -260,7 +260,7 @@ def test_dynamic_sampling_drops_uniform_groups_and_keeps_a_seeded_choice_of_the_
     """Groups 0 and 2 score all alike (dropped); of the informative 1, 3 and 4, two are kept, chosen by the seed."""
     from rlhf_core.advantages import dynamic_sampling
 
-    scores = [1.0, 1.0, 0.0, 1.0, 0.5, 0.5, 0.2, 0.3, 0.0, 1.0]
+    scores = [[1.0], [1.0], [0.0], [1.0], [0.5], [0.5], [0.2], [0.3], [0.0], [1.0]]
     groups = [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     kept, metrics = dynamic_sampling(scores, groups, keep=2, seed=0)
     kept_groups = {g for g, k in zip(groups, kept) if k}
@@ -293,3 +293,11 @@ def test_gdpo_normalises_each_component_within_its_group_then_the_sum_over_the_b
                               group_ids=[0, 0, 1, 1], components=components.tolist(), component_weights=[1.0, 1.0])
     np.testing.assert_allclose([a[0] for a in out["advantages"]], gdpo.numpy(), atol=1e-6)
     np.testing.assert_allclose(out["advantages"][2], [1.5 ** 0.5] * 2, atol=1e-4)  # every token of the response
+
+
+def test_dynamic_sampling_keeps_a_group_whose_components_differ_though_its_totals_tie():
+    """GDPO: (1, 0) and (0, 1) with weights 1, 1 both total 1, yet their component advantages differ."""
+    from rlhf_core.advantages import dynamic_sampling
+
+    kept, metrics = dynamic_sampling([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 1.0]], [0, 0, 1, 1], keep=2, seed=0)
+    assert kept == [True, True, False, False] and metrics["groups_uniform"] == 1

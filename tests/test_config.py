@@ -470,13 +470,14 @@ def test_rollout_correction_resolves_and_refuses_what_it_cannot_apply():
 
 
 def test_dynamic_sampling_needs_groups_and_oversample_needs_dynamic_sampling():
-    assert params_from_dict({"advantages": {"dynamic_sampling": True}, "rollout": {"oversample": 1.5}}
+    rloo = {"algorithm": {"name": "rloo"}}
+    assert params_from_dict({**rloo, "advantages": {"dynamic_sampling": True}, "rollout": {"oversample": 1.5}}
                             ).prompt_groups_per_round == 96  # ceil(64 × 1.5)
     with pytest.raises(ConfigError, match=r"^rollout.oversample = 2.0: refills the groups that "
                                           r"advantages.dynamic_sampling drops, which is off"):
         params_from_dict({"rollout": {"oversample": 2.0}})
-    with pytest.raises(ConfigError, match=r"^advantages.dynamic_sampling: rollout.samples_per_prompt = 1"):
-        params_from_dict({"advantages": {"dynamic_sampling": True}, "rollout": {"samples_per_prompt": 1}})
+    with pytest.raises(ConfigError, match=r"^rollout.samples_per_prompt = 1: rloo compares the samples"):
+        params_from_dict({**rloo, "advantages": {"dynamic_sampling": True}, "rollout": {"samples_per_prompt": 1}})
 
 
 def test_gdpo_needs_group_advantages_and_raw_components():
@@ -488,3 +489,18 @@ def test_gdpo_needs_group_advantages_and_raw_components():
     with pytest.raises(ConfigError, match=r"^score.scorers\[0\] \(task\): normalize = 'running', clip = null: "
                                           r"grpo.normalize = 'components' normalises each component"):
         params_from_dict({**grpo, "grpo": {"normalize": "components"}, "score": {"scorers": scorers}})
+
+
+def test_an_algorithm_sections_values_are_refused_under_another_algorithm():
+    with pytest.raises(ConfigError, match=r"^cispo.max_weight = 3.0: algorithm.name = 'ppo' does not read the cispo"):
+        params_from_dict({"cispo": {"max_weight": 3.0}})
+    with pytest.raises(ConfigError, match=r"^sapo.tau_neg = 2.0: algorithm.name = 'grpo' does not read the sapo"):
+        params_from_dict({"algorithm": {"name": "grpo"}, "kl": {"reward_coef": 0}, "sapo": {"tau_neg": 2.0}})
+    with pytest.raises(ConfigError, match=r"^ppo.clip_range = 0.1: algorithm.name = 'sapo' has no clipped objective"):
+        params_from_dict({"algorithm": {"name": "sapo"}, "kl": {"reward_coef": 0}, "ppo": {"clip_range": 0.1}})
+    with pytest.raises(ConfigError, match=r"^advantages.whiten_advantages = false: reinforce_pp's batch normalisation"):
+        params_from_dict({"algorithm": {"name": "reinforce_pp"}, "advantages": {"whiten_advantages": False}})
+    with pytest.raises(ConfigError, match=r"^advantages.dynamic_sampling: algorithm.name = 'ppo' has no group baseline"):
+        params_from_dict({"advantages": {"dynamic_sampling": True}})
+    assert params_from_dict({"algorithm": {"name": "reinforce_pp"}, "reinforce_pp": {"baseline": "group_mean"},
+                             "advantages": {"dynamic_sampling": True}}).advantages.dynamic_sampling

@@ -317,3 +317,31 @@ def test_carried_state_for_other_parameters_is_refused_in_one_line(tiny_checkpoi
     state = {"value_head.weight": {"step": torch.tensor(1.0)}}
     with pytest.raises(ConfigError, match=r"the carried optimizer state is for other parameters \(value_head.weight, "):
         Runtime(device=CPU).load_optimizer_state(model, optimizer, state)
+
+
+def test_correction_weights_reach_the_policy_loss_through_the_micro_batch():
+    """Experience.correction (rollout_correction's weights) is padded into the micro-batch and multiplies the policy
+    loss of ppo and reinforce: weights ½ halve it, weights 0 remove it; select keeps them with their rows."""
+    from types import SimpleNamespace
+
+    from rlhf_core.algorithms.common import Experience
+    from rlhf_core.algorithms.ppo import ppo_loss
+    from rlhf_core.algorithms.reinforce import reinforce_loss
+
+    experience = Experience([[5], [6, 7]], [[8, 9], [10]], [[-1.0, -2.0], [-0.5]], None, [[0.0, 0.0], [0.0]],
+                            [[1.0, -2.0], [3.0]], [[0.0, 0.0], [0.0]])
+    out = SimpleNamespace(logprobs=torch.tensor([[-1.0, -2.0], [-0.5, 0.0]]), entropy=torch.zeros(2, 2),
+                          values=torch.zeros(2, 2))
+    totals = {"tokens": 3.0, "sequences": 2.0}
+    losses = {}
+    for weight in (1.0, 0.5, 0.0):
+        experience.correction = [[weight, weight], [weight]]
+        micro = experience.micro_batch([0, 1], pad_id=0, device=torch.device("cpu"))
+        assert torch.equal(micro.correction, torch.tensor([[weight, weight], [weight, 0.0]]))
+        losses[weight] = [ppo_loss(out, micro, totals, training(), use_critic=False)[0].item(),
+                          reinforce_loss(out, micro, totals, training(), use_critic=False)[0].item()]
+    assert losses[1.0][0] != 0.0 and losses[1.0][1] != 0.0
+    assert losses[0.5] == pytest.approx([value / 2 for value in losses[1.0]])
+    assert losses[0.0] == pytest.approx([0.0, 0.0])
+    kept = experience.select([False, True])
+    assert kept.correction == [[0.0]] and kept.ref_logprobs is None and kept.response_ids == [[10]]

@@ -158,3 +158,23 @@ def test_overlong_buffer_must_leave_room_below_the_limits():
         params_from_dict({"score": {"scorers": [{"name": "task", "kind": "task"}, scorer]}})
     with pytest.raises(ConfigError, match=r"must be below evaluate.max_new_tokens \(8\)"):
         params_from_dict({"score": {"scorers": [dict(scorer, buffer=8)]}, "evaluate": {"max_new_tokens": 8}})
+
+
+def test_gdpo_components_keep_the_eos_penalty_size_in_its_weight():
+    """The EOS penalty enters GDPO as its 0/−1 indicator weighted by missing_eos_penalty: group normalisation erases a
+    column's scale, so a penalty of 0.01 and one of 5 must differ through the weight."""
+    import torch
+
+    from rlhf_core.advantages import gdpo_advantages
+    from rlhf_core.rewards import reward_components
+
+    scorers = [_scorer(name="task", kind="task"), _scorer(name="seen", kind="vader", weight=0.0)]
+    groups = torch.tensor([0, 0, 1, 1])
+    advantages = {}
+    for penalty in (0.01, 5.0):
+        columns = {"task": [1.0, 0.5, 0.2, 0.9], "seen": [9.0] * 4, "eos_penalty": [-penalty, 0.0, -penalty, 0.0]}
+        rows, weights = reward_components(columns, scorers, penalty)
+        assert rows == [[1.0, -1.0], [0.5, 0.0], [0.2, -1.0], [0.9, 0.0]] and weights == [1.0, penalty]
+        advantages[penalty] = gdpo_advantages(torch.tensor(rows), weights, groups, True, 1e-6)
+    assert advantages[0.01][0] > 0 > advantages[5.0][0]  # row 0: the better answer, cut off; which wins is the weight's
+    assert reward_components({"task": [1.0]}, scorers, 0.0) == ([[1.0]], [1.0])  # weight 0 only monitors

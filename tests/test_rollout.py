@@ -121,3 +121,23 @@ def test_truncated_sampling_is_a_different_distribution_and_the_recorder_sees_it
                                device=CPU, reference_is_policy=True)
     gaps = torch.cat([torch.tensor(s.sampler_logprobs) - torch.from_numpy(t) for s, t in zip(recorded, stats["logprobs"])])
     assert (gaps >= -1e-5).all() and gaps.max() > 0.05
+
+
+def test_a_checkpoints_own_sampling_defaults_do_not_reach_generate(tiny_checkpoint):
+    """A checkpoint whose generation_config ships min_p, typical_p and a repetition penalty: generate would fill the
+    rollout's settings that equal the library defaults from it and sample a truncated, penalised distribution (which
+    the recorder, running before those warpers, would not even see).  The samples are those of a clean checkpoint."""
+    tokenizer = load_tokenizer(str(tiny_checkpoint))
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    responses = {}
+    for shipped in (False, True):
+        policy = load_actor_critic(str(tiny_checkpoint), "value_head", CPU).policy
+        if shipped:
+            policy.generation_config.min_p = 0.3
+            policy.generation_config.typical_p = 0.5
+            policy.generation_config.repetition_penalty = 1.5
+        responses[shipped] = [s.response_ids for s in generate_samples(
+            policy, tokenizer, prompt_ids, samples_per_prompt=3, temperature=1.0, top_p=1.0, top_k=0,
+            max_new_tokens=12, batch_size=5, seed=7, device=CPU)]
+    assert responses[True] == responses[False]
+    assert policy.generation_config.min_p == 0.3  # the checkpoint's own config is left as it was

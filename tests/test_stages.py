@@ -298,6 +298,7 @@ def test_dynamic_sampling_over_samples_and_trains_on_the_informative_groups(tmp_
     from stages import advantages, optimize, prepare, rollout, score, sft
 
     params = small_round_params(tmp_path, tiny_checkpoint, monkeypatch, advantages={"dynamic_sampling": True},
+                                algorithm={"name": "rloo"},
                                 rollout={"oversample": 2.0}, optim={"minibatch_size": 4, "micro_batch_size": 4})
     for stage in (prepare, sft):
         stage.main(params, argparse.Namespace())

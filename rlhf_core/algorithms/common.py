@@ -9,6 +9,7 @@ which updates ``model`` (an ``rlhf_core.models.ActorCritic``) in place on one ro
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -69,9 +70,7 @@ class Experience:
         def pick(arrays):
             return None if arrays is None else [arrays[index] for index in rows]
 
-        return Experience(*(pick(getattr(self, name)) for name in ("prompt_ids", "response_ids", "old_logprobs",
-                                                                   "ref_logprobs", "old_values", "advantages",
-                                                                   "returns", "rewards", "correction")))
+        return Experience(**{field.name: pick(getattr(self, field.name)) for field in dataclasses.fields(self)})
 
     def tokens(self, indices) -> int:
         return int(sum(len(self.response_ids[i]) for i in indices))
