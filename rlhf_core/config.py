@@ -498,6 +498,9 @@ class Params(Section):
             if self.algorithm.name not in GROUP_ADVANTAGES:
                 raise ConfigError(f"grpo.normalize = 'components': algorithm.name = {self.algorithm.name!r} has no group-"
                                   f"normalised advantages ({', '.join(GROUP_ADVANTAGES)} do); set it to total")
+            if all(scorer.weight == 0 for scorer in self.score.scorers) and self.score.missing_eos_penalty == 0:
+                raise ConfigError("grpo.normalize = 'components': every scorer of score.scorers has weight 0 and there "
+                                  "is no missing_eos_penalty, so there is no component to normalise; give one a weight")
             for index, scorer in enumerate(self.score.scorers):
                 if scorer.weight != 0 and (scorer.normalize != "none" or scorer.clip is not None):
                     raise ConfigError(f"score.scorers[{index}] ({scorer.name}): normalize = {scorer.normalize!r}, clip = "

@@ -489,6 +489,9 @@ def test_gdpo_needs_group_advantages_and_raw_components():
     with pytest.raises(ConfigError, match=r"^score.scorers\[0\] \(task\): normalize = 'running', clip = null: "
                                           r"grpo.normalize = 'components' normalises each component"):
         params_from_dict({**grpo, "grpo": {"normalize": "components"}, "score": {"scorers": scorers}})
+    with pytest.raises(ConfigError, match=r"^grpo.normalize = 'components': every scorer of score.scorers has weight 0"):
+        params_from_dict({**grpo, "grpo": {"normalize": "components"},
+                          "score": {"scorers": [{"name": "task", "kind": "task", "weight": 0.0}]}})
 
 
 def test_an_algorithm_sections_values_are_refused_under_another_algorithm():
