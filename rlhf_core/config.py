@@ -87,8 +87,13 @@ class ComputeParams(Section):
         "no", "autocast dtype of the forward passes: no (float32), bf16, or fp16 (GPU only; the loss is scaled)")
     strategy: Literal["ddp", "fsdp", "deepspeed"] = param(
         "ddp", "how the optimize stage's processes hold the model when num_processes > 1: ddp (a full replica each), "
-        "fsdp (FSDP2 fully_shard: parameters, gradients and optimizer state sharded per transformer block; CPU or GPU); "
-        "deepspeed is refused until it has run; rollout keeps a full replica per process")
+        "fsdp (FSDP2 fully_shard: parameters, gradients and optimizer state sharded per transformer block; CPU or GPU), "
+        "deepspeed (ZeRO stage zero_stage through deepspeed.initialize; CPU over gloo, or GPU); rollout keeps a full "
+        "replica per process")
+    zero_stage: Optional[Literal[2, 3]] = param(
+        None, "ZeRO stage of strategy: deepspeed: 2 (gradients and AdamW state partitioned across processes, a full "
+        "replica of the weights each) or 3 (the weights partitioned too, gathered one module at a time); null: 2. "
+        "Only with strategy: deepspeed")
     param_dtype: Literal["float32", "bfloat16", "auto"] = param(
         "auto", "dtype of the weights of the policy, the reference and a separate critic backbone, as loaded in "
         "sft, rollout, optimize and evaluate (and so as saved): auto = the checkpoint's own dtype (float32 for the "
@@ -576,12 +581,23 @@ class Params(Section):
         compute = self.compute
         if compute.mixed_precision == "fp16" and self.device == "cpu":
             raise ConfigError("compute.mixed_precision = 'fp16': not supported on CPU (device: cpu); must be 'no' or 'bf16' on CPU")
+        if compute.zero_stage is not None and compute.strategy != "deepspeed":
+            raise ConfigError(f"compute.zero_stage = {compute.zero_stage}: only read with compute.strategy = 'deepspeed' "
+                              f"(got {compute.strategy!r}); remove it or set strategy: deepspeed")
+        if compute.strategy in ("fsdp", "deepspeed") and compute.mixed_precision == "fp16":
+            raise ConfigError(f"compute.mixed_precision = 'fp16': not supported with compute.strategy = "
+                              f"{compute.strategy!r} (no sharded loss scaler); use 'bf16' or 'no'")
         if compute.strategy == "deepspeed":
-            raise ConfigError("compute.strategy = 'deepspeed': not available yet (its accelerate integration never "
-                              "trained a step); use 'fsdp' (FSDP2, parameters sharded) or 'ddp'")
-        if compute.strategy == "fsdp" and compute.mixed_precision == "fp16":
-            raise ConfigError("compute.mixed_precision = 'fp16': not supported with compute.strategy = 'fsdp' "
-                              "(no sharded loss scaler); use 'bf16' or 'no'")
+            # ZeRO keeps AdamW's state as flat per-rank partitions, and its gradients in its own buffers
+            for key, value, why in (
+                    ("optim.carry_state", self.optim.carry_state,
+                     "the AdamW state is kept as ZeRO's flat partitions, not by parameter name; set it to false or use "
+                     "strategy fsdp"),
+                    ("algorithm.critic_warmup_epochs", self.algorithm.critic_warmup_epochs,
+                     "the value-only steps drop the policy's gradients, which ZeRO holds in its own buffers; set it to "
+                     "0 or use strategy fsdp")):
+                if value:
+                    raise ConfigError(f"{key} = {value!r}: not supported with compute.strategy = 'deepspeed' ({why})")
         if self.rollout.engine == "vllm" and compute.rollout_process_count != 1:
             raise ConfigError(f"rollout.engine = 'vllm': needs one rollout process, got {compute.rollout_process_count} "
                               "(vLLM runs the whole round in one process); set compute.rollout_processes: 1 (optimize "

@@ -9,12 +9,13 @@ imported.  With more processes, ``python -m rlhf_core.launch`` starts the stage 
 - rollout gives whole generation batches to ranks round-robin (each batch seeded as in one process),
   gathers the samples and the per-token stats, and rank 0 alone writes the one Parquet file;
 - optimize gives every rank every W-th micro-batch of each minibatch; the model is wrapped by
-  accelerate (ddp: DDP) or sharded here with FSDP2's ``fully_shard``
-  (fsdp: one unit per transformer block; the optimizer is built after sharding, over the shards),
+  accelerate (ddp: DDP), sharded here with FSDP2's ``fully_shard``
+  (fsdp: one unit per transformer block; the optimizer is built after sharding, over the shards), or
+  handed with its AdamW to ``deepspeed.initialize`` (deepspeed: ZeRO-2 or ZeRO-3, ``deepspeed_config``),
   the losses, already normalised by the whole minibatch's token count, are scaled by W so that the
   gradient mean over ranks is a sum, and the stats are combined in the global micro-batch order, so
-  every rank takes the same early-stop decision.  Rank 0 writes the checkpoint (fsdp: the full state
-  dict gathered onto it).
+  every rank takes the same early-stop decision.  Rank 0 writes the checkpoint (fsdp, ZeRO-3: the full
+  state dict gathered onto it).
 
 ``compute.mixed_precision`` (bf16 / fp16) also goes through the Accelerator (autocast, and the loss
 scaler of fp16), in one process as in several.
@@ -60,6 +61,18 @@ class Runtime:
     world_size: int = 1
     accelerator: Any = None
     strategy: str = "ddp"
+    zero_stage: int = 2  # compute.zero_stage under deepspeed
+    engine: Any = None  # the DeepSpeed engine, once ``prepare`` has made it
+
+    @property
+    def deepspeed(self) -> bool:
+        """Whether optimize's model goes to a DeepSpeed engine (compute.strategy: deepspeed, several processes)."""
+        return self.strategy == "deepspeed" and self.distributed
+
+    @property
+    def plain_backward(self) -> bool:
+        """Whether backward and clipping are torch's own: plain python, and fsdp (FSDP2 needs no wrapper)."""
+        return self.accelerator is None or self.strategy == "fsdp"
 
     @property
     def is_main(self) -> bool:
@@ -97,7 +110,7 @@ class Runtime:
             return contextlib.nullcontext()
         return self.accelerator.autocast()
 
-    def prepare(self, model, build_optimizer):
+    def prepare(self, model, build_optimizer, micro_batch_size: int = 1, max_grad_norm: float | None = None):
         """(model for forward passes, optimizer, scheduler, trainable parameters), in that order of making:
 
         1. the model is wrapped or sharded (fsdp: ``shard_fsdp2``, each transformer block one unit), which for
@@ -105,12 +118,26 @@ class Runtime:
         2. the trainable parameters are read from the model as it now is, and ``build_optimizer(trainable)``
            returns (optimizer, scheduler) over them, so the optimizer steps and ``clip_grad_norm_`` clips the
            very tensors that receive gradients;
-        3. ddp: accelerate wraps model and optimizer (DDP, the fp16 loss scaler).
+        3. ddp: accelerate wraps model and optimizer (DDP, the fp16 loss scaler); deepspeed: ``deepspeed.initialize``
+           takes the model and that AdamW (``deepspeed_config``: ZeRO stage, ``micro_batch_size`` and the clipping
+           norm ``max_grad_norm``; ZeRO-3 partitions the parameters here) and returns the engine, which is the
+           model for forward passes, and its ZeRO optimizer.  The scheduler keeps driving the AdamW's param groups,
+           which ZeRO keeps.
         In plain python nothing is wrapped."""
         if self.strategy == "fsdp" and self.distributed:
             shard_fsdp2(model, self.device)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer, scheduler = build_optimizer(trainable)
+        if self.deepspeed:
+            dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+            if self.zero_stage == 3 and len(dtypes) > 1:  # ZeRO-3 packs every rank's partitions into one buffer
+                raise ConfigError(f"compute.zero_stage = 3: needs every weight in one dtype, got {' and '.join(dtypes)} "
+                                  "(the value head stays float32); set compute.param_dtype: float32 with "
+                                  "compute.mixed_precision: bf16 (no more partitioned memory than bf16 weights with "
+                                  "float32 master copies), or zero_stage: 2")
+            self.engine, optimizer = initialize_deepspeed(model, optimizer, deepspeed_config(
+                self.zero_stage, micro_batch_size, self.world_size, max_grad_norm), self.device)
+            return self.engine, optimizer, scheduler, trainable
         if self.accelerator is None or self.strategy == "fsdp":
             return model, optimizer, scheduler, trainable
         wrapped, optimizer = self.accelerator.prepare(model, optimizer)
@@ -121,7 +148,12 @@ class Runtime:
 
         fsdp reduce-scatters after every backward instead: skipping it would keep every unit's gradient
         unsharded until the step (FSDP2's ``set_requires_gradient_sync(False)``), the whole model's worth,
-        which is the memory sharding is there to save.  Every rank runs as many backwards, so they pair up."""
+        which is the memory sharding is there to save.  deepspeed: ``sync`` marks the gradient-accumulation
+        boundary (``set_gradient_accumulation_boundary``), the backward after which ZeRO's reduction completes
+        and ``engine.step`` steps.  Every rank runs as many backwards, so they pair up."""
+        if self.deepspeed:
+            wrapped.set_gradient_accumulation_boundary(sync)
+            return contextlib.nullcontext()
         if sync or self.accelerator is None or not self.distributed or self.strategy == "fsdp":
             return contextlib.nullcontext()
         return self._no_sync(wrapped)
@@ -137,21 +169,25 @@ class Runtime:
             state._set_sync_gradients(True)
 
     def backward(self, loss) -> None:
-        """Backward of a loss that is this rank's share of a sum over ranks (the mean that DDP and FSDP take
+        """Backward of a loss that is this rank's share of a sum over ranks (the mean that DDP, FSDP and ZeRO take
         over ranks is made a sum)."""
         if self.distributed:
             loss = loss * self.world_size
-        if self.accelerator is None or self.strategy == "fsdp":
+        if self.deepspeed:
+            self.engine.backward(loss)
+        elif self.plain_backward:
             loss.backward()
-            return
-        self.accelerator.backward(loss)
+        else:
+            self.accelerator.backward(loss)
 
     def clip_grad_norm_(self, parameters, max_norm: float) -> float:
         """Clip the global gradient norm of ``parameters`` (DTensor shards under fsdp: the norm is over the whole
         model, every rank gets it) to ``max_norm``; return the norm before clipping."""
         import torch
 
-        if self.accelerator is None or self.strategy == "fsdp":
+        if self.deepspeed:
+            raise RuntimeError("under deepspeed the engine clips inside its step: use Runtime.clip_and_step")
+        if self.plain_backward:
             norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
         else:
             norm = self.accelerator.clip_grad_norm_(parameters, max_norm)
@@ -159,9 +195,33 @@ class Runtime:
             norm = norm.full_tensor()
         return float(norm.item() if torch.is_tensor(norm) else norm)
 
+    def clip_and_step(self, optimizer, parameters, max_norm: float | None, check) -> float:
+        """One optimizer step on the accumulated gradient, clipped to the global norm ``max_norm`` (None: not
+        clipped); returns the norm before clipping, which ``check(norm)`` has seen (it raises on a NaN).
+
+        Plain, ddp and fsdp: clip, ``check``, then step, so a non-finite gradient never reaches the weights.
+        deepspeed: the engine computes the norm over ZeRO's gradient partitions, clips (the config's
+        ``gradient_clipping``) and steps in one call; ``check`` comes after it, so a NaN gradient has reached
+        this process's weights, but ``check`` stops the stage before anything is written."""
+        import math
+
+        if self.deepspeed:
+            self.engine.step()
+            norm = self.engine.get_global_grad_norm()
+            norm = float(norm.item() if hasattr(norm, "item") else norm)
+            check(norm)
+            return norm
+        norm = self.clip_grad_norm_(parameters, math.inf if max_norm is None else max_norm)
+        check(norm)
+        optimizer.step()
+        return norm
+
     def full_state_dict(self, model) -> dict | None:
-        """The whole state dict of ``model`` gathered from the fsdp shards onto rank 0 (other ranks get an empty
-        dict); None for ddp and plain python, whose model holds all its weights.  Every rank must call it."""
+        """The whole state dict of ``model`` gathered from the fsdp shards (or ZeRO-3's partitions, one module at
+        a time) onto rank 0 (other ranks get an empty dict or None); None for ddp, ZeRO-2 and plain python, whose
+        model holds all its weights.  Every rank must call it."""
+        if self.deepspeed and self.engine is not None and self.zero_stage == 3:
+            return self.engine._zero3_consolidated_16bit_state_dict()  # the documented gather (accelerate's too)
         if not self.distributed or self.strategy != "fsdp":
             return None
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -205,6 +265,9 @@ class Runtime:
         if self.distributed:
             import torch.distributed as dist
 
+            if self.engine is not None:  # its ZeRO threads and buffers go before the process group
+                self.engine.destroy()
+                self.engine = None
             if dist.is_initialized():
                 dist.barrier()
                 dist.destroy_process_group()
@@ -247,11 +310,63 @@ def shard_fsdp2(model, device) -> None:
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
 
+def deepspeed_config(zero_stage: int, micro_batch_size: int, world_size: int, max_grad_norm: float | None) -> dict:
+    """The DeepSpeed config of compute.strategy: deepspeed, for ``deepspeed.initialize`` (no dataloader, no file):
+
+    - ``zero_optimization.stage``: 2 (gradients and AdamW state partitioned across ranks) or 3 (the parameters too);
+    - integer batch sizes: ``train_micro_batch_size_per_gpu`` = optim.micro_batch_size and
+      ``gradient_accumulation_steps`` 1 (DeepSpeed scales no loss by it): the update loop marks the accumulation
+      boundary itself (``Runtime.no_sync``), and its losses are already normalised by the whole minibatch;
+    - ``gradient_clipping`` = optim.max_grad_norm (0: DeepSpeed's "off", for null);
+    - bf16 and fp16 off: the weights come in compute.param_dtype and the value head stays float32, so DeepSpeed must
+      not cast the module (its bf16 mode would cast the value head too); ZeRO keeps a float32 copy of each rank's
+      partition for AdamW, also of bfloat16 weights.  compute.mixed_precision bf16 autocasts the forward as
+      elsewhere;
+    - ``zero_allow_untested_optimizer``: the optimizer is torch's AdamW (``optim.make_optimizer``)."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch_size * world_size,
+        "gradient_clipping": 0.0 if max_grad_norm is None else float(max_grad_norm),
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2 ** 31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def initialize_deepspeed(model, optimizer, config: dict, device):
+    """``deepspeed.initialize`` on the process group that accelerate started: (engine, ZeRO optimizer).
+    DeepSpeed's accelerator is the stage's device type (``DS_ACCELERATOR``: cpu runs over gloo), and its
+    INFO logging is turned down to warnings."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if device.type == "cpu" else "cuda")
+    try:
+        import deepspeed
+    except ImportError as exc:
+        raise ConfigError("compute.strategy = 'deepspeed': deepspeed is not installed; "
+                          "`pip install deepspeed` (it is in requirements.lock)") from exc
+    logger = logging.getLogger("DeepSpeed")
+    logger.setLevel(logging.WARNING)
+    # ZeRO-3 hooks look for tensors in each module's inputs and outputs; the ActorCritic's own (a TokenBatch in, a
+    # ForwardOutput out) are not containers it knows, but it holds no parameter of its own: its submodules' hooks
+    # (transformer blocks, value head) see plain tensors and model outputs.
+    logger.addFilter(lambda record: "unknown inputs or outputs type" not in record.getMessage())
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
+                            r"is deprecated", category=FutureWarning)  # DeepSpeed's collectives, torch 2.13
+    engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine, ds_optimizer
+
+
 def local_parameter_bytes(model) -> int:
-    """Bytes of the parameters this process holds: its shards under fsdp, the whole model otherwise."""
+    """Bytes of the parameters this process holds: its shards under fsdp and ZeRO-3, the whole model otherwise."""
     total = 0
     for parameter in model.parameters():
-        local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
+        local = parameter.to_local() if hasattr(parameter, "to_local") else getattr(parameter, "ds_tensor", parameter)
         total += local.numel() * local.element_size()
     return int(total)
 
@@ -297,8 +412,8 @@ def start_runtime(params) -> Runtime:
         device = accelerator.device
         if device.type == "cuda":
             torch.cuda.set_device(device)
-    runtime = Runtime(device=device, rank=accelerator.process_index,
-                      world_size=accelerator.num_processes, accelerator=accelerator, strategy=compute.strategy)
+    runtime = Runtime(device=device, rank=accelerator.process_index, world_size=accelerator.num_processes,
+                      accelerator=accelerator, strategy=compute.strategy, zero_stage=compute.zero_stage or 2)
     if not runtime.is_main:  # one progress display and one log, from rank 0
         os.environ["RLHF_PROGRESS"] = "off"
     _CURRENT = runtime

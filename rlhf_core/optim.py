@@ -9,13 +9,19 @@ import torch
 def make_optimizer(parameters, lr: float, eps: float, weight_decay: float, schedule: str, warmup_steps: int,
                    total_steps: int, scaled: set[int] = frozenset(), lr_scale: float = 1.0):
     """AdamW with a transformers LR schedule (constant, linear or cosine decay to 0).  The parameters whose
-    ``id`` is in ``scaled`` (LoRA adapters) learn at ``lr × lr_scale``, the rest at ``lr``."""
+    ``id`` is in ``scaled`` (LoRA adapters) learn at ``lr × lr_scale``, the rest at ``lr``.
+
+    One param group per (learning rate, dtype), in the parameters' order: AdamW's update is per parameter, so
+    the split changes no number, but DeepSpeed's ZeRO flattens each group into one buffer, which needs a single
+    dtype (bfloat16 weights with the float32 value head are two groups)."""
     from transformers import get_scheduler
 
-    parameters = list(parameters)
-    groups = [{"params": [p for p in parameters if id(p) not in scaled], "lr": lr},
-              {"params": [p for p in parameters if id(p) in scaled], "lr": lr * lr_scale}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, eps=eps, weight_decay=weight_decay)
+    groups: dict[tuple[bool, torch.dtype], dict] = {}
+    for p in parameters:
+        is_scaled = id(p) in scaled
+        groups.setdefault((is_scaled, p.dtype), {"params": [], "lr": lr * lr_scale if is_scaled else lr})["params"].append(p)
+    ordered = sorted(groups.items(), key=lambda item: item[0][0])  # stable: unscaled groups first, as before
+    optimizer = torch.optim.AdamW([group for _, group in ordered], lr=lr, eps=eps, weight_decay=weight_decay)
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps,
                               num_training_steps=max(1, total_steps))
     return optimizer, scheduler

@@ -238,7 +238,8 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
     # The optimizer is built over the trainable parameters of the model as wrapped (fsdp shards replace them).
     forward_model, optimizer, scheduler, trainable = runtime.prepare(model, lambda trainable: make_optimizer(
         trainable, optim.lr, optim.adam_eps, optim.weight_decay, optim.lr_schedule, optim.warmup_steps, total_steps,
-        scaled=lora_parameter_ids(model) if params.lora.enabled else frozenset(), lr_scale=params.lora.lr_scale))
+        scaled=lora_parameter_ids(model) if params.lora.enabled else frozenset(), lr_scale=params.lora.lr_scale),
+        micro_batch_size=optim.micro_batch_size, max_grad_norm=optim.max_grad_norm)
     if carry is not None:  # AdamW's moments and steps from the last round, when there is one (on rank 0)
         carry["carried_in"] = bool(runtime.all_gather(carry.get("state") is not None)[0])
         if carry["carried_in"]:
@@ -305,10 +306,10 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
                 optimizer.zero_grad(set_to_none=True)
                 early_stopped = True
                 break
-            grad_norm = runtime.clip_grad_norm_(trainable, math.inf if optim.max_grad_norm is None else optim.max_grad_norm)
-            finite_or_raise(grad_norm, f"{name} gradient norm (epoch {epoch + 1})", "lower optim.lr")
-            stats.update(grad_norm=grad_norm, learning_rate=scheduler.get_last_lr()[0])
-            optimizer.step()
+            learning_rate = scheduler.get_last_lr()[0]
+            grad_norm = runtime.clip_and_step(optimizer, trainable, optim.max_grad_norm, lambda norm: finite_or_raise(
+                norm, f"{name} gradient norm (epoch {epoch + 1})", "lower optim.lr"))
+            stats.update(grad_norm=grad_norm, learning_rate=learning_rate)
             scheduler.step()
             steps += 1
             trained_tokens += totals["tokens"]
@@ -361,9 +362,8 @@ def critic_warmup(model, experience, optimizer, trainable, runtime, optim, accum
             for p in trainable:
                 if id(p) not in critic:
                     p.grad = None  # AdamW skips a parameter without a gradient: the policy does not move
-            grad_norm = runtime.clip_grad_norm_(trainable, math.inf if optim.max_grad_norm is None else optim.max_grad_norm)
-            finite_or_raise(grad_norm, f"{name} critic warm-up gradient norm (epoch {epoch + 1})", "lower optim.lr")
-            optimizer.step()
+            runtime.clip_and_step(optimizer, trainable, optim.max_grad_norm, lambda norm: finite_or_raise(
+                norm, f"{name} critic warm-up gradient norm (epoch {epoch + 1})", "lower optim.lr"))
             losses.append(stats["value_loss"])
         log(f"{name} critic warm-up epoch {epoch + 1}/{epochs}: value_loss {losses[-1]:.4f}")
     for group, lr in zip(optimizer.param_groups, scheduled):

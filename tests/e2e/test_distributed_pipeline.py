@@ -46,24 +46,29 @@ def test_two_process_pipeline_runs_five_times_in_a_row(tmp_path):
     assert len(set(runs)) == 1, runs  # the same outputs every time
 
 
-def test_fsdp_bf16_checkpointed_two_process_pipeline_trains(tmp_path):
-    """What a user with a bigger model sets in params.yaml (FSDP2, bf16 weights, gradient checkpointing,
-    2 processes), through `dvc repro`: every stage runs, the checkpoints are bf16, and the first PPO ratio is 1."""
+@pytest.mark.parametrize("compute, weights_dtype", [
+    ({"strategy": "fsdp", "param_dtype": "bfloat16"}, "bfloat16"),
+    # ZeRO-3 packs one dtype: float32 weights (partitioned with their master state) and bf16 autocast
+    ({"strategy": "deepspeed", "zero_stage": 3, "param_dtype": "float32", "mixed_precision": "bf16"}, "float32"),
+], ids=["fsdp-bf16", "zero3-autocast-bf16"])
+def test_sharded_checkpointed_two_process_pipeline_trains(tmp_path, compute, weights_dtype):
+    """What a user with a bigger model sets in params.yaml (FSDP2 with bf16 weights, or DeepSpeed ZeRO-3; gradient
+    checkpointing; 2 processes), through `dvc repro`: every stage runs, the checkpoints have the weights' dtype,
+    and the first PPO ratio is 1."""
     import json
 
     import torch
     from safetensors import safe_open
 
-    changes = {**TWO_PROCESSES, "compute": {"num_processes": 2, "strategy": "fsdp", "param_dtype": "bfloat16",
-                                            "gradient_checkpointing": True}}
-    workdir = make_reduced_repo(tmp_path / "fsdp", changes)
+    changes = {**TWO_PROCESSES, "compute": {"num_processes": 2, "gradient_checkpointing": True, **compute}}
+    workdir = make_reduced_repo(tmp_path / compute["strategy"], changes)
     output = dvc(["repro"], workdir)
     assert {"prepare", "sft", "rollout@r1", "optimize@r1", "eval_summary", "track"} <= ran_stages(output)
     assert output.count("accelerate.commands.launch") == 2
     metrics = json.loads((workdir / "metrics/r1/optimize.json").read_text())
     assert metrics["optimizer_steps"] > 0 and metrics["first_minibatch_ratio_max_deviation"] < 1e-2
     with safe_open(str(workdir / "models/r1/model.safetensors"), "pt") as weights:
-        assert {weights.get_tensor(key).dtype for key in weights.keys()} == {torch.bfloat16}
+        assert {weights.get_tensor(key).dtype for key in weights.keys()} == {getattr(torch, weights_dtype)}
     evaluation = json.loads((workdir / "metrics/eval.json").read_text())
     assert set(evaluation) == {"sft", "r1"}
 
