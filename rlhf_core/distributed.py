@@ -70,6 +70,17 @@ class Runtime:
         return self.strategy == "deepspeed" and self.distributed
 
     @property
+    def load_device(self):
+        """Where optimize loads the model: the meta device on fsdp ranks other than 0, which read no weights and get
+        their shards from rank 0 (``shard_fsdp2_from_rank0``), so only one process holds the whole model while
+        loading; ``device`` otherwise."""
+        import torch
+
+        if self.strategy == "fsdp" and self.distributed and not self.is_main:
+            return torch.device("meta")
+        return self.device
+
+    @property
     def plain_backward(self) -> bool:
         """Whether backward and clipping are torch's own: plain python, and fsdp (FSDP2 needs no wrapper)."""
         return self.accelerator is None or self.strategy == "fsdp"
@@ -113,8 +124,9 @@ class Runtime:
     def prepare(self, model, build_optimizer, micro_batch_size: int = 1, max_grad_norm: float | None = None):
         """(model for forward passes, optimizer, scheduler, trainable parameters), in that order of making:
 
-        1. the model is wrapped or sharded (fsdp: ``shard_fsdp2``, each transformer block one unit), which for
-           fsdp replaces every parameter by a DTensor shard;
+        1. the model is wrapped or sharded (fsdp: ``shard_fsdp2_from_rank0``, each transformer block one unit),
+           which for fsdp replaces every parameter by a DTensor shard (filled from rank 0 where a rank loaded the
+           structure only: ``load_device``);
         2. the trainable parameters are read from the model as it now is, and ``build_optimizer(trainable)``
            returns (optimizer, scheduler) over them, so the optimizer steps and ``clip_grad_norm_`` clips the
            very tensors that receive gradients;
@@ -125,7 +137,7 @@ class Runtime:
            which ZeRO keeps.
         In plain python nothing is wrapped."""
         if self.strategy == "fsdp" and self.distributed:
-            shard_fsdp2(model, self.device)
+            shard_fsdp2_from_rank0(model, self.device, self)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer, scheduler = build_optimizer(trainable)
         if self.deepspeed:
@@ -362,11 +374,53 @@ def initialize_deepspeed(model, optimizer, config: dict, device):
     return engine, ds_optimizer
 
 
+def shard_fsdp2_from_rank0(model, device, runtime) -> None:
+    """``shard_fsdp2`` where the ranks other than 0 may have built ``model`` on the meta device (``load_device``):
+    rank 0's whole state dict, taken before sharding, is broadcast into every rank's shards
+    (``set_model_state_dict(broadcast_from_rank0=True)``), and its buffers too (rotary tables are not in the state
+    dict).  Rank 0's dtypes win over a meta rank's (``param_dtype: auto`` resolves from the weights there); a rank whose
+    parameter names or shapes differ from rank 0's stops with one line.  When every rank loaded its weights this is
+    plain ``shard_fsdp2``."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    empty = any(p.is_meta for p in model.parameters())
+    if not any(runtime.all_gather(empty)):
+        shard_fsdp2(model, device)
+        return
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    layout = [(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in tensors]
+    rank0_layout = runtime.all_gather(layout)[0]
+    if [entry[:2] for entry in layout] != [entry[:2] for entry in rank0_layout]:
+        mine = {entry[:2] for entry in layout}
+        differing = [name for name, shape, _ in rank0_layout if (name, shape) not in mine][:3]
+        from rlhf_core.errors import DataError
+
+        raise DataError(f"fsdp: rank {runtime.rank} built a model whose parameters differ from rank 0's "
+                        f"({', '.join(differing) or 'their order'}): every machine must see the same checkpoint "
+                        "(the shared filesystem of compute.num_machines)")
+    if empty:  # rank 0's dtypes, parameters and buffers (a bf16 cast also casts rotary tables); free on meta
+        for (_, tensor), (_, _, dtype) in zip(tensors, rank0_layout):
+            tensor.data = tensor.data.to(getattr(torch, dtype))
+    full = model.state_dict() if runtime.is_main else {}
+    shard_fsdp2(model, device)
+    if empty:
+        model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    with torch.no_grad():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def local_parameter_bytes(model) -> int:
     """Bytes of the parameters this process holds: its shards under fsdp and ZeRO-3, the whole model otherwise."""
     total = 0
     for parameter in model.parameters():
         local = parameter.to_local() if hasattr(parameter, "to_local") else getattr(parameter, "ds_tensor", parameter)
+        if local.is_meta:  # built without weights (load_device)
+            continue
         total += local.numel() * local.element_size()
     return int(total)
 

@@ -263,13 +263,25 @@ PARAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "a
 
 
 def safe_from_pretrained(auto_class, path: str, trust_remote_code: bool = False, *, param_dtype: str = "float32",
-                         **kwargs):
+                         empty: bool = False, **kwargs):
     """``auto_class.from_pretrained`` that loads weights only from safetensors (never pickle) and runs
     no code from the checkpoint unless ``trust_remote_code`` is on, in ``param_dtype`` (compute.param_dtype:
-    float32, bfloat16, or auto = as stored); ``kwargs`` go to from_pretrained."""
+    float32, bfloat16, or auto = as stored); ``kwargs`` go to from_pretrained.
+
+    ``empty``: the same model built from its config on the meta device, reading no weights (an FSDP2 rank other than
+    0, which gets its shards from rank 0: ``distributed.shard_fsdp2_from_rank0``); "auto" is float32 there, and
+    rank 0's dtypes win."""
     quiet_transformers()
     source = hub_source(path, "model")
     try:
+        if empty:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **source)
+            dtype = PARAM_DTYPES[param_dtype]
+            with torch.device("meta"):
+                return auto_class.from_config(config, dtype=torch.float32 if dtype == "auto" else dtype,
+                                              trust_remote_code=trust_remote_code)
         return auto_class.from_pretrained(path, dtype=PARAM_DTYPES[param_dtype], use_safetensors=True,
                                           trust_remote_code=trust_remote_code, **source, **kwargs)
     except (OSError, ValueError) as exc:
@@ -283,16 +295,17 @@ def load_causal_lm(path: str, device: torch.device, trust_remote_code: bool = Fa
     whose ``disable_adapter()`` gives the base back; ``merge_adapters``: one plain merged model)."""
     from transformers import AutoModelForCausalLM
 
+    empty = device.type == "meta"  # the structure only (see safe_from_pretrained)
     if is_adapter_checkpoint(path):
         from peft import PeftModel
 
         base = disable_dropout(safe_from_pretrained(AutoModelForCausalLM, adapter_base(path), trust_remote_code,
-                                                    param_dtype=param_dtype))
+                                                    param_dtype=param_dtype, empty=empty))
         model = PeftModel.from_pretrained(base, path)
         if merge_adapters:
             model = model.merge_and_unload()
         return disable_dropout(model).to(device)
-    model = safe_from_pretrained(AutoModelForCausalLM, path, trust_remote_code, param_dtype=param_dtype)
+    model = safe_from_pretrained(AutoModelForCausalLM, path, trust_remote_code, param_dtype=param_dtype, empty=empty)
     return disable_dropout(model).to(device)
 
 
@@ -371,15 +384,16 @@ def trainable_lora_policy(path: str, lora, device: torch.device, trust_remote_co
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    empty = device.type == "meta"  # the structure only (see safe_from_pretrained)
     if is_adapter_checkpoint(path):
         base_path = adapter_base(path)
         base = disable_dropout(safe_from_pretrained(AutoModelForCausalLM, base_path, trust_remote_code,
-                                                    param_dtype=param_dtype))
+                                                    param_dtype=param_dtype, empty=empty))
         policy = PeftModel.from_pretrained(base, path, is_trainable=True)
     else:
         base_path = path
         base = disable_dropout(safe_from_pretrained(AutoModelForCausalLM, path, trust_remote_code,
-                                                    param_dtype=param_dtype))
+                                                    param_dtype=param_dtype, empty=empty))
         policy = get_peft_model(base, lora_config(lora))
     # The checkpoint points at its base: a local directory as an absolute path, so plain peft loads the adapters
     # from any working directory (adapter_base still finds a moved repo's models/sft next to the checkpoint).
@@ -674,7 +688,8 @@ def load_actor_critic(path: str, critic: str, device: torch.device, trust_remote
     ``critic_init`` (algorithm.critic_init, critic ``separate``): models/sft (the default: the SFT backbone, V=0),
     or a reward model's directory whose backbone and score head become the critic when the checkpoint has none
     yet (round 1, from sft), so that V(s) at the last token starts as the reward model's score (as TRL's PPO
-    starts its value model)."""
+    starts its value model).
+    ``device`` meta: the same modules with no weights read (FSDP2 ranks other than 0; ``safe_from_pretrained``)."""
     from safetensors.torch import load_file
     from transformers import AutoModel
 
@@ -689,12 +704,15 @@ def load_actor_critic(path: str, critic: str, device: torch.device, trust_remote
     if critic == "separate":
         critic_dir = Path(path) / CRITIC_DIR
         if not critic_dir.is_dir() and critic_init and Path(critic_init).resolve() != Path(checkpoint_dir("sft")).resolve():
-            critic_backbone, head = critic_from_reward_model(critic_init, policy.config, trust_remote_code, param_dtype)
-            value_head.load_state_dict(head)
+            critic_backbone, head = critic_from_reward_model(critic_init, policy.config, trust_remote_code, param_dtype,
+                                                             empty=device.type == "meta")
+            if device.type != "meta":  # a meta score head has no values to copy
+                value_head.load_state_dict(head)
             return ActorCritic(policy, value_head.to(device), disable_dropout(critic_backbone).to(device))
         source = str(critic_dir) if critic_dir.is_dir() else adapter_base(path) if is_adapter_checkpoint(path) else path
         critic_backbone = disable_dropout(safe_from_pretrained(AutoModel, source, trust_remote_code,
-                                                               param_dtype=param_dtype)).to(device)
+                                                               param_dtype=param_dtype,
+                                                               empty=device.type == "meta")).to(device)
         head_file = critic_dir / VALUE_HEAD_FILE
     else:
         head_file = Path(path) / VALUE_HEAD_FILE
@@ -703,7 +721,8 @@ def load_actor_critic(path: str, critic: str, device: torch.device, trust_remote
     return ActorCritic(policy, value_head.to(device), critic_backbone)
 
 
-def critic_from_reward_model(path: str, policy_config, trust_remote_code: bool = False, param_dtype: str = "float32"):
+def critic_from_reward_model(path: str, policy_config, trust_remote_code: bool = False, param_dtype: str = "float32",
+                             empty: bool = False):
     """(backbone, value-head state) from a one-output decoder reward model at ``path`` (a ``*ForSequenceClassification``
     with a linear ``score`` head that reads the last token, as transformers' decoder classifiers do).  Its
     vocabulary must be the policy's: the critic reads the policy's token ids."""
@@ -711,7 +730,8 @@ def critic_from_reward_model(path: str, policy_config, trust_remote_code: bool =
 
     from rlhf_core.errors import ConfigError
 
-    model = safe_from_pretrained(AutoModelForSequenceClassification, path, trust_remote_code, param_dtype=param_dtype)
+    model = safe_from_pretrained(AutoModelForSequenceClassification, path, trust_remote_code, param_dtype=param_dtype,
+                                 empty=empty)
     score = getattr(model, "score", None)
     if not isinstance(score, nn.Linear) or score.out_features != 1:
         raise ConfigError(f"algorithm.critic_init: {path} is a {type(model).__name__}; a critic starts from a one-output "

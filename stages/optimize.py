@@ -24,6 +24,7 @@ def main(params, args):
 
 def _train_and_save(params, round_key, start_from, train, seed, runtime):
     from rlhf_core.algorithms.common import Experience, correction_weights
+    from rlhf_core.distributed import local_parameter_bytes
     from rlhf_core.models import (checkpoint_dir, enable_gradient_checkpointing, load_actor_critic, load_tokenizer,
                                   save_checkpoint)
     from rlhf_core.optim import load_optimizer_state, save_optimizer_state
@@ -52,9 +53,12 @@ def _train_and_save(params, round_key, start_from, train, seed, runtime):
                                                                        params.rollout_correction, correction)
 
     tokenizer = load_tokenizer(checkpoint_dir(start_from), params.trust_remote_code)
-    model = load_actor_critic(checkpoint_dir(start_from), params.algorithm.critic, device,
+    # fsdp: ranks other than 0 build the structure only (meta) and get their shards from rank 0 (runtime.prepare)
+    model = load_actor_critic(checkpoint_dir(start_from), params.algorithm.critic, runtime.load_device,
                               params.trust_remote_code, lora=params.lora, param_dtype=params.compute.param_dtype,
                               critic_init=params.algorithm.critic_init)
+    # what each process read from disk (fsdp: rank 0 only); every rank joins the gather
+    loaded_bytes = runtime.all_gather(local_parameter_bytes(model))
     if params.compute.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     # optim.carry_state: AdamW continues from the state saved beside the start checkpoint (none beside sft)
@@ -74,6 +78,8 @@ def _train_and_save(params, round_key, start_from, train, seed, runtime):
                     **({"critic_warmup_epochs": warmup} if warmup else {}))
     if carry is not None:
         metrics["optimizer_state_carried"] = carry.get("carried_in", False)
+    if runtime.distributed:
+        metrics["loaded_parameter_bytes_other_ranks"] = max(loaded_bytes[1:])
     full_state = runtime.full_state_dict(model)  # fsdp: gathered from the shards (every rank joins)
     if not runtime.is_main:  # rank 0 alone writes the checkpoint and the metrics
         return

@@ -146,6 +146,8 @@ def test_two_process_fsdp_optimize_matches_one_process_with_half_the_parameters_
     assert metrics[1]["grad_norm"] == pytest.approx(metrics[0]["grad_norm"], rel=1e-4)
     share = metrics[1]["parameter_bytes_per_process"] / metrics[0]["parameter_bytes_per_process"]
     assert 0.45 < share < 0.55, share
+    # rank 1 built the model on the meta device and got its shards from rank 0: it read no weights
+    assert metrics[1]["loaded_parameter_bytes_other_ranks"] == 0
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(fsdp / "models/r1")  # plain transformers loads the gathered checkpoint
@@ -163,6 +165,7 @@ def test_two_process_deepspeed_optimize_matches_one_process(workspace, tmp_path,
     result = _launch(work, "stages.optimize", "--round", "r1")
     assert "configs/accelerate/deepspeed.yaml" in result.stderr
     metrics = _same_update_as_one_process(workspace, work)
+    assert metrics[1]["loaded_parameter_bytes_other_ranks"] == metrics[0]["parameter_bytes_per_process"]
     assert metrics[1]["grad_norm"] == pytest.approx(metrics[0]["grad_norm"], rel=1e-4)
     assert metrics[0]["grad_norm"] > 1.0  # optim.max_grad_norm (1.0) clipped these steps, in both runs
     share = metrics[1]["parameter_bytes_per_process"] / metrics[0]["parameter_bytes_per_process"]
@@ -170,6 +173,30 @@ def test_two_process_deepspeed_optimize_matches_one_process(workspace, tmp_path,
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(work / "models/r1")
+
+
+@MULTI_PROCESS
+def test_two_process_fsdp_with_a_separate_critic_loads_on_rank_0_only(workspace, tmp_path):
+    """algorithm.critic: separate under fsdp: rank 1 builds policy and critic backbone on the meta device (no weights
+    read) and gets both from rank 0; the update, critic included, is the one-process update."""
+    import json
+
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, strategy, processes in (("one", "ddp", 1), ("fsdp", "fsdp", 2)):
+        work = _copy_with(workspace, tmp_path / name, processes, drop=("models/r1",), strategy=strategy)
+        raw = yaml.safe_load((work / "params.yaml").read_text())
+        raw["algorithm"]["critic"] = "separate"
+        (work / "params.yaml").write_text(yaml.safe_dump(raw))
+        _launch(work, "stages.optimize", "--round", "r1")
+        runs[name] = work
+    for part in ("model.safetensors", "critic/model.safetensors", "critic/value_head.safetensors"):
+        one, got = (load_file(str(runs[name] / "models/r1" / part)) for name in ("one", "fsdp"))
+        assert _max_relative_difference(one, got) < 1e-4, part
+    metrics = [json.loads((runs[name] / "metrics/r1/optimize.json").read_text()) for name in ("one", "fsdp")]
+    assert metrics[1]["loaded_parameter_bytes_other_ranks"] == 0
+    assert metrics[1]["grad_norm"] == pytest.approx(metrics[0]["grad_norm"], rel=1e-4)
 
 
 def test_launcher_runs_one_process_in_process_and_builds_the_accelerate_command(monkeypatch, tmp_path):

@@ -165,3 +165,72 @@ def test_fsdp2_carries_the_optimizer_state_like_one_process(tmp_path):
         assert difference <= 1e-4 * max(value.abs().max().item(), 1e-3), (key, difference)
     gap = max((one.state_dict()[k] - fresh.state_dict()[k]).abs().max().item() for k in one.state_dict())
     assert gap > 1e-3  # carrying the state changes round 2: the check above could not pass by accident
+
+
+def test_a_meta_load_builds_the_same_modules_and_reads_no_weights(tiny_checkpoint, monkeypatch):
+    """load_actor_critic on the meta device (what fsdp ranks other than 0 do): the parameter names, shapes and
+    dtypes of a real load, with and without LoRA and a separate critic, and not one weight file opened."""
+    import safetensors.torch
+
+    from rlhf_core.config import params_from_dict
+    from rlhf_core.models import load_actor_critic
+
+    lora = params_from_dict({"lora": {"enabled": True, "r": 4}}).lora
+    for critic, lora_params in (("value_head", None), ("separate", lora)):
+        real = load_actor_critic(str(tiny_checkpoint), critic, torch.device("cpu"), lora=lora_params)
+        reads = []
+        monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: reads.append(a))
+        empty = load_actor_critic(str(tiny_checkpoint), critic, torch.device("meta"), lora=lora_params)
+        monkeypatch.undo()
+        assert [(n, p.shape, p.dtype) for n, p in empty.named_parameters()] == \
+            [(n, p.shape, p.dtype) for n, p in real.named_parameters()]
+        assert all(p.is_meta for p in empty.parameters()) and not reads
+
+
+def _rank_from_meta(rank: int, world_size: int, init_file: str, out: str) -> None:
+    """Rank 0 holds a bf16 policy (as ``param_dtype: auto`` loads a bf16 checkpoint); rank 1 builds the structure on
+    the meta device in float32, as its from_config would: shard_fsdp2_from_rank0 gives it rank 0's dtypes and
+    weights, buffers included."""
+    import torch.distributed as dist
+
+    from rlhf_core import distributed
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    runtime = distributed.Runtime(device=torch.device("cpu"), rank=rank, world_size=world_size, strategy="fsdp")
+    distributed._CURRENT = runtime
+    if rank == 0:
+        model = untied_actor_critic()
+        model.policy.to(torch.bfloat16)
+    else:
+        with torch.device("meta"):
+            model = untied_actor_critic()
+    metrics = train(model)
+    state = runtime.full_state_dict(model)
+    if rank == 0:
+        torch.save({"state": state, "metrics": metrics}, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.e2e  # two gloo processes
+def test_fsdp2_fills_a_meta_rank_from_rank_0_with_rank_0_dtypes(tmp_path):
+    import torch.multiprocessing as mp
+
+    one = untied_actor_critic()
+    one.policy.to(torch.bfloat16)
+    before = {k: v.float().clone() for k, v in one.state_dict().items()}
+    one_metrics = train(one)
+    os.environ.setdefault("RLHF_PROGRESS", "off")
+    mp.spawn(_rank_from_meta, args=(2, str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=2, join=True)
+    result = torch.load(tmp_path / "out.pt", weights_only=False)
+    assert {key: value.dtype for key, value in result["state"].items()} == \
+        {key: value.dtype for key, value in one.state_dict().items()}
+
+    def update(state):
+        return torch.cat([(state[key].float() - before[key]).flatten() for key in sorted(before)])
+
+    # the same bf16 update up to rounding; a rank left with garbage or zeros would be far off
+    assert update(one.state_dict()).norm() > 1e-2
+    assert (update(result["state"]) - update(one.state_dict())).norm() / update(one.state_dict()).norm() < 0.15
+    assert result["metrics"]["grad_norm"] == pytest.approx(one_metrics["grad_norm"], rel=2e-2)
