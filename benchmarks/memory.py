@@ -4,8 +4,10 @@
 
 Configurations: float32 weights; bfloat16 weights (compute.param_dtype); bfloat16 + gradient checkpointing
 (compute.gradient_checkpointing); FSDP2 with 2 processes (compute.strategy: fsdp, gloo on CPU), float32 and
-bfloat16 + checkpointing.  Each runs in fresh processes (the FSDP ones under `accelerate launch`, as the
-pipeline runs them): the model is loaded with ``load_actor_critic``, then ``train_ppo`` makes one epoch over
+bfloat16 + checkpointing; DeepSpeed ZeRO-2 and ZeRO-3 with 2 processes (compute.strategy: deepspeed), float32.
+Each runs in fresh processes (the 2-process ones under `accelerate launch`, as the pipeline runs them): the model
+is loaded with ``load_actor_critic`` on ``Runtime.load_device`` (fsdp: rank 1 builds it on the meta device and
+gets its shards from rank 0), then ``train_ppo`` makes one epoch over
 16 responses of 128 prompt + 128 response tokens in micro-batches of 4.  Per process it reports, above the
 resident memory after the imports, the peak while loading the model and the peak during the round
 (VmHWM, reset between the two), and the parameter bytes the process holds.  CPU only here; on a GPU the same levers act on
@@ -26,12 +28,14 @@ from pathlib import Path
 
 from common import REPO, machine, write_report
 
-CONFIGS = [  # (label, processes, param_dtype, gradient_checkpointing)
-    ("float32", 1, "float32", False),
-    ("bfloat16", 1, "bfloat16", False),
-    ("bfloat16 + gradient checkpointing", 1, "bfloat16", True),
-    ("FSDP2, 2 processes, float32", 2, "float32", False),
-    ("FSDP2, 2 processes, bfloat16 + checkpointing", 2, "bfloat16", True),
+CONFIGS = [  # (label, processes, strategy, param_dtype, gradient_checkpointing)
+    ("float32", 1, "ddp", "float32", False),
+    ("bfloat16", 1, "ddp", "bfloat16", False),
+    ("bfloat16 + gradient checkpointing", 1, "ddp", "bfloat16", True),
+    ("FSDP2, 2 processes, float32", 2, "fsdp", "float32", False),
+    ("FSDP2, 2 processes, bfloat16 + checkpointing", 2, "fsdp", "bfloat16", True),
+    ("DeepSpeed ZeRO-2, 2 processes, float32", 2, "zero2", "float32", False),
+    ("DeepSpeed ZeRO-3, 2 processes, float32", 2, "zero3", "float32", False),
 ]
 RESPONSES, PROMPT_TOKENS, RESPONSE_TOKENS, MICRO_BATCH = 16, 128, 128, 4
 
@@ -73,13 +77,15 @@ def worker(args) -> None:
     after_imports = status_mb("VmRSS")
     params = params_from_dict({
         "device": "cpu", "cpu_threads": 1,
-        "compute": {"num_processes": args.processes, "strategy": "fsdp" if args.processes > 1 else "ddp",
-                    "param_dtype": args.param_dtype, "gradient_checkpointing": args.checkpointing},
+        "compute": {"num_processes": args.processes, "param_dtype": args.param_dtype,
+                    "gradient_checkpointing": args.checkpointing,
+                    **({"strategy": "deepspeed", "zero_stage": int(args.strategy[-1])}
+                       if args.strategy.startswith("zero") else {"strategy": args.strategy})},
         "optim": {"epochs": 1, "minibatch_size": RESPONSES, "micro_batch_size": MICRO_BATCH},
         "ppo": {"target_kl": None}})
     seed_everything(0)
     runtime = start_runtime(params)
-    model = load_actor_critic(args.checkpoint, "value_head", runtime.device, param_dtype=args.param_dtype)
+    model = load_actor_critic(args.checkpoint, "value_head", runtime.load_device, param_dtype=args.param_dtype)
     if args.checkpointing:
         enable_gradient_checkpointing(model)
     load_peak = status_mb("VmHWM")
@@ -107,18 +113,21 @@ def worker(args) -> None:
     runtime.close()
 
 
-def run_config(checkpoint: Path, processes: int, param_dtype: str, checkpointing: bool) -> list[dict]:
+def run_config(checkpoint: Path, processes: int, strategy: str, param_dtype: str, checkpointing: bool) -> list[dict]:
     result_dir = Path(tempfile.mkdtemp(prefix="memory-", dir=checkpoint.parent))
     script = [str(Path(__file__).resolve()), "--worker", "--checkpoint", str(checkpoint), "--processes",
-              str(processes), "--param-dtype", param_dtype, "--result-dir", str(result_dir)]
+              str(processes), "--strategy", strategy, "--param-dtype", param_dtype, "--result-dir", str(result_dir)]
     script += ["--checkpointing"] if checkpointing else []
     if processes == 1:
         command = [sys.executable, *script]
     else:
         from rlhf_core.launch import free_port
 
+        from rlhf_core.launch import accelerate_config
+
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                   str(REPO / "configs/accelerate/fsdp.yaml"), "--num_processes", str(processes),
+                   str(accelerate_config("deepspeed" if strategy.startswith("zero") else strategy)),
+                   "--num_processes", str(processes),
                    "--mixed_precision", "no", "--main_process_port", str(free_port()), *script]
     # glibc raises its mmap threshold after large frees and then keeps freed tensors in the heap, so the
     # resident memory would show what the allocator cached, not what torch holds: a fixed threshold returns
@@ -139,7 +148,7 @@ def render(path: Path) -> str:
     for config in report["configs"]:
         ranks = config["ranks"]
         rows.append([config["label"], f"{max(r['parameter_mb'] for r in ranks):.0f}",
-                     f"{max(r['load_peak_mb'] - r['after_imports_mb'] for r in ranks):.0f}",
+                     " / ".join(f"{r['load_peak_mb'] - r['after_imports_mb']:.0f}" for r in ranks),
                      f"{max(r['round_peak_mb'] - r['after_imports_mb'] for r in ranks):.0f}",
                      f"{max(r['seconds'] for r in ranks):.1f}"])
     model = report["model"]
@@ -147,12 +156,14 @@ def render(path: Path) -> str:
              f"parameters (hidden {model['hidden']}, {model['layers']} layers, vocabulary {model['vocab']}, untied "
              f"head), {RESPONSES} responses of {PROMPT_TOKENS} + {RESPONSE_TOKENS} tokens, micro-batches of "
              f"{MICRO_BATCH}; {report['machine']}, CPU (`python benchmarks/memory.py`).", "",
-             *markdown_table(["configuration", "parameters held, MB", "loading peak, MB", "round peak, MB",
-                              "round, s"], rows), "",
+             *markdown_table(["configuration", "parameters held, MB", "loading peak, MB (rank 0 / 1)",
+                              "round peak, MB", "round, s"], rows), "",
              "Resident memory above what the process held after its imports (torch and transformers alone hold "
-             "about 220 MB): the peak while loading the model, and the peak during the PPO round (weights, "
-             "gradients, AdamW state and activations). FSDP2 rows: the larger of the two processes; each loads the "
-             "whole model before sharding it, so its loading peak is not smaller."]
+             "about 220 MB): the peak while loading the model (each process), and the peak during the PPO round "
+             "(weights, gradients, AdamW state and activations; the larger of the two processes). Under FSDP2 only "
+             "rank 0 reads the checkpoint: rank 1 builds the model on the meta device and receives its shards. "
+             "ZeRO-2 keeps whole weights in every process and partitions gradients and AdamW's state (with a float32 "
+             "copy of its partition of the weights); ZeRO-3 partitions the weights too."]
     return "\n".join(lines)
 
 
@@ -161,6 +172,7 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--processes", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--strategy", default="ddp", help=argparse.SUPPRESS)
     parser.add_argument("--param-dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result-dir", help=argparse.SUPPRESS)
@@ -176,10 +188,10 @@ def main() -> None:
         checkpoint = Path(tmp) / "llama"
         parameters = make_checkpoint(checkpoint, args.hidden, args.layers, args.vocab)
         configs = []
-        for label, processes, param_dtype, checkpointing in CONFIGS:
-            ranks = run_config(checkpoint, processes, param_dtype, checkpointing)
+        for label, processes, strategy, param_dtype, checkpointing in CONFIGS:
+            ranks = run_config(checkpoint, processes, strategy, param_dtype, checkpointing)
             print(f"{label}: {ranks}", file=sys.stderr, flush=True)
-            configs.append({"label": label, "processes": processes, "param_dtype": param_dtype,
+            configs.append({"label": label, "processes": processes, "strategy": strategy, "param_dtype": param_dtype,
                             "gradient_checkpointing": checkpointing, "ranks": ranks})
     report = {"machine": machine(), "model": {"parameters": parameters, "hidden": args.hidden, "layers": args.layers,
                                               "vocab": args.vocab}, "configs": configs}

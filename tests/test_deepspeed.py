@@ -20,12 +20,17 @@ pytest.importorskip("deepspeed")  # in requirements.lock; a bare `pip install -e
 def test_the_deepspeed_config_needs_no_dataloader_and_clips_at_optim_max_grad_norm():
     from rlhf_core.distributed import deepspeed_config
 
-    config = deepspeed_config(3, micro_batch_size=4, world_size=2, max_grad_norm=0.5)
+    config = deepspeed_config(3, micro_batch_size=4, world_size=2, max_grad_norm=0.5, hidden_size=64)
     assert config["train_micro_batch_size_per_gpu"] == 4 and config["gradient_accumulation_steps"] == 1
     assert config["train_batch_size"] == 8  # = micro × accumulation × world, as DeepSpeed checks; never "auto"
-    assert config["gradient_clipping"] == 0.5 and config["zero_optimization"] == {"stage": 3}
+    assert config["gradient_clipping"] == 0.5
+    # buckets from the hidden size, as transformers' Trainer sizes DeepSpeed's "auto" (never DeepSpeed's 5e8)
+    assert config["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 4096, "stage3_prefetch_bucket_size": 3686,
+                                           "stage3_param_persistence_threshold": 640}
     assert config["bf16"] == {"enabled": False} and config["fp16"] == {"enabled": False}  # nothing cast
-    assert deepspeed_config(2, 1, 4, None)["gradient_clipping"] == 0.0  # optim.max_grad_norm: null is DeepSpeed's off
+    zero2 = deepspeed_config(2, 1, 4, None, hidden_size=64)
+    assert zero2["gradient_clipping"] == 0.0  # optim.max_grad_norm: null is DeepSpeed's off
+    assert zero2["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 4096, "allgather_bucket_size": 4096}
 
 
 def test_deepspeed_params_are_checked():
