@@ -587,8 +587,13 @@ class Params(Section):
         if compute.strategy in ("fsdp", "deepspeed") and compute.mixed_precision == "fp16":
             raise ConfigError(f"compute.mixed_precision = 'fp16': not supported with compute.strategy = "
                               f"{compute.strategy!r} (no sharded loss scaler); use 'bf16' or 'no'")
-        if compute.strategy == "deepspeed":
+        if compute.strategy == "deepspeed" and compute.num_processes * compute.num_machines > 1:
             # ZeRO keeps AdamW's state as flat per-rank partitions, and its gradients in its own buffers
+            if compute.zero_stage == 3 and compute.param_dtype == "bfloat16":
+                raise ConfigError("compute.zero_stage = 3: needs every weight in one dtype, and with param_dtype "
+                                  "bfloat16 the value head stays float32; set compute.param_dtype: float32 with "
+                                  "compute.mixed_precision: bf16 (no more partitioned memory than bf16 weights with "
+                                  "float32 master copies), or zero_stage: 2")
             for key, value, why in (
                     ("optim.carry_state", self.optim.carry_state,
                      "the AdamW state is kept as ZeRO's flat partitions, not by parameter name; set it to false or use "

@@ -63,6 +63,7 @@ class Runtime:
     strategy: str = "ddp"
     zero_stage: int = 2  # compute.zero_stage under deepspeed
     engine: Any = None  # the DeepSpeed engine, once ``prepare`` has made it
+    engine_max_grad_norm: float | None = None  # the clipping norm the engine was configured with
 
     @property
     def deepspeed(self) -> bool:
@@ -149,6 +150,7 @@ class Runtime:
                                   "float32 master copies), or zero_stage: 2")
             from rlhf_core.models import hidden_size_of
 
+            self.engine_max_grad_norm = max_grad_norm
             self.engine, optimizer = initialize_deepspeed(model, optimizer, deepspeed_config(
                 self.zero_stage, micro_batch_size, self.world_size, max_grad_norm,
                 hidden_size_of(model.policy.config)), self.device)
@@ -216,11 +218,14 @@ class Runtime:
 
         Plain, ddp and fsdp: clip, ``check``, then step, so a non-finite gradient never reaches the weights.
         deepspeed: the engine computes the norm over ZeRO's gradient partitions, clips (the config's
-        ``gradient_clipping``) and steps in one call; ``check`` comes after it, so a NaN gradient has reached
-        this process's weights, but ``check`` stops the stage before anything is written."""
+        ``gradient_clipping``, ``max_norm`` as given to ``prepare``) and steps in one call, then ``check`` sees the
+        norm.  ZeRO skips a step whose norm is not finite and reports inf (with float32 weights first; with
+        bfloat16 ones it may step), and either way ``check`` stops the stage before anything is written."""
         import math
 
         if self.deepspeed:
+            if max_norm != self.engine_max_grad_norm:
+                raise ValueError(f"clip_and_step: max_norm {max_norm} is not the engine's {self.engine_max_grad_norm}")
             self.engine.step()
             norm = self.engine.get_global_grad_norm()
             norm = float(norm.item() if hasattr(norm, "item") else norm)
@@ -343,21 +348,31 @@ def deepspeed_config(zero_stage: int, micro_batch_size: int, world_size: int, ma
       h² elements per reduce / all-gather bucket, 0.9·h² to prefetch, and tensors under 10·h kept whole under ZeRO-3.
       DeepSpeed's defaults (5·10⁸ elements) are for large models: with a 60M-parameter model they took 2.3 GB more
       per process than one process's whole round."""
+    bucket = hidden_size * hidden_size + (hidden_size * hidden_size) % 2  # ZeRO-2 wants an even all-gather bucket
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": 1,
         "train_batch_size": micro_batch_size * world_size,
         "gradient_clipping": 0.0 if max_grad_norm is None else float(max_grad_norm),
-        "zero_optimization": {"stage": zero_stage, "reduce_bucket_size": hidden_size * hidden_size,
+        "zero_optimization": {"stage": zero_stage, "reduce_bucket_size": bucket,
                               **({"stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
                                   "stage3_param_persistence_threshold": 10 * hidden_size} if zero_stage == 3 else
-                                 {"allgather_bucket_size": hidden_size * hidden_size})},
+                                 {"allgather_bucket_size": bucket})},
         "bf16": {"enabled": False},
         "fp16": {"enabled": False},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2 ** 31 - 1,
         "wall_clock_breakdown": False,
     }
+
+
+def require_deepspeed() -> None:
+    """One line, not an ImportError traceback, when compute.strategy is deepspeed and deepspeed is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("compute.strategy = 'deepspeed': deepspeed is not installed; `pip install deepspeed` "
+                          "(requirements.lock has it), or use strategy fsdp")
 
 
 def initialize_deepspeed(model, optimizer, config: dict, device):
@@ -368,11 +383,9 @@ def initialize_deepspeed(model, optimizer, config: dict, device):
     import warnings
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if device.type == "cpu" else "cuda")
-    try:
-        import deepspeed
-    except ImportError as exc:
-        raise ConfigError("compute.strategy = 'deepspeed': deepspeed is not installed; "
-                          "`pip install deepspeed` (it is in requirements.lock)") from exc
+    require_deepspeed()
+    import deepspeed
+
     logger = logging.getLogger("DeepSpeed")
     logger.setLevel(logging.WARNING)
     # ZeRO-3 hooks look for tensors in each module's inputs and outputs; the ActorCritic's own (a TokenBatch in, a
@@ -401,16 +414,17 @@ def shard_fsdp2_from_rank0(model, device, runtime) -> None:
         shard_fsdp2(model, device)
         return
     tensors = [*model.named_parameters(), *model.named_buffers()]
-    layout = [(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in tensors]
-    rank0_layout = runtime.all_gather(layout)[0]
-    if [entry[:2] for entry in layout] != [entry[:2] for entry in rank0_layout]:
-        mine = {entry[:2] for entry in layout}
-        differing = [name for name, shape, _ in rank0_layout if (name, shape) not in mine][:3]
-        from rlhf_core.errors import DataError
+    layouts = runtime.all_gather([(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in tensors])
+    rank0_layout = layouts[0]
+    for rank, layout in enumerate(layouts):  # every rank sees every layout, so every rank stops alike
+        if [entry[:2] for entry in layout] != [entry[:2] for entry in rank0_layout]:
+            from rlhf_core.errors import DataError
 
-        raise DataError(f"fsdp: rank {runtime.rank} built a model whose parameters differ from rank 0's "
-                        f"({', '.join(differing) or 'their order'}): every machine must see the same checkpoint "
-                        "(the shared filesystem of compute.num_machines)")
+            theirs = {entry[:2] for entry in layout}
+            differing = [name for name, shape, _ in rank0_layout if (name, shape) not in theirs][:3]
+            raise DataError(f"fsdp: rank {rank} built a model whose parameters differ from rank 0's "
+                            f"({', '.join(differing) or 'their order'}): every machine must see the same checkpoint "
+                            "(the shared filesystem of compute.num_machines)")
     if empty:  # rank 0's dtypes, parameters and buffers (a bf16 cast also casts rotary tables); free on meta
         for (_, tensor), (_, _, dtype) in zip(tensors, rank0_layout):
             tensor.data = tensor.data.to(getattr(torch, dtype))
@@ -479,6 +493,8 @@ def start_runtime(params) -> Runtime:
             torch.cuda.set_device(device)
     runtime = Runtime(device=device, rank=accelerator.process_index, world_size=accelerator.num_processes,
                       accelerator=accelerator, strategy=compute.strategy, zero_stage=compute.zero_stage or 2)
+    if runtime.deepspeed:  # before any model is loaded
+        require_deepspeed()
     if not runtime.is_main:  # one progress display and one log, from rank 0
         os.environ["RLHF_PROGRESS"] = "off"
     _CURRENT = runtime

@@ -16,8 +16,10 @@ the log-softmax, exactly as the sampler did.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -289,6 +291,17 @@ def safe_from_pretrained(auto_class, path: str, trust_remote_code: bool = False,
                         "pickle checkpoints (.bin/.pt) are refused: convert them with save_pretrained") from None
 
 
+@contextlib.contextmanager
+def meta_copies_quiet(empty: bool):
+    """On the meta device (``empty``), loading adapter weights into the meta modules is a no-op that torch warns
+    about once per tensor (hundreds of lines for a 7B model's adapters); the values come from rank 0 instead."""
+    with warnings.catch_warnings():
+        if empty:
+            warnings.filterwarnings("ignore", message=r".*copying from a non-meta parameter in the checkpoint to a "
+                                                      r"meta parameter")
+        yield
+
+
 def load_causal_lm(path: str, device: torch.device, trust_remote_code: bool = False, *, merge_adapters: bool = False,
                    param_dtype: str = "float32"):
     """A causal LM from a model directory, or from a LoRA checkpoint (adapters + their base, as a peft model
@@ -301,7 +314,8 @@ def load_causal_lm(path: str, device: torch.device, trust_remote_code: bool = Fa
 
         base = disable_dropout(safe_from_pretrained(AutoModelForCausalLM, adapter_base(path), trust_remote_code,
                                                     param_dtype=param_dtype, empty=empty))
-        model = PeftModel.from_pretrained(base, path)
+        with meta_copies_quiet(empty):
+            model = PeftModel.from_pretrained(base, path)
         if merge_adapters:
             model = model.merge_and_unload()
         return disable_dropout(model).to(device)
@@ -389,7 +403,8 @@ def trainable_lora_policy(path: str, lora, device: torch.device, trust_remote_co
         base_path = adapter_base(path)
         base = disable_dropout(safe_from_pretrained(AutoModelForCausalLM, base_path, trust_remote_code,
                                                     param_dtype=param_dtype, empty=empty))
-        policy = PeftModel.from_pretrained(base, path, is_trainable=True)
+        with meta_copies_quiet(empty):
+            policy = PeftModel.from_pretrained(base, path, is_trainable=True)
     else:
         base_path = path
         base = disable_dropout(safe_from_pretrained(AutoModelForCausalLM, path, trust_remote_code,

@@ -48,12 +48,18 @@ def test_deepspeed_params_are_checked():
     with pytest.raises(ConfigError, match=r"^compute.mixed_precision = 'fp16': not supported with compute.strategy = "
                                           r"'deepspeed'"):
         params_from_dict({"compute": {"num_processes": 2, "strategy": "deepspeed", "mixed_precision": "fp16"}})
+    two = {"strategy": "deepspeed", "num_processes": 2}
     with pytest.raises(ConfigError, match=r"^optim.carry_state = True: not supported with compute.strategy = "
                                           r"'deepspeed' \(the AdamW state is kept as ZeRO's flat partitions"):
-        params_from_dict({"compute": {"strategy": "deepspeed"}, "optim": {"carry_state": True}})
+        params_from_dict({"compute": two, "optim": {"carry_state": True}})
     with pytest.raises(ConfigError, match=r"^algorithm.critic_warmup_epochs = 2: not supported with "
                                           r"compute.strategy = 'deepspeed'"):
-        params_from_dict({"compute": {"strategy": "deepspeed"}, "algorithm": {"critic_warmup_epochs": 2}})
+        params_from_dict({"compute": two, "algorithm": {"critic_warmup_epochs": 2}})
+    # one process runs no ZeRO: nothing to refuse
+    params_from_dict({"compute": {"strategy": "deepspeed"}, "optim": {"carry_state": True}})
+    with pytest.raises(ConfigError, match=r"^compute.zero_stage = 3: needs every weight in one dtype, and with "
+                                          r"param_dtype bfloat16 the value head stays float32"):
+        params_from_dict({"compute": {**two, "zero_stage": 3, "param_dtype": "bfloat16"}})
 
 
 def test_zero3_refuses_weights_of_two_dtypes_in_one_line():
@@ -71,6 +77,17 @@ def test_zero3_refuses_weights_of_two_dtypes_in_one_line():
         runtime.prepare(model, lambda trainable: (torch.optim.AdamW(trainable), None))
 
 
+def test_without_deepspeed_the_strategy_stops_in_one_line(monkeypatch):
+    import importlib.util
+
+    from rlhf_core.distributed import require_deepspeed
+    from rlhf_core.errors import ConfigError
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"^compute.strategy = 'deepspeed': deepspeed is not installed; "):
+        require_deepspeed()
+
+
 def early_stop_params():
     from rlhf_core.config import params_from_dict
 
@@ -84,6 +101,54 @@ def train_until_stop(model) -> dict:
 
     return train_ppo(model, experience(), early_stop_params(), temperature=1.0, pad_id=0,
                      device=torch.device("cpu"), seed=0, log=lambda *_: None)
+
+
+def bf16_policy(model):
+    model.policy.to(torch.bfloat16)
+    return model
+
+
+def train_bf16_round(model) -> dict:
+    from rlhf_core.algorithms.ppo import train_ppo
+    from test_fsdp import params
+
+    return train_ppo(model, experience(), params(), temperature=1.0, pad_id=0, device=torch.device("cpu"), seed=0,
+                     log=lambda *_: None)
+
+
+def _rank_bf16(rank: int, world_size: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from rlhf_core import distributed
+
+    torch.set_num_threads(1)
+    os.environ["LOCAL_RANK"] = str(rank)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    runtime = distributed.Runtime(device=torch.device("cpu"), rank=rank, world_size=world_size, strategy="deepspeed",
+                                  zero_stage=2)
+    distributed._CURRENT = runtime
+    model = bf16_policy(untied_actor_critic())
+    train_bf16_round(model)
+    if rank == 0:
+        torch.save({key: value.clone() for key, value in model.value_head.state_dict().items()}, out)
+    runtime.close()
+
+
+@pytest.mark.e2e  # two gloo processes
+def test_zero2_trains_the_float32_value_head_beside_bf16_weights_as_one_process_does(tmp_path):
+    """bf16 weights and the float32 value head are two param groups (optim.make_optimizer), so ZeRO-2 flattens each
+    in its own dtype: the head's update is one process's to float32 precision, not rounded to bf16."""
+    import torch.multiprocessing as mp
+
+    one = bf16_policy(untied_actor_critic())
+    before = one.value_head.summary.weight.detach().clone()
+    train_bf16_round(one)
+    os.environ.setdefault("RLHF_PROGRESS", "off")
+    mp.spawn(_rank_bf16, args=(2, str(tmp_path / "init"), str(tmp_path / "head.pt")), nprocs=2, join=True)
+    got, want = torch.load(tmp_path / "head.pt")["summary.weight"], one.value_head.summary.weight.detach()
+    assert got.dtype == torch.float32 and not torch.equal(got.bfloat16().float(), got)
+    assert (want - before).abs().max() > 1e-3  # the head did train
+    assert (got - want).abs().max() / want.abs().max() < 1e-2  # measured 1.2e-3 (the backbone's bf16 rounding)
 
 
 def _rank(rank: int, world_size: int, init_file: str, out: str, zero_stage: int) -> None:
@@ -103,6 +168,45 @@ def _rank(rank: int, world_size: int, init_file: str, out: str, zero_stage: int)
     if rank == 0:
         torch.save({"state": {key: value.clone() for key, value in state.items()}, "metrics": metrics}, out)
     runtime.close()
+
+
+def _rank_grpo(rank: int, world_size: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from rlhf_core import distributed
+    from rlhf_core.algorithms.grpo import train_grpo
+    from rlhf_core.config import params_from_dict
+
+    torch.set_num_threads(1)
+    os.environ["LOCAL_RANK"] = str(rank)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    runtime = distributed.Runtime(device=torch.device("cpu"), rank=rank, world_size=world_size, strategy="deepspeed",
+                                  zero_stage=2)
+    distributed._CURRENT = runtime
+    model = untied_actor_critic()
+    head = {key: value.clone() for key, value in model.value_head.state_dict().items()}
+    params = params_from_dict({"device": "cpu", "algorithm": {"name": "grpo"}, "kl": {"reward_coef": 0.0},
+                               "optim": {"epochs": 1, "minibatch_size": 4, "micro_batch_size": 1, "lr": 1e-2,
+                                         "weight_decay": 0.1}})
+    train_grpo(model, experience(), params, temperature=1.0, pad_id=0, device=torch.device("cpu"), seed=0,
+               log=lambda *_: None)
+    if rank == 0:
+        torch.save({"before": head, "after": model.value_head.state_dict()}, out)
+    runtime.close()
+
+
+@pytest.mark.e2e  # two gloo processes
+def test_zero_leaves_an_unused_value_head_alone(tmp_path):
+    """grpo trains no critic: AdamW skips the value head, which gets no gradient; ZeRO would zero-fill its gradient
+    and decay it.  Under deepspeed it is kept out of the optimizer, so it ends the round as it began."""
+    import torch.multiprocessing as mp
+
+    os.environ.setdefault("RLHF_PROGRESS", "off")
+    mp.spawn(_rank_grpo, args=(2, str(tmp_path / "init"), str(tmp_path / "head.pt")), nprocs=2, join=True)
+    heads = torch.load(tmp_path / "head.pt", weights_only=False)
+    assert heads["before"]["summary.weight"].abs().max() > 0  # a non-zero head, which weight decay would shrink
+    for key, value in heads["before"].items():
+        assert torch.equal(heads["after"][key], value), key
 
 
 @pytest.mark.e2e  # two gloo processes

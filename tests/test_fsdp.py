@@ -167,24 +167,26 @@ def test_fsdp2_carries_the_optimizer_state_like_one_process(tmp_path):
     assert gap > 1e-3  # carrying the state changes round 2: the check above could not pass by accident
 
 
-def test_a_meta_load_builds_the_same_modules_and_reads_no_weights(tiny_checkpoint, monkeypatch):
+def test_a_meta_load_builds_the_same_modules_with_no_weights(tiny_checkpoint, tmp_path):
     """load_actor_critic on the meta device (what fsdp ranks other than 0 do): the parameter names, shapes and
-    dtypes of a real load, with and without LoRA and a separate critic, and not one weight file opened."""
-    import safetensors.torch
-
+    dtypes of a real load, every one of them a meta tensor (no storage: nothing was read into it), for a full
+    model, new LoRA adapters with a separate critic, and a LoRA checkpoint of a later round."""
     from rlhf_core.config import params_from_dict
-    from rlhf_core.models import load_actor_critic
+    from rlhf_core.models import load_actor_critic, load_tokenizer, trainable_lora_policy
 
     lora = params_from_dict({"lora": {"enabled": True, "r": 4}}).lora
-    for critic, lora_params in (("value_head", None), ("separate", lora)):
-        real = load_actor_critic(str(tiny_checkpoint), critic, torch.device("cpu"), lora=lora_params)
-        reads = []
-        monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: reads.append(a))
-        empty = load_actor_critic(str(tiny_checkpoint), critic, torch.device("meta"), lora=lora_params)
-        monkeypatch.undo()
+    adapters = tmp_path / "r1"  # a LoRA round's checkpoint: adapters on the tiny base
+    trainable_lora_policy(str(tiny_checkpoint), lora, torch.device("cpu")).save_pretrained(adapters)
+    load_tokenizer(str(tiny_checkpoint)).save_pretrained(adapters)
+    for path, critic, lora_params in ((tiny_checkpoint, "value_head", None), (tiny_checkpoint, "separate", lora),
+                                      (adapters, "value_head", lora)):
+        real = load_actor_critic(str(path), critic, torch.device("cpu"), lora=lora_params)
+        empty = load_actor_critic(str(path), critic, torch.device("meta"), lora=lora_params)
         assert [(n, p.shape, p.dtype) for n, p in empty.named_parameters()] == \
-            [(n, p.shape, p.dtype) for n, p in real.named_parameters()]
-        assert all(p.is_meta for p in empty.parameters()) and not reads
+            [(n, p.shape, p.dtype) for n, p in real.named_parameters()], (path, critic)
+        assert all(p.is_meta for p in empty.parameters())
+        assert [n for n, p in empty.named_parameters() if p.requires_grad] == \
+            [n for n, p in real.named_parameters() if p.requires_grad]
 
 
 def _rank_from_meta(rank: int, world_size: int, init_file: str, out: str) -> None:

@@ -233,6 +233,11 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
 
     runtime = current()
     optim = params.optim
+    if runtime.deepspeed and not params.trains_value_by_gradient:
+        # grpo, rloo, …: the value head gets no gradient.  AdamW skips such a parameter, but ZeRO zero-fills its
+        # gradient and would step it (weight decay would shrink it); out of the optimizer, it stays as it is.
+        for parameter in critic_parameters(model):
+            parameter.requires_grad_(False)
     per_epoch = math.ceil(len(experience) / optim.minibatch_size)
     total_steps = epochs * per_epoch
     # The optimizer is built over the trainable parameters of the model as wrapped (fsdp shards replace them).
@@ -330,6 +335,8 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
     metrics = {key: float(np.mean(values)) for key, values in history.items()}
     metrics.update(optimizer_steps=steps, planned_steps=total_steps, early_stopped=early_stopped,
                    parameter_bytes_per_process=parameter_bytes)
+    if runtime.engine is not None:  # what DeepSpeed itself ran (compute.strategy: deepspeed)
+        metrics["zero_stage"] = runtime.engine.zero_optimization_stage()
     metrics.update({f"first_minibatch_{key}": float(value) for key, value in (first or {}).items()})
     metrics.update(warmup)
     return metrics
