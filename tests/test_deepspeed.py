@@ -103,6 +103,21 @@ def train_until_stop(model) -> dict:
                      device=torch.device("cpu"), seed=0, log=lambda *_: None)
 
 
+def join_zero(rank: int, world_size: int, init_file: str, zero_stage: int):
+    """In a spawned process: join the gloo group as ``rank`` and make the current runtime a DeepSpeed one."""
+    import torch.distributed as dist
+
+    from rlhf_core import distributed
+
+    torch.set_num_threads(1)
+    os.environ["LOCAL_RANK"] = str(rank)  # what accelerate launch sets, and DeepSpeed checks
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    runtime = distributed.Runtime(device=torch.device("cpu"), rank=rank, world_size=world_size, strategy="deepspeed",
+                                  zero_stage=zero_stage)
+    distributed._CURRENT = runtime
+    return runtime
+
+
 def bf16_policy(model):
     model.policy.to(torch.bfloat16)
     return model
@@ -117,16 +132,7 @@ def train_bf16_round(model) -> dict:
 
 
 def _rank_bf16(rank: int, world_size: int, init_file: str, out: str) -> None:
-    import torch.distributed as dist
-
-    from rlhf_core import distributed
-
-    torch.set_num_threads(1)
-    os.environ["LOCAL_RANK"] = str(rank)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    runtime = distributed.Runtime(device=torch.device("cpu"), rank=rank, world_size=world_size, strategy="deepspeed",
-                                  zero_stage=2)
-    distributed._CURRENT = runtime
+    runtime = join_zero(rank, world_size, init_file, zero_stage=2)
     model = bf16_policy(untied_actor_critic())
     train_bf16_round(model)
     if rank == 0:
@@ -152,16 +158,7 @@ def test_zero2_trains_the_float32_value_head_beside_bf16_weights_as_one_process_
 
 
 def _rank(rank: int, world_size: int, init_file: str, out: str, zero_stage: int) -> None:
-    import torch.distributed as dist
-
-    from rlhf_core import distributed
-
-    torch.set_num_threads(1)
-    os.environ["LOCAL_RANK"] = str(rank)  # what accelerate launch sets, and DeepSpeed checks
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    runtime = distributed.Runtime(device=torch.device("cpu"), rank=rank, world_size=world_size, strategy="deepspeed",
-                                  zero_stage=zero_stage)
-    distributed._CURRENT = runtime
+    runtime = join_zero(rank, world_size, init_file, zero_stage)
     model = untied_actor_critic()
     metrics = train_until_stop(model)
     state = runtime.full_state_dict(model) or model.state_dict()  # ZeRO-2: every rank holds the whole weights
@@ -171,18 +168,10 @@ def _rank(rank: int, world_size: int, init_file: str, out: str, zero_stage: int)
 
 
 def _rank_grpo(rank: int, world_size: int, init_file: str, out: str) -> None:
-    import torch.distributed as dist
-
-    from rlhf_core import distributed
     from rlhf_core.algorithms.grpo import train_grpo
     from rlhf_core.config import params_from_dict
 
-    torch.set_num_threads(1)
-    os.environ["LOCAL_RANK"] = str(rank)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    runtime = distributed.Runtime(device=torch.device("cpu"), rank=rank, world_size=world_size, strategy="deepspeed",
-                                  zero_stage=2)
-    distributed._CURRENT = runtime
+    runtime = join_zero(rank, world_size, init_file, zero_stage=2)
     model = untied_actor_critic()
     head = {key: value.clone() for key, value in model.value_head.state_dict().items()}
     params = params_from_dict({"device": "cpu", "algorithm": {"name": "grpo"}, "kl": {"reward_coef": 0.0},
