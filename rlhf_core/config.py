@@ -493,10 +493,7 @@ class Params(Section):
         if self.optim.minibatch_size % self.optim.micro_batch_size:
             raise ConfigError(f"optim.micro_batch_size = {self.optim.micro_batch_size}: must divide optim.minibatch_size "
                               f"({self.optim.minibatch_size})")
-        group_based = self.algorithm.name in (*GROUP_ADVANTAGES, "rloo") or (
-            self.algorithm.name == "reinforce" and self.reinforce.baseline == "leave_one_out") or (
-            self.algorithm.name == "reinforce_pp" and self.reinforce_pp.baseline == "group_mean")
-        if group_based and self.rollout.samples_per_prompt < 2:
+        if self.has_group_baseline and self.rollout.samples_per_prompt < 2:
             raise ConfigError(f"rollout.samples_per_prompt = {self.rollout.samples_per_prompt}: {self.algorithm.name} compares "
                               "the samples of a prompt and needs at least 2")
         if self.grpo.normalize == "components":
@@ -512,10 +509,7 @@ class Params(Section):
                                       f"{_yaml_scalar(scorer.clip)}: grpo.normalize = 'components' normalises each "
                                       "component within its group itself; set normalize: none and clip: null")
         name = self.algorithm.name
-        group_baseline = name in (*GROUP_ADVANTAGES, "rloo") or (
-            name == "reinforce" and self.reinforce.baseline == "leave_one_out") or (
-            name == "reinforce_pp" and self.reinforce_pp.baseline == "group_mean")
-        if self.advantages.dynamic_sampling and not group_baseline:
+        if self.advantages.dynamic_sampling and not self.has_group_baseline:
             raise ConfigError(f"advantages.dynamic_sampling: algorithm.name = {name!r} has no group baseline (a critic or "
                               "a batch-wide baseline gives every group a signal); it needs grpo, cispo, sapo, rloo, "
                               "reinforce with baseline: leave_one_out, or reinforce_pp with baseline: group_mean")
@@ -722,6 +716,15 @@ class Params(Section):
         if mode != "auto":
             return mode
         return "tis" if self.records_sampler_logprobs and self.algorithm.name not in ("trpo", "npg") else "none"
+
+    @property
+    def has_group_baseline(self) -> bool:
+        """Whether the advantages compare the samples of each prompt: grpo, cispo, sapo, rloo, reinforce with a
+        leave-one-out baseline, reinforce_pp with a group-mean one."""
+        name = self.algorithm.name
+        return name in (*GROUP_ADVANTAGES, "rloo") or (
+            name == "reinforce" and self.reinforce.baseline == "leave_one_out") or (
+            name == "reinforce_pp" and self.reinforce_pp.baseline == "group_mean")
 
     @property
     def trains_value_by_gradient(self) -> bool:
