@@ -59,6 +59,12 @@ class Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
 
+# How to run ZeRO-3, which packs one dtype, when the weights would be bfloat16 beside the float32 value head
+# (said by Params.validate for param_dtype: bfloat16, and by the runtime for auto).
+ZERO3_ONE_DTYPE_HINT = ("set compute.param_dtype: float32 with compute.mixed_precision: bf16 (no more partitioned "
+                        "memory than bf16 weights with float32 master copies), or zero_stage: 2")
+
+
 class ComputeParams(Section):
     num_processes: StrictInt = param(
         1, "processes of the rollout and optimize stages on each machine: 1 (on one machine) runs them in process as "
@@ -585,9 +591,7 @@ class Params(Section):
             # ZeRO keeps AdamW's state as flat per-rank partitions, and its gradients in its own buffers
             if compute.zero_stage == 3 and compute.param_dtype == "bfloat16":
                 raise ConfigError("compute.zero_stage = 3: needs every weight in one dtype, and with param_dtype "
-                                  "bfloat16 the value head stays float32; set compute.param_dtype: float32 with "
-                                  "compute.mixed_precision: bf16 (no more partitioned memory than bf16 weights with "
-                                  "float32 master copies), or zero_stage: 2")
+                                  f"bfloat16 the value head stays float32; {ZERO3_ONE_DTYPE_HINT}")
             for key, value, why in (
                     ("optim.carry_state", self.optim.carry_state,
                      "the AdamW state is kept as ZeRO's flat partitions, not by parameter name; set it to false or use "

@@ -129,7 +129,7 @@ class Runtime:
            which for fsdp replaces every parameter by a DTensor shard (filled from rank 0 where a rank loaded the
            structure only: ``load_device``);
         2. the trainable parameters are read from the model as it now is, and ``build_optimizer(trainable)``
-           returns (optimizer, scheduler) over them, so the optimizer steps and ``clip_grad_norm_`` clips the
+           returns (optimizer, scheduler) over them, so the optimizer steps and ``clip_and_step`` clips the
            very tensors that receive gradients;
         3. ddp: accelerate wraps model and optimizer (DDP, the fp16 loss scaler); deepspeed: ``deepspeed.initialize``
            takes the model and that AdamW (``deepspeed_config``: ZeRO stage, ``micro_batch_size`` and the clipping
@@ -144,10 +144,10 @@ class Runtime:
         if self.deepspeed:
             dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
             if self.zero_stage == 3 and len(dtypes) > 1:  # ZeRO-3 packs every rank's partitions into one buffer
+                from rlhf_core.config import ZERO3_ONE_DTYPE_HINT
+
                 raise ConfigError(f"compute.zero_stage = 3: needs every weight in one dtype, got {' and '.join(dtypes)} "
-                                  "(the value head stays float32); set compute.param_dtype: float32 with "
-                                  "compute.mixed_precision: bf16 (no more partitioned memory than bf16 weights with "
-                                  "float32 master copies), or zero_stage: 2")
+                                  f"(the value head stays float32); {ZERO3_ONE_DTYPE_HINT}")
             from rlhf_core.models import hidden_size_of
 
             self.engine_max_grad_norm = max_grad_norm
@@ -197,13 +197,12 @@ class Runtime:
         else:
             self.accelerator.backward(loss)
 
-    def clip_grad_norm_(self, parameters, max_norm: float) -> float:
+    def _clip_grad_norm(self, parameters, max_norm: float) -> float:
         """Clip the global gradient norm of ``parameters`` (DTensor shards under fsdp: the norm is over the whole
-        model, every rank gets it) to ``max_norm``; return the norm before clipping."""
+        model, every rank gets it) to ``max_norm``; return the norm before clipping.  Not deepspeed, whose engine
+        clips inside its step (``clip_and_step``)."""
         import torch
 
-        if self.deepspeed:
-            raise RuntimeError("under deepspeed the engine clips inside its step: use Runtime.clip_and_step")
         if self.plain_backward:
             norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
         else:
@@ -231,7 +230,7 @@ class Runtime:
             norm = float(norm.item() if hasattr(norm, "item") else norm)
             check(norm)
             return norm
-        norm = self.clip_grad_norm_(parameters, math.inf if max_norm is None else max_norm)
+        norm = self._clip_grad_norm(parameters, math.inf if max_norm is None else max_norm)
         check(norm)
         optimizer.step()
         return norm
