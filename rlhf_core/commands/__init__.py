@@ -6,6 +6,7 @@
                                   prompts, responses and every reward component of a round's rollouts
     rlhf plot [RUN ...]           PNGs of reward and KL by round and the reward-vs-KL frontier, logged to the runs
     rlhf exps [DVC ARGS ...]      `dvc exp show` with the params that differ and the summary metrics only
+    rlhf engine status|stop       the warm vLLM engine of rollout.engine: vllm: where it runs, or stop it
 
 Every problem a person can fix (no params.yaml, no MLflow store, an unknown run or round) ends the
 command with one line on stderr and exit code 2.  Only argparse is imported here; each subcommand
@@ -79,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run `dvc exp show --only-changed` at the repository root without the dependency-hash columns "
                     "(one per file any stage depends on). Other arguments go to dvc exp show, e.g. --csv, -A, "
                     "--sort-by reward.")
+    engine = commands.add_parser(
+        "engine", help="the warm vLLM engine (rollout.engine: vllm): status, or stop it",
+        description="rollout.engine: vllm keeps one engine running across rounds (it stops by itself after "
+                    "vllm.idle_timeout_s without a request). `status` says where it listens and what it serves; "
+                    "`stop` stops it now.")
+    engine.add_argument("action", choices=("status", "stop"))
     return parser
 
 
@@ -100,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             from rlhf_core.commands.samples import run
         elif args.command == "exps":
             from rlhf_core.commands.exps import run
+        elif args.command == "engine":
+            from rlhf_core.commands.engine import run
         else:
             from rlhf_core.commands.plot import run
         code = run(args)
