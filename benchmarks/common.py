@@ -115,3 +115,19 @@ def checkpoint_parameters(directory: Path) -> int:
 
     with safe_open(str(directory / "model.safetensors"), "pt") as weights:
         return sum(math.prod(weights.get_slice(key).get_shape()) for key in weights.keys())
+
+
+def moved_checkpoint(source: Path, target: Path, scale: float, seed: int) -> Path:
+    """A full checkpoint as optimize writes it (policy, tokenizer, value head at the root), its weights moved by
+    Gaussian noise of ``scale``: a stand-in for the next round's checkpoint."""
+    import torch
+
+    from rlhf_core.models import load_actor_critic, load_tokenizer, save_checkpoint
+
+    actor_critic = load_actor_critic(str(source), "value_head", torch.device("cpu"))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for weight in actor_critic.policy.parameters():
+            weight.add_(torch.randn(weight.shape, generator=generator, dtype=torch.float32).to(weight.dtype) * scale)
+    save_checkpoint(target, actor_critic, load_tokenizer(str(source)), {"round": "benchmark"})
+    return target
