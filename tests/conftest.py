@@ -64,9 +64,9 @@ def tiny_params():
     return replace(Params(), sft=replace(SFTParams(), tiny=tiny, epochs=4, batch_size=32, lr=1e-2))
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory, tiny_params) -> Path:
-    """A tiny Llama + byte-level BPE tokenizer, briefly trained on sentiment demonstrations, saved to disk."""
+def trained_checkpoint(directory: Path, params) -> Path:
+    """A Llama of ``params.sft.tiny``'s shape + byte-level BPE tokenizer, briefly trained on sentiment
+    demonstrations, saved to ``directory``."""
     import torch
 
     from rlhf_core.models import seed_everything
@@ -75,13 +75,18 @@ def tiny_checkpoint(tmp_path_factory, tiny_params) -> Path:
 
     seed_everything(0)
     rows = sentiment.demonstrations(800, seed=0)
-    model, tokenizer = build_reference(tiny_params, rows, torch.device("cpu"))
-    encoded = encode_demonstrations(tokenizer, rows, 48, chat=tiny_params.chat)
-    train_sft(model, tokenizer, encoded, tiny_params, torch.device("cpu"), seed=0, log=lambda *_: None)
-    path = tmp_path_factory.mktemp("tiny") / "sft"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    model, tokenizer = build_reference(params, rows, torch.device("cpu"))
+    encoded = encode_demonstrations(tokenizer, rows, 48, chat=params.chat)
+    train_sft(model, tokenizer, encoded, params, torch.device("cpu"), seed=0, log=lambda *_: None)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_params) -> Path:
+    """A tiny Llama (4 heads of 16) + byte-level BPE tokenizer, briefly trained, saved to disk."""
+    return trained_checkpoint(tmp_path_factory.mktemp("tiny") / "sft", tiny_params)
 
 
 def evaluate_all(params) -> None:
@@ -119,19 +124,5 @@ def vllm_params(tiny_params):
 
 @pytest.fixture(scope="session")
 def vllm_checkpoint(tmp_path_factory, vllm_params) -> Path:
-    """A tiny Llama (head_dim 32, tied embeddings) + tokenizer, briefly trained, saved to disk."""
-    import torch
-
-    from rlhf_core.models import seed_everything
-    from rlhf_core.sft import build_reference, encode_demonstrations, train_sft
-    from rlhf_core.tasks import sentiment
-
-    seed_everything(0)
-    rows = sentiment.demonstrations(800, seed=0)
-    model, tokenizer = build_reference(vllm_params, rows, torch.device("cpu"))
-    encoded = encode_demonstrations(tokenizer, rows, 48, chat=vllm_params.chat)
-    train_sft(model, tokenizer, encoded, vllm_params, torch.device("cpu"), seed=0, log=lambda *_: None)
-    path = tmp_path_factory.mktemp("vllm-tiny") / "sft"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    """A tiny Llama (2 heads of 32, tied embeddings) + tokenizer, briefly trained, saved to disk."""
+    return trained_checkpoint(tmp_path_factory.mktemp("vllm-tiny") / "sft", vllm_params)
