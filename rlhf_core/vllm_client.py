@@ -53,6 +53,10 @@ class EngineDied(RLHFError):
     """The vLLM engine crashed or could not start; the message carries vLLM's own line."""
 
 
+class EngineBusy(RLHFError):
+    """The vLLM engine did not answer in time (vllm.request_timeout_s)."""
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     """Everything an engine is started with: a running engine whose spec differs is replaced."""
@@ -73,15 +77,17 @@ def weights_sha256(directory: str | Path, cache: str | Path | None = None) -> st
     """sha256 over the weight files of a checkpoint (``model*.safetensors``; an adapter's
     ``adapter_model.safetensors``), names and bytes, in name order.
 
-    ``cache``: a JSON file of checksums already computed, keyed by each file's path, size and modification time, so
-    that a multi-GB checkpoint is read once (when its round serves it), not at every stage that names it."""
+    ``cache``: a JSON file of checksums already computed, keyed by each file's path, inode, size, modification and
+    change times (a copy that restores the mtime still gets a new ctime), so that a multi-GB checkpoint is read once
+    (when its round serves it), not at every stage that names it."""
     directory = Path(directory).resolve()
     files = sorted(p for p in directory.iterdir() if p.is_file() and (
         (p.name.startswith("model") and p.name.endswith(".safetensors")) or p.name == "adapter_model.safetensors"))
     if not files:
         raise DataError(f"{directory}: no model weights (model*.safetensors) to serve with vLLM")
     stats = [path.stat() for path in files]
-    key = json.dumps([[str(path), stat.st_size, stat.st_mtime_ns] for path, stat in zip(files, stats)])
+    key = json.dumps([[str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+                      for path, stat in zip(files, stats)])
     known = (_read_json(Path(cache)) or {}) if cache is not None else {}
     if key in known:
         return known[key]
@@ -124,43 +130,60 @@ def probe_tolerance(setting: float | None, dtype: str) -> float:
     return 1e-3 if dtype == "float32" else 0.1
 
 
-def engine_spec(params, start_from_dir: str | Path) -> EngineSpec:
-    """The engine a round needs: it starts on the round's base (a LoRA checkpoint's base, else models/sft)."""
+def engine_spec(params, start_from_dir: str | Path, sft_dir: str | Path = "models/sft",
+                state_dir: str | Path = STATE_DIR) -> EngineSpec:
+    """The engine a round needs: it starts on the round's base (a LoRA checkpoint's base, else ``sft_dir``)."""
     from rlhf_core.models import adapter_base, is_adapter_checkpoint
 
-    base = Path(adapter_base(start_from_dir) if is_adapter_checkpoint(start_from_dir) else "models/sft").resolve()
-    rank = params.lora.r if params.lora.enabled else 0
+    base = Path(adapter_base(start_from_dir) if is_adapter_checkpoint(start_from_dir) else sft_dir).resolve()
     settings = params.vllm
-    return EngineSpec(weights=str(base), weights_sha256=weights_sha256(base, STATE_DIR / "checksums.json"), dtype=vllm_dtype(params.compute, start_from_dir),
-                      seed=params.seed, device=params.device, lora_rank=rank, max_model_len=settings.max_model_len,
+    return EngineSpec(weights=str(base), weights_sha256=weights_sha256(base, Path(state_dir) / "checksums.json"),
+                      dtype=vllm_dtype(params.compute, start_from_dir), seed=params.seed, device=params.device,
+                      lora_rank=params.lora.r if params.lora.enabled else 0, max_model_len=settings.max_model_len,
                       cpu_kv_cache_gib=settings.cpu_kv_cache_gib, gpu_memory_fraction=params.rollout.gpu_memory_fraction,
                       trust_remote_code=params.trust_remote_code)
+
+
+def open_engine(params, start_from_dir: str | Path, sft_dir: str | Path = "models/sft",
+                state_dir: str | Path = STATE_DIR) -> EngineClient:
+    """The engine of a round, per params.vllm: attached to, or launched (the stage loads its models meanwhile)."""
+    settings = params.vllm
+    return EngineClient(engine_spec(params, start_from_dir, sft_dir, state_dir), host=settings.host, port=settings.port,
+                        idle_timeout_s=settings.idle_timeout_s, request_timeout_s=settings.request_timeout_s,
+                        state_dir=state_dir).start_or_attach()
 
 
 class EngineClient:
     """The stage's handle on the engine process: start it or find it, then load, score and generate."""
 
     def __init__(self, spec: EngineSpec, *, host: str = "127.0.0.1", port: int = 0, idle_timeout_s: float = 600.0,
-                 state_dir: str | Path = STATE_DIR, python: str | None = None):
+                 request_timeout_s: float = 3600.0, state_dir: str | Path = STATE_DIR, python: str | None = None):
         self.spec, self.host, self.port, self.idle_timeout_s = spec, host, port, idle_timeout_s
+        self.request_timeout_s = request_timeout_s
         self.state_dir, self.python = Path(state_dir), python or sys.executable
         self.state: dict | None = None
         self.started_here = False
-        self._launch: tuple[str, subprocess.Popen] | None = None
+        self._launch: dict | None = None  # {launch_id, pid} of the engine this client waits for
+        self._process: subprocess.Popen | None = None  # when this client started it
 
     # -- lifetime ------------------------------------------------------------------------------------------------
     def start_or_attach(self) -> "EngineClient":
-        """Attach to a running engine with this spec, or launch one (without waiting for it: ``ready`` waits)."""
+        """Attach to a running engine with this spec (or to one another stage is starting), or launch one without
+        waiting for it (``ready`` waits).  Under a file lock, so two stages never start two engines."""
         from rlhf_core import vllm_engine as engine_module  # what the engine process runs (and the stage's fingerprint)
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        spec = asdict(self.spec)
         with _locked(self.state_dir / "lock"):
             state = read_state(self.state_dir)
-            if state is not None and state["spec"] == asdict(self.spec) and self._healthy(state):
+            if state is not None and state["spec"] == spec and self._healthy(state):
                 self.state = state
                 return self
-            if state is not None:  # another spec, or not answering: replace it
-                stop_engine(self.state_dir)
+            starting = _read_json(self.state_dir / "starting.json")
+            if state is None and starting and starting["spec"] == spec and _is_engine(starting["pid"]):
+                self._launch = starting  # another stage is starting the very engine this one needs
+                return self
+            stop_engine(self.state_dir)  # another spec, not answering, or a launch of another spec
             launch_id = uuid.uuid4().hex
             (self.state_dir / "failed.json").unlink(missing_ok=True)
             env = dict(os.environ)
@@ -168,22 +191,25 @@ class EngineClient:
             env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: a 3 s start on CPU, not ~20 s
             env.setdefault("VLLM_CONFIGURE_LOGGING", "1")
             if self.spec.device.startswith("cuda:"):
-                env["CUDA_VISIBLE_DEVICES"] = self.spec.device.split(":", 1)[1]
-            log = open(self.state_dir / "engine.log", "ab")
+                env["CUDA_VISIBLE_DEVICES"] = visible_device(self.spec.device, os.environ.get("CUDA_VISIBLE_DEVICES"))
             command = [self.python, "-m", engine_module.__name__, "--state-dir", str(self.state_dir),
-                       "--spec", json.dumps(asdict(self.spec)), "--host", self.host, "--port", str(self.port),
+                       "--spec", json.dumps(spec), "--host", self.host, "--port", str(self.port),
                        "--idle-timeout", str(self.idle_timeout_s), "--launch-id", launch_id]
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                       start_new_session=True)  # outlives the stage; DVC does not wait for it
-            log.close()
-            self._launch, self.started_here = (launch_id, process), True
+            with open(self.state_dir / "engine.log", "ab") as log:
+                self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                                 env=env, start_new_session=True)  # outlives the stage; DVC never waits
+            self._launch = {"launch_id": launch_id, "pid": self._process.pid, "spec": spec}
+            _write_private_json(self.state_dir / "starting.json", self._launch)
+            self.started_here = True
         return self
 
     def ready(self, timeout_s: float = START_TIMEOUT_S) -> dict:
-        """Wait for a launched engine to announce itself; a failed start is one line with vLLM's reason."""
+        """Wait for the launched engine to announce itself; a failed start is one line with vLLM's reason, and an
+        engine that is not ready in time is stopped."""
         if self.state is not None:
             return self.state
-        launch_id, process = self._launch
+        launch_id, pid = self._launch["launch_id"], self._launch["pid"]
+        log = self.state_dir / "engine.log"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             state = read_state(self.state_dir)
@@ -194,15 +220,19 @@ class EngineClient:
             if failed and failed.get("launch_id") == launch_id:
                 error = ConfigError if failed["kind"] == "refused" else EngineDied
                 raise error(failed["message"])
-            if process.poll() is not None:
-                raise EngineDied(f"rollout: the vLLM engine exited with code {process.returncode} before it was ready: "
-                                 f"{_last_line(self.state_dir / 'engine.log')} (log: {self.state_dir / 'engine.log'})")
+            exited = self._process.poll() is not None if self._process is not None else not _is_engine(pid)
+            if exited:
+                raise EngineDied(f"rollout: the vLLM engine exited before it was ready: {_last_line(log)} (log: {log})")
             time.sleep(0.2)
-        raise EngineDied(f"rollout: the vLLM engine was not ready after {timeout_s:.0f} s "
-                         f"(log: {self.state_dir / 'engine.log'})")
+        _kill(pid)
+        raise EngineDied(f"rollout: the vLLM engine was not ready after {timeout_s:.0f} s and was stopped (log: {log})")
 
     def stop(self) -> None:
+        """Stop the engine of this state directory (the one this client uses)."""
         stop_engine(self.state_dir)
+        if self._process is not None:
+            with contextlib.suppress(Exception):
+                self._process.wait(timeout=30)  # reap it
 
     # -- requests ------------------------------------------------------------------------------------------------
     def load(self, checkpoint: str | Path) -> dict:
@@ -251,36 +281,49 @@ class EngineClient:
         return samples
 
     def request(self, path: str, body: dict | None = None, timeout_s: float | None = None) -> dict:
-        """One JSON request to the engine; its one-line errors become ours."""
+        """One JSON request to the engine (``timeout_s``, by default vllm.request_timeout_s); its one-line errors
+        become ours: ConfigError for a value vLLM refuses, EngineDied for an engine that crashed or does not answer,
+        EngineBusy for one that did not answer in time."""
+        import http.client
+        import socket
         import urllib.error
         import urllib.request
 
         state = self.ready()
-        url = f"http://{state['host']}:{state['port']}{path}"
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(url, data=data, headers={"X-RLHF-Token": state["token"],
-                                                                  "Content-Type": "application/json"})
+        where, log = f"{state['host']}:{state['port']}", self.state_dir / "engine.log"
+        timeout_s = self.request_timeout_s if timeout_s is None else timeout_s
+        request = urllib.request.Request(f"http://{where}{path}", data=None if body is None else json.dumps(body).encode(),
+                                         headers={"X-RLHF-Token": state["token"], "Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=timeout_s) as response:
                 return json.loads(response.read())
-        except urllib.error.HTTPError as exc:
+        except urllib.error.HTTPError as exc:  # the engine answered with an error
             try:
                 answer = json.loads(exc.read())
-            except ValueError:
+            except (ValueError, OSError):
                 answer = {"error": "engine", "message": f"HTTP {exc.code}"}
             if answer.get("error") == "refused":
                 raise ConfigError(f"rollout: vLLM refuses this request ({answer['message']}); change the params or use "
                                   "engine: hf") from None
-            raise EngineDied(f"rollout: the vLLM engine died: {answer['message']} "
-                             f"(log: {self.state_dir / 'engine.log'})") from None
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-            raise EngineDied(f"rollout: the vLLM engine at {state['host']}:{state['port']} does not answer ({exc}); "
-                             f"{_last_line(self.state_dir / 'engine.log')} (log: {self.state_dir / 'engine.log'})") from None
+            raise EngineDied(f"rollout: the vLLM engine died: {answer['message']} (log: {log})") from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            if isinstance(reason, (TimeoutError, socket.timeout)):
+                raise EngineBusy(f"rollout: the vLLM engine at {where} did not answer {path} within {timeout_s:g} s "
+                                 f"(vllm.request_timeout_s; log: {log})") from None
+            raise EngineDied(f"rollout: the vLLM engine at {where} does not answer ({reason}); {_last_line(log)} "
+                             f"(log: {log})") from None
 
     def _healthy(self, state: dict) -> bool:
+        """Whether the announced engine answers as itself; one that is busy (serving another stage) is an error, not
+        an engine to replace."""
         try:
             self.state = state
-            return self.request("/health", timeout_s=10)["instance"] == state["instance"]
+            return self.request("/health", timeout_s=30)["instance"] == state["instance"]
+        except EngineBusy:
+            raise EngineBusy(f"rollout: the vLLM engine in {self.state_dir} is busy serving another stage; run the "
+                             "rollout stages one at a time (dvc exp run without --jobs) or give each its own "
+                             "workspace") from None
         except RLHFError:
             return False
         finally:
@@ -293,17 +336,25 @@ def serve_round(engine: EngineClient, params, checkpoint: str | Path, policy, to
     training forward pass of ``policy``, loaded from the same checkpoint, scores the same tokens), then sample.
 
     Returns the samples and the round's engine metrics: ``served_weights_sha256`` (and ``served_adapter_sha256``),
-    ``probe_max_abs_logprob_diff``, ``probe_tolerance``, ``probe_tokens``.  A probe that disagrees stops the engine
-    (it is not reused) and the stage, in one line."""
+    ``probe_max_abs_logprob_diff``, ``probe_tolerance``, ``probe_tokens``.  Two checks, each a one-line stop of the
+    stage (and of the engine, which is not reused): the engine's log-probs of the probe must agree with the trainer's
+    within the tolerance, and after a reload of new weights they must have changed at all (in 16-bit dtypes the
+    tolerance is looser than one round's change, so the first check alone would pass a reload that did nothing)."""
     ro, settings = params.rollout, params.vllm
     keep = settings.keep_warm
     try:
-        loaded = engine.load(checkpoint)
         probe = probe_ids(tokenizer, prompt_ids[0], min(64, (settings.max_model_len or 10**9) - 1))
+        before = engine.score(probe)  # what the engine serves now
+        loaded = engine.load(checkpoint)
         tolerance = probe_tolerance(settings.probe_tolerance, engine.spec.dtype)
         trainer = trainer_probe_logprobs(policy, probe, tokenizer.pad_token_id, device, runtime)
         try:
-            diff = check_probe(engine.score(probe), trainer, tolerance, str(checkpoint))
+            served = engine.score(probe)
+            if loaded["reloaded"] and served == before:  # new weights, not one bit of the outputs changed
+                raise DataError(f"rollout: the vLLM engine does not serve {checkpoint}: it reloaded new weights and its "
+                                "log-probs of the probe did not change at all (a reload that wrote nothing the kernels "
+                                "read); `rlhf engine stop` and run again")
+            diff = check_probe(served, trainer, tolerance, str(checkpoint))
         except DataError:
             keep = False  # a stale engine is never reused
             raise
@@ -324,41 +375,46 @@ def serve_round(engine: EngineClient, params, checkpoint: str | Path, policy, to
 
 
 def read_state(state_dir: str | Path = STATE_DIR) -> dict | None:
-    """The running engine's state.json, or None (none announced, or its process is gone)."""
+    """The running engine's state.json, or None (none announced, or its process is gone, or its pid now belongs to
+    another program)."""
     state = _read_json(Path(state_dir) / "state.json")
-    if state is None or not _alive(state["pid"]):
+    if state is None or not _is_engine(state["pid"]):
         return None
     return state
 
 
 def stop_engine(state_dir: str | Path = STATE_DIR, timeout_s: float = 30.0) -> dict | None:
-    """Stop the engine announced in ``state_dir`` (by its own /stop, then SIGTERM and SIGKILL to its pid alone).
-    Returns the state of the engine it stopped, or None when none was running."""
-    import signal
-
+    """Stop the engine announced in ``state_dir`` (its own /stop, then SIGTERM and SIGKILL to its pid alone), and an
+    engine still starting there.  Returns the state of the engine it stopped, or None when none was running."""
+    state_dir = Path(state_dir)
     state = read_state(state_dir)
-    if state is None:
-        return None
-    client = EngineClient.__new__(EngineClient)
-    client.state, client.state_dir = state, Path(state_dir)
-    with contextlib.suppress(RLHFError):
-        client.request("/stop", {}, timeout_s=10)
-    deadline = time.monotonic() + timeout_s
-    for sig in (None, signal.SIGTERM, signal.SIGKILL):
-        if sig is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(state["pid"], sig)
-            deadline = time.monotonic() + timeout_s
-        while _alive(state["pid"]) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if not _alive(state["pid"]):
-            break
-    with contextlib.suppress(ChildProcessError, OSError):  # reap it when this process started it
-        os.waitpid(state["pid"], os.WNOHANG)
-    with contextlib.suppress(FileNotFoundError):
-        if (_read_json(Path(state_dir) / "state.json") or {}).get("instance") == state["instance"]:
-            (Path(state_dir) / "state.json").unlink()
+    if state is not None:
+        client = EngineClient.__new__(EngineClient)
+        client.state, client.state_dir = state, state_dir
+        with contextlib.suppress(RLHFError):
+            client.request("/stop", {}, timeout_s=10)
+        _kill(state["pid"], grace_s=timeout_s, asked=True)
+        with contextlib.suppress(FileNotFoundError):
+            if (_read_json(state_dir / "state.json") or {}).get("instance") == state["instance"]:
+                (state_dir / "state.json").unlink()
+    starting = _read_json(state_dir / "starting.json")
+    if starting is not None:
+        _kill(starting["pid"], grace_s=timeout_s)
+        with contextlib.suppress(FileNotFoundError):
+            (state_dir / "starting.json").unlink()
     return state
+
+
+def visible_device(device: str, visible: str | None) -> str:
+    """CUDA_VISIBLE_DEVICES for the engine of ``device: cuda:N``: the N-th of the devices already visible (the
+    environment's list), else device N."""
+    index = int(device.split(":", 1)[1])
+    listed = [item.strip() for item in (visible or "").split(",") if item.strip()]
+    if not listed:
+        return str(index)
+    if index >= len(listed):
+        raise ConfigError(f"device = {device!r}: CUDA_VISIBLE_DEVICES={visible} shows {len(listed)} device(s)")
+    return listed[index]
 
 
 def probe_ids(tokenizer, prompt_ids: list[int], limit: int) -> list[int]:
@@ -449,17 +505,41 @@ def _locked(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _alive(pid: int) -> bool:
+def _is_engine(pid: int) -> bool:
+    """Whether ``pid`` is a live engine process of this module (not a zombie, not a reused pid)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
         return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError):  # a zombie (exited, not yet reaped by its parent) is not alive
-        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-    return True
+    return status != "Z" and b"rlhf_core.vllm_engine" in command
+
+
+def _kill(pid: int, grace_s: float = 30.0, asked: bool = False) -> None:
+    """Stop an engine process by its id alone: (``asked``: it was told to stop, so wait for it first) SIGTERM, then
+    SIGKILL, each with ``grace_s`` to go."""
+    import signal
+
+    for sig in ((None,) if asked else ()) + (signal.SIGTERM, signal.SIGKILL):
+        if sig is not None and _is_engine(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while _is_engine(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not _is_engine(pid):
+            break
+    with contextlib.suppress(ChildProcessError, OSError):  # reap it when this process started it
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _write_private_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
+        handle.write(json.dumps(obj))
+    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> dict | None:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hmac
 import json
 import os
 import secrets
@@ -146,20 +147,30 @@ class Engine:
 
     # -- requests ----------------------------------------------------------------------------------------------
     def load(self, weights: str, weights_sha256: str, adapter: str | None, adapter_sha256: str | None) -> dict:
-        """Serve ``weights`` (reloaded in place unless the engine already holds that checksum) and ``adapter``."""
+        """Serve ``weights`` (reloaded in place unless the engine already holds that checksum) and ``adapter``.
+
+        A reload that fails leaves the engine holding no known weights (and it stops: a half-loaded engine is
+        never reused)."""
+        if adapter is not None and not self.spec.get("lora_rank"):
+            raise EngineFailure("refused", "the engine was started without LoRA; it cannot serve an adapter")
         started, reloaded = time.perf_counter(), False
         if weights_sha256 != self.weights_sha256:
+            self.weights_sha256 = None  # until the reload has finished
             view = served_view(weights, self.state_dir / "view-weights")
-            self._call(lambda: self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(view)}))
-            if self.on_cpu and self.tied_head:
-                self._call(lambda: self.llm.collective_rpc(_repack_embedding_heads))
+            try:
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(view)})
+                if self.on_cpu and self.tied_head:
+                    repacked = self.llm.collective_rpc(_repack_embedding_heads)[0]
+                    if repacked < 1:  # a vLLM that renamed its layers would silently serve a stale head again
+                        raise RuntimeError("found no embedding-shaped layer to repack after the reload")
+            except Exception as exc:  # noqa: BLE001: any failure of a reload is the engine's, not a refusal
+                raise EngineFailure("engine", f"reloading {weights} failed: {type(exc).__name__}: "
+                                    f"{_first_line(exc)}") from exc
             self.weights_sha256, reloaded = weights_sha256, True
-        if adapter is not None and not self.spec.get("lora_rank"):
-            raise EngineFailure("engine", "the engine was started without LoRA; it cannot serve an adapter")
         if adapter_sha256 != self.adapter_sha256 or (adapter is None) != (self.adapter is None):
             if adapter is None:
                 self.adapter = None
-            else:
+            else:  # a new id for every adapter: vLLM caches adapters by id
                 from vllm.lora.request import LoRARequest
 
                 self.adapter = LoRARequest(f"adapter-{self.next_lora_id}", self.next_lora_id, str(Path(adapter).resolve()))
@@ -269,6 +280,8 @@ def serve(spec: dict, state_dir: Path, host: str, port: int, idle_timeout_s: flo
     stopping = [False]
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = 60  # a connection that sends nothing cannot hold the one-threaded engine
+
         def log_message(self, *args):  # no access log on stderr
             pass
 
@@ -281,7 +294,7 @@ def serve(spec: dict, state_dir: Path, host: str, port: int, idle_timeout_s: flo
             self.wfile.write(data)
 
         def _authorised(self) -> bool:
-            if self.headers.get("X-RLHF-Token") == token:
+            if hmac.compare_digest(self.headers.get("X-RLHF-Token", ""), token):
                 return True
             self._reply(403, {"error": "refused", "message": "wrong or missing X-RLHF-Token"})
             return False
@@ -352,10 +365,15 @@ def serve(spec: dict, state_dir: Path, host: str, port: int, idle_timeout_s: flo
 
 
 def _write_json(path: Path, obj: dict) -> None:
+    """Write ``obj`` atomically, readable by its owner only from the start (the token lets its reader drive the
+    engine)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.chmod(tmp, 0o600)  # the token lets whoever reads it drive the engine
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
+        handle.write(json.dumps(obj))
     os.replace(tmp, path)
+
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,24 +6,16 @@ from rlhf_core.io import atomic_dir, read_parquet, write_json
 
 def main(params, args):
     """Sample responses for round --round into rollouts/<round>/rollouts.parquet."""
-    import time
-    from pathlib import Path
-
-    from rlhf_core.stage_times import add_work
-
     from rlhf_core.chat import encode_prompts
     from rlhf_core.distributed import start_runtime
-    from rlhf_core.models import (adapter_base, checkpoint_dir, checkpoint_stop_ids, is_adapter_checkpoint,
-                                  load_actor_critic, load_causal_lm, load_tokenizer, seed_everything)
-    from rlhf_core.rollout import (check_context, check_finite, context_length, generate_samples, record_token_stats,
-                                   rollout_table, sample_prompt_indices)
+    from rlhf_core.models import checkpoint_dir, checkpoint_stop_ids, load_tokenizer, seed_everything
+    from rlhf_core.rollout import check_finite, rollout_table, sample_prompt_indices
 
-    ro, round_key = params.rollout, args.round
+    round_key = args.round
     start_from = params.rounds[round_key].start_from
     seed = params.round_seed(round_key, "rollout")
     seed_everything(seed)
     runtime = start_runtime(params)  # one process, or one rank of `accelerate launch` (compute.num_processes)
-    device = runtime.device
 
     train = read_parquet("prompts/train.parquet", ("prompt",))
     indices = sample_prompt_indices(len(train), params.prompt_groups_per_round, seed)  # × rollout.oversample
@@ -34,47 +26,18 @@ def main(params, args):
     prompt_ids = encode_prompts(tokenizer, prompts, chat=params.chat, messages=messages)
     stop_ids = checkpoint_stop_ids(checkpoint_dir(start_from), tokenizer)
     engine = None
-    if ro.engine == "vllm":  # the warm engine (or a new one, starting while the HF models load below)
-        from rlhf_core.vllm_client import EngineClient, engine_spec, require_vllm_installed
+    if params.rollout.engine == "vllm":  # the warm engine (or a new one, starting while the HF models load below)
+        from rlhf_core.vllm_client import open_engine, require_vllm_installed
 
         require_vllm_installed()
-        settings = params.vllm
-        engine = EngineClient(engine_spec(params, checkpoint_dir(start_from)), host=settings.host, port=settings.port,
-                              idle_timeout_s=settings.idle_timeout_s).start_or_attach()
-    dtype = params.compute.param_dtype
-    actor_critic = load_actor_critic(checkpoint_dir(start_from), params.algorithm.critic, device,
-                                     params.trust_remote_code, param_dtype=dtype,
-                                     critic_init=params.algorithm.critic_init)
-    reference_is_policy = start_from == "sft"
-    # A LoRA policy on models/sft: π_ref is that very model with its adapters disabled (reference None), no copy.
-    adapters_on_sft = is_adapter_checkpoint(checkpoint_dir(start_from)) and (
-        Path(adapter_base(checkpoint_dir(start_from))).resolve() == Path(checkpoint_dir("sft")).resolve())
-    # KL-free (both KL coefficients 0, kl.monitor off): π_ref is neither loaded nor run, and no ref_logprobs are stored
-    with_reference = params.uses_reference
-    reference = None if reference_is_policy or adapters_on_sft or not with_reference else load_causal_lm(
-        checkpoint_dir("sft"), device, params.trust_remote_code, param_dtype=dtype)
-    ready()
-    check_context(prompt_ids, ro.max_new_tokens, context_length(actor_critic.policy.config), "train prompts")
-    served = {}
-    if engine is not None:
-        from rlhf_core.vllm_client import serve_round
-
-        started = time.perf_counter()
-        samples, served = serve_round(engine, params, checkpoint_dir(start_from), actor_critic.policy, tokenizer,
-                                      prompt_ids, seed=seed, stop_ids=stop_ids, device=device, runtime=runtime)
-        add_work("generation_tokens", sum(len(s.response_ids) for s in samples), time.perf_counter() - started)
-    else:
-        started = time.perf_counter()
-        samples = generate_samples(actor_critic.policy, tokenizer, prompt_ids, samples_per_prompt=ro.samples_per_prompt,
-                                   temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
-                                   max_new_tokens=ro.max_new_tokens, batch_size=ro.batch_size, seed=seed,
-                                   device=device, runtime=runtime, stop_ids=stop_ids,
-                                   record_sampler_logprobs=params.records_sampler_logprobs)
-        add_work("generation_tokens", sum(len(s.response_ids) for s in samples), time.perf_counter() - started)
-    stats = record_token_stats(actor_critic, reference, samples, pad_id=tokenizer.pad_token_id,
-                               temperature=ro.temperature, batch_size=ro.forward_batch_size, device=device,
-                               reference_is_policy=reference_is_policy, with_reference=with_reference,
-                               runtime=runtime)
+        engine = open_engine(params, checkpoint_dir(start_from))
+    try:
+        samples, stats, served = sample_and_record(params, start_from, runtime, engine, tokenizer, prompt_ids,
+                                                   stop_ids, seed)
+    except BaseException:
+        if engine is not None and not params.vllm.keep_warm:  # a cold engine never outlives its stage
+            engine.stop()
+        raise
     if not runtime.is_main:  # rank 0 alone writes the one Parquet file and the metrics
         runtime.close()
         return
@@ -95,7 +58,7 @@ def main(params, args):
         trainer, mask = pad_sequences(table["logprobs"].tolist())
         mismatch = sampler_mismatch(trainer, pad_sequences(table["sampler_logprobs"].tolist())[0], mask)
         metrics.update({f"mismatch_{name}": value for name, value in mismatch.items()})
-    if with_reference:
+    if params.uses_reference:
         metrics["kl_k1_mean"] = float(sum(float((lp - rl).sum()) for lp, rl in zip(table["logprobs"],
                                                                                   table["ref_logprobs"])) / len(table))
     else:
@@ -108,6 +71,51 @@ def main(params, args):
         table.to_parquet(out / "rollouts.parquet", index=False)
     write_json(f"metrics/{round_key}/rollout.json", metrics)
     runtime.close()
+
+
+def sample_and_record(params, start_from, runtime, engine, tokenizer, prompt_ids, stop_ids, seed):
+    """The round's samples (from ``engine``, the warm vLLM engine, or HF generate when it is None), then the log-probs,
+    reference log-probs and values of the training forward pass.  Returns (samples, stats, the engine's metrics)."""
+    import time
+    from pathlib import Path
+
+    from rlhf_core.models import adapter_base, checkpoint_dir, is_adapter_checkpoint, load_actor_critic, load_causal_lm
+    from rlhf_core.rollout import check_context, context_length, generate_samples, record_token_stats
+    from rlhf_core.stage_times import add_work
+
+    ro, device, dtype = params.rollout, runtime.device, params.compute.param_dtype
+    actor_critic = load_actor_critic(checkpoint_dir(start_from), params.algorithm.critic, device,
+                                     params.trust_remote_code, param_dtype=dtype,
+                                     critic_init=params.algorithm.critic_init)
+    reference_is_policy = start_from == "sft"
+    # A LoRA policy on models/sft: π_ref is that very model with its adapters disabled (reference None), no copy.
+    adapters_on_sft = is_adapter_checkpoint(checkpoint_dir(start_from)) and (
+        Path(adapter_base(checkpoint_dir(start_from))).resolve() == Path(checkpoint_dir("sft")).resolve())
+    # KL-free (both KL coefficients 0, kl.monitor off): π_ref is neither loaded nor run, and no ref_logprobs are stored
+    with_reference = params.uses_reference
+    reference = None if reference_is_policy or adapters_on_sft or not with_reference else load_causal_lm(
+        checkpoint_dir("sft"), device, params.trust_remote_code, param_dtype=dtype)
+    ready()
+    check_context(prompt_ids, ro.max_new_tokens, context_length(actor_critic.policy.config), "train prompts")
+    served = {}
+    started = time.perf_counter()
+    if engine is not None:  # load the checkpoint into the engine, prove it by the probe, then sample
+        from rlhf_core.vllm_client import serve_round
+
+        samples, served = serve_round(engine, params, checkpoint_dir(start_from), actor_critic.policy, tokenizer,
+                                      prompt_ids, seed=seed, stop_ids=stop_ids, device=device, runtime=runtime)
+    else:
+        samples = generate_samples(actor_critic.policy, tokenizer, prompt_ids, samples_per_prompt=ro.samples_per_prompt,
+                                   temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
+                                   max_new_tokens=ro.max_new_tokens, batch_size=ro.batch_size, seed=seed,
+                                   device=device, runtime=runtime, stop_ids=stop_ids,
+                                   record_sampler_logprobs=params.records_sampler_logprobs)
+    add_work("generation_tokens", sum(len(s.response_ids) for s in samples), time.perf_counter() - started)
+    stats = record_token_stats(actor_critic, reference, samples, pad_id=tokenizer.pad_token_id,
+                               temperature=ro.temperature, batch_size=ro.forward_batch_size, device=device,
+                               reference_is_policy=reference_is_policy, with_reference=with_reference,
+                               runtime=runtime)
+    return samples, stats, served
 
 
 if __name__ == "__main__":

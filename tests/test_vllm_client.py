@@ -49,8 +49,14 @@ def test_vllm_settings_have_cpu_defaults_and_bounds():
     settings = params_from_dict({}).vllm
     assert (settings.cpu_kv_cache_gib, settings.keep_warm, settings.host, settings.port) == (1.0, True, "127.0.0.1", 0)
     assert settings.probe_tolerance is None and settings.max_model_len is None
+    assert settings.request_timeout_s == 3600.0
+    assert params_from_dict({"vllm": {"host": "127.0.0.2"}}).vllm.host == "127.0.0.2"  # any loopback address
+    for host in ("0.0.0.0", "10.1.2.3", "example.org"):  # the API has no TLS and loads checkpoints by path
+        with pytest.raises(ConfigError, match=f"^vllm.host = '{host}': must be a loopback address"):
+            params_from_dict({"vllm": {"host": host}})
     for bad, match in ((("cpu_kv_cache_gib", 0), "vllm.cpu_kv_cache_gib = 0"), (("port", 70000), "vllm.port = 70000"),
-                       (("probe_tolerance", -1.0), "vllm.probe_tolerance = -1.0"), (("max_model_len", 4), "vllm.max_model_len = 4")):
+                       (("probe_tolerance", -1.0), "vllm.probe_tolerance = -1.0"), (("max_model_len", 4), "vllm.max_model_len = 4"),
+                       (("request_timeout_s", 0), "vllm.request_timeout_s = 0")):
         with pytest.raises(ConfigError, match=f"^{match}"):
             params_from_dict({"vllm": {bad[0]: bad[1]}})
 
@@ -144,8 +150,9 @@ def test_weights_checksum_covers_the_weights_only(tiny_checkpoint, tmp_path):
         weights_sha256(tmp_path)
 
 
-def test_weights_checksums_are_cached_by_path_size_and_mtime(tiny_checkpoint, tmp_path):
-    """A multi-GB checkpoint is read once: later asks answer from the cache, until the file changes."""
+def test_weights_checksums_are_cached_until_the_file_changes(tiny_checkpoint, tmp_path):
+    """A multi-GB checkpoint is read once: later asks answer from the cache, until the file is written again, even
+    by a copy that restores its size and modification time (cp -p, rsync -a)."""
     import os
     import shutil
 
@@ -156,15 +163,18 @@ def test_weights_checksums_are_cached_by_path_size_and_mtime(tiny_checkpoint, tm
     cache = tmp_path / "state" / "checksums.json"
     first = weights_sha256(copy, cache)
     assert first == weights_sha256(copy) and cache.is_file()
+    key = next(iter(json.loads(cache.read_text())))
+    fake = "0" * 64
+    cache.write_text(json.dumps({key: fake}))
+    assert weights_sha256(copy, cache) == fake  # nothing changed: answered from the cache, the file not read
     weights = copy / "model.safetensors"
     stat = weights.stat()
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(data)
-    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size and mtime: the cache answers
-    assert weights_sha256(copy, cache) == first
-    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a new write: read again
-    assert weights_sha256(copy, cache) == weights_sha256(copy) != first
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size and mtime, as cp -p leaves them
+    changed = weights_sha256(copy, cache)
+    assert changed == weights_sha256(copy) not in (first, fake)
 
 
 @pytest.mark.parametrize(("config", "head_dim"), [
@@ -188,6 +198,15 @@ def test_a_head_dim_vllm_cpu_cannot_serve_is_refused_in_one_line():
     assert str(info.value).startswith("rollout.engine = 'vllm': vLLM's CPU attention needs a head_dim of 32–512, and "
                                       "models/sft has 16")
     check_cpu_shape({"hidden_size": 64, "num_attention_heads": 2}, "models/sft")
+
+
+def test_cuda_n_maps_through_the_visible_devices():
+    from rlhf_core.vllm_client import visible_device
+
+    assert visible_device("cuda:1", None) == "1" and visible_device("cuda:0", "") == "0"
+    assert visible_device("cuda:1", "4,6") == "6"  # the second of the devices the user made visible
+    with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES=4 shows 1 device"):
+        visible_device("cuda:1", "4")
 
 
 def test_engine_status_and_stop_without_an_engine(tmp_path, monkeypatch, capsys):
