@@ -26,6 +26,8 @@ What loading in place means, and the two traps it avoids:
   process repacks each embedding-shaped layer from its current weight (``_repack_embedding_heads``).  The
   served-weights probe (``vllm_client.check_probe``) is what found it, and is what would catch the next one.
 - After every load the prefix cache is reset: its KV blocks were computed with the previous weights.
+- On CPU, chunked prefill is off: vLLM 0.32 crashes ("CPU Generator does not use offset") when it splits the prefill
+  of a seeded request across steps, which a round with more prompt tokens than one step holds makes it do.
 
 vLLM reads every ``*.safetensors`` file of a directory, and a checkpoint of this pipeline keeps its value head
 in ``value_head.safetensors`` beside the model's weights (vLLM then stops on an unknown tensor).  So the engine
@@ -131,6 +133,11 @@ class Engine:
             kwargs.update(enable_lora=True, max_lora_rank=_lora_rank_slot(spec["lora_rank"]), max_loras=1)
         if self.on_cpu:  # RAM, not a fraction of a GPU: vllm.cpu_kv_cache_gib
             kwargs["kv_cache_memory_bytes"] = int(spec["cpu_kv_cache_gib"] * 2**30)
+            # vLLM 0.32 on CPU crashes when it splits a seeded request's prefill across steps (it rewinds the
+            # request's generator, and CPU generators have no offset): no chunked prefill, and a step that holds the
+            # longest sequence whole, so that a request waits for a step instead of being split.
+            context = spec.get("max_model_len") or _context_length(config)
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(context or 0, 4096))
         else:
             kwargs["gpu_memory_utilization"] = spec["gpu_memory_fraction"]
         try:
@@ -217,6 +224,14 @@ class Engine:
             raise EngineFailure("refused", _first_line(exc)) from exc
         except Exception as exc:  # noqa: BLE001: EngineDeadError, RuntimeError from a kernel, ...
             raise EngineFailure("engine", f"{type(exc).__name__}: {_first_line(exc)}") from exc
+
+
+def _context_length(config: dict) -> int | None:
+    text = config.get("text_config") or config
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        if text.get(key):
+            return int(text[key])
+    return None
 
 
 def _lora_rank_slot(rank: int) -> int:

@@ -156,6 +156,17 @@ def test_samples_in_order_cut_at_eos_with_the_sampled_distributions_logprobs(war
     assert worst < 1e-3
 
 
+def test_a_round_larger_than_one_engine_step_is_sampled(warm, vllm_checkpoint, eos):
+    """More prompt tokens than vLLM schedules in one step (64 prompts of 70 tokens, seeded): vLLM 0.32 on CPU then
+    splits a prefill across steps and crashes rewinding the request's CPU generator ("CPU Generator does not use
+    offset"); the engine turns chunked prefill off on CPU, so a request waits for a step that holds it whole."""
+    warm.load(vllm_checkpoint)
+    prompts = [[5 + (i + j) % 300 for j in range(70)] for i in range(64)]
+    samples = warm.generate(prompts, samples_per_prompt=1, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=4,
+                            seed=3, stop_ids=[eos], record_sampler_logprobs=False)
+    assert len(samples) == 64 and all(1 <= len(s.response_ids) <= 4 for s in samples)
+
+
 def test_a_reload_in_place_serves_the_new_weights_tied_head_included(warm, vllm_checkpoint, moved):
     """vLLM 0.32's reload left a tied output head computing from its start-up packed copy: the engine then
     matched neither checkpoint.  Reloading sft → r1 → r2 → sft must match each, by the probe."""
