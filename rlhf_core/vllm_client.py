@@ -199,7 +199,7 @@ class EngineClient:
                 self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                                  env=env, start_new_session=True)  # outlives the stage; DVC never waits
             self._launch = {"launch_id": launch_id, "pid": self._process.pid, "spec": spec}
-            _write_private_json(self.state_dir / "starting.json", self._launch)
+            engine_module.write_private_json(self.state_dir / "starting.json", self._launch)
             self.started_here = True
         return self
 
@@ -531,15 +531,6 @@ def _kill(pid: int, grace_s: float = 30.0, asked: bool = False) -> None:
             break
     with contextlib.suppress(ChildProcessError, OSError):  # reap it when this process started it
         os.waitpid(pid, os.WNOHANG)
-
-
-def _write_private_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
-        handle.write(json.dumps(obj))
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> dict | None:

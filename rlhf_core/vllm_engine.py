@@ -288,7 +288,7 @@ def serve(spec: dict, state_dir: Path, host: str, port: int, idle_timeout_s: flo
     try:
         engine = Engine(spec, state_dir)
     except EngineFailure as failure:
-        _write_json(state_dir / "failed.json", {"launch_id": launch_id, "kind": failure.kind, "message": str(failure)})
+        write_private_json(state_dir / "failed.json", {"launch_id": launch_id, "kind": failure.kind, "message": str(failure)})
         raise SystemExit(2) from None
     start_seconds = time.perf_counter() - started
     last_request = [time.monotonic()]
@@ -359,7 +359,7 @@ def serve(spec: dict, state_dir: Path, host: str, port: int, idle_timeout_s: flo
 
     server = HTTPServer((host, port), Handler)
     server.timeout = 1.0
-    _write_json(state_file, {"launch_id": launch_id, "pid": os.getpid(), "instance": instance, "host": host,
+    write_private_json(state_file, {"launch_id": launch_id, "pid": os.getpid(), "instance": instance, "host": host,
                              "port": server.server_address[1], "token": token, "spec": spec,
                              "start_seconds": start_seconds, "vllm_version": engine.vllm.__version__})
     with open(state_dir / "starts.jsonl", "a") as handle:  # one line per engine start: how many a pipeline run took
@@ -379,7 +379,7 @@ def serve(spec: dict, state_dir: Path, host: str, port: int, idle_timeout_s: flo
         print(f"vLLM engine {instance} stopped ({'asked to' if stopping[0] else 'idle'})", flush=True)
 
 
-def _write_json(path: Path, obj: dict) -> None:
+def write_private_json(path: Path, obj: dict) -> None:
     """Write ``obj`` atomically, readable by its owner only from the start (the token lets its reader drive the
     engine)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
