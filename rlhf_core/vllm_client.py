@@ -98,12 +98,13 @@ def weights_sha256(directory: str | Path, cache: str | Path | None = None) -> st
             for block in iter(lambda: handle.read(1 << 22), b""):
                 digest.update(block)
     if cache is not None:
+        from rlhf_core.io import atomic_file
+
         with contextlib.suppress(OSError):
             Path(cache).parent.mkdir(parents=True, exist_ok=True)
             known = {**known, key: digest.hexdigest()}
-            tmp = Path(cache).with_name(f".{Path(cache).name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(dict(list(known.items())[-64:])))  # the latest 64 checkpoints
-            os.replace(tmp, cache)
+            with atomic_file(cache) as tmp:
+                tmp.write_text(json.dumps(dict(list(known.items())[-64:])))  # the latest 64 checkpoints
     return digest.hexdigest()
 
 
@@ -389,8 +390,8 @@ def stop_engine(state_dir: str | Path = STATE_DIR, timeout_s: float = 30.0) -> d
     state_dir = Path(state_dir)
     state = read_state(state_dir)
     if state is not None:
-        client = EngineClient.__new__(EngineClient)
-        client.state, client.state_dir = state, state_dir
+        client = EngineClient(EngineSpec(**state["spec"]), state_dir=state_dir)
+        client.state = state
         with contextlib.suppress(RLHFError):
             client.request("/stop", {}, timeout_s=10)
         _kill(state["pid"], grace_s=timeout_s, asked=True)

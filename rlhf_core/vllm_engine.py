@@ -48,9 +48,13 @@ import os
 import secrets
 import sys
 import time
+import types
 import uuid
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+
+from rlhf_core.errors import first_line
+from rlhf_core.io import atomic_file
 
 CPU_HEAD_DIM = (32, 512)  # vLLM's CPU attention backend: head sizes it has kernels for
 MODEL_FILES = ("config.json", "generation_config.json")
@@ -136,14 +140,17 @@ class Engine:
             # vLLM 0.32 on CPU crashes when it splits a seeded request's prefill across steps (it rewinds the
             # request's generator, and CPU generators have no offset): no chunked prefill, and a step that holds the
             # longest sequence whole, so that a request waits for a step instead of being split.
-            context = spec.get("max_model_len") or _context_length(config)
+            from rlhf_core.rollout import context_length
+
+            context = spec.get("max_model_len") or context_length(types.SimpleNamespace(**(config.get("text_config")
+                                                                                          or config)))
             kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(context or 0, 4096))
         else:
             kwargs["gpu_memory_utilization"] = spec["gpu_memory_fraction"]
         try:
             self.llm = vllm.LLM(**kwargs)
         except Exception as exc:  # noqa: BLE001: anything vLLM raises while starting ends the server with its line
-            raise EngineFailure("engine", f"vLLM did not start on {spec['weights']}: {_first_line(exc)}") from exc
+            raise EngineFailure("engine", f"vLLM did not start on {spec['weights']}: {first_line(exc)}") from exc
         exceptions = getattr(vllm, "exceptions", None)  # vLLM's validation errors: ValueError, or (0.32) its own
         self.refusals = (ValueError,) + tuple(
             kind for kind in (getattr(exceptions, "VLLMValidationError", None), getattr(exceptions, "VLLMClientError", None))
@@ -172,7 +179,7 @@ class Engine:
                         raise RuntimeError("found no embedding-shaped layer to repack after the reload")
             except Exception as exc:  # noqa: BLE001: any failure of a reload is the engine's, not a refusal
                 raise EngineFailure("engine", f"reloading {weights} failed: {type(exc).__name__}: "
-                                    f"{_first_line(exc)}") from exc
+                                    f"{first_line(exc)}") from exc
             self.weights_sha256, reloaded = weights_sha256, True
         if adapter_sha256 != self.adapter_sha256 or (adapter is None) != (self.adapter is None):
             if adapter is None:
@@ -221,17 +228,9 @@ class Engine:
         except EngineFailure:
             raise
         except self.refusals as exc:
-            raise EngineFailure("refused", _first_line(exc)) from exc
+            raise EngineFailure("refused", first_line(exc)) from exc
         except Exception as exc:  # noqa: BLE001: EngineDeadError, RuntimeError from a kernel, ...
-            raise EngineFailure("engine", f"{type(exc).__name__}: {_first_line(exc)}") from exc
-
-
-def _context_length(config: dict) -> int | None:
-    text = config.get("text_config") or config
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        if text.get(key):
-            return int(text[key])
-    return None
+            raise EngineFailure("engine", f"{type(exc).__name__}: {first_line(exc)}") from exc
 
 
 def _lora_rank_slot(rank: int) -> int:
@@ -274,10 +273,6 @@ def _shutdown_llm(llm) -> None:
         cleanup_dist_env_and_memory()
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 # -- the server ---------------------------------------------------------------------------------------------------
 def serve(spec: dict, state_dir: Path, host: str, port: int, idle_timeout_s: float, launch_id: str) -> None:
     """Start the engine, announce it in state.json, and answer requests until idle or stopped."""
@@ -297,8 +292,8 @@ def serve(spec: dict, state_dir: Path, host: str, port: int, idle_timeout_s: flo
     class Handler(BaseHTTPRequestHandler):
         timeout = 60  # a connection that sends nothing cannot hold the one-threaded engine
 
-        def log_message(self, *args):  # no access log on stderr
-            pass
+        def log_message(self, *args):
+            """No access log: the engine's log holds vLLM's lines and the start and stop."""
 
         def _reply(self, status: int, body: dict) -> None:
             data = json.dumps(body).encode()
@@ -327,9 +322,8 @@ def serve(spec: dict, state_dir: Path, host: str, port: int, idle_timeout_s: flo
         def do_POST(self):  # noqa: N802
             if not self._authorised():
                 return
-            length = int(self.headers.get("Content-Length") or 0)
-            request = json.loads(self.rfile.read(length) or b"{}")
             try:
+                request = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
                 if self.path == "/load":
                     body = engine.load(request["weights"], request["weights_sha256"], request.get("adapter"),
                                        request.get("adapter_sha256"))
@@ -345,12 +339,12 @@ def serve(spec: dict, state_dir: Path, host: str, port: int, idle_timeout_s: flo
                     return
             except (EngineFailure, KeyError, TypeError, ValueError) as failure:
                 kind = failure.kind if isinstance(failure, EngineFailure) else "refused"  # a malformed request
-                self._reply(400 if kind == "refused" else 500, {"error": kind, "message": _first_line(failure)})
+                self._reply(400 if kind == "refused" else 500, {"error": kind, "message": first_line(failure)})
                 if kind == "engine":  # a broken engine serves nothing more: the next stage starts a new one
                     stopping[0] = True
                 return
             except Exception as failure:  # noqa: BLE001: never a dropped connection without a word
-                self._reply(500, {"error": "engine", "message": f"{type(failure).__name__}: {_first_line(failure)}"})
+                self._reply(500, {"error": "engine", "message": f"{type(failure).__name__}: {first_line(failure)}"})
                 stopping[0] = True
                 return
             finally:
@@ -360,8 +354,8 @@ def serve(spec: dict, state_dir: Path, host: str, port: int, idle_timeout_s: flo
     server = HTTPServer((host, port), Handler)
     server.timeout = 1.0
     write_private_json(state_file, {"launch_id": launch_id, "pid": os.getpid(), "instance": instance, "host": host,
-                             "port": server.server_address[1], "token": token, "spec": spec,
-                             "start_seconds": start_seconds, "vllm_version": engine.vllm.__version__})
+                                    "port": server.server_address[1], "token": token, "spec": spec,
+                                    "start_seconds": start_seconds, "vllm_version": engine.vllm.__version__})
     with open(state_dir / "starts.jsonl", "a") as handle:  # one line per engine start: how many a pipeline run took
         handle.write(json.dumps({"instance": instance, "pid": os.getpid(), "start_seconds": start_seconds,
                                  "time": time.time()}) + "\n")
@@ -380,15 +374,11 @@ def serve(spec: dict, state_dir: Path, host: str, port: int, idle_timeout_s: flo
 
 
 def write_private_json(path: Path, obj: dict) -> None:
-    """Write ``obj`` atomically, readable by its owner only from the start (the token lets its reader drive the
-    engine)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
-        handle.write(json.dumps(obj))
-    os.replace(tmp, path)
-
+    """Write ``obj`` atomically (``io.atomic_file``), readable by its owner only: the token lets its reader drive the
+    engine, so the file is made private before anything is written into it."""
+    with atomic_file(path) as tmp:
+        os.chmod(tmp, 0o600)
+        tmp.write_text(json.dumps(obj))
 
 
 def main(argv: list[str] | None = None) -> None:

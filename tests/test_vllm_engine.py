@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -165,6 +166,19 @@ def test_a_round_larger_than_one_engine_step_is_sampled(warm, vllm_checkpoint, e
     samples = warm.generate(prompts, samples_per_prompt=1, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=4,
                             seed=3, stop_ids=[eos], record_sampler_logprobs=False)
     assert len(samples) == 64 and all(1 <= len(s.response_ids) <= 4 for s in samples)
+
+
+def test_a_malformed_request_is_answered_not_dropped(warm):
+    """A body that is not JSON, or a request without the token, gets an answer in one line; the engine serves on."""
+    import urllib.error
+    import urllib.request
+
+    url = f"http://{warm.state['host']}:{warm.state['port']}/score"
+    for headers, status in (({"X-RLHF-Token": warm.state["token"]}, 400), ({}, 403)):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(urllib.request.Request(url, data=b"not json", headers=headers), timeout=30)
+        assert info.value.code == status and json.loads(info.value.read())["error"] == "refused"
+    assert len(warm.score([5, 6, 7])) == 2
 
 
 def test_a_reload_in_place_serves_the_new_weights_tied_head_included(warm, vllm_checkpoint, moved):
@@ -357,9 +371,9 @@ def test_an_idle_engine_stops_by_itself_and_a_new_spec_replaces_it(vllm_checkpoi
     other = start(spec_for(vllm_checkpoint, seed=1), state_dir, idle_timeout_s=2)  # another spec: a new engine
     assert other.started_here and other.state["instance"] != first.state["instance"]
     assert not alive(first.state["pid"])  # the first one was stopped
-    deadline = __import__("time").monotonic() + 30
-    while read_state(state_dir) is not None and __import__("time").monotonic() < deadline:
-        __import__("time").sleep(0.5)
+    deadline = time.monotonic() + 30
+    while read_state(state_dir) is not None and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert read_state(state_dir) is None  # idle for 2 s: gone
     assert "stopped (idle)" in (state_dir / "engine.log").read_text()
     assert len((state_dir / "starts.jsonl").read_text().splitlines()) == 2
