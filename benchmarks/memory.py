@@ -121,9 +121,7 @@ def run_config(checkpoint: Path, processes: int, strategy: str, param_dtype: str
     if processes == 1:
         command = [sys.executable, *script]
     else:
-        from rlhf_core.launch import free_port
-
-        from rlhf_core.launch import accelerate_config
+        from rlhf_core.launch import accelerate_config, free_port
 
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                    str(accelerate_config("deepspeed" if strategy.startswith("zero") else strategy)),

@@ -18,8 +18,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import (REPO, checkpoint_parameters, copy_repo, deep_update, dvc_executable, machine, run, stage_seconds,
-                    write_params, write_report)
+from common import (
+    REPO,
+    checkpoint_parameters,
+    copy_repo,
+    deep_update,
+    dvc_executable,
+    machine,
+    run,
+    stage_seconds,
+    write_params,
+    write_report,
+)
 
 CPU_VARIANT = {  # what the CPU variant (docs/bring-your-own.md) changes in the example
     "device": "cpu", "cpu_threads": 0,

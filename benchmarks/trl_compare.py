@@ -52,8 +52,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (REPO, copy_repo, deep_update, dvc_executable, machine, run, stage_startup, write_params,
-                    write_report)
+from common import REPO, copy_repo, deep_update, dvc_executable, machine, run, stage_startup, write_params, write_report
 
 from rlhf_core.docs import render_trl_compare
 

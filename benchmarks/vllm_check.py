@@ -143,7 +143,7 @@ def main() -> int:
             check("LoRA", gap <= tolerance < base_gap and not lora_loaded["reloaded"],
                   f"adapter served with LoRARequest: engine vs peft {gap:.2e} (tolerance {tolerance:g}; the adapter "
                   f"moves the base by {base_gap:.2e})")
-        except Exception as exc:  # noqa: BLE001: a check that crashed is a failed check, with its reason
+        except Exception as exc:  # noqa: BLE001 -- a check that crashed is a failed check, with its reason
             check("unexpected error", False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             traceback.print_exc(file=sys.stderr)
         finally:

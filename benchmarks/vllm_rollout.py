@@ -88,8 +88,8 @@ def main() -> None:
 
     import torch
     import vllm
-
     from common import checkpoint_parameters, moved_checkpoint
+
     from rlhf_core.chat import encode_prompts
     from rlhf_core.config import load_params
     from rlhf_core.io import read_parquet

@@ -14,7 +14,6 @@ import time
 
 from rlhf_core.errors import RLHFError
 
-
 _CURRENT: dict = {"process_started": None, "ready_at": None}
 
 
@@ -96,3 +95,6 @@ def run_stage(main, *, name: str, needs_round: bool = False, argv: list[str] | N
               "nothing was replaced: free space (the DVC cache: dvc gc) and run it again", file=sys.stderr)
         sys.exit(2)
     log(f"{where}: {timing_summary(time.perf_counter() - started, measures)}")
+    distributed = sys.modules.get("rlhf_core.distributed")  # imported only by stages that may run as ranks
+    if argv is None and distributed is not None and distributed.left_a_process_group():
+        distributed.leave_process(0)  # a rank's interpreter teardown can abort after a finished stage

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from rlhf_core.errors import DataError
 from rlhf_core.io import load_table, text_column
 
+
 def truncate_text(text: str, max_chars: int) -> str:
     """The first ``max_chars`` characters, cut back to a word boundary when the cut splits a word."""
     cut = text[:max_chars]

@@ -31,7 +31,6 @@ from typing import Any
 from rlhf_core.errors import ConfigError
 
 
-
 def check_compute(compute, device_type: str) -> None:
     """Checks of the compute params that need the resolved device (``device: auto`` may be a CPU)."""
     if device_type == "cuda" and compute.num_processes > 1:
@@ -279,8 +278,9 @@ class Runtime:
                                                           broadcast_from_rank0=self.distributed))
 
     def close(self) -> None:
-        """Wait for every rank, then leave the process group (the plain runtime does nothing)."""
-        global _CURRENT
+        """Wait for every rank, then leave the process group (the plain runtime does nothing).  After it, the
+        process should end through ``leave_process`` (``run_stage`` does)."""
+        global _CURRENT, _LEFT_A_PROCESS_GROUP
         if self.distributed:
             import torch.distributed as dist
 
@@ -290,7 +290,30 @@ class Runtime:
             if dist.is_initialized():
                 dist.barrier()
                 dist.destroy_process_group()
+            _LEFT_A_PROCESS_GROUP = True
         _CURRENT = None
+
+
+# Set by Runtime.close in a process that was one rank of several.
+_LEFT_A_PROCESS_GROUP = False
+
+
+def left_a_process_group() -> bool:
+    """Whether this process closed a distributed runtime, so it must end through ``leave_process``."""
+    return _LEFT_A_PROCESS_GROUP
+
+
+def leave_process(code: int = 0) -> None:
+    """End a rank's process without the interpreter's teardown, once its outputs are written and its runtime is
+    closed.  Gloo's worker threads outlive ``destroy_process_group`` while a C++ object still holds the group
+    (after DeepSpeed, two groups and four threads remain); the teardown then destroys the group under them and
+    the process dies of SIGABRT ("terminate called without an active exception") after a stage that succeeded:
+    seen in about 1 of 8 two-rank ZeRO-3 runs (pytorch/pytorch#179291 describes the mechanism)."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def shard_fsdp2(model, device) -> None:

@@ -165,7 +165,6 @@ def write_parquet(frame, path: str | Path) -> None:
 
 def read_parquet(path: str | Path, required_columns: tuple[str, ...] = ()):
     import pandas as pd
-
     import pyarrow
 
     path = Path(path)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import random
 
 import torch
 
@@ -209,7 +208,13 @@ def build_reward_model(spec, tiny, texts: list[str], device: torch.device, trust
     tokenizer trained on ``texts``), from the SFT snapshot (``sft``), or from any hub id / directory."""
     from transformers import AutoModelForSequenceClassification
 
-    from rlhf_core.models import auto_tokenizer, build_tiny_model, disable_dropout, safe_from_pretrained, train_tokenizer
+    from rlhf_core.models import (
+        auto_tokenizer,
+        build_tiny_model,
+        disable_dropout,
+        safe_from_pretrained,
+        train_tokenizer,
+    )
 
     labels = {"num_labels": 1, "id2label": {0: REWARD_LABEL}, "label2id": {REWARD_LABEL: 0}}
     if spec.base == "builtin":

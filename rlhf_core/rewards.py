@@ -26,8 +26,8 @@ import importlib
 import math
 
 from rlhf_core.errors import DataError
-from rlhf_core.scoring import (length_scores, overlong_scores, vader_scores,  # noqa: F401  (the built-in scorers)
-                               verifiable_scores)
+from rlhf_core.scoring import length_scores, overlong_scores, vader_scores, verifiable_scores  # noqa: F401  (the built-in scorers)
+
 
 def python_scores(function: str, prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]:
     """Call the user function ``module:function`` (importable from the repo root or the environment)."""

@@ -13,8 +13,16 @@ import math
 import torch
 
 from rlhf_core.errors import DataError
-from rlhf_core.models import (build_tiny_model, collate, disable_dropout, enable_gradient_checkpointing, load_causal_lm,
-                              load_tokenizer, match_vocab, train_tokenizer)
+from rlhf_core.models import (
+    build_tiny_model,
+    collate,
+    disable_dropout,
+    enable_gradient_checkpointing,
+    load_causal_lm,
+    load_tokenizer,
+    match_vocab,
+    train_tokenizer,
+)
 from rlhf_core.progress import Progress
 
 

@@ -18,7 +18,6 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-
 # ---------------------------------------------------------------------------------------------------
 # Flat vectors <-> parameter lists
 

@@ -149,7 +149,7 @@ class Engine:
             kwargs["gpu_memory_utilization"] = spec["gpu_memory_fraction"]
         try:
             self.llm = vllm.LLM(**kwargs)
-        except Exception as exc:  # noqa: BLE001: anything vLLM raises while starting ends the server with its line
+        except Exception as exc:  # noqa: BLE001 -- anything vLLM raises while starting ends the server with its line
             raise EngineFailure("engine", f"vLLM did not start on {spec['weights']}: {first_line(exc)}") from exc
         exceptions = getattr(vllm, "exceptions", None)  # vLLM's validation errors: ValueError, or (0.32) its own
         self.refusals = (ValueError,) + tuple(
@@ -177,7 +177,7 @@ class Engine:
                     repacked = self.llm.collective_rpc(_repack_embedding_heads)[0]
                     if repacked < 1:  # a vLLM that renamed its layers would silently serve a stale head again
                         raise RuntimeError("found no embedding-shaped layer to repack after the reload")
-            except Exception as exc:  # noqa: BLE001: any failure of a reload is the engine's, not a refusal
+            except Exception as exc:  # noqa: BLE001 -- any failure of a reload is the engine's, not a refusal
                 raise EngineFailure("engine", f"reloading {weights} failed: {type(exc).__name__}: "
                                     f"{first_line(exc)}") from exc
             self.weights_sha256, reloaded = weights_sha256, True
@@ -229,7 +229,7 @@ class Engine:
             raise
         except self.refusals as exc:
             raise EngineFailure("refused", first_line(exc)) from exc
-        except Exception as exc:  # noqa: BLE001: EngineDeadError, RuntimeError from a kernel, ...
+        except Exception as exc:  # noqa: BLE001 -- EngineDeadError, RuntimeError from a kernel, ...
             raise EngineFailure("engine", f"{type(exc).__name__}: {first_line(exc)}") from exc
 
 
@@ -343,7 +343,7 @@ def serve(spec: dict, state_dir: Path, host: str, port: int, idle_timeout_s: flo
                 if kind == "engine":  # a broken engine serves nothing more: the next stage starts a new one
                     stopping[0] = True
                 return
-            except Exception as failure:  # noqa: BLE001: never a dropped connection without a word
+            except Exception as failure:  # noqa: BLE001 -- never a dropped connection without a word
                 self._reply(500, {"error": "engine", "message": f"{type(failure).__name__}: {first_line(failure)}"})
                 stopping[0] = True
                 return

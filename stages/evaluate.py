@@ -12,8 +12,14 @@ def main(params, args):
     import json
 
     from rlhf_core.evaluation import evaluate_checkpoint
-    from rlhf_core.models import (checkpoint_dir, checkpoint_stop_ids, load_causal_lm, load_tokenizer, resolve_device,
-                                  seed_everything)
+    from rlhf_core.models import (
+        checkpoint_dir,
+        checkpoint_stop_ids,
+        load_causal_lm,
+        load_tokenizer,
+        resolve_device,
+        seed_everything,
+    )
     from rlhf_core.sft import encode_demonstrations, foreign_demonstrations
 
     name = args.checkpoint

@@ -10,11 +10,11 @@ def main(params, args):
     """Log one MLflow run per reproduced pipeline state."""
     import tempfile
 
-    from rlhf_core import stage_times
-    from rlhf_core.tracking import log_pipeline_run, render_plots
-    from rlhf_core.cli import log
-
     import mlflow  # noqa: F401  (imported here, so that the start-up time counts it)
+
+    from rlhf_core import stage_times
+    from rlhf_core.cli import log
+    from rlhf_core.tracking import log_pipeline_run, render_plots
 
     workdir = Path.cwd()
     ready()

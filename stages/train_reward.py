@@ -8,8 +8,14 @@ from rlhf_core.io import atomic_dir, write_json
 def main(params, args):
     """Train reward model <name> (params reward_models.<name>) and report its held-out pair accuracy."""
     from rlhf_core.models import enable_gradient_checkpointing, quiet_transformers, resolve_device, seed_everything
-    from rlhf_core.reward_model import (build_reward_model, pair_accuracy, pair_texts, read_preferences, split_pairs,
-                                        train_bradley_terry)
+    from rlhf_core.reward_model import (
+        build_reward_model,
+        pair_accuracy,
+        pair_texts,
+        read_preferences,
+        split_pairs,
+        train_bradley_terry,
+    )
 
     if args.name not in params.reward_models:
         raise ConfigError(f"--name {args.name!r}: not in params reward_models ({', '.join(params.reward_models) or 'empty'})")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
-from rlhf_core.config import replace
 from pathlib import Path
 
 import pytest
+
+from rlhf_core.config import replace
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the stage scripts (stages/) are imported by tests as a package
@@ -57,7 +58,7 @@ def torch_threads():
 
 @pytest.fixture(scope="session")
 def tiny_params():
-    from rlhf_core.config import Params, TinyModelParams, SFTParams
+    from rlhf_core.config import Params, SFTParams, TinyModelParams
 
     tiny = TinyModelParams(vocab_size=400, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
                            max_positions=96)

@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_core.advantages import (explained_variance, gae, masked_mean, masked_var, masked_whiten, pad_sequences,
-                                  round_advantages, token_rewards)
+from rlhf_core.advantages import (
+    explained_variance,
+    gae,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    pad_sequences,
+    round_advantages,
+    token_rewards,
+)
 
 GAMMA, LAM = 0.9, 0.8
 

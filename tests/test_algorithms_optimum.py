@@ -26,8 +26,20 @@ import torch
 from rlhf_core.advantages import advantage_settings, round_advantages
 from rlhf_core.algorithms import get_algorithm
 from rlhf_core.algorithms.common import Experience
-from rlhf_core.config import (AdvantagesParams, AlgorithmParams, GRPOParams, KLParams, OptimParams, Params, PPOParams,
-                              ReinforcePPParams, RLOOParams, ReinforceParams, TRPOParams, replace)
+from rlhf_core.config import (
+    AdvantagesParams,
+    AlgorithmParams,
+    GRPOParams,
+    KLParams,
+    OptimParams,
+    Params,
+    PPOParams,
+    ReinforceParams,
+    ReinforcePPParams,
+    RLOOParams,
+    TRPOParams,
+    replace,
+)
 from rlhf_core.models import ActorCritic, ValueHead, disable_dropout, seed_everything
 from rlhf_core.rollout import generate_samples, record_token_stats
 

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, evaluate_all
+
 from rlhf_core.chat import encode_prompt, encode_prompts, parse_conversation, stop_token_ids
 from rlhf_core.config import ChatParams, load_params
 from rlhf_core.errors import DataError
@@ -176,8 +176,8 @@ def test_instruct_model_through_the_stages(tmp_path, chatml_dir, monkeypatch):
     ChatML model with pad == eos and two end ids: the snapshot keeps the vocabulary and the end ids, the
     policy sees the rendered template, scorers see the plain prompt, and the checkpoint loads with
     transformers.pipeline from another directory."""
-    from stages import advantages, optimize, prepare, rollout, score, sft
     from rlhf_core.tasks import sentiment
+    from stages import advantages, optimize, prepare, rollout, score, sft
 
     work = tmp_path / "work"
     work.mkdir()

@@ -7,8 +7,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_core.config import (MOVED, OptimParams, Params, PPOParams, RoundParams, flatten, load_params, params_from_dict,
-                              render_params_yaml, replace, schema_rows, yaml_load)
+from rlhf_core.config import (
+    MOVED,
+    OptimParams,
+    Params,
+    PPOParams,
+    RoundParams,
+    flatten,
+    load_params,
+    params_from_dict,
+    render_params_yaml,
+    replace,
+    schema_rows,
+    yaml_load,
+)
 from rlhf_core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from rlhf_core.data import prepare_prompts, split_heldout
-from rlhf_core.io import read_hf_dataset, read_table_file, text_column
 from rlhf_core.errors import ConfigError, DataError
+from rlhf_core.io import read_hf_dataset, read_table_file, text_column
 from rlhf_core.tasks import get_task, sentiment
 
 
@@ -267,9 +267,7 @@ def test_truncation_cuts_at_a_word_boundary():
 
 
 def test_plain_text_demonstrations_split_into_prompt_and_response(tmp_path):
-    from rlhf_core.config import replace
-
-    from rlhf_core.config import Params, SFTParams
+    from rlhf_core.config import Params, SFTParams, replace
     from rlhf_core.data import read_demonstrations
 
     pd.DataFrame({"text": ["This film was a total joy from start to end.", "Bad.", "Dull plot, weak cast, long."]}).to_csv(

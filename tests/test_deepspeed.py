@@ -11,8 +11,9 @@ import os
 
 import pytest
 import torch
-
 from test_fsdp import experience, untied_actor_critic
+
+from rlhf_core.distributed import leave_process
 
 pytest.importorskip("deepspeed")  # in requirements.lock; a bare `pip install -e .` may not have it
 
@@ -124,8 +125,9 @@ def bf16_policy(model):
 
 
 def train_bf16_round(model) -> dict:
-    from rlhf_core.algorithms.ppo import train_ppo
     from test_fsdp import params
+
+    from rlhf_core.algorithms.ppo import train_ppo
 
     return train_ppo(model, experience(), params(), temperature=1.0, pad_id=0, device=torch.device("cpu"), seed=0,
                      log=lambda *_: None)
@@ -138,6 +140,7 @@ def _rank_bf16(rank: int, world_size: int, init_file: str, out: str) -> None:
     if rank == 0:
         torch.save({key: value.clone() for key, value in model.value_head.state_dict().items()}, out)
     runtime.close()
+    leave_process()  # as run_stage ends a rank: the interpreter's teardown can abort after ZeRO
 
 
 @pytest.mark.e2e  # two gloo processes
@@ -165,6 +168,7 @@ def _rank(rank: int, world_size: int, init_file: str, out: str, zero_stage: int)
     if rank == 0:
         torch.save({"state": {key: value.clone() for key, value in state.items()}, "metrics": metrics}, out)
     runtime.close()
+    leave_process()  # as run_stage ends a rank: the interpreter's teardown can abort after ZeRO
 
 
 def _rank_grpo(rank: int, world_size: int, init_file: str, out: str) -> None:
@@ -182,6 +186,7 @@ def _rank_grpo(rank: int, world_size: int, init_file: str, out: str) -> None:
     if rank == 0:
         torch.save({"before": head, "after": model.value_head.state_dict()}, out)
     runtime.close()
+    leave_process()  # as run_stage ends a rank: the interpreter's teardown can abort after ZeRO
 
 
 @pytest.mark.e2e  # two gloo processes

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
+
 from rlhf_core.fingerprints import CODE_DIR, STAGE, code_closure, code_fingerprints, stage_modules
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())

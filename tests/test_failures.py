@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
 from conftest import REPO
+
 from rlhf_core.cli import run_stage
 
 

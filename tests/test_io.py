@@ -9,8 +9,17 @@ import pandas as pd
 import pytest
 
 from rlhf_core.errors import DataError
-from rlhf_core.io import (atomic_dir, atomic_file, read_json, read_parquet, repo_root, to_json_text, write_json,
-                          write_json_into, write_parquet)
+from rlhf_core.io import (
+    atomic_dir,
+    atomic_file,
+    read_json,
+    read_parquet,
+    repo_root,
+    to_json_text,
+    write_json,
+    write_json_into,
+    write_parquet,
+)
 
 
 def _names(directory):

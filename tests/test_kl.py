@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from rlhf_core.kl import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_estimate, kl_k1, kl_k2,
-                          kl_k3)
+from rlhf_core.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_estimate, kl_k1, kl_k2, kl_k3
 
 
 def _t(*values):

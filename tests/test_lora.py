@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, evaluate_all
+
 from rlhf_core.config import load_params, params_from_dict
 from rlhf_core.errors import ConfigError
 

@@ -1,10 +1,17 @@
-import json
 
 import pytest
 import torch
 
-from rlhf_core.models import (ActorCritic, ValueHead, collate, load_actor_critic, load_causal_lm, load_tokenizer,
-                              policy_logprobs, read_state, save_checkpoint, token_logprobs)
+from rlhf_core.models import (
+    collate,
+    load_actor_critic,
+    load_causal_lm,
+    load_tokenizer,
+    policy_logprobs,
+    read_state,
+    save_checkpoint,
+    token_logprobs,
+)
 
 CPU = torch.device("cpu")
 
@@ -102,8 +109,9 @@ def test_missing_model_is_a_one_line_error(tmp_path):
 
 def test_response_logits_with_logits_to_keep_equal_the_full_pass(tiny_checkpoint, monkeypatch):
     """The LM head on the last R+1 positions only gives the same response logits as the full pass over all W."""
-    import rlhf_core.models as models
     from peft import LoraConfig, get_peft_model
+
+    import rlhf_core.models as models
 
     policy = load_causal_lm(str(tiny_checkpoint), CPU)
     lora_policy = get_peft_model(load_causal_lm(str(tiny_checkpoint), CPU),

@@ -6,17 +6,25 @@ import argparse
 import inspect
 import json
 import math
-from rlhf_core.config import replace
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from rlhf_core.config import Params, RewardModelParams, ScorerParams, TinyModelParams, params_from_dict
+from rlhf_core.config import Params, RewardModelParams, ScorerParams, TinyModelParams, params_from_dict, replace
 from rlhf_core.errors import DataError
-from rlhf_core.reward_model import (bradley_terry_loss, build_reward_model, classifier_scores, label_index,
-                                    pair_accuracy, pair_texts, read_preferences, split_pairs, train_bradley_terry)
+from rlhf_core.reward_model import (
+    bradley_terry_loss,
+    build_reward_model,
+    classifier_scores,
+    label_index,
+    pair_accuracy,
+    pair_texts,
+    read_preferences,
+    split_pairs,
+    train_bradley_terry,
+)
 from rlhf_core.rewards import score_responses, vader_scores
 from rlhf_core.tasks import sentiment
 

@@ -33,9 +33,7 @@ def test_missing_eos_penalties():
 
 
 def _scorer(**fields):
-    from rlhf_core.config import replace
-
-    from rlhf_core.config import ScorerParams
+    from rlhf_core.config import ScorerParams, replace
 
     return replace(ScorerParams(), **fields)
 

@@ -1,8 +1,14 @@
 import torch
 
 from rlhf_core.models import load_actor_critic, load_causal_lm, load_tokenizer
-from rlhf_core.rollout import (generate_samples, length_buckets, record_token_stats, rollout_table,
-                               sample_prompt_indices, truncate_at_eos)
+from rlhf_core.rollout import (
+    generate_samples,
+    length_buckets,
+    record_token_stats,
+    rollout_table,
+    sample_prompt_indices,
+    truncate_at_eos,
+)
 
 CPU = torch.device("cpu")
 PROMPTS = ["The pizza was", "Honestly, the laptop seemed", "So far the movie is", "The room"]

@@ -60,10 +60,9 @@ def test_training_lowers_heldout_perplexity(tiny_params):
 
 def test_micro_batches_give_the_gradient_of_one_pass(tiny_checkpoint):
     """sft.micro_batch_size splits a step's rows (grouped by length) without changing its gradient."""
-    from rlhf_core.models import load_causal_lm
+    from rlhf_core.models import load_causal_lm, load_tokenizer
     from rlhf_core.sft import accumulate_gradients, trained_tokens
     from rlhf_core.tasks import sentiment
-    from rlhf_core.models import load_tokenizer
 
     model = load_causal_lm(str(tiny_checkpoint), CPU)
     tokenizer = load_tokenizer(str(tiny_checkpoint))

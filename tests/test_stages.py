@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, evaluate_all
+
 from rlhf_core.config import load_params
 
 
@@ -64,8 +64,8 @@ def test_hf_model_directory_and_local_files_through_every_stage(tmp_path, tiny_c
     demonstrations from local files.  The tokenizer's pad == EOS, so the snapshot must add a pad token."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages import advantages, optimize, prepare, rollout, score, sft
     from rlhf_core.tasks import sentiment
+    from stages import advantages, optimize, prepare, rollout, score, sft
 
     model_dir = tmp_path / "hf-model"
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
@@ -138,7 +138,6 @@ def test_hf_model_directory_and_local_files_through_every_stage(tmp_path, tiny_c
                                        "reinforce_pp"])
 def test_every_algorithm_runs_the_round_stages(tmp_path, tiny_checkpoint, monkeypatch, algorithm):
     """advantages → optimize → rollout of the next round → evaluate, for each algorithm.name."""
-    from rlhf_core.tasks import sentiment
     from stages import advantages, optimize, prepare, rollout, score, sft
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -4,15 +4,13 @@ the exact-match metric of the evaluation."""
 from __future__ import annotations
 
 import re
-from rlhf_core.config import replace
 
 import pytest
 
-from rlhf_core.config import params_from_dict
+from rlhf_core.config import TASKS, params_from_dict, replace
 from rlhf_core.data import prepare_prompts, read_prompt_records
 from rlhf_core.errors import ConfigError, DataError
 from rlhf_core.evaluation import exact_match
-from rlhf_core.config import TASKS
 from rlhf_core.tasks import arithmetic, get_task
 
 PROMPT = re.compile(r"^(\d) (\d) \+ (\d) (\d) =$")

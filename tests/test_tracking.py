@@ -1,10 +1,9 @@
 import json
-from rlhf_core.config import replace
 from pathlib import Path
 
 import pytest
 
-from rlhf_core.config import Params, RoundParams, TrackingParams
+from rlhf_core.config import Params, RoundParams, TrackingParams, replace
 from rlhf_core.tracking import collect_history, pipeline_state, tracking_uri
 
 PARAMS = replace(Params(), rounds={"r1": RoundParams(start_from="sft"), "r2": RoundParams(start_from="r1")})

@@ -3,8 +3,14 @@ import math
 import pytest
 import torch
 
-from rlhf_core.trust_region import (categorical_kl, conjugate_gradient, fisher_vector_product, flat_concat,
-                                    params_to_vector, vector_to_params)
+from rlhf_core.trust_region import (
+    categorical_kl,
+    conjugate_gradient,
+    fisher_vector_product,
+    flat_concat,
+    params_to_vector,
+    vector_to_params,
+)
 
 
 def test_conjugate_gradient_solves_a_random_spd_system():

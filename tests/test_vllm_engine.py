@@ -20,8 +20,8 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
 from conftest import REPO
+
 from rlhf_core.config import LoraParams, load_params
 from rlhf_core.errors import ConfigError, DataError
 

@@ -15,6 +15,7 @@ from types import ModuleType
 
 from rlhf_core.errors import ConfigError
 
+
 def get_task(name: str) -> ModuleType:
     if name == "sentiment":
         from rlhf_core.tasks import sentiment
