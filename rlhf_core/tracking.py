@@ -119,8 +119,10 @@ def log_pipeline_run(params, *, workdir: Path, artifacts: list[Path], log=print,
     run = client.create_run(experiment_id, tags=tags, run_name=tags["mlflow.runName"])
     run_id = run.info.run_id
     try:
-        flat_params = [Param(k, json.dumps(v) if not isinstance(v, str) else v)
-                       for k, v in sorted(flatten(params.to_dict()).items())]
+        values = flatten(params.to_dict())
+        # an `auto` coefficient as the algorithm resolved it, e.g. kl.reward_coef "auto (0.05)": compare shows it
+        values.update({f"kl.{key}": f"auto ({value:g})" for key, value in params.auto_resolved.items()})
+        flat_params = [Param(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in sorted(values.items())]
         history = collect_history(params, metrics_dir)
         timestamp = int(run.info.start_time)
         metrics = [Metric(key.replace("/", "."), value, timestamp, step)

@@ -2,19 +2,32 @@
 
 from rlhf_core.cli import log, ready, run_stage
 from rlhf_core.errors import DataError
-from rlhf_core.io import atomic_dir, checkpoint_dir, read_parquet, read_state, write_json, write_json_into
+from rlhf_core.io import (
+    atomic_dir,
+    checkpoint_dir,
+    read_parquet,
+    read_state,
+    write_json,
+    write_json_into,
+    write_parquet_into,
+)
 
 
 def main(params, args):
     """Compute advantages/<round>/advantages.parquet and state.json (KL coefficient, reward baseline)."""
     import pandas as pd
 
-    from rlhf_core.advantages import (advantage_settings, dynamic_sampling, expand_rows, round_advantages,
-                                      trained_responses)
+    from rlhf_core.advantages import (
+        advantage_settings,
+        dynamic_sampling,
+        expand_rows,
+        round_advantages,
+        trained_responses,
+    )
     from rlhf_core.kl import AdaptiveKLController, FixedKLController
     from rlhf_core.rewards import reward_components
 
-    adv, kl, round_key = params.advantages, params.kl, args.round
+    adv, kl, round_key = params.advantages, params.kl_resolved, args.round  # kl: its auto coefficients resolved
     with_reference = params.uses_reference  # KL-free: the rollout stored no ref_logprobs
     rollouts = read_parquet(f"rollouts/{round_key}/rollouts.parquet", ("prompt_index", "logprobs", "values", "ended_with_eos")
                             + (("ref_logprobs",) if with_reference else ()))
@@ -69,9 +82,9 @@ def main(params, args):
         "reward_baseline": momentum * baseline + (1.0 - momentum) * metrics["return_sequence_mean"],
     }
     metrics.update(estimator=settings["estimator"], kl_coef_next=state["kl_coef"], reward_baseline=baseline)
-    log(f"advantages@{round_key}: {metrics}")
+    log(f"advantages@{round_key}{f' ({params.describe_auto()})' if params.auto_resolved else ''}: {metrics}")
     with atomic_dir(f"advantages/{round_key}") as out:
-        pd.DataFrame(arrays).to_parquet(out / "advantages.parquet", index=False)
+        write_parquet_into(out, "advantages.parquet", pd.DataFrame(arrays))
         write_json_into(out, "state.json", state)
     write_json(f"metrics/{round_key}/advantages.json", {k: v for k, v in metrics.items() if k != "estimator"})
 

@@ -6,13 +6,13 @@ from rlhf_core.io import atomic_dir, read_json, read_parquet, write_json
 
 def main(params, args):
     """Train on rollouts/<round> + advantages/<round> with algorithm.name; write models/<round>."""
-    from rlhf_core.algorithms import get_algorithm
+    from rlhf_core.algorithms.train import train_round
     from rlhf_core.distributed import start_runtime
     from rlhf_core.models import seed_everything
 
     round_key = args.round
     start_from = params.rounds[round_key].start_from
-    train = get_algorithm(params.algorithm.name)
+    train = train_round  # one signature for every algorithm; its traits pick the update loop
     seed = params.round_seed(round_key, "optimize")
     seed_everything(seed)  # the same seed on every rank: the same shuffles, the same steps
     runtime = start_runtime(params)  # one process, or one rank of `accelerate launch` (compute.num_processes)
@@ -25,8 +25,13 @@ def main(params, args):
 def _train_and_save(params, round_key, start_from, train, seed, runtime):
     from rlhf_core.algorithms.common import Experience, correction_weights
     from rlhf_core.distributed import local_parameter_bytes
-    from rlhf_core.models import (checkpoint_dir, enable_gradient_checkpointing, load_actor_critic, load_tokenizer,
-                                  save_checkpoint)
+    from rlhf_core.models import (
+        checkpoint_dir,
+        enable_gradient_checkpointing,
+        load_actor_critic,
+        load_tokenizer,
+        save_checkpoint,
+    )
     from rlhf_core.optim import load_optimizer_state, save_optimizer_state
 
     device = runtime.device
@@ -74,8 +79,7 @@ def _train_and_save(params, round_key, start_from, train, seed, runtime):
     ready()
     metrics = train(model, experience, params, temperature=params.rollout.temperature,
                     pad_id=tokenizer.pad_token_id, device=device, seed=seed,
-                    log=log if runtime.is_main else (lambda *_: None), **({} if carry is None else {"carry": carry}),
-                    **({"critic_warmup_epochs": warmup} if warmup else {}))
+                    log=log if runtime.is_main else (lambda *_: None), carry=carry, critic_warmup_epochs=warmup)
     if carry is not None:
         metrics["optimizer_state_carried"] = carry.get("carried_in", False)
     if runtime.distributed:
@@ -88,7 +92,7 @@ def _train_and_save(params, round_key, start_from, train, seed, runtime):
     metrics.update(kl_coef=advantages_metrics["kl_coef"],
                    value_explained_variance=advantages_metrics["value_explained_variance"],
                    score_mean=advantages_metrics["score_mean"])
-    log(f"optimize@{round_key} ({params.algorithm.name}): {metrics}")
+    log(f"optimize@{round_key} ({params.describe_auto() or params.algorithm.name}): {metrics}")
     with atomic_dir(checkpoint_dir(round_key)) as out:
         save_checkpoint(out, model, tokenizer, {**state, "round": round_key, "algorithm": params.algorithm.name},
                         state_dict=full_state)

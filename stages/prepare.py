@@ -2,7 +2,7 @@
 
 from rlhf_core.cli import log, ready, run_stage
 from rlhf_core.data import prepare_prompts, read_prompt_records
-from rlhf_core.io import atomic_dir, write_json
+from rlhf_core.io import atomic_dir, write_json, write_parquet_into
 
 
 def main(params, args):
@@ -13,8 +13,8 @@ def main(params, args):
                            eval_fraction=params.prepare.eval_fraction, seed=params.seed)
     log(f"prepare: {sets.stats}")
     with atomic_dir("prompts") as out:
-        sets.train.to_parquet(out / "train.parquet", index=False)
-        sets.eval.to_parquet(out / "eval.parquet", index=False)
+        write_parquet_into(out, "train.parquet", sets.train)
+        write_parquet_into(out, "eval.parquet", sets.eval)
     write_json("metrics/prepare.json", sets.stats)
 
 

@@ -1,7 +1,7 @@
 """Generate the round's responses and record the policy's log-probs, the reference's log-probs and values."""
 
 from rlhf_core.cli import log, ready, run_stage
-from rlhf_core.io import atomic_dir, read_parquet, write_json
+from rlhf_core.io import atomic_dir, read_parquet, write_json, write_parquet_into
 
 
 def main(params, args):
@@ -68,7 +68,7 @@ def main(params, args):
     for text in table["prompt"].head(2) + table["response"].head(2):
         log(f"  sample: {text!r}")
     with atomic_dir(f"rollouts/{round_key}") as out:
-        table.to_parquet(out / "rollouts.parquet", index=False)
+        write_parquet_into(out, "rollouts.parquet", table)
     write_json(f"metrics/{round_key}/rollout.json", metrics)
     runtime.close()
 

@@ -1,7 +1,15 @@
 """Score the round's responses: one column per reward component (raw and normalised), plus the total."""
 
 from rlhf_core.cli import log, ready, run_stage
-from rlhf_core.io import atomic_dir, checkpoint_dir, read_parquet, read_state, write_json, write_json_into
+from rlhf_core.io import (
+    atomic_dir,
+    checkpoint_dir,
+    read_parquet,
+    read_state,
+    write_json,
+    write_json_into,
+    write_parquet_into,
+)
 
 
 def main(params, args):
@@ -29,7 +37,7 @@ def main(params, args):
     metrics["total_std"] = float(table["total"].std(ddof=0))
     log(f"score@{round_key}: {metrics}")
     with atomic_dir(f"scores/{round_key}") as out:
-        table.to_parquet(out / "scores.parquet", index=False)
+        write_parquet_into(out, "scores.parquet", table)
         write_json_into(out, "state.json", {"reward_normalizers": normalizers})
     write_json(f"metrics/{round_key}/score.json", metrics)
 

@@ -2,7 +2,7 @@
 
 from rlhf_core.cli import log, ready, run_stage
 from rlhf_core.data import read_demonstrations, split_heldout
-from rlhf_core.io import atomic_dir, write_json
+from rlhf_core.io import atomic_dir, write_json, write_parquet_into
 
 
 def main(params, args):
@@ -34,7 +34,7 @@ def main(params, args):
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
     with atomic_dir("demos") as out:
-        pd.DataFrame(heldout_rows).to_parquet(out / "heldout.parquet", index=False)
+        write_parquet_into(out, "heldout.parquet", pd.DataFrame(heldout_rows))
     write_json("metrics/sft.json", metrics)
 
 

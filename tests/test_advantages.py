@@ -248,7 +248,7 @@ def test_reinforce_pp_advantages_by_hand():
     values = [np.zeros(2, dtype=np.float32), np.zeros(1, dtype=np.float32), np.zeros(1, dtype=np.float32)]
     scores = [1.0, 0.0, 2.0]
     out, _ = round_advantages(logprobs, ref, values, scores, kl_coef=0.2, kl_estimator="k1", gamma=1.0, lam=1.0,
-                              whiten_rewards=False, whiten_advantages=False, estimator="reinforce_pp",
+                              whiten_rewards=False, whiten_advantages=False, estimator="batch_rtg",
                               group_ids=[0, 0, 1])
     # kl = [0.5, 0], [0], [0]: rewards [−0.1, 1], [0], [2]; reward-to-go [0.9, 1], [0], [2]
     to_go = np.array([0.9, 1.0, 0.0, 2.0])
@@ -256,7 +256,7 @@ def test_reinforce_pp_advantages_by_hand():
     np.testing.assert_allclose(np.concatenate(out["advantages"]), whitened, atol=1e-5)
     np.testing.assert_allclose(np.concatenate(out["returns"]), to_go, atol=1e-6)
     centred, _ = round_advantages(logprobs, ref, values, scores, kl_coef=0.2, kl_estimator="k1", gamma=1.0, lam=1.0,
-                                  whiten_rewards=False, whiten_advantages=False, estimator="reinforce_pp",
+                                  whiten_rewards=False, whiten_advantages=False, estimator="batch_rtg",
                                   group_ids=[0, 0, 1], group_baseline=True)
     # scores minus their prompt's mean: 0.5, −0.5, 0 → rewards [−0.1, 0.5], [−0.5], [0]; to-go [0.4, 0.5], [−0.5], [0]
     to_go = np.array([0.4, 0.5, -0.5, 0.0])
@@ -297,7 +297,7 @@ def test_gdpo_normalises_each_component_within_its_group_then_the_sum_over_the_b
     assert torch.allclose(grpo, torch.tensor([1, -1, 1, -1]) / 2 ** 0.5, atol=1e-4)
     logprobs = [np.zeros(2, dtype=np.float32)] * 4
     out, _ = round_advantages(logprobs, logprobs, logprobs, components.sum(1).tolist(), kl_coef=0.0, kl_estimator="k1",
-                              gamma=1.0, lam=1.0, whiten_rewards=False, whiten_advantages=False, estimator="grpo",
+                              gamma=1.0, lam=1.0, whiten_rewards=False, whiten_advantages=False, estimator="group",
                               group_ids=[0, 0, 1, 1], components=components.tolist(), component_weights=[1.0, 1.0])
     np.testing.assert_allclose([a[0] for a in out["advantages"]], gdpo.numpy(), atol=1e-6)
     np.testing.assert_allclose(out["advantages"][2], [1.5 ** 0.5] * 2, atol=1e-4)  # every token of the response

@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from rlhf_core.advantages import advantage_settings, round_advantages
-from rlhf_core.algorithms import get_algorithm
 from rlhf_core.algorithms.common import Experience
+from rlhf_core.algorithms.train import train_round
 from rlhf_core.config import (
     AdvantagesParams,
     AlgorithmParams,
@@ -74,7 +74,7 @@ def run_rounds(model, params: Params, rounds: int, samples_per_prompt: int = 32,
     """rollout → score → advantages → optimize, in process, for ``rounds`` rounds; mean return per round
     (``rounds`` + 1 values: before each update and after the last).  Round k samples with seed
     ``seed * 1000 + k``."""
-    train = get_algorithm(params.algorithm.name)
+    train = train_round
     history, baseline = [], 0.0
     for round_number in range(rounds + 1):
         samples = generate_samples(model.policy, TOKENIZER, PROMPTS, samples_per_prompt=samples_per_prompt,

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rlhf_core.algorithms import registry
 from rlhf_core.config import (
     MOVED,
     OptimParams,
@@ -408,8 +409,9 @@ def test_unquoted_no_survives_dvc_rewriting_params_yaml(tmp_path):
 def test_a_value_an_algorithm_would_silently_drop_is_an_error_naming_both_keys():
     """grpo used to replace ppo.kl_loss_coef with grpo.kl_coef and ignore advantages.kl_coef without a word; now there
     is one KL loss weight (kl.loss_coef) for every algorithm, and a KL an algorithm cannot use is refused."""
-    with pytest.raises(ConfigError, match=r"^kl.reward_coef = 0.05: algorithm.name = 'grpo' puts no KL in the reward"):
-        params_from_dict({"algorithm": {"name": "grpo"}})
+    with pytest.raises(ConfigError, match=r"^kl.reward_coef = 0.05: algorithm.name = 'grpo' puts no KL in the reward "
+                                          r".*set kl.reward_coef: auto \(or 0\)"):
+        params_from_dict({"algorithm": {"name": "grpo"}, "kl": {"reward_coef": 0.05}})  # set by hand: refused
     grpo = params_from_dict({"algorithm": {"name": "grpo"}, "kl": {"reward_coef": 0, "loss_coef": 0.04}})
     assert grpo.kl.loss_coef == 0.04 and grpo.kl.loss_estimator == "k3"
     with pytest.raises(ConfigError, match=r"^kl.loss_coef = 0.1: algorithm.name = 'trpo' has no KL loss term"):
@@ -519,3 +521,29 @@ def test_an_algorithm_sections_values_are_refused_under_another_algorithm():
         params_from_dict({"advantages": {"dynamic_sampling": True}})
     assert params_from_dict({"algorithm": {"name": "reinforce_pp"}, "reinforce_pp": {"baseline": "group_mean"},
                              "advantages": {"dynamic_sampling": True}}).advantages.dynamic_sampling
+
+
+@pytest.mark.parametrize("name", list(registry.ALGORITHMS))
+def test_one_switch_picks_the_algorithm_and_auto_resolves_its_kl(name):
+    """`dvc exp run -S algorithm.name=X` alone: the default params with only the name changed are valid for every
+    registered algorithm, and kl.reward_coef / kl.loss_coef `auto` become the algorithm's own (Traits.kl_defaults):
+    0.05 in the reward where the KL may go there, 0 for the group-relative ones (which stopped at the first stage
+    with `kl.reward_coef = 0.05 …` before)."""
+    raw = yaml_load(PARAMS_YAML.read_text())
+    raw["algorithm"]["name"] = name
+    params = params_from_dict(raw)
+    traits = registry.get(name).traits
+    assert params.kl.reward_coef == "auto" and params.kl.loss_coef == "auto"
+    assert (params.kl_resolved.reward_coef, params.kl_resolved.loss_coef) == traits.kl_defaults
+    assert params.kl_resolved.reward_coef == (0.05 if traits.kl_in_reward else 0.0)
+    assert params.auto_resolved == {"reward_coef": traits.kl_defaults[0], "loss_coef": traits.kl_defaults[1]}
+    assert params.uses_reference == (params.kl_resolved.reward_coef > 0)  # KL-free where auto gives no KL at all
+
+
+def test_auto_or_a_number_is_one_line():
+    with pytest.raises(ConfigError, match=r"^kl.reward_coef = -1: must be >= 0.0 or auto$"):
+        params_from_dict({"kl": {"reward_coef": -1}})
+    with pytest.raises(ConfigError, match=r"^kl.loss_coef = 'some': must be a number or auto$"):
+        params_from_dict({"kl": {"loss_coef": "some"}})
+    explicit = params_from_dict({"kl": {"reward_coef": 0.1, "loss_coef": "2e-2"}})
+    assert (explicit.kl_resolved.reward_coef, explicit.kl_resolved.loss_coef, explicit.auto_resolved) == (0.1, 0.02, {})

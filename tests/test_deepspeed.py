@@ -172,17 +172,17 @@ def _rank(rank: int, world_size: int, init_file: str, out: str, zero_stage: int)
 
 
 def _rank_grpo(rank: int, world_size: int, init_file: str, out: str) -> None:
-    from rlhf_core.algorithms.grpo import train_grpo
+    from rlhf_core.algorithms.train import train_round
     from rlhf_core.config import params_from_dict
 
     runtime = join_zero(rank, world_size, init_file, zero_stage=2)
     model = untied_actor_critic()
     head = {key: value.clone() for key, value in model.value_head.state_dict().items()}
-    params = params_from_dict({"device": "cpu", "algorithm": {"name": "grpo"}, "kl": {"reward_coef": 0.0},
+    params = params_from_dict({"device": "cpu", "algorithm": {"name": "grpo"},
                                "optim": {"epochs": 1, "minibatch_size": 4, "micro_batch_size": 1, "lr": 1e-2,
                                          "weight_decay": 0.1}})
-    train_grpo(model, experience(), params, temperature=1.0, pad_id=0, device=torch.device("cpu"), seed=0,
-               log=lambda *_: None)
+    train_round(model, experience(), params, temperature=1.0, pad_id=0, device=torch.device("cpu"), seed=0,
+                log=lambda *_: None)
     if rank == 0:
         torch.save({"before": head, "after": model.value_head.state_dict()}, out)
     runtime.close()

@@ -49,13 +49,13 @@ def _round(estimator, **kwargs):
 
 def test_round_estimators_by_hand():
     # KL is 0 (logprobs == ref), so the sequence returns are the scores [1, 0, 3, 2].
-    arrays, _ = _round("rloo")  # R_i − R_other: [1−0, 0−1, 3−2, 2−3] on every token
+    arrays, _ = _round("leave_one_out")  # R_i − R_other: [1−0, 0−1, 3−2, 2−3] on every token
     assert [a.tolist() for a in arrays["advantages"]] == [[1.0, 1.0], [-1.0], [1.0, 1.0, 1.0], [-1.0]]
-    arrays, _ = _round("grpo", scale_by_std=False)  # s − group mean: [0.5, −0.5, 0.5, −0.5]
+    arrays, _ = _round("group", scale_by_std=False)  # s − group mean: [0.5, −0.5, 0.5, −0.5]
     assert [a.tolist() for a in arrays["advantages"]] == [[0.5, 0.5], [-0.5], [0.5, 0.5, 0.5], [-0.5]]
-    arrays, _ = _round("reinforce", baseline="moving_average", moving_baseline=0.5)  # G − 0.5
+    arrays, _ = _round("return", baseline="moving_average", moving_baseline=0.5)  # G − 0.5
     assert [a.tolist() for a in arrays["advantages"]] == [[0.5, 0.5], [-0.5], [2.5, 2.5, 2.5], [1.5]]
-    arrays, _ = _round("reinforce", baseline="none")
+    arrays, _ = _round("return", baseline="none")
     assert [a.tolist() for a in arrays["advantages"]] == [[1.0, 1.0], [0.0], [3.0, 3.0, 3.0], [2.0]]
 
 
@@ -64,9 +64,9 @@ def test_grpo_puts_no_kl_in_the_reward_but_rloo_does():
     common = dict(kl_coef=0.2, kl_estimator="k1", gamma=1.0, lam=1.0, whiten_rewards=False, whiten_advantages=False,
                   group_ids=[0, 0])
     values = [[0.0, 0.0], [0.0]]
-    grpo, grpo_metrics = round_advantages(logprobs, ref, values, [1.0, 1.0], estimator="grpo", **common)
+    grpo, grpo_metrics = round_advantages(logprobs, ref, values, [1.0, 1.0], estimator="group", **common)
     assert grpo_metrics["kl_coef"] == 0.0 and [a.tolist() for a in grpo["advantages"]] == [[0.0, 0.0], [0.0]]
-    rloo, _ = round_advantages(logprobs, ref, values, [1.0, 1.0], estimator="rloo", **common)
+    rloo, _ = round_advantages(logprobs, ref, values, [1.0, 1.0], estimator="leave_one_out", **common)
     # sequence rewards: 1 − 0.2·0.5 = 0.9 and 1 → advantages −0.1 and +0.1
     assert rloo["advantages"][0].tolist() == pytest.approx([-0.1, -0.1], abs=1e-6)
     assert rloo["advantages"][1].tolist() == pytest.approx([0.1], abs=1e-6)

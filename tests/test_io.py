@@ -284,3 +284,15 @@ def test_outputs_get_the_usual_permissions_not_tempfiles_private_ones(tmp_path):
     assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "model/weights.bin").stat().st_mode) == 0o644
+
+
+def test_every_table_a_stage_writes_goes_through_io():
+    """io.write_parquet's deterministic bytes were promised, but the six stage writes called DataFrame.to_parquet
+    themselves; now only rlhf_core/io.py calls it (write_parquet, write_parquet_into)."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    callers = [str(path.relative_to(repo)) for folder in ("stages", "rlhf_core") for path in (repo / folder).rglob("*.py")
+               if re.search(r"\.to_parquet\(", path.read_text()) and path.name != "io.py"]
+    assert callers == []

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rlhf_core.advantages import round_advantages
-from rlhf_core.algorithms import get_algorithm
+from rlhf_core.algorithms import registry
 from rlhf_core.algorithms.common import Experience
 from rlhf_core.algorithms.ppo import train_ppo
 from rlhf_core.config import KLParams, OptimParams, Params, PPOParams, replace
@@ -114,9 +114,13 @@ def test_ppo_reaches_the_known_optimum(tiny_checkpoint, critic):
 
 
 def test_unknown_algorithm_is_a_config_error():
-    assert get_algorithm("ppo") is train_ppo
-    with pytest.raises(ConfigError, match="algorithm.name = .sac.: must be one of reinforce, a2c, ppo"):
-        get_algorithm("sac")
+    from rlhf_core.config import params_from_dict
+
+    assert registry.get("ppo").traits.clipped
+    with pytest.raises(KeyError, match="algorithm.name = .sac.: must be one of reinforce, a2c, ppo"):
+        registry.get("sac")
+    with pytest.raises(ConfigError, match=r"^algorithm.name = 'sac': must be one of 'reinforce', 'a2c', 'ppo', "):
+        params_from_dict({"algorithm": {"name": "sac"}})
 
 
 def test_max_grad_norm_null_turns_clipping_off(tiny_checkpoint):
@@ -345,3 +349,31 @@ def test_correction_weights_reach_the_policy_loss_through_the_micro_batch():
     assert losses[0.0] == pytest.approx([0.0, 0.0])
     kept = experience.select([False, True])
     assert kept.correction == [[0.0]] and kept.ref_logprobs is None and kept.response_ids == [[10]]
+
+
+def test_refreshed_advantages_are_the_advantages_stages_with_truncated_rows_left_out(tiny_checkpoint):
+    """refresh_advantages promises the advantages stage's values with the warmed critic.  The stage whitens over every
+    row of the round; with advantages.mask_truncated the update trains on fewer (Experience.select), and the refresh
+    used to whiten over those alone.  Here the critic is unchanged, so the refresh must give back the stage's own
+    advantages, returns and values on the trained rows."""
+    from rlhf_core.algorithms.common import refresh_advantages
+    from rlhf_core.distributed import Runtime
+
+    seed_everything(0)
+    tokenizer = load_tokenizer(str(tiny_checkpoint))
+    model = load_actor_critic(str(tiny_checkpoint), "value_head", CPU)
+    model.value_head.summary.bias.data.fill_(0.7)  # values far from 0: a whitening over other rows would differ
+    whole, _ = collect(model, tokenizer, lambda s: float(len(s.response_ids)), seed=4)
+    trained = [row % 3 != 0 for row in range(len(whole))]  # a third left out, as mask_truncated would
+    experience = whole.select(trained)
+    refresh_advantages(model, experience, training(micro_batch_size=8), Runtime(device=CPU), pad_id=tokenizer.pad_token_id,
+                       device=CPU, temperature=1.0)
+    stage = [row for row, kept in zip(range(len(whole)), trained) if kept]
+    for name in ("advantages", "returns", "old_values"):
+        for got, row in zip(getattr(experience, name), stage):
+            assert torch.allclose(torch.tensor(got), torch.as_tensor(getattr(whole, name)[row]).float(), atol=1e-5), name
+    # whitened over the trained rows alone (the old refresh), the advantages are another set
+    from rlhf_core.advantages import masked_whiten, pad_sequences
+
+    kept_only, mask = pad_sequences([whole.advantages[row] for row in stage])
+    assert not torch.allclose(masked_whiten(kept_only, mask), kept_only, atol=1e-3)

@@ -15,7 +15,9 @@ import torch
 import yaml
 from conftest import REPO, evaluate_all
 
+from rlhf_core.algorithms import registry
 from rlhf_core.config import load_params
+from rlhf_core.errors import ConfigError
 
 
 def run_stage_process(stage: str, cwd, *args: str) -> subprocess.CompletedProcess:
@@ -134,10 +136,9 @@ def test_hf_model_directory_and_local_files_through_every_stage(tmp_path, tiny_c
                        "reward_gain": pytest.approx(evaluation["r2"]["reward"] - evaluation["sft"]["reward"])}
 
 
-@pytest.mark.parametrize("algorithm", ["reinforce", "a2c", "ppo", "trpo", "npg", "grpo", "rloo", "cispo", "sapo",
-                                       "reinforce_pp"])
-def test_every_algorithm_runs_the_round_stages(tmp_path, tiny_checkpoint, monkeypatch, algorithm):
-    """advantages → optimize → rollout of the next round → evaluate, for each algorithm.name."""
+def run_two_rounds(tmp_path, tiny_checkpoint, monkeypatch, name: str, **changes) -> None:
+    """prepare, sft, then rollout → score → advantages → optimize for r1 and r2, and evaluate, with algorithm.name
+    ``name`` on the tiny checkpoint (seconds per stage); ``changes``: {section: {key: value}} on top."""
     from stages import advantages, optimize, prepare, rollout, score, sft
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -147,14 +148,9 @@ def test_every_algorithm_runs_the_round_stages(tmp_path, tiny_checkpoint, monkey
     raw["optim"].update(epochs=1, minibatch_size=8, micro_batch_size=4)
     raw["trpo"].update(critic_epochs=1)
     raw["evaluate"].update(num_prompts=4, samples_per_prompt=1, max_new_tokens=6, num_perplexity_texts=5)
-    raw["algorithm"]["name"] = algorithm
-    group_normalised = algorithm in ("grpo", "cispo", "sapo")
-    if group_normalised:  # no KL in grpo's reward; the paper's KL loss term instead
-        raw["kl"].update(reward_coef=0.0, loss_coef=0.04)
-    carry = algorithm not in ("trpo", "npg")  # AdamW's state from round to round (optim.carry_state)
-    raw["optim"]["carry_state"] = carry
-    warmup = algorithm in ("ppo", "a2c")  # value-only epochs on the round whose critic is new (from sft)
-    raw["algorithm"]["critic_warmup_epochs"] = 1 if warmup else 0
+    raw["algorithm"]["name"] = name
+    for section, values in changes.items():
+        raw[section].update(values)
     raw["rounds"] = {"r1": {"from": "sft"}, "r2": {"from": "r1"}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)
@@ -165,16 +161,28 @@ def test_every_algorithm_runs_the_round_stages(tmp_path, tiny_checkpoint, monkey
         for stage in (rollout, score, advantages, optimize):
             stage.main(params, argparse.Namespace(round=round_key))
     evaluate_all(params)
+
+
+@pytest.mark.parametrize("algorithm", list(registry.ALGORITHMS))
+def test_every_algorithm_runs_the_round_stages(tmp_path, tiny_checkpoint, monkeypatch, algorithm):
+    """advantages → optimize → rollout of the next round → evaluate, for each registered algorithm.name, with the
+    options its traits allow: a KL loss term where the KL cannot go in the reward (GRPO's paper: 0.04), AdamW's state
+    carried from round to round where it takes AdamW steps, a critic warm-up where optim's loop trains a critic."""
+    traits = registry.get(algorithm).traits
+    carry, warmup = traits.first_order, traits.trains_critic
+    run_two_rounds(tmp_path, tiny_checkpoint, monkeypatch, algorithm,
+                   kl={"loss_coef": 0.0 if traits.kl_in_reward else 0.04},
+                   optim={"carry_state": carry}, algorithm={"critic_warmup_epochs": 1 if warmup else 0})
     optimize_metrics = json.loads((tmp_path / "metrics/r1/optimize.json").read_text())
     assert json.loads((tmp_path / "models/r1/rlhf_state.json").read_text())["algorithm"] == algorithm
-    if algorithm in ("trpo", "npg"):
+    if traits.objective == "trust_region":
         assert {"step_size", "kl_after_step", "backtracks", "cg_residual", "surrogate_improvement"} <= set(optimize_metrics)
     else:
         assert {"policy_loss", "entropy", "approx_kl", "optimizer_steps"} <= set(optimize_metrics)
-    if algorithm in ("ppo", "grpo", "cispo", "sapo", "reinforce_pp"):
+    if traits.epochs_from_optim:  # a per-token objective on π_θ / π_old: exactly 1 on the unchanged policy
         assert optimize_metrics["first_minibatch_ratio_max_deviation"] < 1e-5
-    assert ("kl_ref" in optimize_metrics) == group_normalised  # the KL loss term, from kl.loss_coef
-    assert ("gate_mean" in optimize_metrics) == (algorithm == "sapo")
+    assert ("kl_ref" in optimize_metrics) == (not traits.kl_in_reward)  # the KL loss term, from kl.loss_coef
+    assert ("gate_mean" in optimize_metrics) == (traits.objective == "sapo")
     second = json.loads((tmp_path / "metrics/r2/optimize.json").read_text())
     assert optimize_metrics.get("critic_warmup_steps", 0) == (2 if warmup else 0)  # 16 responses / 8 per step
     assert "critic_warmup_steps" not in second  # r2's critic is r1's: trained already
@@ -184,6 +192,36 @@ def test_every_algorithm_runs_the_round_stages(tmp_path, tiny_checkpoint, monkey
     else:
         assert not (tmp_path / "models/r1/optimizer/state.safetensors").exists()
     assert set(json.loads((tmp_path / "metrics/eval.json").read_text())) == {"sft", "r1", "r2"}
+
+
+def test_a_new_algorithm_is_one_registry_entry_and_its_pure_loss(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    """The registry is the one place an algorithm is added: an entry (its traits) and, for a new objective, its pure
+    per-token loss in ppo.OBJECTIVES.  Here: the leave-one-out advantages with the unclipped importance-weighted
+    surrogate −ρ·A; config accepts the name, the advantages stage picks the estimator, optimize the loop and the
+    loss, with nothing else edited."""
+    from rlhf_core.algorithms.ppo import OBJECTIVES
+
+    def unclipped_term(out, micro, params):
+        """−ρ_t A_t, ρ_t = π_θ / π_old: the surrogate of PPO without its clip."""
+        ratio = torch.exp(out.logprobs - micro.old_logprobs)
+        return -ratio * micro.advantages, ratio, ("ratio_above_1_2", (ratio > 1.2).float())
+
+    monkeypatch.setitem(OBJECTIVES, "unclipped", unclipped_term)
+    registry.register(registry.Algorithm(
+        "loo_unclipped", "a test: leave-one-out advantages, no clip", "optim.epochs",
+        registry.Traits(estimator="leave_one_out", objective="unclipped", critic="none", group_baseline=True)))
+    try:
+        run_two_rounds(tmp_path, tiny_checkpoint, monkeypatch, "loo_unclipped", optim={"epochs": 2})
+    finally:
+        del registry.ALGORITHMS["loo_unclipped"]
+    metrics = json.loads((tmp_path / "metrics/r1/optimize.json").read_text())
+    assert metrics["optimizer_steps"] == 4 and "ratio_above_1_2" in metrics  # optim.epochs × 2 minibatches, its stat
+    assert metrics["first_minibatch_ratio_max_deviation"] < 1e-5
+    advantages = pd.read_parquet(tmp_path / "advantages/r1/advantages.parquet")["advantages"]
+    assert all(len(set(row)) <= 1 for row in advantages)  # one value per response: a sequence-level estimator
+    assert "'estimator': 'leave_one_out'" in capsys.readouterr().err  # the advantages stage's log line
+    with pytest.raises(ConfigError, match="^algorithm.name = 'loo_unclipped': must be one of"):
+        load_params("params.yaml")  # unregistered again
 
 
 def small_round_params(tmp_path, tiny_checkpoint, monkeypatch, **changes):

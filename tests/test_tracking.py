@@ -78,6 +78,8 @@ def test_log_pipeline_run_logs_once_per_state(tmp_path, monkeypatch):
     assert named.loc[other, "tags.dvc_exp_name"] == "brave-newt"
     assert named.loc[first, "tags.dvc_exp_name"] == "workspace"
     assert named.loc[first, "params.seed"] == "0" and named.loc[other, "params.seed"] == "3"
+    # kl.*_coef: auto, shown as the algorithm resolved it (ppo: KL in the reward), so that compare sees it
+    assert named.loc[first, "params.kl.reward_coef"] == "auto (0.05)" and named.loc[first, "params.kl.loss_coef"] == "auto (0)"
     steps = [m.step for m in mlflow.MlflowClient().get_metric_history(first, "eval.reward")]
     assert sorted(steps) == [0, 1, 2]
     assert [a.path for a in mlflow.MlflowClient().list_artifacts(first)] == ["samples.jsonl"]

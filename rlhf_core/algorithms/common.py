@@ -1,8 +1,9 @@
 """What every policy optimizer shares: the round's experience, micro-batching, and parameter groups.
 
-Every algorithm module exposes one function with the same signature,
+Every algorithm runs through one function with one signature (``train.train_round``),
 
-    train(model, experience, params, *, temperature, pad_id, device, seed, log) -> metrics dict
+    train_round(model, experience, params, *, temperature, pad_id, device, seed, log, carry=None,
+                critic_warmup_epochs=0) -> metrics dict
 
 which updates ``model`` (an ``rlhf_core.models.ActorCritic``) in place on one round of data.
 """
@@ -16,15 +17,14 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_core.optim import make_optimizer
-
 from rlhf_core.advantages import pad_sequences
 from rlhf_core.kl import kl_estimate
 from rlhf_core.losses import aggregate, masked_sum
 from rlhf_core.models import TokenBatch, collate, transformer_blocks
+from rlhf_core.optim import make_optimizer
 from rlhf_core.progress import Progress
-from rlhf_core.stage_times import add_work
 from rlhf_core.rollout import length_buckets
+from rlhf_core.stage_times import add_work
 
 
 @dataclass
@@ -57,6 +57,9 @@ class Experience:
     returns: list
     rewards: list | None = None  # the advantages stage's token rewards: the critic warm-up recomputes GAE from them
     correction: list | None = None  # per-token weights of the policy loss (rollout_correction: tis / mis)
+    # set by select: the whole round and the flags of the rows kept, since the advantages stage whitened over every
+    # row of the round, the left-out ones too (advantages.mask_truncated); the critic warm-up's refresh does the same
+    whole_round: tuple | None = None
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -70,7 +73,11 @@ class Experience:
         def pick(arrays):
             return None if arrays is None else [arrays[index] for index in rows]
 
-        return Experience(**{field.name: pick(getattr(self, field.name)) for field in dataclasses.fields(self)})
+        whole, flags = self.whole_round or (self, [True] * len(self))
+        kept_in_whole = [flag and kept for flag, kept in zip(flags, _spread(keep, flags))]
+        picked = {field.name: pick(getattr(self, field.name)) for field in dataclasses.fields(self)
+                  if field.name != "whole_round"}
+        return Experience(**picked, whole_round=(whole, kept_in_whole))
 
     def tokens(self, indices) -> int:
         return int(sum(len(self.response_ids[i]) for i in indices))
@@ -380,31 +387,42 @@ def critic_warmup(model, experience, optimizer, trainable, runtime, optim, accum
             "critic_warmup_value_loss_last": losses[-1]}
 
 
+def _spread(keep: list[bool], flags: list[bool]) -> list[bool]:
+    """``keep`` (one flag per row where ``flags`` is true) spread over every row of ``flags`` (False elsewhere)."""
+    kept = iter(keep)
+    return [next(kept) if flag else False for flag in flags]
+
+
 @torch.no_grad()
 def refresh_advantages(forward_model, experience, params, runtime, *, pad_id: int, device, temperature: float) -> dict:
     """After the critic warm-up, the round's advantages as the advantages stage would have computed them with the
-    warmed critic: its values V' on every response, then A, R = GAE(γ, λ) of the stage's token rewards with V'
-    (A whitened when advantages.whiten_advantages).  V' also becomes the old values that the value loss clips
-    around.  Every rank computes every row, in the same order (under fsdp each forward is collective).  Shapes:
-    ragged [T_i] per response in, and out, of ``experience``."""
-    from rlhf_core.advantages import gae, masked_whiten
+    warmed critic: its values V' on every response of the round (``Experience.whole_round``: the rows the update
+    leaves out too, as the stage whitened over them), then A, R = ``advantages.gae_advantages`` of the stage's token
+    rewards with V', kept for the trained rows.  V' also becomes the old values that the value loss clips around.
+    Every rank computes every row, in the same order (under fsdp each forward is collective).  Shapes: ragged [T_i]
+    per response in, and out, of ``experience``."""
+    from rlhf_core.advantages import gae_advantages
 
-    if experience.rewards is None:
+    whole, kept = experience.whole_round or (experience, [True] * len(experience))
+    if whole.rewards is None:
         raise ValueError("the critic warm-up needs the round's token rewards (Experience.rewards)")
-    values = [None] * len(experience)
-    for indices in split(list(range(len(experience))), params.optim.micro_batch_size):
-        micro = experience.micro_batch(indices, pad_id, device)
+    values = [None] * len(whole)
+    for indices in split(list(range(len(whole))), params.optim.micro_batch_size):
+        micro = whole.micro_batch(indices, pad_id, device)
         with runtime.autocast():
             out = forward_model(micro.batch, temperature, with_values=True)
         for row, index in enumerate(indices):
-            values[index] = out.values[row, :len(experience.response_ids[index])].float().cpu()
-    rewards, mask = pad_sequences(experience.rewards)
+            values[index] = out.values[row, :len(whole.response_ids[index])].float().cpu()
+    rewards, mask = pad_sequences(whole.rewards)
     values_t, _ = pad_sequences(values)
-    advantages, returns = gae(rewards, values_t, mask, params.advantages.gamma, params.advantages.lam)
-    if params.advantages.whiten_advantages:
-        advantages = masked_whiten(advantages, mask, shift_mean=True)
-    lengths = mask.sum(-1).long().tolist()
-    moved = float(((values_t - pad_sequences(experience.old_values)[0]).abs() * mask).sum() / mask.sum())
+    advantages, returns = gae_advantages(rewards, values_t, mask, params.advantages.gamma, params.advantages.lam,
+                                         params.advantages.whiten_advantages)
+    rows = [row for row, flag in enumerate(kept) if flag]
+    lengths = [int(mask[row].sum()) for row in rows]
+    old_values, trained_mask = pad_sequences(experience.old_values)  # the trained rows' width: the whole round's or less
+    width = old_values.shape[1]
+    values_t, advantages, returns = values_t[rows, :width], advantages[rows, :width], returns[rows, :width]
+    moved = float(((values_t - old_values).abs() * trained_mask).sum() / trained_mask.sum())
     experience.old_values = [values_t[row, :n].tolist() for row, n in enumerate(lengths)]
     experience.advantages = [advantages[row, :n].tolist() for row, n in enumerate(lengths)]
     experience.returns = [returns[row, :n].tolist() for row, n in enumerate(lengths)]

@@ -21,25 +21,22 @@ from __future__ import annotations
 import torch
 
 from rlhf_core.algorithms.common import add_kl_loss, corrected, minibatch_updates
-from rlhf_core.losses import (aggregate, approx_kl, cispo_loss, clipped_surrogate, clipped_value_loss, dual_clip,
-                              masked_sum, sapo_loss, sequence_log_ratio)
+from rlhf_core.losses import (
+    aggregate,
+    approx_kl,
+    cispo_loss,
+    clipped_surrogate,
+    clipped_value_loss,
+    dual_clip,
+    masked_sum,
+    sapo_loss,
+    sequence_log_ratio,
+)
 
 
-def policy_term(out, micro, params, objective: str):
-    """The per-token policy loss [B, T] of ``objective``, its ratio ρ_t, and its stat: (name, [B, T] values).
-
-    clipped  max(−A ρ, −A clip(ρ, 1 − ε, 1 + ε_high)), then dual clip; ρ per token or per sequence   (ppo.*)
-    cispo    −sg(min(ρ, ε_max)) · A · log π_θ                                                     (cispo.max_weight)
-    sapo     −(4/τ) σ(τ(ρ − 1)) · A, τ = τ_pos or τ_neg by the sign of A                         (sapo.*)
-    """
+def clipped_term(out, micro, params):
+    """max(−A ρ, −A clip(ρ, 1 − ε, 1 + ε_high)), then dual clip; ρ per token or per sequence (ppo.*)."""
     ppo = params.ppo
-    if objective == "cispo":
-        pg_loss, ratio, capped = cispo_loss(out.logprobs, micro.old_logprobs, micro.advantages, params.cispo.max_weight)
-        return pg_loss, ratio, ("clip_fraction", capped)
-    if objective == "sapo":
-        pg_loss, ratio, gate = sapo_loss(out.logprobs, micro.old_logprobs, micro.advantages, params.sapo.tau_pos,
-                                         params.sapo.tau_neg)
-        return pg_loss, ratio, ("gate_mean", gate)
     if ppo.ratio_level == "sequence":
         log_ratio = sequence_log_ratio(out.logprobs, micro.old_logprobs, micro.mask)
         logprobs_for_ratio = micro.old_logprobs + log_ratio
@@ -50,11 +47,31 @@ def policy_term(out, micro, params, objective: str):
     return dual_clip(pg_loss, micro.advantages, ppo.dual_clip), ratio, ("clip_fraction", clipped)
 
 
+def cispo_term(out, micro, params):
+    """−sg(min(ρ, ε_max)) · A · log π_θ (cispo.max_weight; MiniMax-M1): every token keeps its gradient, only its
+    weight is capped, where the clip would zero the gradient of rare "fork" tokens of a long reasoning chain."""
+    pg_loss, ratio, capped = cispo_loss(out.logprobs, micro.old_logprobs, micro.advantages, params.cispo.max_weight)
+    return pg_loss, ratio, ("clip_fraction", capped)
+
+
+def sapo_term(out, micro, params):
+    """−(4/τ) σ(τ(ρ − 1)) · A, τ = sapo.tau_pos or sapo.tau_neg by the sign of A (SAPO): the policy gradient's at
+    ρ = 1, fading smoothly as ρ leaves 1 instead of stopping at a clip edge."""
+    pg_loss, ratio, gate = sapo_loss(out.logprobs, micro.old_logprobs, micro.advantages, params.sapo.tau_pos,
+                                     params.sapo.tau_neg)
+    return pg_loss, ratio, ("gate_mean", gate)
+
+
+# Per-token policy objectives by name (the registry's Traits.objective for the optim.epochs loop below): each
+# (forward output, MicroBatch, params) -> ([B, T] loss, [B, T] ratio ρ_t, (stat name, [B, T] stat values)).
+OBJECTIVES = {"clipped": clipped_term, "cispo": cispo_term, "sapo": sapo_term}
+
+
 def ppo_loss(out, micro, totals, params, *, use_critic: bool = True, objective: str = "clipped"):
     """The PPO loss of one micro-batch (already scaled to its share of the minibatch) and its stat sums; the policy
-    term is ``objective``'s (``policy_term``)."""
+    term is ``OBJECTIVES[objective]``'s."""
     mask, ppo, optim = micro.mask, params.ppo, params.optim
-    pg_loss, ratio, (stat_name, stat_values) = policy_term(out, micro, params, objective)
+    pg_loss, ratio, (stat_name, stat_values) = OBJECTIVES[objective](out, micro, params)
     pg_loss = corrected(pg_loss, micro)  # rollout_correction: tis / mis weights (sampler ≠ trainer)
 
     def agg(values):
@@ -69,7 +86,7 @@ def ppo_loss(out, micro, totals, params, *, use_critic: bool = True, objective: 
         vf_loss, vf_clipped = clipped_value_loss(out.values, micro.old_values, micro.returns, ppo.value_clip_range)
         loss = loss + optim.vf_coef * agg(vf_loss)
         stats.update(value_loss=masked_sum(vf_loss, mask), value_clip_fraction=masked_sum(vf_clipped, mask))
-    loss = add_kl_loss(loss, stats, out, micro, params.kl, agg)
+    loss = add_kl_loss(loss, stats, out, micro, params.kl_resolved, agg)
     real = mask.bool()
     with torch.no_grad():
         stats["max_ratio"] = ratio[real].max()

@@ -32,16 +32,12 @@ def reinforce_loss(out, micro, totals, params, *, use_critic: bool):
         vf_loss = 0.5 * (out.values - micro.returns) ** 2
         loss = loss + optim.vf_coef * agg(vf_loss)
         stats["value_loss"] = masked_sum(vf_loss, mask)
-    return add_kl_loss(loss, stats, out, micro, params.kl, agg), stats
+    return add_kl_loss(loss, stats, out, micro, params.kl_resolved, agg), stats
 
 
 def train_reinforce(model, experience, params, *, temperature: float, pad_id: int, device, seed: int, log=print,
-                    use_critic: bool | None = None, name: str | None = None, carry: dict | None = None,
-                    critic_warmup_epochs: int = 0) -> dict:
-    """One on-policy pass of REINFORCE (or a2c when the baseline is a learned value)."""
-    if use_critic is None:
-        use_critic = params.algorithm.name == "a2c" or params.reinforce.baseline == "value"
-    name = name or ("a2c" if use_critic else "reinforce")
+                    use_critic: bool, name: str, carry: dict | None = None, critic_warmup_epochs: int = 0) -> dict:
+    """One on-policy pass of the policy gradient (with a learned value when ``use_critic``: a2c)."""
     return minibatch_updates(
         model, experience, params, epochs=1, temperature=temperature, pad_id=pad_id, device=device, seed=seed,
         log=log, name=name, carry=carry, critic_warmup_epochs=critic_warmup_epochs,

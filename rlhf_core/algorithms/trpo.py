@@ -42,8 +42,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rlhf_core.algorithms.common import Experience, critic_parameters, finite_or_raise, policy_parameters, split
 from rlhf_core.models import response_logits, token_logprobs
-from rlhf_core.trust_region import (categorical_kl, conjugate_gradient, fisher_vector_product, flat_concat,
-                                    params_to_vector, vector_to_params)
+from rlhf_core.trust_region import (
+    categorical_kl,
+    conjugate_gradient,
+    fisher_vector_product,
+    flat_concat,
+    params_to_vector,
+    vector_to_params,
+)
 
 
 def policy_forward(model, batch, temperature: float):
@@ -86,8 +92,9 @@ def round_value_loss(model, micro_batches) -> float:
 
 
 def train_trpo(model, experience: Experience, params, *, temperature: float, pad_id: int, device, seed: int,
-               log=print) -> dict:
-    """One round of TRPO (params.algorithm.name == "trpo") or NPG ("npg") on ``model`` in place.
+               log=print, line_search: bool = True, name: str = "trpo") -> dict:
+    """One round of TRPO (``line_search``: backtrack until the KL bound and the improvement hold) or NPG (no line
+    search: the full natural step) on ``model`` in place; ``name`` labels the log lines.
 
     Returns flat metrics; with trpo.steps > 1 the per-step values are averaged over the steps:
 
@@ -107,20 +114,18 @@ def train_trpo(model, experience: Experience, params, *, temperature: float, pad
         value_loss_before_fit  token-mean ½(V − R)² over the round before the critic's regression
         value_loss             the same after it
     """
-    if params.algorithm.name not in ("trpo", "npg"):
-        raise ValueError(f"train_trpo runs trpo or npg, not {params.algorithm.name!r}")
     trainable = [p.requires_grad for p in model.parameters()]  # all, or the LoRA adapters and the critic
     try:
         return _train_round(model, experience, params, temperature=temperature, pad_id=pad_id, device=device,
-                            seed=seed, log=log)
+                            seed=seed, log=log, line_search=line_search, algorithm=name)
     finally:
         for p, flag in zip(model.parameters(), trainable):  # policy_parameters froze the blocks it did not choose
             p.requires_grad_(flag)
 
 
-def _train_round(model, experience: Experience, params, *, temperature, pad_id, device, seed, log) -> dict:
+def _train_round(model, experience: Experience, params, *, temperature, pad_id, device, seed, log, line_search: bool,
+                 algorithm: str) -> dict:
     trpo = params.trpo
-    algorithm = params.algorithm.name
     delta = trpo.max_kl
     micro = params.optim.micro_batch_size
 
@@ -200,7 +205,7 @@ def _train_round(model, experience: Experience, params, *, temperature, pad_id, 
         theta_old = params_to_vector(theta)
         if s_f_s <= 0.0:  # no gradient (e.g. all advantages 0): nothing to step along
             log(f"{algorithm} step {step + 1}/{trpo.steps}: zero natural gradient, no update")
-            record["backtracks"] = trpo.max_backtracks + 1 if algorithm == "trpo" else 0
+            record["backtracks"] = trpo.max_backtracks + 1 if line_search else 0
             for key, value in record.items():
                 history[key].append(float(value))
             continue
@@ -209,14 +214,14 @@ def _train_round(model, experience: Experience, params, *, temperature, pad_id, 
 
         # --- 4. line search (trpo) or the full step (npg) -------------------------------------------------
         fractions = [trpo.backtrack_fraction ** k for k in range(trpo.max_backtracks + 1)]
-        if algorithm == "npg":
+        if not line_search:
             fractions = fractions[:1]
         accepted = False
         for k, fraction in enumerate(fractions):
             vector_to_params(theta_old + fraction * full_step, theta)
             surrogate_new, kl_new = evaluate(cached_old_logits)
             improvement = surrogate_new - surrogate_old
-            if algorithm == "npg" or (improvement > 0.0 and kl_new <= delta):
+            if not line_search or (improvement > 0.0 and kl_new <= delta):
                 accepted = True
                 record.update(step_size=fraction * record["full_step_norm"], kl_after_step=kl_new,
                               predicted_kl=fraction ** 2 * delta, backtracks=k,
