@@ -57,7 +57,8 @@ def deep_update(base: dict, changes: dict, replace: tuple[str, ...] = ()) -> dic
 def write_params(source: Path, target: Path, edit) -> None:
     """Read the params file ``source`` as DVC does, let ``edit(raw dict)`` change it in place, validate,
     and write the result to ``target``."""
-    from rlhf_core.config import params_from_dict, render_params_yaml, yaml_load
+    from rlhf_core.config import params_from_dict, yaml_load
+    from rlhf_core.config.rendering import render_params_yaml
 
     raw = yaml_load(source.read_text())
     edit(raw)

@@ -7,7 +7,7 @@ only when what it fingerprints was edited, and then exactly the stages that read
 
 - ``fingerprints/code/<stage>.json``: every project file the stage's command runs (``code_fingerprints``): the
   script and the launcher, followed through their imports (function-local ones included, found with ``ast``)
-  inside ``rlhf_core`` and ``stages``.  The walk runs on every repro, so a new import is covered the moment it is
+  inside ``rlhf_core`` and ``stages``, but for the code that cannot change an output (``OUTPUT_NEUTRAL``).  The walk runs on every repro, so a new import is covered the moment it is
   written, and dvc.yaml lists one file per stage instead of twenty modules (a slimmer dvc.lock, which DVC
   re-reads and rewrites after every stage).
 - ``fingerprints/reward.json`` (``reward_inputs``), read by ``score`` and ``evaluate``:
@@ -41,6 +41,12 @@ CODE_DIR = "fingerprints/code"  # <stage>.json: the code the stage runs
 REWARD_FILE = "fingerprints/reward.json"  # what the reward reads from outside the declared files
 REFERENCE_FILE = "fingerprints/reference.json"  # whether the rollout loads π_ref (Params.uses_reference)
 PACKAGES = ("rlhf_core", "stages")  # the project's own code, followed through imports
+# Code that cannot change what a stage writes, left out of every stage's fingerprint (and not followed through its
+# imports), so that editing it re-runs nothing: the warm-start server (it forks the same stage code; warm and cold
+# give the same bytes, tests/e2e), the multi-machine follower, progress lines and stage timing (stderr, MLflow
+# only), and the params renderer and the docs generator (params.yaml, docs/, README blocks).
+OUTPUT_NEUTRAL = ("rlhf_core.warm", "rlhf_core.follow", "rlhf_core.progress", "rlhf_core.stage_times",
+                  "rlhf_core.config.rendering", "rlhf_core.docs")
 STAGE = "fingerprints"  # the stage that writes them (dvc.yaml)
 
 
@@ -180,8 +186,8 @@ def code_closure(repo: Path, modules: list[str], parsed: dict[Path, set[str]] | 
     ``import_closure``."""
     files: dict[str, Path] = {}
     for module in modules:
-        for path in import_closure(repo, module, follow=lambda name: name.split(".")[0] in PACKAGES,
-                                   parsed=parsed).values():
+        for path in import_closure(repo, module, follow=lambda name: name.split(".")[0] in PACKAGES and
+                                   name not in OUTPUT_NEUTRAL, parsed=parsed).values():
             if path.stat().st_size > 0:
                 files[path.relative_to(repo).as_posix()] = path
     return dict(sorted(files.items()))

@@ -14,7 +14,8 @@ import yaml
 
 from rlhf_core.commands import main
 from rlhf_core.commands.rounds import rewrite_rounds
-from rlhf_core.config import load_params, render_params_yaml
+from rlhf_core.config import load_params
+from rlhf_core.config.rendering import render_params_yaml
 
 
 def chain(n):
@@ -221,7 +222,7 @@ def test_exps_runs_dvc_exp_show_without_the_dependency_columns_and_passes_its_ex
     import re
 
     dropped = re.compile(exps.EXP_SHOW_DROP)
-    for column in ("rlhf_core/config.py", "stages", "models/sft", "fingerprints/code/rollout.json", "configs/accelerate",
+    for column in ("rlhf_core/config/sections.py", "stages", "models/sft", "fingerprints/code/rollout.json", "configs/accelerate",
                    "evals"):
         assert dropped.match(column), column
     for column in ("reward", "ppo.clip_range", "optim.lr", "kl.reward_coef", "algorithm.name"):

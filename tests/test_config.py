@@ -17,11 +17,10 @@ from rlhf_core.config import (
     flatten,
     load_params,
     params_from_dict,
-    render_params_yaml,
     replace,
-    schema_rows,
     yaml_load,
 )
+from rlhf_core.config.rendering import render_params_yaml, schema_rows
 from rlhf_core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -45,7 +45,7 @@ def test_readme_is_a_front_page_of_at_most_15_kb():
 
 def test_readme_where_is_x_names_functions_that_exist():
     """Every `file.py:function` of the README's "Where is X" (and the bare names after it in the same cell,
-    which live in the same file) is a function or class defined in that file."""
+    which live in the same file) is a function, a class or a module-level table defined in that file."""
     import ast
 
     readme = (REPO / "README.md").read_text()
@@ -58,6 +58,9 @@ def test_readme_where_is_x_names_functions_that_exist():
                 path, code = code.split(":")
             tree = ast.parse((REPO / path).read_text())
             defined = {node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+            defined |= {target.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))  # a table
+                        for target in getattr(node, "targets", [getattr(node, "target", None)])
+                        if isinstance(target, ast.Name)}
             checked += 1
             if code not in defined:
                 missing.append(f"{path}:{code}")

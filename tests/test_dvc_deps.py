@@ -74,6 +74,24 @@ def test_an_edit_changes_the_fingerprint_of_exactly_the_stages_that_run_the_file
     assert {"advantages", "optimize"} <= changed and "prepare" not in changed and "sft" not in changed
 
 
+@pytest.mark.parametrize("neutral", ["rlhf_core/warm.py", "rlhf_core/follow.py", "rlhf_core/progress.py",
+                                     "rlhf_core/stage_times.py", "rlhf_core/config/rendering.py", "rlhf_core/docs.py"])
+def test_editing_code_that_cannot_change_an_output_re_runs_nothing(tmp_path, neutral):
+    """The warm-start server, the follower, progress, timing and the renderers are in no stage's fingerprint (a help
+    string or a progress line edited used to re-run the whole pipeline), while a math module still re-runs exactly
+    the stages that run it (the test above)."""
+    for name in ("rlhf_core", "stages"):
+        shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    before = code_fingerprints(tmp_path, DVC)
+    assert not any(neutral in files for files in before.values())
+    with open(tmp_path / neutral, "a") as handle:
+        handle.write("# an edit\n")
+    assert code_fingerprints(tmp_path, DVC) == before
+    with open(tmp_path / "rlhf_core/config/sections.py", "a") as handle:  # the params models: every stage reads them
+        handle.write("# an edit\n")
+    assert all(after != before[stage] for stage, after in code_fingerprints(tmp_path, DVC).items())
+
+
 def test_the_fingerprint_stage_writes_one_file_per_stage(tmp_path):
     """stages.fingerprints in a copy of the repository's code and dvc.yaml (no DVC): one JSON per stage."""
     for name in ("rlhf_core", "stages"):

@@ -275,7 +275,7 @@ def test_train_reward_stage_writes_a_model_the_scorer_can_use(tmp_path, monkeypa
 
 
 def test_reward_models_params_render_and_reload():
-    from rlhf_core.config import render_params_yaml
+    from rlhf_core.config.rendering import render_params_yaml
 
     params = params_from_dict({"reward_models": {"bt": {"epochs": 3}}})
     assert params.reward_models["bt"].epochs == 3

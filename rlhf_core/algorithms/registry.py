@@ -3,7 +3,7 @@
 Every layer reads an algorithm through its traits, never through its name:
 
 - config validation asks "does it have a clipped objective", "does it train a critic", "may the KL go in the
-  reward" (``rlhf_core/config.py``), and resolves ``kl.reward_coef: auto`` / ``kl.loss_coef: auto`` from
+  reward" (``rlhf_core/config/rules.py``), and resolves ``kl.reward_coef: auto`` / ``kl.loss_coef: auto`` from
   ``Traits.kl_defaults``;
 - the advantages stage picks ``Traits.estimator`` from the table in ``rlhf_core/advantages.py``;
 - optimize runs ``rlhf_core.algorithms.train.train_round`` (one signature for all), which picks the update loop

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_core.config import params_from_dict, render_params_yaml
+from rlhf_core.config import params_from_dict
+from rlhf_core.config.rendering import render_params_yaml
 from rlhf_core.launch import cpu_has_avx2
 
 REPO = Path(__file__).resolve().parents[2]
