@@ -374,3 +374,70 @@ def round_advantages(logprobs, ref_logprobs, values, scores, *, kl_coef: float, 
     }
     return {"kl": ragged(kl), "rewards": ragged(rewards), "advantages": ragged(advantages),
             "returns": ragged(returns)}, metrics
+
+
+# ---------------------------------------------------------------------------------------------------
+# One round, as the advantages stage computes it
+
+
+def advantages_of_round(params, rollouts, scores, carried: dict, seed: int, where: str = "the round"):
+    """The advantages stage's work on one round's tables, with nothing read or written: the KL coefficient (fixed,
+    or adaptive from ``carried``, the state in the start checkpoint), dynamic sampling's kept groups, the
+    algorithm's advantages on them (``round_advantages``), the rows the update trains on, and the state for the
+    next round.
+
+    rollouts: DataFrame with prompt_index, logprobs, values, ended_with_eos (and ref_logprobs unless KL-free);
+    scores: DataFrame with total (and each component for GDPO), one row per rollout.  Returns (columns: per-row
+    kl, rewards, advantages, returns as float32 arrays and trained as bools; metrics; state {kl_coef,
+    reward_baseline}).  DataError when nothing is left to train on."""
+    from rlhf_core.errors import DataError
+    from rlhf_core.kl import AdaptiveKLController, FixedKLController
+
+    adv, kl = params.advantages, params.kl
+    if len(scores) != len(rollouts):
+        raise DataError(f"the scores of {where} have {len(scores)} rows for {len(rollouts)} rollouts; re-run its score stage")
+    reward_coef = params.kl_reward_coef  # `auto` resolved
+    controller = (AdaptiveKLController(carried.get("kl_coef", reward_coef), kl.target, kl.horizon) if kl.adaptive
+                  else FixedKLController(reward_coef))
+    baseline = carried.get("reward_baseline", 0.0)
+    total, groups = scores["total"].tolist(), rollouts["prompt_index"].tolist()
+    components, weights = None, None
+    if params.grpo.normalize == "components":  # GDPO: each weighted reward component, not the total
+        from rlhf_core.rewards import reward_components
+
+        components, weights = reward_components(scores, params.score.scorers, params.score.missing_eos_penalty)
+    sampled, sampling = [True] * len(rollouts), {}
+    if adv.dynamic_sampling:  # DAPO: drop the groups whose rewards are all equal, keep prompts_per_round of the rest
+        sampled, sampling = dynamic_sampling(components or [[value] for value in total], groups,
+                                             keep=params.rollout.prompts_per_round, seed=seed)
+        if not any(sampled):
+            raise DataError(f"advantages.dynamic_sampling: every prompt group of {where} has equal rewards, so nothing "
+                            "is left to train on; raise rollout.oversample or rollout.samples_per_prompt")
+    rows = [row for row, kept in enumerate(sampled) if kept]
+
+    def kept(column):
+        return [column[row] for row in rows]
+
+    settings = advantage_settings(params)
+    arrays, metrics = round_advantages(
+        kept(rollouts["logprobs"].tolist()),
+        kept(rollouts["ref_logprobs"].tolist()) if params.uses_reference else None,
+        kept(rollouts["values"].tolist()), kept(total), kl_coef=controller.value, group_ids=kept(groups),
+        moving_baseline=baseline, **settings,
+        **({"components": kept(components), "component_weights": weights} if components is not None else {}))
+    arrays = expand_rows(arrays, rows, rollouts["logprobs"].map(len).tolist())  # dropped groups: zeros, untrained
+    trained, selection = trained_responses(rollouts["ended_with_eos"].tolist(), mask_truncated=adv.mask_truncated,
+                                           sampled=sampled)
+    if not any(trained):
+        raise DataError(f"every response of {where} left for training hit rollout.max_new_tokens without EOS, so "
+                        "advantages.mask_truncated leaves nothing to train on; raise rollout.max_new_tokens or set "
+                        "advantages.mask_truncated: false")
+    arrays["trained"] = trained  # optimize trains on these rows only
+    metrics.update(selection, **sampling)
+    momentum = params.reinforce.baseline_momentum
+    state = {
+        "kl_coef": controller.update(metrics.get("kl_sequence_mean", 0.0), len(rollouts)),  # KL-free: β stays 0
+        "reward_baseline": momentum * baseline + (1.0 - momentum) * metrics["return_sequence_mean"],
+    }
+    metrics.update(estimator=settings["estimator"], kl_coef_next=state["kl_coef"], reward_baseline=baseline)
+    return arrays, metrics, state

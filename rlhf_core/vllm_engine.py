@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hmac
 import json
 import os
@@ -274,20 +275,32 @@ def _shutdown_llm(llm) -> None:
 
 
 # -- the server ---------------------------------------------------------------------------------------------------
-def serve(spec: dict, state_dir: Path, host: str, port: int, idle_timeout_s: float, launch_id: str) -> None:
-    """Start the engine, announce it in state.json, and answer requests until idle or stopped."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    token, instance = secrets.token_hex(16), uuid.uuid4().hex[:12]
-    state_file = state_dir / "state.json"
-    started = time.perf_counter()
-    try:
-        engine = Engine(spec, state_dir)
-    except EngineFailure as failure:
-        write_private_json(state_dir / "failed.json", {"launch_id": launch_id, "kind": failure.kind, "message": str(failure)})
-        raise SystemExit(2) from None
-    start_seconds = time.perf_counter() - started
-    last_request = [time.monotonic()]
-    stopping = [False]
+@dataclasses.dataclass
+class _Activity:
+    """When the last request came, and whether the server is to stop."""
+
+    last_request: float
+    stopping: bool = False
+
+
+def _route(engine: "Engine", path: str, request: dict, activity: _Activity) -> dict | None:
+    """The answer of a POST to ``path`` (None: no such endpoint)."""
+    if path == "/load":
+        return engine.load(request["weights"], request["weights_sha256"], request.get("adapter"),
+                           request.get("adapter_sha256"))
+    if path == "/score":
+        return engine.score(request["token_ids"])
+    if path == "/generate":
+        return engine.generate(request["prompts"], request["samples_per_prompt"], request["seeds"], request["sampling"])
+    if path == "/stop":
+        activity.stopping = True
+        return {"stopped": True}
+    return None
+
+
+def _handler_class(engine: "Engine", spec: dict, token: str, instance: str, activity: _Activity):
+    """The HTTP handler of the engine's API: every request needs the token; GET /health, POST /load, /score,
+    /generate, /stop; a refused request is a 400, a broken engine a 500 that also stops the server."""
 
     class Handler(BaseHTTPRequestHandler):
         timeout = 60  # a connection that sends nothing cannot hold the one-threaded engine
@@ -312,7 +325,7 @@ def serve(spec: dict, state_dir: Path, host: str, port: int, idle_timeout_s: flo
         def do_GET(self):  # noqa: N802 (http.server's naming)
             if not self._authorised():
                 return
-            last_request[0] = time.monotonic()
+            activity.last_request = time.monotonic()
             if self.path == "/health":
                 self._reply(200, {"pid": os.getpid(), "instance": instance, "spec": spec,
                                   "weights_sha256": engine.weights_sha256, "adapter_sha256": engine.adapter_sha256})
@@ -324,33 +337,41 @@ def serve(spec: dict, state_dir: Path, host: str, port: int, idle_timeout_s: flo
                 return
             try:
                 request = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
-                if self.path == "/load":
-                    body = engine.load(request["weights"], request["weights_sha256"], request.get("adapter"),
-                                       request.get("adapter_sha256"))
-                elif self.path == "/score":
-                    body = engine.score(request["token_ids"])
-                elif self.path == "/generate":
-                    body = engine.generate(request["prompts"], request["samples_per_prompt"], request["seeds"],
-                                           request["sampling"])
-                elif self.path == "/stop":
-                    stopping[0], body = True, {"stopped": True}
-                else:
-                    self._reply(404, {"error": "refused", "message": f"no such endpoint: {self.path}"})
-                    return
+                body = _route(engine, self.path, request, activity)
             except (EngineFailure, KeyError, TypeError, ValueError) as failure:
                 kind = failure.kind if isinstance(failure, EngineFailure) else "refused"  # a malformed request
                 self._reply(400 if kind == "refused" else 500, {"error": kind, "message": first_line(failure)})
                 if kind == "engine":  # a broken engine serves nothing more: the next stage starts a new one
-                    stopping[0] = True
+                    activity.stopping = True
                 return
             except Exception as failure:  # noqa: BLE001 -- never a dropped connection without a word
                 self._reply(500, {"error": "engine", "message": f"{type(failure).__name__}: {first_line(failure)}"})
-                stopping[0] = True
+                activity.stopping = True
                 return
             finally:
-                last_request[0] = time.monotonic()
-            self._reply(200, body)
+                activity.last_request = time.monotonic()
+            if body is None:
+                self._reply(404, {"error": "refused", "message": f"no such endpoint: {self.path}"})
+            else:
+                self._reply(200, body)
 
+    return Handler
+
+
+def serve(spec: dict, state_dir: Path, host: str, port: int, idle_timeout_s: float, launch_id: str) -> None:
+    """Start the engine, announce it in state.json, and answer requests until idle or stopped."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    token, instance = secrets.token_hex(16), uuid.uuid4().hex[:12]
+    state_file = state_dir / "state.json"
+    started = time.perf_counter()
+    try:
+        engine = Engine(spec, state_dir)
+    except EngineFailure as failure:
+        write_private_json(state_dir / "failed.json", {"launch_id": launch_id, "kind": failure.kind, "message": str(failure)})
+        raise SystemExit(2) from None
+    start_seconds = time.perf_counter() - started
+    activity = _Activity(last_request=time.monotonic())
+    Handler = _handler_class(engine, spec, token, instance, activity)
     server = HTTPServer((host, port), Handler)
     server.timeout = 1.0
     write_private_json(state_file, {"launch_id": launch_id, "pid": os.getpid(), "instance": instance, "host": host,
@@ -361,7 +382,7 @@ def serve(spec: dict, state_dir: Path, host: str, port: int, idle_timeout_s: flo
                                  "time": time.time()}) + "\n")
     print(f"vLLM engine {instance} ready on {host}:{server.server_address[1]} in {start_seconds:.1f} s", flush=True)
     try:
-        while not stopping[0] and time.monotonic() - last_request[0] < idle_timeout_s:
+        while not activity.stopping and time.monotonic() - activity.last_request < idle_timeout_s:
             server.handle_request()
     finally:
         server.server_close()
@@ -370,7 +391,7 @@ def serve(spec: dict, state_dir: Path, host: str, port: int, idle_timeout_s: flo
             current = json.loads(state_file.read_text())
             if current.get("instance") == instance:
                 state_file.unlink()
-        print(f"vLLM engine {instance} stopped ({'asked to' if stopping[0] else 'idle'})", flush=True)
+        print(f"vLLM engine {instance} stopped ({'asked to' if activity.stopping else 'idle'})", flush=True)
 
 
 def write_private_json(path: Path, obj: dict) -> None:

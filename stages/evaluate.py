@@ -29,14 +29,7 @@ def main(params, args):
         raise ConfigError(f"--checkpoint {name!r}: must be sft or a round of params.yaml ({', '.join(params.rounds)})")
     seed_everything(params.evaluate.seed)
     device = resolve_device(params.device, params.cpu_threads)
-    eval_prompts = read_parquet("prompts/eval.parquet", ("prompt",)).head(params.evaluate.num_prompts)
-    if eval_prompts.empty:  # prepare.eval_fraction 0 (or too few prompts): every prompt is a training prompt
-        log("evaluate: prompts/eval.parquet is empty (prepare.eval_fraction 0), so there are no held-out prompts: "
-            f"evaluating on the first {params.evaluate.num_prompts} training prompts")
-        eval_prompts = read_parquet("prompts/train.parquet", ("prompt",)).head(params.evaluate.num_prompts)
-    prompts = eval_prompts["prompt"].tolist()
-    answers = [str(a) for a in eval_prompts["answer"]] if "answer" in eval_prompts else None
-    messages = eval_prompts["messages"].tolist() if "messages" in eval_prompts else None
+    prompts, answers, messages = read_eval_prompts(params)
     heldout = read_parquet("demos/heldout.parquet", ("prompt", "response")).to_dict("records")
     heldout = heldout[: params.evaluate.num_perplexity_texts]
     skip_perplexity = foreign_demonstrations(params.sft)
@@ -59,6 +52,19 @@ def main(params, args):
     with atomic_dir(f"evals/{name}") as out:
         write_json_into(out, "metrics.json", metrics)
         (out / "samples.jsonl").write_text("".join(json.dumps(s, sort_keys=True) + "\n" for s in samples))
+
+
+def read_eval_prompts(params) -> tuple[list, list | None, list | None]:
+    """The first evaluate.num_prompts held-out prompts (the training ones when prepare.eval_fraction is 0, and it
+    says so), with their reference answers and chat messages where the prompt set has them."""
+    eval_prompts = read_parquet("prompts/eval.parquet", ("prompt",)).head(params.evaluate.num_prompts)
+    if eval_prompts.empty:  # prepare.eval_fraction 0 (or too few prompts): every prompt is a training prompt
+        log("evaluate: prompts/eval.parquet is empty (prepare.eval_fraction 0), so there are no held-out prompts: "
+            f"evaluating on the first {params.evaluate.num_prompts} training prompts")
+        eval_prompts = read_parquet("prompts/train.parquet", ("prompt",)).head(params.evaluate.num_prompts)
+    answers = [str(a) for a in eval_prompts["answer"]] if "answer" in eval_prompts else None
+    messages = eval_prompts["messages"].tolist() if "messages" in eval_prompts else None
+    return eval_prompts["prompt"].tolist(), answers, messages
 
 
 def add_arguments(parser) -> None:

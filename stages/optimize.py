@@ -23,7 +23,7 @@ def main(params, args):
 
 
 def _train_and_save(params, round_key, start_from, train, seed, runtime):
-    from rlhf_core.algorithms.common import Experience, correction_weights
+    from rlhf_core.algorithms.common import round_experience
     from rlhf_core.distributed import local_parameter_bytes
     from rlhf_core.models import (
         checkpoint_dir,
@@ -44,18 +44,7 @@ def _train_and_save(params, round_key, start_from, train, seed, runtime):
     advantages = read_parquet(f"advantages/{round_key}/advantages.parquet", ("advantages", "returns", "rewards",
                                                                              "trained"))
     state = {**read_json(f"scores/{round_key}/state.json"), **read_json(f"advantages/{round_key}/state.json")}
-    experience = Experience(rollouts["prompt_ids"].tolist(), rollouts["response_ids"].tolist(),
-                            rollouts["logprobs"].tolist(),
-                            rollouts["ref_logprobs"].tolist() if with_reference else None,
-                            rollouts["values"].tolist(), advantages["advantages"].tolist(),
-                            advantages["returns"].tolist(), rewards=advantages["rewards"].tolist())
-    trained = advantages["trained"].astype(bool).tolist()  # advantages.mask_truncated, dynamic_sampling
-    experience = experience.select(trained)
-    correction_metrics = {}
-    if correction != "none":  # the sampler μ was not the trainer π_old: weigh the policy loss (tis) or drop tokens (mis)
-        sampler = [row for row, kept in zip(rollouts["sampler_logprobs"].tolist(), trained) if kept]
-        experience.correction, correction_metrics = correction_weights(experience.old_logprobs, sampler,
-                                                                       params.rollout_correction, correction)
+    experience, correction_metrics = round_experience(params, rollouts, advantages)
 
     tokenizer = load_tokenizer(checkpoint_dir(start_from), params.trust_remote_code)
     # fsdp: ranks other than 0 build the structure only (meta) and get their shards from rank 0 (runtime.prepare)
@@ -92,7 +81,7 @@ def _train_and_save(params, round_key, start_from, train, seed, runtime):
     metrics.update(kl_coef=advantages_metrics["kl_coef"],
                    value_explained_variance=advantages_metrics["value_explained_variance"],
                    score_mean=advantages_metrics["score_mean"])
-    log(f"optimize@{round_key} ({params.describe_auto() or params.algorithm.name}): {metrics}")
+    log(f"optimize@{round_key} ({params.describe_auto('loss_coef') or params.algorithm.name}): {metrics}")
     with atomic_dir(checkpoint_dir(round_key)) as out:
         save_checkpoint(out, model, tokenizer, {**state, "round": round_key, "algorithm": params.algorithm.name},
                         state_dict=full_state)

@@ -25,19 +25,7 @@ def main(params, args):
     messages = [train["messages"].iloc[i] for i in indices] if "messages" in train else None
     prompt_ids = encode_prompts(tokenizer, prompts, chat=params.chat, messages=messages)
     stop_ids = checkpoint_stop_ids(checkpoint_dir(start_from), tokenizer)
-    engine = None
-    if params.rollout.engine == "vllm":  # the warm engine (or a new one, starting while the HF models load below)
-        from rlhf_core.vllm_client import open_engine, require_vllm_installed
-
-        require_vllm_installed()
-        engine = open_engine(params, checkpoint_dir(start_from))
-    try:
-        samples, stats, served = sample_and_record(params, start_from, runtime, engine, tokenizer, prompt_ids,
-                                                   stop_ids, seed)
-    except BaseException:
-        if engine is not None and not params.vllm.keep_warm:  # a cold engine never outlives its stage
-            engine.stop()
-        raise
+    samples, stats, served = sample_round(params, start_from, runtime, tokenizer, prompt_ids, stop_ids, seed)
     if not runtime.is_main:  # rank 0 alone writes the one Parquet file and the metrics
         runtime.close()
         return
@@ -45,23 +33,8 @@ def main(params, args):
     table = rollout_table(prompts, samples, stats, tokenizer)
     if "answer" in train:  # reference answers travel with the responses, for verifiable scorers
         table["answer"] = [str(train["answer"].iloc[indices[p]]) for p in table["prompt_index"]]
-    metrics = {
-        "responses": len(table),
-        "response_length_mean": float(table["response_length"].mean()),
-        "eos_fraction": float(table["ended_with_eos"].mean()),
-        **served,  # engine: vllm: the served checkpoint's checksum and the probe's agreement
-    }
-    if params.records_sampler_logprobs:  # how far the sampler is from the trainer (rollout_correction)
-        from rlhf_core.advantages import pad_sequences
-        from rlhf_core.losses import sampler_mismatch
-
-        trainer, mask = pad_sequences(table["logprobs"].tolist())
-        mismatch = sampler_mismatch(trainer, pad_sequences(table["sampler_logprobs"].tolist())[0], mask)
-        metrics.update({f"mismatch_{name}": value for name, value in mismatch.items()})
-    if params.uses_reference:
-        metrics["kl_k1_mean"] = float(sum(float((lp - rl).sum()) for lp, rl in zip(table["logprobs"],
-                                                                                  table["ref_logprobs"])) / len(table))
-    else:
+    metrics = rollout_metrics(table, params, served)
+    if not params.uses_reference:
         log(f"rollout@{round_key}: KL-free (kl.reward_coef and kl.loss_coef are 0, kl.monitor is off): π_ref was not "
             "loaded; evaluate still reports the KL to sft")
     log(f"rollout@{round_key}: {metrics}")
@@ -73,9 +46,27 @@ def main(params, args):
     runtime.close()
 
 
-def sample_and_record(params, start_from, runtime, engine, tokenizer, prompt_ids, stop_ids, seed):
-    """The round's samples (from ``engine``, the warm vLLM engine, or HF generate when it is None), then the log-probs,
-    reference log-probs and values of the training forward pass.  Returns (samples, stats, the engine's metrics)."""
+def sample_round(params, start_from, runtime, tokenizer, prompt_ids, stop_ids, seed):
+    """The rollout stage's round: the samples (from the warm vLLM engine with rollout.engine: vllm, attached or
+    started first so that it starts while the HF models load; else HF generate), then the log-probs, reference
+    log-probs and values of the training forward pass.  Returns (samples, stats, the engine's metrics)."""
+    from rlhf_core.models import checkpoint_dir
+
+    engine = None
+    if params.rollout.engine == "vllm":
+        from rlhf_core.vllm_client import open_engine, require_vllm_installed
+
+        require_vllm_installed()
+        engine = open_engine(params, checkpoint_dir(start_from))
+    try:
+        return _sample_and_record(params, start_from, runtime, engine, tokenizer, prompt_ids, stop_ids, seed)
+    except BaseException:
+        if engine is not None and not params.vllm.keep_warm:  # a cold engine never outlives its stage
+            engine.stop()
+        raise
+
+
+def _sample_and_record(params, start_from, runtime, engine, tokenizer, prompt_ids, stop_ids, seed):
     import time
     from pathlib import Path
 
@@ -116,6 +107,29 @@ def sample_and_record(params, start_from, runtime, engine, tokenizer, prompt_ids
                                reference_is_policy=reference_is_policy, with_reference=with_reference,
                                runtime=runtime)
     return samples, stats, served
+
+
+def rollout_metrics(table, params, served: dict) -> dict:
+    """The rollout stage's metrics of its table: size, length, EOS share, the engine's (``served``), the sampler's
+    mismatch to the trainer when sampler_logprobs are stored, and the sequence KL to π_ref unless KL-free."""
+    from rlhf_core.advantages import pad_sequences
+
+    metrics = {
+        "responses": len(table),
+        "response_length_mean": float(table["response_length"].mean()),
+        "eos_fraction": float(table["ended_with_eos"].mean()),
+        **served,  # engine: vllm: the served checkpoint's checksum and the probe's agreement
+    }
+    if params.records_sampler_logprobs:  # how far the sampler is from the trainer (rollout_correction)
+        from rlhf_core.losses import sampler_mismatch
+
+        trainer, mask = pad_sequences(table["logprobs"].tolist())
+        mismatch = sampler_mismatch(trainer, pad_sequences(table["sampler_logprobs"].tolist())[0], mask)
+        metrics.update({f"mismatch_{name}": value for name, value in mismatch.items()})
+    if params.uses_reference:
+        metrics["kl_k1_mean"] = float(sum(float((lp - rl).sum()) for lp, rl in zip(table["logprobs"],
+                                                                                  table["ref_logprobs"])) / len(table))
+    return metrics
 
 
 if __name__ == "__main__":

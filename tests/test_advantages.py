@@ -309,3 +309,52 @@ def test_dynamic_sampling_keeps_a_group_whose_components_differ_though_its_total
 
     kept, metrics = dynamic_sampling([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 1.0]], [0, 0, 1, 1], keep=2, seed=0)
     assert kept == [True, True, False, False] and metrics["groups_uniform"] == 1
+
+
+def _round_tables(scores, with_reference: bool, ended=None):
+    """rollouts and scores DataFrames of 2-token responses, two samples per prompt (prompt_index = row // 2)."""
+    import numpy as np
+    import pandas as pd
+
+    rows = len(scores)
+    rollouts = pd.DataFrame({"prompt_index": [row // 2 for row in range(rows)],
+                             "logprobs": [np.array([-1.0, -0.5], dtype=np.float32)] * rows,
+                             "values": [np.zeros(2, dtype=np.float32)] * rows,
+                             "ended_with_eos": ended or [True] * rows})
+    if with_reference:
+        rollouts["ref_logprobs"] = [np.array([-1.5, -0.5], dtype=np.float32)] * rows
+    return rollouts, pd.DataFrame({"total": scores})
+
+
+def test_the_round_without_a_stage_kl_free():
+    """advantages_of_round, the advantages stage's core, on tables in memory: grpo's auto coefficients are 0 (KL-free),
+    so there is no ref_logprobs column to read, no KL metric, and β stays 0 for the next round."""
+    from rlhf_core.advantages import advantages_of_round
+    from rlhf_core.config import params_from_dict
+
+    params = params_from_dict({"algorithm": {"name": "grpo"}})
+    assert not params.uses_reference
+    rollouts, scores = _round_tables([1.0, 0.0, 0.5, 0.5], with_reference=False)
+    arrays, metrics, state = advantages_of_round(params, rollouts, scores, carried={}, seed=0)
+    assert "kl_sequence_mean" not in metrics and metrics["kl_coef"] == 0.0 and state["kl_coef"] == 0.0
+    # group-normalised: (s − mean) / (std + ε) per prompt; the second prompt's scores are equal: 0
+    assert [float(a[0]) for a in arrays["advantages"]] == pytest.approx([0.7071, -0.7071, 0.0, 0.0], abs=1e-4)
+    assert arrays["trained"] == [True] * 4 and metrics["estimator"] == "group"
+
+
+def test_the_round_without_a_stage_dynamic_sampling_and_the_carried_kl():
+    """Dynamic sampling drops the prompt whose samples scored alike (its rows untrained, zero advantages); with the
+    KL in the reward (rloo), the adaptive controller starts from the β carried in the start checkpoint."""
+    from rlhf_core.advantages import advantages_of_round
+    from rlhf_core.config import params_from_dict
+
+    params = params_from_dict({"algorithm": {"name": "rloo"}, "rollout": {"prompts_per_round": 2, "oversample": 1.5},
+                               "advantages": {"dynamic_sampling": True}, "kl": {"adaptive": True}})
+    rollouts, scores = _round_tables([1.0, 0.0, 0.5, 0.5, 0.0, 1.0], with_reference=True)
+    arrays, metrics, state = advantages_of_round(params, rollouts, scores, carried={"kl_coef": 0.2}, seed=0)
+    assert arrays["trained"] == [True, True, False, False, True, True]
+    assert all(float(abs(a).sum()) == 0.0 for a in arrays["advantages"][2:4])
+    assert (metrics["groups_uniform"], metrics["groups_kept"], metrics["kl_coef"]) == (1, 2, 0.2)
+    assert state["kl_coef"] != 0.2  # the controller moved β from the carried value
+    # rloo: R_i − the other sample's R, on every token, with R = score − 0.2·Σ k1 (k1 = 0.5 on the first token)
+    assert float(arrays["advantages"][0][0]) == pytest.approx(1.0, abs=1e-6)

@@ -75,3 +75,22 @@ def test_a_planted_circle_is_found(monkeypatch):
     """The check itself: with one more edge (io → data), data ⇄ io is a circle."""
     monkeypatch.setitem(GRAPH, "rlhf_core.io", GRAPH["rlhf_core.io"] | {"rlhf_core.data"})
     assert "rlhf_core.data" in reachable("rlhf_core.data")
+
+
+def test_functions_stay_short_and_stage_mains_thin():
+    """No function of rlhf_core or stages is over 80 lines (docstring included), and no stage's main over 50:
+    validate was 186 lines, trpo's round 163, the update loop 151, the rollout stage's main 99."""
+    import ast
+
+    long, fat = [], []
+    for folder in ("rlhf_core", "stages"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    where = f"{path.relative_to(REPO)}:{node.name} ({lines} lines)"
+                    if lines > 80:
+                        long.append(where)
+                    if folder == "stages" and node.name == "main" and lines > 50:
+                        fat.append(where)
+    assert not long and not fat, (long, fat)

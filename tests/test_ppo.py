@@ -84,33 +84,40 @@ def test_target_kl_stops_early(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("critic", ["value_head", "separate"])
-def test_ppo_reaches_the_known_optimum(tiny_checkpoint, critic):
+def test_ppo_reaches_and_holds_the_known_optimum(tiny_checkpoint, critic):
     """Reward 1 when the response starts with one chosen token, else 0: the optimum is 1.
 
-    The chosen token is the most frequent first token whose share starts between 10% and 50%;
-    PPO must push the mean reward to at least 0.9 within 8 rounds.
+    The chosen token is the most frequent first token whose share starts between 10% and 50%.  Over three starts
+    (the rollouts' seeds differ), the mean of each start's reward over its last two rounds and a held-out final
+    sample must be at least 0.9 after 8 rounds: reached and held, not touched once (the old criterion, any round
+    of one seed, passes a method that wanders off again; tests/test_algorithms_optimum.py rejects it too).
     """
-    seed_everything(0)
     tokenizer = load_tokenizer(str(tiny_checkpoint))
-    model = load_actor_critic(str(tiny_checkpoint), critic, CPU)
-    probe, _ = collect(model, tokenizer, lambda s: 0.0, seed=100)
-    total = len(probe.response_ids)
-    shares = Counter(ids[0] for ids in probe.response_ids)
-    target = next(token for token, count in shares.most_common() if 0.1 <= count / total <= 0.5)
-
-    def reward(sample):
-        return 1.0 if sample.response_ids[0] == target else 0.0
-
     params = training(epochs=4, minibatch_size=32, micro_batch_size=16, lr=3e-3, clip_range=0.3,
-                  target_kl=None, vf_coef=0.5)
-    history = []
-    for round_number in range(8):
-        experience, mean_reward = collect(model, tokenizer, reward, seed=round_number)
-        history.append(mean_reward)
-        train_ppo(model, experience, params, temperature=1.0, pad_id=tokenizer.pad_token_id, device=CPU,
-                  seed=round_number, log=lambda *_: None)
-    _, final = collect(model, tokenizer, reward, seed=999)
-    assert max(history + [final]) >= 0.9, (shares[target] / total, history, final)
+                      target_kl=None, vf_coef=0.5)
+    finals, histories = [], {}
+    for start in range(3):
+        seed_everything(start)
+        model = load_actor_critic(str(tiny_checkpoint), critic, CPU)
+        probe, _ = collect(model, tokenizer, lambda s: 0.0, seed=100)
+        total = len(probe.response_ids)
+        shares = Counter(ids[0] for ids in probe.response_ids)
+        target = next(token for token, count in shares.most_common() if 0.1 <= count / total <= 0.5)
+
+        def reward(sample):
+            return 1.0 if sample.response_ids[0] == target else 0.0
+
+        history = []
+        for round_number in range(8):
+            experience, mean_reward = collect(model, tokenizer, reward, seed=1000 * start + round_number)
+            history.append(mean_reward)
+            train_ppo(model, experience, params, temperature=1.0, pad_id=tokenizer.pad_token_id, device=CPU,
+                      seed=round_number, log=lambda *_: None)
+        _, final = collect(model, tokenizer, reward, seed=1000 * start + 999)
+        histories[start] = (shares[target] / total, history, final)
+        assert history[0] < 0.6, histories[start]  # each start is far from the optimum
+        finals.append((history[-2] + history[-1] + final) / 3)
+    assert sum(finals) / len(finals) >= 0.9, (finals, histories)
 
 
 def test_unknown_algorithm_is_a_config_error():

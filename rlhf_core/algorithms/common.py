@@ -177,14 +177,34 @@ def corrected(policy_loss: torch.Tensor, micro) -> torch.Tensor:
     return policy_loss if micro.correction is None else policy_loss * micro.correction
 
 
-def add_kl_loss(loss, stats: dict, out, micro, kl, agg):
-    """``loss + kl.loss_coef · agg(k(log π_θ, log π_ref))`` with the estimator ``kl.loss_estimator``, when
-    kl.loss_coef > 0 (shapes [B, T]); the term's masked sum goes to ``stats['kl_ref']``."""
-    if kl.loss_coef <= 0:
+def add_kl_loss(loss, stats: dict, out, micro, loss_coef: float, estimator: str, agg):
+    """``loss + loss_coef · agg(k(log π_θ, log π_ref))`` (kl.loss_coef resolved, k = kl.loss_estimator), when
+    loss_coef > 0 (shapes [B, T]); the term's masked sum goes to ``stats['kl_ref']``."""
+    if loss_coef <= 0:
         return loss
-    kl_ref = kl_estimate(kl.loss_estimator, out.logprobs, micro.ref_logprobs)
+    kl_ref = kl_estimate(estimator, out.logprobs, micro.ref_logprobs)
     stats["kl_ref"] = masked_sum(kl_ref, micro.mask)
-    return loss + kl.loss_coef * agg(kl_ref)
+    return loss + loss_coef * agg(kl_ref)
+
+
+def round_experience(params, rollouts, advantages) -> tuple[Experience, dict]:
+    """The rows of the round that the update trains on (the advantages stage's ``trained`` column: dynamic sampling,
+    mask_truncated), as an Experience, with rollout_correction's per-token weights when the sampler μ was not the
+    trainer π_old (tis weighs the policy loss, mis drops tokens).  rollouts, advantages: the two stages' tables.
+    Returns (experience, the correction's metrics)."""
+    experience = Experience(rollouts["prompt_ids"].tolist(), rollouts["response_ids"].tolist(),
+                            rollouts["logprobs"].tolist(),
+                            rollouts["ref_logprobs"].tolist() if params.uses_reference else None,
+                            rollouts["values"].tolist(), advantages["advantages"].tolist(),
+                            advantages["returns"].tolist(), rewards=advantages["rewards"].tolist())
+    trained = advantages["trained"].astype(bool).tolist()
+    experience = experience.select(trained)
+    correction, metrics = params.sampler_correction, {}
+    if correction != "none":
+        sampler = [row for row, kept in zip(rollouts["sampler_logprobs"].tolist(), trained) if kept]
+        experience.correction, metrics = correction_weights(experience.old_logprobs, sampler,
+                                                            params.rollout_correction, correction)
+    return experience, metrics
 
 
 def finite_or_raise(value: float, what: str, hint: str) -> float:
@@ -224,129 +244,169 @@ def minibatch_updates(model, experience: Experience, params, *, epochs: int, los
     starts after them.  Then the round's advantages and returns are computed again with the warmed critic's
     values (``refresh_advantages``), so the first policy step already uses them.
 
-    ``carry`` (optim.carry_state): a dict whose ``"state"``, when set, is AdamW's per-parameter state from the
-    last round (moments and step counts, by parameter name), loaded before the first step; on return it holds
-    this round's final state.  The param groups (lr, schedule, weight decay) are always this round's.
-
-    Under several processes (``rlhf_core.distributed.current()``), rank k runs micro-batches k, k+W, …
-    of each minibatch (a rank with fewer runs a zero-weight one, so all ranks sync once per step), the
-    gradients are summed across ranks at each rank's last backward, and the stat sums are gathered and
-    added in the global micro-batch order: every rank takes the same step and the same early stop, and
-    the minibatch (the gradient) does not depend on the process count.
+    ``carry`` (optim.carry_state): AdamW's state carried from round to round (``_prepare``).  Under several
+    processes, every rank takes the same step and the same early stop (``_RoundLoop.accumulate``).
     """
     import numpy as np
 
     from rlhf_core.distributed import current, local_parameter_bytes
 
-    runtime = current()
+    runtime, optim = current(), params.optim
+    per_epoch = math.ceil(len(experience) / optim.minibatch_size)
+    total_steps = epochs * per_epoch
+    forward_model, optimizer, scheduler, trainable = _prepare(model, params, runtime, total_steps, carry)
+    parameter_bytes = local_parameter_bytes(model)
+    loop = _RoundLoop(experience, forward_model, optimizer, scheduler, trainable, runtime, optim, pad_id, device,
+                      temperature, name, Progress(total_steps, name, unit="step"))
+    warmup = {}
+    if critic_warmup_epochs:  # its own shuffles: the policy phase's minibatches are those of a run without it
+        warmup = critic_warmup(model, experience, optimizer, trainable, runtime, optim, loop.accumulate,
+                               np.random.default_rng(seed + 1), critic_warmup_epochs, name, log)
+        warmup.update(refresh_advantages(forward_model, experience, params, runtime, pad_id=pad_id, device=device,
+                                         temperature=temperature))
+    generator, loop_started = np.random.default_rng(seed), time.perf_counter()
+    for epoch in range(epochs):
+        early_stopped = loop.epoch(generator.permutation(len(experience)).tolist(), loss_fn, stop_fn, epoch, epochs,
+                                   log)
+        if loop.history:
+            log(f"{name} epoch {epoch + 1}/{epochs}: " + ", ".join(
+                f"{k} {np.mean(v[-per_epoch:]):.4f}" for k, v in loop.history.items()))
+        if early_stopped:
+            break
+    loop.progress.close()
+    add_work("training_tokens", loop.trained_tokens, time.perf_counter() - loop_started)  # response tokens stepped on
+    optimizer.zero_grad(set_to_none=True)
+    if carry is not None and loop.steps > 0:  # for the next round (optim.carry_state); every rank joins the gather
+        carry["state"] = runtime.optimizer_state(model, optimizer)
+    # no step taken (an early stop on the first minibatch): the incoming state, if any, goes on unchanged
+    return {**{key: float(np.mean(values)) for key, values in loop.history.items()},
+            "optimizer_steps": loop.steps, "planned_steps": total_steps, "early_stopped": loop.early_stopped,
+            "parameter_bytes_per_process": parameter_bytes,
+            **({"zero_stage": runtime.engine.zero_optimization_stage()} if runtime.engine is not None else {}),
+            **{f"first_minibatch_{key}": float(value) for key, value in (loop.first or {}).items()}, **warmup}
+
+
+def _prepare(model, params, runtime, total_steps: int, carry: dict | None):
+    """The model as the runtime wraps it and AdamW (with its schedule) over its trainable parameters.  Returns
+    (forward model, optimizer, scheduler, trainable parameters).
+
+    ``carry`` (optim.carry_state): a dict whose ``"state"``, when set, is AdamW's per-parameter state from the
+    last round (moments and step counts, by parameter name), loaded before the first step; on return from
+    ``minibatch_updates`` it holds this round's final state.  The param groups (lr, schedule, weight decay) are
+    always this round's."""
     optim = params.optim
     if runtime.deepspeed and not params.trains_value_by_gradient:
         # grpo, rloo, …: the value head gets no gradient.  AdamW skips such a parameter, but ZeRO zero-fills its
         # gradient and would step it (weight decay would shrink it); out of the optimizer, it stays as it is.
         for parameter in critic_parameters(model):
             parameter.requires_grad_(False)
-    per_epoch = math.ceil(len(experience) / optim.minibatch_size)
-    total_steps = epochs * per_epoch
     # The optimizer is built over the trainable parameters of the model as wrapped (fsdp shards replace them).
-    forward_model, optimizer, scheduler, trainable = runtime.prepare(model, lambda trainable: make_optimizer(
+    prepared = runtime.prepare(model, lambda trainable: make_optimizer(
         trainable, optim.lr, optim.adam_eps, optim.weight_decay, optim.lr_schedule, optim.warmup_steps, total_steps,
         scaled=lora_parameter_ids(model) if params.lora.enabled else frozenset(), lr_scale=params.lora.lr_scale),
         micro_batch_size=optim.micro_batch_size, max_grad_norm=optim.max_grad_norm)
     if carry is not None:  # AdamW's moments and steps from the last round, when there is one (on rank 0)
         carry["carried_in"] = bool(runtime.all_gather(carry.get("state") is not None)[0])
         if carry["carried_in"]:
-            runtime.load_optimizer_state(model, optimizer, carry.get("state"))
-    parameter_bytes = local_parameter_bytes(model)
-    generator = np.random.default_rng(seed)
-    history: dict[str, list[float]] = {}
-    first: dict[str, float] | None = None
-    steps, early_stopped = 0, False
-    progress = Progress(total_steps, name, unit="step")
+            runtime.load_optimizer_state(model, prepared[1], carry.get("state"))
+    return prepared
 
-    def accumulate(minibatch: list[int], step_loss_fn, epoch: int, phase: str = "") -> tuple[dict, dict]:
-        """Forward and backward of every micro-batch of ``minibatch`` (this rank's share); the gradient is left in
-        the parameters.  Returns (the minibatch's stats: sums / tokens, maxima as they are; its totals)."""
+
+@dataclass
+class _RoundLoop:
+    """The state of one round's update loop: the optimizer and its schedule, the steps taken, the history of every
+    stat per step, the first minibatch's stats, and whether it stopped early."""
+
+    experience: Experience
+    forward_model: object
+    optimizer: object
+    scheduler: object
+    trainable: list
+    runtime: object
+    optim: object
+    pad_id: int
+    device: object
+    temperature: float
+    name: str
+    progress: object
+    steps: int = 0
+    trained_tokens: float = 0.0
+    early_stopped: bool = False
+    first: dict | None = None
+    history: dict = dataclasses.field(default_factory=dict)
+
+    def epoch(self, order: list[int], loss_fn, stop_fn, epoch: int, epochs: int, log) -> bool:
+        """One pass over the responses in ``order``, cut into minibatches: accumulate, maybe stop early (the
+        gradient is dropped, no step), else clip, step AdamW and the schedule.  Returns whether it stopped."""
+        for minibatch in split(order, self.optim.minibatch_size):
+            stats, totals = self.accumulate(minibatch, loss_fn, epoch)
+            self.first = dict(stats) if self.first is None else self.first
+            if stop_fn is not None and stop_fn(stats):
+                log(f"{self.name}: early stop at epoch {epoch + 1}, step {self.steps + 1}: {stop_fn.__doc__ or ''} "
+                    f"{stats}")
+                self.optimizer.zero_grad(set_to_none=True)
+                self.early_stopped = True
+                return True
+            stats.update(grad_norm=self.runtime.clip_and_step(
+                self.optimizer, self.trainable, self.optim.max_grad_norm, lambda norm: finite_or_raise(
+                    norm, f"{self.name} gradient norm (epoch {epoch + 1})", "lower optim.lr")),
+                learning_rate=self.scheduler.get_last_lr()[0])
+            self.scheduler.step()
+            self.steps += 1
+            self.trained_tokens += totals["tokens"]
+            for key, value in stats.items():
+                self.history.setdefault(key, []).append(value)
+            self.progress.update(epoch=f"{epoch + 1}/{epochs}", **{k: stats[k] for k in PROGRESS_STATS if k in stats})
+        return False
+
+    def accumulate(self, minibatch: list[int], step_loss_fn, epoch: int, phase: str = "") -> tuple[dict, dict]:
+        """Forward and backward of every micro-batch of ``minibatch`` (this rank's share), the gradient left in the
+        parameters.  Returns (the minibatch's stats: sums / tokens, maxima as they are; its totals).
+
+        Under several processes (``rlhf_core.distributed.current()``), rank k runs micro-batches k, k+W, … of the
+        minibatch (a rank with fewer runs a zero-weight one, so all ranks sync once per step), the gradients are
+        summed across ranks at each rank's last backward, and the stat sums are gathered and added in the global
+        micro-batch order: every rank takes the same step and the same early stop, and the minibatch (the
+        gradient) does not depend on the process count."""
+        experience, runtime = self.experience, self.runtime
         totals = {"tokens": float(experience.tokens(minibatch)), "sequences": float(len(minibatch))}
-        sums: dict[str, float] = {}
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         # The minibatch's gradient is the sum over its micro-batches (each loss is normalised by the whole
         # minibatch's totals), so which rows share a micro-batch changes nothing but padding: group by length.
-        micro_batches = list(enumerate(experience.length_groups(minibatch, optim.micro_batch_size)))
+        micro_batches = list(enumerate(experience.length_groups(minibatch, self.optim.micro_batch_size)))
         mine = runtime.shard(micro_batches)
         slots = math.ceil(len(micro_batches) / runtime.world_size)
         rank_sums = []  # (global micro-batch number, its stat sums)
         for slot in range(slots):
             # a rank short of micro-batches runs a zero-weight one, so every rank joins the gradient sync
             number, indices = mine[slot] if slot < len(mine) else (None, micro_batches[0][1])
-            micro = experience.micro_batch(indices, pad_id, device)
-            with runtime.no_sync(forward_model, sync=slot == slots - 1):
+            micro = experience.micro_batch(indices, self.pad_id, self.device)
+            with runtime.no_sync(self.forward_model, sync=slot == slots - 1):
                 with runtime.autocast():
-                    out = forward_model(micro.batch, temperature, with_values=True)
+                    out = self.forward_model(micro.batch, self.temperature, with_values=True)
                 loss, micro_sums = step_loss_fn(out, micro, totals)
-                finite_or_raise(loss.item(), f"{name} {phase + ' ' if phase else ''}loss (epoch {epoch + 1}, step {steps + 1})",
-                                "lower optim.lr or check the rewards")
+                finite_or_raise(loss.item(), f"{self.name} {phase + ' ' if phase else ''}loss (epoch {epoch + 1}, "
+                                f"step {self.steps + 1})", "lower optim.lr or check the rewards")
                 runtime.backward(loss if number is not None else loss * 0.0)
             if number is not None:
                 rank_sums.append((number, {key: value.item() if torch.is_tensor(value) else float(value)
                                            for key, value in micro_sums.items()}))
         if runtime.distributed:
             rank_sums = sorted(item for shard in runtime.all_gather(rank_sums) for item in shard)
-        for _, micro_sums in rank_sums:
-            for key, value in micro_sums.items():
-                if key.startswith("max_"):  # maxima are combined by max, not summed
-                    sums[key] = max(sums.get(key, value), value)
-                else:
-                    sums[key] = sums.get(key, 0.0) + value
-        stats = {key: value if key.startswith("max_") else value / totals["tokens"] for key, value in sums.items()}
-        return stats, totals
+        return _combine(rank_sums, totals), totals
 
-    warmup = {}
-    if critic_warmup_epochs:  # its own shuffles: the policy phase's minibatches are those of a run without it
-        warmup = critic_warmup(model, experience, optimizer, trainable, runtime, optim, accumulate,
-                               np.random.default_rng(seed + 1), critic_warmup_epochs, name, log)
-        warmup.update(refresh_advantages(forward_model, experience, params, runtime, pad_id=pad_id, device=device,
-                                         temperature=temperature))
-    loop_started, trained_tokens = time.perf_counter(), 0.0
-    for epoch in range(epochs):
-        order = generator.permutation(len(experience)).tolist()
-        for minibatch in split(order, optim.minibatch_size):
-            stats, totals = accumulate(minibatch, loss_fn, epoch)
-            if first is None:
-                first = dict(stats)
-            if stop_fn is not None and stop_fn(stats):
-                log(f"{name}: early stop at epoch {epoch + 1}, step {steps + 1}: {stop_fn.__doc__ or ''} {stats}")
-                optimizer.zero_grad(set_to_none=True)
-                early_stopped = True
-                break
-            learning_rate = scheduler.get_last_lr()[0]
-            grad_norm = runtime.clip_and_step(optimizer, trainable, optim.max_grad_norm, lambda norm: finite_or_raise(
-                norm, f"{name} gradient norm (epoch {epoch + 1})", "lower optim.lr"))
-            stats.update(grad_norm=grad_norm, learning_rate=learning_rate)
-            scheduler.step()
-            steps += 1
-            trained_tokens += totals["tokens"]
-            for key, value in stats.items():
-                history.setdefault(key, []).append(value)
-            progress.update(epoch=f"{epoch + 1}/{epochs}", **{k: stats[k] for k in PROGRESS_STATS if k in stats})
-        if history:
-            log(f"{name} epoch {epoch + 1}/{epochs}: " + ", ".join(
-                f"{k} {np.mean(v[-per_epoch:]):.4f}" for k, v in history.items()))
-        if early_stopped:
-            break
-    progress.close()
-    add_work("training_tokens", trained_tokens, time.perf_counter() - loop_started)  # response tokens stepped on
-    optimizer.zero_grad(set_to_none=True)
-    if carry is not None and steps > 0:  # for the next round (optim.carry_state); every rank joins the gather
-        carry["state"] = runtime.optimizer_state(model, optimizer)
-    # no step taken (an early stop on the first minibatch): the incoming state, if any, goes on unchanged
-    metrics = {key: float(np.mean(values)) for key, values in history.items()}
-    metrics.update(optimizer_steps=steps, planned_steps=total_steps, early_stopped=early_stopped,
-                   parameter_bytes_per_process=parameter_bytes)
-    if runtime.engine is not None:  # what DeepSpeed itself ran (compute.strategy: deepspeed)
-        metrics["zero_stage"] = runtime.engine.zero_optimization_stage()
-    metrics.update({f"first_minibatch_{key}": float(value) for key, value in (first or {}).items()})
-    metrics.update(warmup)
-    return metrics
+
+def _combine(rank_sums: list, totals: dict) -> dict:
+    """The minibatch's stats from its micro-batches' sums in the global micro-batch order: sums / tokens, and the
+    ``max_*`` stats combined by max."""
+    sums: dict[str, float] = {}
+    for _, micro_sums in rank_sums:
+        for key, value in micro_sums.items():
+            if key.startswith("max_"):  # maxima are combined by max, not summed
+                sums[key] = max(sums.get(key, value), value)
+            else:
+                sums[key] = sums.get(key, 0.0) + value
+    return {key: value if key.startswith("max_") else value / totals["tokens"] for key, value in sums.items()}
 
 
 def value_only_loss(out, micro, totals, optim):

@@ -86,7 +86,7 @@ def ppo_loss(out, micro, totals, params, *, use_critic: bool = True, objective: 
         vf_loss, vf_clipped = clipped_value_loss(out.values, micro.old_values, micro.returns, ppo.value_clip_range)
         loss = loss + optim.vf_coef * agg(vf_loss)
         stats.update(value_loss=masked_sum(vf_loss, mask), value_clip_fraction=masked_sum(vf_clipped, mask))
-    loss = add_kl_loss(loss, stats, out, micro, params.kl_resolved, agg)
+    loss = add_kl_loss(loss, stats, out, micro, params.kl_loss_coef, params.kl.loss_estimator, agg)
     real = mask.bool()
     with torch.no_grad():
         stats["max_ratio"] = ratio[real].max()

@@ -32,7 +32,7 @@ def reinforce_loss(out, micro, totals, params, *, use_critic: bool):
         vf_loss = 0.5 * (out.values - micro.returns) ** 2
         loss = loss + optim.vf_coef * agg(vf_loss)
         stats["value_loss"] = masked_sum(vf_loss, mask)
-    return add_kl_loss(loss, stats, out, micro, params.kl_resolved, agg), stats
+    return add_kl_loss(loss, stats, out, micro, params.kl_loss_coef, params.kl.loss_estimator, agg), stats
 
 
 def train_reinforce(model, experience, params, *, temperature: float, pad_id: int, device, seed: int, log=print,

@@ -35,6 +35,7 @@ the line search's KL; each Fisher-vector product runs one micro-batch forward + 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -123,130 +124,111 @@ def train_trpo(model, experience: Experience, params, *, temperature: float, pad
             p.requires_grad_(flag)
 
 
-def _train_round(model, experience: Experience, params, *, temperature, pad_id, device, seed, log, line_search: bool,
-                 algorithm: str) -> dict:
-    trpo = params.trpo
-    delta = trpo.max_kl
-    micro = params.optim.micro_batch_size
+@dataclass
+class _Round:
+    """What every step of a round reads: the policy's parameters θ, the round's micro-batches (similar lengths,
+    least padding) and N, the tokens in the round."""
 
-    theta = policy_parameters(model, trpo.trainable_last_n_blocks)
-    for p in theta:
-        p.requires_grad_(True)
-    # The whole round, cut into micro-batches of similar length (least padding); N = tokens in the round.
-    round_order = list(range(len(experience)))
-    micro_batches = [experience.micro_batch(indices, pad_id, device)
-                     for indices in experience.length_groups(round_order, micro)]
-    total_tokens = float(experience.tokens(round_order))
-    if total_tokens == 0:
-        raise ValueError("train_trpo: the round has no response tokens")
+    model: object
+    theta: list
+    micro_batches: list
+    total_tokens: float
+    temperature: float
+    algorithm: str
 
-    history: dict[str, list[float]] = {k: [] for k in (
-        "step_size", "full_step_norm", "kl_after_step", "predicted_kl", "backtracks", "cg_residual",
-        "cg_iterations", "surrogate_improvement", "expected_improvement", "accepted", "policy_grad_norm")}
-    entropy_start = None
-
-    def evaluate(cached_old_logits) -> tuple[float, float]:
-        """(L(θ), KL̄(θ)) at the current parameters, no gradients."""
-        surrogate, kl = 0.0, 0.0
-        with torch.no_grad():
-            for mb, old_logits in zip(micro_batches, cached_old_logits):
-                logits, logprobs, _ = policy_forward(model, mb.batch, temperature)
-                surrogate += surrogate_sum(logprobs, mb.old_logprobs, mb.advantages, mb.mask).item()
-                kl += categorical_kl(old_logits, logits, mb.mask).item()
-        return surrogate / total_tokens, kl / total_tokens
-
-    for step in range(trpo.steps):
-        # --- 1. gradient of the surrogate at θ_old, accumulated over micro-batches; cache π_old ------------
-        g = torch.zeros(sum(p.numel() for p in theta), device=theta[0].device)
+    def surrogate_gradient(self, step: int):
+        """Step 1: g = ∇L(θ_old), L = Σ_t ρ_t A_t / N, accumulated over the micro-batches; returns (g, L(θ_old),
+        token-mean entropy, π_old's logits per micro-batch, cached for the KL of the line search)."""
+        g = torch.zeros(sum(p.numel() for p in self.theta), device=self.theta[0].device)
         surrogate_old, entropy_sum, cached_old_logits = 0.0, 0.0, []
-        for mb in micro_batches:
-            logits, logprobs, entropy = policy_forward(model, mb.batch, temperature)
+        for mb in self.micro_batches:
+            logits, logprobs, entropy = policy_forward(self.model, mb.batch, self.temperature)
             micro_sum = surrogate_sum(logprobs, mb.old_logprobs, mb.advantages, mb.mask)
-            loss = micro_sum / total_tokens
+            loss = micro_sum / self.total_tokens
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"{algorithm} surrogate is {loss.item()} (step {step + 1}); "
+                raise FloatingPointError(f"{self.algorithm} surrogate is {loss.item()} (step {step + 1}); "
                                          "check the advantages and the old log-probs")
-            grads = torch.autograd.grad(loss, theta, allow_unused=True)
-            g += flat_concat([torch.zeros_like(p) if gr is None else gr for gr, p in zip(grads, theta)])
+            grads = torch.autograd.grad(loss, self.theta, allow_unused=True)
+            g += flat_concat([torch.zeros_like(p) if gr is None else gr for gr, p in zip(grads, self.theta)])
             surrogate_old += micro_sum.item()  # summed as evaluate() sums, so L(θ_old) is comparable
             entropy_sum += (entropy.detach() * mb.mask).sum().item()
             cached_old_logits.append(logits.detach())
-        surrogate_old /= total_tokens
-        grad_norm = finite_or_raise(g.norm().item(), f"{algorithm} policy gradient norm",
-                                    "check the advantages and the old log-probs")
-        if entropy_start is None:
-            entropy_start = entropy_sum / total_tokens
+        return g, surrogate_old / self.total_tokens, entropy_sum / self.total_tokens, cached_old_logits
 
-        # --- 2. natural direction s = (F + λI)⁻¹ g by conjugate gradient ------------------------------------
+    def fisher_vector_product(self, damping: float):
+        """v ↦ (F + damping·I)·v, F the Fisher of KL̄(π_θ_old ‖ π_θ) at θ_old (double backprop, no explicit F)."""
         def kl_closure(mb):
             def kl_at_theta_old():  # KL(π_θ_old ‖ π_θ) with π_θ_old the detached copy of this very forward
                 with sdpa_kernel(SDPBackend.MATH):  # fused attention kernels have no double backward
-                    logits, _, _ = policy_forward(model, mb.batch, temperature)
-                return categorical_kl(logits.detach(), logits, mb.mask) / total_tokens
+                    logits, _, _ = policy_forward(self.model, mb.batch, self.temperature)
+                return categorical_kl(logits.detach(), logits, mb.mask) / self.total_tokens
             return kl_at_theta_old
 
-        kl_fns = [kl_closure(mb) for mb in micro_batches]
+        kl_fns = [kl_closure(mb) for mb in self.micro_batches]
+        return lambda v, extra=None: fisher_vector_product(kl_fns, self.theta, v, damping if extra is None else extra)
 
-        def fvp(v, damping=trpo.cg_damping):
-            return fisher_vector_product(kl_fns, theta, v, damping)
+    def evaluate(self, cached_old_logits) -> tuple[float, float]:
+        """(L(θ), KL̄(θ)) at the current parameters, no gradients."""
+        surrogate, kl = 0.0, 0.0
+        with torch.no_grad():
+            for mb, old_logits in zip(self.micro_batches, cached_old_logits):
+                logits, logprobs, _ = policy_forward(self.model, mb.batch, self.temperature)
+                surrogate += surrogate_sum(logprobs, mb.old_logprobs, mb.advantages, mb.mask).item()
+                kl += categorical_kl(old_logits, logits, mb.mask).item()
+        return surrogate / self.total_tokens, kl / self.total_tokens
 
-        record = dict.fromkeys(history, 0.0)
-        record["policy_grad_norm"] = grad_norm
-        s_f_s = 0.0
-        if grad_norm > 0.0:
-            s, cg_residual, cg_iterations = conjugate_gradient(fvp, g, trpo.cg_iters, trpo.cg_residual_tol)
-            finite_or_raise(s.norm().item(), f"{algorithm} conjugate-gradient solution norm",
-                            "raise trpo.cg_damping")
-            record.update(cg_residual=cg_residual, cg_iterations=cg_iterations)
 
-            # --- 3. the δ-normalised full step Δ = sqrt(2δ / sᵀFs)·s ------------------------------------------
-            s_f_s = finite_or_raise(torch.dot(s, fvp(s, 0.0)).item(), f"{algorithm} sᵀFs",
-                                    "raise trpo.cg_damping")
-        theta_old = params_to_vector(theta)
-        if s_f_s <= 0.0:  # no gradient (e.g. all advantages 0): nothing to step along
-            log(f"{algorithm} step {step + 1}/{trpo.steps}: zero natural gradient, no update")
-            record["backtracks"] = trpo.max_backtracks + 1 if line_search else 0
-            for key, value in record.items():
-                history[key].append(float(value))
-            continue
-        full_step = math.sqrt(2.0 * delta / s_f_s) * s
-        record["full_step_norm"] = full_step.norm().item()
+def _natural_step(round_: _Round, g, trpo, grad_norm: float, record: dict):
+    """Steps 2–3: s = (F + λI)⁻¹ g by conjugate gradient, then the δ-normalised full step Δ = sqrt(2δ / sᵀFs)·s;
+    None when there is nothing to step along (no gradient, e.g. all advantages 0)."""
+    if grad_norm <= 0.0:
+        return None
+    fvp = round_.fisher_vector_product(trpo.cg_damping)
+    s, cg_residual, cg_iterations = conjugate_gradient(fvp, g, trpo.cg_iters, trpo.cg_residual_tol)
+    finite_or_raise(s.norm().item(), f"{round_.algorithm} conjugate-gradient solution norm", "raise trpo.cg_damping")
+    record.update(cg_residual=cg_residual, cg_iterations=cg_iterations)
+    s_f_s = finite_or_raise(torch.dot(s, fvp(s, 0.0)).item(), f"{round_.algorithm} sᵀFs", "raise trpo.cg_damping")
+    if s_f_s <= 0.0:
+        return None
+    return math.sqrt(2.0 * trpo.max_kl / s_f_s) * s
 
-        # --- 4. line search (trpo) or the full step (npg) -------------------------------------------------
-        fractions = [trpo.backtrack_fraction ** k for k in range(trpo.max_backtracks + 1)]
-        if not line_search:
-            fractions = fractions[:1]
-        accepted = False
-        for k, fraction in enumerate(fractions):
-            vector_to_params(theta_old + fraction * full_step, theta)
-            surrogate_new, kl_new = evaluate(cached_old_logits)
-            improvement = surrogate_new - surrogate_old
-            if not line_search or (improvement > 0.0 and kl_new <= delta):
-                accepted = True
-                record.update(step_size=fraction * record["full_step_norm"], kl_after_step=kl_new,
-                              predicted_kl=fraction ** 2 * delta, backtracks=k,
-                              surrogate_improvement=improvement,
-                              expected_improvement=fraction * torch.dot(g, full_step).item(), accepted=1.0)
-                break
-            log(f"{algorithm} step {step + 1}: candidate {k} rejected (surrogate change {improvement:.3e}, "
-                f"KL {kl_new:.3e} vs δ {delta})")
-        if not accepted:
-            vector_to_params(theta_old, theta)  # bit for bit: the copy of the exact old values
-            record["backtracks"] = len(fractions)
-        if not (math.isfinite(record["kl_after_step"]) and math.isfinite(record["surrogate_improvement"])):
-            vector_to_params(theta_old, theta)  # npg: do not leave the policy at a non-finite step
-            raise FloatingPointError(f"{algorithm} KL after the step is {record['kl_after_step']} and the surrogate "
-                                     f"change {record['surrogate_improvement']}; lower trpo.max_kl")
-        for key, value in record.items():
-            history[key].append(float(value))
-        log(f"{algorithm} step {step + 1}/{trpo.steps}: accepted {accepted}, backtracks {int(record['backtracks'])}, "
-            f"|g| {grad_norm:.3e}, cg rᵀr {record['cg_residual']:.2e} ({int(record['cg_iterations'])} it), "
-            f"step {record['step_size']:.3e}, "
-            f"KL {record['kl_after_step']:.3e}, surrogate +{record['surrogate_improvement']:.3e}")
 
-    # --- 5. the critic: value regression on the returns, with its own Adam --------------------------------
+def _line_search(round_: _Round, theta_old, full_step, g, surrogate_old: float, cached_old_logits, trpo,
+                 line_search: bool, step: int, record: dict, log) -> bool:
+    """Step 4: θ_old + β^k Δ for k = 0, 1, … until the surrogate improves and KL̄ ≤ δ (trpo), or the full step
+    alone (npg); no accepted candidate restores θ_old bit for bit.  Fills ``record``; returns whether it stepped."""
+    delta = trpo.max_kl
+    record["full_step_norm"] = full_step.norm().item()
+    fractions = [trpo.backtrack_fraction ** k for k in range(trpo.max_backtracks + 1)]
+    if not line_search:
+        fractions = fractions[:1]
+    for k, fraction in enumerate(fractions):
+        vector_to_params(theta_old + fraction * full_step, round_.theta)
+        surrogate_new, kl_new = round_.evaluate(cached_old_logits)
+        improvement = surrogate_new - surrogate_old
+        if not line_search or (improvement > 0.0 and kl_new <= delta):
+            record.update(step_size=fraction * record["full_step_norm"], kl_after_step=kl_new,
+                          predicted_kl=fraction ** 2 * delta, backtracks=k, surrogate_improvement=improvement,
+                          expected_improvement=fraction * torch.dot(g, full_step).item(), accepted=1.0)
+            break
+        log(f"{round_.algorithm} step {step + 1}: candidate {k} rejected (surrogate change {improvement:.3e}, "
+            f"KL {kl_new:.3e} vs δ {delta})")
+    else:
+        vector_to_params(theta_old, round_.theta)  # bit for bit: the copy of the exact old values
+        record["backtracks"] = len(fractions)
+    if not (math.isfinite(record["kl_after_step"]) and math.isfinite(record["surrogate_improvement"])):
+        vector_to_params(theta_old, round_.theta)  # npg: do not leave the policy at a non-finite step
+        raise FloatingPointError(f"{round_.algorithm} KL after the step is {record['kl_after_step']} and the "
+                                 f"surrogate change {record['surrogate_improvement']}; lower trpo.max_kl")
+    return record["accepted"] == 1.0
+
+
+def _fit_critic(model, experience: Experience, params, round_: _Round, *, pad_id, device, seed, log) -> tuple:
+    """Step 5: value regression ½(V − R)² on the returns over trpo.critic_epochs, with the critic's own Adam at
+    trpo.critic_lr; returns the round's value loss before and after."""
+    trpo, algorithm, micro = params.trpo, round_.algorithm, params.optim.micro_batch_size
     critic = critic_parameters(model)
-    value_loss_before = finite_or_raise(round_value_loss(model, micro_batches), f"{algorithm} value loss",
+    value_loss_before = finite_or_raise(round_value_loss(model, round_.micro_batches), f"{algorithm} value loss",
                                         "check the returns")
     optimizer = torch.optim.Adam(critic, lr=trpo.critic_lr)
     generator = np.random.default_rng(seed)
@@ -274,9 +256,53 @@ def _train_round(model, experience: Experience, params, *, temperature, pad_id, 
             epoch_loss.append(loss_sum)
         log(f"{algorithm} critic epoch {epoch + 1}/{trpo.critic_epochs}: value loss {np.mean(epoch_loss):.4f}")
     optimizer.zero_grad(set_to_none=True)
-    value_loss_after = finite_or_raise(round_value_loss(model, micro_batches), f"{algorithm} value loss",
+    value_loss_after = finite_or_raise(round_value_loss(model, round_.micro_batches), f"{algorithm} value loss",
                                        "lower trpo.critic_lr or check the returns")
+    return value_loss_before, value_loss_after
 
+
+HISTORY = ("step_size", "full_step_norm", "kl_after_step", "predicted_kl", "backtracks", "cg_residual", "cg_iterations",
+           "surrogate_improvement", "expected_improvement", "accepted", "policy_grad_norm")
+
+
+def _train_round(model, experience: Experience, params, *, temperature, pad_id, device, seed, log, line_search: bool,
+                 algorithm: str) -> dict:
+    trpo = params.trpo
+    theta = policy_parameters(model, trpo.trainable_last_n_blocks)
+    for p in theta:
+        p.requires_grad_(True)
+    round_order = list(range(len(experience)))  # the whole round, cut into micro-batches of similar length
+    micro_batches = [experience.micro_batch(indices, pad_id, device)
+                     for indices in experience.length_groups(round_order, params.optim.micro_batch_size)]
+    total_tokens = float(experience.tokens(round_order))
+    if total_tokens == 0:
+        raise ValueError("train_trpo: the round has no response tokens")
+    round_ = _Round(model, theta, micro_batches, total_tokens, temperature, algorithm)
+    history: dict[str, list[float]] = {key: [] for key in HISTORY}
+    entropy_start = None
+    for step in range(trpo.steps):
+        g, surrogate_old, entropy, cached_old_logits = round_.surrogate_gradient(step)  # 1. g at θ_old
+        grad_norm = finite_or_raise(g.norm().item(), f"{algorithm} policy gradient norm",
+                                    "check the advantages and the old log-probs")
+        entropy_start = entropy if entropy_start is None else entropy_start
+        record = dict.fromkeys(history, 0.0)
+        record["policy_grad_norm"] = grad_norm
+        full_step = _natural_step(round_, g, trpo, grad_norm, record)  # 2–3. CG direction, δ-normalised step
+        theta_old = params_to_vector(theta)
+        if full_step is None:
+            log(f"{algorithm} step {step + 1}/{trpo.steps}: zero natural gradient, no update")
+            record["backtracks"] = trpo.max_backtracks + 1 if line_search else 0
+        else:  # 4. line search (trpo) or the full step (npg)
+            accepted = _line_search(round_, theta_old, full_step, g, surrogate_old, cached_old_logits, trpo,
+                                    line_search, step, record, log)
+            log(f"{algorithm} step {step + 1}/{trpo.steps}: accepted {accepted}, backtracks "
+                f"{int(record['backtracks'])}, |g| {grad_norm:.3e}, cg rᵀr {record['cg_residual']:.2e} "
+                f"({int(record['cg_iterations'])} it), step {record['step_size']:.3e}, "
+                f"KL {record['kl_after_step']:.3e}, surrogate +{record['surrogate_improvement']:.3e}")
+        for key, value in record.items():
+            history[key].append(float(value))
+    value_loss_before, value_loss_after = _fit_critic(model, experience, params, round_, pad_id=pad_id,  # 5. critic
+                                                      device=device, seed=seed, log=log)
     metrics = {key: float(np.mean(values)) for key, values in history.items()}
     accepted_steps = int(sum(history["accepted"]))
     metrics["accepted"] = bool(accepted_steps == 1) if trpo.steps == 1 else accepted_steps / trpo.steps

@@ -103,7 +103,7 @@ def rule_kl(params: Params) -> None:
     if not traits.kl_in_loss and kl.loss_coef not in ("auto", 0.0):
         raise ConfigError(f"kl.loss_coef = {kl.loss_coef}: algorithm.name = {name!r} has no KL loss term (its step "
                           "is bounded by trpo.max_kl); set kl.loss_coef: auto (or 0) and use kl.reward_coef")
-    if kl.adaptive and params.kl_resolved.reward_coef == 0.0:
+    if kl.adaptive and params.kl_reward_coef == 0.0:
         raise ConfigError(f"kl.adaptive: adapts kl.reward_coef, which is 0 ({kl.reward_coef} for {name}: a "
                           "multiplicative controller never leaves 0); set kl.reward_coef > 0 or kl.adaptive: false")
 

@@ -38,7 +38,7 @@ def _one_or_many(value):
 
 
 Float = Annotated[float, Field(strict=True, allow_inf_nan=False), BeforeValidator(_number_from_text)]
-# A coefficient >= 0, or `auto`: the value the algorithm's registry entry gives (Params.kl_resolved).
+# A coefficient >= 0, or `auto`: the value the algorithm's registry entry gives (Params.kl_coef).
 AutoCoef = Annotated[Union[Literal["auto"], Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0.0)]],
                      BeforeValidator(_number_from_text)]
 Names = Annotated[tuple[Annotated[StrictStr, Field(min_length=1)], ...], BeforeValidator(_one_or_many)]
@@ -278,6 +278,9 @@ class AdvantagesParams(Section):
         False, "leave responses that hit rollout.max_new_tokens without EOS out of the loss (DAPO's overlong "
         "filtering; TRL's mask_truncated_completions): no policy, value, entropy or KL gradient from their tokens; "
         "they still count in group baselines and whitening (metrics: masked_truncated, trained_fraction)")
+
+
+KL_COEFS = ("reward_coef", "loss_coef")  # the kl keys that may be `auto`
 
 
 class KLParams(Section):
@@ -548,31 +551,45 @@ class Params(Section):
         """What algorithm.name does under these params (rlhf_core/algorithms/registry.py)."""
         return registry.traits_of(self)
 
+    def kl_coef(self, key: str) -> float:
+        """kl.<key> (reward_coef or loss_coef) as a number: `auto` becomes the algorithm's own (Traits.kl_defaults).
+        Every reader of a coefficient reads it here (or through kl_reward_coef, kl_loss_coef, kl_resolved)."""
+        value = getattr(self.kl, key)
+        return dict(zip(KL_COEFS, self.traits.kl_defaults))[key] if value == "auto" else value
+
+    @property
+    def kl_reward_coef(self) -> float:
+        """β of the KL in the reward, resolved (kl_coef)."""
+        return self.kl_coef("reward_coef")
+
+    @property
+    def kl_loss_coef(self) -> float:
+        """The weight of the KL loss term, resolved (kl_coef)."""
+        return self.kl_coef("loss_coef")
+
     @property
     def kl_resolved(self) -> KLParams:
-        """The kl section with reward_coef and loss_coef as numbers: `auto` becomes the algorithm's own
-        (Traits.kl_defaults).  Every reader of the coefficients reads them here."""
-        return self.kl.model_copy(update=self.auto_resolved)
+        """The kl section with both coefficients as numbers (kl_coef)."""
+        return self.kl.model_copy(update={key: self.kl_coef(key) for key in KL_COEFS})
 
     @property
     def auto_resolved(self) -> dict[str, float]:
-        """{key: value} of the kl coefficients set to `auto`, as the algorithm resolves them (the stage logs, MLflow
-        and `rlhf compare` show them)."""
-        defaults = dict(zip(("reward_coef", "loss_coef"), self.traits.kl_defaults))
-        return {key: defaults[key] for key in defaults if getattr(self.kl, key) == "auto"}
+        """{key: value} of the kl coefficients set to `auto`, as the algorithm resolves them (MLflow and `rlhf
+        compare` show them)."""
+        return {key: self.kl_coef(key) for key in KL_COEFS if getattr(self.kl, key) == "auto"}
 
-    def describe_auto(self) -> str:
-        """The `auto` coefficients as resolved, for a stage's log: `kl.reward_coef auto → 0.05, kl.loss_coef auto →
-        0 (ppo)`; empty when none is auto."""
-        resolved = ", ".join(f"kl.{key} auto → {value:g}" for key, value in self.auto_resolved.items())
-        return f"{resolved} ({self.algorithm.name})" if resolved else ""
+    def describe_auto(self, key: str) -> str:
+        """kl.<key> as resolved when it is `auto`, for a stage's log: `kl.reward_coef auto → 0.05 (ppo)`; empty when
+        it is set."""
+        if getattr(self.kl, key) != "auto":
+            return ""
+        return f"kl.{key} auto → {self.kl_coef(key):g} ({self.algorithm.name})"
 
     @property
     def uses_reference(self) -> bool:
         """Whether rollout records π_ref's log-probs: a KL coefficient is above 0, or kl.monitor asks for the metrics.
         False is the KL-free mode: π_ref is loaded by evaluate alone."""
-        kl = self.kl_resolved
-        return kl.reward_coef > 0 or kl.loss_coef > 0 or kl.monitor
+        return self.kl_reward_coef > 0 or self.kl_loss_coef > 0 or self.kl.monitor
 
     @property
     def prompt_groups_per_round(self) -> int:
