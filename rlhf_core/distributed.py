@@ -488,11 +488,11 @@ def start_runtime(params) -> Runtime:
     """Resolve the device and, when launched with several processes or asked for mixed precision, join
     the process group through accelerate.  The runtime becomes ``current()`` until ``close()``."""
     global _CURRENT
-    from rlhf_core.models import _pick_device, resolve_device
+    from rlhf_core.models import pick_device, resolve_device
 
     compute = params.compute
     world_size = env_world_size()
-    device = _pick_device(params.device)
+    device = pick_device(params.device)
     check_compute(compute, device.type)
     if world_size == 1 and compute.mixed_precision == "no":
         _CURRENT = Runtime(device=resolve_device(params.device, params.cpu_threads))

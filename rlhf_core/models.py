@@ -47,13 +47,13 @@ def resolve_device(name: str, cpu_threads: int = 0) -> torch.device:
     On CPU, ``cpu_threads`` > 0 fixes torch's intra-op threads (1: single-threaded kernels, whose float
     reductions cannot be reordered by thread scheduling).
     """
-    device = _pick_device(name)
+    device = pick_device(name)
     if device.type == "cpu" and cpu_threads > 0:
         torch.set_num_threads(cpu_threads)
     return device
 
 
-def _pick_device(name: str) -> torch.device:
+def pick_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

@@ -546,3 +546,55 @@ def test_auto_or_a_number_is_one_line():
         params_from_dict({"kl": {"loss_coef": "some"}})
     explicit = params_from_dict({"kl": {"reward_coef": 0.1, "loss_coef": "2e-2"}})
     assert (explicit.kl_resolved.reward_coef, explicit.kl_resolved.loss_coef, explicit.auto_resolved) == (0.1, 0.02, {})
+
+
+RULE_CASES = [  # (rule, params that break it and no rule before it, the start of its one line)
+    ("rule_shapes_and_batching", {"sft": {"tiny": {"hidden_size": 66}}}, "sft.tiny.num_heads = 4: must divide"),
+    ("rule_group_baseline", {"algorithm": {"name": "grpo"}, "rollout": {"samples_per_prompt": 1}},
+     "rollout.samples_per_prompt = 1: grpo compares the samples of a prompt"),
+    ("rule_component_normalisation", {"grpo": {"normalize": "components"}},
+     "grpo.normalize = 'components': algorithm.name = 'ppo' has no group-normalised advantages (grpo, cispo, sapo do)"),
+    ("rule_own_sections", {"sapo": {"tau_pos": 2.0}}, "sapo.tau_pos = 2.0: algorithm.name = 'ppo' does not read"),
+    ("rule_objective_options", {"algorithm": {"name": "reinforce"}, "ppo": {"dual_clip": 3.0}},
+     "ppo.dual_clip = 3.0: algorithm.name = 'reinforce' has no clipped objective (ppo, grpo, reinforce_pp, and rloo"),
+    ("rule_kl", {"algorithm": {"name": "npg"}, "kl": {"loss_coef": 0.1}}, "kl.loss_coef = 0.1: algorithm.name = 'npg'"),
+    ("rule_trust_region", {"algorithm": {"name": "trpo"}, "compute": {"num_machines": 2}},
+     "compute.num_machines = 2: trpo runs in one process; set compute.num_machines: 1 or choose reinforce, a2c, ppo, "),
+    ("rule_data_sources", {"sft": {"demonstrations": "hf"}}, "sft.demo_path is empty"),
+    ("rule_scorers", {"score": {"scorers": [{"name": "x", "kind": "python", "function": "nope"}]}},
+     "score.scorers[0] (x).function = 'nope': must be `module:function`"),
+    ("rule_precision_and_strategy", {"compute": {"zero_stage": 2}}, "compute.zero_stage = 2: only read with"),
+    ("rule_deepspeed", {"compute": {"strategy": "deepspeed", "num_processes": 2}, "algorithm": {"critic_warmup_epochs": 1}},
+     "algorithm.critic_warmup_epochs = 1: not supported with compute.strategy = 'deepspeed'"),
+    ("rule_vllm", {"vllm": {"host": "0.0.0.0"}}, "vllm.host = '0.0.0.0': must be a loopback address"),
+    ("rule_critic", {"algorithm": {"name": "grpo", "critic_init": "reward_models/bt"}},
+     "algorithm.critic_init = 'reward_models/bt': algorithm.name = 'grpo' trains no critic"),
+    ("rule_critic_warmup_and_lora", {"algorithm": {"critic_warmup_epochs": 1}, "optim": {"vf_coef": 0.0}},
+     "algorithm.critic_warmup_epochs = 1: optim.vf_coef is 0"),
+    ("rule_rollout_correction", {"rollout_correction": {"tis_cap": 3.0}}, "rollout_correction.tis_cap = 3.0: unused"),
+    ("rule_rounds", {"rounds": {"r1": {"from": "r0"}}}, "rounds.r1.from = 'r0': must be `sft` or a round"),
+]
+
+
+@pytest.mark.parametrize(("rule", "raw", "message"), RULE_CASES, ids=[case[0] for case in RULE_CASES])
+def test_each_rule_refuses_its_case_in_one_line(rule, raw, message):
+    """Params.validate was one 186-line function; each of its rules is now a named function (config/rules.py) that
+    refuses its own case, asking the algorithm's traits, and the whole validation stops at that line."""
+    import re
+
+    from rlhf_core.config import rules
+    from rlhf_core.config.sections import Params
+
+    unchecked = Params.model_validate(raw)  # the tree alone, no cross-field rule run yet
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        getattr(rules, rule)(unchecked)
+    for earlier in rules.RULES[:rules.RULES.index(getattr(rules, rule))]:
+        earlier(unchecked)  # the case breaks no rule before its own
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        params_from_dict(raw)
+
+
+def test_every_rule_has_its_case():
+    from rlhf_core.config import rules
+
+    assert [case[0] for case in RULE_CASES] == [rule.__name__ for rule in rules.RULES]

@@ -94,3 +94,27 @@ def test_functions_stay_short_and_stage_mains_thin():
                     if folder == "stages" and node.name == "main" and lines > 50:
                         fat.append(where)
     assert not long and not fat, (long, fat)
+
+
+def test_no_module_imports_a_private_name_of_another_package():
+    """A name that starts with _ is its module's own; another package reaching for it (distributed took
+    models._pick_device, docs config._yaml_scalar) couples the two through what was meant to change freely.
+    Modules of one package may share a private helper module (commands/_common.py)."""
+    leaks = []
+    for name, path in sorted(MODULES.items()):
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        aliases = {}
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module in MODULES:
+                for alias in node.names:
+                    source = node.module if f"{node.module}.{alias.name}" not in MODULES else f"{node.module}.{alias.name}"
+                    aliases[alias.asname or alias.name] = source
+                    private_module_here = f"{node.module}.{alias.name}" in MODULES and node.module == package
+                    if alias.name.startswith("_") and not alias.name.startswith("__") and not private_module_here:
+                        leaks.append(f"{name}: from {node.module} import {alias.name}")
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and isinstance(node.value, ast.Name) and node.value.id in aliases):
+                leaks.append(f"{name}: {aliases[node.value.id]}.{node.attr}")
+    assert not leaks, leaks
