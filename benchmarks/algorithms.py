@@ -7,7 +7,7 @@ It copies the repository into a temporary directory, runs `dvc repro` once (PPO,
 `dvc exp run -S algorithm.name=<name>` for every other algorithm.  prepare, sft, rollout@r1 and
 score@r1 are shared (DVC keeps them cached), so each algorithm's wall time is the time of the
 stages that depend on it.  Writes benchmarks/results/algorithms.json and algorithms.md; the table in
-docs/algorithms.md is generated from the JSON (`python -m rlhf_core.docs`).  Not a test: nothing here passes or fails.
+docs/algorithms.md is generated from the JSON (`python -m rlhf_core.tooling.docs`).  Not a test: nothing here passes or fails.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 
 from common import REPO, copy_repo, dvc_executable, machine, round_keys, run, stage_seconds, write_report
 
-from rlhf_core.algorithms import registry
-from rlhf_core.docs import render_algorithms
+from rlhf_core.rl.algorithms import registry
+from rlhf_core.tooling.docs import render_algorithms
 
 ALGORITHMS = tuple(registry.ALGORITHMS)
 # What the table runs besides the name: where the KL cannot go in the reward (the group-normalised advantages of

@@ -6,7 +6,7 @@
 It copies the repository into a temporary directory, sets `task: arithmetic` in params.yaml (and
 `seed`, when it is not 0), runs `dvc repro` and reads metrics/eval.json.  Every other param keeps
 its default: prepare, sft, 3 rounds of PPO, evaluate.  Writes benchmarks/results/arithmetic.json
-and arithmetic.md; the block in docs/results.md is generated from the JSON (`python -m rlhf_core.docs`).
+and arithmetic.md; the block in docs/results.md is generated from the JSON (`python -m rlhf_core.tooling.docs`).
 Not a test: nothing here passes or fails.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from common import REPO, copy_repo, dvc_executable, machine, round_keys, run, stage_seconds, write_report
 
-from rlhf_core.docs import render_arithmetic
+from rlhf_core.tooling.docs import render_arithmetic
 
 
 def measure(seed: int, dvc: str) -> dict:

@@ -68,11 +68,11 @@ def worker(args) -> None:
     """One configuration in this process (one rank under accelerate launch): print one JSON line per rank."""
     import torch
 
-    from rlhf_core.algorithms.common import Experience
-    from rlhf_core.algorithms.ppo import train_ppo
     from rlhf_core.config import params_from_dict
-    from rlhf_core.distributed import start_runtime
-    from rlhf_core.models import enable_gradient_checkpointing, load_actor_critic, seed_everything
+    from rlhf_core.model.models import enable_gradient_checkpointing, load_actor_critic, seed_everything
+    from rlhf_core.rl.algorithms.common import Experience
+    from rlhf_core.rl.algorithms.ppo import train_ppo
+    from rlhf_core.runtime.distributed import start_runtime
 
     after_imports = status_mb("VmRSS")
     params = params_from_dict({
@@ -121,7 +121,7 @@ def run_config(checkpoint: Path, processes: int, strategy: str, param_dtype: str
     if processes == 1:
         command = [sys.executable, *script]
     else:
-        from rlhf_core.launch import accelerate_config, free_port
+        from rlhf_core.runtime.launch import accelerate_config, free_port
 
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                    str(accelerate_config("deepspeed" if strategy.startswith("zero") else strategy)),
@@ -140,7 +140,7 @@ def run_config(checkpoint: Path, processes: int, strategy: str, param_dtype: str
 
 def render(path: Path) -> str:
     report = json.loads(path.read_text())
-    from rlhf_core.docs import markdown_table
+    from rlhf_core.tooling.docs import markdown_table
 
     rows = []
     for config in report["configs"]:

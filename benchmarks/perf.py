@@ -10,9 +10,9 @@ Copies the repository (default params, plus the size's model shape) into a tempo
 
 startup   each stage's start-up (process start → inputs and models loaded, as the stage logs it), cold
           (``RLHF_WARM_START=0``: a fresh interpreter imports everything) and warm (forked by the
-          warm-start server, rlhf_core/warm.py), next to the floor: a bare interpreter importing only
+          warm-start server, rlhf_core/runtime/warm.py), next to the floor: a bare interpreter importing only
           the libraries that stage truly needs.  Target: cold ≤ 1.25 × floor.
-rollout   generation tokens/s of rlhf_core.rollout.generate_samples by batch size, against plain HF
+rollout   generation tokens/s of rlhf_core.phases.rollout.generate_samples by batch size, against plain HF
           ``generate`` one prompt at a time; and the whole rollout (generation + log-probs + values).
           Target: ≥ 3 × one-at-a-time at the default batch.
 optimize  forward + backward tokens/s (prompt + response tokens) of one PPO epoch by micro-batch size.
@@ -22,7 +22,7 @@ round     `dvc repro` of one round's four stages, split by stage, and the overhe
           of the round's stages ÷ the round's wall time (cold and warm).  Target: ≤ 25%.
 
 Writes benchmarks/results/perf_<size>.json and .md (the performance block of docs/performance.md is
-generated from the JSON by `python -m rlhf_core.docs`).  Not a test: nothing passes or fails.  Run it on a quiet
+generated from the JSON by `python -m rlhf_core.tooling.docs`).  Not a test: nothing passes or fails.  Run it on a quiet
 machine: another busy process makes every number slower and noisier.
 """
 
@@ -79,7 +79,7 @@ def env(warm: bool) -> dict:
 def stage_command(stage: str, params_file: str | None = None) -> list[str]:
     """The stage's command as dvc.yaml runs it, with another params file if given."""
     extra = ["--params", params_file] if params_file else []
-    return [sys.executable, "-m", "rlhf_core.launch", *STAGES[stage][0], *extra]
+    return [sys.executable, "-m", "rlhf_core.runtime.launch", *STAGES[stage][0], *extra]
 
 
 def run_stage(work: Path, stage: str, *, warm: bool, params_file: str | None = None) -> tuple[float, float]:
@@ -95,7 +95,7 @@ def run_stage(work: Path, stage: str, *, warm: bool, params_file: str | None = N
 def floor_seconds(imports: str) -> float:
     """A bare interpreter importing ``imports``: seconds from its process start to the end of the imports,
     on the same clock as the stages' start-up (not counting the interpreter's exit)."""
-    code = (f"{imports}\nimport time\nfrom rlhf_core.stage_times import process_started\n"
+    code = (f"{imports}\nimport time\nfrom rlhf_core.runtime.stage_times import process_started\n"
             "print(time.time() - process_started())")
     result = subprocess.run([sys.executable, "-c", code], check=True, env=env(False), cwd=REPO, capture_output=True,
                             text=True)
@@ -128,8 +128,8 @@ def bench_rollout(work: Path, repeats: int, batch_sizes: list[int]) -> dict:
     import torch
 
     from rlhf_core.config import load_params
-    from rlhf_core.models import load_causal_lm, load_tokenizer, resolve_device
-    from rlhf_core.rollout import generate_samples, generation_config, record_token_stats, sample_prompt_indices
+    from rlhf_core.model.models import load_causal_lm, load_tokenizer, resolve_device
+    from rlhf_core.phases.rollout import generate_samples, generation_config, record_token_stats, sample_prompt_indices
 
     params = load_params(work / "params.yaml")
     ro = params.rollout
@@ -177,7 +177,7 @@ def bench_rollout(work: Path, repeats: int, batch_sizes: list[int]) -> dict:
     if default:
         results["speedup_at_default_batch"] = round(default["median"] / results["one_at_a_time_tokens_per_s"]["median"], 1)
     # The whole in-process rollout: generation, then log-probs and values (round 1: π_ref = the policy).
-    from rlhf_core.models import load_actor_critic
+    from rlhf_core.model.models import load_actor_critic
 
     actor_critic = load_actor_critic(str(work / "models/sft"), params.algorithm.critic, device)
     walls = []
@@ -195,10 +195,10 @@ def bench_rollout(work: Path, repeats: int, batch_sizes: list[int]) -> dict:
 def bench_optimize(work: Path, repeats: int, micro_sizes: list[int]) -> dict:
     import pandas as pd
 
-    from rlhf_core.algorithms.common import Experience
-    from rlhf_core.algorithms.train import train_round
     from rlhf_core.config import load_params, replace
-    from rlhf_core.models import load_actor_critic, load_tokenizer, resolve_device
+    from rlhf_core.model.models import load_actor_critic, load_tokenizer, resolve_device
+    from rlhf_core.rl.algorithms.common import Experience
+    from rlhf_core.rl.algorithms.train import train_round
 
     params = load_params(work / "params.yaml")
     device = resolve_device(params.device, params.cpu_threads)
@@ -336,7 +336,7 @@ def main() -> None:
             report["memory"] = bench_memory(work, max(1, args.repeats - 1), [1, 2, 4])
         if "round" in sections:
             report["round"] = bench_round(work, args.repeats)
-    from rlhf_core.docs import perf_tables
+    from rlhf_core.tooling.docs import perf_tables
 
     write_report(args.out, f"perf_{args.size}", report, lambda path: "\n".join(perf_tables(json.loads(path.read_text()))))
 

@@ -3,7 +3,7 @@
     python benchmarks/real_model.py [--shape smollm2-135m] [--out benchmarks/results]
 
 `examples/params.smollm2-instruct.yaml` with the CPU variant of docs/bring-your-own.md (fewer prompts, shorter
-responses, no autocast, VADER as the reward), its `sft.model` pointed at a model written by ``rlhf_core.local_models``:
+responses, no autocast, VADER as the reward), its `sft.model` pointed at a model written by ``rlhf_core.tooling.local_models``:
 SmolLM2-135M-Instruct's shape (30 blocks, width 576, 49,152-token vocabulary, tied head) and tokenizer
 quirks (ChatML, pad == eos, two end ids), with random weights (the Hub is out of reach here).  `dvc repro`
 runs 2 rounds; the report is each stage's own time (`<stage>: done in …`), per round.  Random weights
@@ -45,7 +45,7 @@ ROUND_STAGES = ("rollout", "score", "advantages", "optimize")
 
 
 def render(path: Path) -> str:
-    from rlhf_core.docs import markdown_table
+    from rlhf_core.tooling.docs import markdown_table
 
     report = json.loads(path.read_text())
     rows = [[key, *(f"{report['rounds'][key].get(stage, 0):.1f}" for stage in ROUND_STAGES),
@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--shape", default="smollm2-135m")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
-    from rlhf_core.local_models import write_local_model
+    from rlhf_core.tooling.local_models import write_local_model
 
     with tempfile.TemporaryDirectory() as tmp:
         model = write_local_model(Path(tmp) / "model", args.shape)

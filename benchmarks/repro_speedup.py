@@ -137,7 +137,7 @@ def main() -> None:
               + f", {len(first['rounds'])} rounds",
               "runs": [{"label": label, "revision": revision, "params_changes": changes, "wall_s": summary(walls[label], 1),
                         "walls_s": [round(w, 1) for w in walls[label]]} for label, revision, changes in runs]}
-    from rlhf_core.docs import speedup_lines
+    from rlhf_core.tooling.docs import speedup_lines
 
     write_report(args.out, "repro_speedup", report, lambda path: "\n".join(speedup_lines(json.loads(path.read_text()))))
 

@@ -8,7 +8,7 @@ Copies the repository into a temporary directory with default params plus
                     sentiment: vader with weight 0  (monitored, not rewarded)]
 runs `dvc repro`, and reports the reward model's held-out pair accuracy and the eval VADER sentiment
 of every checkpoint.  Writes benchmarks/results/reward_model.json and reward_model.md; the block in
-docs/results.md is generated from the JSON (`python -m rlhf_core.docs`).  Not a test: nothing passes or fails.
+docs/results.md is generated from the JSON (`python -m rlhf_core.tooling.docs`).  Not a test: nothing passes or fails.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from common import REPO, copy_repo, dvc_executable, machine, round_keys, run, stage_seconds, write_report
 
-from rlhf_core.docs import render_reward_model
+from rlhf_core.tooling.docs import render_reward_model
 
 CHANGES = {
     "reward_models": {"bt": {}},

@@ -20,7 +20,7 @@ both sides share are written once, in MATCHED.
 Each repetition runs every variant once, in turn (interleaved), with its own seed: TRL's `seed`, and for the
 pipeline the round keys (a1…a10, b1…b10, …), from which every round's seed derives, so prepare, sft and the
 reward model stay shared.  After each run the final policy is evaluated by one evaluator (this file, in this
-project's environment): `rlhf_core.evaluation.evaluate_checkpoint` on the held-out prompts with a fixed seed,
+project's environment): `rlhf_core.phases.evaluation.evaluate_checkpoint` on the held-out prompts with a fixed seed,
 so both sides' policies answer the same prompts under the same random stream.  It reports the reward model's
 score (what was trained on), VADER sentiment (the task the reward model learnt) and the sequence KL to the
 start model (Σ_t log π − log π_sft over each sampled response), after the last iteration and after the third
@@ -35,7 +35,7 @@ TRL is installed into its own virtualenvs under --venvs (default benchmarks/.ven
 the README installs it), with this project's locked transformers, accelerate, datasets, safetensors and
 tokenizers.  TRL runs with 2 torch threads and the AVX2 kernels, as the pipeline's stages do.  Writes
 benchmarks/results/trl_compare.json and .md (the block in README.md is generated from the JSON by
-`python -m rlhf_core.docs`).  Not a test: nothing passes or fails.  Run it on a quiet machine.
+`python -m rlhf_core.tooling.docs`).  Not a test: nothing passes or fails.  Run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from pathlib import Path
 
 from common import REPO, copy_repo, deep_update, dvc_executable, machine, run, stage_startup, write_params, write_report
 
-from rlhf_core.docs import render_trl_compare
+from rlhf_core.tooling.docs import render_trl_compare
 
 ITERATIONS = 10
 EARLY = 3  # the policy is also evaluated after this many iterations: how fast the reward comes, not only where
@@ -167,9 +167,9 @@ def train_prompts(base: Path) -> list[dict]:
     """The train prompts with their token ids as the pipeline encodes them (what TRL's PPO takes)."""
     import pandas as pd
 
-    from rlhf_core.chat import encode_prompts
     from rlhf_core.config import load_params
-    from rlhf_core.models import load_tokenizer
+    from rlhf_core.model.chat import encode_prompts
+    from rlhf_core.model.models import load_tokenizer
 
     params = load_params(base / "params.yaml")
     prompts = pd.read_parquet(base / "prompts/train.parquet")["prompt"].tolist()
@@ -184,7 +184,7 @@ def run_trl(algorithm: str, python: Path, base: Path, out: Path, seed: int, prom
                                     "prompts": prompts, "seed": seed, "iterations": ITERATIONS, "save_after": [EARLY],
                                     "settings": MATCHED}))
     # 2 torch threads and the AVX2 kernels, as the pipeline's stages run (cpu_threads: 2, cpu_isa: avx2)
-    from rlhf_core.launch import PINNED_CPU_ISA, cpu_has_avx2
+    from rlhf_core.runtime.launch import PINNED_CPU_ISA, cpu_has_avx2
 
     environment = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "2",
                    **(PINNED_CPU_ISA if cpu_has_avx2() else {})}
@@ -202,7 +202,7 @@ def run_trl(algorithm: str, python: Path, base: Path, out: Path, seed: int, prom
 
 
 def run_ours(changes: dict, base: Path, out: Path, repetition: int) -> dict:
-    from rlhf_core.stage_times import read_measures
+    from rlhf_core.runtime.stage_times import read_measures
 
     shutil.copytree(base, out, symlinks=True)
     letter = "abcdefghijklmnopqrstuvwxyz"[repetition]
@@ -237,7 +237,7 @@ class Evaluator:
         import pandas as pd
 
         from rlhf_core.config import ScorerParams, load_params, replace
-        from rlhf_core.models import checkpoint_stop_ids, load_causal_lm, load_tokenizer, resolve_device
+        from rlhf_core.model.models import checkpoint_stop_ids, load_causal_lm, load_tokenizer, resolve_device
 
         params = load_params(base / "params.yaml")
         vader = ScorerParams(name="vader", kind="vader", weight=0.0)  # monitored: the task the reward model learnt
@@ -251,7 +251,7 @@ class Evaluator:
         self._load = load_causal_lm
 
     def __call__(self, policy_dir: Path | None) -> dict:
-        from rlhf_core.evaluation import evaluate_checkpoint
+        from rlhf_core.phases.evaluation import evaluate_checkpoint
 
         policy = self.reference if policy_dir is None else self._load(str(policy_dir), self.device)
         cwd = os.getcwd()

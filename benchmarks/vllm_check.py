@@ -4,9 +4,9 @@
     python benchmarks/vllm_check.py --shape smollm2-135m   # SmolLM2-135M's full shape (random weights)
     python benchmarks/vllm_check.py --device cuda --dtype bfloat16
 
-It writes a local model (``rlhf_core.local_models``: the 49k ChatML vocabulary, pad == eos, two end ids, tied head)
+It writes a local model (``rlhf_core.tooling.local_models``: the 49k ChatML vocabulary, pad == eos, two end ids, tied head)
 and a second checkpoint of it with moved weights and a value head at its root (as optimize writes them), then runs
-the engine the way the rollout stage does (``rlhf_core.vllm_client``), one line per check:
+the engine the way the rollout stage does (``rlhf_core.phases.vllm_client``), one line per check:
 
 - engine start: the engine process starts and answers;
 - log-probs vs HF: the engine's log-probs of the probe agree with the training forward pass's;
@@ -41,7 +41,7 @@ def lora_checkpoint(source: Path, target: Path, rank: int) -> Path:
     import torch
 
     from rlhf_core.config import LoraParams
-    from rlhf_core.models import load_tokenizer, trainable_lora_policy
+    from rlhf_core.model.models import load_tokenizer, trainable_lora_policy
 
     policy = trainable_lora_policy(str(source), LoraParams(enabled=True, r=rank), torch.device("cpu"))
     generator = torch.Generator().manual_seed(1)
@@ -57,8 +57,8 @@ def lora_checkpoint(source: Path, target: Path, rank: int) -> Path:
 def trainer_logprobs(checkpoint: Path, probe: list[int], device: str, dtype: str) -> list[float]:
     import torch
 
-    from rlhf_core.models import load_causal_lm, load_tokenizer
-    from rlhf_core.vllm_client import trainer_probe_logprobs
+    from rlhf_core.model.models import load_causal_lm, load_tokenizer
+    from rlhf_core.phases.vllm_client import trainer_probe_logprobs
 
     where = torch.device("cuda" if device.startswith("cuda") else "cpu")
     policy = load_causal_lm(str(checkpoint), where, param_dtype=dtype)
@@ -71,14 +71,14 @@ def largest_gap(a: list[float], b: list[float]) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", default="chatml-49k-tiny", help="a shape of rlhf_core.local_models.SHAPES")
+    parser.add_argument("--shape", default="chatml-49k-tiny", help="a shape of rlhf_core.tooling.local_models.SHAPES")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     args = parser.parse_args()
 
-    from rlhf_core.local_models import write_local_model
-    from rlhf_core.models import load_tokenizer
-    from rlhf_core.vllm_client import EngineClient, EngineSpec, probe_ids, probe_tolerance, weights_sha256
+    from rlhf_core.model.models import load_tokenizer
+    from rlhf_core.phases.vllm_client import EngineClient, EngineSpec, probe_ids, probe_tolerance, weights_sha256
+    from rlhf_core.tooling.local_models import write_local_model
 
     overrides = {"num_heads": 2, "num_kv_heads": 2} if args.shape == "chatml-49k-tiny" else {}  # head_dim 32
     tolerance = probe_tolerance(None, args.dtype)

@@ -3,7 +3,7 @@ rollout stage's time per round with a cold engine (started and stopped in every 
 
     python benchmarks/vllm_rollout.py [--shape smollm2-135m] [--runs 3] [--out benchmarks/results]
 
-Run it in the vLLM environment (README, vLLM).  The model is written locally by ``rlhf_core.local_models``:
+Run it in the vLLM environment (README, vLLM).  The model is written locally by ``rlhf_core.tooling.local_models``:
 SmolLM2-135M's shape (30 blocks of width 576, 9 heads of 64, a 49,152-token vocabulary, tied head) with random
 weights; r1 and r2 are copies with moved weights and a value head, as optimize writes them.  Params: the
 SmolLM2 recipe's CPU variant (as ``benchmarks/real_model.py``: 16 prompts × 4 samples, 32 new tokens, float32).
@@ -11,7 +11,7 @@ SmolLM2 recipe's CPU variant (as ``benchmarks/real_model.py``: 16 prompts × 4 s
 - **tokens/s**: the same 64 responses of 32 tokens drawn by ``rollout.generate_samples`` (the HF path, batch 64)
   and by the engine (already started and loaded), interleaved, ``--runs`` times each; random weights rarely stop
   early, so both generate about 2,048 tokens.
-- **per round**: ``python -m rlhf_core.launch stages.rollout --round rK`` for r1 (from sft), r2 (from r1) and
+- **per round**: ``python -m rlhf_core.runtime.launch stages.rollout --round rK`` for r1 (from sft), r2 (from r1) and
   r3 (from r2), wall time of each, under three settings run in turn, ``--runs`` times each: engine ``hf``;
   vllm with ``keep_warm: false`` (every stage starts and stops its engine); vllm warm (no engine before r1, so
   r1 pays the start, r2 and r3 reuse it).  Every stage also loads the HF policy, the reference and the critic to
@@ -47,7 +47,7 @@ ROUNDS = ("r1", "r2", "r3")
 
 
 def render(path: Path) -> str:
-    from rlhf_core.docs import markdown_table
+    from rlhf_core.tooling.docs import markdown_table
 
     report = json.loads(path.read_text())
 
@@ -75,7 +75,7 @@ def render(path: Path) -> str:
 
 def stage_wall(work: Path, round_key: str) -> float:
     started = time.perf_counter()
-    run([sys.executable, "-m", "rlhf_core.launch", "stages.rollout", "--round", round_key], work)
+    run([sys.executable, "-m", "rlhf_core.runtime.launch", "stages.rollout", "--round", round_key], work)
     return time.perf_counter() - started
 
 
@@ -90,13 +90,13 @@ def main() -> None:
     import vllm
     from common import checkpoint_parameters, moved_checkpoint
 
-    from rlhf_core.chat import encode_prompts
     from rlhf_core.config import load_params
     from rlhf_core.io import read_parquet
-    from rlhf_core.local_models import write_local_model
-    from rlhf_core.models import checkpoint_stop_ids, load_causal_lm, load_tokenizer
-    from rlhf_core.rollout import generate_samples
-    from rlhf_core.vllm_client import open_engine, stop_engine
+    from rlhf_core.model.chat import encode_prompts
+    from rlhf_core.model.models import checkpoint_stop_ids, load_causal_lm, load_tokenizer
+    from rlhf_core.phases.rollout import generate_samples
+    from rlhf_core.phases.vllm_client import open_engine, stop_engine
+    from rlhf_core.tooling.local_models import write_local_model
 
     with tempfile.TemporaryDirectory(prefix="rlhf-vllm-bench-") as tmp:
         model = write_local_model(Path(tmp) / "model", args.shape)

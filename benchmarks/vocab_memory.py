@@ -4,7 +4,7 @@
     python benchmarks/vocab_memory.py [--vocab 128256 --hidden 256 --layers 2] [--out benchmarks/results]
 
 The model is a Llama with Llama 3's vocabulary and tokenizer quirks made locally
-(``rlhf_core.local_models``, untied head, float32).  Each configuration runs in a fresh process: one epoch
+(``rlhf_core.tooling.local_models``, untied head, float32).  Each configuration runs in a fresh process: one epoch
 of ``train_ppo`` over 16 responses of 32 prompt + 128 response tokens in micro-batches of 8.  It reports the
 peak resident memory above what the process held after loading the model, and the log-probs of the first
 forward pass, which must agree between the two to 1e-5.
@@ -31,11 +31,11 @@ CONFIGS = [("whole [tokens, vocab] at once", 0), ("in chunks (default)", None)] 
 def worker(args) -> None:
     import torch
 
-    from rlhf_core import models
-    from rlhf_core.algorithms.common import Experience
-    from rlhf_core.algorithms.ppo import train_ppo
     from rlhf_core.config import params_from_dict
-    from rlhf_core.models import collate, load_actor_critic, seed_everything
+    from rlhf_core.model import models
+    from rlhf_core.model.models import collate, load_actor_critic, seed_everything
+    from rlhf_core.rl.algorithms.common import Experience
+    from rlhf_core.rl.algorithms.ppo import train_ppo
 
     if args.chunk_elements is not None:
         models.LOGPROB_CHUNK_ELEMENTS = args.chunk_elements
@@ -83,7 +83,7 @@ def run_config(checkpoint: Path, chunk_elements: int | None) -> tuple[dict, obje
 
 
 def render(path: Path) -> str:
-    from rlhf_core.docs import markdown_table
+    from rlhf_core.tooling.docs import markdown_table
 
     report = json.loads(path.read_text())
     model = report["model"]
@@ -112,7 +112,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    from rlhf_core.local_models import write_local_model
+    from rlhf_core.tooling.local_models import write_local_model
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = write_local_model(Path(tmp) / "llama3", "llama3-128k-tiny", vocab_size=args.vocab,

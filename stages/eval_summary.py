@@ -1,7 +1,7 @@
 """Gather every checkpoint's evaluation (evals/<checkpoint>, one cached stage each) into the eval metrics."""
 
-from rlhf_core.cli import ready, run_stage
 from rlhf_core.io import atomic_file, read_json, write_json
+from rlhf_core.runtime.cli import ready, run_stage
 
 
 def main(params, args):

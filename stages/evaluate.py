@@ -3,16 +3,15 @@
 One cached stage per checkpoint (evaluate_sft, evaluate@<round>): adding a round evaluates only that round, and
 eval_summary gathers the results."""
 
-from rlhf_core.cli import log, ready, run_stage
 from rlhf_core.io import atomic_dir, read_parquet, write_json_into
+from rlhf_core.runtime.cli import log, ready, run_stage
 
 
 def main(params, args):
     """Write evals/<checkpoint>/metrics.json and samples.jsonl."""
     import json
 
-    from rlhf_core.evaluation import evaluate_checkpoint
-    from rlhf_core.models import (
+    from rlhf_core.model.models import (
         checkpoint_dir,
         checkpoint_stop_ids,
         load_causal_lm,
@@ -20,7 +19,8 @@ def main(params, args):
         resolve_device,
         seed_everything,
     )
-    from rlhf_core.sft import encode_demonstrations, foreign_demonstrations
+    from rlhf_core.phases.evaluation import evaluate_checkpoint
+    from rlhf_core.phases.sft import encode_demonstrations, foreign_demonstrations
 
     name = args.checkpoint
     if name != "sft" and name not in params.rounds:

@@ -4,19 +4,19 @@ rollout loads π_ref.
 
 dvc.yaml runs this stage first on every `dvc repro` (always_changed); every other stage depends on its code
 fingerprint, and score and evaluate on the reward's, so an edit re-runs exactly the stages that read what was
-edited (rlhf_core/fingerprints.py)."""
+edited (rlhf_core/tooling/fingerprints.py)."""
 
 from pathlib import Path
 
-from rlhf_core.cli import log, run_stage
 from rlhf_core.io import atomic_dir, write_json, write_json_into
+from rlhf_core.runtime.cli import log, run_stage
 
 
 def main(params, args):
     """Write fingerprints/code/<stage>.json for every stage, fingerprints/reward.json and fingerprints/reference.json."""
     import yaml
 
-    from rlhf_core.fingerprints import CODE_DIR, REFERENCE_FILE, REWARD_FILE, code_fingerprints, reward_inputs
+    from rlhf_core.tooling.fingerprints import CODE_DIR, REFERENCE_FILE, REWARD_FILE, code_fingerprints, reward_inputs
 
     repo = Path.cwd()
     code = code_fingerprints(repo, yaml.safe_load((repo / "dvc.yaml").read_text()))

@@ -1,14 +1,14 @@
 """Update the policy (and critic) on the round's experience with the chosen algorithm; write the next checkpoint."""
 
-from rlhf_core.cli import log, ready, run_stage
 from rlhf_core.io import atomic_dir, read_json, read_parquet, write_json
+from rlhf_core.runtime.cli import log, ready, run_stage
 
 
 def main(params, args):
     """Train on rollouts/<round> + advantages/<round> with algorithm.name; write models/<round>."""
-    from rlhf_core.algorithms.train import train_round
-    from rlhf_core.distributed import start_runtime
-    from rlhf_core.models import seed_everything
+    from rlhf_core.model.models import seed_everything
+    from rlhf_core.rl.algorithms.train import train_round
+    from rlhf_core.runtime.distributed import start_runtime
 
     round_key = args.round
     start_from = params.rounds[round_key].start_from
@@ -23,16 +23,16 @@ def main(params, args):
 
 
 def _train_and_save(params, round_key, start_from, train, seed, runtime):
-    from rlhf_core.algorithms.common import round_experience
-    from rlhf_core.distributed import local_parameter_bytes
-    from rlhf_core.models import (
+    from rlhf_core.model.models import (
         checkpoint_dir,
         enable_gradient_checkpointing,
         load_actor_critic,
         load_tokenizer,
         save_checkpoint,
     )
-    from rlhf_core.optim import load_optimizer_state, save_optimizer_state
+    from rlhf_core.rl.algorithms.common import round_experience
+    from rlhf_core.rl.optim import load_optimizer_state, save_optimizer_state
+    from rlhf_core.runtime.distributed import local_parameter_bytes
 
     device = runtime.device
 

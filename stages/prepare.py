@@ -1,8 +1,8 @@
 """Build the train and eval prompt sets: read, deduplicate, filter by length, split with a seed."""
 
-from rlhf_core.cli import log, ready, run_stage
-from rlhf_core.data import prepare_prompts, read_prompt_records
 from rlhf_core.io import atomic_dir, write_json, write_parquet_into
+from rlhf_core.phases.data import prepare_prompts, read_prompt_records
+from rlhf_core.runtime.cli import log, ready, run_stage
 
 
 def main(params, args):

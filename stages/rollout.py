@@ -1,15 +1,15 @@
 """Generate the round's responses and record the policy's log-probs, the reference's log-probs and values."""
 
-from rlhf_core.cli import log, ready, run_stage
 from rlhf_core.io import atomic_dir, read_parquet, write_json, write_parquet_into
+from rlhf_core.runtime.cli import log, ready, run_stage
 
 
 def main(params, args):
     """Sample responses for round --round into rollouts/<round>/rollouts.parquet."""
-    from rlhf_core.chat import encode_prompts
-    from rlhf_core.distributed import start_runtime
-    from rlhf_core.models import checkpoint_dir, checkpoint_stop_ids, load_tokenizer, seed_everything
-    from rlhf_core.rollout import check_finite, rollout_table, sample_prompt_indices
+    from rlhf_core.model.chat import encode_prompts
+    from rlhf_core.model.models import checkpoint_dir, checkpoint_stop_ids, load_tokenizer, seed_everything
+    from rlhf_core.phases.rollout import check_finite, rollout_table, sample_prompt_indices
+    from rlhf_core.runtime.distributed import start_runtime
 
     round_key = args.round
     start_from = params.rounds[round_key].start_from
@@ -50,11 +50,11 @@ def sample_round(params, start_from, runtime, tokenizer, prompt_ids, stop_ids, s
     """The rollout stage's round: the samples (from the warm vLLM engine with rollout.engine: vllm, attached or
     started first so that it starts while the HF models load; else HF generate), then the log-probs, reference
     log-probs and values of the training forward pass.  Returns (samples, stats, the engine's metrics)."""
-    from rlhf_core.models import checkpoint_dir
+    from rlhf_core.model.models import checkpoint_dir
 
     engine = None
     if params.rollout.engine == "vllm":
-        from rlhf_core.vllm_client import open_engine, require_vllm_installed
+        from rlhf_core.phases.vllm_client import open_engine, require_vllm_installed
 
         require_vllm_installed()
         engine = open_engine(params, checkpoint_dir(start_from))
@@ -70,9 +70,15 @@ def _sample_and_record(params, start_from, runtime, engine, tokenizer, prompt_id
     import time
     from pathlib import Path
 
-    from rlhf_core.models import adapter_base, checkpoint_dir, is_adapter_checkpoint, load_actor_critic, load_causal_lm
-    from rlhf_core.rollout import check_context, context_length, generate_samples, record_token_stats
-    from rlhf_core.stage_times import add_work
+    from rlhf_core.model.models import (
+        adapter_base,
+        checkpoint_dir,
+        is_adapter_checkpoint,
+        load_actor_critic,
+        load_causal_lm,
+    )
+    from rlhf_core.phases.rollout import check_context, context_length, generate_samples, record_token_stats
+    from rlhf_core.runtime.stage_times import add_work
 
     ro, device, dtype = params.rollout, runtime.device, params.compute.param_dtype
     actor_critic = load_actor_critic(checkpoint_dir(start_from), params.algorithm.critic, device,
@@ -91,7 +97,7 @@ def _sample_and_record(params, start_from, runtime, engine, tokenizer, prompt_id
     served = {}
     started = time.perf_counter()
     if engine is not None:  # load the checkpoint into the engine, prove it by the probe, then sample
-        from rlhf_core.vllm_client import serve_round
+        from rlhf_core.phases.vllm_client import serve_round
 
         samples, served = serve_round(engine, params, checkpoint_dir(start_from), actor_critic.policy, tokenizer,
                                       prompt_ids, seed=seed, stop_ids=stop_ids, device=device, runtime=runtime)
@@ -112,7 +118,7 @@ def _sample_and_record(params, start_from, runtime, engine, tokenizer, prompt_id
 def rollout_metrics(table, params, served: dict) -> dict:
     """The rollout stage's metrics of its table: size, length, EOS share, the engine's (``served``), the sampler's
     mismatch to the trainer when sampler_logprobs are stored, and the sequence KL to π_ref unless KL-free."""
-    from rlhf_core.advantages import pad_sequences
+    from rlhf_core.rl.advantages import pad_sequences
 
     metrics = {
         "responses": len(table),
@@ -121,7 +127,7 @@ def rollout_metrics(table, params, served: dict) -> dict:
         **served,  # engine: vllm: the served checkpoint's checksum and the probe's agreement
     }
     if params.records_sampler_logprobs:  # how far the sampler is from the trainer (rollout_correction)
-        from rlhf_core.losses import sampler_mismatch
+        from rlhf_core.rl.losses import sampler_mismatch
 
         trainer, mask = pad_sequences(table["logprobs"].tolist())
         mismatch = sampler_mismatch(trainer, pad_sequences(table["sampler_logprobs"].tolist())[0], mask)

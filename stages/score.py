@@ -1,6 +1,5 @@
 """Score the round's responses: one column per reward component (raw and normalised), plus the total."""
 
-from rlhf_core.cli import log, ready, run_stage
 from rlhf_core.io import (
     atomic_dir,
     checkpoint_dir,
@@ -10,13 +9,14 @@ from rlhf_core.io import (
     write_json_into,
     write_parquet_into,
 )
+from rlhf_core.runtime.cli import log, ready, run_stage
 
 
 def main(params, args):
     """Score rollouts/<round> into scores/<round>/scores.parquet and the normalisers' state."""
     import pandas as pd
 
-    from rlhf_core.rewards import score_responses
+    from rlhf_core.phases.rewards import score_responses
 
     round_key = args.round
     rollouts = read_parquet(f"rollouts/{round_key}/rollouts.parquet",

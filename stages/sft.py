@@ -1,16 +1,22 @@
 """The reference snapshot π_ref: train a tiny model from scratch, fine-tune an HF model, or snapshot it."""
 
-from rlhf_core.cli import log, ready, run_stage
-from rlhf_core.data import read_demonstrations, split_heldout
 from rlhf_core.io import atomic_dir, write_json, write_parquet_into
+from rlhf_core.phases.data import read_demonstrations, split_heldout
+from rlhf_core.runtime.cli import log, ready, run_stage
 
 
 def main(params, args):
     """Train (or snapshot) the SFT reference into models/sft."""
     import pandas as pd
 
-    from rlhf_core.models import quiet_transformers, resolve_device, seed_everything
-    from rlhf_core.sft import build_reference, encode_demonstrations, foreign_demonstrations, perplexity, train_sft
+    from rlhf_core.model.models import quiet_transformers, resolve_device, seed_everything
+    from rlhf_core.phases.sft import (
+        build_reference,
+        encode_demonstrations,
+        foreign_demonstrations,
+        perplexity,
+        train_sft,
+    )
 
     quiet_transformers()
     seed = params.round_seed("sft", "sft")

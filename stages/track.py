@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from rlhf_core.cli import ready, run_stage
 from rlhf_core.io import write_json
+from rlhf_core.runtime.cli import ready, run_stage
 
 
 def main(params, args):
@@ -12,9 +12,9 @@ def main(params, args):
 
     import mlflow  # noqa: F401  (imported here, so that the start-up time counts it)
 
-    from rlhf_core import stage_times
-    from rlhf_core.cli import log
-    from rlhf_core.tracking import log_pipeline_run, render_plots
+    from rlhf_core.runtime import stage_times
+    from rlhf_core.runtime.cli import log
+    from rlhf_core.tooling.tracking import log_pipeline_run, render_plots
 
     workdir = Path.cwd()
     ready()

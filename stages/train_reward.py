@@ -1,14 +1,19 @@
 """Train a Bradley–Terry reward model on preference pairs into reward_models/<name>."""
 
-from rlhf_core.cli import log, ready, run_stage
 from rlhf_core.errors import ConfigError
 from rlhf_core.io import atomic_dir, write_json
+from rlhf_core.runtime.cli import log, ready, run_stage
 
 
 def main(params, args):
     """Train reward model <name> (params reward_models.<name>) and report its held-out pair accuracy."""
-    from rlhf_core.models import enable_gradient_checkpointing, quiet_transformers, resolve_device, seed_everything
-    from rlhf_core.reward_model import (
+    from rlhf_core.model.models import (
+        enable_gradient_checkpointing,
+        quiet_transformers,
+        resolve_device,
+        seed_everything,
+    )
+    from rlhf_core.phases.reward_model import (
         build_reward_model,
         pair_accuracy,
         pair_texts,

@@ -18,7 +18,7 @@ if str(REPO) not in sys.path:  # the stage scripts (stages/) are imported by tes
 # imports torch: a test compares what it computes in process with stages the launcher runs in subprocesses,
 # and both must use the same kernels.  ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA given in the environment win
 # (another float path), for the in-process side.
-from rlhf_core.launch import PINNED_CPU_ISA, cpu_has_avx2  # noqa: E402  (imports nothing heavy)
+from rlhf_core.runtime.launch import PINNED_CPU_ISA, cpu_has_avx2  # noqa: E402  (imports nothing heavy)
 
 if cpu_has_avx2():
     for _name, _value in PINNED_CPU_ISA.items():
@@ -70,9 +70,9 @@ def trained_checkpoint(directory: Path, params) -> Path:
     demonstrations, saved to ``directory``."""
     import torch
 
-    from rlhf_core.models import seed_everything
-    from rlhf_core.sft import build_reference, encode_demonstrations, train_sft
-    from rlhf_core.tasks import sentiment
+    from rlhf_core.model.models import seed_everything
+    from rlhf_core.phases.sft import build_reference, encode_demonstrations, train_sft
+    from rlhf_core.phases.tasks import sentiment
 
     seed_everything(0)
     rows = sentiment.demonstrations(800, seed=0)

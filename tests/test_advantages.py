@@ -1,4 +1,4 @@
-"""Unit tests of rlhf_core.advantages: token rewards, GAE, whitening and the round's advantages step."""
+"""Unit tests of rlhf_core.rl.advantages: token rewards, GAE, whitening and the round's advantages step."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_core.advantages import (
+from rlhf_core.rl.advantages import (
     explained_variance,
     gae,
     masked_mean,
@@ -231,7 +231,7 @@ def test_round_advantages_kl_free_has_no_kl_and_the_same_advantages():
 
 
 def test_trained_responses_leave_out_the_truncated_only_when_asked():
-    from rlhf_core.advantages import trained_responses
+    from rlhf_core.rl.advantages import trained_responses
 
     ended = [True, False, True, False]
     assert trained_responses(ended, mask_truncated=False) == ([True] * 4, {"trained_fraction": 1.0, "masked_truncated": 0})
@@ -266,7 +266,7 @@ def test_reinforce_pp_advantages_by_hand():
 
 def test_dynamic_sampling_drops_uniform_groups_and_keeps_a_seeded_choice_of_the_rest():
     """Groups 0 and 2 score all alike (dropped); of the informative 1, 3 and 4, two are kept, chosen by the seed."""
-    from rlhf_core.advantages import dynamic_sampling
+    from rlhf_core.rl.advantages import dynamic_sampling
 
     scores = [[1.0], [1.0], [0.0], [1.0], [0.5], [0.5], [0.2], [0.3], [0.0], [1.0]]
     groups = [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
@@ -287,7 +287,7 @@ def test_gdpo_normalises_each_component_within_its_group_then_the_sum_over_the_b
     c1: group 0 [1, 0] → [+1/√2, −1/√2]; group 1 [1, 1] → [0, 0].  c2: group 0 [0.1, 0.3] → [−1/√2, +1/√2];
     group 1 [0.2, 0.0] → [+1/√2, −1/√2].  Sums [0, 0, 1/√2, −1/√2]; over the batch (std √(1/3)): [0, 0, ±√1.5].
     GRPO on the total (1.1, 0.3 | 1.2, 1.0) instead gives ±1/√2 in both groups: the small length term is drowned."""
-    from rlhf_core.advantages import gdpo_advantages, group_normalize
+    from rlhf_core.rl.advantages import gdpo_advantages, group_normalize
 
     components = torch.tensor([[1.0, 0.1], [0.0, 0.3], [1.0, 0.2], [1.0, 0.0]])
     groups = torch.tensor([0, 0, 1, 1])
@@ -305,7 +305,7 @@ def test_gdpo_normalises_each_component_within_its_group_then_the_sum_over_the_b
 
 def test_dynamic_sampling_keeps_a_group_whose_components_differ_though_its_totals_tie():
     """GDPO: (1, 0) and (0, 1) with weights 1, 1 both total 1, yet their component advantages differ."""
-    from rlhf_core.advantages import dynamic_sampling
+    from rlhf_core.rl.advantages import dynamic_sampling
 
     kept, metrics = dynamic_sampling([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 1.0]], [0, 0, 1, 1], keep=2, seed=0)
     assert kept == [True, True, False, False] and metrics["groups_uniform"] == 1
@@ -329,8 +329,8 @@ def _round_tables(scores, with_reference: bool, ended=None):
 def test_the_round_without_a_stage_kl_free():
     """advantages_of_round, the advantages stage's core, on tables in memory: grpo's auto coefficients are 0 (KL-free),
     so there is no ref_logprobs column to read, no KL metric, and β stays 0 for the next round."""
-    from rlhf_core.advantages import advantages_of_round
     from rlhf_core.config import params_from_dict
+    from rlhf_core.rl.advantages import advantages_of_round
 
     params = params_from_dict({"algorithm": {"name": "grpo"}})
     assert not params.uses_reference
@@ -345,8 +345,8 @@ def test_the_round_without_a_stage_kl_free():
 def test_the_round_without_a_stage_dynamic_sampling_and_the_carried_kl():
     """Dynamic sampling drops the prompt whose samples scored alike (its rows untrained, zero advantages); with the
     KL in the reward (rloo), the adaptive controller starts from the β carried in the start checkpoint."""
-    from rlhf_core.advantages import advantages_of_round
     from rlhf_core.config import params_from_dict
+    from rlhf_core.rl.advantages import advantages_of_round
 
     params = params_from_dict({"algorithm": {"name": "rloo"}, "rollout": {"prompts_per_round": 2, "oversample": 1.5},
                                "advantages": {"dynamic_sampling": True}, "kl": {"adaptive": True}})

@@ -23,9 +23,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhf_core.advantages import advantage_settings, round_advantages
-from rlhf_core.algorithms.common import Experience
-from rlhf_core.algorithms.train import train_round
 from rlhf_core.config import (
     AdvantagesParams,
     AlgorithmParams,
@@ -40,8 +37,11 @@ from rlhf_core.config import (
     TRPOParams,
     replace,
 )
-from rlhf_core.models import ActorCritic, ValueHead, disable_dropout, seed_everything
-from rlhf_core.rollout import generate_samples, record_token_stats
+from rlhf_core.model.models import ActorCritic, ValueHead, disable_dropout, seed_everything
+from rlhf_core.phases.rollout import generate_samples, record_token_stats
+from rlhf_core.rl.advantages import advantage_settings, round_advantages
+from rlhf_core.rl.algorithms.common import Experience
+from rlhf_core.rl.algorithms.train import train_round
 
 CPU = torch.device("cpu")
 TARGET = [5, 6, 7]

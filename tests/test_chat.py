@@ -1,5 +1,5 @@
 """Real instruct models' prompts and tokenizer quirks, on locally built models with those quirks
-(``rlhf_core.local_models``): a chat template with a system turn, pad == eos, no pad, several end ids,
+(``rlhf_core.tooling.local_models``): a chat template with a system turn, pad == eos, no pad, several end ids,
 BOS required."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import torch
 import yaml
 from conftest import REPO, evaluate_all
 
-from rlhf_core.chat import encode_prompt, encode_prompts, parse_conversation, stop_token_ids
 from rlhf_core.config import ChatParams, load_params
 from rlhf_core.errors import DataError
-from rlhf_core.local_models import write_local_model
-from rlhf_core.models import checkpoint_stop_ids
+from rlhf_core.model.chat import encode_prompt, encode_prompts, parse_conversation, stop_token_ids
+from rlhf_core.model.models import checkpoint_stop_ids
+from rlhf_core.tooling.local_models import write_local_model
 
 VOCAB = 4096  # the quirks do not need the real vocabulary; the e2e test has it
 AUTO = ChatParams()
@@ -104,7 +104,7 @@ def test_every_end_id_is_collected(chatml_dir, llama3_dir):
 @pytest.mark.parametrize("style", ["chatml", "llama3"])
 def test_pad_becomes_a_spare_special_token_without_growing_the_vocabulary(style, chatml_dir, llama3_dir):
     """pad == eos (chatml) and no pad (llama3): pad becomes a reserved special token, distinct from every end id."""
-    from rlhf_core.models import load_tokenizer
+    from rlhf_core.model.models import load_tokenizer
 
     path = chatml_dir if style == "chatml" else llama3_dir
     stops = checkpoint_stop_ids(path, raw_tokenizer(path))
@@ -116,8 +116,8 @@ def test_pad_becomes_a_spare_special_token_without_growing_the_vocabulary(style,
 
 
 def test_without_a_spare_token_a_pad_is_added_and_said(tmp_path):
-    from rlhf_core.local_models import build_tokenizer
-    from rlhf_core.models import PAD_TOKEN, load_tokenizer
+    from rlhf_core.model.models import PAD_TOKEN, load_tokenizer
+    from rlhf_core.tooling.local_models import build_tokenizer
 
     texts = ["the food was good", "the service was slow"] * 20
     tokenizer = build_tokenizer("chatml", 300, texts, bpe_size=300, reserved=False)
@@ -131,8 +131,8 @@ def test_without_a_spare_token_a_pad_is_added_and_said(tmp_path):
 
 def test_generation_stops_at_any_end_id(chatml_dir):
     """A model that always says <|endoftext|> (the second end id): each response is that one token."""
-    from rlhf_core.models import load_causal_lm, load_tokenizer
-    from rlhf_core.rollout import generate_samples
+    from rlhf_core.model.models import load_causal_lm, load_tokenizer
+    from rlhf_core.phases.rollout import generate_samples
 
     tokenizer = load_tokenizer(str(chatml_dir))
     stops = checkpoint_stop_ids(chatml_dir, tokenizer)
@@ -154,7 +154,7 @@ def test_generation_stops_at_any_end_id(chatml_dir):
 
 
 def test_prompt_column_of_conversations(tmp_path):
-    from rlhf_core.data import prepare_prompts, prompt_column
+    from rlhf_core.phases.data import prepare_prompts, prompt_column
 
     frame = pd.DataFrame({"messages": [
         [{"role": "user", "content": "Review the cafe"}, {"role": "assistant", "content": "Great"}],
@@ -176,7 +176,7 @@ def test_instruct_model_through_the_stages(tmp_path, chatml_dir, monkeypatch):
     ChatML model with pad == eos and two end ids: the snapshot keeps the vocabulary and the end ids, the
     policy sees the rendered template, scorers see the plain prompt, and the checkpoint loads with
     transformers.pipeline from another directory."""
-    from rlhf_core.tasks import sentiment
+    from rlhf_core.phases.tasks import sentiment
     from stages import advantages, optimize, prepare, rollout, score, sft
 
     work = tmp_path / "work"

@@ -12,10 +12,10 @@ import sys
 import pytest
 import yaml
 
-from rlhf_core.commands import main
-from rlhf_core.commands.rounds import rewrite_rounds
 from rlhf_core.config import load_params
 from rlhf_core.config.rendering import render_params_yaml
+from rlhf_core.tooling.commands import main
+from rlhf_core.tooling.commands.rounds import rewrite_rounds
 
 
 def chain(n):
@@ -140,14 +140,14 @@ def test_samples_orders_and_joins(tmp_path, monkeypatch, capsys):
 
 
 def test_frontier_keeps_undominated_points():
-    from rlhf_core.commands.plot import frontier
+    from rlhf_core.tooling.commands.plot import frontier
 
     points = [(0.0, 0.1), (0.1, 0.3), (0.2, 0.2), (0.3, 0.5), (0.3, 0.4), (0.5, 0.5)]
     assert frontier(points) == [(0.0, 0.1), (0.1, 0.3), (0.3, 0.5)]
 
 
 def test_stage_times_only_under_dvc(tmp_path, monkeypatch):
-    from rlhf_core import stage_times
+    from rlhf_core.runtime import stage_times
 
     monkeypatch.delenv("DVC_STAGE", raising=False)
     stage_times.record("sft", 3.0, tmp_path)
@@ -166,11 +166,11 @@ def test_stage_times_only_under_dvc(tmp_path, monkeypatch):
 
 
 def test_help_is_fast_and_imports_nothing_heavy():
-    code = ("import sys; from rlhf_core.commands import build_parser; build_parser().format_help(); "
+    code = ("import sys; from rlhf_core.tooling.commands import build_parser; build_parser().format_help(); "
             "import json; print(json.dumps(sorted(m for m in ('mlflow', 'matplotlib', 'pandas', 'torch') if m in sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert json.loads(result.stdout) == []
-    result = subprocess.run([sys.executable, "-m", "rlhf_core.commands", "--help"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "rlhf_core.tooling.commands", "--help"], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0
     for command in ("rounds", "compare", "samples", "plot"):
@@ -179,7 +179,7 @@ def test_help_is_fast_and_imports_nothing_heavy():
 
 def test_compare_cuts_long_params_where_they_differ():
     """score.scorers values share their first 32 characters: cut at the start, every run showed the same cell."""
-    from rlhf_core.commands.compare import _cells
+    from rlhf_core.tooling.commands.compare import _cells
 
     base = "[{'name': 'task', 'kind': 'task', 'weight': 1.0, 'normalize': 'none'}, {'name': 'len', 'weight': "
     cells = _cells([base + "0.1}]", base + "0.5}]", "short"])
@@ -195,7 +195,7 @@ def test_plot_keeps_a_long_legend_inside_the_image(tmp_path):
 
     import matplotlib.image
 
-    from rlhf_core.commands.plot import draw
+    from rlhf_core.tooling.commands.plot import draw
 
     label = ("a1b2c3d4 ppo.clip_range=0.1 advantages.lam=0.9 algorithm.name=grpo score.scorers=[{'name': 'rm', "
              "'kind': 'hf_classifier', 'model': 'reward_models/bt'}]")  # past ~100 characters tight_layout gives up
@@ -209,7 +209,7 @@ def test_plot_keeps_a_long_legend_inside_the_image(tmp_path):
 
 def test_exps_runs_dvc_exp_show_without_the_dependency_columns_and_passes_its_exit_code(tmp_path, monkeypatch):
     """Plain `dvc exp show` is ~2,800 characters wide: a column per dependency hash besides params and metrics."""
-    from rlhf_core.commands import exps
+    from rlhf_core.tooling.commands import exps
 
     (tmp_path / ".dvc").mkdir()
     monkeypatch.chdir(tmp_path)
@@ -232,8 +232,8 @@ def test_exps_runs_dvc_exp_show_without_the_dependency_columns_and_passes_its_ex
 def test_stage_measures_throughput_and_peak_memory_outside_the_outputs(tmp_path, monkeypatch, capsys):
     """Generation/training tokens per second and peak memory were reported nowhere; they are machine-dependent,
     so they go to the stage's last line and tracking/stage_times.jsonl (logged to MLflow), never to an output."""
-    from rlhf_core import stage_times
-    from rlhf_core.cli import run_stage
+    from rlhf_core.runtime import stage_times
+    from rlhf_core.runtime.cli import run_stage
 
     stage_times.reset_work()
     stage_times.add_work("generation_tokens", 300, 1.5)

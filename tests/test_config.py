@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_core.algorithms import registry
 from rlhf_core.config import (
     MOVED,
     OptimParams,
@@ -22,6 +21,7 @@ from rlhf_core.config import (
 )
 from rlhf_core.config.rendering import render_params_yaml, schema_rows
 from rlhf_core.errors import ConfigError
+from rlhf_core.rl.algorithms import registry
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS_YAML = REPO / "params.yaml"

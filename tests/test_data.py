@@ -1,4 +1,4 @@
-"""Unit tests of rlhf_core.data and the built-in sentiment task."""
+"""Unit tests of rlhf_core.phases.data and the built-in sentiment task."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import json
 import pandas as pd
 import pytest
 
-from rlhf_core.data import prepare_prompts, split_heldout
 from rlhf_core.errors import ConfigError, DataError
 from rlhf_core.io import read_hf_dataset, read_table_file, text_column
-from rlhf_core.tasks import get_task, sentiment
+from rlhf_core.phases.data import prepare_prompts, split_heldout
+from rlhf_core.phases.tasks import get_task, sentiment
 
 
 def _records(n):
@@ -258,7 +258,7 @@ def test_split_heldout_is_seeded():
 
 
 def test_truncation_cuts_at_a_word_boundary():
-    from rlhf_core.data import truncate_text
+    from rlhf_core.phases.data import truncate_text
 
     assert truncate_text("I loved this movie so much", 10) == "I loved"
     assert truncate_text("same start AAA", 10) == "same start"
@@ -268,7 +268,7 @@ def test_truncation_cuts_at_a_word_boundary():
 
 def test_plain_text_demonstrations_split_into_prompt_and_response(tmp_path):
     from rlhf_core.config import Params, SFTParams, replace
-    from rlhf_core.data import read_demonstrations
+    from rlhf_core.phases.data import read_demonstrations
 
     pd.DataFrame({"text": ["This film was a total joy from start to end.", "Bad.", "Dull plot, weak cast, long."]}).to_csv(
         tmp_path / "reviews.csv", index=False)

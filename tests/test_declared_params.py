@@ -11,6 +11,7 @@ import types
 import pytest
 import yaml
 from conftest import REPO
+from test_stages import small_round_params
 
 from rlhf_core.config import load_params
 from rlhf_core.config.sections import Section
@@ -80,25 +81,14 @@ def undeclared(reads: set, stage: str) -> list[str]:
      "kl": {"adaptive": True, "loss_coef": 0.01}},
 ], ids=["ppo", "grpo-dynamic", "a2c-warmup"])
 def test_every_key_a_stage_reads_is_declared_in_dvc_yaml(tmp_path, tiny_checkpoint, monkeypatch, changes):
-    from stages import advantages, eval_summary, evaluate, optimize, prepare, rollout, score, sft
+    from stages import advantages, evaluate, optimize, prepare, rollout, score, sft
 
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["sft"].update(model=str(tiny_checkpoint), epochs=0, num_builtin_demonstrations=40)
-    raw["prepare"].update(num_builtin_prompts=60)
-    raw["rollout"].update(prompts_per_round=4, samples_per_prompt=4, max_new_tokens=6)
-    raw["optim"].update(epochs=1, minibatch_size=8, micro_batch_size=4)
-    raw["evaluate"].update(num_prompts=4, samples_per_prompt=1, max_new_tokens=6, num_perplexity_texts=5)
-    raw["rounds"] = {"r1": {"from": "sft"}}
-    for section, values in changes.items():
-        raw[section].update(values)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    monkeypatch.chdir(tmp_path)
-    params = load_params("params.yaml")
+    params = small_round_params(tmp_path, tiny_checkpoint, monkeypatch, **changes)  # rounds r1 and r2; r1 runs
     missing = {}
     runs = [("prepare", prepare, {}), ("sft", sft, {}), ("rollout", rollout, {"round": "r1"}),
             ("score", score, {"round": "r1"}), ("advantages", advantages, {"round": "r1"}),
             ("optimize", optimize, {"round": "r1"}), ("evaluate_sft", evaluate, {"checkpoint": "sft"}),
-            ("evaluate", evaluate, {"checkpoint": "r1"}), ("eval_summary", eval_summary, {})]
+            ("evaluate", evaluate, {"checkpoint": "r1"})]
     for stage, module, args in runs:
         reads: set = set()
         module.main(Recorder(params, "", reads), argparse.Namespace(**args))

@@ -13,13 +13,13 @@ import pytest
 import torch
 from test_fsdp import experience, untied_actor_critic
 
-from rlhf_core.distributed import leave_process
+from rlhf_core.runtime.distributed import leave_process
 
 pytest.importorskip("deepspeed")  # in requirements.lock; a bare `pip install -e .` may not have it
 
 
 def test_the_deepspeed_config_needs_no_dataloader_and_clips_at_optim_max_grad_norm():
-    from rlhf_core.distributed import deepspeed_config
+    from rlhf_core.runtime.distributed import deepspeed_config
 
     config = deepspeed_config(3, micro_batch_size=4, world_size=2, max_grad_norm=0.5, hidden_size=64)
     assert config["train_micro_batch_size_per_gpu"] == 4 and config["gradient_accumulation_steps"] == 1
@@ -66,8 +66,8 @@ def test_deepspeed_params_are_checked():
 def test_zero3_refuses_weights_of_two_dtypes_in_one_line():
     """ZeRO-3 packs every partition into one buffer; bf16 weights with the float32 value head would fail deep in
     DeepSpeed with a bare AssertionError.  The check comes before any collective, so one process shows it."""
-    from rlhf_core.distributed import Runtime
     from rlhf_core.errors import ConfigError
+    from rlhf_core.runtime.distributed import Runtime
 
     model = untied_actor_critic()
     model.policy.to(torch.bfloat16)
@@ -81,8 +81,8 @@ def test_zero3_refuses_weights_of_two_dtypes_in_one_line():
 def test_without_deepspeed_the_strategy_stops_in_one_line(monkeypatch):
     import importlib.util
 
-    from rlhf_core.distributed import require_deepspeed
     from rlhf_core.errors import ConfigError
+    from rlhf_core.runtime.distributed import require_deepspeed
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match=r"^compute.strategy = 'deepspeed': deepspeed is not installed; "):
@@ -98,7 +98,7 @@ def early_stop_params():
 
 
 def train_until_stop(model) -> dict:
-    from rlhf_core.algorithms.ppo import train_ppo
+    from rlhf_core.rl.algorithms.ppo import train_ppo
 
     return train_ppo(model, experience(), early_stop_params(), temperature=1.0, pad_id=0,
                      device=torch.device("cpu"), seed=0, log=lambda *_: None)
@@ -108,7 +108,7 @@ def join_zero(rank: int, world_size: int, init_file: str, zero_stage: int):
     """In a spawned process: join the gloo group as ``rank`` and make the current runtime a DeepSpeed one."""
     import torch.distributed as dist
 
-    from rlhf_core import distributed
+    from rlhf_core.runtime import distributed
 
     torch.set_num_threads(1)
     os.environ["LOCAL_RANK"] = str(rank)  # what accelerate launch sets, and DeepSpeed checks
@@ -127,7 +127,7 @@ def bf16_policy(model):
 def train_bf16_round(model) -> dict:
     from test_fsdp import params
 
-    from rlhf_core.algorithms.ppo import train_ppo
+    from rlhf_core.rl.algorithms.ppo import train_ppo
 
     return train_ppo(model, experience(), params(), temperature=1.0, pad_id=0, device=torch.device("cpu"), seed=0,
                      log=lambda *_: None)
@@ -172,8 +172,8 @@ def _rank(rank: int, world_size: int, init_file: str, out: str, zero_stage: int)
 
 
 def _rank_grpo(rank: int, world_size: int, init_file: str, out: str) -> None:
-    from rlhf_core.algorithms.train import train_round
     from rlhf_core.config import params_from_dict
+    from rlhf_core.rl.algorithms.train import train_round
 
     runtime = join_zero(rank, world_size, init_file, zero_stage=2)
     model = untied_actor_critic()

@@ -1,5 +1,5 @@
 """Several processes on CPU (gloo): the rollout and optimize stages launched with compute.num_processes 2
-through `python -m rlhf_core.launch` (accelerate launch, torchrun underneath) give what one process gives.
+through `python -m rlhf_core.runtime.launch` (accelerate launch, torchrun underneath) give what one process gives.
 
 One reduced workspace is built in process (prepare, sft snapshot of the tiny checkpoint, round r1 in
 full, rollout of r2): r2's rollout has a separate reference model, so both log-prob recordings are
@@ -77,11 +77,11 @@ def _copy_with(work: Path, dest: Path, num_processes: int, drop: tuple[str, ...]
 
 
 def _launch(cwd: Path, *stage: str) -> subprocess.CompletedProcess:
-    from rlhf_core.launch import free_port
+    from rlhf_core.runtime.launch import free_port
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1",
            "RLHF_MAIN_PROCESS_PORT": str(free_port()), "RLHF_PROGRESS": "off"}
-    result = subprocess.run([sys.executable, "-m", "rlhf_core.launch", *stage], cwd=cwd, env=env,
+    result = subprocess.run([sys.executable, "-m", "rlhf_core.runtime.launch", *stage], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -201,8 +201,8 @@ def test_two_process_fsdp_with_a_separate_critic_loads_on_rank_0_only(workspace,
 
 
 def test_launcher_runs_one_process_in_process_and_builds_the_accelerate_command(monkeypatch, tmp_path):
-    from rlhf_core import launch
     from rlhf_core.config import ComputeParams
+    from rlhf_core.runtime import launch
 
     assert launch.build_command("stages.rollout", ["--round", "r1"], ComputeParams()) is None
     command = launch.build_command("stages.optimize", ["--round", "r2"],
@@ -215,7 +215,7 @@ def test_launcher_runs_one_process_in_process_and_builds_the_accelerate_command(
         config = yaml.safe_load((REPO / f"configs/accelerate/{strategy}.yaml").read_text())
         assert config["distributed_type"] == "MULTI_GPU"
 
-    from rlhf_core import warm
+    from rlhf_core.runtime import warm
 
     calls = []
     monkeypatch.setattr(launch, "run_in_process", lambda module, args: calls.append(("in process", module, args)))
@@ -255,8 +255,8 @@ def test_launcher_runs_one_process_in_process_and_builds_the_accelerate_command(
 
 def test_compute_params_are_checked(tmp_path):
     from rlhf_core.config import params_from_dict
-    from rlhf_core.distributed import check_compute
     from rlhf_core.errors import ConfigError
+    from rlhf_core.runtime.distributed import check_compute
 
     with pytest.raises(ConfigError, match=r"^compute.mixed_precision = 'fp16': not supported on CPU \(device: cpu\); "
                                           r"must be 'no' or 'bf16' on CPU$"):
@@ -402,16 +402,16 @@ def test_two_process_zero2_with_bf16_weights_and_gradient_checkpointing(bf16_wor
 @MULTI_PROCESS
 def test_two_machines_on_localhost_run_rollout_and_optimize(workspace, tmp_path):
     """compute.num_machines: 2 with one process each: machine 0 is the launcher `dvc repro` runs, machine 1 a
-    follower (`python -m rlhf_core.launch --follow`) in the same directory (the shared filesystem).  They
+    follower (`python -m rlhf_core.runtime.launch --follow`) in the same directory (the shared filesystem).  They
     meet at the rendezvous over gloo, and give what one process gives."""
-    from rlhf_core.launch import free_port
+    from rlhf_core.runtime.launch import free_port
 
     two = _copy_with(workspace, tmp_path / "machines", 1, drop=("rollouts/r2",))
     raw = yaml.safe_load((two / "params.yaml").read_text())
     raw["compute"].update(num_machines=2, main_process_ip="127.0.0.1", main_process_port=free_port())
     (two / "params.yaml").write_text(yaml.safe_dump(raw))
     env = {**os.environ, "PYTHONPATH": str(REPO), "RLHF_PROGRESS": "off"}
-    follower = subprocess.Popen([sys.executable, "-m", "rlhf_core.launch", "--follow", "--machine-rank", "1"],
+    follower = subprocess.Popen([sys.executable, "-m", "rlhf_core.runtime.launch", "--follow", "--machine-rank", "1"],
                                 cwd=two, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         rollout = _launch(two, "stages.rollout", "--round", "r2")
@@ -422,7 +422,7 @@ def test_two_machines_on_localhost_run_rollout_and_optimize(workspace, tmp_path)
         (two / "metrics/r1/optimize.json").unlink()
         _launch(two, "stages.optimize", "--round", "r1")
         _same_update_as_one_process(workspace, two)
-        subprocess.run([sys.executable, "-m", "rlhf_core.launch", "--end"], cwd=two, env=env, check=True, timeout=60)
+        subprocess.run([sys.executable, "-m", "rlhf_core.runtime.launch", "--end"], cwd=two, env=env, check=True, timeout=60)
         _, log = follower.communicate(timeout=60)
     finally:
         follower.kill()
@@ -431,10 +431,10 @@ def test_two_machines_on_localhost_run_rollout_and_optimize(workspace, tmp_path)
 
 
 def test_several_machines_need_a_rendezvous_and_followers_need_a_rank(tmp_path, monkeypatch):
-    from rlhf_core import follow
     from rlhf_core.config import ComputeParams, params_from_dict
     from rlhf_core.errors import ConfigError
-    from rlhf_core.launch import build_command
+    from rlhf_core.runtime import follow
+    from rlhf_core.runtime.launch import build_command
 
     for name in ("MASTER_ADDR", "MASTER_PORT", "RLHF_MACHINE_RANK", "SLURM_NODEID", "NODE_RANK"):
         monkeypatch.delenv(name, raising=False)
@@ -460,9 +460,9 @@ def test_several_machines_need_a_rendezvous_and_followers_need_a_rank(tmp_path, 
 def test_rollout_can_run_with_its_own_process_count():
     """compute.rollout_processes: vLLM (one engine) generates in one process while optimize trains on several;
     or more rollout processes than optimize ones."""
-    from rlhf_core import launch
     from rlhf_core.config import ComputeParams, params_from_dict
     from rlhf_core.errors import ConfigError
+    from rlhf_core.runtime import launch
 
     vllm_and_four = ComputeParams(num_processes=4, rollout_processes=1)
     assert launch.build_command("stages.rollout", ["--round", "r1"], vllm_and_four) is None  # in process
@@ -482,8 +482,8 @@ def test_rollout_can_run_with_its_own_process_count():
 
 def test_more_processes_than_gpus_stop_with_one_line(monkeypatch):
     from rlhf_core.config import ComputeParams
-    from rlhf_core.distributed import check_compute
     from rlhf_core.errors import ConfigError
+    from rlhf_core.runtime.distributed import check_compute
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
@@ -524,7 +524,7 @@ def test_two_process_fsdp_and_zero3_with_lora_match_one_process_lora(workspace, 
 
 
 def test_the_launcher_pins_the_cpu_kernels_before_the_stage_imports_torch(monkeypatch):
-    from rlhf_core import launch
+    from rlhf_core.runtime import launch
 
     monkeypatch.setattr(launch, "cpu_has_avx2", lambda: True)
     environ = {"ATEN_CPU_CAPABILITY": "avx512"}
@@ -540,8 +540,8 @@ def test_a_rank_ends_without_the_interpreters_teardown_once_its_stage_is_done(mo
     """After a distributed runtime is closed, run_stage ends the process through leave_process (os._exit after
     flushing): gloo's threads outlive destroy_process_group, and the teardown then aborted about 1 in 8 two-rank
     ZeRO-3 processes with SIGABRT after a finished stage.  A stage that joined no group exits normally."""
-    from rlhf_core import distributed
-    from rlhf_core.cli import run_stage
+    from rlhf_core.runtime import distributed
+    from rlhf_core.runtime.cli import run_stage
 
     (tmp_path / "params.yaml").write_text("device: cpu\n")
     exits = []

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from rlhf_core.docs import block_home, current_block, doc_files, generated_blocks, results_table, update_docs
+from rlhf_core.tooling.docs import block_home, current_block, doc_files, generated_blocks, results_table, update_docs
 
 BLOCKS = generated_blocks(REPO)
 
@@ -13,10 +13,10 @@ BLOCKS = generated_blocks(REPO)
 @pytest.mark.parametrize("start, end, block", BLOCKS, ids=[start.split(":")[0][5:] for start, _, _ in BLOCKS])
 def test_every_generated_block_matches_its_source_in_the_page_that_holds_it(start, end, block):
     """Each block (params reference, results, algorithms, arithmetic, reward model, performance) is in exactly
-    one of README.md and docs/*.md, and equals what rlhf_core.docs generates from the schema and the JSON."""
+    one of README.md and docs/*.md, and equals what rlhf_core.tooling.docs generates from the schema and the JSON."""
     home = block_home(REPO, start, end)
     assert current_block(home.read_text(), start, end) == block, \
-        f"{home.relative_to(REPO)}: stale generated block: run `python -m rlhf_core.docs`"
+        f"{home.relative_to(REPO)}: stale generated block: run `python -m rlhf_core.tooling.docs`"
 
 
 def test_update_docs_rewrites_each_block_where_it_lives(tmp_path):
@@ -136,7 +136,7 @@ def test_readme_quick_start_installs_cpu_torch_first_and_ci_runs_the_test_comman
 def test_arithmetic_block_by_hand(tmp_path):
     import json
 
-    from rlhf_core.docs import render_arithmetic
+    from rlhf_core.tooling.docs import render_arithmetic
 
     def run(seed, exact):
         names = ["sft", "r1", "r2"]
@@ -156,7 +156,7 @@ def test_arithmetic_block_by_hand(tmp_path):
 
 
 def test_reward_model_block_reports_the_vader_gain():
-    from rlhf_core.docs import REWARD_MODEL_END, REWARD_MODEL_START
+    from rlhf_core.tooling.docs import REWARD_MODEL_END, REWARD_MODEL_START
 
     block = current_block(block_home(REPO, REWARD_MODEL_START, REWARD_MODEL_END).read_text(), REWARD_MODEL_START,
                           REWARD_MODEL_END)

@@ -1,10 +1,10 @@
 """dvc.yaml's deps cannot go stale: every project module a stage runs is a dependency of that stage.
 
-A stage's command is `python -m rlhf_core.launch stages.<name>`, so what it runs is the import closure of the
+A stage's command is `python -m rlhf_core.runtime.launch stages.<name>`, so what it runs is the import closure of the
 launcher and of its script: every `import rlhf_core...` / `from rlhf_core... import ...` (function-local ones
 included, found with `ast`), followed transitively through the project's own files.  The `fingerprints` stage
 walks that closure on every `dvc repro` and writes fingerprints/code/<stage>.json; each stage depends on its
-file.  Before the walk, `score` missed rlhf_core/reward_model.py (the hf_classifier reward), `optimize` missed
+file.  Before the walk, `score` missed rlhf_core/phases/reward_model.py (the hf_classifier reward), `optimize` missed
 rollout.py and advantages.py, and `evaluate` missed models.py, sft.py and tasks: an edit there left `dvc repro`
 serving stale outputs.  Later, hand-kept (then generated) module lists made dvc.lock 160 KB for ten rounds.
 """
@@ -22,7 +22,7 @@ import pytest
 import yaml
 from conftest import REPO
 
-from rlhf_core.fingerprints import CODE_DIR, STAGE, code_closure, code_fingerprints, stage_modules
+from rlhf_core.tooling.fingerprints import CODE_DIR, STAGE, code_closure, code_fingerprints, stage_modules
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
 STAGES = sorted(name for name in DVC["stages"] if name != STAGE)
@@ -55,10 +55,11 @@ def test_the_fingerprints_cover_the_modules_that_went_stale_before():
     """What each stage once missed is in its fingerprint; an empty __init__ is not (it runs nothing)."""
     code = code_fingerprints(REPO, DVC)
     assert set(code) == set(STAGES)
-    assert "rlhf_core/reward_model.py" in code["score"]
-    assert {"rlhf_core/rollout.py", "rlhf_core/advantages.py", "stages/optimize.py", "rlhf_core/launch.py"} <= set(code["optimize"])
-    assert {"rlhf_core/models.py", "rlhf_core/sft.py", "rlhf_core/tasks/__init__.py"} <= set(code["evaluate"])
-    assert "rlhf_core/algorithms/ppo.py" in code["optimize"] and "rlhf_core/algorithms/ppo.py" not in code["prepare"]
+    assert "rlhf_core/phases/reward_model.py" in code["score"]
+    assert {"rlhf_core/model/models.py", "rlhf_core/rl/advantages.py", "stages/optimize.py", "rlhf_core/runtime/launch.py"} <= set(code["optimize"])
+    assert "rlhf_core/phases/rollout.py" not in code["optimize"]  # the layers: rl no longer reaches the rollout phase
+    assert {"rlhf_core/model/models.py", "rlhf_core/phases/sft.py", "rlhf_core/phases/tasks/__init__.py"} <= set(code["evaluate"])
+    assert "rlhf_core/rl/algorithms/ppo.py" in code["optimize"] and "rlhf_core/rl/algorithms/ppo.py" not in code["prepare"]
     assert all(value.startswith("sha256:") for files in code.values() for value in files.values())
 
 
@@ -66,16 +67,16 @@ def test_an_edit_changes_the_fingerprint_of_exactly_the_stages_that_run_the_file
     for name in ("rlhf_core", "stages"):
         shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     before = code_fingerprints(tmp_path, DVC)
-    with open(tmp_path / "rlhf_core/advantages.py", "a") as handle:
+    with open(tmp_path / "rlhf_core/rl/advantages.py", "a") as handle:
         handle.write("# an edit\n")
     after = code_fingerprints(tmp_path, DVC)
     changed = {stage for stage in before if before[stage] != after[stage]}
-    assert changed == {stage for stage, files in before.items() if "rlhf_core/advantages.py" in files}
+    assert changed == {stage for stage, files in before.items() if "rlhf_core/rl/advantages.py" in files}
     assert {"advantages", "optimize"} <= changed and "prepare" not in changed and "sft" not in changed
 
 
-@pytest.mark.parametrize("neutral", ["rlhf_core/warm.py", "rlhf_core/follow.py", "rlhf_core/progress.py",
-                                     "rlhf_core/stage_times.py", "rlhf_core/config/rendering.py", "rlhf_core/docs.py"])
+@pytest.mark.parametrize("neutral", ["rlhf_core/runtime/warm.py", "rlhf_core/runtime/follow.py", "rlhf_core/runtime/progress.py",
+                                     "rlhf_core/runtime/stage_times.py", "rlhf_core/config/rendering.py", "rlhf_core/tooling/docs.py"])
 def test_editing_code_that_cannot_change_an_output_re_runs_nothing(tmp_path, neutral):
     """The warm-start server, the follower, progress, timing and the renderers are in no stage's fingerprint (a help
     string or a progress line edited used to re-run the whole pipeline), while a math module still re-runs exactly
@@ -135,8 +136,8 @@ def test_every_file_a_stage_reads_is_a_dependency(stage):
 def test_the_closure_follows_function_local_and_package_imports():
     """The walk itself: evaluate reaches tasks/ through rewards' function-local import, and models.py."""
     closure = set(code_closure(REPO, ["stages.evaluate"]))
-    assert {"rlhf_core/evaluation.py", "rlhf_core/rewards.py", "rlhf_core/models.py",
-            "rlhf_core/tasks/__init__.py"} <= closure
+    assert {"rlhf_core/phases/evaluation.py", "rlhf_core/phases/rewards.py", "rlhf_core/model/models.py",
+            "rlhf_core/phases/tasks/__init__.py"} <= closure
 
 
 def test_the_stage_modules_of_any_command_form():
@@ -144,8 +145,8 @@ def test_the_stage_modules_of_any_command_form():
     its own deps (not an error that would stop every repro)."""
     dvc = {"stages": {"custom": {"cmd": "bash make.sh"},
                       "nested": {"cmd": "python -m stages.extra.export --out x"},
-                      "chained": {"cmd": ["python -m stages.prepare", "python -m rlhf_core.launch stages.sft"]},
+                      "chained": {"cmd": ["python -m stages.prepare", "python -m rlhf_core.runtime.launch stages.sft"]},
                       "looped": {"foreach": [1], "do": {"cmd": "python3 -m stages.score --round ${item}"}}}}
     assert stage_modules(dvc) == {"nested": ["stages.extra.export"],
-                                  "chained": ["stages.prepare", "stages.sft", "rlhf_core.launch"],
+                                  "chained": ["stages.prepare", "stages.sft", "rlhf_core.runtime.launch"],
                                   "looped": ["stages.score"]}

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from rlhf_core.advantages import group_normalize, leave_one_out_baseline, reward_to_go, round_advantages
-from rlhf_core.losses import aggregate, dual_clip, policy_gradient_loss, sequence_log_ratio
+from rlhf_core.rl.advantages import group_normalize, leave_one_out_baseline, reward_to_go, round_advantages
+from rlhf_core.rl.losses import aggregate, dual_clip, policy_gradient_loss, sequence_log_ratio
 
 
 def test_reward_to_go_by_hand():

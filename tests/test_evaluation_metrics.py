@@ -1,10 +1,10 @@
-"""Unit tests of the text metrics of rlhf_core.evaluation."""
+"""Unit tests of the text metrics of rlhf_core.phases.evaluation."""
 
 from __future__ import annotations
 
 import pytest
 
-from rlhf_core.evaluation import distinct_n
+from rlhf_core.phases.evaluation import distinct_n
 
 
 def test_distinct_on_hand_examples():

@@ -11,7 +11,7 @@ import torch
 import yaml
 from conftest import REPO
 
-from rlhf_core.cli import run_stage
+from rlhf_core.runtime.cli import run_stage
 
 
 def stage_error(capsys, module, name: str, *argv: str, needs_round: bool = False) -> str:
@@ -111,7 +111,7 @@ def test_pickle_checkpoint_is_refused(workdir, capsys):
 
 
 def test_nan_reward_names_scorer_round_and_row(workdir, capsys, monkeypatch):
-    from rlhf_core import scoring
+    from rlhf_core.phases import scoring
     from stages import rollout, score
 
     run_stage(rollout.main, name="rollout", needs_round=True, argv=["--round", "r1"])

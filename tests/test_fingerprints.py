@@ -1,4 +1,4 @@
-"""The reward's inputs outside dvc.yaml's declared deps (rlhf_core/fingerprints.py): a python scorer's sources
+"""The reward's inputs outside dvc.yaml's declared deps (rlhf_core/tooling/fingerprints.py): a python scorer's sources
 and a local reward-model directory.  Their fingerprint is what makes an edit there re-score."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_core import fingerprints as inputs
 from rlhf_core.config import ScorerParams
 from rlhf_core.errors import DataError
+from rlhf_core.tooling import fingerprints as inputs
 
 
 @pytest.fixture()

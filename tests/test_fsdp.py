@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from rlhf_core.models import ActorCritic, ValueHead, disable_dropout, seed_everything
+from rlhf_core.model.models import ActorCritic, ValueHead, disable_dropout, seed_everything
 
 
 def untied_actor_critic() -> ActorCritic:
@@ -29,7 +29,7 @@ def untied_actor_critic() -> ActorCritic:
 
 
 def experience():
-    from rlhf_core.algorithms.common import Experience
+    from rlhf_core.rl.algorithms.common import Experience
 
     generator = torch.Generator().manual_seed(1)
     lengths = [(3, 5), (4, 2), (2, 6), (5, 3), (3, 4), (6, 1), (2, 2), (4, 5)]
@@ -51,7 +51,7 @@ def params():
 
 
 def train(model, critic_warmup_epochs: int = 0) -> dict:
-    from rlhf_core.algorithms.ppo import train_ppo
+    from rlhf_core.rl.algorithms.ppo import train_ppo
 
     return train_ppo(model, experience(), params(), temperature=1.0, pad_id=0, device=torch.device("cpu"), seed=0,
                      log=lambda *_: None, critic_warmup_epochs=critic_warmup_epochs)
@@ -60,7 +60,7 @@ def train(model, critic_warmup_epochs: int = 0) -> dict:
 def _rank(rank: int, world_size: int, init_file: str, out: str, critic_warmup_epochs: int = 0) -> None:
     import torch.distributed as dist
 
-    from rlhf_core import distributed
+    from rlhf_core.runtime import distributed
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
@@ -105,7 +105,7 @@ def test_fsdp2_untied_head_is_its_own_unit_and_the_update_is_the_one_process_upd
 
 
 def train_round(model, carry, seed) -> dict:
-    from rlhf_core.algorithms.ppo import train_ppo
+    from rlhf_core.rl.algorithms.ppo import train_ppo
 
     return train_ppo(model, experience(), params(), temperature=1.0, pad_id=0, device=torch.device("cpu"), seed=seed,
                      log=lambda *_: None, carry=carry)
@@ -118,8 +118,8 @@ def _rank_carry(rank: int, world_size: int, init_file: str, workdir: str) -> Non
 
     import torch.distributed as dist
 
-    from rlhf_core import distributed
-    from rlhf_core.optim import load_optimizer_state, save_optimizer_state
+    from rlhf_core.rl.optim import load_optimizer_state, save_optimizer_state
+    from rlhf_core.runtime import distributed
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
@@ -172,7 +172,7 @@ def test_a_meta_load_builds_the_same_modules_with_no_weights(tiny_checkpoint, tm
     dtypes of a real load, every one of them a meta tensor (no storage: nothing was read into it), for a full
     model, new LoRA adapters with a separate critic, and a LoRA checkpoint of a later round."""
     from rlhf_core.config import params_from_dict
-    from rlhf_core.models import load_actor_critic, load_tokenizer, trainable_lora_policy
+    from rlhf_core.model.models import load_actor_critic, load_tokenizer, trainable_lora_policy
 
     lora = params_from_dict({"lora": {"enabled": True, "r": 4}}).lora
     adapters = tmp_path / "r1"  # a LoRA round's checkpoint: adapters on the tiny base
@@ -195,7 +195,7 @@ def _rank_from_meta(rank: int, world_size: int, init_file: str, out: str) -> Non
     weights, buffers included."""
     import torch.distributed as dist
 
-    from rlhf_core import distributed
+    from rlhf_core.runtime import distributed
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)

@@ -2,7 +2,7 @@
 
 Edges come from every import in a file, function-local ones included (found with `ast`): a function-local import
 hides a circle from Python but not from a reader, and it still makes one module reach the other's code.  ``from a
-import b`` is an edge to the submodule a.b when there is one, else to a.  Before this test, `rlhf_core.commands`
+import b`` is an edge to the submodule a.b when there is one, else to a.  Before this test, `rlhf_core.tooling.commands`
 and its `samples` module imported each other, and `data → tasks → rewards → reward_model → data` made the
 `prepare` stage reach model code.
 """
@@ -58,23 +58,23 @@ def test_no_module_of_rlhf_core_reaches_itself_through_its_imports():
 
 
 def test_the_builtin_scoring_functions_and_the_tasks_import_nothing_back():
-    assert GRAPH["rlhf_core.scoring"] == set()  # VADER, exact match: usable from anywhere
-    for task in ("rlhf_core.tasks", "rlhf_core.tasks.sentiment", "rlhf_core.tasks.arithmetic"):
-        assert reachable(task) <= {"rlhf_core.errors", "rlhf_core.scoring", "rlhf_core.tasks",
-                                   "rlhf_core.tasks.sentiment", "rlhf_core.tasks.arithmetic"}, task
+    assert GRAPH["rlhf_core.phases.scoring"] == set()  # VADER, exact match: usable from anywhere
+    for task in ("rlhf_core.phases.tasks", "rlhf_core.phases.tasks.sentiment", "rlhf_core.phases.tasks.arithmetic"):
+        assert reachable(task) <= {"rlhf_core.errors", "rlhf_core.phases.scoring", "rlhf_core.phases.tasks",
+                                   "rlhf_core.phases.tasks.sentiment", "rlhf_core.phases.tasks.arithmetic"}, task
 
 
 def test_preparing_prompts_reaches_no_model_code():
-    reached = reachable("rlhf_core.data")
-    assert not reached & {"rlhf_core.models", "rlhf_core.reward_model", "rlhf_core.rewards"}, reached
+    reached = reachable("rlhf_core.phases.data")
+    assert not reached & {"rlhf_core.model.models", "rlhf_core.phases.reward_model", "rlhf_core.phases.rewards"}, reached
     assert "rlhf_core.io" in reached  # table reading lives in io
-    assert "read_table_file" not in (PACKAGE / "data.py").read_text()
+    assert "read_table_file" not in (PACKAGE / "phases" / "data.py").read_text()
 
 
 def test_a_planted_circle_is_found(monkeypatch):
     """The check itself: with one more edge (io → data), data ⇄ io is a circle."""
-    monkeypatch.setitem(GRAPH, "rlhf_core.io", GRAPH["rlhf_core.io"] | {"rlhf_core.data"})
-    assert "rlhf_core.data" in reachable("rlhf_core.data")
+    monkeypatch.setitem(GRAPH, "rlhf_core.io", GRAPH["rlhf_core.io"] | {"rlhf_core.phases.data"})
+    assert "rlhf_core.phases.data" in reachable("rlhf_core.phases.data")
 
 
 def test_functions_stay_short_and_stage_mains_thin():
@@ -118,3 +118,27 @@ def test_no_module_imports_a_private_name_of_another_package():
                     and isinstance(node.value, ast.Name) and node.value.id in aliases):
                 leaks.append(f"{name}: {aliases[node.value.id]}.{node.attr}")
     assert not leaks, leaks
+
+
+# The layers, bottom first (rlhf_core/__init__.py): a module may import its own layer and those below it only.
+# The algorithm registry sits under config, whose rules ask it for traits (it imports nothing of the project).
+LAYERS = ("rlhf_core.errors rlhf_core.io", "rlhf_core.rl.algorithms.registry", "rlhf_core.config", "rlhf_core.model",
+          "rlhf_core.runtime", "rlhf_core.rl", "rlhf_core.phases", "rlhf_core.tooling")
+
+
+def layer_of(name: str) -> int:
+    """The rank of module ``name``: its longest prefix among LAYERS (the package's root module: the bottom)."""
+    ranks = {prefix: rank for rank, prefixes in enumerate(LAYERS) for prefix in prefixes.split()}
+    matches = [prefix for prefix in ranks if name == prefix or name.startswith(prefix + ".")]
+    return ranks[max(matches, key=len)] if matches else 0
+
+
+def test_a_lower_layer_never_imports_a_higher_one():
+    """model < runtime < rl < phases < tooling (with errors, io, the registry and config below): before the layers,
+    model building imported the tasks, the update loop the rollout module, and the advantages the reward."""
+    upward = [f"{name} -> {target}" for name, targets in sorted(GRAPH.items()) for target in sorted(targets)
+              if layer_of(target) > layer_of(name)]
+    assert not upward, upward
+    top_level = sorted(path.name for path in PACKAGE.iterdir() if path.name != "__pycache__")
+    assert len(top_level) <= 12, top_level
+    assert all(layer_of(name) > 0 or name in ("rlhf_core", "rlhf_core.errors", "rlhf_core.io") for name in MODULES)

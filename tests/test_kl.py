@@ -1,4 +1,4 @@
-"""Unit tests of rlhf_core.kl: the k1/k2/k3 estimators and the KL-coefficient controllers."""
+"""Unit tests of rlhf_core.rl.kl: the k1/k2/k3 estimators and the KL-coefficient controllers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlhf_core.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_estimate, kl_k1, kl_k2, kl_k3
+from rlhf_core.rl.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_estimate, kl_k1, kl_k2, kl_k3
 
 
 def _t(*values):

@@ -1,4 +1,4 @@
-"""Unit tests of rlhf_core.losses: the clipped PPO surrogate, the clipped value loss and approx-KL."""
+"""Unit tests of rlhf_core.rl.losses: the clipped PPO surrogate, the clipped value loss and approx-KL."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlhf_core.losses import approx_kl, clipped_surrogate, clipped_value_loss, masked_sum
+from rlhf_core.rl.losses import approx_kl, clipped_surrogate, clipped_value_loss, masked_sum
 
 
 def _t(*values):
@@ -70,7 +70,7 @@ def test_clip_higher_and_dual_clip_need_a_clipped_objective():
 def test_cispo_weights_every_token_by_its_capped_stopped_ratio():
     """ρ = 0.5, 1, 3, 8 with ε_max = 5: weights 0.5, 1, 3, 5 (no lower bound), gradient −w·A on every token, even where
     PPO's clip would have stopped it (ρ = 3 with A > 0; ρ = 0.5 with A < 0)."""
-    from rlhf_core.losses import cispo_loss
+    from rlhf_core.rl.losses import cispo_loss
 
     ratios = torch.tensor([[0.5, 1.0, 3.0, 8.0]])
     old = torch.full((1, 4), -1.0)
@@ -88,7 +88,7 @@ def test_cispo_weights_every_token_by_its_capped_stopped_ratio():
 def test_sapo_gate_by_hand():
     """f(ρ) = (4/τ)σ(τ(ρ − 1)); L = −f(ρ)·A; dL/dlog π = −A·f′(ρ)·ρ with f′(ρ) = 4σ(1 − σ).  At ρ = 1: L = −(2/τ)A and
     the gradient is −A, the policy gradient; far off policy it fades to 0 instead of stopping at an edge."""
-    from rlhf_core.losses import sapo_loss
+    from rlhf_core.rl.losses import sapo_loss
 
     ratios = torch.tensor([[1.0, 1.0, 2.0, 0.5, 10.0]])
     advantages = torch.tensor([[1.0, -1.0, 1.0, -2.0, 1.0]])
@@ -156,7 +156,7 @@ def test_masked_sum():
 def test_sampler_correction_by_hand():
     """log π_old − log μ per token: [log 3, 0, log 0.25] and [log 0.5, pad].  tis (cap 2): min(w, 2) = 2, 1, 0.25 and 0.5;
     mis [0.5, 2]: 0, 1, 0 and 1; sequence level: one geometric mean per response, (3 · 1 · 0.25)^(1/3) and 0.5."""
-    from rlhf_core.losses import sampler_correction
+    from rlhf_core.rl.losses import sampler_correction
 
     sampler = torch.zeros(2, 3)
     old = torch.tensor([[math.log(3.0), 0.0, math.log(0.25)], [math.log(0.5), 9.0, 9.0]])
@@ -178,7 +178,7 @@ def test_truncated_importance_sampling_restores_the_on_policy_gradient_of_a_band
     temperature).  The plain estimator mean(r ∇log π) then follows E_μ, which would raise arm 4 the most; with TIS
     weights π/μ (cap above every ratio) it follows ∇J, which raises arm 3 the most.  MIS with the band [0.5, 2]
     instead drops the arms whose ratio left the band: the μ-mass of those arms."""
-    from rlhf_core.losses import aggregate, policy_gradient_loss, sampler_correction, sampler_mismatch
+    from rlhf_core.rl.losses import aggregate, policy_gradient_loss, sampler_correction, sampler_mismatch
 
     theta0 = torch.tensor([0.5, -0.2, 1.0, 0.0, -1.5])
     rewards = torch.tensor([1.0, 0.0, -1.0, 2.0, 3.0])

@@ -3,14 +3,14 @@ from collections import Counter
 import pytest
 import torch
 
-from rlhf_core.advantages import round_advantages
-from rlhf_core.algorithms import registry
-from rlhf_core.algorithms.common import Experience
-from rlhf_core.algorithms.ppo import train_ppo
 from rlhf_core.config import KLParams, OptimParams, Params, PPOParams, replace
 from rlhf_core.errors import ConfigError
-from rlhf_core.models import load_actor_critic, load_tokenizer, seed_everything
-from rlhf_core.rollout import generate_samples, record_token_stats
+from rlhf_core.model.models import load_actor_critic, load_tokenizer, seed_everything
+from rlhf_core.phases.rollout import generate_samples, record_token_stats
+from rlhf_core.rl.advantages import round_advantages
+from rlhf_core.rl.algorithms import registry
+from rlhf_core.rl.algorithms.common import Experience
+from rlhf_core.rl.algorithms.ppo import train_ppo
 
 CPU = torch.device("cpu")
 PROMPTS = ["The pizza was", "Honestly, the laptop seemed", "So far the movie is", "The room felt",
@@ -157,8 +157,8 @@ def test_critic_warmup_fits_the_value_and_leaves_the_policy_as_it_is(tiny_checkp
     """algorithm.critic_warmup_epochs: value-only steps before the first policy update move the critic's own
     parameters (the head; a separate critic's backbone too) toward the returns, and not one policy weight (the
     shared backbone's gradient from the value loss is dropped)."""
-    from rlhf_core.algorithms.common import minibatch_updates
-    from rlhf_core.algorithms.ppo import ppo_loss
+    from rlhf_core.rl.algorithms.common import minibatch_updates
+    from rlhf_core.rl.algorithms.ppo import ppo_loss
 
     seed_everything(0)
     tokenizer = load_tokenizer(str(tiny_checkpoint))
@@ -179,8 +179,8 @@ def test_critic_warmup_fits_the_value_and_leaves_the_policy_as_it_is(tiny_checkp
                and not torch.equal(critic_before[k], v)}
     assert changed == ({"value_head"} if critic == "value_head" else {"value_head", "critic_backbone"})
     # the advantages the policy phase uses: GAE of the same token rewards with the warmed critic's values
-    from rlhf_core.advantages import gae, masked_whiten, pad_sequences
-    from rlhf_core.algorithms.common import split
+    from rlhf_core.rl.advantages import gae, masked_whiten, pad_sequences
+    from rlhf_core.rl.algorithms.common import split
 
     values = [None] * len(experience)
     with torch.no_grad():
@@ -236,8 +236,8 @@ def test_kl_loss_coef_adds_the_kl_to_reference_term_in_every_first_order_loss(lo
     no KL loss term at all."""
     from types import SimpleNamespace
 
-    from rlhf_core.algorithms.ppo import ppo_loss
-    from rlhf_core.algorithms.reinforce import reinforce_loss
+    from rlhf_core.rl.algorithms.ppo import ppo_loss
+    from rlhf_core.rl.algorithms.reinforce import reinforce_loss
 
     zeros = torch.zeros(1, 2)
     out = SimpleNamespace(logprobs=torch.tensor([[-1.0, -2.0]]), entropy=zeros, values=zeros)
@@ -258,7 +258,7 @@ def test_ppo_loss_uses_clip_higher():
     symmetric ε 0.2 (loss −1.2) and kept by ε_high 0.28 (loss −1.25)."""
     from types import SimpleNamespace
 
-    from rlhf_core.algorithms.ppo import ppo_loss
+    from rlhf_core.rl.algorithms.ppo import ppo_loss
 
     zeros = torch.zeros(1, 1)
     out = SimpleNamespace(logprobs=torch.tensor([[1.25]]).log(), entropy=zeros, values=zeros)
@@ -274,8 +274,8 @@ def test_ppo_loss_uses_clip_higher():
 def test_carried_optimizer_state_makes_two_rounds_one_optimizer(tiny_checkpoint, tmp_path):
     """optim.carry_state: round 2 restored from the files beside round 1's checkpoint takes, bit for bit, the steps
     of the same AdamW continuing in memory; a fresh AdamW in round 2 (the default) takes other steps."""
-    from rlhf_core.models import save_checkpoint
-    from rlhf_core.optim import OPTIMIZER_STATE_FILE, load_optimizer_state, save_optimizer_state
+    from rlhf_core.model.models import save_checkpoint
+    from rlhf_core.rl.optim import OPTIMIZER_STATE_FILE, load_optimizer_state, save_optimizer_state
 
     params = training(epochs=1, minibatch_size=16, micro_batch_size=8, lr=1e-3, lr_schedule="constant",
                       target_kl=None, carry_state=True)
@@ -321,7 +321,7 @@ def test_carried_optimizer_state_makes_two_rounds_one_optimizer(tiny_checkpoint,
 
 def test_carried_state_for_other_parameters_is_refused_in_one_line(tiny_checkpoint):
     """A value-head-only state cannot silently seed a policy that trains other parameters."""
-    from rlhf_core.distributed import Runtime
+    from rlhf_core.runtime.distributed import Runtime
 
     model = load_actor_critic(str(tiny_checkpoint), "value_head", CPU)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
@@ -335,9 +335,9 @@ def test_correction_weights_reach_the_policy_loss_through_the_micro_batch():
     loss of ppo and reinforce: weights ½ halve it, weights 0 remove it; select keeps them with their rows."""
     from types import SimpleNamespace
 
-    from rlhf_core.algorithms.common import Experience
-    from rlhf_core.algorithms.ppo import ppo_loss
-    from rlhf_core.algorithms.reinforce import reinforce_loss
+    from rlhf_core.rl.algorithms.common import Experience
+    from rlhf_core.rl.algorithms.ppo import ppo_loss
+    from rlhf_core.rl.algorithms.reinforce import reinforce_loss
 
     experience = Experience([[5], [6, 7]], [[8, 9], [10]], [[-1.0, -2.0], [-0.5]], None, [[0.0, 0.0], [0.0]],
                             [[1.0, -2.0], [3.0]], [[0.0, 0.0], [0.0]])
@@ -363,8 +363,8 @@ def test_refreshed_advantages_are_the_advantages_stages_with_truncated_rows_left
     row of the round; with advantages.mask_truncated the update trains on fewer (Experience.select), and the refresh
     used to whiten over those alone.  Here the critic is unchanged, so the refresh must give back the stage's own
     advantages, returns and values on the trained rows."""
-    from rlhf_core.algorithms.common import refresh_advantages
-    from rlhf_core.distributed import Runtime
+    from rlhf_core.rl.algorithms.common import refresh_advantages
+    from rlhf_core.runtime.distributed import Runtime
 
     seed_everything(0)
     tokenizer = load_tokenizer(str(tiny_checkpoint))
@@ -380,7 +380,7 @@ def test_refreshed_advantages_are_the_advantages_stages_with_truncated_rows_left
         for got, row in zip(getattr(experience, name), stage):
             assert torch.allclose(torch.tensor(got), torch.as_tensor(getattr(whole, name)[row]).float(), atol=1e-5), name
     # whitened over the trained rows alone (the old refresh), the advantages are another set
-    from rlhf_core.advantages import masked_whiten, pad_sequences
+    from rlhf_core.rl.advantages import masked_whiten, pad_sequences
 
     kept_only, mask = pad_sequences([whole.advantages[row] for row in stage])
     assert not torch.allclose(masked_whiten(kept_only, mask), kept_only, atol=1e-3)

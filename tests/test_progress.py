@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from rlhf_core.progress import Progress
+from rlhf_core.runtime.progress import Progress
 
 
 class FakeTerminal(io.StringIO):
@@ -17,7 +17,7 @@ class FakeTerminal(io.StringIO):
 def test_lines_when_not_a_terminal_with_eta_and_live_values(monkeypatch):
     monkeypatch.delenv("RLHF_PROGRESS", raising=False)
     clock = iter([0.0, 5.0, 12.0, 13.0, 30.0])  # the start, then one reading per update
-    monkeypatch.setattr("rlhf_core.progress.time.monotonic", lambda: next(clock))
+    monkeypatch.setattr("rlhf_core.runtime.progress.time.monotonic", lambda: next(clock))
     stream = io.StringIO()
     with Progress(4, "sft", unit="step", every_seconds=10.0, stream=stream) as progress:
         assert progress.mode == "lines"

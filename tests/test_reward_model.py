@@ -14,7 +14,7 @@ import yaml
 
 from rlhf_core.config import Params, RewardModelParams, ScorerParams, TinyModelParams, params_from_dict, replace
 from rlhf_core.errors import DataError
-from rlhf_core.reward_model import (
+from rlhf_core.phases.reward_model import (
     bradley_terry_loss,
     build_reward_model,
     classifier_scores,
@@ -25,8 +25,8 @@ from rlhf_core.reward_model import (
     split_pairs,
     train_bradley_terry,
 )
-from rlhf_core.rewards import score_responses, vader_scores
-from rlhf_core.tasks import sentiment
+from rlhf_core.phases.rewards import score_responses, vader_scores
+from rlhf_core.phases.tasks import sentiment
 
 WORDS = ["the", "movie", "was", "great", "terrible", "fine", "pizza", "and", "really", "."]
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}
@@ -291,7 +291,7 @@ def test_a_chat_reward_model_reads_the_conversation_through_its_own_template(tmp
     (what Skywork-style reward models read), and scores it as that token sequence, unpadded."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-    from rlhf_core.local_models import build_tokenizer
+    from rlhf_core.tooling.local_models import build_tokenizer
 
     texts = ["the food was great", "the service was slow and cold"] * 10
     tokenizer = build_tokenizer("chatml", 1024, texts)

@@ -1,4 +1,4 @@
-"""Unit tests of rlhf_core.rewards: VADER scores, the missing-EOS penalty and their total."""
+"""Unit tests of rlhf_core.phases.rewards: VADER scores, the missing-EOS penalty and their total."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 import pytest
 
 from rlhf_core.errors import DataError
-from rlhf_core.rewards import missing_eos_penalties, score_responses, vader_scores
+from rlhf_core.phases.rewards import missing_eos_penalties, score_responses, vader_scores
 
 POSITIVE = "great and wonderful. Highly recommended!"
 NEGATIVE = "This was terrible, awful and a complete waste of money. I hate it."
@@ -69,7 +69,7 @@ def test_weighted_sum_with_clip_by_hand():
 
 
 def test_verifiable_match_modes():
-    from rlhf_core.rewards import verifiable_scores
+    from rlhf_core.phases.rewards import verifiable_scores
 
     assert verifiable_scores(["42", " 42 ", "41"], ["42", "42", "42"], "exact", 0.0) == [1.0, 1.0, 0.0]
     assert verifiable_scores(["= 42.0005 ok", "no number", "-3"], ["42", "1", "-3"], "numeric", 1e-3) == [1.0, 0.0, 1.0]
@@ -163,8 +163,8 @@ def test_gdpo_components_keep_the_eos_penalty_size_in_its_weight():
     column's scale, so a penalty of 0.01 and one of 5 must differ through the weight."""
     import torch
 
-    from rlhf_core.advantages import gdpo_advantages
-    from rlhf_core.rewards import reward_components
+    from rlhf_core.phases.rewards import reward_components
+    from rlhf_core.rl.advantages import gdpo_advantages
 
     scorers = [_scorer(name="task", kind="task"), _scorer(name="seen", kind="vader", weight=0.0)]
     groups = torch.tensor([0, 0, 1, 1])

@@ -1,9 +1,8 @@
 import torch
 
-from rlhf_core.models import load_actor_critic, load_causal_lm, load_tokenizer
-from rlhf_core.rollout import (
+from rlhf_core.model.models import length_buckets, load_actor_critic, load_causal_lm, load_tokenizer
+from rlhf_core.phases.rollout import (
     generate_samples,
-    length_buckets,
     record_token_stats,
     rollout_table,
     sample_prompt_indices,

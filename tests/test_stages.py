@@ -15,9 +15,9 @@ import torch
 import yaml
 from conftest import REPO, evaluate_all
 
-from rlhf_core.algorithms import registry
 from rlhf_core.config import load_params
 from rlhf_core.errors import ConfigError
+from rlhf_core.rl.algorithms import registry
 
 
 def run_stage_process(stage: str, cwd, *args: str) -> subprocess.CompletedProcess:
@@ -66,7 +66,7 @@ def test_hf_model_directory_and_local_files_through_every_stage(tmp_path, tiny_c
     demonstrations from local files.  The tokenizer's pad == EOS, so the snapshot must add a pad token."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf_core.tasks import sentiment
+    from rlhf_core.phases.tasks import sentiment
     from stages import advantages, optimize, prepare, rollout, score, sft
 
     model_dir = tmp_path / "hf-model"
@@ -138,23 +138,12 @@ def test_hf_model_directory_and_local_files_through_every_stage(tmp_path, tiny_c
 
 def run_two_rounds(tmp_path, tiny_checkpoint, monkeypatch, name: str, **changes) -> None:
     """prepare, sft, then rollout → score → advantages → optimize for r1 and r2, and evaluate, with algorithm.name
-    ``name`` on the tiny checkpoint (seconds per stage); ``changes``: {section: {key: value}} on top."""
+    ``name`` on the tiny checkpoint (``small_round_params``); ``changes``: {section: {key: value}} on top."""
     from stages import advantages, optimize, prepare, rollout, score, sft
 
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["sft"].update(model=str(tiny_checkpoint), epochs=0, num_builtin_demonstrations=40)
-    raw["prepare"].update(num_builtin_prompts=60)
-    raw["rollout"].update(prompts_per_round=4, samples_per_prompt=4, max_new_tokens=6)
-    raw["optim"].update(epochs=1, minibatch_size=8, micro_batch_size=4)
-    raw["trpo"].update(critic_epochs=1)
-    raw["evaluate"].update(num_prompts=4, samples_per_prompt=1, max_new_tokens=6, num_perplexity_texts=5)
-    raw["algorithm"]["name"] = name
-    for section, values in changes.items():
-        raw[section].update(values)
-    raw["rounds"] = {"r1": {"from": "sft"}, "r2": {"from": "r1"}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    monkeypatch.chdir(tmp_path)
-    params = load_params("params.yaml")
+    changes = {**changes, "algorithm": {"name": name, **changes.get("algorithm", {})},
+               "trpo": {"critic_epochs": 1, **changes.get("trpo", {})}}
+    params = small_round_params(tmp_path, tiny_checkpoint, monkeypatch, **changes)
     for stage in (prepare, sft):
         stage.main(params, argparse.Namespace())
     for round_key in ("r1", "r2"):
@@ -199,7 +188,7 @@ def test_a_new_algorithm_is_one_registry_entry_and_its_pure_loss(tmp_path, tiny_
     per-token loss in ppo.OBJECTIVES.  Here: the leave-one-out advantages with the unclipped importance-weighted
     surrogate −ρ·A; config accepts the name, the advantages stage picks the estimator, optimize the loop and the
     loss, with nothing else edited."""
-    from rlhf_core.algorithms.ppo import OBJECTIVES
+    from rlhf_core.rl.algorithms.ppo import OBJECTIVES
 
     def unclipped_term(out, micro, params):
         """−ρ_t A_t, ρ_t = π_θ / π_old: the surrogate of PPO without its clip."""
@@ -248,7 +237,7 @@ def test_kl_free_rounds_never_load_the_reference(tmp_path, tiny_checkpoint, monk
     advantages reports no KL; evaluate still reports the KL to sft.  kl.monitor brings the reference back."""
     import pyarrow.parquet as pq
 
-    import rlhf_core.models
+    import rlhf_core.model.models
     from stages import advantages, optimize, prepare, rollout, score, sft
 
     params = small_round_params(tmp_path, tiny_checkpoint, monkeypatch, algorithm={"name": "grpo"},
@@ -257,8 +246,8 @@ def test_kl_free_rounds_never_load_the_reference(tmp_path, tiny_checkpoint, monk
     for stage in (prepare, sft):
         stage.main(params, argparse.Namespace())
     loaded = []
-    real_load = rlhf_core.models.load_causal_lm
-    monkeypatch.setattr(rlhf_core.models, "load_causal_lm", lambda path, *a, **k: loaded.append(path) or real_load(path, *a, **k))
+    real_load = rlhf_core.model.models.load_causal_lm
+    monkeypatch.setattr(rlhf_core.model.models, "load_causal_lm", lambda path, *a, **k: loaded.append(path) or real_load(path, *a, **k))
     for round_key in ("r1", "r2"):
         loaded.clear()
         for stage in (rollout, score, advantages, optimize):
@@ -269,7 +258,7 @@ def test_kl_free_rounds_never_load_the_reference(tmp_path, tiny_checkpoint, monk
         assert ("ref_logprobs" in columns) is monitor
         assert ("kl_sequence_mean" in json.loads((tmp_path / f"metrics/{round_key}/advantages.json").read_text())) is monitor
         assert ("kl_k1_mean" in json.loads((tmp_path / f"metrics/{round_key}/rollout.json").read_text())) is monitor
-    monkeypatch.setattr(rlhf_core.models, "load_causal_lm", real_load)
+    monkeypatch.setattr(rlhf_core.model.models, "load_causal_lm", real_load)
     evaluate_all(params)
     assert json.loads((tmp_path / "metrics/eval.json").read_text())["r2"]["kl"] > 0.0
 
@@ -358,7 +347,7 @@ def test_dynamic_sampling_over_samples_and_trains_on_the_informative_groups(tmp_
 def test_gdpo_advantages_come_from_the_score_components(tmp_path, tiny_checkpoint, monkeypatch):
     """grpo.normalize: components with two weighted scorers: the advantages stage reads each component column of
     scores/<round> and its weight, and every response's advantage is GDPO's (not GRPO's on the total)."""
-    from rlhf_core.advantages import gdpo_advantages, group_normalize
+    from rlhf_core.rl.advantages import gdpo_advantages, group_normalize
     from stages import advantages, prepare, rollout, score, sft
 
     scorers = [{"name": "task", "kind": "task"}, {"name": "brevity", "kind": "length", "target_length": 3, "weight": 0.5}]
@@ -382,7 +371,7 @@ def test_sft_fine_tunes_a_local_hf_model_on_file_demonstrations(tmp_path, tiny_c
     """sft.model = a local HF directory with sft.epochs > 0: the snapshot is a fine-tuned copy."""
     from safetensors.torch import load_file
 
-    from rlhf_core.tasks import sentiment
+    from rlhf_core.phases.tasks import sentiment
     from stages import sft
 
     pd.DataFrame(sentiment.demonstrations(60, seed=9)).to_json(tmp_path / "demos.jsonl", orient="records", lines=True)

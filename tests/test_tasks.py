@@ -8,10 +8,10 @@ import re
 import pytest
 
 from rlhf_core.config import TASKS, params_from_dict, replace
-from rlhf_core.data import prepare_prompts, read_prompt_records
 from rlhf_core.errors import ConfigError, DataError
-from rlhf_core.evaluation import exact_match
-from rlhf_core.tasks import arithmetic, get_task
+from rlhf_core.phases.data import prepare_prompts, read_prompt_records
+from rlhf_core.phases.evaluation import exact_match
+from rlhf_core.phases.tasks import arithmetic, get_task
 
 PROMPT = re.compile(r"^(\d) (\d) \+ (\d) (\d) =$")
 
@@ -34,7 +34,7 @@ def test_get_task_arithmetic():
 
 def test_every_task_params_allow_is_a_built_in_task():
     """config.TASKS (the `task` Literal) is the one list of tasks: get_task knows each of them, and nothing else."""
-    assert [get_task(name).__name__ for name in TASKS] == [f"rlhf_core.tasks.{name}" for name in TASKS]
+    assert [get_task(name).__name__ for name in TASKS] == [f"rlhf_core.phases.tasks.{name}" for name in TASKS]
     with pytest.raises(ConfigError, match="task = 'poetry': not a built-in task"):
         get_task("poetry")
 
@@ -110,7 +110,7 @@ def test_arithmetic_reward_without_answers_raises():
 
 def test_the_builtin_tokenizer_reads_one_digit_per_token():
     """The reason for the spaced notation: BPE merges cannot join digits across the spaces."""
-    from rlhf_core.models import train_tokenizer
+    from rlhf_core.model.models import train_tokenizer
 
     rows = arithmetic.demonstrations(2000, seed=0)
     tokenizer = train_tokenizer([r["prompt"] + r["response"] for r in rows], 768)
@@ -161,9 +161,9 @@ def test_exact_match_by_hand():
 def test_evaluate_checkpoint_reports_exact_match_only_with_answers(tiny_checkpoint, tiny_params):
     import torch
 
-    from rlhf_core.evaluation import evaluate_checkpoint
-    from rlhf_core.models import load_causal_lm, load_tokenizer
-    from rlhf_core.sft import encode_demonstrations
+    from rlhf_core.model.models import load_causal_lm, load_tokenizer
+    from rlhf_core.phases.evaluation import evaluate_checkpoint
+    from rlhf_core.phases.sft import encode_demonstrations
 
     device = torch.device("cpu")
     tokenizer = load_tokenizer(str(tiny_checkpoint))

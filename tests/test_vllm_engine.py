@@ -31,13 +31,13 @@ PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
 
 
 def alive(pid):
-    from rlhf_core.vllm_client import _is_engine
+    from rlhf_core.phases.vllm_client import _is_engine
 
     return _is_engine(pid)
 
 
 def spec_for(checkpoint, **changes):
-    from rlhf_core.vllm_client import EngineSpec, weights_sha256
+    from rlhf_core.phases.vllm_client import EngineSpec, weights_sha256
 
     values = dict(weights=str(Path(checkpoint).resolve()), weights_sha256=weights_sha256(checkpoint), dtype="float32",
                   seed=0, device="auto", lora_rank=0, max_model_len=96, cpu_kv_cache_gib=0.25, gpu_memory_fraction=0.3,
@@ -46,7 +46,7 @@ def spec_for(checkpoint, **changes):
 
 
 def start(spec, state_dir, **kwargs):
-    from rlhf_core.vllm_client import EngineClient
+    from rlhf_core.phases.vllm_client import EngineClient
 
     client = EngineClient(spec, state_dir=state_dir, idle_timeout_s=kwargs.pop("idle_timeout_s", 300), **kwargs)
     client.start_or_attach().ready()
@@ -55,7 +55,7 @@ def start(spec, state_dir, **kwargs):
 
 def perturbed(checkpoint, directory, seed, scale=0.05, with_value_head=True):
     """A full checkpoint like optimize writes (policy + tokenizer + value head at the root), its weights moved."""
-    from rlhf_core.models import load_actor_critic, load_tokenizer, save_checkpoint
+    from rlhf_core.model.models import load_actor_critic, load_tokenizer, save_checkpoint
 
     actor_critic = load_actor_critic(str(checkpoint), "value_head", CPU)
     generator = torch.Generator().manual_seed(seed)
@@ -71,16 +71,16 @@ def perturbed(checkpoint, directory, seed, scale=0.05, with_value_head=True):
 
 
 def hf_logprobs(checkpoint, token_ids):
-    from rlhf_core.models import load_causal_lm, load_tokenizer
-    from rlhf_core.vllm_client import trainer_probe_logprobs
+    from rlhf_core.model.models import load_causal_lm, load_tokenizer
+    from rlhf_core.phases.vllm_client import trainer_probe_logprobs
 
     policy = load_causal_lm(str(checkpoint), CPU)
     return trainer_probe_logprobs(policy, token_ids, load_tokenizer(str(checkpoint)).pad_token_id, CPU)
 
 
 def probe_of(checkpoint):
-    from rlhf_core.models import load_tokenizer
-    from rlhf_core.vllm_client import probe_ids
+    from rlhf_core.model.models import load_tokenizer
+    from rlhf_core.phases.vllm_client import probe_ids
 
     return probe_ids(load_tokenizer(str(checkpoint)), PROMPTS[0], 64)
 
@@ -108,7 +108,7 @@ def warm(vllm_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def eos(vllm_checkpoint):
-    from rlhf_core.models import load_tokenizer
+    from rlhf_core.model.models import load_tokenizer
 
     return load_tokenizer(str(vllm_checkpoint)).eos_token_id
 
@@ -124,7 +124,7 @@ def test_the_engine_scores_as_the_training_forward_pass(warm, vllm_checkpoint):
 def test_samples_in_order_cut_at_eos_with_the_sampled_distributions_logprobs(warm, vllm_checkpoint, eos):
     """At T=0.7, top_k 20, top_p 0.9, vLLM's sampler log-probs are log of the renormalised truncated softmax of
     logits / T, worked out here from the HF model's logits."""
-    from rlhf_core.models import load_causal_lm
+    from rlhf_core.model.models import load_causal_lm
 
     warm.load(vllm_checkpoint)
     samples = generate(warm, eos, temperature=0.7, top_k=20, top_p=0.9)
@@ -217,8 +217,8 @@ def test_writes_into_the_parameters_change_nothing_and_the_probe_says_so(vllm_ch
     from safetensors.torch import load_file
     from vllm import LLM
 
-    from rlhf_core.vllm_client import check_probe
-    from rlhf_core.vllm_engine import served_view
+    from rlhf_core.phases.vllm_client import check_probe
+    from rlhf_core.phases.vllm_engine import served_view
 
     r1, _ = moved
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -251,7 +251,7 @@ def test_writes_into_the_parameters_change_nothing_and_the_probe_says_so(vllm_ch
         with pytest.raises(DataError, match=f"the vLLM engine does not serve {r1}"):
             check_probe(served, hf_logprobs(r1, probe), 1e-3, str(r1))
     finally:
-        from rlhf_core.vllm_engine import _shutdown_llm
+        from rlhf_core.phases.vllm_engine import _shutdown_llm
 
         _shutdown_llm(llm)
 
@@ -266,7 +266,7 @@ def test_a_stale_engine_stops_the_round_in_one_line(stale, tolerance, message, v
     """The stage: the engine is asked to load r1 but keeps serving sft, either saying so (``kept``) or claiming a
     reload that changed nothing (``claimed``).  The round stops in one line, nothing is written, and the stale
     engine is stopped, not reused."""
-    from rlhf_core import vllm_client
+    from rlhf_core.phases import vllm_client
     from stages import rollout
 
     workdir = pipeline_dir(tmp_path, vllm_params, vllm_checkpoint, rounds={"r1": {"from": "sft"}, "r2": {"from": "r1"}},
@@ -290,7 +290,7 @@ def test_a_stale_engine_stops_the_round_in_one_line(stale, tolerance, message, v
 
 
 def test_lora_rounds_are_served_as_adapters_on_the_base(vllm_checkpoint, tmp_path, eos):
-    from rlhf_core.models import load_tokenizer, trainable_lora_policy
+    from rlhf_core.model.models import load_tokenizer, trainable_lora_policy
 
     def adapter(directory, seed):
         policy = trainable_lora_policy(str(vllm_checkpoint), LoraParams(enabled=True, r=4), CPU)
@@ -326,7 +326,7 @@ def test_lora_rounds_are_served_as_adapters_on_the_base(vllm_checkpoint, tmp_pat
 
 
 def test_a_head_dim_vllm_cpu_cannot_serve_is_refused_in_one_line(tiny_checkpoint, tmp_path):
-    from rlhf_core.vllm_client import EngineClient
+    from rlhf_core.phases.vllm_client import EngineClient
 
     client = EngineClient(spec_for(tiny_checkpoint), state_dir=tmp_path / "state").start_or_attach()
     with pytest.raises(ConfigError) as info:
@@ -336,7 +336,7 @@ def test_a_head_dim_vllm_cpu_cannot_serve_is_refused_in_one_line(tiny_checkpoint
 
 
 def test_device_cuda_on_the_cpu_build_is_refused_in_one_line(vllm_checkpoint, tmp_path):
-    from rlhf_core.vllm_client import EngineClient
+    from rlhf_core.phases.vllm_client import EngineClient
 
     client = EngineClient(spec_for(vllm_checkpoint, device="cuda"), state_dir=tmp_path / "state").start_or_attach()
     with pytest.raises(ConfigError, match="^rollout.engine = 'vllm': device is cuda, but this vLLM is the CPU build"):
@@ -344,7 +344,7 @@ def test_device_cuda_on_the_cpu_build_is_refused_in_one_line(vllm_checkpoint, tm
 
 
 def test_a_refused_value_and_a_dead_engine_are_two_different_lines(vllm_checkpoint, tmp_path, eos):
-    from rlhf_core.vllm_client import EngineDied
+    from rlhf_core.phases.vllm_client import EngineDied
 
     client = start(spec_for(vllm_checkpoint), tmp_path / "state")
     try:
@@ -362,7 +362,7 @@ def test_a_refused_value_and_a_dead_engine_are_two_different_lines(vllm_checkpoi
 
 
 def test_an_idle_engine_stops_by_itself_and_a_new_spec_replaces_it(vllm_checkpoint, tmp_path):
-    from rlhf_core.vllm_client import read_state
+    from rlhf_core.phases.vllm_client import read_state
 
     state_dir = tmp_path / "state"
     first = start(spec_for(vllm_checkpoint), state_dir)
@@ -409,8 +409,8 @@ def test_rollout_stage_rounds_on_one_warm_engine(vllm_params, vllm_checkpoint, m
     """Two rounds of the stage on one engine: r1 from sft, r2 from a full checkpoint with its value head at the
     root.  Samples come from vLLM (HF generate is never called); log-probs, reference log-probs and values from the
     training forward pass; the probe and the served checksum are in the metrics."""
-    import rlhf_core.rollout
-    from rlhf_core.vllm_client import read_state, stop_engine, weights_sha256
+    import rlhf_core.phases.rollout
+    from rlhf_core.phases.vllm_client import read_state, stop_engine, weights_sha256
     from stages import rollout
 
     workdir = pipeline_dir(tmp_path, vllm_params, vllm_checkpoint, rounds={"r1": {"from": "sft"}, "r2": {"from": "r1"}})
@@ -421,7 +421,7 @@ def test_rollout_stage_rounds_on_one_warm_engine(vllm_params, vllm_checkpoint, m
     def no_hf_generate(*args, **kwargs):
         raise AssertionError("engine: vllm must not call HF generate")
 
-    monkeypatch.setattr(rlhf_core.rollout, "generate_samples", no_hf_generate)
+    monkeypatch.setattr(rlhf_core.phases.rollout, "generate_samples", no_hf_generate)
     try:
         for round_key in ("r1", "r2"):
             rollout.main(params, argparse.Namespace(round=round_key))
@@ -447,7 +447,7 @@ def test_rollout_stage_rounds_on_one_warm_engine(vllm_params, vllm_checkpoint, m
 
 
 def test_keep_warm_false_starts_and_stops_an_engine_per_stage(vllm_params, vllm_checkpoint, tmp_path, monkeypatch):
-    from rlhf_core.vllm_client import read_state
+    from rlhf_core.phases.vllm_client import read_state
     from stages import rollout
 
     workdir = pipeline_dir(tmp_path, vllm_params, vllm_checkpoint, rounds={"r1": {"from": "sft"}},
@@ -461,7 +461,7 @@ def test_keep_warm_false_starts_and_stops_an_engine_per_stage(vllm_params, vllm_
 
 
 def test_rlhf_engine_status_and_stop(vllm_checkpoint, tmp_path, monkeypatch, capsys):
-    from rlhf_core.commands import main
+    from rlhf_core.tooling.commands import main
 
     (tmp_path / "params.yaml").write_text("{}\n")
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
@@ -485,8 +485,8 @@ def test_a_lora_pipeline_serves_its_rounds_as_adapters(vllm_params, vllm_checkpo
     """lora.enabled: the stage starts the engine with LoRA on models/sft; round 2 serves models/r1, an adapter
     checkpoint with its value head (as optimize writes it), through LoRARequest, proven by the probe against the
     peft policy that records the log-probs.  No merged copy is written."""
-    from rlhf_core.models import load_actor_critic, load_tokenizer, save_checkpoint
-    from rlhf_core.vllm_client import stop_engine, weights_sha256
+    from rlhf_core.model.models import load_actor_critic, load_tokenizer, save_checkpoint
+    from rlhf_core.phases.vllm_client import stop_engine, weights_sha256
     from stages import rollout
 
     workdir = pipeline_dir(tmp_path, vllm_params, vllm_checkpoint, rounds={"r1": {"from": "sft"}, "r2": {"from": "r1"}},

@@ -1,4 +1,4 @@
-"""Warm start (rlhf_core/warm.py): stages forked from a server that has already done the imports.
+"""Warm start (rlhf_core/runtime/warm.py): stages forked from a server that has already done the imports.
 
 The server tests run real servers in a temporary repository holding a copy of rlhf_core and a probe
 stage.  They preload only ``json`` (RLHF_WARM_PRELOAD) so that each server starts in well under a
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_core import warm
+from rlhf_core.runtime import warm
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = '''
@@ -56,7 +56,7 @@ def probe_repo(tmp_path, monkeypatch):
 
 
 def launch(repo, *args, env=None, **kwargs):
-    return subprocess.run([sys.executable, "-m", "rlhf_core.launch", "stages.probe", *args], cwd=repo,
+    return subprocess.run([sys.executable, "-m", "rlhf_core.runtime.launch", "stages.probe", *args], cwd=repo,
                           env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=60, **kwargs)
 
 
@@ -112,7 +112,7 @@ def test_server_key_follows_code_and_import_time_environment_but_not_dvc_variabl
 
 
 def test_killing_the_client_kills_the_stage(probe_repo):
-    client = subprocess.Popen([sys.executable, "-m", "rlhf_core.launch", "stages.probe", "--sleep"], cwd=probe_repo,
+    client = subprocess.Popen([sys.executable, "-m", "rlhf_core.runtime.launch", "stages.probe", "--sleep"], cwd=probe_repo,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     stage_pid = wait_for_stage(probe_repo)
     assert stage_pid != client.pid
@@ -122,7 +122,7 @@ def test_killing_the_client_kills_the_stage(probe_repo):
 
 
 def test_sigterm_to_the_client_reaches_the_stage(probe_repo):
-    client = subprocess.Popen([sys.executable, "-m", "rlhf_core.launch", "stages.probe", "--sleep"], cwd=probe_repo,
+    client = subprocess.Popen([sys.executable, "-m", "rlhf_core.runtime.launch", "stages.probe", "--sleep"], cwd=probe_repo,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     stage_pid = wait_for_stage(probe_repo)
     client.send_signal(signal.SIGTERM)
@@ -139,8 +139,8 @@ def test_when_no_server_can_start_the_stage_runs_cold(probe_repo, tmp_path):
 
 def test_default_preload_gives_the_stage_torch_already_imported(probe_repo):
     env = {name: value for name, value in os.environ.items() if name != "RLHF_WARM_PRELOAD"}
-    env["RLHF_WARM_PRELOAD"] = "torch,rlhf_core.models"
-    output = probe_output(subprocess.run([sys.executable, "-m", "rlhf_core.launch", "stages.probe"], cwd=probe_repo,
+    env["RLHF_WARM_PRELOAD"] = "torch,rlhf_core.model.models"
+    output = probe_output(subprocess.run([sys.executable, "-m", "rlhf_core.runtime.launch", "stages.probe"], cwd=probe_repo,
                                          env=env, capture_output=True, text=True, timeout=120))
     assert output["torch_loaded"]
     cold = probe_output(launch(probe_repo, env={"RLHF_WARM_START": "0"}))
@@ -180,7 +180,7 @@ def wait_until_gone(pid: int, seconds: float = 10) -> bool:
 
 
 def test_process_started_is_this_process_start_or_the_launchers():
-    code = ("import time; from rlhf_core.stage_times import process_started; "
+    code = ("import time; from rlhf_core.runtime.stage_times import process_started; "
             "print(time.time() - process_started())")
     since_start = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                        cwd=REPO).stdout)
@@ -194,11 +194,11 @@ def test_process_started_is_this_process_start_or_the_launchers():
 
 def test_warm_stage_reports_its_start_up_from_the_clients_start(probe_repo):
     (probe_repo / "stages" / "ready_probe.py").write_text(
-        "import time\nfrom rlhf_core.cli import ready, run_stage\n\n"
+        "import time\nfrom rlhf_core.runtime.cli import ready, run_stage\n\n"
         "def main(params, args):\n    \"\"\"Probe.\"\"\"\n    ready()\n    time.sleep(0.3)\n    ready()\n\n"
         "if __name__ == '__main__':\n    run_stage(main, name='probe')\n")
     # exec keeps the process (and its start time) of the shell, which slept 0.5 s before python started
-    result = subprocess.run(["sh", "-c", f"sleep 0.5; exec {sys.executable} -m rlhf_core.launch stages.ready_probe"],
+    result = subprocess.run(["sh", "-c", f"sleep 0.5; exec {sys.executable} -m rlhf_core.runtime.launch stages.ready_probe"],
                             cwd=probe_repo, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     match = re.search(r"^probe: done in [\d.]+s \(start-up ([\d.]+)s \+ work ([\d.]+)s\); peak RSS \d+ MB$", result.stderr, re.M)
@@ -209,7 +209,7 @@ def test_warm_stage_reports_its_start_up_from_the_clients_start(probe_repo):
 
 
 def test_a_stage_called_in_process_reports_no_start_up(capsys, tmp_path, monkeypatch):
-    from rlhf_core.cli import ready, run_stage
+    from rlhf_core.runtime.cli import ready, run_stage
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text("device: cpu\n")

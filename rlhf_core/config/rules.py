@@ -1,16 +1,16 @@
 """The cross-field rules of the params tree: each a function of the whole tree (at most about 30 lines) that
 raises ConfigError with one line naming the key, what is wrong and what is allowed.  They ask the algorithm for
-its traits (rlhf_core/algorithms/registry.py), never for its name.  ``validate`` runs them in order."""
+its traits (rlhf_core/rl/algorithms/registry.py), never for its name.  ``validate`` runs them in order."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from rlhf_core.algorithms import registry
 from rlhf_core.config.sections import ZERO3_ONE_DTYPE_HINT, Params, PPOParams, RolloutCorrectionParams
 from rlhf_core.config.yaml12 import yaml_scalar
 from rlhf_core.errors import ConfigError
+from rlhf_core.rl.algorithms import registry
 
 
 def _names(predicate) -> str:

@@ -19,10 +19,10 @@ from pydantic import (
     StrictStr,
 )
 
-from rlhf_core.algorithms import registry
 from rlhf_core.errors import ConfigError
+from rlhf_core.rl.algorithms import registry
 
-TASKS = ("sentiment", "arithmetic")  # task's allowed values: the built-in tasks of rlhf_core.tasks (get_task)
+TASKS = ("sentiment", "arithmetic")  # task's allowed values: the built-in tasks of rlhf_core.phases.tasks (get_task)
 
 
 def _number_from_text(value):
@@ -74,7 +74,7 @@ class ComputeParams(Section):
         "depend on it", ge=1)
     num_machines: StrictInt = param(
         1, "machines that run rollout and optimize together (num_processes on each); more than 1 needs the repository "
-        "on a filesystem every machine mounts at the same path, and `python -m rlhf_core.launch --follow` running on "
+        "on a filesystem every machine mounts at the same path, and `python -m rlhf_core.runtime.launch --follow` running on "
         "every other machine (docs/scaling.md: Several machines)", ge=1)
     main_process_ip: StrictStr = param(
         "", "address of machine 0 (where `dvc repro` runs) for the rendezvous when num_machines > 1; empty: the "
@@ -111,7 +111,7 @@ class ComputeParams(Section):
         "one more forward pass of compute; the same gradients")
     warm_start: StrictBool = param(
         True, "fork one-process CPU stages from a local server that has already imported torch and transformers "
-        "(rlhf_core/warm.py), instead of paying ~7 s of imports in every stage; false starts each stage cold")
+        "(rlhf_core/runtime/warm.py), instead of paying ~7 s of imports in every stage; false starts each stage cold")
 
 
 class PrepareParams(Section):
@@ -308,7 +308,7 @@ class KLParams(Section):
 
 
 def _registered(name: str) -> str:
-    """algorithm.name: a name of the algorithm registry (rlhf_core/algorithms/registry.py)."""
+    """algorithm.name: a name of the algorithm registry (rlhf_core/rl/algorithms/registry.py)."""
     if name not in registry.ALGORITHMS:
         raise ValueError("must be one of " + ", ".join(repr(known) for known in registry.ALGORITHMS))
     return name
@@ -320,7 +320,7 @@ def _algorithm_names() -> str:
 
 class AlgorithmParams(Section):
     name: Annotated[StrictStr, AfterValidator(_registered)] = param(
-        "ppo", "policy optimizer, a name of the algorithm registry (rlhf_core/algorithms/registry.py): "
+        "ppo", "policy optimizer, a name of the algorithm registry (rlhf_core/rl/algorithms/registry.py): "
         + _algorithm_names())
     critic: Literal["value_head", "separate"] = param(
         "value_head", "critic: a value head on the policy backbone, or a separate backbone with its own head")
@@ -548,7 +548,7 @@ class Params(Section):
 
     @property
     def traits(self) -> "registry.Traits":
-        """What algorithm.name does under these params (rlhf_core/algorithms/registry.py)."""
+        """What algorithm.name does under these params (rlhf_core/rl/algorithms/registry.py)."""
         return registry.traits_of(self)
 
     def kl_coef(self, key: str) -> float:

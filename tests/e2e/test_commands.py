@@ -2,8 +2,8 @@
 
 One module-scoped copy of the repo (tests/e2e/test_pipeline.py's reduced params) runs `dvc repro`
 and then `dvc exp run -S ppo.clip_range=0.1`: two MLflow runs that differ in one param.  The
-commands run in-process (``rlhf_core.commands.main``, cwd = the copy) and once as the installed
-`rlhf` script (or ``python -m rlhf_core.commands``) in a subprocess.
+commands run in-process (``rlhf_core.tooling.commands.main``, cwd = the copy) and once as the installed
+`rlhf` script (or ``python -m rlhf_core.tooling.commands``) in a subprocess.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def pipeline(tmp_path_factory):
 def rlhf(pipeline, monkeypatch, capsys):
     """Run `rlhf ARGS` in-process in the pipeline copy: (exit code, stdout, stderr)."""
     workdir, _ = pipeline
-    from rlhf_core.commands import main
+    from rlhf_core.tooling.commands import main
 
     for name in [k for k in os.environ if k.startswith(("MLFLOW_", "DVC_"))]:
         monkeypatch.delenv(name)
@@ -180,8 +180,8 @@ def test_plot_writes_pngs_and_logs_them_to_the_runs(pipeline, rlhf):
     for run in mlflow_runs(workdir).values():
         logged = {Path(a.path).name: a.file_size for a in client.list_artifacts(run.info.run_id, "rlhf_plot")}
         assert set(logged) == set(names) and all(size > 20_000 for size in logged.values())
-    from rlhf_core.commands import _common
-    from rlhf_core.commands.plot import series
+    from rlhf_core.tooling.commands import _common
+    from rlhf_core.tooling.commands.plot import series
 
     # The legend names each run by short id and the differing param; every run has sft, r1, r2.
     runs = list(mlflow_runs(workdir).values())
@@ -192,10 +192,10 @@ def test_plot_writes_pngs_and_logs_them_to_the_runs(pipeline, rlhf):
 
 
 def test_installed_command_and_its_errors(pipeline):
-    """The console script (or `python -m rlhf_core.commands`) in a subprocess, as a person runs it."""
+    """The console script (or `python -m rlhf_core.tooling.commands`) in a subprocess, as a person runs it."""
     workdir, evals = pipeline
     exe = shutil.which("rlhf")
-    command = [exe] if exe else [sys.executable, "-m", "rlhf_core.commands"]
+    command = [exe] if exe else [sys.executable, "-m", "rlhf_core.tooling.commands"]
     env = _env()
     result = subprocess.run([*command, "compare"], cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

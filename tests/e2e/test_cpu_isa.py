@@ -21,7 +21,7 @@ import yaml
 
 from rlhf_core.config import params_from_dict
 from rlhf_core.config.rendering import render_params_yaml
-from rlhf_core.launch import cpu_has_avx2
+from rlhf_core.runtime.launch import cpu_has_avx2
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
@@ -42,7 +42,7 @@ def sft_digest(workdir: Path, cpu_isa: str, extra_env: dict[str, str]) -> str:
     env = {k: v for k, v in os.environ.items()
            if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS")}
     env.update(PYTHONPATH=str(REPO), RLHF_PROGRESS="off", **extra_env)
-    result = subprocess.run([sys.executable, "-m", "rlhf_core.launch", "stages.sft"], cwd=workdir, env=env,
+    result = subprocess.run([sys.executable, "-m", "rlhf_core.runtime.launch", "stages.sft"], cwd=workdir, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return hashlib.sha256((workdir / "models/sft/model.safetensors").read_bytes()).hexdigest()

@@ -79,7 +79,7 @@ def test_two_process_ddp_pipeline_carries_the_optimizer_state(tmp_path):
     checkpoint, round 2 starts from it, and the state's step count is both rounds' steps."""
     import json
 
-    from rlhf_core.optim import load_optimizer_state
+    from rlhf_core.rl.optim import load_optimizer_state
 
     changes = {**TWO_PROCESSES, "optim": {**TWO_PROCESSES["optim"], "carry_state": True},
                "rounds": {"r1": {"from": "sft"}, "r2": {"from": "r1"}}}

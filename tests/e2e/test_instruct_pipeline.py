@@ -1,5 +1,5 @@
 """End to end: `dvc repro` on a locally built model with a real instruct model's shape and quirks
-(``rlhf_core.local_models``: SmolLM2's 49,152-token vocabulary, a ChatML template with a system turn,
+(``rlhf_core.tooling.local_models``: SmolLM2's 49,152-token vocabulary, a ChatML template with a system turn,
 pad == eos, two end ids in the generation config), fine-tuned on the chat-templated demonstrations,
 then 2 rounds of PPO.  The final checkpoint loads with `transformers.pipeline` from another directory."""
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 
 
 def test_instruct_model_pipeline(tmp_path):
-    from rlhf_core.local_models import write_local_model
+    from rlhf_core.tooling.local_models import write_local_model
 
     model_dir = write_local_model(tmp_path / "smollm2-like", "chatml-49k-tiny")
     workdir = make_reduced_repo(tmp_path / "repo", {

@@ -123,12 +123,12 @@ def pipeline(tmp_path_factory):
     outputs["temp"] = dvc(["exp", "run", "--temp", "-S", "evaluate.seed=7"], workdir)
     # One more round: only its own stages, its evaluation and the summary run (each checkpoint has its own
     # cached evaluation; a single evaluate stage re-evaluated every checkpoint).
-    subprocess.run([sys.executable, "-m", "rlhf_core.commands", "rounds", "3"], cwd=workdir, env=_env(), check=True,
+    subprocess.run([sys.executable, "-m", "rlhf_core.tooling.commands", "rounds", "3"], cwd=workdir, env=_env(), check=True,
                    capture_output=True)
     outputs["third_round"] = dvc(["repro"], workdir)
     outputs["eval_after_third"] = json.loads((workdir / "metrics/eval.json").read_text())
     # An edit to one module: the stages whose code fingerprint lists it re-run, and nothing else.
-    with open(workdir / "rlhf_core/advantages.py", "a") as handle:
+    with open(workdir / "rlhf_core/rl/advantages.py", "a") as handle:
         handle.write("\n# an edit that changes no behaviour\n")
     outputs["code_edit"] = dvc(["repro"], workdir)
     outputs["code_fingerprints"] = {path.stem: json.loads(path.read_text())
@@ -223,11 +223,11 @@ def test_rlhf_exps_is_a_readable_table_of_dvc_exp_show(pipeline):
     import csv
     import io
 
-    from rlhf_core.commands.exps import EXP_SHOW_DROP
+    from rlhf_core.tooling.commands.exps import EXP_SHOW_DROP
 
     assert "rlhf exps" in (REPO / "README.md").read_text()
     workdir, _ = pipeline
-    result = subprocess.run([sys.executable, "-m", "rlhf_core.commands", "exps", "--csv"], cwd=workdir, env=_env(),
+    result = subprocess.run([sys.executable, "-m", "rlhf_core.tooling.commands", "exps", "--csv"], cwd=workdir, env=_env(),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     columns = list(next(csv.DictReader(io.StringIO(result.stdout))))
@@ -283,10 +283,10 @@ def test_one_mlflow_run_per_pipeline_state(pipeline):
 
 def test_editing_a_module_reruns_exactly_the_stages_that_run_it(pipeline):
     """Each stage depends on the fingerprint of the code it runs (fingerprints/code/<stage>.json), not on a
-    hand-kept module list: an edit to rlhf_core/advantages.py re-runs the stages that import it, in every round,
+    hand-kept module list: an edit to rlhf_core/rl/advantages.py re-runs the stages that import it, in every round,
     and their unchanged outputs stop the re-run there."""
     _, outputs = pipeline
-    importers = {stage for stage, files in outputs["code_fingerprints"].items() if "rlhf_core/advantages.py" in files}
+    importers = {stage for stage, files in outputs["code_fingerprints"].items() if "rlhf_core/rl/advantages.py" in files}
     assert {"advantages", "optimize"} <= importers and "prepare" not in importers
     per_round = {"rollout", "score", "advantages", "optimize", "evaluate"}
     expected = {f"{stage}@{key}" for stage in importers & per_round for key in ("r1", "r2", "r3")}
@@ -340,7 +340,7 @@ def test_one_switch_runs_every_registered_algorithm(tmp_path):
     sapo stopped at the first stage with `kl.reward_coef = 0.05 …` before kl.reward_coef: auto): the new names on
     the repository's own params (3 rounds, the default task), where their eval reward must beat sft's by 0.1; the
     others on the reduced pipeline, to keep CI short."""
-    from rlhf_core.algorithms import registry
+    from rlhf_core.rl.algorithms import registry
 
     default = make_reduced_repo(tmp_path / "default", reduced={})
     dvc(["repro"], default)

@@ -28,7 +28,7 @@ VLLM_CHANGES = {
 
 
 def rlhf(args, cwd):
-    return subprocess.run([sys.executable, "-m", "rlhf_core.commands", *args], cwd=cwd, env=_env(),
+    return subprocess.run([sys.executable, "-m", "rlhf_core.tooling.commands", *args], cwd=cwd, env=_env(),
                           capture_output=True, text=True, timeout=120)
 
 

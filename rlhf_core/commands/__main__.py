@@ -1,5 +1,0 @@
-import sys
-
-from rlhf_core.commands import main
-
-sys.exit(main())
