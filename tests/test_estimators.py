@@ -96,3 +96,29 @@ def test_policy_gradient_loss_and_aggregations_by_hand():
     assert aggregate(loss, mask, "token_mean", total_tokens=3, total_sequences=2).item() == pytest.approx(8 / 3)
     assert aggregate(loss, mask, "seq_mean_token_mean", total_tokens=3, total_sequences=2).item() == 3.0
     assert aggregate(loss, mask, "seq_mean_token_sum", total_tokens=3, total_sequences=2).item() == 4.0
+
+
+def test_the_registry_names_only_estimators_and_objectives_that_exist():
+    """The registry is torch-free, so it names the estimators and objectives that advantages.ESTIMATORS and
+    ppo.OBJECTIVES implement: every name it lists, and every built-in algorithm's (under each variant), has its
+    function; registering an unknown estimator or critic is refused."""
+    import dataclasses
+
+    from rlhf_core.config import params_from_dict
+    from rlhf_core.rl.advantages import ESTIMATORS
+    from rlhf_core.rl.algorithms import registry
+    from rlhf_core.rl.algorithms.ppo import OBJECTIVES
+
+    assert set(registry.ESTIMATORS) == set(ESTIMATORS)
+    variants = [{}, {"reinforce": {"baseline": "value"}}, {"reinforce": {"baseline": "leave_one_out"}},
+                {"rloo": {"objective": "clipped"}}, {"reinforce_pp": {"baseline": "group_mean"}}]
+    for name, algorithm in registry.ALGORITHMS.items():
+        for variant in variants:
+            raw = {"algorithm": {"name": name}, **{k: v for k, v in variant.items() if k == name}}
+            traits = algorithm.traits_for(params_from_dict(raw))
+            assert traits.estimator in ESTIMATORS, name
+            assert traits.objective in (*registry.UPDATE_LOOPS, *OBJECTIVES), name
+    with pytest.raises(ValueError, match="estimator 'vtrace' must be one of"):
+        registry.register(dataclasses.replace(registry.get("ppo"), name="x",
+                                              traits=dataclasses.replace(registry.get("ppo").traits, estimator="vtrace")))
+    assert "x" not in registry.ALGORITHMS
