@@ -533,10 +533,10 @@ def test_one_switch_picks_the_algorithm_and_auto_resolves_its_kl(name):
     params = params_from_dict(raw)
     traits = registry.get(name).traits
     assert params.kl.reward_coef == "auto" and params.kl.loss_coef == "auto"
-    assert (params.kl_resolved.reward_coef, params.kl_resolved.loss_coef) == traits.kl_defaults
-    assert params.kl_resolved.reward_coef == (0.05 if traits.kl_in_reward else 0.0)
+    assert (params.kl_reward_coef, params.kl_loss_coef) == traits.kl_defaults
+    assert params.kl_reward_coef == (0.05 if traits.kl_in_reward else 0.0)
     assert params.auto_resolved == {"reward_coef": traits.kl_defaults[0], "loss_coef": traits.kl_defaults[1]}
-    assert params.uses_reference == (params.kl_resolved.reward_coef > 0)  # KL-free where auto gives no KL at all
+    assert params.uses_reference == (params.kl_reward_coef > 0)  # KL-free where auto gives no KL at all
 
 
 def test_auto_or_a_number_is_one_line():
@@ -545,7 +545,7 @@ def test_auto_or_a_number_is_one_line():
     with pytest.raises(ConfigError, match=r"^kl.loss_coef = 'some': must be a number or auto$"):
         params_from_dict({"kl": {"loss_coef": "some"}})
     explicit = params_from_dict({"kl": {"reward_coef": 0.1, "loss_coef": "2e-2"}})
-    assert (explicit.kl_resolved.reward_coef, explicit.kl_resolved.loss_coef, explicit.auto_resolved) == (0.1, 0.02, {})
+    assert (explicit.kl_reward_coef, explicit.kl_loss_coef, explicit.auto_resolved) == (0.1, 0.02, {})
 
 
 RULE_CASES = [  # (rule, params that break it and no rule before it, the start of its one line)

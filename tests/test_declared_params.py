@@ -1,6 +1,6 @@
 """Every params key a stage reads is declared in that stage's `params:` in dvc.yaml, so that changing it re-runs
 the stage.  The stages run in process on a tiny round, each with a proxy of the params tree that records every key
-read: through the params' own properties and methods (traits, kl_resolved, uses_reference, round_seed, …) too,
+read: through the params' own properties and methods (traits, kl_coef, uses_reference, round_seed, …) too,
 which run with the proxy as ``self``.  Before this test the lists were kept by hand and nothing checked them."""
 
 from __future__ import annotations
@@ -44,8 +44,6 @@ class Recorder:
                 return Recorder(value, f"{prefix}{name}.", reads)
             reads.add(f"{prefix}{name}")
             return value
-        if name == "model_copy":  # kl_resolved: the copy is read like the original
-            return lambda **kwargs: Recorder(target.model_copy(**kwargs), prefix, reads)
         if isinstance(attribute, types.FunctionType):  # a method: its reads count too
             return types.MethodType(attribute, self)
         return getattr(target, name)

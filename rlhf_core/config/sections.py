@@ -553,7 +553,7 @@ class Params(Section):
 
     def kl_coef(self, key: str) -> float:
         """kl.<key> (reward_coef or loss_coef) as a number: `auto` becomes the algorithm's own (Traits.kl_defaults).
-        Every reader of a coefficient reads it here (or through kl_reward_coef, kl_loss_coef, kl_resolved)."""
+        Every reader of a coefficient reads it here (or through kl_reward_coef, kl_loss_coef)."""
         value = getattr(self.kl, key)
         return dict(zip(KL_COEFS, self.traits.kl_defaults))[key] if value == "auto" else value
 
@@ -566,11 +566,6 @@ class Params(Section):
     def kl_loss_coef(self) -> float:
         """The weight of the KL loss term, resolved (kl_coef)."""
         return self.kl_coef("loss_coef")
-
-    @property
-    def kl_resolved(self) -> KLParams:
-        """The kl section with both coefficients as numbers (kl_coef)."""
-        return self.kl.model_copy(update={key: self.kl_coef(key) for key in KL_COEFS})
 
     @property
     def auto_resolved(self) -> dict[str, float]:
@@ -611,16 +606,6 @@ class Params(Section):
         if mode != "auto":
             return mode
         return "tis" if self.records_sampler_logprobs and self.traits.first_order else "none"
-
-    @property
-    def has_group_baseline(self) -> bool:
-        """Whether the advantages compare the samples of each prompt (Traits.group_baseline)."""
-        return self.traits.group_baseline
-
-    @property
-    def trains_value_by_gradient(self) -> bool:
-        """Whether optim's update loop trains a critic (Traits.trains_critic)."""
-        return self.traits.trains_critic
 
     def round_seed(self, round_key: str, stage: str) -> int:
         """A seed for one stage of one round, derived from the global seed."""

@@ -21,7 +21,7 @@ def _yaml12_loader():
     import yaml
 
     class Yaml12Loader(yaml.SafeLoader):
-        pass
+        """SafeLoader with YAML 1.2's booleans and floats (its own resolver table, the base class's untouched)."""
 
     Yaml12Loader.yaml_implicit_resolvers = {
         first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_BOOL_TAG, _FLOAT_TAG)]

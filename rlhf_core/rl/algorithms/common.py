@@ -294,7 +294,7 @@ def _prepare(model, params, runtime, total_steps: int, carry: dict | None):
     ``minibatch_updates`` it holds this round's final state.  The param groups (lr, schedule, weight decay) are
     always this round's."""
     optim = params.optim
-    if runtime.deepspeed and not params.trains_value_by_gradient:
+    if runtime.deepspeed and not params.traits.trains_critic:
         # grpo, rloo, …: the value head gets no gradient.  AdamW skips such a parameter, but ZeRO zero-fills its
         # gradient and would step it (weight decay would shrink it); out of the optimizer, it stays as it is.
         for parameter in critic_parameters(model):

@@ -12,7 +12,7 @@ Every layer reads an algorithm through its traits, never through its name:
 - the docs and tests iterate over ``ALGORITHMS``.
 
 Adding an algorithm is one ``register(Algorithm(...))`` here, plus its pure loss in ``OBJECTIVES`` when its
-objective is new (tests/test_registry.py adds one that way and runs an optimize stage with it).
+objective is new (tests/test_stages.py adds one that way and runs the round stages with it).
 
 An algorithm whose traits depend on its own params (reinforce's baseline, rloo's objective, reinforce_pp's
 baseline) gives a ``variant``: a function of the params tree and its base traits.

@@ -156,7 +156,8 @@ class _Round:
         return g, surrogate_old / self.total_tokens, entropy_sum / self.total_tokens, cached_old_logits
 
     def fisher_vector_product(self, damping: float):
-        """v ↦ (F + damping·I)·v, F the Fisher of KL̄(π_θ_old ‖ π_θ) at θ_old (double backprop, no explicit F)."""
+        """v ↦ (F + damping·I)·v, F the Fisher of KL̄(π_θ_old ‖ π_θ) at θ_old (double backprop, no explicit F); a
+        second argument replaces the damping (sᵀFs takes 0)."""
         def kl_closure(mb):
             def kl_at_theta_old():  # KL(π_θ_old ‖ π_θ) with π_θ_old the detached copy of this very forward
                 with sdpa_kernel(SDPBackend.MATH):  # fused attention kernels have no double backward
@@ -165,7 +166,10 @@ class _Round:
             return kl_at_theta_old
 
         kl_fns = [kl_closure(mb) for mb in self.micro_batches]
-        return lambda v, extra=None: fisher_vector_product(kl_fns, self.theta, v, damping if extra is None else extra)
+
+        def fvp(v, damping: float = damping):
+            return fisher_vector_product(kl_fns, self.theta, v, damping)
+        return fvp
 
     def evaluate(self, cached_old_logits) -> tuple[float, float]:
         """(L(θ), KL̄(θ)) at the current parameters, no gradients."""
