@@ -123,7 +123,8 @@ def moved_checkpoint(source: Path, target: Path, scale: float, seed: int) -> Pat
     Gaussian noise of ``scale``: a stand-in for the next round's checkpoint."""
     import torch
 
-    from rlhf_core.model.models import load_actor_critic, load_tokenizer, save_checkpoint
+    from rlhf_core.model.checkpoints import load_actor_critic, save_checkpoint
+    from rlhf_core.model.loading import load_tokenizer
 
     actor_critic = load_actor_critic(str(source), "value_head", torch.device("cpu"))
     generator = torch.Generator().manual_seed(seed)

@@ -69,7 +69,9 @@ def worker(args) -> None:
     import torch
 
     from rlhf_core.config import params_from_dict
-    from rlhf_core.model.models import enable_gradient_checkpointing, load_actor_critic, seed_everything
+    from rlhf_core.model.checkpoints import load_actor_critic
+    from rlhf_core.model.device import seed_everything
+    from rlhf_core.model.loading import enable_gradient_checkpointing
     from rlhf_core.rl.algorithms.common import Experience
     from rlhf_core.rl.algorithms.ppo import train_ppo
     from rlhf_core.runtime.distributed import start_runtime

@@ -128,7 +128,8 @@ def bench_rollout(work: Path, repeats: int, batch_sizes: list[int]) -> dict:
     import torch
 
     from rlhf_core.config import load_params
-    from rlhf_core.model.models import load_causal_lm, load_tokenizer, resolve_device
+    from rlhf_core.model.device import resolve_device
+    from rlhf_core.model.loading import load_causal_lm, load_tokenizer
     from rlhf_core.phases.rollout import generate_samples, generation_config, record_token_stats, sample_prompt_indices
 
     params = load_params(work / "params.yaml")
@@ -177,7 +178,7 @@ def bench_rollout(work: Path, repeats: int, batch_sizes: list[int]) -> dict:
     if default:
         results["speedup_at_default_batch"] = round(default["median"] / results["one_at_a_time_tokens_per_s"]["median"], 1)
     # The whole in-process rollout: generation, then log-probs and values (round 1: π_ref = the policy).
-    from rlhf_core.model.models import load_actor_critic
+    from rlhf_core.model.checkpoints import load_actor_critic
 
     actor_critic = load_actor_critic(str(work / "models/sft"), params.algorithm.critic, device)
     walls = []
@@ -196,7 +197,9 @@ def bench_optimize(work: Path, repeats: int, micro_sizes: list[int]) -> dict:
     import pandas as pd
 
     from rlhf_core.config import load_params, replace
-    from rlhf_core.model.models import load_actor_critic, load_tokenizer, resolve_device
+    from rlhf_core.model.checkpoints import load_actor_critic
+    from rlhf_core.model.device import resolve_device
+    from rlhf_core.model.loading import load_tokenizer
     from rlhf_core.rl.algorithms.common import Experience
     from rlhf_core.rl.algorithms.train import train_round
 

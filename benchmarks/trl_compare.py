@@ -169,7 +169,7 @@ def train_prompts(base: Path) -> list[dict]:
 
     from rlhf_core.config import load_params
     from rlhf_core.model.chat import encode_prompts
-    from rlhf_core.model.models import load_tokenizer
+    from rlhf_core.model.loading import load_tokenizer
 
     params = load_params(base / "params.yaml")
     prompts = pd.read_parquet(base / "prompts/train.parquet")["prompt"].tolist()
@@ -237,7 +237,8 @@ class Evaluator:
         import pandas as pd
 
         from rlhf_core.config import ScorerParams, load_params, replace
-        from rlhf_core.model.models import checkpoint_stop_ids, load_causal_lm, load_tokenizer, resolve_device
+        from rlhf_core.model.device import resolve_device
+        from rlhf_core.model.loading import checkpoint_stop_ids, load_causal_lm, load_tokenizer
 
         params = load_params(base / "params.yaml")
         vader = ScorerParams(name="vader", kind="vader", weight=0.0)  # monitored: the task the reward model learnt

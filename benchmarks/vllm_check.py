@@ -41,7 +41,8 @@ def lora_checkpoint(source: Path, target: Path, rank: int) -> Path:
     import torch
 
     from rlhf_core.config import LoraParams
-    from rlhf_core.model.models import load_tokenizer, trainable_lora_policy
+    from rlhf_core.model.loading import load_tokenizer
+    from rlhf_core.model.lora import trainable_lora_policy
 
     policy = trainable_lora_policy(str(source), LoraParams(enabled=True, r=rank), torch.device("cpu"))
     generator = torch.Generator().manual_seed(1)
@@ -57,7 +58,7 @@ def lora_checkpoint(source: Path, target: Path, rank: int) -> Path:
 def trainer_logprobs(checkpoint: Path, probe: list[int], device: str, dtype: str) -> list[float]:
     import torch
 
-    from rlhf_core.model.models import load_causal_lm, load_tokenizer
+    from rlhf_core.model.loading import load_causal_lm, load_tokenizer
     from rlhf_core.phases.vllm_client import trainer_probe_logprobs
 
     where = torch.device("cuda" if device.startswith("cuda") else "cpu")
@@ -76,7 +77,7 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     args = parser.parse_args()
 
-    from rlhf_core.model.models import load_tokenizer
+    from rlhf_core.model.loading import load_tokenizer
     from rlhf_core.phases.vllm_client import EngineClient, EngineSpec, probe_ids, probe_tolerance, weights_sha256
     from rlhf_core.tooling.local_models import write_local_model
 

@@ -93,7 +93,7 @@ def main() -> None:
     from rlhf_core.config import load_params
     from rlhf_core.io import read_parquet
     from rlhf_core.model.chat import encode_prompts
-    from rlhf_core.model.models import checkpoint_stop_ids, load_causal_lm, load_tokenizer
+    from rlhf_core.model.loading import checkpoint_stop_ids, load_causal_lm, load_tokenizer
     from rlhf_core.phases.rollout import generate_samples
     from rlhf_core.phases.vllm_client import open_engine, stop_engine
     from rlhf_core.tooling.local_models import write_local_model

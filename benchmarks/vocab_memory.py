@@ -32,13 +32,15 @@ def worker(args) -> None:
     import torch
 
     from rlhf_core.config import params_from_dict
-    from rlhf_core.model import models
-    from rlhf_core.model.models import collate, load_actor_critic, seed_everything
+    from rlhf_core.model import forward
+    from rlhf_core.model.batches import collate
+    from rlhf_core.model.checkpoints import load_actor_critic
+    from rlhf_core.model.device import seed_everything
     from rlhf_core.rl.algorithms.common import Experience
     from rlhf_core.rl.algorithms.ppo import train_ppo
 
     if args.chunk_elements is not None:
-        models.LOGPROB_CHUNK_ELEMENTS = args.chunk_elements
+        forward.LOGPROB_CHUNK_ELEMENTS = args.chunk_elements
     torch.set_num_threads(2)
     params = params_from_dict({"device": "cpu", "optim": {"epochs": 1, "minibatch_size": RESPONSES,
                                                           "micro_batch_size": MICRO_BATCH}, "ppo": {"target_kl": None}})

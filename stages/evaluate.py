@@ -11,14 +11,9 @@ def main(params, args):
     """Write evals/<checkpoint>/metrics.json and samples.jsonl."""
     import json
 
-    from rlhf_core.model.models import (
-        checkpoint_dir,
-        checkpoint_stop_ids,
-        load_causal_lm,
-        load_tokenizer,
-        resolve_device,
-        seed_everything,
-    )
+    from rlhf_core.io import checkpoint_dir
+    from rlhf_core.model.device import resolve_device, seed_everything
+    from rlhf_core.model.loading import checkpoint_stop_ids, load_causal_lm, load_tokenizer
     from rlhf_core.phases.evaluation import evaluate_checkpoint
     from rlhf_core.phases.sft import encode_demonstrations, foreign_demonstrations
 

@@ -6,7 +6,7 @@ from rlhf_core.runtime.cli import log, ready, run_stage
 
 def main(params, args):
     """Train on rollouts/<round> + advantages/<round> with algorithm.name; write models/<round>."""
-    from rlhf_core.model.models import seed_everything
+    from rlhf_core.model.device import seed_everything
     from rlhf_core.rl.algorithms.train import train_round
     from rlhf_core.runtime.distributed import start_runtime
 
@@ -23,13 +23,9 @@ def main(params, args):
 
 
 def _train_and_save(params, round_key, start_from, train, seed, runtime):
-    from rlhf_core.model.models import (
-        checkpoint_dir,
-        enable_gradient_checkpointing,
-        load_actor_critic,
-        load_tokenizer,
-        save_checkpoint,
-    )
+    from rlhf_core.io import checkpoint_dir
+    from rlhf_core.model.checkpoints import load_actor_critic, save_checkpoint
+    from rlhf_core.model.loading import enable_gradient_checkpointing, load_tokenizer
     from rlhf_core.rl.algorithms.common import round_experience
     from rlhf_core.rl.optim import load_optimizer_state, save_optimizer_state
     from rlhf_core.runtime.distributed import local_parameter_bytes

@@ -6,8 +6,10 @@ from rlhf_core.runtime.cli import log, ready, run_stage
 
 def main(params, args):
     """Sample responses for round --round into rollouts/<round>/rollouts.parquet."""
+    from rlhf_core.io import checkpoint_dir
     from rlhf_core.model.chat import encode_prompts
-    from rlhf_core.model.models import checkpoint_dir, checkpoint_stop_ids, load_tokenizer, seed_everything
+    from rlhf_core.model.device import seed_everything
+    from rlhf_core.model.loading import checkpoint_stop_ids, load_tokenizer
     from rlhf_core.phases.rollout import check_finite, rollout_table, sample_prompt_indices
     from rlhf_core.runtime.distributed import start_runtime
 
@@ -50,7 +52,7 @@ def sample_round(params, start_from, runtime, tokenizer, prompt_ids, stop_ids, s
     """The rollout stage's round: the samples (from the warm vLLM engine with rollout.engine: vllm, attached or
     started first so that it starts while the HF models load; else HF generate), then the log-probs, reference
     log-probs and values of the training forward pass.  Returns (samples, stats, the engine's metrics)."""
-    from rlhf_core.model.models import checkpoint_dir
+    from rlhf_core.io import checkpoint_dir
 
     engine = None
     if params.rollout.engine == "vllm":
@@ -70,13 +72,9 @@ def _sample_and_record(params, start_from, runtime, engine, tokenizer, prompt_id
     import time
     from pathlib import Path
 
-    from rlhf_core.model.models import (
-        adapter_base,
-        checkpoint_dir,
-        is_adapter_checkpoint,
-        load_actor_critic,
-        load_causal_lm,
-    )
+    from rlhf_core.io import checkpoint_dir
+    from rlhf_core.model.checkpoints import load_actor_critic
+    from rlhf_core.model.loading import adapter_base, is_adapter_checkpoint, load_causal_lm
     from rlhf_core.phases.rollout import check_context, context_length, generate_samples, record_token_stats
     from rlhf_core.runtime.stage_times import add_work
 

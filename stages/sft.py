@@ -9,7 +9,8 @@ def main(params, args):
     """Train (or snapshot) the SFT reference into models/sft."""
     import pandas as pd
 
-    from rlhf_core.model.models import quiet_transformers, resolve_device, seed_everything
+    from rlhf_core.model.device import resolve_device, seed_everything
+    from rlhf_core.model.loading import quiet_transformers
     from rlhf_core.phases.sft import (
         build_reference,
         encode_demonstrations,

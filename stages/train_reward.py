@@ -7,12 +7,8 @@ from rlhf_core.runtime.cli import log, ready, run_stage
 
 def main(params, args):
     """Train reward model <name> (params reward_models.<name>) and report its held-out pair accuracy."""
-    from rlhf_core.model.models import (
-        enable_gradient_checkpointing,
-        quiet_transformers,
-        resolve_device,
-        seed_everything,
-    )
+    from rlhf_core.model.device import resolve_device, seed_everything
+    from rlhf_core.model.loading import enable_gradient_checkpointing, quiet_transformers
     from rlhf_core.phases.reward_model import (
         build_reward_model,
         pair_accuracy,

@@ -70,7 +70,7 @@ def trained_checkpoint(directory: Path, params) -> Path:
     demonstrations, saved to ``directory``."""
     import torch
 
-    from rlhf_core.model.models import seed_everything
+    from rlhf_core.model.device import seed_everything
     from rlhf_core.phases.sft import build_reference, encode_demonstrations, train_sft
     from rlhf_core.phases.tasks import sentiment
 

@@ -37,7 +37,9 @@ from rlhf_core.config import (
     TRPOParams,
     replace,
 )
-from rlhf_core.model.models import ActorCritic, ValueHead, disable_dropout, seed_everything
+from rlhf_core.model.device import seed_everything
+from rlhf_core.model.forward import ActorCritic, ValueHead
+from rlhf_core.model.loading import disable_dropout
 from rlhf_core.phases.rollout import generate_samples, record_token_stats
 from rlhf_core.rl.advantages import advantage_settings, round_advantages
 from rlhf_core.rl.algorithms.common import Experience

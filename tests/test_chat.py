@@ -16,7 +16,7 @@ from conftest import REPO, evaluate_all
 from rlhf_core.config import ChatParams, load_params
 from rlhf_core.errors import DataError
 from rlhf_core.model.chat import encode_prompt, encode_prompts, parse_conversation, stop_token_ids
-from rlhf_core.model.models import checkpoint_stop_ids
+from rlhf_core.model.loading import checkpoint_stop_ids
 from rlhf_core.tooling.local_models import write_local_model
 
 VOCAB = 4096  # the quirks do not need the real vocabulary; the e2e test has it
@@ -104,7 +104,7 @@ def test_every_end_id_is_collected(chatml_dir, llama3_dir):
 @pytest.mark.parametrize("style", ["chatml", "llama3"])
 def test_pad_becomes_a_spare_special_token_without_growing_the_vocabulary(style, chatml_dir, llama3_dir):
     """pad == eos (chatml) and no pad (llama3): pad becomes a reserved special token, distinct from every end id."""
-    from rlhf_core.model.models import load_tokenizer
+    from rlhf_core.model.loading import load_tokenizer
 
     path = chatml_dir if style == "chatml" else llama3_dir
     stops = checkpoint_stop_ids(path, raw_tokenizer(path))
@@ -116,7 +116,7 @@ def test_pad_becomes_a_spare_special_token_without_growing_the_vocabulary(style,
 
 
 def test_without_a_spare_token_a_pad_is_added_and_said(tmp_path):
-    from rlhf_core.model.models import PAD_TOKEN, load_tokenizer
+    from rlhf_core.model.loading import PAD_TOKEN, load_tokenizer
     from rlhf_core.tooling.local_models import build_tokenizer
 
     texts = ["the food was good", "the service was slow"] * 20
@@ -131,7 +131,7 @@ def test_without_a_spare_token_a_pad_is_added_and_said(tmp_path):
 
 def test_generation_stops_at_any_end_id(chatml_dir):
     """A model that always says <|endoftext|> (the second end id): each response is that one token."""
-    from rlhf_core.model.models import load_causal_lm, load_tokenizer
+    from rlhf_core.model.loading import load_causal_lm, load_tokenizer
     from rlhf_core.phases.rollout import generate_samples
 
     tokenizer = load_tokenizer(str(chatml_dir))

@@ -5,7 +5,7 @@ launcher and of its script: every `import rlhf_core...` / `from rlhf_core... imp
 included, found with `ast`), followed transitively through the project's own files.  The `fingerprints` stage
 walks that closure on every `dvc repro` and writes fingerprints/code/<stage>.json; each stage depends on its
 file.  Before the walk, `score` missed rlhf_core/phases/reward_model.py (the hf_classifier reward), `optimize` missed
-rollout.py and advantages.py, and `evaluate` missed models.py, sft.py and tasks: an edit there left `dvc repro`
+rollout.py and advantages.py, and `evaluate` missed models.py (now model/), sft.py and tasks: an edit there left `dvc repro`
 serving stale outputs.  Later, hand-kept (then generated) module lists made dvc.lock 160 KB for ten rounds.
 """
 
@@ -56,9 +56,9 @@ def test_the_fingerprints_cover_the_modules_that_went_stale_before():
     code = code_fingerprints(REPO, DVC)
     assert set(code) == set(STAGES)
     assert "rlhf_core/phases/reward_model.py" in code["score"]
-    assert {"rlhf_core/model/models.py", "rlhf_core/rl/advantages.py", "stages/optimize.py", "rlhf_core/runtime/launch.py"} <= set(code["optimize"])
+    assert {"rlhf_core/model/forward.py", "rlhf_core/rl/advantages.py", "stages/optimize.py", "rlhf_core/runtime/launch.py"} <= set(code["optimize"])
     assert "rlhf_core/phases/rollout.py" not in code["optimize"]  # the layers: rl no longer reaches the rollout phase
-    assert {"rlhf_core/model/models.py", "rlhf_core/phases/sft.py", "rlhf_core/phases/tasks/__init__.py"} <= set(code["evaluate"])
+    assert {"rlhf_core/model/forward.py", "rlhf_core/phases/sft.py", "rlhf_core/phases/tasks/__init__.py"} <= set(code["evaluate"])
     assert "rlhf_core/rl/algorithms/ppo.py" in code["optimize"] and "rlhf_core/rl/algorithms/ppo.py" not in code["prepare"]
     assert all(value.startswith("sha256:") for files in code.values() for value in files.values())
 
@@ -134,9 +134,9 @@ def test_every_file_a_stage_reads_is_a_dependency(stage):
 
 
 def test_the_closure_follows_function_local_and_package_imports():
-    """The walk itself: evaluate reaches tasks/ through rewards' function-local import, and models.py."""
+    """The walk itself: evaluate reaches tasks/ through rewards' function-local import, and model/forward.py."""
     closure = set(code_closure(REPO, ["stages.evaluate"]))
-    assert {"rlhf_core/phases/evaluation.py", "rlhf_core/phases/rewards.py", "rlhf_core/model/models.py",
+    assert {"rlhf_core/phases/evaluation.py", "rlhf_core/phases/rewards.py", "rlhf_core/model/forward.py",
             "rlhf_core/phases/tasks/__init__.py"} <= closure
 
 

@@ -12,7 +12,9 @@ import os
 import pytest
 import torch
 
-from rlhf_core.model.models import ActorCritic, ValueHead, disable_dropout, seed_everything
+from rlhf_core.model.device import seed_everything
+from rlhf_core.model.forward import ActorCritic, ValueHead
+from rlhf_core.model.loading import disable_dropout
 
 
 def untied_actor_critic() -> ActorCritic:
@@ -172,7 +174,9 @@ def test_a_meta_load_builds_the_same_modules_with_no_weights(tiny_checkpoint, tm
     dtypes of a real load, every one of them a meta tensor (no storage: nothing was read into it), for a full
     model, new LoRA adapters with a separate critic, and a LoRA checkpoint of a later round."""
     from rlhf_core.config import params_from_dict
-    from rlhf_core.model.models import load_actor_critic, load_tokenizer, trainable_lora_policy
+    from rlhf_core.model.checkpoints import load_actor_critic
+    from rlhf_core.model.loading import load_tokenizer
+    from rlhf_core.model.lora import trainable_lora_policy
 
     lora = params_from_dict({"lora": {"enabled": True, "r": 4}}).lora
     adapters = tmp_path / "r1"  # a LoRA round's checkpoint: adapters on the tiny base

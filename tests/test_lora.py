@@ -20,8 +20,10 @@ def test_lora_pipeline_runs_end_to_end_and_exports_a_merged_model(tmp_path, tiny
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    from rlhf_core.model.batches import collate
     from rlhf_core.model.export import export_merged
-    from rlhf_core.model.models import collate, load_causal_lm, policy_logprobs
+    from rlhf_core.model.forward import policy_logprobs
+    from rlhf_core.model.loading import load_causal_lm
     from stages import advantages, optimize, prepare, rollout, score, sft
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -117,7 +119,7 @@ def test_lora_params_are_checked():
 def test_a_moved_repository_finds_its_base_next_to_the_checkpoint(tmp_path):
     """The absolute base of a repository cloned or moved elsewhere no longer exists: models/sft beside the
     checkpoint is used instead."""
-    from rlhf_core.model.models import adapter_base
+    from rlhf_core.model.loading import adapter_base
 
     (tmp_path / "models/sft").mkdir(parents=True)
     (tmp_path / "models/r1").mkdir()
@@ -128,7 +130,7 @@ def test_a_moved_repository_finds_its_base_next_to_the_checkpoint(tmp_path):
 
 def test_adapters_learn_at_their_own_rate(tiny_checkpoint):
     """lora.lr_scale: the adapters' AdamW group runs at optim.lr × lr_scale, the value head's at optim.lr."""
-    from rlhf_core.model.models import load_actor_critic
+    from rlhf_core.model.checkpoints import load_actor_critic
     from rlhf_core.rl.algorithms.common import lora_parameter_ids, make_optimizer
 
     params = params_from_dict({"lora": {"enabled": True, "lr_scale": 20.0}, "optim": {"lr": 1e-4}})

@@ -2,16 +2,11 @@
 import pytest
 import torch
 
-from rlhf_core.model.models import (
-    collate,
-    load_actor_critic,
-    load_causal_lm,
-    load_tokenizer,
-    policy_logprobs,
-    read_state,
-    save_checkpoint,
-    token_logprobs,
-)
+from rlhf_core.io import read_state
+from rlhf_core.model.batches import collate
+from rlhf_core.model.checkpoints import load_actor_critic, save_checkpoint
+from rlhf_core.model.forward import policy_logprobs, token_logprobs
+from rlhf_core.model.loading import load_causal_lm, load_tokenizer
 
 CPU = torch.device("cpu")
 
@@ -111,18 +106,18 @@ def test_response_logits_with_logits_to_keep_equal_the_full_pass(tiny_checkpoint
     """The LM head on the last R+1 positions only gives the same response logits as the full pass over all W."""
     from peft import LoraConfig, get_peft_model
 
-    import rlhf_core.model.models as models
+    import rlhf_core.model.forward as forward
 
     policy = load_causal_lm(str(tiny_checkpoint), CPU)
     lora_policy = get_peft_model(load_causal_lm(str(tiny_checkpoint), CPU),
                                  LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
     batch = collate([[10, 11, 12], [20, 21, 22, 23, 24]], [[13, 14, 15, 16], [25]], 0)
     for model in (policy, lora_policy):
-        assert models.accepts_logits_to_keep(model)  # also through the peft wrapper
+        assert forward.accepts_logits_to_keep(model)  # also through the peft wrapper
         with torch.no_grad():
-            kept, _ = models.response_logits(model, batch)
-            monkeypatch.setattr(models, "accepts_logits_to_keep", lambda _: False)
-            full, _ = models.response_logits(model, batch)
+            kept, _ = forward.response_logits(model, batch)
+            monkeypatch.setattr(forward, "accepts_logits_to_keep", lambda _: False)
+            full, _ = forward.response_logits(model, batch)
             monkeypatch.undo()
         assert kept.shape == full.shape == (2, 4, model.config.vocab_size)
         assert torch.allclose(kept, full, atol=1e-6)
@@ -136,7 +131,7 @@ def _actor_critic_loss(model, batch):
 def test_gradient_checkpointing_recomputes_blocks_and_gives_the_same_gradients(tiny_checkpoint):
     """compute.gradient_checkpointing: each block's forward runs again in backward (its activations were not
     kept), in eval mode too (the pipeline never turns train mode on), and the gradients are the same."""
-    from rlhf_core.model.models import enable_gradient_checkpointing, transformer_blocks
+    from rlhf_core.model.loading import enable_gradient_checkpointing, transformer_blocks
 
     batch = collate([[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]], pad_id=0)
     plain = load_actor_critic(str(tiny_checkpoint), "value_head", CPU)
@@ -182,7 +177,7 @@ def test_a_missing_local_path_is_one_line_and_never_tried_on_the_hub(tmp_path, m
     import huggingface_hub
 
     from rlhf_core.errors import DataError
-    from rlhf_core.model.models import safe_from_pretrained
+    from rlhf_core.model.loading import safe_from_pretrained
 
     def no_network(*args, **kwargs):
         raise AssertionError("the Hub was contacted")
@@ -200,7 +195,7 @@ def test_a_missing_local_path_is_one_line_and_never_tried_on_the_hub(tmp_path, m
 
 
 def test_a_hub_like_id_is_still_a_hub_id():
-    from rlhf_core.model.models import refuse_missing_local_path
+    from rlhf_core.model.loading import refuse_missing_local_path
 
     for hub_id in ("gpt2", "HuggingFaceTB/SmolLM2-135M-Instruct"):
         refuse_missing_local_path(hub_id, "model")  # left to transformers (Hub or its cache)
@@ -235,7 +230,7 @@ def test_a_hub_id_while_offline_is_one_line_without_retries(tmp_path):
     """Before: about 45 s of 'Retrying in 8s' lines, then "couldn't connect to huggingface.co"."""
     import time
 
-    code = ("from rlhf_core.model.models import load_causal_lm\nimport torch\n"
+    code = ("from rlhf_core.model.loading import load_causal_lm\nimport torch\n"
             "load_causal_lm('some-org/some-model', torch.device('cpu'))")
     started = time.perf_counter()
     result = _offline_python(code, tmp_path / "hf", tmp_path)
@@ -258,7 +253,7 @@ def test_a_hub_id_in_the_local_cache_loads_offline(tmp_path):
     (repo / "refs").mkdir(parents=True)
     (repo / "refs/main").write_text("0" * 40)
     shutil.copytree(model, repo / "snapshots" / ("0" * 40))
-    code = ("from rlhf_core.model.models import load_causal_lm, load_tokenizer\nimport torch\n"
+    code = ("from rlhf_core.model.loading import load_causal_lm, load_tokenizer\nimport torch\n"
             "print(len(load_tokenizer('some-org/chat')), load_causal_lm('some-org/chat', torch.device('cpu'))"
             ".config.vocab_size)")
     result = _offline_python(code, tmp_path / "hf", tmp_path)
@@ -283,7 +278,7 @@ def _saved_bytes(function) -> int:
 def test_chunked_logprobs_equal_the_plain_ones_and_keep_less_for_backward():
     """A 32k vocabulary in chunks of 8 positions: the same log-probs and entropies (to the bit), the same
     gradients (to float32 rounding), and autograd keeps the bf16 logits instead of float32 [B·R, V] tensors."""
-    from rlhf_core.model.models import token_logprobs
+    from rlhf_core.model.forward import token_logprobs
 
     torch.manual_seed(0)
     logits = (torch.randn(4, 16, 32000) * 3).to(torch.float32)
@@ -310,7 +305,7 @@ def test_chunked_logprobs_equal_the_plain_ones_and_keep_less_for_backward():
 
 def test_chunked_logprobs_gradients_of_each_output_alone():
     """Either output alone (PPO without an entropy bonus uses only the log-probs), bf16 logits included."""
-    from rlhf_core.model.models import token_logprobs
+    from rlhf_core.model.forward import token_logprobs
 
     torch.manual_seed(1)
     logits = torch.randn(3, 5, 1000) * 2
@@ -332,7 +327,7 @@ def test_a_critic_can_start_from_a_reward_model(tiny_checkpoint, tmp_path):
     the last token is the reward model's score (a zero head gave V = 0 everywhere, TRL starts from the RM)."""
     from transformers import AutoModelForSequenceClassification
 
-    from rlhf_core.model.models import load_actor_critic
+    from rlhf_core.model.checkpoints import load_actor_critic
 
     torch.manual_seed(0)
     reward_model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint, num_labels=1)
@@ -355,7 +350,7 @@ def test_a_critic_init_that_cannot_read_the_policys_tokens_is_refused(tiny_check
 
     from rlhf_core.config import params_from_dict
     from rlhf_core.errors import ConfigError
-    from rlhf_core.model.models import load_actor_critic
+    from rlhf_core.model.checkpoints import load_actor_critic
 
     config = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint, num_labels=1).config
     config.vocab_size += 8

@@ -5,7 +5,9 @@ import torch
 
 from rlhf_core.config import KLParams, OptimParams, Params, PPOParams, replace
 from rlhf_core.errors import ConfigError
-from rlhf_core.model.models import load_actor_critic, load_tokenizer, seed_everything
+from rlhf_core.model.checkpoints import load_actor_critic
+from rlhf_core.model.device import seed_everything
+from rlhf_core.model.loading import load_tokenizer
 from rlhf_core.phases.rollout import generate_samples, record_token_stats
 from rlhf_core.rl.advantages import round_advantages
 from rlhf_core.rl.algorithms import registry
@@ -274,7 +276,7 @@ def test_ppo_loss_uses_clip_higher():
 def test_carried_optimizer_state_makes_two_rounds_one_optimizer(tiny_checkpoint, tmp_path):
     """optim.carry_state: round 2 restored from the files beside round 1's checkpoint takes, bit for bit, the steps
     of the same AdamW continuing in memory; a fresh AdamW in round 2 (the default) takes other steps."""
-    from rlhf_core.model.models import save_checkpoint
+    from rlhf_core.model.checkpoints import save_checkpoint
     from rlhf_core.rl.optim import OPTIMIZER_STATE_FILE, load_optimizer_state, save_optimizer_state
 
     params = training(epochs=1, minibatch_size=16, micro_batch_size=8, lr=1e-3, lr_schedule="constant",

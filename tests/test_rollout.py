@@ -1,6 +1,8 @@
 import torch
 
-from rlhf_core.model.models import length_buckets, load_actor_critic, load_causal_lm, load_tokenizer
+from rlhf_core.model.batches import length_buckets
+from rlhf_core.model.checkpoints import load_actor_critic
+from rlhf_core.model.loading import load_causal_lm, load_tokenizer
 from rlhf_core.phases.rollout import (
     generate_samples,
     record_token_stats,

@@ -3,7 +3,7 @@ import math
 import torch
 
 from rlhf_core.config import ChatParams
-from rlhf_core.model.models import collate
+from rlhf_core.model.batches import collate
 from rlhf_core.phases.sft import encode_demonstrations, perplexity, sequence_nll, train_sft
 
 CPU = torch.device("cpu")
@@ -31,7 +31,7 @@ def test_encode_demonstrations_appends_eos_and_truncates():
 
 
 def test_completion_only_mask_counts_response_tokens_only(tiny_checkpoint):
-    from rlhf_core.model.models import load_causal_lm
+    from rlhf_core.model.loading import load_causal_lm
 
     model = load_causal_lm(str(tiny_checkpoint), CPU)
     batch = collate([[10, 11, 12], [13]], [[14, 15], [16, 17, 18]], pad_id=0)
@@ -42,7 +42,7 @@ def test_completion_only_mask_counts_response_tokens_only(tiny_checkpoint):
 
 
 def test_training_lowers_heldout_perplexity(tiny_params):
-    from rlhf_core.model.models import seed_everything
+    from rlhf_core.model.device import seed_everything
     from rlhf_core.phases.sft import build_reference
     from rlhf_core.phases.tasks import sentiment
 
@@ -60,7 +60,7 @@ def test_training_lowers_heldout_perplexity(tiny_params):
 
 def test_micro_batches_give_the_gradient_of_one_pass(tiny_checkpoint):
     """sft.micro_batch_size splits a step's rows (grouped by length) without changing its gradient."""
-    from rlhf_core.model.models import load_causal_lm, load_tokenizer
+    from rlhf_core.model.loading import load_causal_lm, load_tokenizer
     from rlhf_core.phases.sft import accumulate_gradients, trained_tokens
     from rlhf_core.phases.tasks import sentiment
 

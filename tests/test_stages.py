@@ -237,7 +237,7 @@ def test_kl_free_rounds_never_load_the_reference(tmp_path, tiny_checkpoint, monk
     advantages reports no KL; evaluate still reports the KL to sft.  kl.monitor brings the reference back."""
     import pyarrow.parquet as pq
 
-    import rlhf_core.model.models
+    import rlhf_core.model.loading
     from stages import advantages, optimize, prepare, rollout, score, sft
 
     params = small_round_params(tmp_path, tiny_checkpoint, monkeypatch, algorithm={"name": "grpo"},
@@ -246,8 +246,8 @@ def test_kl_free_rounds_never_load_the_reference(tmp_path, tiny_checkpoint, monk
     for stage in (prepare, sft):
         stage.main(params, argparse.Namespace())
     loaded = []
-    real_load = rlhf_core.model.models.load_causal_lm
-    monkeypatch.setattr(rlhf_core.model.models, "load_causal_lm", lambda path, *a, **k: loaded.append(path) or real_load(path, *a, **k))
+    real_load = rlhf_core.model.loading.load_causal_lm
+    monkeypatch.setattr(rlhf_core.model.loading, "load_causal_lm", lambda path, *a, **k: loaded.append(path) or real_load(path, *a, **k))
     for round_key in ("r1", "r2"):
         loaded.clear()
         for stage in (rollout, score, advantages, optimize):
@@ -258,7 +258,7 @@ def test_kl_free_rounds_never_load_the_reference(tmp_path, tiny_checkpoint, monk
         assert ("ref_logprobs" in columns) is monitor
         assert ("kl_sequence_mean" in json.loads((tmp_path / f"metrics/{round_key}/advantages.json").read_text())) is monitor
         assert ("kl_k1_mean" in json.loads((tmp_path / f"metrics/{round_key}/rollout.json").read_text())) is monitor
-    monkeypatch.setattr(rlhf_core.model.models, "load_causal_lm", real_load)
+    monkeypatch.setattr(rlhf_core.model.loading, "load_causal_lm", real_load)
     evaluate_all(params)
     assert json.loads((tmp_path / "metrics/eval.json").read_text())["r2"]["kl"] > 0.0
 

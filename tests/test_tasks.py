@@ -110,7 +110,7 @@ def test_arithmetic_reward_without_answers_raises():
 
 def test_the_builtin_tokenizer_reads_one_digit_per_token():
     """The reason for the spaced notation: BPE merges cannot join digits across the spaces."""
-    from rlhf_core.model.models import train_tokenizer
+    from rlhf_core.model.loading import train_tokenizer
 
     rows = arithmetic.demonstrations(2000, seed=0)
     tokenizer = train_tokenizer([r["prompt"] + r["response"] for r in rows], 768)
@@ -161,7 +161,7 @@ def test_exact_match_by_hand():
 def test_evaluate_checkpoint_reports_exact_match_only_with_answers(tiny_checkpoint, tiny_params):
     import torch
 
-    from rlhf_core.model.models import load_causal_lm, load_tokenizer
+    from rlhf_core.model.loading import load_causal_lm, load_tokenizer
     from rlhf_core.phases.evaluation import evaluate_checkpoint
     from rlhf_core.phases.sft import encode_demonstrations
 

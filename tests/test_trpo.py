@@ -5,7 +5,10 @@ import pytest
 import torch
 
 from rlhf_core.config import AlgorithmParams, OptimParams, Params, TRPOParams, replace
-from rlhf_core.model.models import load_actor_critic, load_tokenizer, response_logits, seed_everything, token_logprobs
+from rlhf_core.model.checkpoints import load_actor_critic
+from rlhf_core.model.device import seed_everything
+from rlhf_core.model.forward import response_logits, token_logprobs
+from rlhf_core.model.loading import load_tokenizer
 from rlhf_core.phases.rollout import generate_samples, record_token_stats
 from rlhf_core.rl.algorithms.common import Experience, split
 from rlhf_core.rl.algorithms.trpo import train_trpo

@@ -55,7 +55,8 @@ def start(spec, state_dir, **kwargs):
 
 def perturbed(checkpoint, directory, seed, scale=0.05, with_value_head=True):
     """A full checkpoint like optimize writes (policy + tokenizer + value head at the root), its weights moved."""
-    from rlhf_core.model.models import load_actor_critic, load_tokenizer, save_checkpoint
+    from rlhf_core.model.checkpoints import load_actor_critic, save_checkpoint
+    from rlhf_core.model.loading import load_tokenizer
 
     actor_critic = load_actor_critic(str(checkpoint), "value_head", CPU)
     generator = torch.Generator().manual_seed(seed)
@@ -71,7 +72,7 @@ def perturbed(checkpoint, directory, seed, scale=0.05, with_value_head=True):
 
 
 def hf_logprobs(checkpoint, token_ids):
-    from rlhf_core.model.models import load_causal_lm, load_tokenizer
+    from rlhf_core.model.loading import load_causal_lm, load_tokenizer
     from rlhf_core.phases.vllm_client import trainer_probe_logprobs
 
     policy = load_causal_lm(str(checkpoint), CPU)
@@ -79,7 +80,7 @@ def hf_logprobs(checkpoint, token_ids):
 
 
 def probe_of(checkpoint):
-    from rlhf_core.model.models import load_tokenizer
+    from rlhf_core.model.loading import load_tokenizer
     from rlhf_core.phases.vllm_client import probe_ids
 
     return probe_ids(load_tokenizer(str(checkpoint)), PROMPTS[0], 64)
@@ -108,7 +109,7 @@ def warm(vllm_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def eos(vllm_checkpoint):
-    from rlhf_core.model.models import load_tokenizer
+    from rlhf_core.model.loading import load_tokenizer
 
     return load_tokenizer(str(vllm_checkpoint)).eos_token_id
 
@@ -124,7 +125,7 @@ def test_the_engine_scores_as_the_training_forward_pass(warm, vllm_checkpoint):
 def test_samples_in_order_cut_at_eos_with_the_sampled_distributions_logprobs(warm, vllm_checkpoint, eos):
     """At T=0.7, top_k 20, top_p 0.9, vLLM's sampler log-probs are log of the renormalised truncated softmax of
     logits / T, worked out here from the HF model's logits."""
-    from rlhf_core.model.models import load_causal_lm
+    from rlhf_core.model.loading import load_causal_lm
 
     warm.load(vllm_checkpoint)
     samples = generate(warm, eos, temperature=0.7, top_k=20, top_p=0.9)
@@ -290,7 +291,8 @@ def test_a_stale_engine_stops_the_round_in_one_line(stale, tolerance, message, v
 
 
 def test_lora_rounds_are_served_as_adapters_on_the_base(vllm_checkpoint, tmp_path, eos):
-    from rlhf_core.model.models import load_tokenizer, trainable_lora_policy
+    from rlhf_core.model.loading import load_tokenizer
+    from rlhf_core.model.lora import trainable_lora_policy
 
     def adapter(directory, seed):
         policy = trainable_lora_policy(str(vllm_checkpoint), LoraParams(enabled=True, r=4), CPU)
@@ -485,7 +487,8 @@ def test_a_lora_pipeline_serves_its_rounds_as_adapters(vllm_params, vllm_checkpo
     """lora.enabled: the stage starts the engine with LoRA on models/sft; round 2 serves models/r1, an adapter
     checkpoint with its value head (as optimize writes it), through LoRARequest, proven by the probe against the
     peft policy that records the log-probs.  No merged copy is written."""
-    from rlhf_core.model.models import load_actor_critic, load_tokenizer, save_checkpoint
+    from rlhf_core.model.checkpoints import load_actor_critic, save_checkpoint
+    from rlhf_core.model.loading import load_tokenizer
     from rlhf_core.phases.vllm_client import stop_engine, weights_sha256
     from stages import rollout
 

@@ -139,7 +139,7 @@ def test_when_no_server_can_start_the_stage_runs_cold(probe_repo, tmp_path):
 
 def test_default_preload_gives_the_stage_torch_already_imported(probe_repo):
     env = {name: value for name, value in os.environ.items() if name != "RLHF_WARM_PRELOAD"}
-    env["RLHF_WARM_PRELOAD"] = "torch,rlhf_core.model.models"
+    env["RLHF_WARM_PRELOAD"] = "torch,rlhf_core.model.checkpoints"
     output = probe_output(subprocess.run([sys.executable, "-m", "rlhf_core.runtime.launch", "stages.probe"], cwd=probe_repo,
                                          env=env, capture_output=True, text=True, timeout=120))
     assert output["torch_loaded"]

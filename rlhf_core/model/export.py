@@ -22,7 +22,7 @@ def export_merged(checkpoint: str, out_dir: str | Path, trust_remote_code: bool 
     import torch
 
     from rlhf_core.io import atomic_dir
-    from rlhf_core.model.models import load_causal_lm, load_tokenizer, quiet_transformers
+    from rlhf_core.model.loading import load_causal_lm, load_tokenizer, quiet_transformers
 
     quiet_transformers()
     model = load_causal_lm(checkpoint, torch.device("cpu"), trust_remote_code, merge_adapters=True)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_core.model.models import collate, length_buckets, policy_logprobs
+from rlhf_core.model.batches import collate, length_buckets
+from rlhf_core.model.forward import policy_logprobs
 from rlhf_core.phases.rollout import check_context, context_length, generate_samples
 
 

@@ -70,7 +70,7 @@ def load_classifier(path: str, device: torch.device, trust_remote_code: bool = F
     if key not in _LOADED:
         from transformers import AutoModelForSequenceClassification
 
-        from rlhf_core.model.models import auto_tokenizer, disable_dropout, safe_from_pretrained
+        from rlhf_core.model.loading import auto_tokenizer, disable_dropout, safe_from_pretrained
 
         model, loading = safe_from_pretrained(AutoModelForSequenceClassification, path, trust_remote_code,
                                               output_loading_info=True)
@@ -208,7 +208,7 @@ def build_reward_model(spec, tiny, texts: list[str], device: torch.device, trust
     tokenizer trained on ``texts``), from the SFT snapshot (``sft``), or from any hub id / directory."""
     from transformers import AutoModelForSequenceClassification
 
-    from rlhf_core.model.models import (
+    from rlhf_core.model.loading import (
         auto_tokenizer,
         build_tiny_model,
         disable_dropout,

@@ -97,7 +97,7 @@ def normalise(values: list[float], mode: str, state: dict | None, eps: float = 1
 def hf_classifier_scores(scorer, prompts, responses, cpu_threads: int, trust_remote_code: bool
                          ) -> tuple[list[float], dict[str, list[float]]]:
     """The classifier (or ensemble) score of each text, and each member's column when there are several."""
-    from rlhf_core.model.models import resolve_device
+    from rlhf_core.model.device import resolve_device
     from rlhf_core.phases.reward_model import classifier_scores
 
     texts = [p + r for p, r in zip(prompts, responses)] if scorer.text == "prompt_and_response" else list(responses)

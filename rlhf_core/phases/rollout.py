@@ -3,7 +3,7 @@ sampling policy's log-probs, the reference's log-probs and the critic's values.
 
 Generation is HF ``generate``: batched, KV-cached, left-padded (position ids from the attention mask),
 stopping when every sequence has emitted EOS.  Prompts are bucketed by token length so batches carry
-little padding.  Log-probs are then recomputed by ``rlhf_core.model.models`` with the same collation and
+little padding.  Log-probs are then recomputed by ``rlhf_core.model.forward`` with the same collation and
 temperature scaling that training uses, so the first PPO ratio on an unchanged policy is exactly 1.
 """
 
@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from rlhf_core.errors import DataError
-from rlhf_core.model.models import collate, length_buckets, policy_logprobs
+from rlhf_core.model.batches import collate, length_buckets
+from rlhf_core.model.forward import policy_logprobs
 from rlhf_core.runtime.progress import Progress
 
 

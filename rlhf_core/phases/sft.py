@@ -13,9 +13,9 @@ import math
 import torch
 
 from rlhf_core.errors import DataError
-from rlhf_core.model.models import (
+from rlhf_core.model.batches import collate
+from rlhf_core.model.loading import (
     build_tiny_model,
-    collate,
     disable_dropout,
     enable_gradient_checkpointing,
     load_causal_lm,
@@ -104,7 +104,7 @@ def accumulate_gradients(model, rows: list[tuple[list[int], list[int]]], micro_b
     """Backward of one step's loss  L = Σ_rows nll / N  (N = the step's trained tokens) into ``.grad``, in
     micro-batches of ``micro_batch_size`` rows grouped by length: the gradient of one pass over all rows,
     with little padding and memory bounded by the micro-batch.  Returns (Σ nll, N)."""
-    from rlhf_core.model.models import length_buckets
+    from rlhf_core.model.batches import length_buckets
 
     step_tokens = sum(trained_tokens(prompt, response, completion_only) for prompt, response in rows)
     step_nll = 0.0

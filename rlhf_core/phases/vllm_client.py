@@ -112,7 +112,7 @@ def vllm_dtype(compute, checkpoint: str | Path) -> str:
     """The dtype vLLM samples in: the HF policy's (``compute.param_dtype``; ``auto``: the checkpoint's stored
     dtype, read here because vLLM's own ``auto`` turns float32 into float16), or with float32 weights the
     autocast dtype of ``compute.mixed_precision``."""
-    from rlhf_core.model.models import adapter_base, is_adapter_checkpoint, stored_dtype
+    from rlhf_core.model.loading import adapter_base, is_adapter_checkpoint, stored_dtype
 
     weights = compute.param_dtype
     if weights == "auto":
@@ -134,7 +134,7 @@ def probe_tolerance(setting: float | None, dtype: str) -> float:
 def engine_spec(params, start_from_dir: str | Path, sft_dir: str | Path = "models/sft",
                 state_dir: str | Path = STATE_DIR) -> EngineSpec:
     """The engine a round needs: it starts on the round's base (a LoRA checkpoint's base, else ``sft_dir``)."""
-    from rlhf_core.model.models import adapter_base, is_adapter_checkpoint
+    from rlhf_core.model.loading import adapter_base, is_adapter_checkpoint
 
     base = Path(adapter_base(start_from_dir) if is_adapter_checkpoint(start_from_dir) else sft_dir).resolve()
     settings = params.vllm
@@ -241,7 +241,7 @@ class EngineClient:
     def load(self, checkpoint: str | Path) -> dict:
         """Serve a checkpoint: its weights reloaded in place (a LoRA checkpoint: its adapter on the base).
         Returns what was asked, with the checksums."""
-        from rlhf_core.model.models import adapter_base, is_adapter_checkpoint
+        from rlhf_core.model.loading import adapter_base, is_adapter_checkpoint
 
         cache = self.state_dir / "checksums.json"
         if is_adapter_checkpoint(checkpoint):
@@ -430,7 +430,8 @@ def trainer_probe_logprobs(policy, token_ids: list[int], pad_id: int, device, ru
     """The training forward pass's log p(token_i | tokens_<i), i ≥ 1, at temperature 1 (``models.policy_logprobs``)."""
     import torch
 
-    from rlhf_core.model.models import collate, policy_logprobs
+    from rlhf_core.model.batches import collate
+    from rlhf_core.model.forward import policy_logprobs
 
     batch = collate([token_ids[:1]], [token_ids[1:]], pad_id).to(device)
     with torch.no_grad(), (runtime.autocast() if runtime is not None else contextlib.nullcontext()):

@@ -147,7 +147,7 @@ class Runtime:
 
                 raise ConfigError(f"compute.zero_stage = 3: needs every weight in one dtype, got {' and '.join(dtypes)} "
                                   f"(the value head stays float32); {ZERO3_ONE_DTYPE_HINT}")
-            from rlhf_core.model.models import hidden_size_of
+            from rlhf_core.model.loading import hidden_size_of
 
             self.engine_max_grad_norm = max_grad_norm
             self.engine, optimizer = initialize_deepspeed(model, optimizer, deepspeed_config(
@@ -327,7 +327,7 @@ def shard_fsdp2(model, device) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from rlhf_core.model.models import transformer_blocks
+    from rlhf_core.model.loading import transformer_blocks
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for part in (model.policy, model.critic_backbone):
@@ -488,7 +488,7 @@ def start_runtime(params) -> Runtime:
     """Resolve the device and, when launched with several processes or asked for mixed precision, join
     the process group through accelerate.  The runtime becomes ``current()`` until ``close()``."""
     global _CURRENT
-    from rlhf_core.model.models import pick_device, resolve_device
+    from rlhf_core.model.device import pick_device, resolve_device
 
     compute = params.compute
     world_size = env_world_size()

@@ -60,7 +60,7 @@ MAX_MESSAGE = 1 << 20
 PRELOAD = (
     "numpy", "pandas", "pyarrow.parquet", "yaml", "torch", "safetensors.torch", "tokenizers", "transformers",
     "transformers.models.llama.modeling_llama", "transformers.models.gpt2.modeling_gpt2",
-    "transformers.generation.utils", "rlhf_core.config", "rlhf_core.io", "rlhf_core.model.models",
+    "transformers.generation.utils", "rlhf_core.config", "rlhf_core.io", "rlhf_core.model.checkpoints",
     "rlhf_core.phases.rollout", "rlhf_core.phases.sft", "rlhf_core.rl.advantages", "rlhf_core.phases.rewards",
     "rlhf_core.phases.evaluation", "rlhf_core.rl.algorithms.train", "rlhf_core.rl.algorithms.ppo",
     "rlhf_core.rl.algorithms.reinforce", "rlhf_core.rl.algorithms.trpo", "rlhf_core.phases.tasks.sentiment",

@@ -122,7 +122,7 @@ def write_local_model(directory: str | Path, shape: ModelShape | str, *, task: s
                       **overrides) -> Path:
     """Write a model directory (safetensors, config, generation config, tokenizer with chat template) of
     ``shape`` (a ``ModelShape`` or a key of ``SHAPES``; ``overrides`` change its fields)."""
-    from rlhf_core.model.models import quiet_transformers
+    from rlhf_core.model.loading import quiet_transformers
     from rlhf_core.phases.tasks import get_task
 
     quiet_transformers()

@@ -5,7 +5,7 @@ Every algorithm runs through one function with one signature (``train.train_roun
     train_round(model, experience, params, *, temperature, pad_id, device, seed, log, carry=None,
                 critic_warmup_epochs=0) -> metrics dict
 
-which updates ``model`` (an ``rlhf_core.model.models.ActorCritic``) in place on one round of data.
+which updates ``model`` (an ``rlhf_core.model.forward.ActorCritic``) in place on one round of data.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_core.model.models import TokenBatch, collate, length_buckets, transformer_blocks
+from rlhf_core.model.batches import TokenBatch, collate, length_buckets
+from rlhf_core.model.loading import transformer_blocks
 from rlhf_core.rl.advantages import pad_sequences
 from rlhf_core.rl.kl import kl_estimate
 from rlhf_core.rl.losses import aggregate, masked_sum

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from rlhf_core.model.models import response_logits, token_logprobs
+from rlhf_core.model.forward import response_logits, token_logprobs
 from rlhf_core.rl.algorithms.common import Experience, critic_parameters, finite_or_raise, policy_parameters, split
 from rlhf_core.rl.trust_region import (
     categorical_kl,
