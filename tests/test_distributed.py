@@ -399,62 +399,24 @@ def test_two_process_zero2_with_bf16_weights_and_gradient_checkpointing(bf16_wor
                                                                       rel=1e-2, abs=1e-4)
 
 
-@MULTI_PROCESS
-def test_two_machines_on_localhost_run_rollout_and_optimize(workspace, tmp_path):
-    """compute.num_machines: 2 with one process each: machine 0 is the launcher `dvc repro` runs, machine 1 a
-    follower (`python -m rlhf_core.runtime.launch --follow`) in the same directory (the shared filesystem).  They
-    meet at the rendezvous over gloo, and give what one process gives."""
-    from rlhf_core.runtime.launch import free_port
-
-    two = _copy_with(workspace, tmp_path / "machines", 1, drop=("rollouts/r2",))
-    raw = yaml.safe_load((two / "params.yaml").read_text())
-    raw["compute"].update(num_machines=2, main_process_ip="127.0.0.1", main_process_port=free_port())
-    (two / "params.yaml").write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RLHF_PROGRESS": "off"}
-    follower = subprocess.Popen([sys.executable, "-m", "rlhf_core.runtime.launch", "--follow", "--machine-rank", "1"],
-                                cwd=two, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        rollout = _launch(two, "stages.rollout", "--round", "r2")
-        assert "--num_processes 2" in rollout.stderr and "--num_machines 2 --machine_rank 0" in rollout.stderr
-        assert (two / "rollouts/r2/rollouts.parquet").read_bytes() == \
-            (workspace / "rollouts/r2/rollouts.parquet").read_bytes()
-        shutil.rmtree(two / "models/r1")  # rollout@r2 read it; optimize@r1 writes it anew
-        (two / "metrics/r1/optimize.json").unlink()
-        _launch(two, "stages.optimize", "--round", "r1")
-        _same_update_as_one_process(workspace, two)
-        subprocess.run([sys.executable, "-m", "rlhf_core.runtime.launch", "--end"], cwd=two, env=env, check=True, timeout=60)
-        _, log = follower.communicate(timeout=60)
-    finally:
-        follower.kill()
-    assert follower.returncode == 0, log[-3000:]
-    assert "follow: machine 1 runs stages.rollout --round r2" in log and log.count("exited with 0") == 2, log[-3000:]
-
-
-def test_several_machines_need_a_rendezvous_and_followers_need_a_rank(tmp_path, monkeypatch):
+def test_several_machines_run_the_same_line_with_their_own_machine_rank():
+    """launcher: ray gives member k machine 0's accelerate line with --machine_rank k and machine 0's rendezvous."""
     from rlhf_core.config import ComputeParams, params_from_dict
     from rlhf_core.errors import ConfigError
-    from rlhf_core.runtime import follow
     from rlhf_core.runtime.launch import build_command
 
-    for name in ("MASTER_ADDR", "MASTER_PORT", "RLHF_MACHINE_RANK", "SLURM_NODEID", "NODE_RANK"):
-        monkeypatch.delenv(name, raising=False)
-    with pytest.raises(ConfigError, match=r"^compute.num_machines = 2: the rendezvous needs machine 0's address"):
-        build_command("stages.optimize", [], ComputeParams(num_machines=2))
-    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", "29500")
-    command = build_command("stages.optimize", ["--round", "r1"], ComputeParams(num_processes=8, num_machines=2))
-    assert command[command.index("--num_processes") + 1] == "16"  # 8 per machine
-    assert command[command.index("--machine_rank") - 2:command.index("--main_process_port") + 2] == [
-        "--num_machines", "2", "--machine_rank", "0", "--main_process_ip", "10.0.0.1", "--main_process_port", "29500"]
-    assert follow.with_machine_rank(command, 1)[command.index("--machine_rank") + 1] == "1"
-    assert build_command("stages.score", [], ComputeParams(num_machines=2)) is None  # one process, on machine 0
-    assert follow.machine_rank_from_environment() is None
-    monkeypatch.setenv("SLURM_NODEID", "3")
-    assert follow.machine_rank_from_environment() == 3
-    with pytest.raises(ConfigError, match="followers are machines 1, 2"):
-        follow.follow(0, root=tmp_path)
+    compute = ComputeParams(num_processes=8, num_machines=2, launcher="ray")
+    lines = [build_command("stages.optimize", ["--round", "r1"], compute, port=29500, machine_rank=rank,
+                           main_process_ip="10.0.0.1") for rank in (0, 1)]
+    assert lines[0][lines[0].index("--num_processes") + 1] == "16"  # 8 per machine
+    assert lines[1][lines[1].index("--num_machines"):lines[1].index("--main_process_port") + 2] == [
+        "--num_machines", "2", "--machine_rank", "1", "--main_process_ip", "10.0.0.1", "--main_process_port", "29500"]
+    assert [a for a in lines[0] if a != "0"] == [a for a in lines[1] if a != "1"]  # the same line otherwise
+    with pytest.raises(ValueError, match="machine 0's address and port"):
+        build_command("stages.optimize", [], compute)
+    assert build_command("stages.score", [], compute) is None  # one process, on the machine running dvc repro
     with pytest.raises(ConfigError, match=r"^compute.num_machines = 2: trpo runs in one process"):
-        params_from_dict({"algorithm": {"name": "trpo"}, "compute": {"num_machines": 2}})
+        params_from_dict({"algorithm": {"name": "trpo"}, "compute": {"num_machines": 2, "launcher": "ray"}})
 
 
 def test_rollout_can_run_with_its_own_process_count():

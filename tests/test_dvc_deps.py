@@ -75,7 +75,7 @@ def test_an_edit_changes_the_fingerprint_of_exactly_the_stages_that_run_the_file
     assert {"advantages", "optimize"} <= changed and "prepare" not in changed and "sft" not in changed
 
 
-@pytest.mark.parametrize("neutral", ["rlhf_core/runtime/warm.py", "rlhf_core/runtime/follow.py", "rlhf_core/runtime/progress.py",
+@pytest.mark.parametrize("neutral", ["rlhf_core/runtime/warm.py", "rlhf_core/runtime/ray_launch.py", "rlhf_core/runtime/progress.py",
                                      "rlhf_core/runtime/stage_times.py", "rlhf_core/config/rendering.py", "rlhf_core/tooling/docs.py"])
 def test_editing_code_that_cannot_change_an_output_re_runs_nothing(tmp_path, neutral):
     """The warm-start server, the follower, progress, timing and the renderers are in no stage's fingerprint (a help

@@ -22,6 +22,11 @@ MOVED = {
     "advantages.kl_coef": "kl.reward_coef", "advantages.kl_estimator": "kl.reward_estimator",
     "advantages.adaptive_kl": "kl.adaptive", "advantages.kl_target": "kl.target", "advantages.kl_horizon": "kl.horizon",
 }
+# Keys retired with what they configured: an old params file gets one line naming the replacement.
+RETIRED = {
+    "compute.main_process_ip": "the shared-filesystem follower is gone: several machines run on a Ray cluster (set "
+                               "compute.launcher: ray and compute.ray_address; docs/scaling.md)",
+}
 # pydantic's error types, in the words of a params.yaml reader.
 _WORDS = {"int_type": "must be an integer", "int_from_float": "must be an integer", "float_type": "must be a number",
           "finite_number": "must be a finite number", "bool_type": "must be true or false", "string_type": "must be a string",
@@ -83,6 +88,10 @@ def params_from_dict(raw: dict) -> Params:
         if isinstance(raw.get(section_name), dict) and name in raw[section_name]:
             raise ConfigError(f"{old}: moved to {new} (what every algorithm's update loop uses is in optim:, "
                               "every KL setting in kl:)")
+    for old, why in RETIRED.items():
+        section_name, _, name = old.partition(".")
+        if isinstance(raw.get(section_name), dict) and name in raw[section_name]:
+            raise ConfigError(f"{old}: retired: {why}")
     try:
         params = Params.model_validate(raw)
     except ValidationError as exc:

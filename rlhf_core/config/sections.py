@@ -73,15 +73,26 @@ class ComputeParams(Section):
         "same), e.g. 1 for vLLM generation (one engine) while optimize trains on num_processes GPUs; the samples do not "
         "depend on it", ge=1)
     num_machines: StrictInt = param(
-        1, "machines that run rollout and optimize together (num_processes on each); more than 1 needs the repository "
-        "on a filesystem every machine mounts at the same path, and `python -m rlhf_core.runtime.launch --follow` running on "
-        "every other machine (docs/scaling.md: Several machines)", ge=1)
-    main_process_ip: StrictStr = param(
-        "", "address of machine 0 (where `dvc repro` runs) for the rendezvous when num_machines > 1; empty: the "
-        "environment's MASTER_ADDR")
+        1, "machines that run rollout and optimize together (num_processes on each); more than 1 needs launcher: ray "
+        "(docs/scaling.md: Several machines)", ge=1)
+    launcher: Literal["local", "ray"] = param(
+        "local", "how rollout and optimize start their processes: local (on this machine: in process, or `accelerate "
+        "launch` for num_processes > 1) or ray (num_machines gang members of num_processes each, as actors in a "
+        "placement group of the Ray cluster at ray_address; global rank 0 on the machine running dvc repro, which "
+        "writes the outputs); every other stage runs once on the machine running dvc repro. The outputs do not depend "
+        "on it")
+    ray_address: StrictStr = param(
+        "", "launcher: ray: the cluster's address (host:port of the head's GCS, as `ray start --head` printed); empty: "
+        "the environment's RAY_ADDRESS")
+    ray_placement: Literal["pack", "spread"] = param(
+        "pack", "launcher: ray: where the gang's members go: pack (as few nodes as fit, Ray's PACK) or spread (one per "
+        "node where possible, Ray's SPREAD)")
+    ray_timeout_s: Float = param(
+        86400.0, "launcher: ray: a stage whose gang has not finished after this many seconds fails (every member is "
+        "stopped), so a hung worker cannot hang the pipeline", gt=0.0)
     main_process_port: StrictInt = param(
-        0, "TCP port of the rendezvous on machine 0; 0: a free port on one machine, the environment's MASTER_PORT "
-        "on several", ge=0, le=65535)
+        0, "TCP port of the rendezvous of a distributed stage's processes (on machine 0 under launcher: ray); 0: a free "
+        "port", ge=0, le=65535)
     @property
     def rollout_process_count(self) -> int:
         """Processes of the rollout stage on each machine: rollout_processes, or num_processes when it is null."""

@@ -14,8 +14,9 @@ and nobody edits dvc.yaml:
   --mixed_precision M --main_process_port P -m stages.rollout --round r1``.  Every other stage
   (prepare, sft, score, advantages, evaluate, track, train_reward) runs as one process whatever
   ``compute.num_processes`` says: N copies of it would only race on the same outputs.
-- ``compute.num_machines`` > 1: this is machine 0; it announces the command to the other machines,
-  which run ``python -m rlhf_core.runtime.launch --follow`` (rlhf_core/runtime/follow.py), and runs its own share.
+- ``compute.launcher: ray``: rollout and optimize run on a Ray cluster as one gang of ``num_machines`` members
+  (rlhf_core/runtime/ray_launch.py), each the same `accelerate launch` line with its own ``--machine_rank``
+  (or, for one process in all, the stage itself); this process waits for them.
 
 When params.yaml cannot be read or is invalid, the stage runs in process and reports the error in its
 usual one line.
@@ -96,19 +97,19 @@ def processes_for(module: str, compute) -> int:
     return compute.num_processes * compute.num_machines if module in DISTRIBUTED_STAGES else 1
 
 
-def build_command(module: str, stage_args: list[str], compute, *, port: int | None = None) -> list[str] | None:
-    """Machine 0's `accelerate launch` command line for ``compute``; None when the stage runs in one process.
-
-    On several machines it adds --num_machines, --machine_rank 0 and the rendezvous (``follow.rendezvous``);
-    the followers run the same line with their own --machine_rank."""
+def build_command(module: str, stage_args: list[str], compute, *, port: int | None = None, machine_rank: int = 0,
+                  main_process_ip: str = "") -> list[str] | None:
+    """The `accelerate launch` command line of machine ``machine_rank`` for ``compute``; None when the stage runs in
+    one process.  Over several machines (launcher: ray) every machine runs the same line with its own
+    ``--machine_rank``, and ``main_process_ip``:``port`` is machine 0's rendezvous."""
     if processes_for(module, compute) == 1:
         return None
     machines: list[str] = []
     if compute.num_machines > 1:
-        from rlhf_core.runtime.follow import rendezvous
-
-        address, port = rendezvous(compute)
-        machines = ["--num_machines", str(compute.num_machines), "--machine_rank", "0", "--main_process_ip", address]
+        if not main_process_ip or not port:
+            raise ValueError("build_command: several machines need machine 0's address and port")
+        machines = ["--num_machines", str(compute.num_machines), "--machine_rank", str(machine_rank),
+                    "--main_process_ip", main_process_ip]
     else:
         port = port or compute.main_process_port or int(os.environ.get("RLHF_MAIN_PROCESS_PORT") or 0) or free_port()
     return [sys.executable, "-m", "accelerate.commands.launch",
@@ -125,44 +126,16 @@ def run_in_process(module: str, stage_args: list[str]) -> None:
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
-USAGE = """usage: python -m rlhf_core.runtime.launch <stage module, e.g. stages.rollout> [stage arguments]
-       python -m rlhf_core.runtime.launch --follow [--machine-rank K] [--idle-timeout SECONDS]   (machines 1, 2, …)
-       python -m rlhf_core.runtime.launch --end                                                  (machine 0, after dvc repro)"""
-
-
-def follower_main(argv: list[str]) -> None:
-    """--follow / --end: the other machines' side of a run over several machines (rlhf_core/runtime/follow.py)."""
-    import argparse
-
-    from rlhf_core.errors import ConfigError
-    from rlhf_core.runtime import follow
-
-    parser = argparse.ArgumentParser(prog="python -m rlhf_core.runtime.launch", usage=USAGE)
-    parser.add_argument("--follow", action="store_true")
-    parser.add_argument("--end", action="store_true")
-    parser.add_argument("--machine-rank", type=int, default=None)
-    parser.add_argument("--idle-timeout", type=float, default=3600.0)
-    args = parser.parse_args(argv)
-    if args.end:
-        follow.end_run()
-        return
-    try:
-        rank = args.machine_rank if args.machine_rank is not None else follow.machine_rank_from_environment()
-        if rank is None:
-            raise ConfigError("--follow: this machine's rank is unknown: pass --machine-rank K or set RLHF_MACHINE_RANK "
-                              "(Slurm sets SLURM_NODEID, torchrun NODE_RANK)")
-        sys.exit(follow.follow(rank, idle_timeout=args.idle_timeout,
-                               log=lambda message: print(message, file=sys.stderr, flush=True)))
-    except ConfigError as exc:
-        print(f"error: follow: {exc}", file=sys.stderr)
-        sys.exit(2)
+USAGE = "usage: python -m rlhf_core.runtime.launch <stage module, e.g. stages.rollout> [stage arguments]"
+RETIRED_FLAGS = ("--follow", "--end")
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("--follow", "--end"):
-        follower_main(argv)
-        return
+    if argv and argv[0] in RETIRED_FLAGS:
+        print(f"error: launch {argv[0]}: retired with the shared-filesystem follower; several machines run on a Ray "
+              "cluster: set compute.launcher: ray (docs/scaling.md)", file=sys.stderr)
+        sys.exit(2)
     if not argv or argv[0].startswith("-"):
         print(USAGE, file=sys.stderr)
         sys.exit(2)
@@ -180,11 +153,15 @@ def main(argv: list[str] | None = None) -> None:
     for name, value in QUIET_IMPORT_ENV.items():  # warm or cold, every stage imports numpy and pyarrow alike
         os.environ.setdefault(name, value)
     compute = params.compute
-    try:
-        command = build_command(module, stage_args, compute)
-    except RLHFError as exc:
-        print(f"error: {module.removeprefix('stages.')}: {exc}", file=sys.stderr)
-        sys.exit(2)
+    if compute.launcher == "ray" and module in DISTRIBUTED_STAGES:
+        from rlhf_core.runtime.ray_launch import run_gang
+
+        def command_of(machine_rank: int, main_process_ip: str, port: int) -> list[str]:
+            return build_command(module, stage_args, compute, port=port, machine_rank=machine_rank,
+                                 main_process_ip=main_process_ip) or [sys.executable, "-m", module, *stage_args]
+
+        sys.exit(run_gang(module, params, processes_for(module, compute), command_of))
+    command = build_command(module, stage_args, compute)
     if command is None:
         if compute.warm_start:
             from rlhf_core.runtime import warm
@@ -196,12 +173,6 @@ def main(argv: list[str] | None = None) -> None:
         run_in_process(module, stage_args)
         return
     print("launch: " + " ".join(command), file=sys.stderr, flush=True)
-    if compute.num_machines > 1:  # machine 0: the followers run the same command with their own --machine_rank
-        from pathlib import Path
-
-        from rlhf_core.runtime.follow import announce_and_run
-
-        sys.exit(announce_and_run(command, Path.cwd()))
     os.execv(command[0], command)
 
 

@@ -43,9 +43,9 @@ REFERENCE_FILE = "fingerprints/reference.json"  # whether the rollout loads π_r
 PACKAGES = ("rlhf_core", "stages")  # the project's own code, followed through imports
 # Code that cannot change what a stage writes, left out of every stage's fingerprint (and not followed through its
 # imports), so that editing it re-runs nothing: the warm-start server (it forks the same stage code; warm and cold
-# give the same bytes, tests/e2e), the multi-machine follower, progress lines and stage timing (stderr, MLflow
+# give the same bytes, tests/e2e), the Ray launcher (local and Ray give the same bytes), progress lines and stage timing (stderr, MLflow
 # only), and the params renderer and the docs generator (params.yaml, docs/, README blocks).
-OUTPUT_NEUTRAL = ("rlhf_core.runtime.warm", "rlhf_core.runtime.follow", "rlhf_core.runtime.progress", "rlhf_core.runtime.stage_times",
+OUTPUT_NEUTRAL = ("rlhf_core.runtime.warm", "rlhf_core.runtime.ray_launch", "rlhf_core.runtime.progress", "rlhf_core.runtime.stage_times",
                   "rlhf_core.config.rendering", "rlhf_core.tooling.docs")
 STAGE = "fingerprints"  # the stage that writes them (dvc.yaml)
 
