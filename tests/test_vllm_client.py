@@ -34,7 +34,7 @@ def test_without_vllm_the_engine_is_a_one_line_config_error(monkeypatch):
 @pytest.mark.parametrize(("change", "message"), [
     ({"compute": {"num_processes": 2}}, "rollout.engine = 'vllm': needs one rollout process, got 2"),
     ({"device": "mps"}, "rollout.engine = 'vllm': vLLM has no mps backend"),
-    ({"compute": {"num_machines": 2}}, "rollout.engine = 'vllm': needs compute.num_machines = 1"),
+    ({"compute": {"launcher": "ray"}}, "rollout.engine = 'vllm': its warm engine serves the machine running dvc repro"),
 ])
 def test_vllm_engine_validation(change, message):
     with pytest.raises(ConfigError) as info:

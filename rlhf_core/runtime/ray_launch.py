@@ -154,7 +154,7 @@ def _place(ray, compute, processes_per_member: int, use_gpu: bool):
     driver_ip = ray.util.get_node_ip_address()
     group = placement_group(bundles(compute, processes_per_member, use_gpu, driver_ip),
                             strategy=compute.ray_placement.upper())
-    ready, _ = ray.wait([group.ready()], timeout=min(PLACEMENT_WAIT_S, compute.ray_timeout_s))
+    ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_WAIT_S)
     if not ready:
         remove_placement_group(group)
         free = ray.available_resources()

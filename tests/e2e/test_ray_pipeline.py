@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rlhf_core.tooling.loopback_ray import HEAD_IP, NODE_IP, LoopbackCluster
 from tests.e2e.test_pipeline import _env, dvc, make_reduced_repo, ran_stages
-from tests.ray_cluster import HEAD_IP, NODE_IP, LoopbackCluster
 
 pytestmark = pytest.mark.ray
 
@@ -62,10 +62,11 @@ def digests(workdir: Path) -> dict[str, str]:
     return {str(p.relative_to(workdir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_a_ray_gang_on_two_nodes_gives_the_local_launchers_bytes(cluster, tmp_path, strategy):
-    workdir = make_reduced_repo(tmp_path / strategy, {**TWO_PROCESSES, "compute": {"num_processes": 2,
-                                                                                   "strategy": strategy}})
+@pytest.mark.parametrize("compute", [{"strategy": "ddp"}, {"strategy": "fsdp"},
+                                     {"strategy": "deepspeed", "zero_stage": 2}], ids=["ddp", "fsdp", "zero2"])
+def test_a_ray_gang_on_two_nodes_gives_the_local_launchers_bytes(cluster, tmp_path, compute):
+    workdir = make_reduced_repo(tmp_path / compute["strategy"], {**TWO_PROCESSES,
+                                                                 "compute": {"num_processes": 2, **compute}})
     dvc(["repro", "optimize@r1"], workdir)
     local = digests(workdir)
     on_ray(workdir, cluster)
@@ -123,6 +124,24 @@ def test_a_worker_killed_mid_optimize_fails_the_stage_in_one_line_and_a_rerun_re
     rerun = subprocess.run(command, cwd=workdir, env=_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert digests(workdir) == trained
+
+
+def test_a_gang_past_its_timeout_is_stopped_in_one_line(cluster, tmp_path):
+    """compute.ray_timeout_s: a hung (here: not yet started) gang does not hang the pipeline."""
+    workdir = make_reduced_repo(tmp_path / "timeout", TWO_PROCESSES)
+    on_ray(workdir, cluster)
+    raw = yaml.safe_load((workdir / "params.yaml").read_text())
+    raw["compute"]["ray_timeout_s"] = 2.0
+    (workdir / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "rlhf_core.runtime.launch", "stages.optimize", "--round", "r1"],
+                            cwd=workdir, env=_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and time.monotonic() - started < 60, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: optimize: member 0 on node {HEAD_IP}, member 1 on node {NODE_IP} had not finished "
+                      "after compute.ray_timeout_s = 2 s; every member was stopped (dvc repro runs the stage again)"]
+    time.sleep(1.0)
+    assert not _rank_processes(workdir, "stages.optimize")
 
 
 def test_the_cluster_talks_on_loopback_only(cluster):

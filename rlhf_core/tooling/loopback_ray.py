@@ -1,4 +1,4 @@
-"""A 2-node Ray cluster on loopback for the `-m ray` tests: a head on 127.0.0.2 and a second node on 127.0.0.3.
+"""A 2-node Ray cluster on loopback, for the `-m ray` tests and benchmarks/ray_startup.py: a head on 127.0.0.2 and a second node on 127.0.0.3.
 
 The recipe that keeps Ray on loopback (docs/scaling.md): each node its own 127.x address (with 127.0.0.1 Ray
 rewrites the address to the machine's external one), usage stats off, gloo on `lo`, explicit memory so a raylet
@@ -67,7 +67,7 @@ class LoopbackCluster:
         self._wait_nodes(1)
         self.starts.append(subprocess.Popen(
             [ray, "start", "--block", f"--address={self.address}", f"--node-ip-address={NODE_IP}",
-             f"--num-cpus={node_cpus}", *memory],
+             f"--num-cpus={node_cpus}", f"--temp-dir={temp_dir / 'node'}", *memory],
             env=self.env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         self._wait_nodes(2)
 
