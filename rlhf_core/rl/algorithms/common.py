@@ -38,10 +38,15 @@ class MicroBatch:
     advantages: torch.Tensor
     returns: torch.Tensor
     correction: torch.Tensor | None = None  # rollout_correction's weights on the policy loss (None: all 1)
+    policy_mask: torch.Tensor | None = None  # multi-turn episodes: 1 on the policy's tokens, 0 on the environment's
 
     @property
     def mask(self) -> torch.Tensor:
-        return self.batch.response_mask
+        """[B, R] 1 where a response token is trained on: a real token (not padding) that the policy sampled
+        (an environment's tokens in an episode are context only: no loss, no gradient, not counted)."""
+        if self.policy_mask is None:
+            return self.batch.response_mask
+        return self.batch.response_mask * self.policy_mask
 
 
 @dataclass
@@ -57,6 +62,7 @@ class Experience:
     returns: list
     rewards: list | None = None  # the advantages stage's token rewards: the critic warm-up recomputes GAE from them
     correction: list | None = None  # per-token weights of the policy loss (rollout_correction: tis / mis)
+    policy_mask: list | None = None  # episodes: per response token, 1 sampled by the policy, 0 the environment's
     # set by select: the whole round and the flags of the rows kept, since the advantages stage whitened over every
     # row of the round, the left-out ones too (advantages.mask_truncated); the critic warm-up's refresh does the same
     whole_round: tuple | None = None
@@ -80,6 +86,9 @@ class Experience:
         return Experience(**picked, whole_round=(whole, kept_in_whole))
 
     def tokens(self, indices) -> int:
+        """The trained tokens of the rows ``indices``: every response token, or the policy's (``policy_mask``)."""
+        if self.policy_mask is not None:
+            return int(sum(sum(self.policy_mask[i]) for i in indices))
         return int(sum(len(self.response_ids[i]) for i in indices))
 
     def length_groups(self, indices: list[int], size: int) -> list[list[int]]:
@@ -104,7 +113,8 @@ class Experience:
         return MicroBatch(batch.to(device), padded(self.old_logprobs),
                           None if self.ref_logprobs is None else padded(self.ref_logprobs),
                           padded(self.old_values), padded(self.advantages), padded(self.returns),
-                          None if self.correction is None else padded(self.correction))
+                          None if self.correction is None else padded(self.correction),
+                          None if self.policy_mask is None else padded(self.policy_mask))
 
 
 def split(indices: list[int], size: int) -> list[list[int]]:

@@ -1,0 +1,209 @@
+"""Multi-turn rollouts, token-in/token-out: policy turns and environment turns, as one stream of token ids.
+
+One episode is a single id sequence that only ever grows:
+
+    [conversation before turn 1 (rendered once)] [policy turn 1 (sampled ids)] [observation 1] [policy turn 2] …
+     policy_mask: 0 …                             1 …                           0 …             1 …
+
+- The ids a policy turn sampled are stored as sampled, and the next turn is generated from exactly that
+  stream: they are never decoded and encoded again (re-tokenizing can change them, and then the log-probs used
+  in training are not those of the sampled tokens: trl#5224, verl#6719).
+- An environment's messages are rendered by the chat template once, as the text the template appends after the
+  conversation so far (``observation_text``), tokenized once and appended as ids with policy_mask 0: context
+  for later turns, never trained on.
+- Each policy turn stops at the first of ``stop_ids`` (the template's end of turn), or at ``max_new_tokens``
+  (then the episode ends: limit "max_new_tokens").  At most ``max_turns`` policy turns (limit "max_turns"), and
+  the stream never grows past ``max_episode_tokens`` (limit "max_episode_tokens"); the environment's
+  ``score`` still rates an episode that hit a limit, and the limit is recorded.
+
+Generation is batched over the episodes still running, left-padded as in ``phases.rollout.generate_samples``,
+each turn's batch seeded with ``seed + 1000 · turn + batch number``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from rlhf_core.errors import DataError
+from rlhf_core.model.batches import length_buckets
+from rlhf_core.model.chat import needs_bos
+from rlhf_core.phases import environments
+from rlhf_core.phases.rollout import generation_config, only_this_config, truncate_at_eos
+
+LIMITS = ("max_turns", "max_episode_tokens", "max_new_tokens")
+
+
+@dataclass
+class Episode:
+    prompt_index: int
+    sample_index: int
+    token_ids: list[int]  # the whole stream: conversation, policy turns, observations
+    policy_mask: list[int]  # 1 where the policy sampled the token, 0 for the prompt and the environment's tokens
+    prompt_length: int  # tokens before the first policy turn
+    turn_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each policy turn in token_ids
+    messages: list[dict] = field(default_factory=list)  # the conversation, for the environment, scorers and samples
+    turn_rewards: list[float | None] = field(default_factory=list)
+    tool_calls: int = 0
+    parse_errors: int = 0
+    limit: str | None = None  # None: the environment ended it; else one of LIMITS
+    reward: float = 0.0  # the environment's score of the whole episode
+    done: bool = False
+
+    @property
+    def turns(self) -> int:
+        return len(self.turn_spans)
+
+    def view(self) -> dict:
+        """What ``score`` sees: no token ids."""
+        return {"messages": list(self.messages), "turns": self.turns, "tool_calls": self.tool_calls,
+                "parse_errors": self.parse_errors, "turn_rewards": list(self.turn_rewards), "limit": self.limit}
+
+
+def render(tokenizer, messages: list[dict], tools, *, generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def check_template(tokenizer, tools) -> None:
+    """A chat template is needed, and one that renders the tools when the environment has some."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("multi-turn rollouts need the policy tokenizer's chat template, and it has none; use a "
+                        "model with one")
+    if tools:
+        probe = [{"role": "user", "content": "x"}]
+        if render(tokenizer, probe, tools, generation_prompt=True) == render(tokenizer, probe, None,
+                                                                             generation_prompt=True):
+            raise DataError("the environment has tools, but the policy's chat template does not render them "
+                            "(apply_chat_template(tools=...) adds nothing); use a model whose template supports tools")
+
+
+def observation_text(tokenizer, history: list[dict], assistant: dict, new_messages: list[dict], tools,
+                     sampled_text: str, stop_text: str) -> str:
+    """The text that follows a policy turn's sampled ids up to the next turn's generation prompt: what the template
+    writes after the turn's end token (a newline in ChatML), then ``new_messages`` as the template renders them
+    after the conversation so far, then the assistant's generation prompt.  ``sampled_text``: the turn's ids
+    decoded, its end token included; ``stop_text``: that end token's text."""
+    before_turn = render(tokenizer, history, tools, generation_prompt=True)
+    through_turn = render(tokenizer, history + [assistant], tools, generation_prompt=False)
+    after = render(tokenizer, history + [assistant] + new_messages, tools, generation_prompt=True)
+    if not through_turn.startswith(before_turn) or not after.startswith(through_turn):
+        raise DataError("the chat template renders earlier turns differently once later ones follow, so an "
+                        "observation cannot be appended to the sampled ids; use a template that only appends")
+    turn_text = through_turn[len(before_turn):]  # e.g. "<content><|im_end|>\n"
+    if turn_text.startswith(sampled_text):
+        glue = turn_text[len(sampled_text):]
+    else:  # the template writes the content differently from its decoded ids: cut after its end token
+        end = turn_text.rfind(stop_text) if stop_text else -1
+        glue = turn_text[end + len(stop_text):] if end >= 0 else ""
+    return glue + after[len(through_turn):]
+
+
+def _start(tokenizer, environment, row: dict, tools, bos: bool, prompt_index: int, sample_index: int) -> Episode:
+    messages = environments.reset(environment, row)
+    ids = tokenizer(render(tokenizer, messages, tools, generation_prompt=True), add_special_tokens=False)["input_ids"]
+    if bos and ids[:1] != [tokenizer.bos_token_id]:
+        ids = [tokenizer.bos_token_id, *ids]
+    return Episode(prompt_index, sample_index, list(ids), [0] * len(ids), len(ids), messages=list(messages))
+
+
+def _generate(policy, tokenizer, streams: list[list[int]], config, seed: int, device) -> torch.Tensor:
+    width = max(len(s) for s in streams)
+    input_ids = torch.full((len(streams), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, stream in enumerate(streams):
+        input_ids[row, width - len(stream):] = torch.tensor(stream)
+        attention_mask[row, width - len(stream):] = 1
+    torch.manual_seed(seed)
+    with only_this_config(policy, config):
+        output = policy.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                 generation_config=config)
+    return output[:, width:].cpu()
+
+
+def _take_turn(tokenizer, environment, episode: Episode, sampled: list[int], stop_ids, tools, *, max_turns: int,
+               max_new_tokens: int, max_episode_tokens: int) -> None:
+    """Append one policy turn's sampled ids (at most its own room), ask the environment, append its answer."""
+    room = min(max_new_tokens, max_episode_tokens - len(episode.token_ids))
+    response, ended = truncate_at_eos(sampled[:room], stop_ids)
+    start = len(episode.token_ids)
+    episode.token_ids += response
+    episode.policy_mask += [1] * len(response)
+    episode.turn_spans.append((start, len(episode.token_ids)))
+    content_ids = response[:-1] if ended else response
+    assistant = {"role": "assistant", "content": tokenizer.decode(content_ids, skip_special_tokens=True)}
+    history = list(episode.messages)
+    episode.messages.append(assistant)
+    if not ended:
+        over_budget = len(episode.token_ids) >= max_episode_tokens
+        episode.limit, episode.done = ("max_episode_tokens" if over_budget else "max_new_tokens"), True
+        return
+    new_messages, reward, done, info = environments.step(environment, assistant)
+    episode.turn_rewards.append(reward)
+    episode.tool_calls += info.get("tool_calls", 0)
+    episode.parse_errors += info.get("parse_errors", 0)
+    if done:
+        episode.done = True
+        return
+    text = observation_text(tokenizer, history, assistant, new_messages, tools, tokenizer.decode(response),
+                            tokenizer.decode(response[-1:]))
+    observation = tokenizer(text, add_special_tokens=False)["input_ids"]
+    episode.messages += new_messages
+    episode.token_ids += observation
+    episode.policy_mask += [0] * len(observation)
+    if episode.turns >= max_turns:
+        episode.limit, episode.done = "max_turns", True
+    elif len(episode.token_ids) >= max_episode_tokens:
+        episode.limit, episode.done = "max_episode_tokens", True
+
+
+@torch.inference_mode()
+def run_episodes(policy, tokenizer, make_environment, prompt_rows: list[dict], *, samples_per_prompt: int,
+                 temperature: float, top_p: float, top_k: int, max_new_tokens: int, max_turns: int,
+                 max_episode_tokens: int, batch_size: int, seed: int, device: torch.device,
+                 stop_ids: list[int] | None = None) -> list[Episode]:
+    """``samples_per_prompt`` episodes per prompt row, in (prompt, sample) order, each with its own environment
+    (``make_environment()``), run to its end or a limit, then scored by its environment."""
+    stop_ids = list(stop_ids or [tokenizer.eos_token_id])
+    jobs = [(p, s) for p in range(len(prompt_rows)) for s in range(samples_per_prompt)]
+    envs = [make_environment() for _ in jobs]
+    tools = environments.tools_of(envs[0]) if envs else None
+    check_template(tokenizer, tools)
+    bos = needs_bos(tokenizer)
+    episodes = [_start(tokenizer, env, prompt_rows[p], tools, bos, p, s) for env, (p, s) in zip(envs, jobs)]
+    for episode in episodes:
+        if episode.prompt_length >= max_episode_tokens:
+            raise DataError(f"prompt row {episode.prompt_index}: {episode.prompt_length} tokens before the first "
+                            f"turn, at least rollout.max_episode_tokens = {max_episode_tokens}")
+    for turn in range(max_turns):
+        running = [i for i, e in enumerate(episodes) if not e.done]
+        if not running:
+            break
+        lengths = [len(episodes[i].token_ids) for i in running]
+        for batch_number, members in enumerate(length_buckets(lengths, batch_size)):
+            batch = [running[m] for m in members]
+            room = max(max_episode_tokens - len(episodes[i].token_ids) for i in batch)  # each keeps its own room
+            config = generation_config(tokenizer, temperature=temperature, top_p=top_p, top_k=top_k,
+                                       max_new_tokens=min(max_new_tokens, room), stop_ids=stop_ids)
+            sampled = _generate(policy, tokenizer, [episodes[i].token_ids for i in batch], config,
+                                seed + 1000 * turn + batch_number, device)
+            for row, index in enumerate(batch):
+                _take_turn(tokenizer, envs[index], episodes[index], sampled[row].tolist(), stop_ids, tools,
+                           max_turns=max_turns, max_new_tokens=max_new_tokens, max_episode_tokens=max_episode_tokens)
+    for env, episode in zip(envs, episodes):
+        if not episode.done:
+            raise DataError(f"environment {type(env).__name__}: episode of prompt row {episode.prompt_index} "
+                            f"neither ended nor hit a limit after {max_turns} turns")  # unreachable by construction
+        episode.reward = environments.score(env, episode.view())
+    return episodes
+
+
+def training_rows(episodes: list[Episode]) -> dict[str, list]:
+    """The episodes as the training rows of the single-turn layout: ``prompt_ids`` (the conversation before the
+    first policy turn), ``response_ids`` (everything after it, policy and environment tokens in their order) and
+    ``policy_mask`` over the response (``Experience.policy_mask``: the loss, the KL and the token counts cover the
+    policy's tokens only; the environment's stay in the sequence as context)."""
+    return {"prompt_ids": [e.token_ids[:e.prompt_length] for e in episodes],
+            "response_ids": [e.token_ids[e.prompt_length:] for e in episodes],
+            "policy_mask": [e.policy_mask[e.prompt_length:] for e in episodes]}
+
