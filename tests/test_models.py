@@ -151,10 +151,13 @@ def test_gradient_checkpointing_recomputes_blocks_and_gives_the_same_gradients(t
 
 
 @pytest.mark.parametrize("param_dtype, expected", [("float32", torch.float32), ("bfloat16", torch.bfloat16),
-                                                    ("auto", torch.bfloat16)])
+                                                    ("auto", torch.float32)])
 def test_param_dtype_loads_the_weights_in_it_and_keeps_the_value_head_and_log_probs_float32(
-        tiny_checkpoint, tmp_path, param_dtype, expected):
-    """compute.param_dtype: float32, bfloat16, or auto = the checkpoint's own dtype (a bf16 checkpoint here)."""
+        tiny_checkpoint, tmp_path, monkeypatch, param_dtype, expected):
+    """compute.param_dtype: float32, bfloat16, or auto (a bf16 checkpoint here, on a CPU under the AVX2 pin: float32,
+    tests/test_cpu_dtype.py)."""
+    for name, value in {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}.items():
+        monkeypatch.setenv(name, value)
     bf16_dir = tmp_path / "bf16"
     policy = load_causal_lm(str(tiny_checkpoint), CPU).to(torch.bfloat16)
     policy.save_pretrained(bf16_dir)

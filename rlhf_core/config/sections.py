@@ -111,8 +111,11 @@ class ComputeParams(Section):
         "Only with strategy: deepspeed")
     param_dtype: Literal["float32", "bfloat16", "auto"] = param(
         "auto", "dtype of the weights of the policy, the reference and a separate critic backbone, as loaded in "
-        "sft, rollout, optimize and evaluate (and so as saved): auto = the checkpoint's own dtype (float32 for the "
-        "from-scratch default, bfloat16 for most Hub models); float32; bfloat16 (half the memory of the weights, "
+        "sft, rollout, optimize and evaluate (and so as saved): auto = the checkpoint's own dtype on a GPU (bfloat16 "
+        "for most Hub models), and on a CPU float32 unless the checkpoint is bfloat16 and the CPU runs bf16 natively "
+        "(cpu_isa: native with AVX512-BF16 or AMX): under the AVX2 pin bf16 weights take 20–40× float32's time "
+        "(docs/performance.md#bfloat16-on-a-cpu), and an explicit bfloat16 there says so; float32; bfloat16 (half the "
+        "memory of the weights, "
         "their gradients and AdamW's state, with no float32 master copy: an update smaller than ~1/256 of a weight "
         "rounds away, so it suits large models and LoRA more than tiny ones). "
         "The value head, log-softmax, ratios, KL and advantages stay float32")

@@ -60,13 +60,13 @@ def load_actor_critic(path: str, critic: str, device: torch.device, trust_remote
         critic_dir = Path(path) / CRITIC_DIR
         if not critic_dir.is_dir() and critic_init and Path(critic_init).resolve() != Path(checkpoint_dir("sft")).resolve():
             critic_backbone, head = critic_from_reward_model(critic_init, policy.config, trust_remote_code, param_dtype,
-                                                             empty=device.type == "meta")
+                                                             empty=device.type == "meta", device=device)
             if device.type != "meta":  # a meta score head has no values to copy
                 value_head.load_state_dict(head)
             return ActorCritic(policy, value_head.to(device), disable_dropout(critic_backbone).to(device))
         source = str(critic_dir) if critic_dir.is_dir() else adapter_base(path) if is_adapter_checkpoint(path) else path
         critic_backbone = disable_dropout(safe_from_pretrained(AutoModel, source, trust_remote_code,
-                                                               param_dtype=param_dtype,
+                                                               param_dtype=param_dtype, device=device,
                                                                empty=device.type == "meta")).to(device)
         head_file = critic_dir / VALUE_HEAD_FILE
     else:
@@ -77,15 +77,14 @@ def load_actor_critic(path: str, critic: str, device: torch.device, trust_remote
 
 
 def critic_from_reward_model(path: str, policy_config, trust_remote_code: bool = False, param_dtype: str = "float32",
-                             empty: bool = False):
+                             empty: bool = False, device=None):
     """(backbone, value-head state) from a one-output decoder reward model at ``path`` (a ``*ForSequenceClassification``
     with a linear ``score`` head that reads the last token, as transformers' decoder classifiers do).  Its
     vocabulary must be the policy's: the critic reads the policy's token ids."""
     from transformers import AutoModelForSequenceClassification
 
-
     model = safe_from_pretrained(AutoModelForSequenceClassification, path, trust_remote_code, param_dtype=param_dtype,
-                                 empty=empty)
+                                 empty=empty, device=device)
     score = getattr(model, "score", None)
     if not isinstance(score, nn.Linear) or score.out_features != 1:
         raise ConfigError(f"algorithm.critic_init: {path} is a {type(model).__name__}; a critic starts from a one-output "

@@ -200,19 +200,89 @@ def stored_dtype(path: str | Path) -> str | None:
 
 # compute.param_dtype -> the dtype argument of from_pretrained ("auto": the checkpoint's own dtype)
 PARAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}
+# What bf16 weights cost on a CPU without native bf16 matmuls (docs/performance.md: bf16 on CPU): a 256×512 @
+# 512×512 matmul 39× float32's time, sft 22× and an optimize round 48× on the default model.
+SLOW_BF16_COST = "20–40× the time of float32 (docs/performance.md#bfloat16-on-a-cpu)"
+_SAID: set[str] = set()
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (x86 `flags`, ARM `Features`); empty where there is none."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    return {flag for line in lines if line.startswith(("flags", "Features")) for flag in line.split(":", 1)[1].split()}
+
+
+def slow_cpu_bf16(environ=None, flags: set[str] | None = None) -> str | None:
+    """None when this process's CPU matmuls run bf16 on native instructions; else why not, as a phrase.
+
+    x86 needs AVX512-BF16 or AMX-BF16 (ARM: the bf16 feature) and no pin to an ISA without them: cpu_isa: avx2
+    (the default, for bits that are the same on every x86) sets ONEDNN_MAX_CPU_ISA=AVX2 and ATEN_CPU_CAPABILITY=avx2
+    in the stage's environment, and then oneDNN and ATen run bf16 through slow emulation."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    if environ.get("ONEDNN_MAX_CPU_ISA", "").upper() == "AVX2" or environ.get("ATEN_CPU_CAPABILITY") == "avx2":
+        return "cpu_isa: avx2 pins the CPU kernels to AVX2, which has no bf16 instructions"
+    if not {"avx512_bf16", "amx_bf16", "bf16"} & (cpu_flags() if flags is None else flags):
+        return "this CPU has no bf16 instructions (AVX512-BF16, AMX or ARM bf16)"
+    return None
+
+
+def checkpoint_dtype(path: str | Path, trust_remote_code: bool = False) -> str | None:
+    """The dtype a checkpoint stores its weights in: a local directory's config.json, else the Hub config's."""
+    if Path(path).expanduser().is_dir():
+        return stored_dtype(Path(path).expanduser())
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code, **hub_source(path, "model"))
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def cpu_param_dtype(param_dtype: str, path: str | Path, trust_remote_code: bool = False, *, environ=None,
+                    flags: set[str] | None = None, say=None) -> str:
+    """compute.param_dtype for weights that will run on a CPU.
+
+    - ``auto``: the checkpoint's dtype where that is fast, so float32 for float32 and float16 checkpoints, and for
+      bfloat16 ones unless the CPU runs bf16 natively (``slow_cpu_bf16``); most Hub checkpoints are bfloat16, and
+      under the default cpu_isa: avx2 their bf16 weights would take 20–40× float32's time.  ``say`` (one line to
+      stderr by default, once per process) tells when a 16-bit checkpoint loads as float32.
+    - ``bfloat16`` set explicitly stays bfloat16, and ``say`` warns when it will be slow, with the cost.
+    - ``float32``: float32."""
+    import sys
+
+    say = say or (lambda line: line not in _SAID and (_SAID.add(line), print(line, file=sys.stderr, flush=True)))
+    why_slow = slow_cpu_bf16(environ, flags)
+    if param_dtype == "bfloat16" and why_slow:
+        say(f"compute.param_dtype = 'bfloat16' on a CPU: {why_slow}, so expect {SLOW_BF16_COST}; set "
+            "param_dtype: auto or float32, or cpu_isa: native on a CPU with AVX512-BF16/AMX")
+    if param_dtype != "auto":
+        return param_dtype
+    stored = checkpoint_dtype(path, trust_remote_code)
+    if stored == "float16" or (stored == "bfloat16" and why_slow):
+        say(f"compute.param_dtype = auto: {path} is stored in {stored}, loaded in float32 on this CPU ("
+            f"{why_slow or 'float16 matmuls are slow on CPUs'}; 16-bit weights would take {SLOW_BF16_COST})")
+        return "float32"
+    return param_dtype
 
 
 def safe_from_pretrained(auto_class, path: str, trust_remote_code: bool = False, *, param_dtype: str = "float32",
-                         empty: bool = False, **kwargs):
+                         empty: bool = False, device: torch.device | None = None, **kwargs):
     """``auto_class.from_pretrained`` that loads weights only from safetensors (never pickle) and runs
     no code from the checkpoint unless ``trust_remote_code`` is on, in ``param_dtype`` (compute.param_dtype:
     float32, bfloat16, or auto = as stored); ``kwargs`` go to from_pretrained.
 
     ``empty``: the same model built from its config on the meta device, reading no weights (an FSDP2 rank other than
     0, which gets its shards from rank 0: ``distributed.shard_fsdp2_from_rank0``); "auto" is float32 there, and
-    rank 0's dtypes win."""
+    rank 0's dtypes win.  ``device``: where the weights will run; on a CPU, ``cpu_param_dtype`` decides what
+    ``auto`` means (and warns about slow bf16)."""
     quiet_transformers()
     source = hub_source(path, "model")
+    if device is not None and device.type == "cpu":
+        param_dtype = cpu_param_dtype(param_dtype, path, trust_remote_code)
     try:
         if empty:
             from transformers import AutoConfig
@@ -251,13 +321,14 @@ def load_causal_lm(path: str, device: torch.device, trust_remote_code: bool = Fa
         from peft import PeftModel
 
         base = disable_dropout(safe_from_pretrained(AutoModelForCausalLM, adapter_base(path), trust_remote_code,
-                                                    param_dtype=param_dtype, empty=empty))
+                                                    param_dtype=param_dtype, empty=empty, device=device))
         with meta_copies_quiet(empty):
             model = PeftModel.from_pretrained(base, path)
         if merge_adapters:
             model = model.merge_and_unload()
         return disable_dropout(model).to(device)
-    model = safe_from_pretrained(AutoModelForCausalLM, path, trust_remote_code, param_dtype=param_dtype, empty=empty)
+    model = safe_from_pretrained(AutoModelForCausalLM, path, trust_remote_code, param_dtype=param_dtype, empty=empty,
+                                 device=device)
     return disable_dropout(model).to(device)
 
 

@@ -38,13 +38,13 @@ def trainable_lora_policy(path: str, lora, device: torch.device, trust_remote_co
     if is_adapter_checkpoint(path):
         base_path = adapter_base(path)
         base = disable_dropout(safe_from_pretrained(AutoModelForCausalLM, base_path, trust_remote_code,
-                                                    param_dtype=param_dtype, empty=empty))
+                                                    param_dtype=param_dtype, empty=empty, device=device))
         with meta_copies_quiet(empty):
             policy = PeftModel.from_pretrained(base, path, is_trainable=True)
     else:
         base_path = path
         base = disable_dropout(safe_from_pretrained(AutoModelForCausalLM, path, trust_remote_code,
-                                                    param_dtype=param_dtype, empty=empty))
+                                                    param_dtype=param_dtype, empty=empty, device=device))
         policy = get_peft_model(base, lora_config(lora))
     # The checkpoint points at its base: a local directory as an absolute path, so plain peft loads the adapters
     # from any working directory (adapter_base still finds a moved repo's models/sft next to the checkpoint).
