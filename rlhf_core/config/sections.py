@@ -113,7 +113,7 @@ class ComputeParams(Section):
         "auto", "dtype of the weights of the policy, the reference and a separate critic backbone, as loaded in "
         "sft, rollout, optimize and evaluate (and so as saved): auto = the checkpoint's own dtype on a GPU (bfloat16 "
         "for most Hub models), and on a CPU float32 unless the checkpoint is bfloat16 and the CPU runs bf16 natively "
-        "(cpu_isa: native with AVX512-BF16 or AMX): under the AVX2 pin bf16 weights take 20–40× float32's time "
+        "(cpu_isa: native with AVX512-BF16 or AMX): under the AVX2 pin bf16 weights take 10–50× float32's time "
         "(docs/performance.md#bfloat16-on-a-cpu), and an explicit bfloat16 there says so; float32; bfloat16 (half the "
         "memory of the weights, "
         "their gradients and AdamW's state, with no float32 master copy: an update smaller than ~1/256 of a weight "

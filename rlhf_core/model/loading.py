@@ -200,9 +200,9 @@ def stored_dtype(path: str | Path) -> str | None:
 
 # compute.param_dtype -> the dtype argument of from_pretrained ("auto": the checkpoint's own dtype)
 PARAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}
-# What bf16 weights cost on a CPU without native bf16 matmuls (docs/performance.md: bf16 on CPU): a 256×512 @
-# 512×512 matmul 39× float32's time, sft 22× and an optimize round 48× on the default model.
-SLOW_BF16_COST = "20–40× the time of float32 (docs/performance.md#bfloat16-on-a-cpu)"
+# What bf16 weights cost on a CPU without native bf16 matmuls (docs/performance.md#bfloat16-on-a-cpu): a matmul
+# 39–51× float32's time, a training step of a 135M model 11×, the default pipeline's sft 22× and optimize 48×.
+SLOW_BF16_COST = "10–50× the time of float32 (docs/performance.md#bfloat16-on-a-cpu)"
 _SAID: set[str] = set()
 
 
@@ -248,7 +248,7 @@ def cpu_param_dtype(param_dtype: str, path: str | Path, trust_remote_code: bool 
 
     - ``auto``: the checkpoint's dtype where that is fast, so float32 for float32 and float16 checkpoints, and for
       bfloat16 ones unless the CPU runs bf16 natively (``slow_cpu_bf16``); most Hub checkpoints are bfloat16, and
-      under the default cpu_isa: avx2 their bf16 weights would take 20–40× float32's time.  ``say`` (one line to
+      under the default cpu_isa: avx2 their bf16 weights would take 10–50× float32's time.  ``say`` (one line to
       stderr by default, once per process) tells when a 16-bit checkpoint loads as float32.
     - ``bfloat16`` set explicitly stays bfloat16, and ``say`` warns when it will be slow, with the cost.
     - ``float32``: float32."""
