@@ -224,3 +224,19 @@ def test_engine_status_and_stop_without_an_engine(tmp_path, monkeypatch, capsys)
     (tmp_path / ".rlhf/vllm/state.json").write_text(json.dumps({"pid": 2**22 + 12345, "instance": "x"}))
     assert main(["engine", "status"]) == 0
     assert capsys.readouterr().out.startswith("no vLLM engine running")
+
+
+def test_the_engine_samples_in_the_dtype_the_hf_policy_loads_in(tmp_path, monkeypatch):
+    """A bf16 checkpoint on a CPU under the AVX2 pin: the HF policy loads it in float32 (loading.cpu_param_dtype), so
+    the engine serves float32 too; on a GPU both keep the checkpoint's bfloat16."""
+
+    from rlhf_core.config import ComputeParams
+    from rlhf_core.phases.vllm_client import vllm_dtype
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "dtype": "bfloat16"}))
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert vllm_dtype(ComputeParams(), tmp_path, on_cpu=True) == "float32"
+    assert vllm_dtype(ComputeParams(), tmp_path, on_cpu=False) == "bfloat16"
+    assert vllm_dtype(ComputeParams(param_dtype="bfloat16"), tmp_path, on_cpu=True) == "bfloat16"
+    assert vllm_dtype(ComputeParams(mixed_precision="bf16"), tmp_path, on_cpu=True) == "bfloat16"  # autocast

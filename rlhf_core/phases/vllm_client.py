@@ -108,15 +108,18 @@ def weights_sha256(directory: str | Path, cache: str | Path | None = None) -> st
     return digest.hexdigest()
 
 
-def vllm_dtype(compute, checkpoint: str | Path) -> str:
+def vllm_dtype(compute, checkpoint: str | Path, on_cpu: bool = False) -> str:
     """The dtype vLLM samples in: the HF policy's (``compute.param_dtype``; ``auto``: the checkpoint's stored
-    dtype, read here because vLLM's own ``auto`` turns float32 into float16), or with float32 weights the
-    autocast dtype of ``compute.mixed_precision``."""
-    from rlhf_core.model.loading import adapter_base, is_adapter_checkpoint, stored_dtype
+    dtype, read here because vLLM's own ``auto`` turns float32 into float16, and on a CPU what the HF policy
+    loads in there: ``loading.cpu_param_dtype``), or with float32 weights the autocast dtype of
+    ``compute.mixed_precision``."""
+    from rlhf_core.model.loading import adapter_base, cpu_param_dtype, is_adapter_checkpoint, stored_dtype
 
     weights = compute.param_dtype
+    base = adapter_base(checkpoint) if is_adapter_checkpoint(checkpoint) else checkpoint
+    if on_cpu:  # the HF policy's own load says it, once
+        weights = cpu_param_dtype(weights, base, say=lambda line: None)
     if weights == "auto":
-        base = adapter_base(checkpoint) if is_adapter_checkpoint(checkpoint) else checkpoint
         weights = stored_dtype(base) or "float32"
     if weights != "float32":
         return weights
@@ -131,6 +134,12 @@ def probe_tolerance(setting: float | None, dtype: str) -> float:
     return 1e-3 if dtype == "float32" else 0.1
 
 
+def _on_cpu(device: str) -> bool:
+    from rlhf_core.model.device import pick_device
+
+    return pick_device(device).type == "cpu"
+
+
 def engine_spec(params, start_from_dir: str | Path, sft_dir: str | Path = "models/sft",
                 state_dir: str | Path = STATE_DIR) -> EngineSpec:
     """The engine a round needs: it starts on the round's base (a LoRA checkpoint's base, else ``sft_dir``)."""
@@ -139,7 +148,8 @@ def engine_spec(params, start_from_dir: str | Path, sft_dir: str | Path = "model
     base = Path(adapter_base(start_from_dir) if is_adapter_checkpoint(start_from_dir) else sft_dir).resolve()
     settings = params.vllm
     return EngineSpec(weights=str(base), weights_sha256=weights_sha256(base, Path(state_dir) / "checksums.json"),
-                      dtype=vllm_dtype(params.compute, start_from_dir), seed=params.seed, device=params.device,
+                      dtype=vllm_dtype(params.compute, start_from_dir, on_cpu=_on_cpu(params.device)),
+                      seed=params.seed, device=params.device,
                       lora_rank=params.lora.r if params.lora.enabled else 0, max_model_len=settings.max_model_len,
                       cpu_kv_cache_gib=settings.cpu_kv_cache_gib, gpu_memory_fraction=params.rollout.gpu_memory_fraction,
                       trust_remote_code=params.trust_remote_code)

@@ -22,19 +22,11 @@ import pytest
 import yaml
 
 from rlhf_core.tooling.loopback_ray import HEAD_IP, NODE_IP, LoopbackCluster
+from tests.e2e.test_distributed_pipeline import TWO_PROCESSES  # the reduced 2-process pipeline
 from tests.e2e.test_pipeline import _env, dvc, make_reduced_repo, ran_stages
 
 pytestmark = pytest.mark.ray
 
-TWO_PROCESSES = {
-    "device": "cpu",
-    "compute": {"num_processes": 2},
-    "sft": {"epochs": 1, "num_builtin_demonstrations": 400},
-    "rollout": {"prompts_per_round": 8, "batch_size": 8, "forward_batch_size": 8},
-    "optim": {"minibatch_size": 8, "micro_batch_size": 4},
-    "evaluate": {"num_prompts": 8},
-    "rounds": {"r1": {"from": "sft"}},
-}
 
 
 @pytest.fixture(scope="module")
