@@ -64,6 +64,18 @@ def length_buckets(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def left_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both [B, W] with W the longest sequence: each row right-aligned, padded on the
+    left with ``pad_id`` (mask 0), as ``generate`` takes prompts."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, width - len(sequence):] = torch.tensor(sequence)
+        attention_mask[row, width - len(sequence):] = 1
+    return input_ids, attention_mask
+
+
 def collate(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> TokenBatch:
     """Each row = prompt + response, left-padded to the batch's longest sequence (module docstring)."""
     if not prompt_ids or len(prompt_ids) != len(response_ids):

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rlhf_core.errors import DataError
-from rlhf_core.model.batches import length_buckets
+from rlhf_core.model.batches import left_padded, length_buckets
 from rlhf_core.model.chat import needs_bos
 from rlhf_core.phases import environments
 from rlhf_core.phases.rollout import generation_config, only_this_config, truncate_at_eos
@@ -108,12 +108,8 @@ def _start(tokenizer, environment, row: dict, tools, bos: bool, prompt_index: in
 
 
 def _generate(policy, tokenizer, streams: list[list[int]], config, seed: int, device) -> torch.Tensor:
-    width = max(len(s) for s in streams)
-    input_ids = torch.full((len(streams), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, stream in enumerate(streams):
-        input_ids[row, width - len(stream):] = torch.tensor(stream)
-        attention_mask[row, width - len(stream):] = 1
+    input_ids, attention_mask = left_padded(streams, tokenizer.pad_token_id)
+    width = input_ids.shape[1]
     torch.manual_seed(seed)
     with only_this_config(policy, config):
         output = policy.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),

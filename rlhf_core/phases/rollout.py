@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from rlhf_core.errors import DataError
-from rlhf_core.model.batches import collate, length_buckets
+from rlhf_core.model.batches import collate, left_padded, length_buckets
 from rlhf_core.model.forward import policy_logprobs
 from rlhf_core.runtime.progress import Progress
 
@@ -166,13 +166,8 @@ def generate_samples(policy, tokenizer, prompt_ids: list[list[int]], *, samples_
     progress = Progress(sum(len(members) for _, members in plan), "generate", unit="sequence")
     for batch_number, members in plan:
         batch_jobs = [jobs[i] for i in members]
-        prompts = [prompt_ids[p] for p, _ in batch_jobs]
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, width - len(prompt):] = torch.tensor(prompt)
-            attention_mask[row, width - len(prompt):] = 1
+        input_ids, attention_mask = left_padded([prompt_ids[p] for p, _ in batch_jobs], tokenizer.pad_token_id)
+        width = input_ids.shape[1]
         torch.manual_seed(seed + batch_number)
         processors, recorder = sampling_processors(temperature, top_p, top_k) if record_sampler_logprobs else (None, None)
         try:
