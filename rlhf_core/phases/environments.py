@@ -22,13 +22,13 @@ Nothing else of the library is visible to it: it never sees token ids (rlhf_core
 from __future__ import annotations
 
 import ast
-import importlib
 import json
 import math
 import operator
 import re
 
 from rlhf_core.errors import DataError
+from rlhf_core.phases.user_code import import_attribute
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -108,14 +108,7 @@ def load_environment_class(spec: str):
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
         raise DataError(f"environment {spec!r}: must be module:Class")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise DataError(f"environment {spec!r}: cannot import {module_name!r} ({exc})") from None
-    factory = getattr(module, attribute, None)
-    if not callable(factory):
-        raise DataError(f"environment {spec!r}: {module_name} has no class {attribute!r}")
-    return factory
+    return import_attribute(spec, "environment", "class")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -22,23 +22,16 @@ scorer's name and the offending row.
 
 from __future__ import annotations
 
-import importlib
 import math
 
 from rlhf_core.errors import DataError
 from rlhf_core.phases.scoring import length_scores, overlong_scores, vader_scores, verifiable_scores  # noqa: F401  (the built-in scorers)
+from rlhf_core.phases.user_code import import_attribute
 
 
 def python_scores(function: str, prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]:
     """Call the user function ``module:function`` (importable from the repo root or the environment)."""
-    module_name, attribute = function.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise DataError(f"python scorer {function!r}: cannot import {module_name!r} ({exc})") from None
-    scorer = getattr(module, attribute, None)
-    if not callable(scorer):
-        raise DataError(f"python scorer {function!r}: {module_name} has no function {attribute!r}")
+    scorer = import_attribute(function, "python scorer", "function")
     return list(scorer(prompts, responses, metadata))
 
 
