@@ -18,6 +18,7 @@ lacks them fails in one line naming the node.  Only global rank 0 writes, atomic
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -72,10 +73,8 @@ def _die_with_parent() -> None:
     import ctypes
     import signal
 
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # a libc without prctl (not Linux): nothing to ask for
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _member_class():
@@ -170,22 +169,17 @@ def _uses_gpu(ray, device: str) -> bool:
 
 
 def _stop(ray, members) -> None:
-    """Stop every member's processes (SIGTERM, then SIGKILL), then the actors."""
+    """Stop every member's processes (SIGTERM, then SIGKILL), then the actors.  Best effort: a member whose actor
+    or node is already gone has nothing left to stop, and its call fails."""
     refs = []
     for member in members:
-        try:
+        with contextlib.suppress(Exception):
             refs.append(member.stop.remote())
-        except Exception:
-            pass
-    try:
+    with contextlib.suppress(Exception):
         ray.wait(refs, num_returns=len(refs), timeout=STOP_GRACE_S + 5)
-    except Exception:
-        pass
     for member in members:
-        try:
+        with contextlib.suppress(Exception):
             ray.kill(member)
-        except Exception:
-            pass
 
 
 def _wait(ray, runs: dict, timeout_s: float) -> str:
@@ -221,7 +215,7 @@ def run_gang(module: str, params, processes: int, command_of) -> int:
     except ConfigError as exc:
         print(f"error: {stage}: {exc}", file=sys.stderr, flush=True)
         return 2
-    members, group = [], None
+    members, group, failure = [], None, ""
     try:
         per_member = processes // compute.num_machines
         use_gpu = _uses_gpu(ray, params.device)
@@ -244,12 +238,6 @@ def run_gang(module: str, params, processes: int, command_of) -> int:
         runs = {member.run.remote(command, os.getcwd(), environment): (index, nodes[index])
                 for index, (member, command) in enumerate(zip(members, commands))}
         failure = _wait(ray, runs, compute.ray_timeout_s)
-        if failure:
-            _stop(ray, members)
-            print(f"error: {stage}: {failure}; every member was stopped (dvc repro runs the stage again)",
-                  file=sys.stderr, flush=True)
-            return 1
-        return 0
     except ConfigError as exc:
         print(f"error: {stage}: {exc}", file=sys.stderr, flush=True)
         return 2
@@ -259,8 +247,11 @@ def run_gang(module: str, params, processes: int, command_of) -> int:
         if group is not None:
             from ray.util.placement_group import remove_placement_group
 
-            try:
+            with contextlib.suppress(Exception):  # gone with the cluster
                 remove_placement_group(group)
-            except Exception:
-                pass
         ray.shutdown()
+    if failure:
+        print(f"error: {stage}: {failure}; every member was stopped (dvc repro runs the stage again)",
+              file=sys.stderr, flush=True)
+        return 1
+    return 0
