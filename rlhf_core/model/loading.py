@@ -206,6 +206,15 @@ SLOW_BF16_COST = "10–50× the time of float32 (docs/performance.md#bfloat16-on
 _SAID: set[str] = set()
 
 
+def _say_once(line: str) -> None:
+    """``line`` on stderr, the first time this process says it (a stage loads the same checkpoint several times)."""
+    import sys
+
+    if line not in _SAID:
+        _SAID.add(line)
+        print(line, file=sys.stderr, flush=True)
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags from /proc/cpuinfo (x86 `flags`, ARM `Features`); empty where there is none."""
     try:
@@ -252,9 +261,7 @@ def cpu_param_dtype(param_dtype: str, path: str | Path, trust_remote_code: bool 
       stderr by default, once per process) tells when a 16-bit checkpoint loads as float32.
     - ``bfloat16`` set explicitly stays bfloat16, and ``say`` warns when it will be slow, with the cost.
     - ``float32``: float32."""
-    import sys
-
-    say = say or (lambda line: line not in _SAID and (_SAID.add(line), print(line, file=sys.stderr, flush=True)))
+    say = say or _say_once
     why_slow = slow_cpu_bf16(environ, flags)
     if param_dtype == "bfloat16" and why_slow:
         say(f"compute.param_dtype = 'bfloat16' on a CPU: {why_slow}, so expect {SLOW_BF16_COST}; set "
