@@ -69,10 +69,10 @@ def pin_cpu_numerics(cpu_isa: str, environ=None) -> dict[str, str]:
     return dict(PINNED_CPU_ISA)
 
 
-def free_port() -> int:
-    """A TCP port free on this machine now, for the rendezvous of one single-node launch."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now, for the rendezvous of one single-node launch."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 

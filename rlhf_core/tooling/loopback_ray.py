@@ -16,17 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+from rlhf_core.runtime.launch import free_port
+
 HEAD_IP, NODE_IP = "127.0.0.2", "127.0.0.3"
 LOOPBACK_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "GLOO_SOCKET_IFNAME": "lo", "RAY_DEDUP_LOGS": "0",
                 "RAY_COLOR_PREFIX": "0"}
-
-
-def _free_port(ip: str) -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind((ip, 0))
-        return sock.getsockname()[1]
 
 
 def descendants(pids: set[int]) -> set[int]:
@@ -55,7 +49,7 @@ def descendants(pids: set[int]) -> set[int]:
 
 class LoopbackCluster:
     def __init__(self, temp_dir: Path, head_cpus: int = 1, node_cpus: int = 1):
-        self.port = _free_port(HEAD_IP)
+        self.port = free_port(HEAD_IP)
         self.address = f"{HEAD_IP}:{self.port}"
         self.env = {**os.environ, **LOOPBACK_ENV}
         ray = str(Path(sys.executable).with_name("ray"))
