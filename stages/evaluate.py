@@ -24,7 +24,7 @@ def main(params, args):
         raise ConfigError(f"--checkpoint {name!r}: must be sft or a round of params.yaml ({', '.join(params.rounds)})")
     seed_everything(params.evaluate.seed)
     device = resolve_device(params.device, params.cpu_threads)
-    prompts, answers, messages = read_eval_prompts(params)
+    prompts, answers, messages, rows = read_eval_prompts(params)
     heldout = read_parquet("demos/heldout.parquet", ("prompt", "response")).to_dict("records")
     heldout = heldout[: params.evaluate.num_perplexity_texts]
     skip_perplexity = foreign_demonstrations(params.sft)
@@ -40,7 +40,7 @@ def main(params, args):
     encoded = None if skip_perplexity else encode_demonstrations(tokenizer, heldout, params.sft.max_length,
                                                                 chat=params.chat)
     metrics, examples = evaluate_checkpoint(policy, reference, tokenizer, prompts, encoded, params, device, answers,
-                                            messages=messages,
+                                            messages=messages, prompt_rows=rows,
                                             stop_ids=checkpoint_stop_ids(checkpoint_dir(name), tokenizer))
     log(f"evaluate {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     samples = [{"round": name, **example} for example in examples[: params.evaluate.num_logged_samples]]
@@ -49,9 +49,10 @@ def main(params, args):
         (out / "samples.jsonl").write_text("".join(json.dumps(s, sort_keys=True) + "\n" for s in samples))
 
 
-def read_eval_prompts(params) -> tuple[list, list | None, list | None]:
+def read_eval_prompts(params) -> tuple[list, list | None, list | None, list | None]:
     """The first evaluate.num_prompts held-out prompts (the training ones when prepare.eval_fraction is 0, and it
-    says so), with their reference answers and chat messages where the prompt set has them."""
+    says so), with their reference answers and chat messages where the prompt set has them, and their whole rows
+    for an environment's reset (None without one)."""
     eval_prompts = read_parquet("prompts/eval.parquet", ("prompt",)).head(params.evaluate.num_prompts)
     if eval_prompts.empty:  # prepare.eval_fraction 0 (or too few prompts): every prompt is a training prompt
         log("evaluate: prompts/eval.parquet is empty (prepare.eval_fraction 0), so there are no held-out prompts: "
@@ -59,7 +60,8 @@ def read_eval_prompts(params) -> tuple[list, list | None, list | None]:
         eval_prompts = read_parquet("prompts/train.parquet", ("prompt",)).head(params.evaluate.num_prompts)
     answers = [str(a) for a in eval_prompts["answer"]] if "answer" in eval_prompts else None
     messages = eval_prompts["messages"].tolist() if "messages" in eval_prompts else None
-    return eval_prompts["prompt"].tolist(), answers, messages
+    rows = eval_prompts.to_dict("records") if params.multi_turn else None
+    return eval_prompts["prompt"].tolist(), answers, messages, rows
 
 
 def add_arguments(parser) -> None:

@@ -1,6 +1,6 @@
 """Fingerprint what the stages read that dvc.yaml cannot list precisely: the code each stage runs, the reward's
-inputs from outside the declared files (python scorer modules, local reward-model directories), and whether the
-rollout loads π_ref.
+inputs from outside the declared files (python scorer modules, local reward-model directories), whether the
+rollout loads π_ref, and a python environment's source.
 
 dvc.yaml runs this stage first on every `dvc repro` (always_changed); every other stage depends on its code
 fingerprint, and score and evaluate on the reward's, so an edit re-runs exactly the stages that read what was
@@ -13,10 +13,19 @@ from rlhf_core.runtime.cli import log, run_stage
 
 
 def main(params, args):
-    """Write fingerprints/code/<stage>.json for every stage, fingerprints/reward.json and fingerprints/reference.json."""
+    """Write fingerprints/code/<stage>.json for every stage, fingerprints/reward.json, fingerprints/reference.json and
+    fingerprints/environment.json."""
     import yaml
 
-    from rlhf_core.tooling.fingerprints import CODE_DIR, REFERENCE_FILE, REWARD_FILE, code_fingerprints, reward_inputs
+    from rlhf_core.tooling.fingerprints import (
+        CODE_DIR,
+        ENVIRONMENT_FILE,
+        REFERENCE_FILE,
+        REWARD_FILE,
+        code_fingerprints,
+        environment_inputs,
+        reward_inputs,
+    )
 
     repo = Path.cwd()
     code = code_fingerprints(repo, yaml.safe_load((repo / "dvc.yaml").read_text()))
@@ -26,6 +35,7 @@ def main(params, args):
     inputs = reward_inputs(params.score.scorers, repo)
     write_json(REWARD_FILE, inputs)
     write_json(REFERENCE_FILE, {"uses_reference": params.uses_reference})
+    write_json(ENVIRONMENT_FILE, environment_inputs(params.environment))
     local = sum(isinstance(value, dict) for value in inputs["model_directories"].values())
     log(f"fingerprints: the code of {len(code)} stages ({len({f for files in code.values() for f in files})} files); "
         f"{len(inputs['python_scorers'])} python scorer(s), {local} local reward-model directory(ies)")

@@ -25,14 +25,20 @@ def main(params, args):
 
     tokenizer = load_tokenizer(checkpoint_dir(start_from), params.trust_remote_code)
     messages = [train["messages"].iloc[i] for i in indices] if "messages" in train else None
-    prompt_ids = encode_prompts(tokenizer, prompts, chat=params.chat, messages=messages)
+    # episodes (environment.kind): the environment writes each conversation from its prompt row
+    prompts_in = ([train.iloc[i].to_dict() for i in indices] if params.multi_turn
+                  else encode_prompts(tokenizer, prompts, chat=params.chat, messages=messages))
     stop_ids = checkpoint_stop_ids(checkpoint_dir(start_from), tokenizer)
-    samples, stats, served = sample_round(params, start_from, runtime, tokenizer, prompt_ids, stop_ids, seed)
+    samples, stats, served, episodes = sample_round(params, start_from, runtime, tokenizer, prompts_in, stop_ids, seed)
     if not runtime.is_main:  # rank 0 alone writes the one Parquet file and the metrics
         runtime.close()
         return
     check_finite(stats, f"rollout@{round_key}")
     table = rollout_table(prompts, samples, stats, tokenizer)
+    if episodes is not None:  # the response is the final answer; the whole episode is in its own columns
+        from rlhf_core.phases.episodes import episode_columns, final_answer
+
+        table = table.assign(response=[final_answer(e) for e in episodes], **episode_columns(episodes))
     if "answer" in train:  # reference answers travel with the responses, for verifiable scorers
         table["answer"] = [str(train["answer"].iloc[indices[p]]) for p in table["prompt_index"]]
     metrics = rollout_metrics(table, params, served)
@@ -48,10 +54,12 @@ def main(params, args):
     runtime.close()
 
 
-def sample_round(params, start_from, runtime, tokenizer, prompt_ids, stop_ids, seed):
+def sample_round(params, start_from, runtime, tokenizer, prompts_in, stop_ids, seed):
     """The rollout stage's round: the samples (from the warm vLLM engine with rollout.engine: vllm, attached or
-    started first so that it starts while the HF models load; else HF generate), then the log-probs, reference
-    log-probs and values of the training forward pass.  Returns (samples, stats, the engine's metrics)."""
+    started first so that it starts while the HF models load; episodes with the environment when there is one,
+    ``prompts_in`` then the prompt rows instead of their token ids; else HF generate), then the log-probs, reference
+    log-probs and values of the training forward pass.  Returns (samples, stats, the engine's metrics, the episodes
+    or None)."""
     from rlhf_core.io import checkpoint_dir
 
     engine = None
@@ -61,14 +69,14 @@ def sample_round(params, start_from, runtime, tokenizer, prompt_ids, stop_ids, s
         require_vllm_installed()
         engine = open_engine(params, checkpoint_dir(start_from))
     try:
-        return _sample_and_record(params, start_from, runtime, engine, tokenizer, prompt_ids, stop_ids, seed)
+        return _sample_and_record(params, start_from, runtime, engine, tokenizer, prompts_in, stop_ids, seed)
     except BaseException:
         if engine is not None and not params.vllm.keep_warm:  # a cold engine never outlives its stage
             engine.stop()
         raise
 
 
-def _sample_and_record(params, start_from, runtime, engine, tokenizer, prompt_ids, stop_ids, seed):
+def _sample_and_record(params, start_from, runtime, engine, tokenizer, prompts_in, stop_ids, seed):
     import time
     from pathlib import Path
 
@@ -91,15 +99,23 @@ def _sample_and_record(params, start_from, runtime, engine, tokenizer, prompt_id
     reference = None if reference_is_policy or adapters_on_sft or not with_reference else load_causal_lm(
         checkpoint_dir("sft"), device, params.trust_remote_code, param_dtype=dtype)
     ready()
-    check_context(prompt_ids, ro.max_new_tokens, context_length(actor_critic.policy.config), "train prompts")
-    served = {}
+    served, episodes, prompt_ids = {}, None, prompts_in
     started = time.perf_counter()
-    if engine is not None:  # load the checkpoint into the engine, prove it by the probe, then sample
+    if params.multi_turn:
+        from rlhf_core.phases.episodes import episode_samples, run_round_episodes
+
+        episodes = run_round_episodes(actor_critic.policy, tokenizer, params, prompts_in, seed=seed, device=device,
+                                      stop_ids=stop_ids, max_new_tokens=ro.max_new_tokens,
+                                      temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
+                                      samples_per_prompt=ro.samples_per_prompt, batch_size=ro.batch_size)
+        samples = episode_samples(episodes)
+    elif engine is not None:  # load the checkpoint into the engine, prove it by the probe, then sample
         from rlhf_core.phases.vllm_client import serve_round
 
         samples, served = serve_round(engine, params, checkpoint_dir(start_from), actor_critic.policy, tokenizer,
                                       prompt_ids, seed=seed, stop_ids=stop_ids, device=device, runtime=runtime)
     else:
+        check_context(prompt_ids, ro.max_new_tokens, context_length(actor_critic.policy.config), "train prompts")
         samples = generate_samples(actor_critic.policy, tokenizer, prompt_ids, samples_per_prompt=ro.samples_per_prompt,
                                    temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
                                    max_new_tokens=ro.max_new_tokens, batch_size=ro.batch_size, seed=seed,
@@ -110,7 +126,7 @@ def _sample_and_record(params, start_from, runtime, engine, tokenizer, prompt_id
                                temperature=ro.temperature, batch_size=ro.forward_batch_size, device=device,
                                reference_is_policy=reference_is_policy, with_reference=with_reference,
                                runtime=runtime)
-    return samples, stats, served
+    return samples, stats, served, episodes
 
 
 def rollout_metrics(table, params, served: dict) -> dict:
@@ -130,9 +146,16 @@ def rollout_metrics(table, params, served: dict) -> dict:
         trainer, mask = pad_sequences(table["logprobs"].tolist())
         mismatch = sampler_mismatch(trainer, pad_sequences(table["sampler_logprobs"].tolist())[0], mask)
         metrics.update({f"mismatch_{name}": value for name, value in mismatch.items()})
+    if "turns" in table:  # episodes: the environment's reward, turns, tool calls, the share that hit a limit
+        from rlhf_core.phases.episodes import episode_metrics
+
+        metrics.update(episode_metrics(table["turns"], table["tool_calls"], table["parse_errors"], table["limit"],
+                                       table["episode_reward"]))
+        metrics["policy_tokens_mean"] = float(table["policy_mask"].map(sum).mean())
     if params.uses_reference:
-        metrics["kl_k1_mean"] = float(sum(float((lp - rl).sum()) for lp, rl in zip(table["logprobs"],
-                                                                                  table["ref_logprobs"])) / len(table))
+        trained = table["policy_mask"] if "policy_mask" in table else table["logprobs"].map(lambda lp: 1)
+        metrics["kl_k1_mean"] = float(sum(float(((lp - rl) * mask).sum()) for lp, rl, mask in zip(
+            table["logprobs"], table["ref_logprobs"], trained)) / len(table))
     return metrics
 
 

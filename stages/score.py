@@ -16,7 +16,7 @@ def main(params, args):
     """Score rollouts/<round> into scores/<round>/scores.parquet and the normalisers' state."""
     import pandas as pd
 
-    from rlhf_core.phases.rewards import score_responses
+    from rlhf_core.phases.rewards import row_metadata, score_responses
 
     round_key = args.round
     rollouts = read_parquet(f"rollouts/{round_key}/rollouts.parquet",
@@ -24,7 +24,7 @@ def main(params, args):
     # Running normalisers travel inside the checkpoint this round starts from (none for sft).
     carried = read_state(checkpoint_dir(params.rounds[round_key].start_from)).get("reward_normalizers", {})
     ready()
-    metadata = [{"answer": a} for a in rollouts["answer"]] if "answer" in rollouts else [{} for _ in range(len(rollouts))]
+    metadata = row_metadata(rollouts)  # the reference answers; an episode's messages and environment score
     components, normalizers = score_responses(
         params.score.scorers, prompts=rollouts["prompt"].tolist(), responses=rollouts["response"].tolist(),
         lengths=rollouts["response_length"].tolist(), ended=rollouts["ended_with_eos"].astype(bool).tolist(),

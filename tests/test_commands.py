@@ -139,6 +139,34 @@ def test_samples_orders_and_joins(tmp_path, monkeypatch, capsys):
     assert code == 2 and "rounds with rollouts and scores: r1" in err
 
 
+def test_samples_show_an_episode_turn_by_turn(tmp_path, monkeypatch, capsys):
+    import json
+
+    import pandas as pd
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "rollouts/r1").mkdir(parents=True)
+    (tmp_path / "scores/r1").mkdir(parents=True)
+    messages = [{"role": "user", "content": "What is 37 * 46?"},
+                {"role": "assistant", "content": '<tool_call>{"name": "calculator"}</tool_call>'},
+                {"role": "tool", "content": "1702"}, {"role": "assistant", "content": "1702"}]
+    pd.DataFrame({"prompt_index": [0, 1], "sample_index": [0, 0], "prompt": ["q0", "q1"], "response": ["1702", "9"],
+                  "response_length": [30, 8], "ended_with_eos": [True, False], "messages": [json.dumps(messages)] * 2,
+                  "turns": [2, 2], "tool_calls": [1, 1], "limit": ["", "max_turns"]}).to_parquet(
+        tmp_path / "rollouts/r1/rollouts.parquet")
+    pd.DataFrame({"prompt_index": [0, 1], "sample_index": [0, 0], "episode": [1.0, 0.0], "total": [1.0, 0.0]}).to_parquet(
+        tmp_path / "scores/r1/scores.parquet")
+    code, out, err = run_main(capsys, "samples", "r1", "--best", "2", "--width", "100")
+    assert code == 0, err
+    heads = [line for line in out.splitlines() if line.startswith("#")]
+    assert heads == ["#1  total +1.0000  prompt 0  sample 0  2 turns, 1 tool calls",
+                     "#2  total +0.0000  prompt 1  sample 0  2 turns, 1 tool calls, limit max_turns"]
+    roles = [line.split()[0] for line in out.splitlines() if line.startswith("    ") and not line.startswith("     ")]
+    assert roles[:5] == ["user", "assistant", "tool", "assistant", "episode"]
+    assert "    tool      1702" in out
+
+
 def test_frontier_keeps_undominated_points():
     from rlhf_core.tooling.commands.plot import frontier
 

@@ -21,6 +21,8 @@ def _describe(tp) -> str:
         return " or ".join("null" if a is type(None) else _describe(a) for a in typing.get_args(tp))
     if origin is tuple:
         return "a string or a list of strings"
+    if origin is dict:
+        return "a mapping"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
 
 

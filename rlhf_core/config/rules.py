@@ -279,12 +279,50 @@ def rule_rounds(params: Params) -> None:
             raise ConfigError(f"rounds.{key}.from = {spec.start_from!r}: must be `sft` or a round listed before it ({sorted(seen)})")
         seen.add(key)
 
+def rule_environment(params: Params) -> None:
+    """An environment's settings are read only by its kind, and episodes run where the library runs them."""
+    env, kind = params.environment, params.environment_kind
+    if params.task == "calculator" and not params.multi_turn:
+        raise ConfigError("environment.kind = 'none': task calculator is a tool task, its episodes need the "
+                          "calculator environment; set environment.kind: auto or calculator")
+    if not params.multi_turn:
+        changed = [key for key, value in env if value != getattr(type(env)(), key) and key != "kind"]
+        if changed:
+            raise ConfigError(f"environment.{changed[0]} = {getattr(env, changed[0])!r}: read only with an environment; "
+                              "set environment.kind (calculator or python) or remove it")
+        if any(scorer.kind == "environment" for scorer in params.score.scorers):
+            raise ConfigError("score.scorers: a scorer of kind environment needs environment.kind calculator or python "
+                              "(got none): single-turn responses have no episode score")
+        return
+    if kind == "python" and not re.match(r"^[\w.]+:\w+$", env.class_path):
+        raise ConfigError(f"environment.class_path = {env.class_path!r}: kind python needs `module:Class`")
+    if kind != "python" and env.class_path:
+        raise ConfigError(f"environment.class_path = {env.class_path!r}: read only with kind python (got "
+                          f"{kind!r}); remove it")
+    if params.chat.system_prompt or params.chat.template == "off":
+        key, value = ("system_prompt", params.chat.system_prompt) if params.chat.system_prompt else ("template", "off")
+        raise ConfigError(f"chat.{key} = {value!r}: with an environment (environment.kind {kind!r}) the "
+                          "environment's reset writes each conversation, rendered by the policy's chat template; "
+                          "remove it")
+    if params.rollout.engine != "hf":
+        raise ConfigError(f"rollout.engine = {params.rollout.engine!r}: multi-turn episodes (environment.kind "
+                          f"{kind!r}) run on engine hf for now; set rollout.engine: hf")
+    if params.compute.rollout_process_count != 1:
+        raise ConfigError(f"compute.rollout_processes: episodes run in one rollout process, got "
+                          f"{params.compute.rollout_process_count}; set compute.rollout_processes: 1 (optimize keeps "
+                          "compute.num_processes)")
+    if params.algorithm.critic_warmup_epochs:
+        raise ConfigError(f"algorithm.critic_warmup_epochs = {params.algorithm.critic_warmup_epochs}: not supported "
+                          "with an environment yet (its advantage refresh does not skip the environment's tokens); "
+                          "set it to 0")
+
+
 
 # validate runs these in order; the first broken rule raises.
 RULES = (rule_shapes_and_batching, rule_group_baseline, rule_component_normalisation, rule_own_sections,
          rule_objective_options, rule_kl, rule_launcher, rule_trust_region, rule_data_sources, rule_scorers,
          rule_precision_and_strategy, rule_deepspeed, rule_vllm, rule_critic, rule_critic_warmup_and_lora,
-         rule_rollout_correction, rule_rounds)
+         rule_rollout_correction, rule_environment, rule_rounds)
 
 
 def validate(params: Params) -> Params:

@@ -22,7 +22,7 @@ from pydantic import (
 from rlhf_core.errors import ConfigError
 from rlhf_core.rl.algorithms import registry
 
-TASKS = ("sentiment", "arithmetic")  # task's allowed values: the built-in tasks of rlhf_core.phases.tasks (get_task)
+TASKS = ("sentiment", "arithmetic", "calculator")  # task's allowed values: the built-in tasks of rlhf_core.phases.tasks (get_task)
 
 
 def _number_from_text(value):
@@ -237,7 +237,7 @@ class VllmParams(Section):
         "engine does not serve the checkpoint. null: 1e-3 in float32, 0.1 in bfloat16/float16", gt=0.0)
 
 
-SCORER_KINDS = ("task", "vader", "length", "overlong", "verifiable", "python", "hf_classifier")
+SCORER_KINDS = ("task", "vader", "length", "overlong", "verifiable", "python", "hf_classifier", "environment")
 _IDENTIFIER = r"^[A-Za-z][A-Za-z0-9_]*$"
 _DEVICE = r"^(auto|cpu|cuda(:\d+)?|mps)$"
 
@@ -245,7 +245,7 @@ _DEVICE = r"^(auto|cpu|cuda(:\d+)?|mps)$"
 class ScorerParams(Section):
     name: StrictStr = param("task", "component name: its column in scores/<round>, its eval metric reward_<name>", pattern=_IDENTIFIER)
     kind: Literal[SCORER_KINDS] = param(
-        "task", "task: the built-in task's own reward (sentiment: VADER; arithmetic: exact match with the answer); vader: VADER compound sentiment of the response; length: −|tokens − target_length| / target_length; overlong: DAPO's soft overlong penalty, 0 up to max_new_tokens − buffer tokens, then falling linearly to −1 at max_new_tokens (rollout's in training, evaluate's in evaluation); verifiable: 1 if the response matches the prompt's reference answer, else 0; python: your function; hf_classifier: an AutoModelForSequenceClassification (reward model)")
+        "task", "task: the built-in task's own reward (sentiment: VADER; arithmetic: exact match with the answer); vader: VADER compound sentiment of the response; length: −|tokens − target_length| / target_length; overlong: DAPO's soft overlong penalty, 0 up to max_new_tokens − buffer tokens, then falling linearly to −1 at max_new_tokens (rollout's in training, evaluate's in evaluation); verifiable: 1 if the response matches the prompt's reference answer, else 0; python: your function; hf_classifier: an AutoModelForSequenceClassification (reward model); environment: the episode's score by its environment (environment.kind not none)")
     weight: Float = param(1.0, "weight of this component in the total reward; 0 keeps it as a monitored column only")
     normalize: Literal["none", "batch", "running"] = param(
         "none", "per-component normalisation before weighting: none, whitening over the round, or a running mean/std across rounds")
@@ -256,7 +256,7 @@ class ScorerParams(Section):
     match: Literal["exact", "numeric", "regex"] = param(
         "exact", "verifiable: exact (stripped) string match, numeric match within tolerance, or the reference answer as a regex searched in the response")
     tolerance: Float = param(1e-6, "verifiable numeric: largest accepted |response number − answer|", ge=0.0)
-    function: StrictStr = param("", "python: `module:function` called as f(prompts, responses, metadata) -> one float per response")
+    function: StrictStr = param("", "python: `module:function` called as f(prompts, responses, metadata) -> one float per response (with an environment, responses are the final answers and each metadata has the episode's messages)")
     model: Names = param(
         (), "hf_classifier: hub id or local directory of an AutoModelForSequenceClassification (e.g. reward_models/<name>); a list of several is an ensemble")
     ensemble: Literal["mean", "min"] = param("mean", "hf_classifier with several models: combine their scores by mean, or by min (pessimistic, curbs reward hacking)")
@@ -467,6 +467,25 @@ class EvaluateParams(Section):
     batch_size: StrictInt = param(128, "sequences per generation batch", ge=1)
 
 
+class EnvironmentParams(Section):
+    kind: Literal["auto", "none", "calculator", "python"] = param(
+        "auto", "multi-turn episodes (docs/environments.md): none = one prompt, one response; calculator = the built-in "
+        "calculator tool environment (prompt rows with prompt and answer); python = your class (`class_path`); auto = "
+        "the task's own: calculator for task: calculator, none for every other. An environment needs a policy with a "
+        "chat template, and rollout.engine: hf")
+    class_path: StrictStr = param(
+        "", "kind python: `module:Class` of your environment (reset, step, tools, score), importable from the "
+        "repository root; its source and what it imports from beside it are fingerprinted, so an edit re-runs the "
+        "rollouts and evaluations")
+    kwargs: dict[StrictStr, Any] = param({}, "keyword arguments of the environment's constructor, one new object per episode")
+    max_turns: StrictInt = param(
+        4, "most policy turns of an episode; one that reaches it ends with limit max_turns (still scored)", ge=1)
+    max_episode_tokens: Optional[StrictInt] = param(
+        None, "most tokens of an episode, the conversation before the first turn included; a turn is cut where the "
+        "episode would pass it, which ends it with limit max_episode_tokens (still scored); null: the model's context "
+        "length", ge=8)
+
+
 class TrackingParams(Section):
     experiment: StrictStr = param("rlhf", "MLflow experiment name")
     tracking_uri: StrictStr = param("", "MLflow tracking URI; empty means sqlite:///<repo root>/mlflow.db. MLFLOW_TRACKING_URI overrides it")
@@ -505,7 +524,7 @@ class RoundParams(Section):
 class Params(Section):
     seed: StrictInt = param(0, "global seed; every stage derives its own from it", ge=0)
     task: Literal[TASKS] = param(
-        "sentiment", "built-in task: its prompt generator, demonstrations, preference pairs and `kind: task` reward (sentiment: review openings, VADER; arithmetic: two-digit sums `2 3 + 1 4 =`, exact match)")
+        "sentiment", "built-in task: its prompt generator, demonstrations, preference pairs and `kind: task` reward (sentiment: review openings, VADER; arithmetic: two-digit sums `2 3 + 1 4 =`, exact match; calculator: `What is 47 * 8?` with a calculator tool, multi-turn episodes (environment.kind auto), exact match of the final answer)")
     device: StrictStr = param("auto", "`auto` (CUDA when available), `cpu`, `cuda`, `cuda:N` or `mps`", pattern=_DEVICE)
     cpu_isa: Literal["avx2", "native"] = param("avx2", "CPU kernels every stage uses on x86: avx2 pins torch's and oneDNN's vector code to AVX2 (set by the launcher: ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_CBWR), so an AVX-512 machine computes the same floats as an AVX2 one; native lets each library pick the widest the CPU has (faster on large models, but the bits then depend on the processor)")
     cpu_threads: StrictInt = param(2, "torch intra-op threads when running on CPU; a fixed count keeps CPU runs bit-for-bit reproducible under any machine load (the same count splits every float reduction the same way), 0 uses torch's default (one per physical core, so the bits depend on the machine)", ge=0)
@@ -534,6 +553,8 @@ class Params(Section):
     cispo: CISPOParams = section(CISPOParams, "clipped importance-sampling-weight policy optimization (cispo)")
     sapo: SAPOParams = section(SAPOParams, "soft adaptive policy optimization (sapo)")
     reinforce_pp: ReinforcePPParams = section(ReinforcePPParams, "REINFORCE++ (reinforce_pp)")
+    environment: EnvironmentParams = section(
+        EnvironmentParams, "multi-turn episodes with tools and environments (rollout and evaluate); kind none: single-turn")
     evaluate: EvaluateParams = section(EvaluateParams, "held-out evaluation")
     tracking: TrackingParams = section(TrackingParams, "MLflow")
     reward_models: Annotated[dict[Annotated[str, Field(pattern=_IDENTIFIER)], RewardModelParams],
@@ -549,7 +570,7 @@ class Params(Section):
     def has_answers(self) -> bool:
         """Whether the prompt sets carry a reference-answer column."""
         if self.prepare.source == "builtin":
-            return self.task == "arithmetic"
+            return self.task in ("arithmetic", "calculator")
         return bool(self.prepare.answer_field)
 
     def round_index(self, round_key: str) -> int:
@@ -593,6 +614,18 @@ class Params(Section):
         if getattr(self.kl, key) != "auto":
             return ""
         return f"kl.{key} auto → {self.kl_coef(key):g} ({self.algorithm.name})"
+
+    @property
+    def environment_kind(self) -> str:
+        """environment.kind with auto resolved: the task's own environment (calculator for task calculator)."""
+        if self.environment.kind == "auto":
+            return "calculator" if self.task == "calculator" else "none"
+        return self.environment.kind
+
+    @property
+    def multi_turn(self) -> bool:
+        """Whether rollout and evaluate run episodes with an environment (environment.kind resolves to one)."""
+        return self.environment_kind != "none"
 
     @property
     def uses_reference(self) -> bool:

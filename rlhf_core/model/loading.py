@@ -23,10 +23,15 @@ EOS_TOKEN = "<|endoftext|>"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
+def train_tokenizer(texts: list[str], vocab_size: int, chat_template: str | None = None,
+                    chat_special_tokens: tuple[str, ...] = (), end_of_turn: str | None = None,
+                    added_tokens: tuple[str, ...] = ()):
     """A byte-level BPE tokenizer trained on ``texts``, wrapped for transformers.
 
-    The pad token is distinct from EOS, and padding is on the left (for generation).
+    The pad token is distinct from EOS, and padding is on the left (for generation).  A chat model (a tool task):
+    ``chat_special_tokens`` are added as special tokens, ``chat_template`` is its template, and ``end_of_turn``
+    (one of them) is its EOS, so that generation stops at the end of a turn; ``added_tokens`` are whole tokens
+    that are not special (Qwen2.5's ``<tool_call>``: decoding keeps them, so an environment can parse them).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -35,11 +40,15 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[PAD_TOKEN, EOS_TOKEN],
+        vocab_size=vocab_size, special_tokens=[PAD_TOKEN, EOS_TOKEN, *chat_special_tokens],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
-                                      padding_side="left", clean_up_tokenization_spaces=False)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=end_of_turn or EOS_TOKEN,
+                                      pad_token=PAD_TOKEN, padding_side="left", clean_up_tokenization_spaces=False)
+    if chat_template is not None:
+        wrapped.chat_template = chat_template
+    if added_tokens:
+        wrapped.add_tokens(list(added_tokens))
     return wrapped
 
 

@@ -145,7 +145,9 @@ def read_demonstrations(params) -> list[dict]:
         from rlhf_core.phases.tasks import get_task
 
         rows = get_task(params.task).demonstrations(sft.num_builtin_demonstrations, params.seed)
-        return [{"prompt": r["prompt"], "response": r["response"]} for r in rows]
+        # a tool task's demonstrations are whole episodes: their conversation travels as `messages` (JSON)
+        return [{"prompt": r["prompt"], "response": r["response"],
+                 **{key: r[key] for key in ("messages", "tools") if key in r}} for r in rows]
     where = f"sft.demo_path {sft.demo_path}"
     frame = load_table(sft.demonstrations, sft.demo_path, sft.demo_dataset_config, sft.demo_split)
     responses = text_column(frame, sft.demo_response_field, where)

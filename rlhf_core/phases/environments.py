@@ -117,6 +117,7 @@ def load_environment_class(spec: str):
 CALCULATOR_TOOL = {"type": "function", "function": {
     "name": "calculator", "description": "Evaluate an arithmetic expression of integers with + - * and parentheses.",
     "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
+CALCULATOR_SYSTEM_PROMPT = "Use the calculator."
 TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
 _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
 
@@ -171,7 +172,7 @@ class Calculator:
 
     tools = [CALCULATOR_TOOL]
 
-    def __init__(self, system_prompt: str = "Use the calculator tool for arithmetic, then give the answer."):
+    def __init__(self, system_prompt: str = CALCULATOR_SYSTEM_PROMPT):
         self.system_prompt = system_prompt
         self.answer: str | None = None
         self.given: str | None = None
@@ -198,3 +199,25 @@ class Calculator:
 
     def score(self, episode: dict) -> float:
         return float(self.given is not None and self.given == self.answer)
+
+
+def environment_factory(kind: str, class_path: str = "", kwargs: dict | None = None):
+    """A function that makes one new environment (params.environment: kind calculator or python), checked by
+    making one now: a missing class or a constructor that raises is one line before any model loads."""
+    kwargs = dict(kwargs or {})
+    if kind == "calculator":
+        cls, name = Calculator, "calculator"
+    elif kind == "python":
+        cls, name = load_environment_class(class_path), class_path
+    else:
+        raise ValueError(f"environment_factory: kind {kind!r} has no environment")
+
+    def make():
+        try:
+            return cls(**kwargs)
+        except Exception as exc:  # the user's constructor: any error is theirs, in one line
+            raise DataError(f"environment {name}: its constructor raised {type(exc).__name__}: {exc} "
+                            f"(environment.kwargs: {kwargs})") from None
+
+    make()
+    return make

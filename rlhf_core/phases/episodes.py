@@ -200,3 +200,71 @@ def training_rows(episodes: list[Episode]) -> dict[str, list]:
             "response_ids": [e.token_ids[e.prompt_length:] for e in episodes],
             "policy_mask": [e.policy_mask[e.prompt_length:] for e in episodes]}
 
+
+
+def episode_samples(episodes: list[Episode]):
+    """The episodes as rollout Samples (``phases.rollout.Sample``): prompt_ids the conversation before the first
+    policy turn, response_ids everything after it; ``ended_with_eos`` is true when the environment ended the episode
+    (no limit), so ``score.missing_eos_penalty`` and ``advantages.mask_truncated`` treat a limit as a truncation."""
+    from rlhf_core.phases.rollout import Sample
+
+    return [Sample(e.prompt_index, e.sample_index, e.token_ids[:e.prompt_length], e.token_ids[e.prompt_length:],
+                   e.limit is None) for e in episodes]
+
+
+def final_answer(episode: Episode) -> str:
+    """The last assistant message's content: what single-turn scorers read as the response."""
+    return next((m["content"] for m in reversed(episode.messages) if m["role"] == "assistant"), "")
+
+
+def episode_columns(episodes: list[Episode]) -> dict[str, list]:
+    """The rollout table's episode columns: policy_mask over response_ids, the policy turns' [start, end) in
+    response_ids, the counts, the limit ("" when the environment ended it), the environment's score, and the
+    conversation as JSON (for scorers, evaluation and ``rlhf samples``)."""
+    import json
+
+    import numpy as np
+
+    def relative(episode, index):
+        return np.asarray([span[index] - episode.prompt_length for span in episode.turn_spans], dtype=np.int32)
+
+    return {
+        "policy_mask": [np.asarray(e.policy_mask[e.prompt_length:], dtype=np.int8) for e in episodes],
+        "turn_starts": [relative(e, 0) for e in episodes],
+        "turn_ends": [relative(e, 1) for e in episodes],
+        "turns": [e.turns for e in episodes],
+        "tool_calls": [e.tool_calls for e in episodes],
+        "parse_errors": [e.parse_errors for e in episodes],
+        "limit": [e.limit or "" for e in episodes],
+        "episode_reward": [e.reward for e in episodes],
+        "messages": [json.dumps(e.messages, ensure_ascii=False) for e in episodes],
+    }
+
+
+def episode_metrics(turns, tool_calls, parse_errors, limits, rewards) -> dict[str, float]:
+    """Per-episode means: the environment's reward, turns, tool calls, unparsed tool calls, and the share of
+    episodes that ended at a limit (any of LIMITS)."""
+    count = max(len(turns), 1)
+    return {"episode_reward": sum(rewards) / count, "turns_per_episode": sum(turns) / count,
+            "tool_calls_per_episode": sum(tool_calls) / count, "parse_errors_per_episode": sum(parse_errors) / count,
+            "limit_fraction": sum(1 for limit in limits if limit) / count}
+
+
+def run_round_episodes(policy, tokenizer, params, prompt_rows: list[dict], *, max_new_tokens: int, **sampling):
+    """``run_episodes`` with the environment of ``params.environment`` (one new object per episode; ``auto`` resolved
+    by ``Params.environment_kind``) and its limits, after checking that an episode's token budget fits the model's
+    context (null: the context).  ``sampling``: samples_per_prompt,
+    temperature, top_p, top_k, batch_size, seed, device, stop_ids."""
+    from rlhf_core.phases.rollout import context_length
+
+    env = params.environment
+    context = context_length(policy.config)
+    if context is not None and (env.max_episode_tokens or 0) > context:
+        raise DataError(f"environment.max_episode_tokens = {env.max_episode_tokens}: above the model's context of "
+                        f"{context} tokens; lower it")
+    budget = env.max_episode_tokens or context
+    if budget is None:
+        raise DataError("environment.max_episode_tokens is null and the model's config states no context length; set it")
+    make = environments.environment_factory(params.environment_kind, env.class_path, env.kwargs)
+    return run_episodes(policy, tokenizer, make, prompt_rows, max_new_tokens=max_new_tokens, max_turns=env.max_turns,
+                        max_episode_tokens=budget, **sampling)

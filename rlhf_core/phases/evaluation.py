@@ -29,14 +29,21 @@ def exact_match(responses: list[str], answers: list[str]) -> float:
 
 
 @torch.inference_mode()
-def sequence_kl(policy, reference, samples, *, pad_id: int, temperature: float, batch_size: int, device) -> list[float]:
-    """Σ_t (log π − log π_ref) per sampled response: the k1 estimate of KL(π‖π_ref), unbiased under π."""
+def sequence_kl(policy, reference, samples, *, pad_id: int, temperature: float, batch_size: int, device,
+                policy_masks: list | None = None) -> list[float]:
+    """Σ_t (log π − log π_ref) per sampled response: the k1 estimate of KL(π‖π_ref), unbiased under π.
+    ``policy_masks`` (episodes): the sum runs over the policy's tokens only, not the environment's."""
+    from rlhf_core.rl.advantages import pad_sequences
+
     kls = [0.0] * len(samples)
     for members in length_buckets([len(s.prompt_ids) + len(s.response_ids) for s in samples], batch_size):
         batch = collate([samples[i].prompt_ids for i in members], [samples[i].response_ids for i in members],
                         pad_id).to(device)
         difference = (policy_logprobs(policy, batch, temperature) - policy_logprobs(reference, batch, temperature))
-        per_sequence = (difference * batch.response_mask).sum(-1).tolist()
+        mask = batch.response_mask
+        if policy_masks is not None:
+            mask = mask * pad_sequences([policy_masks[i] for i in members])[0][:, :mask.shape[1]].to(mask.device)
+        per_sequence = (difference * mask).sum(-1).tolist()
         for row, index in enumerate(members):
             kls[index] = per_sequence[row]
     return kls
@@ -44,7 +51,8 @@ def sequence_kl(policy, reference, samples, *, pad_id: int, temperature: float, 
 
 def evaluate_checkpoint(policy, reference, tokenizer, prompts: list[str], heldout_encoded, params, device,
                         answers: list[str] | None = None, *, messages: list | None = None,
-                        stop_ids: list[int] | None = None) -> tuple[dict, list[dict]]:
+                        stop_ids: list[int] | None = None, prompt_rows: list[dict] | None = None
+                        ) -> tuple[dict, list[dict]]:
     """Metrics of one checkpoint, and its sample responses (prompt, response, reward).
 
     Prompts are encoded as rollout encodes them (``chat.encode_prompts``; ``messages``: the conversation of
@@ -53,6 +61,11 @@ def evaluate_checkpoint(policy, reference, tokenizer, prompts: list[str], heldou
     ``reward`` is Σ weight · clip(raw component) − EOS penalty: the raw components, not normalised
     (a running normaliser's state belongs to training, and whitening a fixed eval set says nothing).
     ``heldout_encoded`` None: no perplexity (see ``sft.foreign_demonstrations``).
+
+    With an environment (``params.multi_turn``; ``prompt_rows``: the eval prompts' rows), each sample is an
+    episode (``phases.episodes``): the scorers read its final answer and its messages, the KL runs over the
+    policy's tokens, and the metrics gain the episode means (``episodes.episode_metrics``: the environment's
+    reward, turns and tool calls per episode, the share that hit a limit); each example carries its messages.
     """
     import time
 
@@ -62,16 +75,20 @@ def evaluate_checkpoint(policy, reference, tokenizer, prompts: list[str], heldou
     from rlhf_core.runtime.stage_times import add_work
 
     ev = params.evaluate
-    prompt_ids = encode_prompts(tokenizer, prompts, chat=params.chat, messages=messages)
-    check_context(prompt_ids, ev.max_new_tokens, context_length(policy.config), "eval prompts")
     started = time.perf_counter()
-    samples = generate_samples(policy, tokenizer, prompt_ids, samples_per_prompt=ev.samples_per_prompt,
-                               temperature=ev.temperature, top_p=1.0, top_k=0, max_new_tokens=ev.max_new_tokens,
-                               batch_size=ev.batch_size, seed=ev.seed, device=device, stop_ids=stop_ids)
+    if params.multi_turn:
+        samples, responses, metadata, masks, episodes = _eval_episodes(policy, tokenizer, prompt_rows, params, device,
+                                                                       stop_ids)
+    else:
+        prompt_ids = encode_prompts(tokenizer, prompts, chat=params.chat, messages=messages)
+        check_context(prompt_ids, ev.max_new_tokens, context_length(policy.config), "eval prompts")
+        samples = generate_samples(policy, tokenizer, prompt_ids, samples_per_prompt=ev.samples_per_prompt,
+                                   temperature=ev.temperature, top_p=1.0, top_k=0, max_new_tokens=ev.max_new_tokens,
+                                   batch_size=ev.batch_size, seed=ev.seed, device=device, stop_ids=stop_ids)
+        responses = [tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
+        metadata, masks, episodes = [{"answer": answers[s.prompt_index]} if answers else {} for s in samples], None, None
     add_work("generation_tokens", sum(len(s.response_ids) for s in samples), time.perf_counter() - started)
-    responses = [tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples]
     ended = [s.ended_with_eos for s in samples]
-    metadata = [{"answer": answers[s.prompt_index]} if answers else {} for s in samples]
     components, _ = score_responses(params.score.scorers, prompts=[prompts[s.prompt_index] for s in samples],
                                     responses=responses, lengths=[len(s.response_ids) for s in samples],
                                     ended=ended, metadata=metadata, missing_eos_penalty=params.score.missing_eos_penalty,
@@ -79,7 +96,7 @@ def evaluate_checkpoint(policy, reference, tokenizer, prompts: list[str], heldou
                                     trust_remote_code=params.trust_remote_code, max_new_tokens=ev.max_new_tokens,
                                     where="eval responses", normalise_components=False)
     kls = sequence_kl(policy, reference, samples, pad_id=tokenizer.pad_token_id, temperature=ev.temperature,
-                      batch_size=ev.batch_size, device=device)
+                      batch_size=ev.batch_size, device=device, policy_masks=masks)
     metrics = {
         "reward": sum(components["total"]) / len(samples),
         **{f"reward_{name}": sum(values) / len(samples) for name, values in components.items() if name != "total"},
@@ -94,4 +111,28 @@ def evaluate_checkpoint(policy, reference, tokenizer, prompts: list[str], heldou
         metrics["exact_match"] = exact_match(responses, [answers[s.prompt_index] for s in samples])
     examples = [{"prompt": prompts[s.prompt_index], "response": responses[i], "reward": components["total"][i]}
                 for i, s in enumerate(samples)]
+    if episodes is not None:
+        from rlhf_core.phases.episodes import episode_metrics
+
+        metrics.update(episode_metrics([e.turns for e in episodes], [e.tool_calls for e in episodes],
+                                       [e.parse_errors for e in episodes], [e.limit for e in episodes],
+                                       [e.reward for e in episodes]))
+        for example, episode in zip(examples, episodes):
+            example.update(messages=episode.messages, turns=episode.turns, tool_calls=episode.tool_calls,
+                           limit=episode.limit or "")
     return metrics, examples
+
+
+def _eval_episodes(policy, tokenizer, prompt_rows, params, device, stop_ids):
+    """The eval prompts' episodes, with evaluate's sampling: (samples, final answers, scorer metadata, policy masks
+    over the responses, episodes)."""
+    from rlhf_core.phases.episodes import episode_samples, final_answer, run_round_episodes
+
+    ev = params.evaluate
+    episodes = run_round_episodes(policy, tokenizer, params, prompt_rows, max_new_tokens=ev.max_new_tokens,
+                                  samples_per_prompt=ev.samples_per_prompt, temperature=ev.temperature, top_p=1.0,
+                                  top_k=0, batch_size=ev.batch_size, seed=ev.seed, device=device, stop_ids=stop_ids)
+    metadata = [{**({"answer": str(prompt_rows[e.prompt_index]["answer"])} if "answer" in prompt_rows[e.prompt_index]
+                    else {}), "messages": e.messages, "episode_reward": e.reward} for e in episodes]
+    masks = [e.policy_mask[e.prompt_length:] for e in episodes]
+    return episode_samples(episodes), [final_answer(e) for e in episodes], metadata, masks, episodes

@@ -15,6 +15,7 @@ Scorers (only hf_classifier needs torch and transformers, and imports them only 
     python      a user function ``module:function`` called as f(prompts, responses, metadata)
     hf_classifier  an AutoModelForSequenceClassification (a reward model) reading prompt + response with
                 its own tokenizer; several models form an ensemble (mean or min)
+    environment the episode's score by its environment (multi-turn rollouts: environment.kind)
 
 Any raw value that is NaN or inf, a wrong count, or a scorer that raises stops the stage with the
 scorer's name and the offending row.
@@ -124,7 +125,26 @@ def raw_component(scorer, prompts, responses, lengths, ended, metadata, task: st
         return verifiable_scores(responses, answers, scorer.match, scorer.tolerance), {}
     if scorer.kind == "hf_classifier":
         return hf_classifier_scores(scorer, prompts, responses, cpu_threads, trust_remote_code)
+    if scorer.kind == "environment":
+        if any("episode_reward" not in m for m in metadata):
+            raise DataError(f"scorer {scorer.name}: the responses are not episodes (no environment ran them); "
+                            "re-run the rollout with environment.kind set")
+        return [float(m["episode_reward"]) for m in metadata], {}
     return python_scores(scorer.function, prompts, responses, metadata), {}
+
+
+def row_metadata(table) -> list[dict]:
+    """What scorers get beside each prompt and response, from a rollout table's columns: the reference ``answer``
+    where the prompts have one, and for episodes the conversation (``messages``, a list of role/content dicts) and
+    the environment's score (``episode_reward``, the ``environment`` scorer's value)."""
+    import json
+
+    rows = [{} for _ in range(len(table))]
+    for column in ("answer", "messages", "episode_reward"):
+        if column in table:
+            for row, value in zip(rows, table[column].tolist()):
+                row[column] = json.loads(value) if column == "messages" else value
+    return rows
 
 
 def is_real_number(value) -> bool:

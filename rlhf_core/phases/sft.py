@@ -34,6 +34,8 @@ def encode_demonstrations(tokenizer, rows: list[dict], max_length: int, *, chat)
     for an instruct tokenizer is its end-of-turn token."""
     from rlhf_core.model.chat import encode_prompts
 
+    if any("messages" in row for row in rows):  # a tool task's episodes
+        return [encode_episode(tokenizer, row["messages"], row.get("tools"), max_length) for row in rows]
     prompts = encode_prompts(tokenizer, [row["prompt"] for row in rows], chat=chat)
     encoded = []
     for row, prompt in zip(rows, prompts):
@@ -45,6 +47,48 @@ def encode_demonstrations(tokenizer, rows: list[dict], max_length: int, *, chat)
     return encoded
 
 
+def encode_episode(tokenizer, messages_json: str, tools_json: str | None, max_length: int
+                   ) -> tuple[list[int], list[int]]:
+    """A demonstration episode (the conversation and its tools, as JSON) as (prompt_ids, response_ids), the ids a
+    rollout would hold: the prompt is the conversation before the first assistant turn rendered with the
+    generation prompt (``episodes.render``, as ``run_episodes`` renders it), the response the rest of the rendered
+    conversation up to its last end of turn (the text after it is never sampled).  Cut to ``max_length`` tokens
+    as ``encode_demonstrations`` cuts."""
+    import json
+
+    from rlhf_core.phases.episodes import render
+
+    messages, tools = json.loads(messages_json), json.loads(tools_json) if tools_json else None
+    first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
+    if first is None or first == 0:
+        raise DataError("a demonstration episode needs messages before its first assistant turn, and one")
+    prompt_text = render(tokenizer, messages[:first], tools, generation_prompt=True)
+    full_text = render(tokenizer, messages, tools, generation_prompt=False)
+    if not full_text.startswith(prompt_text):
+        raise DataError("the chat template renders a demonstration's opening differently once the answer follows")
+    prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    response = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    ends = [i for i, token in enumerate(response) if token == tokenizer.eos_token_id]
+    response = response[: ends[-1] + 1] if ends else response
+    prompt = prompt[-max(1, max_length // 2):]
+    return prompt, response[: max(1, max_length - len(prompt))]
+
+
+def builtin_tokenizer_corpus(task: str, train_rows: list[dict], vocab_size: int) -> tuple:
+    """``train_tokenizer``'s arguments for the from-scratch model: the demonstrations' text; for a tool task (whose
+    demonstrations are episodes, ``messages``) every turn's role and content, and its chat template and tokens."""
+    if not any("messages" in row for row in train_rows):
+        return [row["prompt"] + row["response"] for row in train_rows], vocab_size
+    import json
+
+    from rlhf_core.phases.tasks import get_task
+
+    task_module = get_task(task)
+    texts = ["\n".join(f"{m['role']}\n{m['content']}" for m in json.loads(row["messages"])) for row in train_rows]
+    return (texts, vocab_size, task_module.CHAT_TEMPLATE, task_module.CHAT_SPECIAL_TOKENS,
+            task_module.END_OF_TURN, task_module.ADDED_TOKENS)
+
+
 def build_reference(params, train_rows: list[dict], device: torch.device, log=print):
     """Return (model, tokenizer) for the SFT stage: from scratch, or loaded from ``params.sft.model``.
 
@@ -54,8 +98,7 @@ def build_reference(params, train_rows: list[dict], device: torch.device, log=pr
 
     sft = params.sft
     if sft.model == "builtin":
-        texts = [row["prompt"] + row["response"] for row in train_rows]
-        tokenizer = train_tokenizer(texts, sft.tiny.vocab_size)
+        tokenizer = train_tokenizer(*builtin_tokenizer_corpus(params.task, train_rows, sft.tiny.vocab_size))
         model = disable_dropout(build_tiny_model(sft.tiny, tokenizer)).to(device)
         if params.compute.param_dtype == "bfloat16":  # float32 otherwise: a new model has no stored dtype
             model = model.to(torch.bfloat16)

@@ -159,6 +159,29 @@ def expand_rows(arrays: dict[str, list], rows: list[int], lengths: list[int]) ->
     return expanded
 
 
+def policy_tokens(arrays: list, policy_masks: list) -> list:
+    """Each response's values at its policy tokens only (multi-turn episodes): [T_i] with a 0/1 mask [T_i] ->
+    [P_i], P_i = Σ mask.  Run on these, the token MDP is the policy's own turns: GAE's V(s_{t+1}) is the value at the
+    next policy token, so it skips the environment's tokens instead of bootstrapping through them, and the score
+    lands on the last policy token."""
+    import numpy as np
+
+    return [np.asarray(array)[np.asarray(mask, dtype=bool)] for array, mask in zip(arrays, policy_masks, strict=True)]
+
+
+def spread_policy_tokens(arrays: list, policy_masks: list) -> list:
+    """The inverse of ``policy_tokens``: [P_i] back to float32 [T_i], 0 at the environment's tokens."""
+    import numpy as np
+
+    spread = []
+    for array, mask in zip(arrays, policy_masks, strict=True):
+        keep = np.asarray(mask, dtype=bool)
+        full = np.zeros(len(keep), dtype=np.float32)
+        full[keep] = array
+        spread.append(full)
+    return spread
+
+
 def dynamic_sampling(rewards, group_ids, *, keep: int, seed: int, tolerance: float = 1e-8) -> tuple[list[bool], dict]:
     """DAPO's dynamic sampling (Yu et al. 2025): a prompt group whose rewards are all equal (every reward component:
     max − min ≤ tolerance within the group) has a zero group-relative advantage from the reward, so it adds no
@@ -415,16 +438,22 @@ def advantages_of_round(params, rollouts, scores, carried: dict, seed: int, wher
                             "is left to train on; raise rollout.oversample or rollout.samples_per_prompt")
     rows = [row for row, kept in enumerate(sampled) if kept]
 
-    def kept(column):
-        return [column[row] for row in rows]
+    masks = rollouts["policy_mask"].tolist() if "policy_mask" in rollouts else None  # episodes
+
+    def kept(column, tokens=False):
+        """The kept rows of a column; of a per-token one (``tokens``), only the policy's tokens in an episode."""
+        values = [column[row] for row in rows]
+        return policy_tokens(values, kept(masks)) if tokens and masks is not None else values
 
     settings = advantage_settings(params)
     arrays, metrics = round_advantages(
-        kept(rollouts["logprobs"].tolist()),
-        kept(rollouts["ref_logprobs"].tolist()) if params.uses_reference else None,
-        kept(rollouts["values"].tolist()), kept(total), kl_coef=controller.value, group_ids=kept(groups),
+        kept(rollouts["logprobs"].tolist(), True),
+        kept(rollouts["ref_logprobs"].tolist(), True) if params.uses_reference else None,
+        kept(rollouts["values"].tolist(), True), kept(total), kl_coef=controller.value, group_ids=kept(groups),
         moving_baseline=baseline, **settings,
         **({"components": kept(components), "component_weights": weights} if components is not None else {}))
+    if masks is not None:  # back onto every response token: 0 on the environment's
+        arrays = {name: spread_policy_tokens(values, kept(masks)) for name, values in arrays.items()}
     arrays = expand_rows(arrays, rows, rollouts["logprobs"].map(len).tolist())  # dropped groups: zeros, untrained
     trained, selection = trained_responses(rollouts["ended_with_eos"].tolist(), mask_truncated=adv.mask_truncated,
                                            sampled=sampled)

@@ -39,6 +39,7 @@ from rlhf_core.errors import DataError
 CONTENT_HASH_LIMIT = 64 * 2**20
 CODE_DIR = "fingerprints/code"  # <stage>.json: the code the stage runs
 REWARD_FILE = "fingerprints/reward.json"  # what the reward reads from outside the declared files
+ENVIRONMENT_FILE = "fingerprints/environment.json"  # the source of a python environment (environment.class_path)
 REFERENCE_FILE = "fingerprints/reference.json"  # whether the rollout loads π_ref (Params.uses_reference)
 PACKAGES = ("rlhf_core", "stages")  # the project's own code, followed through imports
 # Code that cannot change what a stage writes, left out of every stage's fingerprint (and not followed through its
@@ -117,16 +118,17 @@ def import_closure(root: Path, module: str, follow=lambda name: True,
     return found
 
 
-def module_sources(module: str) -> dict[str, str]:
-    """{path relative to its sys.path entry: fingerprint} of the python scorer module ``module`` and of what it
-    imports from the same place.  For a module in site-packages, only its own top-level package is followed."""
+def module_sources(module: str, what: str = "python scorer") -> dict[str, str]:
+    """{path relative to its sys.path entry: fingerprint} of the user's module ``module`` (a python scorer's or an
+    environment's, named by ``what`` in errors) and of what it imports from the same place.  For a module in
+    site-packages, only its own top-level package is followed."""
     try:  # finding a submodule imports its parent packages: the user's code may raise anything
         spec = importlib.util.find_spec(module)
     except Exception as exc:  # noqa: BLE001
-        raise DataError(f"python scorer module {module!r} cannot be found ({type(exc).__name__}: "
+        raise DataError(f"{what} module {module!r} cannot be found ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-        raise DataError(f"python scorer module {module!r} is not a Python source file on the import path "
+        raise DataError(f"{what} module {module!r} is not a Python source file on the import path "
                         "(the repository root or an installed package)")
     origin = Path(spec.origin)
     depth = len(module.split(".")) - 1 + (origin.name == "__init__.py")
@@ -137,7 +139,7 @@ def module_sources(module: str) -> dict[str, str]:
         files = import_closure(root, module, follow=(lambda name: name.split(".")[0] == top) if installed else
                                (lambda name: True))
     except (SyntaxError, ValueError, OSError) as exc:
-        raise DataError(f"python scorer module {module!r}: a file it imports cannot be read as Python "
+        raise DataError(f"{what} module {module!r}: a file it imports cannot be read as Python "
                         f"({type(exc).__name__}: {getattr(exc, 'filename', '') or ''} {getattr(exc, 'msg', exc)})") from None
     return {path.relative_to(root).as_posix(): file_fingerprint(path) for path in sorted(files.values())}
 
@@ -164,6 +166,15 @@ def reward_inputs(scorers, repo: Path) -> dict:
                 elif declared not in (path.resolve(), *path.resolve().parents):
                     models[model] = directory_fingerprint(path)
     return {"python_scorers": python, "model_directories": models}
+
+
+def environment_inputs(environment) -> dict:
+    """The fingerprint of a python environment's source (environment.kind python: its module and what it imports
+    from beside it); {} for none and the built-in calculator, whose code is in the stages' own fingerprints."""
+    if environment.kind != "python":
+        return {}
+    module = environment.class_path.split(":")[0]
+    return {"class_path": environment.class_path, "files": module_sources(module, "environment")}
 
 
 def stage_modules(dvc: dict) -> dict[str, list[str]]:

@@ -80,9 +80,10 @@ def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-def make_reduced_repo(workdir: Path, changes: dict | None = None, reduced: dict = REDUCED) -> Path:
+def make_reduced_repo(workdir: Path, changes: dict | None = None, reduced: dict = REDUCED,
+                      user_files: dict[str, str] | None = None) -> Path:
     """A git + DVC copy of this repository with the ``reduced`` params (``{}``: the repository's own), then
-    ``changes`` (no outputs, no dvc.lock)."""
+    ``changes`` (no outputs, no dvc.lock), plus the user's own ``user_files`` {path: text}."""
     workdir.mkdir(parents=True, exist_ok=True)
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout.split()
@@ -94,6 +95,8 @@ def make_reduced_repo(workdir: Path, changes: dict | None = None, reduced: dict 
         shutil.copy2(source, workdir / name)
     raw = deep_update(deep_update(yaml.safe_load((REPO / "params.yaml").read_text()), reduced), changes or {})
     (workdir / "params.yaml").write_text(render_params_yaml(params_from_dict(raw)))
+    for name, text in (user_files or {}).items():
+        (workdir / name).write_text(text)
     for git_args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "reduced pipeline"]):
         subprocess.run(["git", *git_args], cwd=workdir, env=_env(), check=True)
     return workdir

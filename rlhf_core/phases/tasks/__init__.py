@@ -25,4 +25,8 @@ def get_task(name: str) -> ModuleType:
         from rlhf_core.phases.tasks import arithmetic
 
         return arithmetic
+    if name == "calculator":
+        from rlhf_core.phases.tasks import calculator
+
+        return calculator
     raise ConfigError(f"task = {name!r}: not a built-in task (rlhf_core.config.TASKS lists them)")

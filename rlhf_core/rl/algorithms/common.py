@@ -206,7 +206,8 @@ def round_experience(params, rollouts, advantages) -> tuple[Experience, dict]:
                             rollouts["logprobs"].tolist(),
                             rollouts["ref_logprobs"].tolist() if params.uses_reference else None,
                             rollouts["values"].tolist(), advantages["advantages"].tolist(),
-                            advantages["returns"].tolist(), rewards=advantages["rewards"].tolist())
+                            advantages["returns"].tolist(), rewards=advantages["rewards"].tolist(),
+                            policy_mask=rollouts["policy_mask"].tolist() if "policy_mask" in rollouts else None)
     trained = advantages["trained"].astype(bool).tolist()
     experience = experience.select(trained)
     correction, metrics = params.sampler_correction, {}

@@ -3,6 +3,8 @@
 Reads rollouts/ROUND/rollouts.parquet (prompt, response) and scores/ROUND/scores.parquet (one column
 per reward component, the EOS penalty and the total), joined on (prompt_index, sample_index).
 Default: 5 random samples with --seed 0; --worst is sorted by total ascending, --best descending.
+Episodes (an environment's multi-turn rollouts) are shown turn by turn, each message under its role, with their
+turns, tool calls and the limit that ended them, if any.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from rlhf_core.tooling.commands import _common
 from rlhf_core.tooling.commands._common import DEFAULT_SAMPLES
 
 KEYS = ("prompt_index", "sample_index")
+EPISODE = ("messages", "turns", "tool_calls", "limit")  # the rollout table's episode columns shown
 
 
 def rounds_on_disk(repo: Path) -> list[str]:
@@ -41,7 +44,8 @@ def load_round(repo: Path, round_key: str):
         raise DataError(f"round {round_key!r}: {missing.relative_to(repo)} not found; {hint}")
     rollouts = read_parquet(rollouts_path, (*KEYS, "prompt", "response"))
     scores = read_parquet(scores_path, (*KEYS, "total"))
-    keep = [c for c in (*KEYS, "prompt", "response", "answer", "response_length", "ended_with_eos") if c in rollouts]
+    keep = [c for c in (*KEYS, "prompt", "response", "answer", "response_length", "ended_with_eos", *EPISODE)
+            if c in rollouts]
     table = rollouts[keep].merge(scores, on=list(KEYS), how="inner", validate="one_to_one")
     if len(table) != len(rollouts):
         raise DataError(f"round {round_key!r}: {len(rollouts)} rollouts but {len(table)} match a score on "
@@ -89,11 +93,20 @@ def run(args) -> None:
         print()
         parts = [f"#{rank}", f"total {row['total'] + 0.0:+.4f}", f"prompt {int(row['prompt_index'])}",
                  f"sample {int(row['sample_index'])}"]
-        if "response_length" in row:
+        if "messages" in row:
+            parts.append(f"{int(row['turns'])} turns, {int(row['tool_calls'])} tool calls"
+                         + (f", limit {row['limit']}" if row["limit"] else ""))
+        elif "response_length" in row:
             parts.append(f"{int(row['response_length'])} tokens" + ("" if row.get("ended_with_eos", True) else ", no EOS"))
         print("  ".join(parts))
-        print("\n".join(_wrap("prompt", str(row["prompt"]), width)))
-        print("\n".join(_wrap("response", str(row["response"]).strip(), width)))
+        if "messages" in row:  # an episode, turn by turn
+            import json
+
+            for message in json.loads(row["messages"]):
+                print("\n".join(_wrap(message["role"], message["content"].strip(), width)))
+        else:
+            print("\n".join(_wrap("prompt", str(row["prompt"]), width)))
+            print("\n".join(_wrap("response", str(row["response"]).strip(), width)))
         if "answer" in row:
             print("\n".join(_wrap("answer", str(row["answer"]), width)))
         print("    " + "  ".join(f"{name} {row[name] + 0.0:+.4f}" for name in components))  # + 0.0: no -0.0000
