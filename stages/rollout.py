@@ -151,7 +151,7 @@ def rollout_metrics(table, params, served: dict) -> dict:
 
         metrics.update(episode_metrics(table["turns"], table["tool_calls"], table["parse_errors"], table["limit"],
                                        table["episode_reward"]))
-        metrics["policy_tokens_mean"] = float(table["policy_mask"].map(sum).mean())
+        metrics["policy_tokens_mean"] = float(table["policy_mask"].map(lambda mask: mask.sum(dtype="int64")).mean())
     if params.uses_reference:
         trained = table["policy_mask"] if "policy_mask" in table else table["logprobs"].map(lambda lp: 1)
         metrics["kl_k1_mean"] = float(sum(float(((lp - rl) * mask).sum()) for lp, rl, mask in zip(

@@ -34,13 +34,13 @@ def test_prompts_and_demonstrations_by_hand():
     assert 0.45 < len(used) / len(demos) < 0.55  # TOOL_FRACTION
     for row in used[:20]:  # the tool call parses, and the calculator's result is the final answer
         messages = json.loads(row["messages"])
-        assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "assistant"]
-        expressions, errors = parse_tool_calls(messages[2]["content"])
+        assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant"]
+        expressions, errors = parse_tool_calls(messages[1]["content"])
         environment = Calculator()
         environment.reset({"prompt": row["prompt"], "answer": row["answer"]})
-        observation, _, done, info = environment.step(messages[2])
+        observation, _, done, info = environment.step(messages[1])
         assert errors == 0 and not done and info["tool_calls"] == 1 and observation[0]["content"] == row["answer"]
-        assert messages[4]["content"] == row["response"] == row["answer"]
+        assert messages[3]["content"] == row["response"] == row["answer"]
     direct = [row for row in demos if not row["used_tool"]]
     right = sum(row["response"] == row["answer"] for row in direct) / len(direct)
     assert 0.05 < right < 0.15  # GUESS_RIGHT
@@ -73,11 +73,12 @@ def test_a_demonstration_is_encoded_as_the_ids_a_rollout_holds(chat_tokenizer):
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     eos = tokenizer.eos_token_id
-    assert prompt == ids(render(tokenizer, messages[:2], tools, generation_prompt=True))
-    turn = ids(messages[2]["content"]) + [eos]
-    glue = observation_text(tokenizer, messages[:2], messages[2], [messages[3]], tools, tokenizer.decode(turn),
+    assert prompt == ids(render(tokenizer, messages[:1], tools, generation_prompt=True))
+    turn = ids(messages[1]["content"]) + [eos]
+    glue = observation_text(tokenizer, messages[:1], messages[1], [messages[2]], tools, tokenizer.decode(turn),
                             tokenizer.decode([eos]))
-    assert response == turn + ids(glue) + ids(messages[4]["content"]) + [eos]
+    assert response == turn + ids(glue) + ids(messages[3]["content"]) + [eos]
+    assert all(len(tokenizer.decode([token])) == 1 for token in ids("1702"))  # one token per digit
     short_prompt, short_response = encode_episode(tokenizer, row["messages"], row["tools"], 40)
     assert len(short_prompt) + len(short_response) <= 40
 

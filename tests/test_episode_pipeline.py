@@ -161,3 +161,15 @@ def test_scorers_read_the_episode():
     with pytest.raises(DataError, match=r"^scorer env: the responses are not episodes"):
         score_responses(params.score.scorers, prompts=["q"], responses=["a"], lengths=[1], ended=[True],
                         metadata=[{}], missing_eos_penalty=0.0, task="arithmetic")
+
+
+def test_policy_token_counts_do_not_wrap():
+    """The rollout table stores policy_mask as int8; the trained-token count (the loss's denominator) must not wrap
+    at 127 as numpy's int8 sum() would (it did: a negative count flipped the loss's sign)."""
+    from rlhf_core.rl.algorithms.common import Experience
+
+    masks = [np.ones(300, dtype=np.int8), np.array([1, 0, 1], dtype=np.int8)]
+    experience = Experience([[1]] * 2, [list(range(300)), [1, 2, 3]], [np.zeros(300), np.zeros(3)], None,
+                            [np.zeros(300), np.zeros(3)], [np.zeros(300), np.zeros(3)], [np.zeros(300), np.zeros(3)],
+                            policy_mask=masks)
+    assert experience.tokens([0, 1]) == 302

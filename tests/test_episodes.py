@@ -259,7 +259,8 @@ def test_calculator_parsing_by_hand():
     assert parse_tool_calls("no call") == ([], 0)
     assert final_answer("so 12 + 30 is 42.") == "42" and final_answer(good + " no number") is None
     env = Calculator()
-    assert env.reset({"prompt": "What is 2 * 3?", "answer": 6})[1] == {"role": "user", "content": "What is 2 * 3?"}
+    assert env.reset({"prompt": "What is 2 * 3?", "answer": 6}) == [{"role": "user", "content": "What is 2 * 3?"}]
+    assert Calculator("Be exact.").reset({"prompt": "q", "answer": 1})[0] == {"role": "system", "content": "Be exact."}
     assert env.step({"role": "assistant", "content": "It is 6"}) == ([], 1.0, True, {"tool_calls": 0, "parse_errors": 0})
     assert env.score({}) == 1.0
 

@@ -25,19 +25,24 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 
 def train_tokenizer(texts: list[str], vocab_size: int, chat_template: str | None = None,
                     chat_special_tokens: tuple[str, ...] = (), end_of_turn: str | None = None,
-                    added_tokens: tuple[str, ...] = ()):
+                    added_tokens: tuple[str, ...] = (), split_digits: bool = False):
     """A byte-level BPE tokenizer trained on ``texts``, wrapped for transformers.
 
     The pad token is distinct from EOS, and padding is on the left (for generation).  A chat model (a tool task):
     ``chat_special_tokens`` are added as special tokens, ``chat_template`` is its template, and ``end_of_turn``
     (one of them) is its EOS, so that generation stops at the end of a turn; ``added_tokens`` are whole tokens
     that are not special (Qwen2.5's ``<tool_call>``: decoding keeps them, so an environment can parse them).
+    ``split_digits``: every digit is a token of its own (as in Qwen2.5's and Llama 2's tokenizers), so a number is
+    copied digit by digit instead of as one of hundreds of merged number tokens.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_digits:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                           tokenizer.pre_tokenizer])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=[PAD_TOKEN, EOS_TOKEN, *chat_special_tokens],

@@ -117,7 +117,6 @@ def load_environment_class(spec: str):
 CALCULATOR_TOOL = {"type": "function", "function": {
     "name": "calculator", "description": "Evaluate an arithmetic expression of integers with + - * and parentheses.",
     "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
-CALCULATOR_SYSTEM_PROMPT = "Use the calculator."
 TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
 _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
 
@@ -172,14 +171,15 @@ class Calculator:
 
     tools = [CALCULATOR_TOOL]
 
-    def __init__(self, system_prompt: str = CALCULATOR_SYSTEM_PROMPT):
+    def __init__(self, system_prompt: str = ""):
         self.system_prompt = system_prompt
         self.answer: str | None = None
         self.given: str | None = None
 
     def reset(self, prompt_row: dict) -> list[dict]:
         self.answer, self.given = str(prompt_row["answer"]).strip(), None
-        return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": prompt_row["prompt"]}]
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return [*system, {"role": "user", "content": prompt_row["prompt"]}]
 
     def step(self, assistant_message: dict):
         expressions, errors = parse_tool_calls(assistant_message["content"])

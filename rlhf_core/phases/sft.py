@@ -86,7 +86,7 @@ def builtin_tokenizer_corpus(task: str, train_rows: list[dict], vocab_size: int)
     task_module = get_task(task)
     texts = ["\n".join(f"{m['role']}\n{m['content']}" for m in json.loads(row["messages"])) for row in train_rows]
     return (texts, vocab_size, task_module.CHAT_TEMPLATE, task_module.CHAT_SPECIAL_TOKENS,
-            task_module.END_OF_TURN, task_module.ADDED_TOKENS)
+            task_module.END_OF_TURN, task_module.ADDED_TOKENS, task_module.SPLIT_DIGITS)
 
 
 def build_reference(params, train_rows: list[dict], device: torch.device, log=print):

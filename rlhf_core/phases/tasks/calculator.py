@@ -22,14 +22,14 @@ from __future__ import annotations
 import json
 import random
 
-from rlhf_core.phases.environments import CALCULATOR_SYSTEM_PROMPT, Calculator
+from rlhf_core.phases.environments import Calculator
 
 HAS_ANSWERS = True
 TOOL_FRACTION = 0.5  # share of demonstrations that call the calculator
 GUESS_RIGHT = 0.1  # share of the demonstrator's direct answers that are right
 PROBLEMS = tuple((a, b) for a in range(10, 100) for b in range(3, 10))
 
-# ChatML; with tools, the system turn lists the functions' names: "<|im_start|>system\n[calculator] ...".
+# ChatML; with tools, the first turn lists the functions' names: "<|im_start|>user\n[calculator] What is ...".
 # It only appends: earlier turns render the same once later ones follow (what episodes need).
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
@@ -39,6 +39,7 @@ CHAT_TEMPLATE = (
 CHAT_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>")
 END_OF_TURN = "<|im_end|>"
 ADDED_TOKENS = ("<tool_call>", "</tool_call>")  # whole tokens, not special (as in Qwen2.5's vocabulary)
+SPLIT_DIGITS = True  # one token per digit (as Qwen2.5 splits them): numbers are copied digit by digit
 
 
 def question(a: int, b: int) -> str:
@@ -72,7 +73,7 @@ def demonstrations(count: int, seed: int) -> list[dict]:
     rows = []
     for _ in range(count):
         a, b = rng.choice(PROBLEMS)
-        opening = [{"role": "system", "content": CALCULATOR_SYSTEM_PROMPT}, {"role": "user", "content": question(a, b)}]
+        opening = [{"role": "user", "content": question(a, b)}]  # as Calculator().reset writes it: no system turn
         used_tool = rng.random() < TOOL_FRACTION
         if used_tool:
             final = str(a * b)

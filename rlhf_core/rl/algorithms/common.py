@@ -15,6 +15,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from rlhf_core.model.batches import TokenBatch, collate, length_buckets
@@ -87,8 +88,8 @@ class Experience:
 
     def tokens(self, indices) -> int:
         """The trained tokens of the rows ``indices``: every response token, or the policy's (``policy_mask``)."""
-        if self.policy_mask is not None:
-            return int(sum(sum(self.policy_mask[i]) for i in indices))
+        if self.policy_mask is not None:  # summed as int64: the stored int8 masks would wrap at 127 under sum()
+            return int(sum(int(np.asarray(self.policy_mask[i]).sum(dtype=np.int64)) for i in indices))
         return int(sum(len(self.response_ids[i]) for i in indices))
 
     def length_groups(self, indices: list[int], size: int) -> list[list[int]]:
