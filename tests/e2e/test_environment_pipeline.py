@@ -93,3 +93,31 @@ def test_a_third_party_environment_runs_two_rounds(tmp_path):
     assert not rerun & {"prepare", "sft"}
     rerolled = pd.read_parquet(workdir / "rollouts/r1/rollouts.parquet")
     assert any("Shorter now." in text for text in rerolled["messages"])
+
+
+def test_the_calculator_task_runs_tool_episodes(tmp_path):
+    """`task: calculator` alone (reduced sizes): the from-scratch model gets a ChatML tokenizer with tool support,
+    learns the tool-call format from the episode demonstrations, and its rounds run calculator episodes whose
+    tool calls the environment answers; the reward is the exact match of the final answer."""
+    from transformers import AutoTokenizer
+
+    workdir = make_reduced_repo(tmp_path / "repo", {
+        "task": "calculator", "algorithm": {"name": "grpo"},
+        "sft": {"max_length": 64, "epochs": 3},
+        "rollout": {"max_new_tokens": 24}, "evaluate": {"max_new_tokens": 24},
+    })
+    output = dvc(["repro"], workdir)
+    assert {"sft", "rollout@r1", "optimize@r2", "evaluate@r2"} <= ran_stages(output)
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "models/sft")
+    assert "tools" in tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
+    assert len(tokenizer.tokenize("<tool_call>")) == 1
+    table = pd.read_parquet(workdir / "rollouts/r1/rollouts.parquet")
+    with_tool = [json.loads(m) for m in table["messages"] if '"role": "tool"' in m]
+    assert with_tool and table["tool_calls"].sum() > 0  # the format is learned, and the environment answered
+    for messages in with_tool:
+        assert messages[0]["content"].startswith("What is ") and messages[1]["content"].startswith("<tool_call>")
+    scores = pd.read_parquet(workdir / "scores/r1/scores.parquet")
+    answers = [str(a) for a in table["answer"]]
+    assert scores["task"].tolist() == [float(r.strip() == a) for r, a in zip(table["response"], answers)]
+    evaluation = json.loads((workdir / "metrics/eval.json").read_text())
+    assert {"exact_match", "tool_calls_per_episode", "limit_fraction"} <= set(evaluation["r2"])
