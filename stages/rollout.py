@@ -101,14 +101,12 @@ def _sample_and_record(params, start_from, runtime, engine, tokenizer, prompts_i
     ready()
     served, episodes, prompt_ids = {}, None, prompts_in
     started = time.perf_counter()
-    if params.multi_turn:
-        from rlhf_core.phases.episodes import episode_samples, run_round_episodes
+    if params.multi_turn:  # episodes with the environment, on the engine or HF generate
+        from rlhf_core.phases.episodes import sample_round_episodes
 
-        episodes = run_round_episodes(actor_critic.policy, tokenizer, params, prompts_in, seed=seed, device=device,
-                                      stop_ids=stop_ids, max_new_tokens=ro.max_new_tokens,
-                                      temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
-                                      samples_per_prompt=ro.samples_per_prompt, batch_size=ro.batch_size)
-        samples = episode_samples(episodes)
+        samples, served, episodes = sample_round_episodes(params, checkpoint_dir(start_from), actor_critic.policy,
+                                                          engine, tokenizer, prompts_in, stop_ids=stop_ids, seed=seed,
+                                                          device=device)
     elif engine is not None:  # load the checkpoint into the engine, prove it by the probe, then sample
         from rlhf_core.phases.vllm_client import serve_round
 

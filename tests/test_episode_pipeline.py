@@ -74,7 +74,8 @@ def test_round_advantages_without_mask_is_unchanged():
     ({**EPISODE, "environment": {"kind": "python"}}, r"^environment.class_path = '': kind python needs `module:Class`"),
     ({**EPISODE, "environment": {"kind": "calculator", "class_path": "a:B"}},
      r"^environment.class_path = 'a:B': read only with kind python"),
-    ({**EPISODE, "rollout": {"engine": "vllm"}}, r"^rollout.engine = 'vllm': multi-turn episodes"),
+    ({**EPISODE, "rollout": {"engine": "vllm", "record_sampler_logprobs": True}},
+     r"^rollout.record_sampler_logprobs = True: episodes .* record no sampler log-probs yet"),
     ({**EPISODE, "compute": {"num_processes": 2}}, r"^compute.rollout_processes: episodes run in one rollout process"),
     ({**EPISODE, "chat": {"system_prompt": "Be brief."}}, r"^chat.system_prompt = 'Be brief.': with an environment"),
     ({**EPISODE, "chat": {"template": "off"}}, r"^chat.template = 'off': with an environment"),
@@ -91,6 +92,8 @@ def test_environment_params_that_work():
                                "compute": {"num_processes": 2, "rollout_processes": 1},
                                "score": {"scorers": [{"name": "game", "kind": "environment"}]}})
     assert params.multi_turn and params.environment.kwargs == {"size": 3}
+    on_vllm = params_from_dict({**EPISODE, "rollout": {"engine": "vllm"}})
+    assert not on_vllm.records_sampler_logprobs and on_vllm.sampler_correction == "none"
     assert not params_from_dict({}).multi_turn
 
 

@@ -516,3 +516,52 @@ def test_a_lora_pipeline_serves_its_rounds_as_adapters(vllm_params, vllm_checkpo
     assert metrics["probe_max_abs_logprob_diff"] < 1e-3
     table = pd.read_parquet(workdir / "rollouts/r2/rollouts.parquet")
     assert max(max(abs(a - b) for a, b in zip(row.logprobs, row.sampler_logprobs)) for row in table.itertuples()) < 1e-3
+
+
+def test_episodes_on_the_engine_are_token_in_token_out(warm, vllm_checkpoint):
+    """Multi-turn episodes with the engine as the policy (``vllm_client.episode_turns``): every turn sends the
+    episode's ids as they stand and appends the ids the engine sampled, unchanged, through 4 turns; the
+    environment's tokens come between them with policy_mask 0."""
+    from rlhf_core.model.loading import load_tokenizer
+    from rlhf_core.phases.episodes import run_episodes
+    from rlhf_core.phases.vllm_client import episode_turns
+
+    tokenizer = load_tokenizer(str(vllm_checkpoint))
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
+                               "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    stop_ids = [tokenizer.eos_token_id] + [i for i in range(0, len(tokenizer), 3) if i != tokenizer.eos_token_id]
+    calls = []
+    engine_turns = episode_turns(warm, temperature=1.0, top_p=1.0, top_k=0, stop_ids=stop_ids)
+
+    def recorded(streams, max_new_tokens, seed):
+        sampled = engine_turns(streams, max_new_tokens, seed)
+        calls.extend(zip(streams, sampled))
+        return sampled
+
+    class FourTurns:
+        tools = None
+
+        def reset(self, row):
+            self.turns = 0
+            return [{"role": "user", "content": row["prompt"]}]
+
+        def step(self, message):
+            self.turns += 1
+            return ([], 1.0, True) if self.turns == 4 else ([{"role": "user", "content": "go on"}], None, False)
+
+        def score(self, episode):
+            return float(episode["turns"])
+
+    episodes = run_episodes(None, tokenizer, FourTurns, [{"prompt": "The food was"}, {"prompt": "A film"}],
+                            samples_per_prompt=2, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=12, max_turns=4,
+                            max_episode_tokens=90, batch_size=8, seed=5, device=CPU, stop_ids=stop_ids,
+                            generate_turn=recorded)
+    assert any(e.turns >= 3 for e in episodes)
+    for episode in episodes:
+        for start, end in episode.turn_spans:  # each turn: the ids the engine returned for the stream before it
+            assert any(stream == episode.token_ids[:start] and sampled[:end - start] == episode.token_ids[start:end]
+                       for stream, sampled in calls)
+            assert episode.policy_mask[start:end] == [1] * (end - start)
+        assert sum(episode.policy_mask) == sum(end - start for start, end in episode.turn_spans)
+        if episode.turns > 1:
+            assert 0 in episode.policy_mask[episode.prompt_length:]  # observations between the turns

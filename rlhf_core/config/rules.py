@@ -304,9 +304,11 @@ def rule_environment(params: Params) -> None:
         raise ConfigError(f"chat.{key} = {value!r}: with an environment (environment.kind {kind!r}) the "
                           "environment's reset writes each conversation, rendered by the policy's chat template; "
                           "remove it")
-    if params.rollout.engine != "hf":
-        raise ConfigError(f"rollout.engine = {params.rollout.engine!r}: multi-turn episodes (environment.kind "
-                          f"{kind!r}) run on engine hf for now; set rollout.engine: hf")
+    if params.rollout.record_sampler_logprobs or params.rollout_correction.mode in ("tis", "mis"):
+        key, value = (("rollout.record_sampler_logprobs", True) if params.rollout.record_sampler_logprobs
+                      else ("rollout_correction.mode", params.rollout_correction.mode))
+        raise ConfigError(f"{key} = {value!r}: episodes (environment.kind {kind!r}) record no sampler log-probs yet, "
+                          "so there is no rollout correction; remove it")
     if params.compute.rollout_process_count != 1:
         raise ConfigError(f"compute.rollout_processes: episodes run in one rollout process, got "
                           f"{params.compute.rollout_process_count}; set compute.rollout_processes: 1 (optimize keeps "

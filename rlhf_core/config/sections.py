@@ -472,7 +472,7 @@ class EnvironmentParams(Section):
         "auto", "multi-turn episodes (docs/environments.md): none = one prompt, one response; calculator = the built-in "
         "calculator tool environment (prompt rows with prompt and answer); python = your class (`class_path`); auto = "
         "the task's own: calculator for task: calculator, none for every other. An environment needs a policy with a "
-        "chat template, and rollout.engine: hf")
+        "chat template; its policy turns run on rollout.engine (hf or vllm, token-in/token-out)")
     class_path: StrictStr = param(
         "", "kind python: `module:Class` of your environment (reset, step, tools, score), importable from the "
         "repository root; its source and what it imports from beside it are fingerprinted, so an edit re-runs the "
@@ -642,9 +642,10 @@ class Params(Section):
 
     @property
     def records_sampler_logprobs(self) -> bool:
-        """Whether the rollout stores sampler_logprobs (rollout.record_sampler_logprobs; null: with vllm)."""
+        """Whether the rollout stores sampler_logprobs (rollout.record_sampler_logprobs; null: with vllm, and not
+        for episodes, whose environment tokens have no sampler)."""
         record = self.rollout.record_sampler_logprobs
-        return self.rollout.engine == "vllm" if record is None else record
+        return self.rollout.engine == "vllm" and not self.multi_turn if record is None else record
 
     @property
     def sampler_correction(self) -> str:

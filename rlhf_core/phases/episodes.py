@@ -16,8 +16,9 @@ One episode is a single id sequence that only ever grows:
   the stream never grows past ``max_episode_tokens`` (limit "max_episode_tokens"); the environment's
   ``score`` still rates an episode that hit a limit, and the limit is recorded.
 
-Generation is batched over the episodes still running, left-padded as in ``phases.rollout.generate_samples``,
-each turn's batch seeded with ``seed + 1000 · turn + batch number``.
+Generation is batched over the episodes still running, each turn's batch seeded with ``seed + 1000 · turn +
+batch number``: by HF generate, left-padded as in ``phases.rollout.generate_samples``, or by any ``generate_turn``
+that takes token ids and gives token ids back (the warm vLLM engine: ``vllm_client.episode_turns``).
 """
 
 from __future__ import annotations
@@ -153,14 +154,28 @@ def _take_turn(tokenizer, environment, episode: Episode, sampled: list[int], sto
         episode.limit, episode.done = "max_episode_tokens", True
 
 
+def hf_turns(policy, tokenizer, *, temperature: float, top_p: float, top_k: int, stop_ids: list[int], device):
+    """The HF generator of policy turns: (streams of token ids, max new tokens, seed) -> the ids sampled after
+    each stream (padded rows; ``_take_turn`` cuts each at its end of turn)."""
+    def generate_turn(streams: list[list[int]], max_new_tokens: int, seed: int) -> list[list[int]]:
+        config = generation_config(tokenizer, temperature=temperature, top_p=top_p, top_k=top_k,
+                                   max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+        return _generate(policy, tokenizer, streams, config, seed, device).tolist()
+
+    return generate_turn
+
+
 @torch.inference_mode()
 def run_episodes(policy, tokenizer, make_environment, prompt_rows: list[dict], *, samples_per_prompt: int,
                  temperature: float, top_p: float, top_k: int, max_new_tokens: int, max_turns: int,
                  max_episode_tokens: int, batch_size: int, seed: int, device: torch.device,
-                 stop_ids: list[int] | None = None) -> list[Episode]:
+                 stop_ids: list[int] | None = None, generate_turn=None) -> list[Episode]:
     """``samples_per_prompt`` episodes per prompt row, in (prompt, sample) order, each with its own environment
-    (``make_environment()``), run to its end or a limit, then scored by its environment."""
+    (``make_environment()``), run to its end or a limit, then scored by its environment.  ``generate_turn``
+    (streams, max_new_tokens, seed) -> sampled ids: the policy turns' generator; None: HF generate on ``policy``."""
     stop_ids = list(stop_ids or [tokenizer.eos_token_id])
+    generate_turn = generate_turn or hf_turns(policy, tokenizer, temperature=temperature, top_p=top_p, top_k=top_k,
+                                              stop_ids=stop_ids, device=device)
     jobs = [(p, s) for p in range(len(prompt_rows)) for s in range(samples_per_prompt)]
     envs = [make_environment() for _ in jobs]
     tools = environments.tools_of(envs[0]) if envs else None
@@ -179,12 +194,10 @@ def run_episodes(policy, tokenizer, make_environment, prompt_rows: list[dict], *
         for batch_number, members in enumerate(length_buckets(lengths, batch_size)):
             batch = [running[m] for m in members]
             room = max(max_episode_tokens - len(episodes[i].token_ids) for i in batch)  # each keeps its own room
-            config = generation_config(tokenizer, temperature=temperature, top_p=top_p, top_k=top_k,
-                                       max_new_tokens=min(max_new_tokens, room), stop_ids=stop_ids)
-            sampled = _generate(policy, tokenizer, [episodes[i].token_ids for i in batch], config,
-                                seed + 1000 * turn + batch_number, device)
+            sampled = generate_turn([list(episodes[i].token_ids) for i in batch], min(max_new_tokens, room),
+                                    seed + 1000 * turn + batch_number)
             for row, index in enumerate(batch):
-                _take_turn(tokenizer, envs[index], episodes[index], sampled[row].tolist(), stop_ids, tools,
+                _take_turn(tokenizer, envs[index], episodes[index], list(sampled[row]), stop_ids, tools,
                            max_turns=max_turns, max_new_tokens=max_new_tokens, max_episode_tokens=max_episode_tokens)
     for env, episode in zip(envs, episodes):  # every one is done: _take_turn ends it at max_turns at the latest
         episode.reward = environments.score(env, episode.view())
@@ -250,11 +263,12 @@ def episode_metrics(turns, tool_calls, parse_errors, limits, rewards) -> dict[st
             "limit_fraction": sum(1 for limit in limits if limit) / count}
 
 
-def run_round_episodes(policy, tokenizer, params, prompt_rows: list[dict], *, max_new_tokens: int, **sampling):
+def run_round_episodes(policy, tokenizer, params, prompt_rows: list[dict], *, max_new_tokens: int, generate_turn=None,
+                       **sampling):
     """``run_episodes`` with the environment of ``params.environment`` (one new object per episode; ``auto`` resolved
     by ``Params.environment_kind``) and its limits, after checking that an episode's token budget fits the model's
-    context (null: the context).  ``sampling``: samples_per_prompt,
-    temperature, top_p, top_k, batch_size, seed, device, stop_ids."""
+    context (null: the context).  ``sampling``: samples_per_prompt, temperature, top_p, top_k, batch_size, seed,
+    device, stop_ids; ``generate_turn``: as in ``run_episodes`` (None: HF generate)."""
     from rlhf_core.phases.rollout import context_length
 
     env = params.environment
@@ -267,4 +281,34 @@ def run_round_episodes(policy, tokenizer, params, prompt_rows: list[dict], *, ma
         raise DataError("environment.max_episode_tokens is null and the model's config states no context length; set it")
     make = environments.environment_factory(params.environment_kind, env.class_path, env.kwargs)
     return run_episodes(policy, tokenizer, make, prompt_rows, max_new_tokens=max_new_tokens, max_turns=env.max_turns,
-                        max_episode_tokens=budget, **sampling)
+                        max_episode_tokens=budget, generate_turn=generate_turn, **sampling)
+
+
+def sample_round_episodes(params, checkpoint, policy, engine, tokenizer, prompt_rows: list[dict], *, stop_ids: list[int],
+                          seed: int, device):
+    """The rollout stage's episodes of one round, from ``checkpoint``: policy turns by HF generate, or by the warm
+    vLLM engine once it is proven to serve the checkpoint (``serve_round``'s probe, on the first prompt's text),
+    token-in/token-out.  Returns (samples, the engine's metrics, episodes)."""
+    ro = params.rollout
+    sampling = dict(temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k)
+
+    def run(generate_turn=None):
+        return run_round_episodes(policy, tokenizer, params, prompt_rows, seed=seed, device=device, stop_ids=stop_ids,
+                                  max_new_tokens=ro.max_new_tokens, samples_per_prompt=ro.samples_per_prompt,
+                                  batch_size=ro.batch_size, generate_turn=generate_turn, **sampling)
+
+    if engine is None:
+        episodes = run()
+        return episode_samples(episodes), {}, episodes
+    from rlhf_core.phases.vllm_client import episode_turns, serve_round
+
+    done = {}
+
+    def on_engine(served_by):
+        done["episodes"] = run(episode_turns(served_by, stop_ids=stop_ids, **sampling))
+        return episode_samples(done["episodes"])
+
+    probe = [tokenizer(str(prompt_rows[0]["prompt"]), add_special_tokens=False)["input_ids"] or [stop_ids[0]]]
+    samples, served = serve_round(engine, params, checkpoint, policy, tokenizer, probe, seed=seed, stop_ids=stop_ids,
+                                  device=device, generate=on_engine)
+    return samples, served, done["episodes"]

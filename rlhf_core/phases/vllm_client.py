@@ -344,7 +344,7 @@ class EngineClient:
 
 
 def serve_round(engine: EngineClient, params, checkpoint: str | Path, policy, tokenizer, prompt_ids: list[list[int]], *,
-                seed: int, stop_ids: list[int], device, runtime=None) -> tuple[list[Sample], dict]:
+                seed: int, stop_ids: list[int], device, runtime=None, generate=None) -> tuple[list[Sample], dict]:
     """One round on the engine: load ``checkpoint`` in place, prove by the probe that the engine serves it (the
     training forward pass of ``policy``, loaded from the same checkpoint, scores the same tokens), then sample.
 
@@ -352,7 +352,9 @@ def serve_round(engine: EngineClient, params, checkpoint: str | Path, policy, to
     ``probe_max_abs_logprob_diff``, ``probe_tolerance``, ``probe_tokens``.  Two checks, each a one-line stop of the
     stage (and of the engine, which is not reused): the engine's log-probs of the probe must agree with the trainer's
     within the tolerance, and after a reload of new weights they must have changed at all (in 16-bit dtypes the
-    tolerance is looser than one round's change, so the first check alone would pass a reload that did nothing)."""
+    tolerance is looser than one round's change, so the first check alone would pass a reload that did nothing).
+    ``generate`` (engine) -> samples: what samples once the engine is proven (episodes: ``episode_turns`` turn by
+    turn); None: one request for the whole round, ``prompt_ids`` × rollout.samples_per_prompt."""
     ro, settings = params.rollout, params.vllm
     keep = settings.keep_warm
     try:
@@ -371,9 +373,10 @@ def serve_round(engine: EngineClient, params, checkpoint: str | Path, policy, to
         except DataError:
             keep = False  # a stale engine is never reused
             raise
-        samples = engine.generate(prompt_ids, samples_per_prompt=ro.samples_per_prompt, temperature=ro.temperature,
-                                  top_p=ro.top_p, top_k=ro.top_k, max_new_tokens=ro.max_new_tokens, seed=seed,
-                                  stop_ids=stop_ids, record_sampler_logprobs=params.records_sampler_logprobs)
+        samples = generate(engine) if generate is not None else engine.generate(
+            prompt_ids, samples_per_prompt=ro.samples_per_prompt, temperature=ro.temperature, top_p=ro.top_p,
+            top_k=ro.top_k, max_new_tokens=ro.max_new_tokens, seed=seed, stop_ids=stop_ids,
+            record_sampler_logprobs=params.records_sampler_logprobs)
     except EngineDied:
         keep = False
         raise
@@ -385,6 +388,18 @@ def serve_round(engine: EngineClient, params, checkpoint: str | Path, policy, to
     if loaded["adapter_sha256"]:
         metrics["served_adapter_sha256"] = loaded["adapter_sha256"]
     return samples, metrics
+
+
+def episode_turns(engine: EngineClient, *, temperature: float, top_p: float, top_k: int, stop_ids: list[int]):
+    """A generator of policy turns for ``episodes.run_episodes`` on the engine, token-in/token-out: each stream's
+    ids go to vLLM as ``prompt_token_ids`` and the ids it sampled come back, cut after the first end of turn."""
+    def generate_turn(streams: list[list[int]], max_new_tokens: int, seed: int) -> list[list[int]]:
+        samples = engine.generate(streams, samples_per_prompt=1, temperature=temperature, top_p=top_p, top_k=top_k,
+                                  max_new_tokens=max_new_tokens, seed=seed, stop_ids=stop_ids,
+                                  record_sampler_logprobs=False)
+        return [sample.response_ids for sample in samples]
+
+    return generate_turn
 
 
 def read_state(state_dir: str | Path = STATE_DIR) -> dict | None:

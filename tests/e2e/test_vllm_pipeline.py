@@ -74,3 +74,27 @@ def test_every_round_proved_the_weights_it_served(vllm_pipeline):
     assert "rollout@r3" in lock["stages"]
     summary = json.loads((workdir / "metrics/summary.json").read_text())
     assert summary  # the pipeline ran to its end: evaluation and the summary of round 3
+
+
+def test_tool_episodes_on_the_engine(tmp_path):
+    """`task: calculator` with rollout.engine: vllm: the warm engine samples every policy turn of the episodes,
+    token-in/token-out, after the served-weights probe; the rollout table holds the episodes the engine played."""
+    workdir = make_reduced_repo(tmp_path / "repo", {
+        **VLLM_CHANGES, "task": "calculator", "algorithm": {"name": "grpo"},
+        "sft": {"tiny": {"num_heads": 2}, "max_length": 64, "epochs": 3},
+        "rollout": {"engine": "vllm", "max_new_tokens": 24}, "evaluate": {"max_new_tokens": 24},
+        "rounds": {"r1": {"from": "sft"}, "r2": {"from": "r1"}},
+    })
+    try:
+        output = dvc(["repro"], workdir)
+    finally:
+        rlhf(["engine", "stop"], workdir)
+    assert {"rollout@r1", "rollout@r2", "optimize@r2"} <= ran_stages(output)
+    assert len((workdir / ".rlhf/vllm/starts.jsonl").read_text().splitlines()) == 1
+    for round_key in ("r1", "r2"):
+        metrics = json.loads((workdir / f"metrics/{round_key}/rollout.json").read_text())
+        assert metrics["served_weights_sha256"] and metrics["probe_max_abs_logprob_diff"] <= metrics["probe_tolerance"]
+        assert "turns_per_episode" in metrics and "sampler_logprobs" not in pd.read_parquet(
+            workdir / f"rollouts/{round_key}/rollouts.parquet").columns
+    table = pd.read_parquet(workdir / "rollouts/r1/rollouts.parquet")
+    assert (table["tool_calls"] > 0).any() and (table["turns"] >= 2).any()
