@@ -59,9 +59,10 @@ def test_no_module_of_rlhf_core_reaches_itself_through_its_imports():
 
 def test_the_builtin_scoring_functions_and_the_tasks_import_nothing_back():
     assert GRAPH["rlhf_core.phases.scoring"] == set()  # VADER, exact match: usable from anywhere
-    for task in ("rlhf_core.phases.tasks", "rlhf_core.phases.tasks.sentiment", "rlhf_core.phases.tasks.arithmetic"):
-        assert reachable(task) <= {"rlhf_core.errors", "rlhf_core.phases.scoring", "rlhf_core.phases.tasks",
-                                   "rlhf_core.phases.tasks.sentiment", "rlhf_core.phases.tasks.arithmetic"}, task
+    tasks = ("rlhf_core.phases.tasks", "rlhf_core.phases.tasks.sentiment", "rlhf_core.phases.tasks.arithmetic",
+             "rlhf_core.phases.tasks.calculator")
+    for task in tasks:
+        assert reachable(task) <= {"rlhf_core.errors", "rlhf_core.phases.scoring", *tasks}, task
 
 
 def test_preparing_prompts_reaches_no_model_code():

@@ -28,6 +28,7 @@ import operator
 import re
 
 from rlhf_core.errors import DataError
+from rlhf_core.phases.tasks.calculator import CALCULATOR_TOOL
 from rlhf_core.phases.user_code import import_attribute
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -114,9 +115,6 @@ def load_environment_class(spec: str):
 # ---------------------------------------------------------------------------------------------------
 # The built-in calculator environment
 
-CALCULATOR_TOOL = {"type": "function", "function": {
-    "name": "calculator", "description": "Evaluate an arithmetic expression of integers with + - * and parentheses.",
-    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
 TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
 _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
 

@@ -22,11 +22,13 @@ from __future__ import annotations
 import json
 import random
 
-from rlhf_core.phases.environments import Calculator
-
 HAS_ANSWERS = True
 TOOL_FRACTION = 0.5  # share of demonstrations that call the calculator
 GUESS_RIGHT = 0.1  # share of the demonstrator's direct answers that are right
+# the calculator tool as the environment offers it (phases.environments.Calculator.tools), a JSON-schema function
+CALCULATOR_TOOL = {"type": "function", "function": {
+    "name": "calculator", "description": "Evaluate an arithmetic expression of integers with + - * and parentheses.",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
 PROBLEMS = tuple((a, b) for a in range(10, 100) for b in range(3, 10))
 
 # ChatML; with tools, the first turn lists the functions' names: "<|im_start|>user\n[calculator] What is ...".
@@ -83,7 +85,7 @@ def demonstrations(count: int, seed: int) -> list[dict]:
             final = str(a * b if rng.random() < GUESS_RIGHT else rng.choice(slips(a, b)))
             turns = [{"role": "assistant", "content": final}]
         rows.append({"prompt": question(a, b), "response": final, "messages": json.dumps(opening + turns),
-                     "tools": json.dumps(Calculator.tools), "answer": str(a * b), "used_tool": used_tool})
+                     "tools": json.dumps([CALCULATOR_TOOL]), "answer": str(a * b), "used_tool": used_tool})
     return rows
 
 
