@@ -145,6 +145,7 @@ def test_episode_columns_samples_and_metrics():
     assert columns["policy_mask"][0].tolist() == [1, 1, 0, 0, 1]
     assert columns["turn_starts"][0].tolist() == [0, 4] and columns["turn_ends"][0].tolist() == [2, 5]
     assert columns["limit"] == ["", "max_turns"] and json.loads(columns["messages"][0])[2]["content"] == "42"
+    assert json.loads(columns["turn_rewards"][0]) == [None, 1.0]
     assert final_answer(episodes[0]) == "a2"
     metrics = episode_metrics([2, 3], [1, 0], [0, 1], ["", "max_turns"], [1.0, 0.0])
     assert metrics == {"episode_reward": 0.5, "turns_per_episode": 2.5, "tool_calls_per_episode": 0.5,

@@ -232,8 +232,9 @@ def final_answer(episode: Episode) -> str:
 
 def episode_columns(episodes: list[Episode]) -> dict[str, list]:
     """The rollout table's episode columns: policy_mask over response_ids, the policy turns' [start, end) in
-    response_ids, the counts, the limit ("" when the environment ended it), the environment's score, and the
-    conversation as JSON (for scorers, evaluation and ``rlhf samples``)."""
+    response_ids, the counts, the limit ("" when the environment ended it), the environment's score of the episode
+    and its reward of each turn (JSON: a number or null per turn that reached it), and the conversation as JSON (for
+    scorers, evaluation and ``rlhf samples``)."""
     import json
 
     import numpy as np
@@ -250,6 +251,7 @@ def episode_columns(episodes: list[Episode]) -> dict[str, list]:
         "parse_errors": [e.parse_errors for e in episodes],
         "limit": [e.limit or "" for e in episodes],
         "episode_reward": [e.reward for e in episodes],
+        "turn_rewards": [json.dumps(e.turn_rewards) for e in episodes],
         "messages": [json.dumps(e.messages, ensure_ascii=False) for e in episodes],
     }
 
