@@ -50,7 +50,7 @@ def test_a_third_party_environment_runs_two_rounds(tmp_path):
     model_dir = write_local_model(tmp_path / "smollm2-like", "chatml-49k-tiny")
     workdir = make_reduced_repo(tmp_path / "repo", {
         "device": "cpu",
-        "sft": {"model": str(model_dir), "epochs": 3, "num_builtin_demonstrations": 1500, "lr": 1e-2,
+        "sft": {"model": str(model_dir), "epochs": 2, "num_builtin_demonstrations": 1000, "lr": 1e-2,
                 "batch_size": 32, "micro_batch_size": 32},
         "algorithm": {"name": "grpo"},
         "environment": {"kind": "python", "class_path": "ask_twice:AskTwice", "max_turns": 3,
