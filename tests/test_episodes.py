@@ -269,8 +269,8 @@ def _episode_experience(chat_model, tmp_path):
     """Four 4-turn episodes of the chat model as a round's Experience: old log-probs and values recorded by the
     training forward pass, and a group-relative advantage per episode on every policy token."""
     from rlhf_core.model.checkpoints import load_actor_critic
-    from rlhf_core.phases.episodes import training_rows
-    from rlhf_core.phases.rollout import Sample, record_token_stats
+    from rlhf_core.phases.episodes import episode_samples
+    from rlhf_core.phases.rollout import record_token_stats
     from rlhf_core.rl.algorithms.common import Experience
 
     model, tokenizer = chat_model
@@ -284,15 +284,15 @@ def _episode_experience(chat_model, tmp_path):
                             temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=16, max_turns=6,
                             max_episode_tokens=400, batch_size=8, seed=3, device=CPU,
                             stop_ids=end_ids("chatml", tokenizer))
-    rows = training_rows(episodes)
-    samples = [Sample(e.prompt_index, e.sample_index, p, r, True)
-               for e, p, r in zip(episodes, rows["prompt_ids"], rows["response_ids"])]
+    samples = episode_samples(episodes)
+    masks = [e.response_policy_mask for e in episodes]
     stats = record_token_stats(actor_critic, None, samples, pad_id=tokenizer.pad_token_id, temperature=1.0,
                                batch_size=8, device=CPU, reference_is_policy=True)
     # the episodes' group-relative advantages, as if their rewards had been 2, 0, 1.5 and 0.5
-    advantages = [[value * m for m in mask] for value, mask in zip((1.0, -1.0, 0.5, -0.5), rows["policy_mask"])]
-    experience = Experience(rows["prompt_ids"], rows["response_ids"], stats["logprobs"], None, stats["values"],
-                            advantages, [[0.0] * len(a) for a in advantages], policy_mask=rows["policy_mask"])
+    advantages = [[value * m for m in mask] for value, mask in zip((1.0, -1.0, 0.5, -0.5), masks)]
+    experience = Experience([s.prompt_ids for s in samples], [s.response_ids for s in samples], stats["logprobs"],
+                            None, stats["values"], advantages, [[0.0] * len(a) for a in advantages],
+                            policy_mask=masks)
     return actor_critic, tokenizer, experience
 
 

@@ -564,4 +564,4 @@ def test_episodes_on_the_engine_are_token_in_token_out(warm, vllm_checkpoint):
             assert episode.policy_mask[start:end] == [1] * (end - start)
         assert sum(episode.policy_mask) == sum(end - start for start, end in episode.turn_spans)
         if episode.turns > 1:
-            assert 0 in episode.policy_mask[episode.prompt_length:]  # observations between the turns
+            assert 0 in episode.response_policy_mask  # observations between the turns

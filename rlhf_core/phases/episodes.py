@@ -56,6 +56,22 @@ class Episode:
     def turns(self) -> int:
         return len(self.turn_spans)
 
+    # The episode in the single-turn training layout: the conversation before the first policy turn is the prompt,
+    # everything after it (policy and environment tokens in their order) the response, and the mask over the
+    # response is ``Experience.policy_mask`` (the loss, the KL and the token counts cover the policy's tokens only;
+    # the environment's stay in the sequence as context).
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.token_ids[:self.prompt_length]
+
+    @property
+    def response_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_length:]
+
+    @property
+    def response_policy_mask(self) -> list[int]:
+        return self.policy_mask[self.prompt_length:]
+
     def view(self) -> dict:
         """What ``score`` sees: no token ids."""
         return {"messages": list(self.messages), "turns": self.turns, "tool_calls": self.tool_calls,
@@ -204,16 +220,6 @@ def run_episodes(policy, tokenizer, make_environment, prompt_rows: list[dict], *
     return episodes
 
 
-def training_rows(episodes: list[Episode]) -> dict[str, list]:
-    """The episodes as the training rows of the single-turn layout: ``prompt_ids`` (the conversation before the
-    first policy turn), ``response_ids`` (everything after it, policy and environment tokens in their order) and
-    ``policy_mask`` over the response (``Experience.policy_mask``: the loss, the KL and the token counts cover the
-    policy's tokens only; the environment's stay in the sequence as context)."""
-    return {"prompt_ids": [e.token_ids[:e.prompt_length] for e in episodes],
-            "response_ids": [e.token_ids[e.prompt_length:] for e in episodes],
-            "policy_mask": [e.policy_mask[e.prompt_length:] for e in episodes]}
-
-
 
 def episode_samples(episodes: list[Episode]):
     """The episodes as rollout Samples (``phases.rollout.Sample``): prompt_ids the conversation before the first
@@ -221,8 +227,7 @@ def episode_samples(episodes: list[Episode]):
     (no limit), so ``score.missing_eos_penalty`` and ``advantages.mask_truncated`` treat a limit as a truncation."""
     from rlhf_core.phases.rollout import Sample
 
-    return [Sample(e.prompt_index, e.sample_index, e.token_ids[:e.prompt_length], e.token_ids[e.prompt_length:],
-                   e.limit is None) for e in episodes]
+    return [Sample(e.prompt_index, e.sample_index, e.prompt_ids, e.response_ids, e.limit is None) for e in episodes]
 
 
 def final_answer(episode: Episode) -> str:
@@ -243,7 +248,7 @@ def episode_columns(episodes: list[Episode]) -> dict[str, list]:
         return np.asarray([span[index] - episode.prompt_length for span in episode.turn_spans], dtype=np.int32)
 
     return {
-        "policy_mask": [np.asarray(e.policy_mask[e.prompt_length:], dtype=np.int8) for e in episodes],
+        "policy_mask": [np.asarray(e.response_policy_mask, dtype=np.int8) for e in episodes],
         "turn_starts": [relative(e, 0) for e in episodes],
         "turn_ends": [relative(e, 1) for e in episodes],
         "turns": [e.turns for e in episodes],

@@ -134,5 +134,5 @@ def _eval_episodes(policy, tokenizer, prompt_rows, params, device, stop_ids):
                                   top_k=0, batch_size=ev.batch_size, seed=ev.seed, device=device, stop_ids=stop_ids)
     metadata = [{**({"answer": str(prompt_rows[e.prompt_index]["answer"])} if "answer" in prompt_rows[e.prompt_index]
                     else {}), "messages": e.messages, "episode_reward": e.reward} for e in episodes]
-    masks = [e.policy_mask[e.prompt_length:] for e in episodes]
+    masks = [e.response_policy_mask for e in episodes]
     return episode_samples(episodes), [final_answer(e) for e in episodes], metadata, masks, episodes

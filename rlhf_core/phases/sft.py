@@ -40,8 +40,7 @@ def encode_demonstrations(tokenizer, rows: list[dict], max_length: int, *, chat)
     encoded = []
     for row, prompt in zip(rows, prompts):
         response = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        prompt = prompt[-max(1, max_length // 2):]
-        response = response[: max(1, max_length - len(prompt))]
+        prompt, response = fit_to_length(prompt, response, max_length)
         if prompt:
             encoded.append((prompt, response))
     return encoded
@@ -53,7 +52,7 @@ def encode_episode(tokenizer, messages_json: str, tools_json: str | None, max_le
     rollout would hold: the prompt is the conversation before the first assistant turn rendered with the
     generation prompt (``episodes.render``, as ``run_episodes`` renders it), the response the rest of the rendered
     conversation up to its last end of turn (the text after it is never sampled).  Cut to ``max_length`` tokens
-    as ``encode_demonstrations`` cuts."""
+    by ``fit_to_length``, as every demonstration."""
     import json
 
     from rlhf_core.phases.episodes import render
@@ -69,7 +68,12 @@ def encode_episode(tokenizer, messages_json: str, tools_json: str | None, max_le
     prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     response = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
     ends = [i for i, token in enumerate(response) if token == tokenizer.eos_token_id]
-    response = response[: ends[-1] + 1] if ends else response
+    return fit_to_length(prompt, response[: ends[-1] + 1] if ends else response, max_length)
+
+
+def fit_to_length(prompt: list[int], response: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """A demonstration cut to ``max_length`` tokens: the prompt keeps its last max_length // 2 tokens (at least
+    one), the response its first tokens up to the rest (at least one)."""
     prompt = prompt[-max(1, max_length // 2):]
     return prompt, response[: max(1, max_length - len(prompt))]
 
