@@ -103,11 +103,18 @@ def reward(prompts: list[str], responses: list[str], metadata: list[dict]) -> li
 
     For the answer ``"4 2"``: ``" 4 2"`` and ``"4 2"`` score 1; ``" 4 1"``, ``" 4 2 3"``, ``"42"`` and ``""`` score 0.
     """
+    return exact_match_reward("arithmetic", responses, metadata)
+
+
+def exact_match_reward(task: str, responses: list[str], metadata: list[dict]) -> list[float]:
+    """The `kind: task` reward of a task with reference answers: 1.0 if ``response.strip() == answer.strip()`` with
+    ``answer = metadata[i]["answer"]``, else 0.0; one line naming ``task`` when an answer is missing."""
     from rlhf_core.errors import DataError
     from rlhf_core.phases.scoring import verifiable_scores
 
     answers = [m.get("answer") for m in metadata]
     if len(answers) != len(responses) or any(a is None for a in answers):
-        raise DataError("the arithmetic task's reward needs each prompt's reference answer "
-                        "(metadata 'answer'; the builtin arithmetic prompts carry it)")
+        raise DataError(f"the {task} task's reward needs each prompt's reference answer "
+                        f"(metadata 'answer'; the builtin {task} prompts carry it)")
     return verifiable_scores(responses, answers, "exact", 0.0)
+

@@ -101,10 +101,6 @@ def preferences(count: int, seed: int) -> list[dict]:
 
 def reward(prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]:
     """Exact match of the final answer: 1.0 if ``response.strip() == answer``, else 0.0."""
-    from rlhf_core.errors import DataError
-    from rlhf_core.phases.scoring import verifiable_scores
+    from rlhf_core.phases.tasks.arithmetic import exact_match_reward
 
-    answers = [m.get("answer") for m in metadata]
-    if len(answers) != len(responses) or any(a is None for a in answers):
-        raise DataError("the calculator task's reward needs each prompt's reference answer (metadata 'answer')")
-    return verifiable_scores(responses, answers, "exact", 0.0)
+    return exact_match_reward("calculator", responses, metadata)
