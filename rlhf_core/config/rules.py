@@ -61,6 +61,12 @@ def rule_component_normalisation(params: Params) -> None:
                               "component within its group itself; set normalize: none and clip: null")
 
 
+def changed_keys(section) -> list[str]:
+    """The keys of a params section that differ from the section's defaults, in their order."""
+    defaults = type(section)()
+    return [key for key, value in section if value != getattr(defaults, key)]
+
+
 def rule_own_sections(params: Params) -> None:
     """A section that only one algorithm reads (Algorithm.sections) is left at its defaults under another."""
     name = params.algorithm.name
@@ -69,7 +75,7 @@ def rule_own_sections(params: Params) -> None:
             if owner.name == name:
                 continue
             values = getattr(params, section)
-            changed = [key for key, value in values if value != getattr(type(values)(), key)]
+            changed = changed_keys(values)
             if changed:
                 raise ConfigError(f"{section}.{changed[0]} = {getattr(values, changed[0])!r}: algorithm.name = "
                                   f"{name!r} does not read the {section} section; remove it or set "
@@ -286,7 +292,7 @@ def rule_environment(params: Params) -> None:
         raise ConfigError("environment.kind = 'none': task calculator is a tool task, its episodes need the "
                           "calculator environment; set environment.kind: auto or calculator")
     if not params.multi_turn:
-        changed = [key for key, value in env if value != getattr(type(env)(), key) and key != "kind"]
+        changed = [key for key in changed_keys(env) if key != "kind"]
         if changed:
             raise ConfigError(f"environment.{changed[0]} = {getattr(env, changed[0])!r}: read only with an environment; "
                               "set environment.kind (calculator or python) or remove it")
