@@ -79,9 +79,13 @@ def test_a_third_party_environment_runs_two_rounds(tmp_path):
     assert {"turns_per_episode", "tool_calls_per_episode", "limit_fraction", "episode_reward"} <= set(rollout)
     scores = pd.read_parquet(workdir / "scores/r1/scores.parquet")
     assert scores["episode"].tolist() == table["episode_reward"].tolist()
-    for checkpoint in ("sft", "r1", "r2"):
+    for checkpoint in ("sft", "r1", "r2"):  # 4 eval episodes, all logged: the metrics are their means
         evaluation = json.loads((workdir / f"evals/{checkpoint}/metrics.json").read_text())
-        assert 1.0 <= evaluation["turns_per_episode"] <= 3.0 and 0.0 <= evaluation["limit_fraction"] <= 1.0
+        logged = [json.loads(line) for line in (workdir / f"evals/{checkpoint}/samples.jsonl").read_text().splitlines()]
+        assert len(logged) == 4
+        assert evaluation["turns_per_episode"] == sum(e["turns"] for e in logged) / 4
+        assert evaluation["limit_fraction"] == sum(e["limit"] != "" for e in logged) / 4
+        assert all(e["turns"] == sum(m["role"] == "assistant" for m in e["messages"]) for e in logged)
     sample = json.loads((workdir / "evals/r2/samples.jsonl").read_text().splitlines()[0])
     assert sample["messages"][0]["content"].startswith("Write a review: ")
 
