@@ -45,17 +45,22 @@ def test_training_lowers_heldout_perplexity(tiny_params):
     from rlhf_core.model.device import seed_everything
     from rlhf_core.phases.sft import build_reference
     from rlhf_core.phases.tasks import sentiment
+    from rlhf_core.runtime import stage_times
 
     seed_everything(0)
     rows = sentiment.demonstrations(200, seed=1)
     model, tokenizer = build_reference(tiny_params, rows, CPU)
     heldout = encode_demonstrations(tokenizer, sentiment.demonstrations(30, seed=2), 48, chat=tiny_params.chat)
     before = perplexity(model, tokenizer, heldout, CPU)
+    stage_times.reset_work()
     metrics = train_sft(model, tokenizer, encode_demonstrations(tokenizer, rows, 48, chat=tiny_params.chat), tiny_params, CPU, seed=0,
                         log=lambda *_: None)
     after = perplexity(model, tokenizer, heldout, CPU)
     assert math.isfinite(metrics["train_loss"])
     assert after < 0.5 * before, (before, after)
+    assert metrics["steps"] == math.ceil(200 / tiny_params.sft.batch_size) * tiny_params.sft.epochs
+    assert set(stage_times.work_rates()) == {"sft_steps_per_s"}  # the stage's steps/s measure (benchmarks read it)
+    assert stage_times._WORK["sft_steps"][0] == metrics["steps"]
 
 
 def test_micro_batches_give_the_gradient_of_one_pass(tiny_checkpoint):

@@ -166,7 +166,11 @@ def accumulate_gradients(model, rows: list[tuple[list[int], list[int]]], micro_b
 
 def train_sft(model, tokenizer, encoded, params, device: torch.device, seed: int, log=print) -> dict:
     """Fine-tune ``model`` in place on ``encoded`` demonstrations; returns training metrics."""
+    import time
+
     from transformers import get_scheduler
+
+    from rlhf_core.runtime.stage_times import add_work
 
     sft = params.sft
     steps_per_epoch = math.ceil(len(encoded) / sft.batch_size)
@@ -177,6 +181,7 @@ def train_sft(model, tokenizer, encoded, params, device: torch.device, seed: int
     generator = torch.Generator().manual_seed(seed)
     losses = []
     progress = Progress(total_steps, "sft", unit="step")
+    loop_started = time.perf_counter()
     for epoch in range(sft.epochs):
         order = torch.randperm(len(encoded), generator=generator).tolist()
         epoch_loss, epoch_tokens = 0.0, 0.0
@@ -197,6 +202,7 @@ def train_sft(model, tokenizer, encoded, params, device: torch.device, seed: int
         losses.append(epoch_loss / max(1.0, epoch_tokens))
         log(f"sft epoch {epoch + 1}/{sft.epochs}: loss {losses[-1]:.4f}")
     progress.close()
+    add_work("sft_steps", total_steps, time.perf_counter() - loop_started)  # the stage's sft_steps_per_s measure
     return {"train_loss": losses[-1] if losses else None, "epochs": sft.epochs, "steps": total_steps}
 
 

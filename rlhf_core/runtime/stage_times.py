@@ -2,8 +2,8 @@
 
 When DVC runs a stage (it sets DVC_STAGE), ``run_stage`` appends the stage's wall time to
 ``tracking/stage_times.jsonl`` in the stage's working directory, with its measures: the rates of the work it
-counted with ``add_work`` (generation tokens/s in rollout and evaluate, training tokens/s in optimize) and its
-process's peak resident memory (VmHWM).  That file is git-ignored and no stage's output, so these
+counted with ``add_work`` (generation tokens/s in rollout and evaluate, training tokens/s in optimize, steps/s
+in sft) and its process's peak resident memory (VmHWM).  That file is git-ignored and no stage's output, so these
 machine-dependent numbers change no output, hash or cache.  The track stage logs them as MLflow metrics
 (``time.total_s``, one ``time.<stage>_s`` per stage, ``perf.<stage>.<measure>``) and empties the file.  A run's
 wall time is therefore the time of the stages that ran to produce it.  Stages that DVC kept or restored from
