@@ -2,6 +2,7 @@
 
     python benchmarks/trl_compare.py                      # 3 repetitions of every variant, interleaved (~20 min on 2 cores)
     python benchmarks/trl_compare.py --repeats 1 --variants trl-ppo,ours-ppo
+    python benchmarks/trl_compare.py --shape smollm2-135m   # time only, at real size (~25 min on 2 cores)
 
 What is shared (built once, in a copy of this repository with MATCHED's params):
 - the policy: the pipeline's own `sft` stage output (models/sft: the tiny from-scratch Llama and its tokenizer);
@@ -31,6 +32,13 @@ pipeline, its DVC and stage start-ups included), s per iteration (wall / iterati
 round), rollout tokens/s (response tokens generated ÷ seconds inside generate), and peak RSS (the TRL
 process; the largest stage process for the pipeline).
 
+At real size (--shape, a key of rlhf_core.tooling.local_models.SHAPES, e.g. smollm2-135m: 49,152-token vocabulary,
+30 blocks, width 576), the policy is a locally built model of that shape with random weights (the Hub is out of
+reach here), snapshotted by `sft` (epochs 0); the reward model is trained briefly from it (REAL_SIZE); prompts
+are fed as plain text on both sides (chat template off).  Random weights make the rewards meaningless, so
+nothing is evaluated: the run measures time per iteration, generation and training tokens/s and peak RSS, over
+REAL_SIZE's iterations, GRPO by default.  It writes trl_compare_<shape>.json and .md.
+
 TRL is installed into its own virtualenvs under --venvs (default benchmarks/.venvs), torch first (pinned as
 the README installs it), with this project's locked transformers, accelerate, datasets, safetensors and
 tokenizers.  TRL runs with 2 torch threads and the AVX2 kernels, as the pipeline's stages do.  Writes
@@ -52,9 +60,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, copy_repo, deep_update, dvc_executable, machine, run, stage_startup, write_params, write_report
+from common import (
+    REPO,
+    checkpoint_parameters,
+    copy_repo,
+    deep_update,
+    dvc_executable,
+    machine,
+    run,
+    stage_startup,
+    write_params,
+    write_report,
+)
 
-from rlhf_core.tooling.docs import render_trl_compare
+from rlhf_core.tooling.docs import render_trl_compare, render_trl_speed
 
 ITERATIONS = 10
 EARLY = 3  # the policy is also evaluated after this many iterations: how fast the reward comes, not only where
@@ -82,12 +101,22 @@ MATCHED = {  # one iteration = one round: generate, score, advantages, `epochs` 
     "grpo_kl_loss_coef": 0.05,  # GRPO: β of the k3 KL loss term (TRL's beta; ours kl.loss_coef)
 }
 EVAL = {"num_prompts": 128, "samples_per_prompt": 2}
+REAL_SIZE = {  # --shape other than tiny: what changes against the tiny comparison, to fit 2 cores
+    "iterations": 3,  # enough for the time ratio (the first iteration is timed too: both sides start cold)
+    "matched": {"epochs": 2},  # MATCHED's 4 epochs would take ~10 min per run here; 2 keep the old log-prob pass
+    "variants": ("trl-grpo", "ours-grpo"),
+    "reward_model": {"num_builtin_pairs": 256, "epochs": 1},  # a few steps: the score only has to exist
+}
 
 
-def base_params() -> dict:
-    """Params changes of the shared workspace: MATCHED's PPO as this pipeline spells it, plus the reward model."""
+def base_params(model: Path | None = None) -> dict:
+    """Params changes of the shared workspace: MATCHED's PPO as this pipeline spells it, plus the reward model;
+    with ``model`` (a real-size local model), its snapshot as the policy and REAL_SIZE's brief reward model."""
     m = MATCHED
-    return {
+    real_size = {} if model is None else {
+        "sft": {"model": str(model), "epochs": 0}, "chat": {"template": "off"},
+        "reward_models": {"rm": {"base": "sft", **REAL_SIZE["reward_model"]}}}
+    return deep_update({
         "reward_models": {"rm": {"base": "sft"}},
         "score": {"scorers": [{"name": "rm", "kind": "hf_classifier", "model": "reward_models/rm"}],
                   "missing_eos_penalty": 0.0},
@@ -102,7 +131,7 @@ def base_params() -> dict:
                   "vf_coef": m["vf_coef"], "ent_coef": 0.0, "loss_aggregation": "token_mean"},
         "ppo": {"clip_range": m["clip_range"], "value_clip_range": m["value_clip_range"], "target_kl": None},
         "evaluate": {**EVAL, "max_new_tokens": m["max_new_tokens"], "temperature": m["temperature"]},
-    }
+    }, real_size)
 
 
 OURS_GRPO = {"algorithm": {"name": "grpo"},
@@ -153,10 +182,10 @@ def trl_python(venvs: Path, version: str) -> Path:
     return python
 
 
-def prepare_base(base: Path) -> None:
+def prepare_base(base: Path, iterations: int, model: Path | None) -> None:
     """A workspace with MATCHED's params in which prepare, sft and the reward model have run."""
-    copy_repo(base, base_params())
-    rounds = {"rounds": {f"r{i}": {"from": "sft" if i == 1 else f"r{i - 1}"} for i in range(1, ITERATIONS + 1)}}
+    copy_repo(base, base_params(model))
+    rounds = {"rounds": {f"r{i}": {"from": "sft" if i == 1 else f"r{i - 1}"} for i in range(1, iterations + 1)}}
     write_params(base / "params.yaml", base / "params.yaml", lambda raw: deep_update(raw, rounds))
     run([dvc_executable(), "repro", "prepare", "sft", "train_reward@rm"], base)
     run(["git", "add", "-A"], base)
@@ -177,11 +206,13 @@ def train_prompts(base: Path) -> list[dict]:
     return [{"prompt": p, "input_ids": i} for p, i in zip(prompts, ids, strict=True)]
 
 
-def run_trl(algorithm: str, python: Path, base: Path, out: Path, seed: int, prompts: list[dict]) -> dict:
+def run_trl(algorithm: str, python: Path, base: Path, out: Path, seed: int, prompts: list[dict], iterations: int,
+            early: int | None) -> dict:
     out.mkdir(parents=True)
     settings = out / "run.json"
     settings.write_text(json.dumps({"model": str(base / "models/sft"), "reward_model": str(base / "reward_models/rm"),
-                                    "prompts": prompts, "seed": seed, "iterations": ITERATIONS, "save_after": [EARLY],
+                                    "prompts": prompts, "seed": seed, "iterations": iterations,
+                                    "save_after": [early] if early else [],
                                     "settings": MATCHED}))
     # 2 torch threads and the AVX2 kernels, as the pipeline's stages run (cpu_threads: 2, cpu_isa: avx2)
     from rlhf_core.runtime.launch import PINNED_CPU_ISA, cpu_has_avx2
@@ -195,18 +226,22 @@ def run_trl(algorithm: str, python: Path, base: Path, out: Path, seed: int, prom
     if result.returncode != 0:
         sys.exit(f"TRL {algorithm} failed:\n{(result.stdout + result.stderr)[-3000:]}")
     stats = json.loads((out / "stats.json").read_text())
-    return {"wall_seconds": wall, "train_seconds": stats["train_seconds"],
-            "generation_tokens_per_s": stats["generation_tokens"] / stats["generation_seconds"],
-            "peak_rss_mb": stats["peak_rss_mb"], "version": stats["trl"], "policy": out / "policy",
-            "early_policy": out / f"policy-{EARLY}"}
+    result = {"wall_seconds": wall, "train_seconds": stats["train_seconds"],
+              "generation_tokens_per_s": stats["generation_tokens"] / stats["generation_seconds"],
+              "peak_rss_mb": stats["peak_rss_mb"], "version": stats["trl"], "policy": out / "policy",
+              "early_policy": out / f"policy-{early}"}
+    if stats.get("training_seconds"):  # GRPO and RLOO (trl_side.timed_training)
+        result["training_tokens_per_s"] = stats["training_tokens"] / stats["training_seconds"]
+    return result
 
 
-def run_ours(changes: dict, base: Path, out: Path, repetition: int) -> dict:
+def run_ours(changes: dict, base: Path, out: Path, repetition: int, iterations: int, early: int | None) -> dict:
+    from rlhf_core.config import load_params
     from rlhf_core.runtime.stage_times import read_measures
 
     shutil.copytree(base, out, symlinks=True)
     letter = "abcdefghijklmnopqrstuvwxyz"[repetition]
-    keys = [f"{letter}{i}" for i in range(1, ITERATIONS + 1)]
+    keys = [f"{letter}{i}" for i in range(1, iterations + 1)]
     rounds = {key: {"from": "sft" if i == 0 else keys[i - 1]} for i, key in enumerate(keys)}
 
     def edit(raw: dict) -> None:
@@ -217,17 +252,20 @@ def run_ours(changes: dict, base: Path, out: Path, repetition: int) -> dict:
     output, wall = run([dvc_executable(), "repro", f"optimize@{keys[-1]}"], out)
     measures = read_measures(out)
     split = stage_startup(output)  # {stage: (start-up s, work s)}
-    tokens = seconds = 0.0
-    for key in keys:
+    epochs = load_params(out / "params.yaml").optim.epochs
+    tokens = seconds = training_seconds = 0.0
+    for key in keys:  # the rates are per stage; the amounts are the rollout's response tokens (× epochs stepped on)
         rollout = json.loads((out / f"metrics/{key}/rollout.json").read_text())
         generated = rollout["response_length_mean"] * rollout["responses"]
         tokens += generated
         seconds += generated / measures[f"rollout@{key}"]["generation_tokens_per_s"]
+        training_seconds += generated * epochs / measures[f"optimize@{key}"]["training_tokens_per_s"]
     return {"wall_seconds": wall, "generation_tokens_per_s": tokens / seconds,
+            "training_tokens_per_s": tokens * epochs / training_seconds,
             "stage_work_seconds": sum(work for _, work in split.values()),
             "stage_startup_seconds": sum(startup for startup, _ in split.values()),
             "peak_rss_mb": max(m.get("peak_rss_mb", 0.0) for m in measures.values()), "policy": out / "models" / keys[-1],
-            "early_policy": out / "models" / keys[EARLY - 1]}
+            "early_policy": out / "models" / keys[(early or 1) - 1]}
 
 
 class Evaluator:
@@ -267,26 +305,41 @@ class Evaluator:
 
 
 def main() -> None:
+    from rlhf_core.tooling.local_models import SHAPES
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="tiny", choices=("tiny", *SHAPES),
+                        help="tiny: the pipeline's from-scratch model, 10 iterations, evaluated; otherwise a local "
+                             "model of that shape, REAL_SIZE's iterations, time only")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", help=f"comma-separated, from: {', '.join(VARIANTS)} (default: all for tiny, "
+                                           f"{','.join(REAL_SIZE['variants'])} otherwise)")
     parser.add_argument("--venvs", type=Path, default=REPO / "benchmarks" / ".venvs")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
-    variants = args.variants.split(",")
+    tiny = args.shape == "tiny"
+    variants = (args.variants or ",".join(VARIANTS if tiny else REAL_SIZE["variants"])).split(",")
     if unknown := [v for v in variants if v not in VARIANTS]:
         sys.exit(f"--variants: unknown {', '.join(unknown)}; allowed: {', '.join(VARIANTS)}")
+    iterations, early = (ITERATIONS, EARLY) if tiny else (REAL_SIZE["iterations"], None)
+    if not tiny:
+        MATCHED.update(REAL_SIZE["matched"])
     pythons = {v: trl_python(args.venvs, TRL_VERSIONS[VARIANTS[v][1]]) for v in variants if VARIANTS[v][0] == "trl"}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-trl-") as tmp:
         work = Path(tmp)
+        model = None
+        if not tiny:
+            from rlhf_core.tooling.local_models import write_local_model
+
+            model = write_local_model(work / "model", args.shape)
+            parameters = checkpoint_parameters(model)
         base = work / "base"
         base.mkdir()
-        prepare_base(base)
+        prepare_base(base, iterations, model)
         prompts = train_prompts(base)
-        evaluator = Evaluator(base)
-        start = evaluator(None)
+        evaluator = Evaluator(base) if tiny else None
+        start = evaluator(None) if evaluator else None
         print(f"start model: {start}", flush=True)
         runs: dict[str, list[dict]] = {v: [] for v in variants}
         for repetition in range(args.repeats):
@@ -294,27 +347,31 @@ def main() -> None:
                 side, what = VARIANTS[variant]
                 out = work / f"{variant}-{repetition}"
                 if side == "trl":
-                    result = run_trl(what, pythons[variant], base, out, repetition, prompts)
+                    result = run_trl(what, pythons[variant], base, out, repetition, prompts, iterations, early)
                 else:
-                    result = run_ours(what, base, out, repetition)
-                result.update(evaluator(result.pop("policy")))
-                result.update({f"{key}_at_{EARLY}": value for key, value in evaluator(result.pop("early_policy")).items()})
-                result["seconds_per_iteration"] = result["wall_seconds"] / ITERATIONS
+                    result = run_ours(what, base, out, repetition, iterations, early)
+                policy, early_policy = result.pop("policy"), result.pop("early_policy")
+                if evaluator:
+                    result.update(evaluator(policy))
+                    result.update({f"{key}_at_{early}": value for key, value in evaluator(early_policy).items()})
+                result["seconds_per_iteration"] = result["wall_seconds"] / iterations
                 print(f"{variant} #{repetition}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                                for k, v in result.items()), flush=True)
                 runs[variant].append(result)
                 shutil.rmtree(out)
     report = {
         "machine": machine(), "command": " ".join(["python benchmarks/trl_compare.py", *sys.argv[1:]]),
-        "iterations": ITERATIONS, "early": EARLY, "repeats": args.repeats, "matched": MATCHED,
-        "eval": {**EVAL, "num_prompts": len(evaluator.prompts)},  # all of prompts/eval.parquet when fewer
+        "shape": args.shape, "iterations": iterations, "early": early, "repeats": args.repeats, "matched": MATCHED,
+        **({"eval": {**EVAL, "num_prompts": len(evaluator.prompts)},  # all of prompts/eval.parquet when fewer
+            "start": start} if evaluator else {"parameters": parameters}),
         "trl_versions": {VARIANTS[v][1]: runs[v][0]["version"] for v in variants if VARIANTS[v][0] == "trl"},
-        "start": start, "total_seconds": round(time.perf_counter() - started),
+        "total_seconds": round(time.perf_counter() - started),
         "variants": {v: {key: summarise([r[key] for r in runs[v]]) for key in runs[v][0] if key != "version"}
                      for v in variants},
         "runs": {v: [{k: value for k, value in r.items() if k != "version"} for r in runs[v]] for v in variants},
     }
-    write_report(args.out, "trl_compare", report, render_trl_compare)
+    write_report(args.out, "trl_compare" if tiny else f"trl_compare_{args.shape}", report,
+                 render_trl_compare if tiny else render_trl_speed)
 
 
 def summarise(values: list[float]) -> dict:

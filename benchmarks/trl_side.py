@@ -9,7 +9,8 @@ needs, written by trl_compare.py from its one table of matched settings:
     seed, iterations, settings  (see MATCHED in trl_compare.py)
 Writes DIR/policy (the trained policy, save_pretrained), DIR/policy-<k> (the policy after iteration k, for each k
 in run.json's ``save_after``) and DIR/stats.json: the seconds of trainer.train(), the tokens generated and the
-seconds spent in generate, and the process's peak RSS.
+seconds spent in generate, the response tokens stepped on and the seconds of the training steps without their
+generation and scoring (GRPO and RLOO), and the process's peak RSS.
 """
 
 from __future__ import annotations
@@ -41,6 +42,41 @@ def timed_generate(model, counter: dict, eos_ids: list[int]):
         return output
 
     model.generate = generate
+
+
+def timed_training(trainer, counter: dict) -> None:
+    """Count the response tokens each training step steps on, and the seconds of the steps (loss, backward and the
+    optimizer's step) less those of ``_prepare_inputs``, where GRPO and RLOO generate, score and compute the old
+    and reference log-probs: what this project's optimize stage counts as training tokens/s."""
+    from transformers import TrainerCallback
+
+    prepare, training_step, compute_loss = trainer._prepare_inputs, trainer.training_step, trainer.compute_loss
+
+    def timed_prepare(*args, **kwargs):
+        started = time.perf_counter()
+        inputs = prepare(*args, **kwargs)
+        counter["training_seconds"] -= time.perf_counter() - started
+        return inputs
+
+    def timed_step(*args, **kwargs):
+        started = time.perf_counter()
+        loss = training_step(*args, **kwargs)
+        counter["training_seconds"] += time.perf_counter() - started
+        return loss
+
+    def counted_loss(model, inputs, *args, **kwargs):
+        counter["training_tokens"] += int(inputs["completion_mask"].sum())
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    class TimedOptimizerStep(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            counter["training_seconds"] += time.perf_counter() - self.started
+
+    trainer._prepare_inputs, trainer.training_step, trainer.compute_loss = timed_prepare, timed_step, counted_loss
+    trainer.add_callback(TimedOptimizerStep())
 
 
 def save_after(trainer, policy, tokenizer, out: Path, iterations: list[int], steps_per_iteration: int) -> None:
@@ -137,6 +173,7 @@ def grpo(run: dict, out: Path, counter: dict, algorithm: str = "grpo"):
     trainer = trainer_class(model=policy, reward_funcs=reward, args=config, train_dataset=dataset,
                             processing_class=tokenizer, reward_processing_classes=reward_tokenizer)
     timed_generate(policy, counter, [tokenizer.eos_token_id])
+    timed_training(trainer, counter)
     save_after(trainer, policy, tokenizer, out, run["save_after"], steps_per_iteration=s["epochs"])  # optimizer steps
     return trainer, policy, tokenizer
 
@@ -148,7 +185,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     run = json.loads(args.settings.read_text())
-    counter = {"generation_tokens": 0, "generation_seconds": 0.0}
+    counter = {"generation_tokens": 0, "generation_seconds": 0.0, "training_tokens": 0, "training_seconds": 0.0}
     trainer, policy, tokenizer = (ppo(run, args.out, counter) if args.algorithm == "ppo" else
                                   grpo(run, args.out, counter, args.algorithm))
     started = time.perf_counter()

@@ -163,3 +163,31 @@ def test_reward_model_block_reports_the_vader_gain():
     block = current_block(block_home(REPO, REWARD_MODEL_START, REWARD_MODEL_END).read_text(), REWARD_MODEL_START,
                           REWARD_MODEL_END)
     assert "VADER sentiment of r3 over SFT: +" in block
+
+
+def test_trl_speed_block_pairs_each_algorithm_both_sides_ran(tmp_path):
+    """One row per (size, algorithm) that TRL and ours both ran, with ours ÷ TRL per iteration; a rate a run did not
+    measure (the tiny PPO's training tokens/s) shows as a dash, never as a number."""
+    import json
+
+    from rlhf_core.tooling.docs import render_trl_speed
+
+    def variant(seconds, generation, peak, training=None):
+        summary = {"seconds_per_iteration": seconds, "generation_tokens_per_s": generation, "peak_rss_mb": peak,
+                   **({"training_tokens_per_s": training} if training else {})}
+        return {key: {"median": value, "min": value, "max": value} for key, value in summary.items()}
+
+    (tmp_path / "trl_compare.json").write_text(json.dumps({
+        "iterations": 10, "trl_versions": {"ppo": "0.29.1"},
+        "variants": {"trl-ppo": variant(2.0, 8000, 900), "ours-ppo": variant(4.0, 8100, 650),
+                     "ours-ppo-carry": variant(4.4, 7900, 660)}}))
+    (tmp_path / "real.json").write_text(json.dumps({
+        "machine": "m", "command": "python benchmarks/trl_compare.py --shape s", "shape": "s", "parameters": 134.6e6,
+        "iterations": 3, "repeats": 3, "trl_versions": {"grpo": "1.16.0"},
+        "matched": {"grpo_prompts_per_iteration": 8, "grpo_samples_per_prompt": 8, "max_new_tokens": 32, "epochs": 2},
+        "variants": {"trl-grpo": variant(50.0, 310, 7000, 130), "ours-grpo": variant(52.5, 305, 8100, 150)}}))
+    lines = render_trl_speed(tmp_path / "real.json").splitlines()
+    assert lines[3] == "| tiny (~1M, from scratch) | PPO (TRL 0.29.1) | 2.00 / 4.00 | 2.00× | 8,000 / 8,100 | — / — | 900 / 650 |"
+    assert lines[4] == ("| s shape (135M, random weights) | GRPO (TRL 1.16.0) | 50.00 / 52.50 | 1.05× | 310 / 305 | "
+                        "130 / 150 | 7,000 / 8,100 |")
+    assert len(lines) == 8 and "3 iterations of 8 prompts × 8, 32 new tokens at most, 2 epochs" in lines[6]

@@ -288,6 +288,48 @@ def render_perf(results_json: Path) -> str:
     return wrap(PERF_START, PERF_END, lines[:-1] if lines else ["(no benchmark results yet)"])
 
 
+TRL_SPEED_START = ("<!-- trl-speed:start (generated from benchmarks/results/trl_compare*.json by "
+                   "`python -m rlhf_core.tooling.docs`) -->")
+TRL_SPEED_END = "<!-- trl-speed:end -->"
+
+
+def render_trl_speed(results_json: Path) -> str:
+    """Time against TRL at both sizes: the tiny comparison (trl_compare.json beside ``results_json``) and the
+    real-size one (``results_json``, written by benchmarks/trl_compare.py --shape …), per algorithm both ran."""
+    tiny = json.loads((results_json.parent / "trl_compare.json").read_text())
+    real = json.loads(results_json.read_text())
+
+    def pair(variants: dict, algorithm: str, key: str, digits: int) -> str:
+        values = [variants[f"{side}-{algorithm}"].get(key) for side in ("trl", "ours")]
+        return " / ".join("—" if value is None else f"{value['median']:,.{digits}f}" for value in values)
+
+    rows = []
+    for report, model in ((tiny, "tiny (~1M, from scratch)"),
+                          (real, f"{real['shape']} shape ({real['parameters'] / 1e6:.0f}M, random weights)")):
+        variants = report["variants"]
+        for algorithm in ("ppo", "grpo", "rloo"):
+            if f"trl-{algorithm}" not in variants or f"ours-{algorithm}" not in variants:
+                continue
+            theirs, ours = (variants[f"{side}-{algorithm}"]["seconds_per_iteration"]["median"] for side in ("trl", "ours"))
+            rows.append([model, f"{algorithm.upper()} (TRL {report['trl_versions'][algorithm]})",
+                         pair(variants, algorithm, "seconds_per_iteration", 2), f"{ours / theirs:.2f}×",
+                         pair(variants, algorithm, "generation_tokens_per_s", 0),
+                         pair(variants, algorithm, "training_tokens_per_s", 0),
+                         pair(variants, algorithm, "peak_rss_mb", 0)])
+    lines = markdown_table(["model", "algorithm", "s per iteration, TRL / ours", "ours ÷ TRL",
+                            "generation tokens/s, TRL / ours", "training tokens/s, TRL / ours",
+                            "peak RSS (MB), TRL / ours"], rows)
+    m = real["matched"]
+    lines += ["", f"Medians of {real['repeats']} interleaved runs on {real['machine']}. Tiny: "
+                  f"{tiny['iterations']} iterations (`python benchmarks/trl_compare.py`). {real['shape']}: "
+                  f"{real['iterations']} iterations of {m['grpo_prompts_per_iteration']} prompts × "
+                  f"{m['grpo_samples_per_prompt']}, {m['max_new_tokens']} new tokens at most, {m['epochs']} epochs "
+                  f"(`{real['command']}`). Ours' time is `dvc repro`'s wall time, its DVC and process start-ups "
+                  "included; TRL's, its process's. Training tokens/s: response tokens stepped on per second of "
+                  "the update loop."]
+    return wrap(TRL_SPEED_START, TRL_SPEED_END, lines)
+
+
 def current_block(text: str, start_marker: str = START, end_marker: str = END) -> str | None:
     """The block of ``text`` between the markers, markers included; None when they are missing."""
     if start_marker not in text or end_marker not in text:
@@ -310,7 +352,8 @@ def generated_blocks(root: Path) -> list[tuple[str, str, str]]:
             (ARITHMETIC_START, ARITHMETIC_END, render_arithmetic(results / "arithmetic.json")),
             (REWARD_MODEL_START, REWARD_MODEL_END, render_reward_model(results / "reward_model.json")),
             (PERF_START, PERF_END, render_perf(results / "perf_tiny.json")),
-            (TRL_START, TRL_END, render_trl_compare(results / "trl_compare.json"))]
+            (TRL_START, TRL_END, render_trl_compare(results / "trl_compare.json")),
+            (TRL_SPEED_START, TRL_SPEED_END, render_trl_speed(results / "trl_compare_smollm2-135m.json"))]
 
 
 def block_home(root: Path, start: str, end: str) -> Path:
