@@ -573,8 +573,8 @@ RULE_CASES = [  # (rule, params that break it and no rule before it, the start o
      "algorithm.critic_init = 'reward_models/bt': algorithm.name = 'grpo' trains no critic"),
     ("rule_critic_warmup_and_lora", {"algorithm": {"critic_warmup_epochs": 1}, "optim": {"vf_coef": 0.0}},
      "algorithm.critic_warmup_epochs = 1: optim.vf_coef is 0"),
-    ("rule_rollout_correction", {"rollout_correction": {"tis_cap": 3.0}}, "rollout_correction.tis_cap = 3.0: unused"),
     ("rule_environment", {"environment": {"max_turns": 2}}, "environment.max_turns = 2: read only with an environment"),
+    ("rule_rollout_correction", {"rollout_correction": {"tis_cap": 3.0}}, "rollout_correction.tis_cap = 3.0: unused"),
     ("rule_rounds", {"rounds": {"r1": {"from": "r0"}}}, "rounds.r1.from = 'r0': must be `sft` or a round"),
 ]
 

@@ -76,6 +76,9 @@ def test_round_advantages_without_mask_is_unchanged():
      r"^environment.class_path = 'a:B': read only with kind python"),
     ({**EPISODE, "rollout": {"engine": "vllm", "record_sampler_logprobs": True}},
      r"^rollout.record_sampler_logprobs = True: episodes .* record no sampler log-probs yet"),
+    # the episodes' refusal comes first: "set record_sampler_logprobs: true" would send the user to the line above
+    ({**EPISODE, "rollout": {"engine": "vllm"}, "rollout_correction": {"mode": "tis"}},
+     r"^rollout_correction.mode = 'tis': episodes .* record no sampler log-probs yet"),
     ({**EPISODE, "compute": {"num_processes": 2}}, r"^compute.rollout_processes: episodes run in one rollout process"),
     ({**EPISODE, "chat": {"system_prompt": "Be brief."}}, r"^chat.system_prompt = 'Be brief.': with an environment"),
     ({**EPISODE, "chat": {"template": "off"}}, r"^chat.template = 'off': with an environment"),

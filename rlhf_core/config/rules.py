@@ -330,7 +330,7 @@ def rule_environment(params: Params) -> None:
 RULES = (rule_shapes_and_batching, rule_group_baseline, rule_component_normalisation, rule_own_sections,
          rule_objective_options, rule_kl, rule_launcher, rule_trust_region, rule_data_sources, rule_scorers,
          rule_precision_and_strategy, rule_deepspeed, rule_vllm, rule_critic, rule_critic_warmup_and_lora,
-         rule_rollout_correction, rule_environment, rule_rounds)
+         rule_environment, rule_rollout_correction, rule_rounds)
 
 
 def validate(params: Params) -> Params:
