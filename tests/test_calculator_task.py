@@ -58,6 +58,23 @@ def test_the_chat_tokenizer_renders_tools_and_keeps_tool_call_tokens(chat_tokeni
     assert tokenizer.decode(ids, skip_special_tokens=True) == call  # the environment still sees the markers
 
 
+def test_the_environment_reads_tool_markers_that_are_special_tokens(chat_tokenizer):
+    """Some chat models make ``<tool_call>`` a special token; decoding a turn without special tokens would hide the
+    call from the environment.  assistant_text keeps them and drops only BOS, EOS and pad."""
+    import copy
+
+    from rlhf_core.phases.episodes import assistant_text
+
+    special = copy.deepcopy(chat_tokenizer)
+    special.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>"]})
+    call = calculator.tool_call("47 * 8")
+    ids = special(call, add_special_tokens=False)["input_ids"]
+    assert special.decode(ids, skip_special_tokens=True) != call  # the quirk
+    assert assistant_text(special, [special.pad_token_id, *ids, special.eos_token_id]) == call
+    assert parse_tool_calls(assistant_text(special, ids)) == (["47 * 8"], 0)
+    assert assistant_text(chat_tokenizer, ids) == call  # the calculator's own tokenizer: non-special markers
+
+
 def test_a_demonstration_is_encoded_as_the_ids_a_rollout_holds(chat_tokenizer):
     """encode_episode's ids equal those run_episodes builds turn by turn: the prompt rendered once, each assistant
     turn's ids with its end of turn, and each observation as ``observation_text`` tokenized once."""

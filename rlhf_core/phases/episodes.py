@@ -134,6 +134,14 @@ def _generate(policy, tokenizer, streams: list[list[int]], config, seed: int, de
     return output[:, width:].cpu()
 
 
+def assistant_text(tokenizer, content_ids: list[int]) -> str:
+    """The text of one assistant turn as the environment reads it: the turn's ids decoded with their special
+    tokens kept (a model whose ``<tool_call>`` is a special token still shows its markers), less the ids that only
+    frame text: BOS, EOS and pad (the end of turn is cut before this)."""
+    framing = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    return tokenizer.decode([token for token in content_ids if token not in framing], skip_special_tokens=False)
+
+
 def _take_turn(tokenizer, environment, episode: Episode, sampled: list[int], stop_ids, tools, *, max_turns: int,
                max_new_tokens: int, max_episode_tokens: int) -> None:
     """Append one policy turn's sampled ids (at most its own room), ask the environment, append its answer."""
@@ -144,7 +152,7 @@ def _take_turn(tokenizer, environment, episode: Episode, sampled: list[int], sto
     episode.policy_mask += [1] * len(response)
     episode.turn_spans.append((start, len(episode.token_ids)))
     content_ids = response[:-1] if ended else response
-    assistant = {"role": "assistant", "content": tokenizer.decode(content_ids, skip_special_tokens=True)}
+    assistant = {"role": "assistant", "content": assistant_text(tokenizer, content_ids)}
     history = list(episode.messages)
     episode.messages.append(assistant)
     if not ended:
