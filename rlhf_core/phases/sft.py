@@ -202,7 +202,8 @@ def train_sft(model, tokenizer, encoded, params, device: torch.device, seed: int
         losses.append(epoch_loss / max(1.0, epoch_tokens))
         log(f"sft epoch {epoch + 1}/{sft.epochs}: loss {losses[-1]:.4f}")
     progress.close()
-    add_work("sft_steps", total_steps, time.perf_counter() - loop_started)  # the stage's sft_steps_per_s measure
+    if total_steps:  # the stage's sft_steps_per_s measure (none for a snapshot: epochs 0)
+        add_work("sft_steps", total_steps, time.perf_counter() - loop_started)
     return {"train_loss": losses[-1] if losses else None, "epochs": sft.epochs, "steps": total_steps}
 
 
