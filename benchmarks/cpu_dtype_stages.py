@@ -57,7 +57,8 @@ def render(path: Path) -> str:
         *markdown_table(["weights", "kernels (cpu_isa)", "sft steps/s", "sft step time vs float32/avx2", "rollout@r1 (s)",
                          "optimize@r1 (s)", "round (s)", "round time vs float32/avx2"], rows), "",
         f"SmolLM2-135M shape ({report['parameters'] / 1e6:.0f}M parameters, random weights, built locally), the default "
-        f"params reduced ({report['reduced_note']}); 2 torch threads; the round is the four round stages' own work; "
+        f"params reduced ({report['reduced_note']}); 2 torch threads; stage times are their `done in` times, model "
+        f"loading included; the round is the four round stages'; "
         f"median of {report['runs']} interleaved runs; {report['machine']}, CPU flags with bf16: "
         f"{', '.join(report['bf16_flags']) or 'none'}; `python benchmarks/cpu_dtype_stages.py`."])
 

@@ -2,7 +2,8 @@
 
     python benchmarks/trl_compare.py                      # 3 repetitions of every variant, interleaved (~20 min on 2 cores)
     python benchmarks/trl_compare.py --repeats 1 --variants trl-ppo,ours-ppo
-    python benchmarks/trl_compare.py --shape smollm2-135m   # time only, at real size (~25 min on 2 cores)
+    python benchmarks/trl_compare.py --shape smollm2-135m   # time only, GRPO at real size (~17 min on 2 cores)
+    python benchmarks/trl_compare.py --shape smollm2-135m --variants trl-ppo,ours-ppo-rm-critic --add
 
 What is shared (built once, in a copy of this repository with MATCHED's params):
 - the policy: the pipeline's own `sft` stage output (models/sft: the tiny from-scratch Llama and its tokenizer);
@@ -29,8 +30,10 @@ start model (Σ_t log π − log π_sft over each sampled response), after the l
 
 Measured per run: total wall (the TRL process from start to exit; `dvc repro optimize@<last round>` for the
 pipeline, its DVC and stage start-ups included), s per iteration (wall / iterations: what a user waits per
-round), rollout tokens/s (response tokens generated ÷ seconds inside generate), and peak RSS (the TRL
-process; the largest stage process for the pipeline).
+round), rollout tokens/s (response tokens generated ÷ seconds inside generate), training tokens/s (response
+tokens stepped on ÷ seconds of the update loop: our optimize stages' own measure; TRL's GRPO and RLOO steps less
+their generation and scoring, see trl_side.timed_training; not for TRL's PPO), and peak RSS (the TRL process;
+the largest round-stage process for the pipeline).
 
 At real size (--shape, a key of rlhf_core.tooling.local_models.SHAPES, e.g. smollm2-135m: 49,152-token vocabulary,
 30 blocks, width 576), the policy is a locally built model of that shape with random weights (the Hub is out of
@@ -42,8 +45,8 @@ REAL_SIZE's iterations, GRPO by default.  It writes trl_compare_<shape>.json and
 TRL is installed into its own virtualenvs under --venvs (default benchmarks/.venvs), torch first (pinned as
 the README installs it), with this project's locked transformers, accelerate, datasets, safetensors and
 tokenizers.  TRL runs with 2 torch threads and the AVX2 kernels, as the pipeline's stages do.  Writes
-benchmarks/results/trl_compare.json and .md (the block in README.md is generated from the JSON by
-`python -m rlhf_core.tooling.docs`).  Not a test: nothing passes or fails.  Run it on a quiet machine.
+benchmarks/results/trl_compare.json and .md, or trl_compare_<shape>.json and .md (docs/performance.md's table
+and the README's time-per-iteration block are generated from them by `python -m rlhf_core.tooling.docs`).  Not a test: nothing passes or fails.  Run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -103,7 +106,7 @@ MATCHED = {  # one iteration = one round: generate, score, advantages, `epochs` 
 EVAL = {"num_prompts": 128, "samples_per_prompt": 2}
 REAL_SIZE = {  # --shape other than tiny: what changes against the tiny comparison, to fit 2 cores
     "iterations": 3,  # enough for the time ratio (the first iteration is timed too: both sides start cold)
-    "matched": {"epochs": 2},  # MATCHED's 4 epochs would take ~10 min per run here; 2 keep the old log-prob pass
+    "matched": {"epochs": 2},  # 4 would add ~30 s per iteration here; 2 keep the old log-prob pass (1 would not)
     "variants": ("trl-grpo", "ours-grpo"),
     "reward_model": {"num_builtin_pairs": 256, "epochs": 1},  # a few steps: the score only has to exist
 }
@@ -190,6 +193,9 @@ def prepare_base(base: Path, iterations: int, model: Path | None) -> None:
     run([dvc_executable(), "repro", "prepare", "sft", "train_reward@rm"], base)
     run(["git", "add", "-A"], base)
     run(["git", "commit", "-qm", "shared stages"], base)
+    from rlhf_core.runtime import stage_times
+
+    stage_times.clear(base)  # each run's peak RSS is then its round stages' alone
 
 
 def train_prompts(base: Path) -> list[dict]:
@@ -316,8 +322,12 @@ def main() -> None:
                                            f"{','.join(REAL_SIZE['variants'])} otherwise)")
     parser.add_argument("--venvs", type=Path, default=REPO / "benchmarks" / ".venvs")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--add", action="store_true",
+                        help="add these variants' runs to the existing report of this shape (same machine and matched "
+                             "settings; each variant keeps the runs it was interleaved with, and its command)")
     args = parser.parse_args()
     tiny = args.shape == "tiny"
+    name = "trl_compare" if tiny else f"trl_compare_{args.shape}"
     variants = (args.variants or ",".join(VARIANTS if tiny else REAL_SIZE["variants"])).split(",")
     if unknown := [v for v in variants if v not in VARIANTS]:
         sys.exit(f"--variants: unknown {', '.join(unknown)}; allowed: {', '.join(VARIANTS)}")
@@ -340,7 +350,8 @@ def main() -> None:
         prompts = train_prompts(base)
         evaluator = Evaluator(base) if tiny else None
         start = evaluator(None) if evaluator else None
-        print(f"start model: {start}", flush=True)
+        if evaluator:
+            print(f"start model: {start}", flush=True)
         runs: dict[str, list[dict]] = {v: [] for v in variants}
         for repetition in range(args.repeats):
             for variant in variants:
@@ -370,8 +381,23 @@ def main() -> None:
                      for v in variants},
         "runs": {v: [{k: value for k, value in r.items() if k != "version"} for r in runs[v]] for v in variants},
     }
-    write_report(args.out, "trl_compare" if tiny else f"trl_compare_{args.shape}", report,
+    if args.add:
+        report = add_to_report(json.loads((args.out / f"{name}.json").read_text()), report)
+    write_report(args.out, name, report,
                  render_trl_compare if tiny else render_trl_speed)
+
+
+def add_to_report(existing: dict, new: dict) -> dict:
+    """``existing`` with ``new``'s variants (and TRL versions) added; the settings must be the same."""
+    for key in ("machine", "shape", "iterations", "repeats", "matched"):
+        if existing.get(key, "tiny" if key == "shape" else None) != new.get(key):  # older tiny reports: no shape
+            sys.exit(f"--add: {key} differs from the existing report's ({existing.get(key)!r} vs {new.get(key)!r}); "
+                     "run all variants again instead")
+    commands = existing.get("commands") or {v: existing["command"] for v in existing["variants"]}
+    return {**existing, "commands": {**commands, **{v: new["command"] for v in new["variants"]}},
+            "trl_versions": {**existing["trl_versions"], **new["trl_versions"]},
+            "total_seconds": existing["total_seconds"] + new["total_seconds"],
+            "variants": {**existing["variants"], **new["variants"]}, "runs": {**existing["runs"], **new["runs"]}}
 
 
 def summarise(values: list[float]) -> dict:

@@ -183,11 +183,16 @@ def test_trl_speed_block_pairs_each_algorithm_both_sides_ran(tmp_path):
                      "ours-ppo-carry": variant(4.4, 7900, 660)}}))
     (tmp_path / "real.json").write_text(json.dumps({
         "machine": "m", "command": "python benchmarks/trl_compare.py --shape s", "shape": "s", "parameters": 134.6e6,
-        "iterations": 3, "repeats": 3, "trl_versions": {"grpo": "1.16.0"},
-        "matched": {"grpo_prompts_per_iteration": 8, "grpo_samples_per_prompt": 8, "max_new_tokens": 32, "epochs": 2},
-        "variants": {"trl-grpo": variant(50.0, 310, 7000, 130), "ours-grpo": variant(52.5, 305, 8100, 150)}}))
+        "iterations": 3, "repeats": 3, "trl_versions": {"grpo": "1.16.0", "ppo": "0.29.1"},
+        "matched": {"grpo_prompts_per_iteration": 8, "grpo_samples_per_prompt": 8, "max_new_tokens": 32, "epochs": 2,
+                    "prompts_per_iteration": 64},
+        "variants": {"trl-grpo": variant(50.0, 310, 7000, 130), "ours-grpo": variant(52.5, 305, 8100, 150),
+                     "trl-ppo": variant(60.0, 300, 9000), "ours-ppo-rm-critic": variant(66.0, 290, 9500, 140)}}))
     lines = render_trl_speed(tmp_path / "real.json").splitlines()
     assert lines[3] == "| tiny (~1M, from scratch) | PPO (TRL 0.29.1) | 2.00 / 4.00 | 2.00× | 8,000 / 8,100 | — / — | 900 / 650 |"
-    assert lines[4] == ("| s shape (135M, random weights) | GRPO (TRL 1.16.0) | 50.00 / 52.50 | 1.05× | 310 / 305 | "
+    # without ours' default PPO, TRL's PPO is paired with ours under TRL's critic (separate, from the reward model)
+    assert lines[4] == ("| s shape (135M, random weights) | PPO (TRL 0.29.1; ours with `critic_init` the reward model) | "
+                        "60.00 / 66.00 | 1.10× | 300 / 290 | — / 140 | 9,000 / 9,500 |")
+    assert lines[5] == ("| s shape (135M, random weights) | GRPO (TRL 1.16.0) | 50.00 / 52.50 | 1.05× | 310 / 305 | "
                         "130 / 150 | 7,000 / 8,100 |")
-    assert len(lines) == 8 and "3 iterations of 8 prompts × 8, 32 new tokens at most, 2 epochs" in lines[6]
+    assert len(lines) == 9 and "3 iterations (GRPO 8 prompts × 8, PPO 64 prompts × 1), 32 new tokens" in lines[7]

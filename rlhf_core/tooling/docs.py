@@ -299,34 +299,41 @@ def render_trl_speed(results_json: Path) -> str:
     tiny = json.loads((results_json.parent / "trl_compare.json").read_text())
     real = json.loads(results_json.read_text())
 
-    def pair(variants: dict, algorithm: str, key: str, digits: int) -> str:
-        values = [variants[f"{side}-{algorithm}"].get(key) for side in ("trl", "ours")]
-        return " / ".join("—" if value is None else f"{value['median']:,.{digits}f}" for value in values)
+    def pair(theirs: dict, ours: dict, key: str, digits: int) -> str:
+        return " / ".join("—" if key not in side else f"{side[key]['median']:,.{digits}f}" for side in (theirs, ours))
 
     rows = []
     for report, model in ((tiny, "tiny (~1M, from scratch)"),
                           (real, f"{real['shape']} shape ({real['parameters'] / 1e6:.0f}M, random weights)")):
         variants = report["variants"]
         for algorithm in ("ppo", "grpo", "rloo"):
-            if f"trl-{algorithm}" not in variants or f"ours-{algorithm}" not in variants:
+            # ours' default PPO, or else the one with TRL's critic (a separate critic from the reward model)
+            ours_name = next((name for name in (f"ours-{algorithm}", f"ours-{algorithm}-rm-critic") if name in variants),
+                             None)
+            if f"trl-{algorithm}" not in variants or ours_name is None:
                 continue
-            theirs, ours = (variants[f"{side}-{algorithm}"]["seconds_per_iteration"]["median"] for side in ("trl", "ours"))
-            rows.append([model, f"{algorithm.upper()} (TRL {report['trl_versions'][algorithm]})",
-                         pair(variants, algorithm, "seconds_per_iteration", 2), f"{ours / theirs:.2f}×",
-                         pair(variants, algorithm, "generation_tokens_per_s", 0),
-                         pair(variants, algorithm, "training_tokens_per_s", 0),
-                         pair(variants, algorithm, "peak_rss_mb", 0)])
+            theirs, ours = variants[f"trl-{algorithm}"], variants[ours_name]
+            what = "" if ours_name == f"ours-{algorithm}" else "; ours with `critic_init` the reward model"
+            rows.append([model, f"{algorithm.upper()} (TRL {report['trl_versions'][algorithm]}{what})",
+                         pair(theirs, ours, "seconds_per_iteration", 2),
+                         f"{ours['seconds_per_iteration']['median'] / theirs['seconds_per_iteration']['median']:.2f}×",
+                         pair(theirs, ours, "generation_tokens_per_s", 0), pair(theirs, ours, "training_tokens_per_s", 0),
+                         pair(theirs, ours, "peak_rss_mb", 0)])
     lines = markdown_table(["model", "algorithm", "s per iteration, TRL / ours", "ours ÷ TRL",
                             "generation tokens/s, TRL / ours", "training tokens/s, TRL / ours",
                             "peak RSS (MB), TRL / ours"], rows)
     m = real["matched"]
-    lines += ["", f"Medians of {real['repeats']} interleaved runs on {real['machine']}. Tiny: "
+    commands = "`; `".join(dict.fromkeys((real.get("commands") or {"": real["command"]}).values()))
+    batches = {"grpo": f"GRPO {m['grpo_prompts_per_iteration']} prompts × {m['grpo_samples_per_prompt']}",
+               "rloo": f"RLOO {m['grpo_prompts_per_iteration']} prompts × {m['grpo_samples_per_prompt']}",
+               "ppo": f"PPO {m['prompts_per_iteration']} prompts × 1"}
+    ran = ", ".join(batch for algorithm, batch in batches.items() if f"trl-{algorithm}" in real["variants"])
+    lines += ["", f"Medians of {real['repeats']} interleaved runs each on {real['machine']}. Tiny: "
                   f"{tiny['iterations']} iterations (`python benchmarks/trl_compare.py`). {real['shape']}: "
-                  f"{real['iterations']} iterations of {m['grpo_prompts_per_iteration']} prompts × "
-                  f"{m['grpo_samples_per_prompt']}, {m['max_new_tokens']} new tokens at most, {m['epochs']} epochs "
-                  f"(`{real['command']}`). Ours' time is `dvc repro`'s wall time, its DVC and process start-ups "
-                  "included; TRL's, its process's. Training tokens/s: response tokens stepped on per second of "
-                  "the update loop."]
+                  f"{real['iterations']} iterations ({ran}), {m['max_new_tokens']} new tokens at most, {m['epochs']} "
+                  f"epochs (`{commands}`). Ours' time is `dvc repro`'s wall time, its DVC and process start-ups "
+                  "included; TRL's, its process's. Training tokens/s: response tokens stepped on per second of the "
+                  "update loop; —: not measured (TRL's PPO loop is not timed; the tiny runs predate the measure)."]
     return wrap(TRL_SPEED_START, TRL_SPEED_END, lines)
 
 
