@@ -18,12 +18,22 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO, copy_repo, deep_update, dvc_executable, machine, run, stage_seconds, write_params, write_report
+from common import (
+    REPO,
+    copy_repo,
+    deep_update,
+    dvc_executable,
+    machine,
+    run,
+    stage_seconds,
+    summary,
+    write_params,
+    write_report,
+)
 
 COMBINATIONS = [("float32", "avx2"), ("float32", "native"), ("bfloat16", "native"), ("bfloat16", "avx2")]
 ROUND_STAGES = ("rollout@r1", "score@r1", "advantages@r1", "optimize@r1")
@@ -102,9 +112,8 @@ def main() -> None:
     report = {"machine": machine(), "runs": args.runs, "parameters": parameters,
               "bf16_flags": sorted({"avx512_bf16", "amx_bf16", "bf16"} & cpu_flags()), "reduced": REDUCED,
               "reduced_note": REDUCED_NOTE,
-              "results": {name: {key: {"median": statistics.median(v[key] for v in values),
-                                       "min": min(v[key] for v in values), "max": max(v[key] for v in values)}
-                                 for key in values[0]} for name, values in raw.items()}}
+              "results": {name: {key: summary([v[key] for v in values], 6) for key in values[0]}
+                          for name, values in raw.items()}}
     write_report(args.out, "cpu_dtype_stages", report, render)
 
 
