@@ -228,7 +228,6 @@ def run_episodes(policy, tokenizer, make_environment, prompt_rows: list[dict], *
     return episodes
 
 
-
 def episode_samples(episodes: list[Episode]):
     """The episodes as rollout Samples (``phases.rollout.Sample``): prompt_ids the conversation before the first
     policy turn, response_ids everything after it; ``ended_with_eos`` is true when the environment ended the episode

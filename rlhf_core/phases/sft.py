@@ -9,6 +9,7 @@ response + EOS when ``completion_only_loss``).
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -166,8 +167,6 @@ def accumulate_gradients(model, rows: list[tuple[list[int], list[int]]], micro_b
 
 def train_sft(model, tokenizer, encoded, params, device: torch.device, seed: int, log=print) -> dict:
     """Fine-tune ``model`` in place on ``encoded`` demonstrations; returns training metrics."""
-    import time
-
     from transformers import get_scheduler
 
     from rlhf_core.runtime.stage_times import add_work

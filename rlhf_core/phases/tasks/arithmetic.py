@@ -117,4 +117,3 @@ def exact_match_reward(task: str, responses: list[str], metadata: list[dict]) ->
         raise DataError(f"the {task} task's reward needs each prompt's reference answer "
                         f"(metadata 'answer'; the builtin {task} prompts carry it)")
     return verifiable_scores(responses, answers, "exact", 0.0)
-
